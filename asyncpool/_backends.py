@@ -1,0 +1,234 @@
+"""The rungs of the ladder: how each is created, fed, checked and torn down.
+
+Every rung that hands work to other threads answers with a ``concurrent.futures.Future``
+whose result is an :data:`~asyncpool._worker.Outcomes` (or bytes holding one).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import pickle
+import queue
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import cloudpickle
+
+from . import _loky
+from ._retry import is_transient
+from ._worker import Outcomes, run_chunk, run_items
+
+logger = logging.getLogger("asyncpool")
+
+
+class Rung:
+    name: str = ""
+
+    def __init__(self) -> None:
+        self.broken = False
+        self.retired = False
+        self.in_flight = 0
+
+    def submit(self, fn: Callable[..., Any], items: Sequence[Any], star: bool,
+               retries: int, key: str) -> cf.Future[Any]:
+        raise NotImplementedError
+
+    def decode(self, result: Any) -> Outcomes:
+        return result  # type: ignore[no-any-return]
+
+    def note_broken(self) -> None:
+        """Called from the thread that found the rung broken, before it cleans up."""
+
+    def suspect(self, key: str) -> int | None:
+        """The exit code of the dead worker that was running chunk ``key``, if any."""
+        return None
+
+    def kill_chunks(self, keys: list[str]) -> bool:
+        """Stop the chunks ``keys`` where they run; False if this rung cannot."""
+        return False
+
+    async def aclose(self, kill: bool) -> None:
+        raise NotImplementedError
+
+
+class ProcessRung(Rung):
+    """A private loky executor whose workers mark which chunk each is running."""
+
+    name = "process"
+
+    def __init__(self, executor: Any) -> None:
+        super().__init__()
+        self.executor = executor
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.marker_dir = tempfile.mkdtemp(prefix="asyncpool-", dir=base)
+        self._crash_lock = threading.Lock()
+        self._crash: tuple[dict[int, int], dict[str, int]] | None = None
+
+    @classmethod
+    async def create(cls, max_workers: int, timeout: float) -> ProcessRung:
+        executor = await anyio.to_thread.run_sync(
+            _loky.start_executor, max_workers, timeout, abandon_on_cancel=True
+        )
+        return cls(executor)
+
+    def submit(self, fn: Callable[..., Any], items: Sequence[Any], star: bool,
+               retries: int, key: str) -> cf.Future[Any]:
+        payload = cloudpickle.dumps((fn, items, star, retries), pickle.HIGHEST_PROTOCOL)
+        future: cf.Future[Any] = self.executor.submit(run_chunk, payload, self.marker_dir, key)
+        return future
+
+    def decode(self, result: Any) -> Outcomes:
+        tag, *rest = pickle.loads(result)
+        if tag == "unpickle":
+            raise _ArgumentsUnpickleable(rest[0])
+        results, errors, seconds = rest
+        return results, errors, seconds
+
+    def running(self) -> dict[str, int]:
+        """chunk key -> pid of the worker running it, from the marker files."""
+        found = {}
+        try:
+            names = os.listdir(self.marker_dir)
+        except OSError:
+            return {}
+        for name in names:
+            key, _, pid = name.rpartition(".")
+            if pid.isdigit():
+                found[key] = int(pid)
+        return found
+
+    def note_broken(self) -> None:
+        # Runs in loky's manager thread inside its first set_exception, before loky
+        # kills the surviving workers: the only dead workers now are the ones that
+        # crashed, so their markers name the chunks that crashed them.
+        self.broken = True
+        with self._crash_lock:
+            if self._crash is None:
+                self._crash = (_loky.dead_workers(self.executor), self.running())
+
+    def suspect(self, key: str) -> int | None:
+        if self._crash is None:
+            return None
+        dead, running = self._crash
+        pid = running.get(key)
+        return dead.get(pid) if pid is not None else None
+
+    def kill_chunks(self, keys: list[str]) -> bool:
+        running = self.running()
+        pids = [running[k] for k in keys if k in running]
+        _loky.kill_workers(self.executor, pids)
+        return True
+
+    def exit_codes(self) -> dict[int, int]:
+        return dict(self._crash[0]) if self._crash else {}
+
+    async def aclose(self, kill: bool) -> None:
+        try:
+            if kill or self.broken:
+                _loky.discard(self.executor)
+                return
+            try:
+                await anyio.to_thread.run_sync(_loky.close, self.executor, False,
+                                               abandon_on_cancel=True)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                # No thread to wait in: kill rather than leave workers behind.
+                _loky.discard(self.executor)
+        finally:
+            shutil.rmtree(self.marker_dir, ignore_errors=True)
+
+
+class _ArgumentsUnpickleable(Exception):
+    """A worker could not unpickle the chunk it was sent (carries the captured error)."""
+
+
+class _ThreadPool:
+    """A fixed set of threads, all started up front.
+
+    ``ThreadPoolExecutor`` starts threads inside ``submit()`` after queueing the item, so
+    a failed thread start there raises while the item stays queued: resending it would
+    run it twice. Starting every thread here means ``submit`` never starts one.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+        for index in range(size):
+            thread = threading.Thread(target=self._work, name=f"asyncpool-thread-{index}",
+                                      daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:
+                if not self.threads:
+                    raise
+                logger.warning("thread rung started %d of %d threads", index, size)
+                break
+            self.threads.append(thread)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
+        future: cf.Future[Any] = cf.Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+            del job, future
+
+    def shutdown(self) -> None:
+        for _ in self.threads:
+            self._queue.put(None)
+
+
+class ThreadRung(Rung):
+    name = "thread"
+
+    def __init__(self, max_workers: int) -> None:
+        super().__init__()
+        self.pool = _ThreadPool(max_workers)
+
+    def submit(self, fn: Callable[..., Any], items: Sequence[Any], star: bool,
+               retries: int, key: str) -> cf.Future[Any]:
+        return self.pool.submit(run_items, fn, items, star, retries)
+
+    async def aclose(self, kill: bool) -> None:
+        # Threads cannot be killed; they finish what they run and exit (they are
+        # daemons, so a stuck task does not hold the interpreter at exit).
+        self.pool.shutdown()
+        if not kill:
+            for thread in self.pool.threads:
+                while thread.is_alive():
+                    await anyio.sleep(0.01)
+
+
+class InlineRung(Rung):
+    """Runs items in the calling task; needs no thread and cannot fail to start."""
+
+    name = "inline"
+
+    async def aclose(self, kill: bool) -> None:
+        return None
+
+
+async def create_rung(name: str, max_workers: int, start_timeout: float) -> Rung:
+    if name == "process":
+        return await ProcessRung.create(max_workers, start_timeout)
+    if name == "thread":
+        return ThreadRung(max_workers)
+    return InlineRung()

@@ -1,0 +1,129 @@
+"""Cutting inputs into chunks, sizing them, and putting results back in order."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from ._config import PoolConfig
+
+
+class ChunkSizer:
+    """Chunk sizes from measured item time, as joblib's auto-batching does.
+
+    Until a chunk has come back the size doubles from 1, so a slow item never sits in a
+    big first chunk; after that each chunk aims at ``target_chunk_seconds`` of work.
+    With a known total, no chunk is bigger than a quarter of a worker's share, so every
+    worker gets work and the tail stays short.
+    """
+
+    def __init__(self, config: PoolConfig, total: int | None) -> None:
+        self.fixed = config.chunk_size
+        self.target = config.target_chunk_seconds
+        self.cap = config.max_chunk_size
+        if total is not None:
+            self.cap = max(1, min(self.cap, math.ceil(total / (4 * config.max_workers))))
+        self._ramp = 1
+        self._per_item: float | None = None
+
+    def next_size(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self._per_item is None:
+            size, self._ramp = self._ramp, min(self.cap, self._ramp * 2)
+            return min(size, self.cap)
+        return max(1, min(self.cap, int(self.target / max(self._per_item, 1e-9))))
+
+    def observe(self, items: int, seconds: float) -> None:
+        if items <= 0 or self.fixed is not None:
+            return
+        per_item = seconds / items
+        if self._per_item is None:
+            self._per_item = per_item
+        else:
+            self._per_item = 0.7 * self._per_item + 0.3 * per_item
+
+
+async def chunks_of(source: Iterable[Any] | AsyncIterable[Any],
+                    sizer: ChunkSizer) -> AsyncIterator[tuple[int, list[Any]]]:
+    """Yield (index of first item, items), pulling the input lazily."""
+    start = 0
+    if isinstance(source, AsyncIterable):
+        iterator = source.__aiter__()
+        done = False
+        while not done:
+            size = sizer.next_size()
+            items = []
+            while len(items) < size:
+                try:
+                    items.append(await iterator.__anext__())
+                except StopAsyncIteration:
+                    done = True
+                    break
+            if items:
+                yield start, items
+                start += len(items)
+        return
+    it = iter(source)
+    while True:
+        items = list(itertools.islice(it, sizer.next_size()))
+        if not items:
+            return
+        yield start, items
+        start += len(items)
+        # A long synchronous input must not hold the loop across many chunks.
+        await anyio.lowlevel.checkpoint()
+
+
+class Permit:
+    """One slot of the pool's in-flight bound, shared by the pieces of a split chunk."""
+
+    __slots__ = ("_semaphore", "_holders")
+
+    def __init__(self, semaphore: anyio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._holders = 1
+
+    def share(self) -> Permit:
+        self._holders += 1
+        return self
+
+    def release(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            self._semaphore.release()
+
+
+@dataclass(eq=False)
+class Chunk:
+    start: int
+    items: list[Any]
+    permit: Permit
+    crashes: int = 0
+    key: str = ""
+    future: Any = None
+    rung: Any = None
+    #: Set when the chunk's result is no longer wanted (cancelled, timed out).
+    abandoned: bool = False
+
+    def split(self) -> tuple[Chunk, Chunk]:
+        middle = len(self.items) // 2
+        left = Chunk(self.start, self.items[:middle], self.permit, self.crashes)
+        right = Chunk(self.start + middle, self.items[middle:], self.permit.share(),
+                      self.crashes)
+        return left, right
+
+
+@dataclass(eq=False)
+class Segment:
+    """Finished items [start, start + len(results)); errors by position in the segment."""
+
+    start: int
+    results: list[Any]
+    errors: dict[int, BaseException] = field(default_factory=dict)
+    permit: Permit | None = None

@@ -1,0 +1,95 @@
+"""Everything that touches loky's internals, in one place.
+
+loky starts its manager thread and its call-queue feeder thread inside the first
+``submit()``; when either start fails the executor is wedged for good (later submits
+queue forever, ``shutdown(wait=True)`` raises). So a process rung is only "started" once
+a warm-up task has come back, and a failed one is discarded with its workers killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+from loky import ProcessPoolExecutor
+
+from ._worker import noop
+
+logger = logging.getLogger("asyncpool")
+
+
+def start_executor(max_workers: int, timeout: float) -> ProcessPoolExecutor:
+    """Build a private loky executor and prove it works. Blocking: run off the loop."""
+    executor = ProcessPoolExecutor(max_workers=max_workers)
+    try:
+        # The first submit starts the workers and both helper threads; the answer
+        # proves the round trip works.
+        executor.submit(noop).result(timeout=timeout)
+    except BaseException:
+        discard(executor)
+        raise
+    return executor
+
+
+def worker_processes(executor: ProcessPoolExecutor) -> dict[int, Any]:
+    """pid -> process object of the executor's live workers (a copy)."""
+    return dict(getattr(executor, "_processes", None) or {})
+
+
+def dead_workers(executor: ProcessPoolExecutor) -> dict[int, int]:
+    """pid -> exit code of the workers that have exited (reaping them)."""
+    dead = {}
+    for pid, process in worker_processes(executor).items():
+        try:
+            code = process.exitcode
+        except Exception:  # pragma: no cover - a process object loky already closed
+            continue
+        if code is not None:
+            dead[pid] = code
+    return dead
+
+
+def kill_workers(executor: ProcessPoolExecutor, pids: list[int] | None = None) -> None:
+    """SIGKILL the given (default: all) worker processes of ``executor``."""
+    processes = worker_processes(executor)
+    for pid in processes if pids is None else pids:
+        if pid in processes:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def discard(executor: ProcessPoolExecutor) -> None:
+    """Tear down a broken or half-built executor without waiting for any thread.
+
+    Never blocks: a wedged executor's ``shutdown(wait=True)`` would raise or hang.
+    """
+    processes = worker_processes(executor)
+    kill_workers(executor)
+    try:
+        executor.shutdown(wait=False, kill_workers=True)
+    except Exception:  # pragma: no cover - a wedged executor may refuse even this
+        logger.debug("shutdown of a discarded executor failed", exc_info=True)
+    for process in processes.values():
+        try:
+            process.join(timeout=5)
+        except Exception:  # pragma: no cover
+            pass
+
+
+def close(executor: ProcessPoolExecutor, kill: bool) -> None:
+    """Shut an executor down and wait for its workers. Blocking: run off the loop."""
+    processes = worker_processes(executor)
+    if kill:
+        discard(executor)
+        return
+    try:
+        executor.shutdown(wait=True)
+    except Exception:
+        logger.debug("clean shutdown failed; killing workers", exc_info=True)
+        discard(executor)
+    for process in processes.values():
+        process.join(timeout=10)
