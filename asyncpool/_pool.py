@@ -20,7 +20,7 @@ from aiolimiter import AsyncLimiter
 from loky.process_executor import BrokenProcessPool
 
 from ._backends import InlineRung, ProcessRung, Rung, _ArgumentsUnpickleable, create_rung
-from ._bridge import Schedule, loop_scheduler
+from ._bridge import Background, Schedule, loop_scheduler, spawn
 from ._chunks import Chunk, ChunkSizer, Permit, Segment, chunks_of
 from ._config import PoolConfig
 from ._errors import (
@@ -69,7 +69,7 @@ class ResilientPool:
         self._retired: list[Rung] = []
         self._state = "new"
         self._keys = itertools.count()
-        self._promoter: anyio.CancelScope | None = None
+        self._promoter: Background | None = None
         self._in_flight = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -81,8 +81,7 @@ class ResilientPool:
         self._slots = anyio.Semaphore(self.config.in_flight)
         self._rung_lock = anyio.Lock()
         self._limiter = _limiter(self.config.rate_limit)
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
+        self._background: set[Background] = set()
         self._state = "open"
         try:
             rungs = self.config.rungs
@@ -99,11 +98,7 @@ class ResilientPool:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> bool | None:
-        try:
-            await self.aclose()
-        finally:
-            self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(exc_type, exc, tb)
+        await self.aclose()
         return None
 
     async def aclose(self, *, kill: bool = False) -> None:
@@ -119,6 +114,9 @@ class ResilientPool:
         with anyio.CancelScope(shield=True):
             for rung in rungs:
                 await rung.aclose(kill)
+            while self._background:
+                task = self._background.pop()
+                await task.wait()
 
     @property
     def backend(self) -> str | None:
@@ -316,12 +314,18 @@ class ResilientPool:
         if old is not None:
             self._retire(old)
         if index > 0 and self._promoter is None:
-            self._tg.start_soon(self._promote, 0.0 if promote_now else self.config.promote_after)
+            self._promoter = self._spawn(self._promote,
+                                         0.0 if promote_now else self.config.promote_after)
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> Background:
+        task = spawn(fn, *args)
+        self._background.add(task)
+        return task
 
     def _retire(self, rung: Rung) -> None:
         rung.retired = True
         if rung.in_flight == 0 or rung.broken:
-            self._tg.start_soon(rung.aclose, rung.broken)
+            self._spawn(rung.aclose, rung.broken)
         else:
             self._retired.append(rung)
 
@@ -334,40 +338,43 @@ class ResilientPool:
         self._in_flight -= 1
         if rung.retired and rung.in_flight == 0 and rung in self._retired:
             self._retired.remove(rung)
-            self._tg.start_soon(rung.aclose, False)
+            self._spawn(rung.aclose, False)
 
     async def _promote(self, delay: float) -> None:
         """Climb back up the ladder in the background, backing off while it fails."""
-        with anyio.CancelScope() as scope:
-            self._promoter = scope
+        try:
+            while self._index > 0 and self._state == "open":
+                await anyio.sleep(delay)
+                if await self._promote_once():
+                    delay = self.config.promote_after
+                else:
+                    delay = min(max(delay, self.config.promote_after) * 2,
+                                self.config.promote_max)
+        finally:
+            self._promoter = None
+
+    async def _promote_once(self) -> bool:
+        """Try each rung above the serving one, best first; True if one started."""
+        for index, name in enumerate(self.config.rungs[: self._index]):
             try:
-                while self._index > 0 and self._state == "open":
-                    await anyio.sleep(delay)
-                    for index, name in enumerate(self.config.rungs[: self._index]):
-                        try:
-                            rung = await self._create(name, 1)
-                        except Exception:
-                            logger.exception("unexpected error starting the %s rung", name)
-                            rung = None
-                        if rung is None:
-                            continue
-                        if self._state != "open":
-                            await rung.aclose(True)
-                            return
-                        async with self._rung_lock:
-                            before = self.backend
-                            self._install(rung, index)
-                        self._counters.promotions += 1
-                        self._emit("promotion", logging.INFO,
-                                   f"promoted from the {before} rung to the {name} rung",
-                                   previous=before, to=name)
-                        delay = self.config.promote_after
-                        break
-                    else:
-                        delay = min(max(delay, self.config.promote_after) * 2,
-                                    self.config.promote_max)
-            finally:
-                self._promoter = None
+                rung = await self._create(name, 1)
+            except Exception:
+                logger.exception("unexpected error starting the %s rung", name)
+                rung = None
+            if rung is None:
+                continue
+            if self._state != "open":
+                await rung.aclose(True)
+                return True
+            async with self._rung_lock:
+                before = self.backend
+                self._install(rung, index)
+            self._counters.promotions += 1
+            self._emit("promotion", logging.INFO,
+                       f"promoted from the {before} rung to the {name} rung",
+                       previous=before, to=name)
+            return True
+        return False
 
     # -- events ----------------------------------------------------------------------
 
