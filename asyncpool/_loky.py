@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import weakref
 from typing import Any
 
 from loky import ProcessPoolExecutor
@@ -30,7 +32,34 @@ def start_executor(max_workers: int, timeout: float) -> ProcessPoolExecutor:
     except BaseException:
         discard(executor)
         raise
+    track(executor)
     return executor
+
+
+# Executors that are still open, for the exit hook below.
+_live: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()
+_hook_registered = False
+
+
+def _kill_at_exit() -> None:
+    # An interpreter that exits with work in flight (a pool that was never closed)
+    # would join loky's manager threads, which wait for the running tasks: kill the
+    # workers first so the exit is prompt.
+    for executor in list(_live):
+        discard(executor)
+
+
+def track(executor: ProcessPoolExecutor) -> None:
+    """Kill ``executor``'s workers if the interpreter exits while it is open.
+
+    Registered after loky's own exit hook (which joins its threads), and threading
+    runs these hooks last-registered first, so the workers die before loky waits.
+    """
+    global _hook_registered
+    _live.add(executor)
+    if not _hook_registered:
+        threading._register_atexit(_kill_at_exit)  # type: ignore[attr-defined]
+        _hook_registered = True
 
 
 def worker_processes(executor: ProcessPoolExecutor) -> dict[int, Any]:
@@ -67,6 +96,7 @@ def discard(executor: ProcessPoolExecutor) -> None:
 
     Never blocks: a wedged executor's ``shutdown(wait=True)`` would raise or hang.
     """
+    _live.discard(executor)
     processes = worker_processes(executor)
     kill_workers(executor)
     try:
@@ -82,6 +112,7 @@ def discard(executor: ProcessPoolExecutor) -> None:
 
 def close(executor: ProcessPoolExecutor, kill: bool) -> None:
     """Shut an executor down and wait for its workers. Blocking: run off the loop."""
+    _live.discard(executor)
     processes = worker_processes(executor)
     if kill:
         discard(executor)

@@ -98,7 +98,10 @@ class ResilientPool:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> bool | None:
-        await self.aclose()
+        # Leaving on KeyboardInterrupt, SystemExit or cancellation must not wait for
+        # running work: it is killed. A normal exit (or an ordinary error) lets it finish.
+        leaving_hard = exc_type is not None and not issubclass(exc_type, Exception)
+        await self.aclose(kill=leaving_hard)
         return None
 
     async def aclose(self, *, kill: bool = False) -> None:

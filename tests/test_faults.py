@@ -1,0 +1,202 @@
+"""Real faults: killed workers, poison items, pickling failures, deadlines, cancellation."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from asyncpool import (
+    MISSING,
+    DeadlineExceeded,
+    PoolClosed,
+    ResilientPool,
+    SerializationError,
+    WorkerCrashed,
+)
+
+from . import tasks
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_sigkilled_worker_loses_nothing(tmp_path: Path, no_leaks: None) -> None:
+    marker = str(tmp_path / "killed")
+    items = [(i, marker) for i in range(2000)]
+    async with ResilientPool(max_workers=2) as pool:
+        results = await pool.map(tasks.kill_self_once, items)
+        assert results == [i * i for i in range(2000)]
+        assert os.path.exists(marker)  # the worker really was killed once
+        stats = pool.statistics()
+        assert stats.worker_crashes >= 1 and stats.resubmitted_chunks >= 1
+        assert pool.backend == "process"
+
+
+@pytest.mark.parametrize("fn", [tasks.exit_on, tasks.segfault_on])
+async def test_poison_item_is_isolated(fn: object) -> None:
+    poison = 1234
+    items = [(i, poison) for i in range(2000)]
+    async with ResilientPool(max_workers=2) as pool:
+        results = await pool.map(fn, items, return_exceptions=True)  # type: ignore[call-overload]
+        crashed = [i for i, r in enumerate(results) if isinstance(r, WorkerCrashed)]
+        assert crashed == [poison]
+        error = results[poison]
+        assert error.index == poison and f"item {poison}" in str(error)
+        assert ("exit code 7" in str(error)) if fn is tasks.exit_on else ("SIGSEGV" in str(error))
+        assert [r for i, r in enumerate(results) if i != poison] == [
+            i for i in range(2000) if i != poison]
+        with pytest.raises(WorkerCrashed, match=f"item {poison}"):
+            await pool.map(fn, items)  # type: ignore[call-overload]
+        assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
+
+
+@pytest.mark.parametrize("rungs", [("process",), ("thread",)])
+async def test_unpicklable_argument_stays_with_its_item(rungs: tuple[str, ...]) -> None:
+    items: list[object] = list(range(10))
+    items[5] = tasks.Unpicklable()
+    async with ResilientPool(max_workers=2, rungs=rungs) as pool:  # type: ignore[arg-type]
+        results = await pool.map(tasks.pid_of, items, return_exceptions=True)
+        if rungs == ("thread",):
+            # Threads share memory: nothing is pickled, nothing fails.
+            assert not any(isinstance(r, Exception) for r in results)
+            return
+        assert isinstance(results[5], SerializationError)
+        assert "item 5" in str(results[5]) and "Unpicklable" in str(results[5])
+        assert all(isinstance(r, int) for i, r in enumerate(results) if i != 5)
+
+
+async def test_argument_that_fails_to_unpickle_in_the_worker() -> None:
+    items: list[object] = list(range(10))
+    items[7] = tasks.Unloadable()
+    async with ResilientPool(max_workers=2) as pool:
+        results = await pool.map(tasks.pid_of, items, return_exceptions=True)
+        assert isinstance(results[7], SerializationError) and "item 7" in str(results[7])
+        assert all(isinstance(r, int) for i, r in enumerate(results) if i != 7)
+
+
+@pytest.mark.parametrize("fn", [tasks.return_unpicklable, tasks.return_unloadable])
+async def test_bad_result_stays_with_its_item(fn: object) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        results = await pool.map(fn, range(6), return_exceptions=True)  # type: ignore[call-overload]
+        assert isinstance(results[2], SerializationError), results
+        assert "item 2" in str(results[2]) or "this item" in str(results[2])
+        assert [r for i, r in enumerate(results) if i != 2] == [0, 1, 3, 4, 5]
+        assert await pool.map(tasks.square, range(4)) == [0, 1, 4, 9]
+        assert pool.statistics().worker_crashes == 0
+
+
+async def test_deadline_returns_partial_results() -> None:
+    async with ResilientPool(max_workers=2, chunk_size=1) as pool:
+        durations = [0.01] * 6 + [5.0] * 4
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as info:
+            await pool.map(tasks.nap, durations, timeout=0.5, kill_on_timeout=True)
+        late = time.monotonic() - started - 0.5
+        assert late < 0.5, f"DeadlineExceeded came {late:.3f} s after the deadline"
+        assert isinstance(info.value, TimeoutError)
+        partial = info.value.partial
+        assert len(partial) == 10
+        assert partial[:6] == [0.01] * 6 and partial[6:] == [MISSING] * 4
+        # The pool stays usable.
+        assert await pool.map(tasks.square, range(5)) == [0, 1, 4, 9, 16]
+
+
+async def test_imap_deadline() -> None:
+    async with ResilientPool(max_workers=2, chunk_size=1) as pool:
+        got = []
+        with pytest.raises(DeadlineExceeded) as info:
+            async for value in pool.imap(tasks.nap, [0.01, 0.01, 3.0, 0.01], timeout=0.5,
+                                         kill_on_timeout=True):
+                got.append(value)
+        assert got == [0.01, 0.01]
+        assert info.value.start == 2 and info.value.partial[0] is MISSING
+
+
+async def test_run_timeout_kills_runaway_task() -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        pid = await pool.run(tasks.pid_of)
+        with pytest.raises(TimeoutError):
+            await pool.run(tasks.nap, 60, timeout=0.3, kill_on_timeout=True)
+        # The stuck worker is really gone, and the pool serves on fresh workers.
+        with anyio.fail_after(10):
+            while psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie":
+                await anyio.sleep(0.05)
+        assert await pool.run(tasks.square, 12) == 144
+
+
+@pytest.mark.parametrize("cancel_running", ["finish", "kill"])
+async def test_cancellation_is_prompt(cancel_running: str) -> None:
+    async with ResilientPool(max_workers=2, chunk_size=1) as pool:
+        await pool.map(tasks.square, range(4))  # prime the pool
+        started = anyio.Event()
+
+        async def mapper() -> None:
+            started.set()
+            await pool.map(tasks.nap, [0.5] * 100, cancel_running=cancel_running)  # type: ignore[arg-type]
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mapper)
+            await started.wait()
+            await anyio.sleep(0.1)
+            before = time.monotonic()
+            tg.cancel_scope.cancel()
+        assert time.monotonic() - before < 1.0
+        # Queued chunks were cancelled: the pool answers at once, not after 50 naps.
+        with anyio.fail_after(5):
+            assert await pool.map(tasks.square, range(3)) == [0, 1, 4]
+
+
+async def test_aclose_kill_stops_at_once_and_pool_refuses_after() -> None:
+    pool = ResilientPool(max_workers=2, chunk_size=1)
+    await pool.__aenter__()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: pool.map(tasks.nap, [30.0] * 4, return_exceptions=True))
+        await anyio.sleep(0.3)
+        before = time.monotonic()
+        await pool.aclose(kill=True)
+        assert time.monotonic() - before < 3.0
+        tg.cancel_scope.cancel()
+    with pytest.raises(PoolClosed):
+        await pool.run(tasks.square, 2)
+    await pool.__aexit__(None, None, None)
+
+
+async def test_transient_error_inside_task_is_retried(tmp_path: Path) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        items = [(i, str(tmp_path / f"m{i}")) for i in range(4)]
+        assert await pool.map(tasks.flaky_thread_start, items) == [0, 1, 2, 3]
+    async with ResilientPool(max_workers=1, task_retries=0) as pool:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            await pool.run(tasks.flaky_thread_start, (9, str(tmp_path / "once")))
+
+
+async def test_fifty_pools_with_crashes_leak_nothing(tmp_path: Path, no_leaks: None) -> None:
+    for cycle in range(50):
+        async with ResilientPool(max_workers=2) as pool:
+            if cycle % 10 == 0:
+                marker = str(tmp_path / f"k{cycle}")
+                got = await pool.map(tasks.kill_self_once, [(i, marker) for i in range(50)])
+                assert got == [i * i for i in range(50)]
+            else:
+                assert await pool.run(tasks.square, cycle) == cycle * cycle
+
+
+@pytest.mark.parametrize("how", ["closed", "abandoned"])
+async def test_interpreter_exits_promptly_with_work_in_flight(how: str) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("_exit_scenario.py")
+    started = time.monotonic()
+    proc = await anyio.run_process([sys.executable, str(script), how], check=False)
+    took = time.monotonic() - started
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err[-2000:]
+    assert b"in flight" in proc.stdout
+    assert took < 10, f"exit took {took:.1f} s"
+    assert "leaked semaphore" not in err and "Traceback" not in err, err[-2000:]
+    del subprocess
