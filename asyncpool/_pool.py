@@ -31,6 +31,7 @@ from ._errors import (
     SerializationError,
     WorkerCrashed,
 )
+from ._progress import Progress, Reporter
 from ._events import Counters, EventHook, EventKind, PoolEvent, PoolStatistics
 from ._retry import backoff_delays, is_transient
 from ._worker import Outcomes
@@ -144,43 +145,49 @@ class ResilientPool:
     async def map(self, fn: Callable[[A], T], items: Iterable[A] | AsyncIterable[A], *,
                   return_exceptions: Literal[False] = ..., timeout: float | None = ...,
                   kill_on_timeout: bool = ..., cancel_running: CancelRunning = ...,
-                  chunk_size: int | None = ...) -> list[T]: ...
+                  chunk_size: int | None = ..., progress: Progress = ...) -> list[T]: ...
 
     @overload
     async def map(self, fn: Callable[[A], T], items: Iterable[A] | AsyncIterable[A], *,
                   return_exceptions: bool, timeout: float | None = ...,
                   kill_on_timeout: bool = ..., cancel_running: CancelRunning = ...,
-                  chunk_size: int | None = ...) -> list[T | BaseException]: ...
+                  chunk_size: int | None = ...,
+                  progress: Progress = ...) -> list[T | BaseException]: ...
 
     async def map(self, fn: Callable[[A], T], items: Iterable[A] | AsyncIterable[A], *,
                   return_exceptions: bool = False, timeout: float | None = None,
                   kill_on_timeout: bool = False, cancel_running: CancelRunning = "finish",
-                  chunk_size: int | None = None) -> list[Any]:
+                  chunk_size: int | None = None, progress: Progress = None) -> list[Any]:
         """``[fn(x) for x in items]`` on the pool, in input order.
 
         The first failing item's exception is raised (its worker traceback is the
         ``__cause__``) unless ``return_exceptions`` puts exceptions in place. With a
         ``timeout``, :class:`DeadlineExceeded` carries the finished results.
+        ``progress=True`` draws a tqdm bar; ``progress=callback`` calls
+        ``callback(done, total)`` as items finish (``total`` is None if unknown).
         """
         return await self._collect(fn, items, star=False, return_exceptions=return_exceptions,
                                    timeout=timeout, kill_on_timeout=kill_on_timeout,
-                                   cancel_running=cancel_running, chunk_size=chunk_size)
+                                   cancel_running=cancel_running, chunk_size=chunk_size,
+                                   progress=progress)
 
     async def starmap(self, fn: Callable[..., T], items: Iterable[Iterable[Any]]
                       | AsyncIterable[Iterable[Any]], *, return_exceptions: bool = False,
                       timeout: float | None = None, kill_on_timeout: bool = False,
                       cancel_running: CancelRunning = "finish",
-                      chunk_size: int | None = None) -> list[Any]:
+                      chunk_size: int | None = None, progress: Progress = None) -> list[Any]:
         """Like :meth:`map`, calling ``fn(*args)`` for each tuple ``args``."""
         return await self._collect(fn, items, star=True, return_exceptions=return_exceptions,
                                    timeout=timeout, kill_on_timeout=kill_on_timeout,
-                                   cancel_running=cancel_running, chunk_size=chunk_size)
+                                   cancel_running=cancel_running, chunk_size=chunk_size,
+                                   progress=progress)
 
     async def imap(self, fn: Callable[[A], T], items: Iterable[A] | AsyncIterable[A], *,
                    ordered: bool = True, return_exceptions: bool = False,
                    timeout: float | None = None, kill_on_timeout: bool = False,
                    cancel_running: CancelRunning = "finish",
-                   chunk_size: int | None = None) -> AsyncIterator[T]:
+                   chunk_size: int | None = None,
+                   progress: Progress = None) -> AsyncIterator[T]:
         """Stream ``fn(x)`` for each item, in input order or (``ordered=False``) as done.
 
         Memory stays flat: at most ``max_chunks_in_flight`` chunks are out or waiting.
@@ -188,8 +195,10 @@ class ResilientPool:
         segments = self._segments(fn, items, star=False, ordered=ordered, timeout=timeout,
                                   kill_on_timeout=kill_on_timeout,
                                   cancel_running=cancel_running, chunk_size=chunk_size)
+        reporter = Reporter(progress, len(items) if isinstance(items, Sized) else None)
         try:
             async for segment in segments:
+                reporter.advance(len(segment.results))
                 errors = segment.errors
                 for position, value in enumerate(segment.results):
                     if errors and position in errors:
@@ -198,27 +207,32 @@ class ResilientPool:
                         value = errors[position]
                     yield value
         finally:
+            reporter.close()
             await segments.aclose()
 
     # -- the job engine ------------------------------------------------------------
 
     async def _collect(self, fn: Callable[..., Any], items: Any, *, star: bool,
                        return_exceptions: bool, timeout: float | None, kill_on_timeout: bool,
-                       cancel_running: CancelRunning, chunk_size: int | None) -> list[Any]:
+                       cancel_running: CancelRunning, chunk_size: int | None,
+                       progress: Progress = None) -> list[Any]:
         done: list[Segment] = []
+        total = len(items) if isinstance(items, Sized) else None
+        reporter = Reporter(progress, total)
         segments = self._segments(fn, items, star=star, ordered=False, timeout=timeout,
                                   kill_on_timeout=kill_on_timeout,
                                   cancel_running=cancel_running, chunk_size=chunk_size)
         try:
             async for segment in segments:
+                reporter.advance(len(segment.results))
                 if segment.errors and not return_exceptions:
                     raise segment.errors[min(segment.errors)]
                 done.append(segment)
         except DeadlineExceeded as exc:
-            total = len(items) if isinstance(items, Sized) else None
             exc.partial = _assemble(done, total=total)
             raise
         finally:
+            reporter.close()
             await segments.aclose()
         return _assemble(done)
 
