@@ -1,17 +1,42 @@
-"""asyncpool: CPU-bound work from async code, in worker processes that survive faults."""
+"""asyncpool: CPU-bound work from async code, in worker processes that survive faults.
 
-from ._config import PoolConfig as PoolConfig
-from ._errors import MISSING as MISSING
-from ._errors import AsyncPoolError as AsyncPoolError
-from ._errors import DeadlineExceeded as DeadlineExceeded
-from ._errors import PoolClosed as PoolClosed
-from ._errors import RemoteTraceback as RemoteTraceback
-from ._errors import SerializationError as SerializationError
-from ._errors import WorkerCrashed as WorkerCrashed
-from ._events import EventHook as EventHook
-from ._events import PoolEvent as PoolEvent
-from ._events import PoolStatistics as PoolStatistics
-from ._pool import ResilientPool as ResilientPool
+The names below load on first use (PEP 562): worker processes import
+``asyncpool._worker``, and must not pay for anyio and the pool machinery to do so.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._config import PoolConfig as PoolConfig
+    from ._errors import MISSING as MISSING
+    from ._errors import AsyncPoolError as AsyncPoolError
+    from ._errors import DeadlineExceeded as DeadlineExceeded
+    from ._errors import PoolClosed as PoolClosed
+    from ._errors import RemoteTraceback as RemoteTraceback
+    from ._errors import SerializationError as SerializationError
+    from ._errors import WorkerCrashed as WorkerCrashed
+    from ._events import EventHook as EventHook
+    from ._events import PoolEvent as PoolEvent
+    from ._events import PoolStatistics as PoolStatistics
+    from ._pool import ResilientPool as ResilientPool
+
+_WHERE = {
+    "MISSING": "._errors",
+    "AsyncPoolError": "._errors",
+    "DeadlineExceeded": "._errors",
+    "EventHook": "._events",
+    "PoolClosed": "._errors",
+    "PoolConfig": "._config",
+    "PoolEvent": "._events",
+    "PoolStatistics": "._events",
+    "RemoteTraceback": "._errors",
+    "ResilientPool": "._pool",
+    "SerializationError": "._errors",
+    "WorkerCrashed": "._errors",
+}
 
 __all__ = (
     "MISSING",
@@ -27,3 +52,15 @@ __all__ = (
     "SerializationError",
     "WorkerCrashed",
 )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'asyncpool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

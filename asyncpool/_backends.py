@@ -39,6 +39,9 @@ class Rung:
                retries: int, key: str) -> cf.Future[Any]:
         raise NotImplementedError
 
+    #: Pickled size of the last chunk sent (0 where nothing is pickled).
+    last_payload_size = 0
+
     def decode(self, result: Any) -> Outcomes:
         return result  # type: ignore[no-any-return]
 
@@ -80,6 +83,7 @@ class ProcessRung(Rung):
     def submit(self, fn: Callable[..., Any], items: Sequence[Any], star: bool,
                retries: int, key: str) -> cf.Future[Any]:
         payload = cloudpickle.dumps((fn, items, star, retries), pickle.HIGHEST_PROTOCOL)
+        self.last_payload_size = len(payload)
         future: cf.Future[Any] = self.executor.submit(run_chunk, payload, self.marker_dir, key)
         return future
 

@@ -507,6 +507,7 @@ class _Job:
                 await self._unpicklable(chunk, exc, "argument")
                 return
             chunk.future = future
+            self.sizer.observe_bytes(len(chunk.items), rung.last_payload_size)
             pool._chunk_entered(rung)
             pool._counters.chunks_submitted += 1
             future.add_done_callback(lambda f, chunk=chunk: self._finished(chunk, f))
@@ -531,8 +532,11 @@ class _Job:
         pool._chunk_left(rung)
         error = future.exception()
         if error is None:
+            result = future.result()
+            if isinstance(result, bytes):
+                self.sizer.observe_bytes(len(chunk.items), len(result))
             try:
-                outcome = rung.decode(future.result())
+                outcome = rung.decode(result)
             except _ArgumentsUnpickleable as exc:
                 await self._unpicklable(chunk, exc.args[0][0], "argument (in the worker)")
                 return None

@@ -1,0 +1,1 @@
+"""asyncpool's benchmark suite: `python -m benchmarks [--quick]`."""
