@@ -65,20 +65,29 @@ class ProcessRung(Rung):
 
     name = "process"
 
-    def __init__(self, executor: Any) -> None:
+    def __init__(self, executor: Any, reuse: bool = False) -> None:
         super().__init__()
         self.executor = executor
+        self.reuse = reuse
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.marker_dir = tempfile.mkdtemp(prefix="asyncpool-", dir=base)
         self._crash_lock = threading.Lock()
         self._crash: tuple[dict[int, int], dict[str, int]] | None = None
 
     @classmethod
-    async def create(cls, max_workers: int, timeout: float) -> ProcessRung:
-        executor = await anyio.to_thread.run_sync(
-            _loky.start_executor, max_workers, timeout, abandon_on_cancel=True
-        )
-        return cls(executor)
+    async def create(cls, max_workers: int, timeout: float, reuse: bool) -> ProcessRung:
+        # Shielded: a start abandoned half way would leave an executor nobody closes.
+        with anyio.CancelScope(shield=True):
+            executor = await anyio.to_thread.run_sync(
+                _loky.start_executor, max_workers, timeout, reuse
+            )
+        rung = cls(executor, reuse)
+        try:
+            await anyio.lowlevel.checkpoint()
+        except BaseException:
+            await rung.aclose(kill=True)
+            raise
+        return rung
 
     def submit(self, fn: Callable[..., Any], items: Sequence[Any], star: bool,
                retries: int, key: str) -> cf.Future[Any]:
@@ -136,6 +145,8 @@ class ProcessRung(Rung):
         try:
             if kill or self.broken:
                 _loky.discard(self.executor)
+                return
+            if self.reuse and _loky.park(self.executor, self.executor._max_workers):
                 return
             try:
                 await anyio.to_thread.run_sync(_loky.close, self.executor, False,
@@ -230,9 +241,10 @@ class InlineRung(Rung):
         return None
 
 
-async def create_rung(name: str, max_workers: int, start_timeout: float) -> Rung:
+async def create_rung(name: str, max_workers: int, start_timeout: float,
+                      reuse: bool = False) -> Rung:
     if name == "process":
-        return await ProcessRung.create(max_workers, start_timeout)
+        return await ProcessRung.create(max_workers, start_timeout, reuse)
     if name == "thread":
         return ThreadRung(max_workers)
     return InlineRung()

@@ -52,6 +52,10 @@ class PoolConfig:
     start_timeout: float = 60.0
     #: Serve on threads the moment the pool opens while processes start off the loop.
     warm_start: bool = False
+    #: On close, park the healthy process workers for the next pool of the same size
+    #: (which then starts in about a millisecond); ResilientPool.close_idle_workers()
+    #: or interpreter exit stops them.
+    reuse_workers: bool = False
     #: Items per second started across the pool (aiolimiter); None for no limit.
     rate_limit: float | None = None
 

@@ -22,8 +22,20 @@ from ._worker import noop
 logger = logging.getLogger("asyncpool")
 
 
-def start_executor(max_workers: int, timeout: float) -> ProcessPoolExecutor:
-    """Build a private loky executor and prove it works. Blocking: run off the loop."""
+def start_executor(max_workers: int, timeout: float, reuse: bool = False) -> ProcessPoolExecutor:
+    """Build a private loky executor and prove it works. Blocking: run off the loop.
+
+    With ``reuse``, an executor parked by a closed pool (see :func:`park`) is taken
+    instead when one of the same size is healthy: its workers are already warm.
+    """
+    if reuse:
+        parked = _take_parked(max_workers)
+        if parked is not None:
+            try:
+                parked.submit(noop).result(timeout=timeout)
+                return parked
+            except BaseException:
+                discard(parked)
     executor = ProcessPoolExecutor(max_workers=max_workers)
     try:
         # The first submit starts the workers and both helper threads; the answer
@@ -60,6 +72,47 @@ def track(executor: ProcessPoolExecutor) -> None:
     if not _hook_registered:
         threading._register_atexit(_kill_at_exit)  # type: ignore[attr-defined]
         _hook_registered = True
+
+
+# Executors whose pool closed with reuse_workers=True, by size, waiting for the next pool.
+_parked: dict[int, list[ProcessPoolExecutor]] = {}
+_parked_lock = threading.Lock()
+
+
+def healthy(executor: ProcessPoolExecutor) -> bool:
+    flags = getattr(executor, "_flags", None)
+    if flags is None or flags.broken is not None or flags.shutdown:
+        return False
+    return not dead_workers(executor) and bool(worker_processes(executor))
+
+
+def park(executor: ProcessPoolExecutor, max_workers: int) -> bool:
+    """Keep a healthy, idle executor for the next pool; False if it cannot be kept."""
+    if not healthy(executor):
+        return False
+    with _parked_lock:
+        _parked.setdefault(max_workers, []).append(executor)
+    return True
+
+
+def _take_parked(max_workers: int) -> ProcessPoolExecutor | None:
+    with _parked_lock:
+        while _parked.get(max_workers):
+            executor = _parked[max_workers].pop()
+            if healthy(executor):
+                return executor
+            discard(executor)
+    return None
+
+
+def close_parked() -> int:
+    """Shut down every parked executor; returns how many. Blocking: run off the loop."""
+    with _parked_lock:
+        executors = [e for group in _parked.values() for e in group]
+        _parked.clear()
+    for executor in executors:
+        close(executor, kill=False)
+    return len(executors)
 
 
 def worker_processes(executor: ProcessPoolExecutor) -> dict[int, Any]:

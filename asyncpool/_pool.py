@@ -122,6 +122,13 @@ class ResilientPool:
                 task = self._background.pop()
                 await task.wait()
 
+    @staticmethod
+    async def close_idle_workers() -> int:
+        """Shut down the warm workers that pools with ``reuse_workers=True`` left parked."""
+        from . import _loky
+
+        return await anyio.to_thread.run_sync(_loky.close_parked)
+
     @property
     def backend(self) -> str | None:
         """The rung serving now: "process", "thread" or "inline" (None when closed)."""
@@ -311,7 +318,7 @@ class ResilientPool:
             self._counters.creation_attempts += 1
             try:
                 return await create_rung(name, self.config.max_workers,
-                                         self.config.start_timeout)
+                                         self.config.start_timeout, self.config.reuse_workers)
             except Exception as exc:
                 if not is_transient(exc, starting=True):
                     raise

@@ -127,7 +127,8 @@ async def measure_latency(peer: str) -> dict[str, Any]:
             from asyncpool import ResilientPool
 
             async with ResilientPool(max_workers=workers(),
-                                     warm_start=peer.endswith("warm_start")) as pool:
+                                     warm_start=peer.endswith("warm_start"),
+                                     reuse_workers=peer.endswith("reuse_workers")) as pool:
                 await pool.run(workloads.square, 3)
                 times.append(time.perf_counter() - started)
         elif peer == "stdlib ProcessPoolExecutor.map":
@@ -151,7 +152,7 @@ async def measure_latency(peer: str) -> dict[str, Any]:
     return {"value": times[0], "warm": times[1], "unit": "s to first result"}
 
 
-LATENCY_PEERS = ["asyncpool", "asyncpool warm_start", "stdlib ProcessPoolExecutor.map",
+LATENCY_PEERS = ["asyncpool", "asyncpool warm_start", "asyncpool reuse_workers", "stdlib ProcessPoolExecutor.map",
                  "loky executor.map", "joblib Parallel"]
 WORKLOADS = ["tiny", "medium", "skewed", "payload", "stream", "latency"]
 
@@ -159,7 +160,7 @@ WORKLOADS = ["tiny", "medium", "skewed", "payload", "stream", "latency"]
 def peers_for(workload: str, quick: bool) -> list[str]:
     chosen = QUICK_PEERS if quick else list(peers.PEERS)
     if workload == "latency":
-        return [p for p in chosen if p in LATENCY_PEERS]
+        return [p for p in LATENCY_PEERS if p in chosen or p == "asyncpool reuse_workers"]
     if workload == "stream":
         return [p for p in chosen if p.startswith("asyncpool")
                 or p == "stdlib ProcessPoolExecutor.map"]

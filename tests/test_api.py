@@ -100,3 +100,13 @@ async def test_lambda_runs_unpicklable_function_is_named() -> None:
         lock = __import__("threading").Lock()
         with pytest.raises(asyncpool.SerializationError, match="function"):
             await pool.map(functools.partial(lambda l, x: x, lock), [1])
+
+
+async def test_reuse_workers_across_pools(no_leaks: None) -> None:
+    async with ResilientPool(max_workers=2, reuse_workers=True) as first:
+        pids = set(await first.map(tasks.pid_of, range(40), chunk_size=1))
+    async with ResilientPool(max_workers=2, reuse_workers=True) as second:
+        assert set(await second.map(tasks.pid_of, range(40), chunk_size=1)) <= pids
+    async with ResilientPool(max_workers=2) as third:  # not opted in: fresh workers
+        assert set(await third.map(tasks.pid_of, range(40), chunk_size=1)).isdisjoint(pids)
+    assert await ResilientPool.close_idle_workers() == 1
