@@ -12,6 +12,7 @@ import os
 import pickle
 import queue
 import shutil
+import signal
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ import anyio
 import cloudpickle
 
 from . import _loky
+from ._config import PoolConfig
 from ._retry import is_transient
 from ._worker import Outcomes, run_chunk, run_items
 
@@ -48,8 +50,11 @@ class Rung:
     def note_broken(self) -> None:
         """Called from the thread that found the rung broken, before it cleans up."""
 
-    def suspect(self, key: str) -> int | None:
-        """The exit code of the dead worker that was running chunk ``key``, if any."""
+    #: False where the backend reruns a crashing task itself before reporting it.
+    retries_crashes = True
+
+    def suspect(self, key: str) -> tuple[int | None, str] | None:
+        """(exit code, description) of the crash that chunk ``key`` caused, if it did."""
         return None
 
     def kill_chunks(self, keys: list[str]) -> bool:
@@ -100,8 +105,7 @@ class ProcessRung(Rung):
         tag, *rest = pickle.loads(result)
         if tag == "unpickle":
             raise _ArgumentsUnpickleable(rest[0])
-        results, errors, seconds = rest
-        return results, errors, seconds
+        return Outcomes(*rest)
 
     def running(self) -> dict[str, int]:
         """chunk key -> pid of the worker running it, from the marker files."""
@@ -125,12 +129,15 @@ class ProcessRung(Rung):
             if self._crash is None:
                 self._crash = (_loky.dead_workers(self.executor), self.running())
 
-    def suspect(self, key: str) -> int | None:
+    def suspect(self, key: str) -> tuple[int | None, str] | None:
         if self._crash is None:
             return None
         dead, running = self._crash
         pid = running.get(key)
-        return dead.get(pid) if pid is not None else None
+        if pid is None or pid not in dead:
+            return None
+        code = dead[pid]
+        return code, f"exit code {code}{_signal_name(code)}"
 
     def kill_chunks(self, keys: list[str]) -> bool:
         running = self.running()
@@ -241,10 +248,24 @@ class InlineRung(Rung):
         return None
 
 
-async def create_rung(name: str, max_workers: int, start_timeout: float,
-                      reuse: bool = False) -> Rung:
+def _signal_name(code: int) -> str:
+    if code < 0:
+        try:
+            return f", {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return ""
+
+
+async def create_rung(name: str, config: PoolConfig) -> Rung:
+    if name == "dask":
+        from ._dask import DaskRung
+
+        return await DaskRung.create(config.dask_address, config.dask_client,
+                                     config.dask_connect_timeout)
     if name == "process":
-        return await ProcessRung.create(max_workers, start_timeout, reuse)
+        return await ProcessRung.create(config.max_workers, config.start_timeout,
+                                        config.reuse_workers)
     if name == "thread":
-        return ThreadRung(max_workers)
+        return ThreadRung(config.max_workers)
     return InlineRung()

@@ -11,6 +11,16 @@ logger = logging.getLogger("asyncpool")
 Schedule = Callable[[Callable[[], object]], None]
 
 
+def on_asyncio() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def loop_scheduler() -> Schedule:
     """A function that runs a callback on the current event loop, from any thread.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Rung = Literal["process", "thread", "inline"]
 RUNGS: tuple[str, ...] = ("process", "thread", "inline")
@@ -58,6 +58,12 @@ class PoolConfig:
     reuse_workers: bool = False
     #: Items per second started across the pool (aiolimiter); None for no limit.
     rate_limit: float | None = None
+    #: A Dask scheduler ("tcp://host:8786") or an existing distributed.Client: puts a
+    #: "dask" rung on top of the ladder (needs ``pip install 'asyncpool[dask]'``).
+    dask_address: str | None = None
+    dask_client: Any = dataclasses.field(default=None, compare=False, repr=False)
+    #: Seconds an unreachable scheduler may cost before the pool serves locally.
+    dask_connect_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, allowed: str) -> None:
@@ -93,6 +99,9 @@ class PoolConfig:
         number("promote_max")
         number("target_chunk_seconds", strict=True)
         number("start_timeout", strict=True)
+        number("dask_connect_timeout", strict=True)
+        need(self.dask_address is None or isinstance(self.dask_address, str),
+             "dask_address", 'it must be a scheduler address such as "tcp://host:8786"')
         task_retries_ok = isinstance(self.task_retries, int) and self.task_retries >= 0
         need(task_retries_ok, "task_retries", "it must be an integer >= 0")
         if self.rate_limit is not None:
@@ -106,6 +115,13 @@ class PoolConfig:
             and list(rungs) == sorted(rungs, key=RUNGS.index)
         )
         need(ladder_ok, "rungs", f"a non-empty, ordered selection of {RUNGS} without repeats")
+
+    @property
+    def ladder(self) -> tuple[str, ...]:
+        """The rungs, with "dask" on top when a cluster was given."""
+        if self.dask_address is not None or self.dask_client is not None:
+            return ("dask", *self.rungs)
+        return tuple(self.rungs)
 
     @property
     def in_flight(self) -> int:

@@ -20,7 +20,7 @@ from aiolimiter import AsyncLimiter
 from loky.process_executor import BrokenProcessPool
 
 from ._backends import InlineRung, ProcessRung, Rung, _ArgumentsUnpickleable, create_rung
-from ._bridge import Background, Schedule, loop_scheduler, spawn
+from ._bridge import Background, Schedule, loop_scheduler, on_asyncio, spawn
 from ._chunks import Chunk, ChunkSizer, Permit, Segment, chunks_of
 from ._config import PoolConfig
 from ._errors import (
@@ -85,10 +85,10 @@ class ResilientPool:
         self._background: set[Background] = set()
         self._state = "open"
         try:
-            rungs = self.config.rungs
-            if self.config.warm_start and rungs[0] == "process" and "thread" in rungs:
+            rungs = self.config.ladder
+            if self.config.warm_start and "process" in rungs and "thread" in rungs:
                 # Serve on threads at once; the promoter brings up processes off the loop.
-                self._install(await create_rung("thread", self.config.max_workers, 0),
+                self._install(await create_rung("thread", self.config),
                               rungs.index("thread"), promote_now=True)
             else:
                 await self._current()
@@ -143,65 +143,67 @@ class ResilientPool:
                   timeout: float | None = None, kill_on_timeout: bool = False,
                   cancel_running: CancelRunning = "finish") -> T:
         """Run ``fn(*args)`` on the pool and return its result."""
-        results = await self._collect(fn, [args], star=True, return_exceptions=False,
-                                      timeout=timeout, kill_on_timeout=kill_on_timeout,
-                                      cancel_running=cancel_running, chunk_size=1)
+        call = _Call(timeout=timeout, kill_on_timeout=kill_on_timeout,
+                     cancel_running=cancel_running, chunk_size=1)
+        results = await self._collect(fn, [args], True, call)
         return results[0]  # type: ignore[no-any-return]
 
     @overload
     async def map(self, fn: Callable[[A], T], items: Iterable[A] | AsyncIterable[A], *,
                   return_exceptions: Literal[False] = ..., timeout: float | None = ...,
                   kill_on_timeout: bool = ..., cancel_running: CancelRunning = ...,
-                  chunk_size: int | None = ..., progress: Progress = ...) -> list[T]: ...
+                  chunk_size: int | None = ..., rate_limit: float | None = ...,
+                  progress: Progress = ...) -> list[T]: ...
 
     @overload
     async def map(self, fn: Callable[[A], T], items: Iterable[A] | AsyncIterable[A], *,
                   return_exceptions: bool, timeout: float | None = ...,
                   kill_on_timeout: bool = ..., cancel_running: CancelRunning = ...,
-                  chunk_size: int | None = ...,
+                  chunk_size: int | None = ..., rate_limit: float | None = ...,
                   progress: Progress = ...) -> list[T | BaseException]: ...
 
     async def map(self, fn: Callable[[A], T], items: Iterable[A] | AsyncIterable[A], *,
                   return_exceptions: bool = False, timeout: float | None = None,
                   kill_on_timeout: bool = False, cancel_running: CancelRunning = "finish",
-                  chunk_size: int | None = None, progress: Progress = None) -> list[Any]:
+                  chunk_size: int | None = None, rate_limit: float | None = None,
+                  progress: Progress = None) -> list[Any]:
         """``[fn(x) for x in items]`` on the pool, in input order.
 
         The first failing item's exception is raised (its worker traceback is the
         ``__cause__``) unless ``return_exceptions`` puts exceptions in place. With a
         ``timeout``, :class:`DeadlineExceeded` carries the finished results.
-        ``progress=True`` draws a tqdm bar; ``progress=callback`` calls
-        ``callback(done, total)`` as items finish (``total`` is None if unknown).
+        ``rate_limit`` starts at most that many items per second (for this call, on top
+        of the pool's own). ``progress=True`` draws a tqdm bar; ``progress=callback``
+        calls ``callback(done, total)`` as items finish (``total`` is None if unknown).
         """
-        return await self._collect(fn, items, star=False, return_exceptions=return_exceptions,
-                                   timeout=timeout, kill_on_timeout=kill_on_timeout,
-                                   cancel_running=cancel_running, chunk_size=chunk_size,
-                                   progress=progress)
+        call = _Call(timeout, kill_on_timeout, cancel_running, chunk_size, rate_limit,
+                     return_exceptions, progress)
+        return await self._collect(fn, items, False, call)
 
     async def starmap(self, fn: Callable[..., T], items: Iterable[Iterable[Any]]
                       | AsyncIterable[Iterable[Any]], *, return_exceptions: bool = False,
                       timeout: float | None = None, kill_on_timeout: bool = False,
                       cancel_running: CancelRunning = "finish",
-                      chunk_size: int | None = None, progress: Progress = None) -> list[Any]:
+                      chunk_size: int | None = None, rate_limit: float | None = None,
+                      progress: Progress = None) -> list[Any]:
         """Like :meth:`map`, calling ``fn(*args)`` for each tuple ``args``."""
-        return await self._collect(fn, items, star=True, return_exceptions=return_exceptions,
-                                   timeout=timeout, kill_on_timeout=kill_on_timeout,
-                                   cancel_running=cancel_running, chunk_size=chunk_size,
-                                   progress=progress)
+        call = _Call(timeout, kill_on_timeout, cancel_running, chunk_size, rate_limit,
+                     return_exceptions, progress)
+        return await self._collect(fn, items, True, call)
 
     async def imap(self, fn: Callable[[A], T], items: Iterable[A] | AsyncIterable[A], *,
                    ordered: bool = True, return_exceptions: bool = False,
                    timeout: float | None = None, kill_on_timeout: bool = False,
                    cancel_running: CancelRunning = "finish",
-                   chunk_size: int | None = None,
+                   chunk_size: int | None = None, rate_limit: float | None = None,
                    progress: Progress = None) -> AsyncIterator[T]:
         """Stream ``fn(x)`` for each item, in input order or (``ordered=False``) as done.
 
         Memory stays flat: at most ``max_chunks_in_flight`` chunks are out or waiting.
         """
-        segments = self._segments(fn, items, star=False, ordered=ordered, timeout=timeout,
-                                  kill_on_timeout=kill_on_timeout,
-                                  cancel_running=cancel_running, chunk_size=chunk_size)
+        call = _Call(timeout, kill_on_timeout, cancel_running, chunk_size, rate_limit,
+                     return_exceptions, progress)
+        segments = self._segments(fn, items, False, ordered, call)
         reporter = Reporter(progress, len(items) if isinstance(items, Sized) else None)
         try:
             async for segment in segments:
@@ -219,20 +221,16 @@ class ResilientPool:
 
     # -- the job engine ------------------------------------------------------------
 
-    async def _collect(self, fn: Callable[..., Any], items: Any, *, star: bool,
-                       return_exceptions: bool, timeout: float | None, kill_on_timeout: bool,
-                       cancel_running: CancelRunning, chunk_size: int | None,
-                       progress: Progress = None) -> list[Any]:
+    async def _collect(self, fn: Callable[..., Any], items: Any, star: bool,
+                       call: _Call) -> list[Any]:
         done: list[Segment] = []
         total = len(items) if isinstance(items, Sized) else None
-        reporter = Reporter(progress, total)
-        segments = self._segments(fn, items, star=star, ordered=False, timeout=timeout,
-                                  kill_on_timeout=kill_on_timeout,
-                                  cancel_running=cancel_running, chunk_size=chunk_size)
+        reporter = Reporter(call.progress, total)
+        segments = self._segments(fn, items, star, False, call)
         try:
             async for segment in segments:
                 reporter.advance(len(segment.results))
-                if segment.errors and not return_exceptions:
+                if segment.errors and not call.return_exceptions:
                     raise segment.errors[min(segment.errors)]
                 done.append(segment)
         except DeadlineExceeded as exc:
@@ -243,10 +241,8 @@ class ResilientPool:
             await segments.aclose()
         return _assemble(done)
 
-    async def _segments(self, fn: Callable[..., Any], items: Any, *, star: bool,
-                        ordered: bool, timeout: float | None, kill_on_timeout: bool,
-                        cancel_running: CancelRunning,
-                        chunk_size: int | None) -> AsyncIterator[Segment]:
+    async def _segments(self, fn: Callable[..., Any], items: Any, star: bool,
+                        ordered: bool, call: _Call) -> AsyncIterator[Segment]:
         if self._state != "open":
             raise PoolClosed("the pool is closed (or was never entered): use "
                              "`async with ResilientPool() as pool:`")
@@ -257,11 +253,14 @@ class ResilientPool:
                 f"the function {fn!r} cannot be pickled for the worker processes ({exc!r}); "
                 "define it at module level, or pass it through functools.partial"
             ) from exc
+        limiters = [x for x in (self._limiter, _limiter(call.rate_limit)) if x is not None]
         config = self.config
-        if chunk_size is not None or config.rate_limit is not None:
-            config = dataclasses.replace(config, chunk_size=1 if config.rate_limit else
-                                         chunk_size)
-        job = _Job(self, fn, star, config, items)
+        if call.chunk_size is not None or limiters:
+            # A rate limit counts items as they start, so items travel one by one.
+            config = dataclasses.replace(config, chunk_size=1 if limiters else call.chunk_size)
+        timeout, kill_on_timeout = call.timeout, call.kill_on_timeout
+        cancel_running = call.cancel_running
+        job = _Job(self, fn, star, config, items, limiters)
         deadline = math.inf if timeout is None else anyio.current_time() + timeout
         try:
             async for segment in job.run(ordered, deadline):
@@ -296,18 +295,21 @@ class ResilientPool:
                 return rung
             if self._state != "open":
                 raise PoolClosed("the pool was closed")
-            for index, name in enumerate(self.config.rungs):
-                new = await self._create(name, self.config.creation_attempts)
+            ladder = self.config.ladder
+            for index, name in enumerate(ladder):
+                # A cluster that does not answer costs one connect timeout, not three.
+                attempts = 1 if name == "dask" else self.config.creation_attempts
+                new = await self._create(name, attempts)
                 if new is not None:
                     self._install(new, index)
                     return new
-                if index + 1 < len(self.config.rungs):
-                    following = self.config.rungs[index + 1]
+                if index + 1 < len(ladder):
+                    following = ladder[index + 1]
                     self._counters.fallbacks += 1
                     self._emit("fallback", logging.WARNING,
-                               f"the {name} rung could not start after "
-                               f"{self.config.creation_attempts} attempts; falling back "
-                               f"to the {following} rung", failed=name, to=following)
+                               f"the {name} rung could not start after {attempts} "
+                               f"attempt(s); falling back to the {following} rung",
+                               failed=name, to=following)
             raise _last_error(self)
 
     async def _create(self, name: str, attempts: int) -> Rung | None:
@@ -317,8 +319,7 @@ class ResilientPool:
         for attempt in range(1, attempts + 1):
             self._counters.creation_attempts += 1
             try:
-                return await create_rung(name, self.config.max_workers,
-                                         self.config.start_timeout, self.config.reuse_workers)
+                return await create_rung(name, self.config)
             except Exception as exc:
                 if not is_transient(exc, starting=True):
                     raise
@@ -379,7 +380,7 @@ class ResilientPool:
 
     async def _promote_once(self) -> bool:
         """Try each rung above the serving one, best first; True if one started."""
-        for index, name in enumerate(self.config.rungs[: self._index]):
+        for index, name in enumerate(self.config.ladder[: self._index]):
             try:
                 rung = await self._create(name, 1)
             except Exception:
@@ -411,6 +412,30 @@ class ResilientPool:
                 logger.exception("the on_event hook raised on a %s event; ignored", kind)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """The options of one run/map/imap call."""
+
+    timeout: float | None = None
+    kill_on_timeout: bool = False
+    cancel_running: CancelRunning = "finish"
+    chunk_size: int | None = None
+    rate_limit: float | None = None
+    return_exceptions: bool = False
+    progress: Progress = None
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"timeout={self.timeout!r} is invalid: it must be > 0 or None")
+        if self.cancel_running not in ("finish", "kill"):
+            raise ValueError(f"cancel_running={self.cancel_running!r} is invalid: "
+                             "use 'finish' or 'kill'")
+        if self.chunk_size is not None and not (
+                isinstance(self.chunk_size, int) and self.chunk_size >= 1):
+            raise ValueError(f"chunk_size={self.chunk_size!r} is invalid: it must be an "
+                             "integer >= 1 or None")
+
+
 class _DeadlineHit(Exception):
     def __init__(self, buffered: list[Segment], start: int) -> None:
         self.buffered, self.start = buffered, start
@@ -420,8 +445,9 @@ class _Job:
     """One run/map/imap call: its chunks in flight, and what to do as each comes back."""
 
     def __init__(self, pool: ResilientPool, fn: Callable[..., Any], star: bool,
-                 config: PoolConfig, items: Any) -> None:
+                 config: PoolConfig, items: Any, limiters: list[AsyncLimiter]) -> None:
         self.pool, self.fn, self.star, self.config = pool, fn, star, config
+        self.limiters = limiters
         self.items = items
         total = len(items) if isinstance(items, Sized) else None
         self.sizer = ChunkSizer(config, total)
@@ -483,8 +509,8 @@ class _Job:
     async def dispatch(self, chunk: Chunk) -> None:
         """Send a chunk to the serving rung; a transient refusal sends it again."""
         pool = self.pool
-        if pool._limiter is not None:
-            await pool._limiter.acquire(len(chunk.items))
+        for limiter in self.limiters:
+            await limiter.acquire()
         while True:
             rung = await pool._current()
             self.in_flight.add(chunk)
@@ -557,8 +583,10 @@ class _Job:
             pool._counters.resubmitted_chunks += 1
             await self.dispatch(chunk)
             return None
-        return self._segment(chunk, ([None] * len(chunk.items),
-                                     {i: (error, "") for i in range(len(chunk.items))}, 0.0))
+        # Items' own exceptions come back inside the outcome, so an error of the whole
+        # chunk is the transport's (a result that would not pickle): find its item.
+        await self._unpicklable(chunk, error, "result (in the worker)")
+        return None
 
     async def _crashed(self, chunk: Chunk, error: BaseException) -> Segment | None:
         pool, rung = self.pool, chunk.rung
@@ -570,18 +598,18 @@ class _Job:
                        f"worker process(es) died (exit codes {codes or 'unknown'}); "
                        "rebuilding the executor and resubmitting unfinished chunks",
                        exit_codes=codes)
-        exitcode = rung.suspect(chunk.key)
+        suspect = rung.suspect(chunk.key)
         pieces = [chunk]
-        if exitcode is not None:
-            chunk.crashes += 1
+        if suspect is not None:
+            exitcode, how = suspect
+            chunk.crashes += 1 if rung.retries_crashes else self.config.max_crashes_per_item
             if len(chunk.items) == 1 and chunk.crashes >= self.config.max_crashes_per_item:
                 crash = WorkerCrashed(
                     f"item {chunk.start} crashed its worker process {chunk.crashes} times "
-                    f"(last exit code {exitcode}{_signal_name(exitcode)}); it was not "
-                    "retried again. Run it alone to debug, or catch WorkerCrashed",
-                    index=chunk.start, exitcode=exitcode)
+                    f"(last: {how}); it was not retried again. Run it alone to debug, "
+                    "or catch WorkerCrashed", index=chunk.start, exitcode=exitcode)
                 crash.__cause__ = error
-                return self._segment(chunk, ([None], {0: (crash, "")}, 0.0))
+                return self._segment(chunk, Outcomes([None], {0: (crash, "")}, 0.0))
             if len(chunk.items) > 1:
                 # Bisect: the item that kills its worker ends up alone.
                 pieces = list(chunk.split())
@@ -608,11 +636,16 @@ class _Job:
         chunk.rung = _DONE
         self.in_flight.add(chunk)
         self.pool._chunk_entered(_DONE)
-        self._deliver(chunk, _done(([None], {0: (error, "")}, 0.0)))
+        self._deliver(chunk, _done(Outcomes([None], {0: (error, "")}, 0.0)))
 
     def _segment(self, chunk: Chunk, outcome: Outcomes) -> Segment:
-        results, raw_errors, seconds = outcome
+        results, raw_errors, seconds, retried = outcome
         counters = self.pool._counters
+        if retried:
+            self.pool._emit("task_retry", logging.INFO,
+                            f"{retried} retr{'y' if retried == 1 else 'ies'} after transient "
+                            f"errors in items {chunk.start}..{chunk.start + len(results) - 1}",
+                            start=chunk.start, retries=retried)
         errors: dict[int, BaseException] = {}
         if raw_errors:
             for position, (exc, tb) in raw_errors.items():
@@ -684,6 +717,7 @@ async def _run_inline(fn: Callable[..., Any], items: list[Any], star: bool,
     """Run items in this task, giving the loop a turn between items every few ms."""
     results: list[Any] = []
     errors: dict[int, tuple[BaseException, str]] | None = None
+    retried = 0
     started = last = time.perf_counter()
     for position, item in enumerate(items):
         delays = backoff_delays(0.05, 2.0, 1.0, 0.1)
@@ -693,6 +727,7 @@ async def _run_inline(fn: Callable[..., Any], items: list[Any], star: bool,
                 break
             except Exception as exc:
                 if attempt < retries and is_transient(exc):
+                    retried += 1
                     await anyio.sleep(next(delays))
                     continue
                 results.append(None)
@@ -704,7 +739,7 @@ async def _run_inline(fn: Callable[..., Any], items: list[Any], star: bool,
             await anyio.lowlevel.checkpoint()
             last = time.perf_counter()
     await anyio.lowlevel.checkpoint()
-    return results, errors, time.perf_counter() - started
+    return Outcomes(results, errors, time.perf_counter() - started, retried)
 
 
 def _assemble(segments: list[Segment], *, start: int = 0, total: int | None = None) -> list[Any]:
@@ -725,18 +760,17 @@ def _assemble(segments: list[Segment], *, start: int = 0, total: int | None = No
 
 
 def _limiter(rate: float | None) -> AsyncLimiter | None:
-    return None if rate is None else AsyncLimiter(rate, 1.0)
-
-
-def _signal_name(code: int) -> str:
-    if code < 0:
-        import signal
-
-        try:
-            return f", {signal.Signals(-code).name}"
-        except ValueError:
-            return ""
-    return ""
+    """One item per 1/rate seconds: no burst, so no one-second window holds more than
+    ``rate`` + 1 starts (a bucket of size ``rate`` would let 2 x rate through)."""
+    if rate is None:
+        return None
+    if rate <= 0:
+        raise ValueError(f"rate_limit={rate!r} is invalid: it must be a number > 0")
+    if not on_asyncio():
+        raise NotImplementedError(
+            "rate_limit is backed by aiolimiter, which runs on asyncio only; under trio, "
+            "limit the rate in the calling code")
+    return AsyncLimiter(1, 1.0 / rate)
 
 
 def _last_error(pool: ResilientPool) -> BaseException:

@@ -11,6 +11,10 @@ from loky.process_executor import BrokenProcessPool
 _TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM})
 
 
+class RungUnavailable(Exception):
+    """A rung's service could not be reached (a Dask scheduler that did not answer)."""
+
+
 def is_transient(exc: BaseException, *, starting: bool = False) -> bool:
     """True if ``exc`` means "the machine is short of threads, processes or memory now".
 
@@ -21,7 +25,7 @@ def is_transient(exc: BaseException, *, starting: bool = False) -> bool:
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
-    if starting and isinstance(exc, BrokenProcessPool):
+    if starting and isinstance(exc, (BrokenProcessPool, RungUnavailable)):
         return True
     return False
 

@@ -12,15 +12,21 @@ import pickle
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import cloudpickle
+from typing import Any, NamedTuple
 
 from ._errors import SerializationError
 from ._retry import backoff_delays, is_transient
 
-#: (results, {position: (exception, traceback text)} or None, seconds spent)
-Outcomes = tuple[list[Any], "dict[int, tuple[BaseException, str]] | None", float]
+class Outcomes(NamedTuple):
+    """What a chunk came back with."""
+
+    results: list[Any]
+    #: position in the chunk -> (exception, its traceback as text); None if none failed
+    errors: dict[int, tuple[BaseException, str]] | None
+    #: time spent running the items, for chunk sizing
+    seconds: float
+    #: retries made after transient errors, for the task_retry event
+    retried: int = 0
 
 
 def capture(exc: BaseException) -> tuple[BaseException, str]:
@@ -32,13 +38,15 @@ def run_items(fn: Callable[..., Any], items: Sequence[Any], star: bool, retries:
     results: list[Any] = []
     append = results.append
     errors: dict[int, tuple[BaseException, str]] | None = None
+    retried = 0
     start = time.perf_counter()
     for position, item in enumerate(items):
         try:
             append(fn(*item) if star else fn(item))
         except Exception as exc:
             if retries and is_transient(exc):
-                ok, value = _retry(fn, item, star, retries)
+                ok, value, attempts = _retry(fn, item, star, retries)
+                retried += attempts
                 if ok:
                     append(value)
                     continue
@@ -47,23 +55,24 @@ def run_items(fn: Callable[..., Any], items: Sequence[Any], star: bool, retries:
             if errors is None:
                 errors = {}
             errors[position] = capture(exc)
-    return results, errors, time.perf_counter() - start
+    return Outcomes(results, errors, time.perf_counter() - start, retried)
 
 
-def _retry(fn: Callable[..., Any], item: Any, star: bool, retries: int) -> tuple[bool, Any]:
+def _retry(fn: Callable[..., Any], item: Any, star: bool,
+           retries: int) -> tuple[bool, Any, int]:
     # The item ran short of threads or memory: wait off the loop (we are in a worker)
     # and try again, as the pool does when it creates a rung.
     delays = backoff_delays(0.05, 2.0, 1.0, 0.1)
     error: BaseException | None = None
-    for _ in range(retries):
+    for attempt in range(1, retries + 1):
         time.sleep(next(delays))
         try:
-            return True, (fn(*item) if star else fn(item))
+            return True, (fn(*item) if star else fn(item)), attempt
         except Exception as exc:
             if not is_transient(exc):
-                return False, exc
+                return False, exc, attempt
             error = exc
-    return False, error
+    return False, error, retries
 
 
 def run_chunk(payload: bytes, marker_dir: str | None, key: str) -> bytes:
@@ -95,12 +104,14 @@ def _dump_outcome(outcome: Outcomes) -> bytes:
         pass
     # Some result or exception would not pickle: find it, item by item, and put an
     # error in its place so the rest of the chunk still comes home.
-    results, errors, seconds = outcome
+    results, errors, seconds, retried = outcome
     errors = dict(errors or {})
     for position, value in enumerate(results):
         error = errors.get(position)
         try:
-            cloudpickle.dumps(value if error is None else error)
+            # The same pickler as the final dump below: what cloudpickle can take by
+            # value, plain pickle may still refuse.
+            pickle.dumps(value if error is None else error, pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             what = "result" if error is None else "exception"
             bad = value if error is None else error[0]
@@ -111,7 +122,7 @@ def _dump_outcome(outcome: Outcomes) -> bytes:
                     f"be pickled back to the parent ({exc!r}); return plain data instead"
                 )
             )
-    return pickle.dumps(("ok", results, errors, seconds), pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps(("ok", results, errors, seconds, retried), pickle.HIGHEST_PROTOCOL)
 
 
 def _as_picklable(exc: BaseException) -> BaseException:

@@ -101,3 +101,8 @@ def flaky_thread_start(args: tuple[int, str]) -> int:
         Path(marker).touch()
         raise RuntimeError("can't start new thread")
     return x
+
+
+def slow_echo(x: object) -> object:
+    time.sleep(0.02)
+    return x

@@ -1,0 +1,109 @@
+"""Watch the ladder degrade and climb back, and a worker crash lose nothing.
+
+As root with a writable pids cgroup, this process puts itself under a real pids limit
+(no new thread or process allowed), so the pool starts on the inline rung; lifting the
+limit lets it climb back to processes. Elsewhere it makes thread starts fail instead,
+and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from asyncpool import PoolEvent, ResilientPool
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def die_once(args: tuple[int, str]) -> int:
+    """SIGKILL the worker the first time item 0 runs (like the OOM killer would)."""
+    x, marker = args
+    if x == 0 and not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * x
+
+
+def limit_with_cgroup() -> tuple[str, Callable[[], None]] | None:
+    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
+        group = root / f"asyncpool-example-{uuid.uuid4().hex[:8]}"
+        try:
+            group.mkdir()
+        except OSError:
+            continue
+        if not (group / "pids.max").exists():
+            group.rmdir()
+            continue
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+        current = int((group / "pids.current").read_text())
+        (group / "pids.max").write_text(str(current))
+
+        def lift() -> None:
+            (group / "pids.max").write_text("max")
+
+        def cleanup() -> None:
+            (root / "cgroup.procs").write_text(str(os.getpid()))
+            group.rmdir()
+
+        import atexit
+
+        atexit.register(cleanup)
+        return f"a real pids limit ({group}, pids.max={current})", lift
+    return None
+
+
+def limit_with_failing_thread_starts() -> tuple[str, Callable[[], None]]:
+    original = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    threading.Thread.start = refuse  # type: ignore[method-assign]
+
+    def lift() -> None:
+        threading.Thread.start = original  # type: ignore[method-assign]
+
+    return ("failing thread starts (no writable pids cgroup here, so the fault is "
+            "simulated in this process)"), lift
+
+
+async def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="  log %(levelname)s: %(message)s")
+
+    def on_event(event: PoolEvent) -> None:
+        print(f"  event {event.kind}: {event.message}")
+
+    how, lift = limit_with_cgroup() or limit_with_failing_thread_starts()
+    print(f"exhausting the machine with {how}")
+    async with ResilientPool(max_workers=2, backoff_initial=0.05, creation_attempts=2,
+                             promote_after=0.5, on_event=on_event) as pool:
+        print(f"pool opened on the {pool.backend!r} rung")
+        results = await pool.map(square, range(10_000))
+        print(f"map of 10,000 items on {pool.backend!r}: correct={results == [i * i for i in range(10_000)]}")
+        lift()
+        lifted = time.monotonic()
+        print("limit lifted; waiting for the pool to climb back")
+        while pool.backend != "process":
+            await asyncio.sleep(0.05)
+        print(f"back on {pool.backend!r} after {time.monotonic() - lifted:.2f} s")
+        with tempfile.TemporaryDirectory() as tmp:
+            marker = os.path.join(tmp, "killed")
+            results = await pool.map(die_once, [(i, marker) for i in range(2_000)])
+        print(f"map of 2,000 items with a worker SIGKILLed mid-way: all correct="
+              f"{results == [i * i for i in range(2_000)]}")
+        print(pool.statistics())
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

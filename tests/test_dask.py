@@ -1,0 +1,105 @@
+"""The dask rung on a real LocalCluster (2 worker processes on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from asyncpool import ResilientPool, WorkerCrashed
+
+from . import tasks
+
+distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
+import dask  # noqa: E402  (installed with distributed)
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture
+async def cluster():  # type: ignore[no-untyped-def]
+    async with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                        host="127.0.0.1", dashboard_address=None,
+                                        asynchronous=True) as c:
+        yield c
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_map_on_the_cluster(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    async with ResilientPool(max_workers=2, dask_address=cluster.scheduler_address) as pool:
+        assert pool.backend == "dask"
+        assert await pool.map(tasks.square, range(5000)) == [i * i for i in range(5000)]
+        assert await pool.run(tasks.add, 2, 5) == 7
+        got = [y async for y in pool.imap(tasks.square, (i for i in range(300)), ordered=False)]
+        assert sorted(got) == [i * i for i in range(300)]
+        # A worker killed mid-map: Dask recomputes, nothing is lost.
+        marker = str(tmp_path / "killed")
+        items = [(i, marker) for i in range(400)]
+        assert await pool.map(tasks.kill_self_once, items, chunk_size=10) == [
+            i * i for i in range(400)]
+        assert Path(marker).exists()
+        assert pool.backend == "dask"
+
+
+async def test_existing_client_and_poison_item(cluster) -> None:  # type: ignore[no-untyped-def]
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        async with distributed.Client(cluster, asynchronous=True) as client:
+            async with ResilientPool(max_workers=2, dask_client=client) as pool:
+                items = [(i, 5) for i in range(8)]
+                results = await pool.map(tasks.exit_on, items, chunk_size=4,
+                                         return_exceptions=True)
+                assert isinstance(results[5], WorkerCrashed) and "item 5" in str(results[5])
+                assert [r for i, r in enumerate(results) if i != 5] == [0, 1, 2, 3, 4, 6, 7]
+            assert client.status == "running"  # not ours to close
+
+
+async def test_unreachable_scheduler_falls_back_within_timeout() -> None:
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    async with ResilientPool(max_workers=2, dask_address=address,
+                             dask_connect_timeout=2.0, promote_after=60) as pool:
+        took = time.monotonic() - started
+        assert pool.backend == "process"
+        assert await pool.map(tasks.square, range(100)) == [i * i for i in range(100)]
+        stats = pool.statistics()
+        assert stats.fallbacks == 1 and stats.creation_failures == 1
+    # The connect timeout bounds the cost; 10x margin for a loaded machine.
+    assert took < 20, took
+
+
+async def test_climbs_back_to_the_cluster() -> None:
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    async with ResilientPool(max_workers=2, dask_address=address, dask_connect_timeout=1.0,
+                             promote_after=0.2, promote_max=1.0) as pool:
+        assert pool.backend == "process"
+        async with distributed.LocalCluster(n_workers=1, processes=True, host="127.0.0.1",
+                                            scheduler_port=port, dashboard_address=None,
+                                            asynchronous=True):
+            import anyio
+
+            with anyio.fail_after(60):
+                while pool.backend != "dask":
+                    await anyio.sleep(0.1)
+            assert await pool.map(tasks.square, range(50)) == [i * i for i in range(50)]
+
+
+def test_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import sys
+
+    monkeypatch.setitem(sys.modules, "distributed", None)
+
+    async def main() -> None:
+        async with ResilientPool(max_workers=1, dask_address="tcp://127.0.0.1:1"):
+            pass
+
+    with pytest.raises(ImportError, match=r"asyncpool\[dask\]"):
+        asyncio.run(main())

@@ -1,0 +1,25 @@
+"""Every example runs to completion by itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize(("name", "expect"), [
+    ("quickstart.py", "served by: process"),
+    ("web_service.py", "/health while computing"),
+    ("pipeline.py", "rate-limited calls"),
+    ("faults.py", "back on 'process'"),
+])
+def test_example_runs(name: str, expect: str) -> None:
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True,
+                          text=True, timeout=180, cwd=EXAMPLES.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert expect in proc.stdout, proc.stdout[-3000:]
+    print(proc.stdout)
