@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,8 @@ class ChunkSizer:
         self.fixed = config.chunk_size
         self.target = config.target_chunk_seconds
         self.cap = config.max_chunk_size
+        self.workers = config.max_workers
+        self.remaining = total
         if total is not None:
             self.cap = max(1, min(self.cap, math.ceil(total / (4 * config.max_workers))))
         self._ramp = 1
@@ -41,9 +43,19 @@ class ChunkSizer:
         self._bytes_cap = self.cap
 
     def next_size(self) -> int:
+        size = self._next_size()
+        if self.remaining is not None:
+            self.remaining = max(0, self.remaining - size)
+        return size
+
+    def _next_size(self) -> int:
         if self.fixed is not None:
             return self.fixed
         cap = min(self.cap, self._bytes_cap)
+        if self.remaining is not None:
+            # Guided scheduling: near the end, chunks shrink with what is left, so the
+            # last ones finish together instead of one worker running a full chunk alone.
+            cap = min(cap, max(1, math.ceil(self.remaining / (2 * self.workers))))
         if self._per_item is None:
             size, self._ramp = self._ramp, min(cap, self._ramp * 2)
             return max(1, min(size, cap))
@@ -67,7 +79,7 @@ class ChunkSizer:
 
 
 async def chunks_of(source: Iterable[Any] | AsyncIterable[Any],
-                    sizer: ChunkSizer) -> AsyncIterator[tuple[int, list[Any]]]:
+                    sizer: ChunkSizer) -> AsyncGenerator[tuple[int, list[Any]], None]:
     """Yield (index of first item, items), pulling the input lazily."""
     start = 0
     if isinstance(source, AsyncIterable):
@@ -75,7 +87,7 @@ async def chunks_of(source: Iterable[Any] | AsyncIterable[Any],
         done = False
         while not done:
             size = sizer.next_size()
-            items = []
+            items: list[Any] = []
             while len(items) < size:
                 try:
                     items.append(await iterator.__anext__())

@@ -21,7 +21,7 @@ from ._worker import run_items
 _pools = itertools.count()
 
 
-class DaskKilledWorker(BrokenProcessPool):
+class DaskKilledWorker(BrokenProcessPool):  # type: ignore[misc]
     """A chunk that Dask gave up on: it killed workers `allowed-failures` times."""
 
 
@@ -51,7 +51,8 @@ class DaskRung(Rung):
             return cls(client, owned=False)
         try:
             connected = await asyncio.wait_for(
-                Client(address, asynchronous=True, timeout=f"{timeout}s"), timeout + 1)
+                Client(address, asynchronous=True,  # type: ignore[no-untyped-call]
+                       timeout=f"{timeout}s"), timeout + 1)
         except (OSError, TimeoutError) as exc:
             raise RungUnavailable(f"the Dask scheduler at {address} did not answer within "
                                   f"{timeout} s: {exc}") from exc

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import functools
 import gc
 import itertools
 import logging
 import math
 import pickle
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sized
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Sized,
+)
 from types import TracebackType
 from typing import Any, Literal, TypeVar, TypeVarTuple, Unpack, overload
 
@@ -242,7 +250,7 @@ class ResilientPool:
         return _assemble(done)
 
     async def _segments(self, fn: Callable[..., Any], items: Any, star: bool,
-                        ordered: bool, call: _Call) -> AsyncIterator[Segment]:
+                        ordered: bool, call: _Call) -> AsyncGenerator[Segment, None]:
         if self._state != "open":
             raise PoolClosed("the pool is closed (or was never entered): use "
                              "`async with ResilientPool() as pool:`")
@@ -454,7 +462,7 @@ class _Job:
         self.send, self.receive = anyio.create_memory_object_stream[tuple[Chunk, Any]](math.inf)
         self.in_flight: set[Chunk] = set()
 
-    async def run(self, ordered: bool, deadline: float) -> AsyncIterator[Segment]:
+    async def run(self, ordered: bool, deadline: float) -> AsyncGenerator[Segment, None]:
         pool = self.pool
         source = chunks_of(self.items, self.sizer)
         ready: dict[int, Segment] = {}
@@ -543,7 +551,7 @@ class _Job:
             self.sizer.observe_bytes(len(chunk.items), rung.last_payload_size)
             pool._chunk_entered(rung)
             pool._counters.chunks_submitted += 1
-            future.add_done_callback(lambda f, chunk=chunk: self._finished(chunk, f))
+            future.add_done_callback(functools.partial(self._finished, chunk))
             return
 
     def _finished(self, chunk: Chunk, future: cf.Future[Any]) -> None:

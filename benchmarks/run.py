@@ -94,6 +94,7 @@ async def measure(peer: str, workload: str, quick: bool) -> dict[str, Any]:
         return await measure_latency(peer)
     s = spec(workload, quick, peer)
     runner = peers.PEERS[peer]
+    peers.preload(peer)
     lags: list[float] = []
     rss_before = _rss_mb()
     beat = asyncio.ensure_future(_heartbeat(lags))
@@ -120,6 +121,7 @@ async def measure_latency(peer: str) -> dict[str, Any]:
     """Seconds from opening a pool to its first result: cold, then a second pool (warm)."""
     import concurrent.futures as cf
 
+    peers.preload(peer)
     times = []
     for _ in range(2):
         started = time.perf_counter()
@@ -251,7 +253,7 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], quick: bool,
             if base is None or not value:
                 ratio = ""
             elif workload == "stream":
-                ratio = f"{value / base:.2f}x less" if base else ""
+                ratio = f"peer grows {value / base:.2f}x as much" if base else ""
             else:
                 ratio = f"{base / value:.2f}x"
             lines.append(f"| {peer} | {_fmt(value, unit)} | {ratio} | "
