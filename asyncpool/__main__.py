@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         return _demo(args)
-    return asyncio.run(map_file(args))
+    written, failed, skipped = asyncio.run(map_file(args))
+    print(f"wrote {written} line(s) to {args.output} ({failed} error(s), {skipped} skipped "
+          "as already done)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

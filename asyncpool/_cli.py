@@ -73,7 +73,8 @@ class _Apply:
         return number, self.fn(value)
 
 
-async def map_file(args: argparse.Namespace) -> int:
+async def map_file(args: argparse.Namespace) -> tuple[int, int, int]:
+    """Returns (lines written, of which failed, lines skipped as already done)."""
     fn = _load(args.function)
     skip = _done_lines(args.output) if args.resume else set()
     pending = list(_inputs(args.input, skip))
@@ -94,8 +95,4 @@ async def map_file(args: argparse.Namespace) -> int:
                     record = {"line": number, "result": result[1]}
                 out.write(json.dumps(record) + "\n")
                 out.flush()
-    print(f"wrote {len(pending)} line(s) to {args.output} ({failed} error(s), "
-          f"{len(skip)} skipped as already done)", file=sys.stderr)
-    return 1 if failed else 0
-
-
+    return len(pending), failed, len(skip)

@@ -351,7 +351,13 @@ class ResilientPool:
                                          0.0 if promote_now else self.config.promote_after)
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> Background:
-        task = spawn(fn, *args)
+        async def run() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self._background.discard(task)
+
+        task = spawn(run)
         self._background.add(task)
         return task
 
@@ -520,7 +526,11 @@ class _Job:
         for limiter in self.limiters:
             await limiter.acquire()
         while True:
-            rung = await pool._current()
+            try:
+                rung = await pool._current()
+            except BaseException:
+                chunk.permit.release()
+                raise
             self.in_flight.add(chunk)
             chunk.rung = rung
             if isinstance(rung, InlineRung):
@@ -561,11 +571,14 @@ class _Job:
         self.pool._schedule(lambda: self._deliver(chunk, future))
 
     def _deliver(self, chunk: Chunk, future: cf.Future[Any]) -> None:
-        if chunk.abandoned:
-            self.pool._chunk_left(chunk.rung)
-            chunk.permit.release()
-            return
-        self.send.send_nowait((chunk, future))
+        if not chunk.abandoned:
+            try:
+                self.send.send_nowait((chunk, future))
+                return
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass
+        self.pool._chunk_left(chunk.rung)
+        chunk.permit.release()
 
     async def settle(self, chunk: Chunk, future: cf.Future[Any]) -> Segment | None:
         """Turn a finished chunk into a segment, or send it (or its halves) again."""
