@@ -45,6 +45,9 @@ from ._retry import backoff_delays, is_transient
 from ._worker import Outcomes
 
 logger = logging.getLogger("asyncpool")
+# A library does not decide where its logs go: without this, Python's last-resort
+# handler would print our WARNINGs to stderr in applications that configure no logging.
+logger.addHandler(logging.NullHandler())
 
 T = TypeVar("T")
 A = TypeVar("A")

@@ -91,15 +91,10 @@ async def test_climbs_back_to_the_cluster() -> None:
             assert await pool.map(tasks.square, range(50)) == [i * i for i in range(50)]
 
 
-def test_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    import asyncio
+async def test_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "distributed", None)
-
-    async def main() -> None:
+    with pytest.raises(ImportError, match=r"asyncpool\[dask\]"):
         async with ResilientPool(max_workers=1, dask_address="tcp://127.0.0.1:1"):
             pass
-
-    with pytest.raises(ImportError, match=r"asyncpool\[dask\]"):
-        asyncio.run(main())

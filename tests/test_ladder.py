@@ -131,3 +131,26 @@ async def test_promotion_loses_and_duplicates_nothing(thread_starts: ThreadStart
         assert len(seen) == 400
         ordered = await pool.map(tasks.square, range(3000))
         assert ordered == [i * i for i in range(3000)]
+
+
+@pytest.mark.asyncio
+async def test_transient_error_at_submit_sends_the_chunk_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real EAGAIN at submit cannot be aimed at one chunk; this hits that exact line.
+    from asyncpool._backends import ProcessRung
+
+    original = ProcessRung.submit
+    refusals = {"left": 2}
+
+    def submit(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ProcessRung, "submit", submit)
+    async with ResilientPool(max_workers=2, backoff_initial=0.01) as pool:
+        assert await pool.map(tasks.square, range(300)) == [i * i for i in range(300)]
+        stats = pool.statistics()
+        assert stats.resubmitted_chunks == 2 and stats.tasks_completed == 300
+        assert pool.backend == "process"
