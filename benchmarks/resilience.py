@@ -109,9 +109,10 @@ async def main() -> list[str]:
             except asyncio.CancelledError:
                 cancel.append(time.perf_counter() - started)
     rows.append(f"| DeadlineExceeded after the deadline (timeout 1 s) | median "
-                f"{statistics.median(late) * 1000:.1f} ms late, max {max(late) * 1000:.1f} ms |")
+                f"{statistics.median(late) * 1000:.1f} ms late, max {max(late) * 1000:.1f} ms "
+                f"(n={len(late)}) |")
     rows.append(f"| cancelling a task awaiting map | median {statistics.median(cancel) * 1000:.2f}"
-                f" ms, max {max(cancel) * 1000:.2f} ms |")
+                f" ms, max {max(cancel) * 1000:.2f} ms (n={len(cancel)}) |")
     beat.cancel()
     lags.sort()
     rows.append(f"| heartbeat lag over all of the above (5 ms tick) | max {lags[-1] * 1000:.1f} "
