@@ -53,7 +53,13 @@ def limit_with_cgroup() -> tuple[str, Callable[[], None]] | None:
             (group / "pids.max").write_text("max")
 
         def cleanup() -> None:
-            (root / "cgroup.procs").write_text(str(os.getpid()))
+            # Children started under the limit (loky's resource tracker) are in the
+            # group too: move everyone back before removing it.
+            for pid in (group / "cgroup.procs").read_text().split():
+                try:
+                    (root / "cgroup.procs").write_text(pid)
+                except OSError:
+                    pass
             group.rmdir()
 
         import atexit
