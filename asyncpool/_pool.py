@@ -595,10 +595,10 @@ class _Job:
             try:
                 outcome = rung.decode(result)
             except _ArgumentsUnpickleable as exc:
-                await self._unpicklable(chunk, exc.args[0][0], "argument (in the worker)")
+                await self._unpicklable(chunk, exc.args[0][0], "argument in the worker")
                 return None
             except Exception as exc:
-                await self._unpicklable(chunk, exc, "result (in the parent)")
+                await self._unpicklable(chunk, exc, "result in the parent")
                 return None
             return self._segment(chunk, outcome)
         if isinstance(error, BrokenProcessPool):
@@ -609,7 +609,7 @@ class _Job:
             return None
         # Items' own exceptions come back inside the outcome, so an error of the whole
         # chunk is the transport's (a result that would not pickle): find its item.
-        await self._unpicklable(chunk, error, "result (in the worker)")
+        await self._unpicklable(chunk, error, "result in the worker")
         return None
 
     async def _crashed(self, chunk: Chunk, error: BaseException) -> Segment | None:
@@ -645,17 +645,25 @@ class _Job:
             await self.dispatch(piece)
         return None
 
-    async def _unpicklable(self, chunk: Chunk, exc: BaseException, what: str) -> None:
+    async def _unpicklable(self, chunk: Chunk, exc: BaseException, where: str) -> None:
+        """Bisect a chunk that failed in transport until the bad item stands alone."""
         if len(chunk.items) > 1:
             for piece in chunk.split():
                 await self.dispatch(piece)
             return
         item = chunk.items[0]
-        shown = item if not self.star else tuple(item)
-        error = SerializationError(
-            f"item {chunk.start}: an {what} could not be pickled or unpickled: {exc!r}. "
-            f"The item is a {type(shown).__qualname__}; pass plain, picklable data "
-            "(module-level functions and classes, no locks, sockets or generators)")
+        shown = type(tuple(item) if self.star else item).__qualname__
+        problem = {
+            "argument": f"its argument (a {shown}) could not be pickled",
+            "argument in the worker": f"its argument (a {shown}) could not be unpickled in "
+                                      "the worker",
+            "result in the parent": "its result could not be unpickled in the parent",
+            "result in the worker": "its result could not be sent back from the worker",
+        }[where]
+        fix = ("pass plain, picklable data (no locks, sockets or generators; classes "
+               "importable by the workers)" if where.startswith("argument") else
+               "return plain data (built-in types, or classes importable in both processes)")
+        error = SerializationError(f"item {chunk.start}: {problem}: {exc!r}; {fix}")
         error.__cause__ = exc
         chunk.rung = _DONE
         self.in_flight.add(chunk)
@@ -673,7 +681,13 @@ class _Job:
         errors: dict[int, BaseException] = {}
         if raw_errors:
             for position, (exc, tb) in raw_errors.items():
-                if tb and isinstance(chunk.rung, ProcessRung):
+                if isinstance(exc, SerializationError) and str(exc).startswith("the "):
+                    # Found in the worker, which knows the item only by its place in the
+                    # chunk: name it by its index in the input.
+                    named = SerializationError(f"item {chunk.start + position}: {exc}")
+                    named.__cause__ = exc.__cause__
+                    exc = named
+                elif tb and isinstance(chunk.rung, ProcessRung):
                     exc.__cause__ = RemoteTraceback(tb)
                 errors[position] = exc
         counters.tasks_failed += len(errors)

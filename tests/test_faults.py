@@ -83,7 +83,9 @@ async def test_bad_result_stays_with_its_item(fn: object) -> None:
     async with ResilientPool(max_workers=2) as pool:
         results = await pool.map(fn, range(6), return_exceptions=True)  # type: ignore[call-overload]
         assert isinstance(results[2], SerializationError), results
-        assert "item 2" in str(results[2]) or "this item" in str(results[2])
+        assert "item 2" in str(results[2])
+        if fn is tasks.return_unpicklable:
+            assert "Unpicklable" in str(results[2])
         assert [r for i, r in enumerate(results) if i != 2] == [0, 1, 3, 4, 5]
         assert await pool.map(tasks.square, range(4)) == [0, 1, 4, 9]
         assert pool.statistics().worker_crashes == 0
