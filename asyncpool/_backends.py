@@ -33,7 +33,10 @@ class Rung:
     name: str = ""
 
     def __init__(self) -> None:
+        #: No new chunk goes here (it crashed, or refused a submit).
         self.broken = False
+        #: Its workers died (the executor is gone): nothing on it will finish.
+        self.crashed = False
         self.retired = False
         self.in_flight = 0
 
@@ -124,7 +127,7 @@ class ProcessRung(Rung):
         # Runs in loky's manager thread inside its first set_exception, before loky
         # kills the surviving workers: the only dead workers now are the ones that
         # crashed, so their markers name the chunks that crashed them.
-        self.broken = True
+        self.broken = self.crashed = True
         with self._crash_lock:
             if self._crash is None:
                 self._crash = (_loky.dead_workers(self.executor), self.running())
@@ -150,7 +153,7 @@ class ProcessRung(Rung):
 
     async def aclose(self, kill: bool) -> None:
         try:
-            if kill or self.broken:
+            if kill or self.crashed:
                 _loky.discard(self.executor)
                 return
             if self.reuse and _loky.park(self.executor, self.executor._max_workers):

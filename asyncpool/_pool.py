@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar, TypeVarTuple, Unpack, overload
 import anyio
 import cloudpickle
 from aiolimiter import AsyncLimiter
-from loky.process_executor import BrokenProcessPool
+from loky.process_executor import BrokenProcessPool, ShutdownExecutorError
 
 from ._backends import InlineRung, ProcessRung, Rung, _ArgumentsUnpickleable, create_rung
 from ._bridge import Background, Schedule, loop_scheduler, on_asyncio, spawn
@@ -366,9 +366,10 @@ class ResilientPool:
 
     def _retire(self, rung: Rung) -> None:
         rung.retired = True
-        if rung.in_flight == 0 or rung.broken:
-            self._spawn(rung.aclose, rung.broken)
+        if rung.in_flight == 0 or rung.crashed:
+            self._spawn(rung.aclose, rung.crashed)
         else:
+            # It refused a submit, or a better rung came up: let its chunks finish.
             self._retired.append(rung)
 
     def _chunk_entered(self, rung: Rung) -> None:
@@ -603,6 +604,15 @@ class _Job:
             return self._segment(chunk, outcome)
         if isinstance(error, BrokenProcessPool):
             return await self._crashed(chunk, error)
+        if isinstance(error, ShutdownExecutorError):
+            # Its executor was shut down under it: the pool closed, or gave the rung up.
+            if pool._state != "open":
+                closed = PoolClosed("the pool was closed while this item was running")
+                everyone = {i: (closed, "") for i in range(len(chunk.items))}
+                return self._segment(chunk, Outcomes([None] * len(chunk.items), everyone, 0.0))
+            pool._counters.resubmitted_chunks += 1
+            await self.dispatch(chunk)
+            return None
         if is_transient(error):
             pool._counters.resubmitted_chunks += 1
             await self.dispatch(chunk)

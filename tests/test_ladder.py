@@ -140,17 +140,22 @@ async def test_transient_error_at_submit_sends_the_chunk_again(
     from asyncpool._backends import ProcessRung
 
     original = ProcessRung.submit
-    refusals = {"left": 2}
+    calls = {"n": 0}
 
     def submit(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if refusals["left"]:
-            refusals["left"] -= 1
+        # Refuse the 3rd and 5th submits, when earlier chunks are running on the
+        # executor that is being given up.
+        calls["n"] += 1
+        if calls["n"] in (3, 5):
             raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(ProcessRung, "submit", submit)
     async with ResilientPool(max_workers=2, backoff_initial=0.01) as pool:
-        assert await pool.map(tasks.square, range(300)) == [i * i for i in range(300)]
+        results = await pool.map(tasks.burn, [0.002] * 300, chunk_size=10)
+        assert results == [0.002] * 300
         stats = pool.statistics()
         assert stats.resubmitted_chunks == 2 and stats.tasks_completed == 300
+        # The refusing executor was drained, not killed: nothing on it crashed.
+        assert stats.worker_crashes == 0
         assert pool.backend == "process"
