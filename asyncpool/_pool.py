@@ -607,7 +607,7 @@ class _Job:
         if isinstance(error, ShutdownExecutorError):
             # Its executor was shut down under it: the pool closed, or gave the rung up.
             if pool._state != "open":
-                closed = PoolClosed("the pool was closed while this item was running")
+                closed: BaseException = PoolClosed("the pool was closed while this item was running")
                 everyone = {i: (closed, "") for i in range(len(chunk.items))}
                 return self._segment(chunk, Outcomes([None] * len(chunk.items), everyone, 0.0))
             pool._counters.resubmitted_chunks += 1
