@@ -153,18 +153,18 @@ class ProcessRung(Rung):
 
     async def aclose(self, kill: bool) -> None:
         try:
-            if kill or self.crashed:
-                _loky.discard(self.executor)
-                return
-            if self.reuse and _loky.park(self.executor, self.executor._max_workers):
+            kill = kill or self.crashed
+            if not kill and self.reuse and _loky.park(self.executor,
+                                                      self.executor._max_workers):
                 return
             try:
-                await anyio.to_thread.run_sync(_loky.close, self.executor, False,
+                # Both ways join processes, which may block: wait in a thread.
+                await anyio.to_thread.run_sync(_loky.close, self.executor, kill,
                                                abandon_on_cancel=True)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                # No thread to wait in: kill rather than leave workers behind.
+                # No thread to wait in: kill, which never waits for running work.
                 _loky.discard(self.executor)
         finally:
             shutil.rmtree(self.marker_dir, ignore_errors=True)

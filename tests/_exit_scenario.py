@@ -16,6 +16,8 @@ async def main(how: str) -> None:
     pool = ResilientPool(max_workers=2, chunk_size=1)
     await pool.__aenter__()
     task = asyncio.ensure_future(pool.map(nap, [30.0] * 6))
+    # Whatever the task ends with (PoolClosed when the pool is killed), it is read.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
     await asyncio.sleep(0.5)
     print("in flight", flush=True)
     if how == "closed":
