@@ -53,8 +53,10 @@ class Rung:
     def note_broken(self) -> None:
         """Called from the thread that found the rung broken, before it cleans up."""
 
-    #: False where the backend reruns a crashing task itself before reporting it.
-    retries_crashes = True
+    #: True where a crash is pinned on the chunk that caused it (the process rung reads
+    #: which chunk each dead worker ran). Where it is not, the halves of a split chunk
+    #: start their crash count afresh, so only crashes of the item alone count.
+    exact_crashes = True
 
     def suspect(self, key: str) -> tuple[int | None, str] | None:
         """(exit code, description) of the crash that chunk ``key`` caused, if it did."""

@@ -26,9 +26,16 @@ class DaskKilledWorker(BrokenProcessPool):  # type: ignore[misc]
 
 
 class DaskRung(Rung):
+    """Chunks as Dask tasks.
+
+    A ``KilledWorker`` is counted as one crash of the chunk, not as proof: Dask raises
+    it for every task queued on a worker that died (with ``allowed-failures`` spent),
+    innocent neighbours included, so an item needs ``max_crashes_per_item`` of them,
+    alone.
+    """
+
     name = "dask"
-    #: Dask has already rerun a chunk that keeps killing workers before it says so.
-    retries_crashes = False
+    exact_crashes = False
 
     def __init__(self, client: Any, owned: bool) -> None:
         super().__init__()
@@ -93,7 +100,7 @@ class DaskRung(Rung):
             bridge.set_exception(error)
 
     def suspect(self, key: str) -> tuple[int | None, str] | None:
-        return None, "Dask reported KilledWorker: it killed every worker that ran it"
+        return None, "Dask reported KilledWorker for it"
 
     def kill_chunks(self, keys: list[str]) -> bool:
         # Dask cannot stop a running task; cancelling forgets it and frees its slot.

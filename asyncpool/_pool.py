@@ -9,7 +9,6 @@ import gc
 import itertools
 import logging
 import math
-import pickle
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -20,7 +19,7 @@ from collections.abc import (
     Sized,
 )
 from types import TracebackType
-from typing import Any, Literal, TypeVar, TypeVarTuple, Unpack, overload
+from typing import Any, Literal, TypeVar, TypeVarTuple, overload
 
 import anyio
 import cloudpickle
@@ -150,7 +149,7 @@ class ResilientPool:
 
     # -- the public calls ----------------------------------------------------------
 
-    async def run(self, fn: Callable[[Unpack[Ts]], T], *args: Unpack[Ts],
+    async def run(self, fn: Callable[[*Ts], T], *args: *Ts,
                   timeout: float | None = None, kill_on_timeout: bool = False,
                   cancel_running: CancelRunning = "finish") -> T:
         """Run ``fn(*args)`` on the pool and return its result."""
@@ -607,7 +606,8 @@ class _Job:
         if isinstance(error, ShutdownExecutorError):
             # Its executor was shut down under it: the pool closed, or gave the rung up.
             if pool._state != "open":
-                closed: BaseException = PoolClosed("the pool was closed while this item was running")
+                closed: BaseException = PoolClosed(
+                    "the pool was closed while this item was running")
                 everyone = {i: (closed, "") for i in range(len(chunk.items))}
                 return self._segment(chunk, Outcomes([None] * len(chunk.items), everyone, 0.0))
             pool._counters.resubmitted_chunks += 1
@@ -636,7 +636,7 @@ class _Job:
         pieces = [chunk]
         if suspect is not None:
             exitcode, how = suspect
-            chunk.crashes += 1 if rung.retries_crashes else self.config.max_crashes_per_item
+            chunk.crashes += 1
             if len(chunk.items) == 1 and chunk.crashes >= self.config.max_crashes_per_item:
                 crash = WorkerCrashed(
                     f"item {chunk.start} crashed its worker process {chunk.crashes} times "
@@ -647,6 +647,9 @@ class _Job:
             if len(chunk.items) > 1:
                 # Bisect: the item that kills its worker ends up alone.
                 pieces = list(chunk.split())
+                if not rung.exact_crashes:
+                    for piece in pieces:
+                        piece.crashes = 0
         pool._counters.resubmitted_chunks += len(pieces)
         for piece in pieces:
             pool._emit("resubmit", logging.DEBUG,

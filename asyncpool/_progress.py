@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 logger = logging.getLogger("asyncpool")
 
-ProgressCallback = Callable[[int, Union[int, None]], object]
-Progress = Union[bool, ProgressCallback, None]
+ProgressCallback = Callable[[int, int | None], object]
+Progress = bool | ProgressCallback | None
 
 
 class Reporter:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import platform
 import resource
@@ -67,7 +66,8 @@ def spec(workload: str, quick: bool, peer: str) -> dict[str, Any]:
         # chunk and reward big chunks for a copy they never make.
         items = [blob[:-2] + i.to_bytes(2, "little") for i in range(n)]
         return dict(fn=workloads.echo_bytes, afn=workloads.async_echo_bytes, items=items,
-                    chunksize=max(1, n // (8 * w)), expect=[x[::-1] for x in items], unit="MB/s (in+out)",
+                    chunksize=max(1, n // (8 * w)), expect=[x[::-1] for x in items],
+                    unit="MB/s (in+out)",
                     score=lambda wall: 2 * n * len(blob) / 1e6 / wall)
     if workload == "stream":
         n = 200_000 if quick else 2_000_000
@@ -154,7 +154,8 @@ async def measure_latency(peer: str) -> dict[str, Any]:
     return {"value": times[0], "warm": times[1], "unit": "s to first result"}
 
 
-LATENCY_PEERS = ["asyncpool", "asyncpool warm_start", "asyncpool reuse_workers", "stdlib ProcessPoolExecutor.map",
+LATENCY_PEERS = ["asyncpool", "asyncpool warm_start", "asyncpool reuse_workers",
+                 "stdlib ProcessPoolExecutor.map",
                  "loky executor.map", "joblib Parallel"]
 WORKLOADS = ["tiny", "medium", "skewed", "payload", "stream", "latency"]
 
@@ -178,7 +179,7 @@ def run_one(peer: str, workload: str, quick: bool) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         return {"error": "timed out after 600 s"}
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1]
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         return {"error": last[:200]}
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 

@@ -49,10 +49,10 @@ def limit_with_cgroup() -> tuple[str, Callable[[], None]] | None:
         current = int((group / "pids.current").read_text())
         (group / "pids.max").write_text(str(current))
 
-        def lift() -> None:
+        def lift(group: Path = group) -> None:
             (group / "pids.max").write_text("max")
 
-        def cleanup() -> None:
+        def cleanup(group: Path = group, root: Path = root) -> None:
             # Children started under the limit (loky's resource tracker) are in the
             # group too: move everyone back before removing it.
             for pid in (group / "cgroup.procs").read_text().split():
@@ -96,7 +96,8 @@ async def main() -> None:
                              promote_after=0.5, on_event=on_event) as pool:
         print(f"pool opened on the {pool.backend!r} rung")
         results = await pool.map(square, range(10_000))
-        print(f"map of 10,000 items on {pool.backend!r}: correct={results == [i * i for i in range(10_000)]}")
+        correct = results == [i * i for i in range(10_000)]
+        print(f"map of 10,000 items on {pool.backend!r}: correct={correct}")
         lift()
         lifted = time.monotonic()
         print("limit lifted; waiting for the pool to climb back")

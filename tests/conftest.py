@@ -21,7 +21,7 @@ def _children() -> set[int]:
     return found
 
 
-def _settle(check: "callable", timeout: float = 10.0) -> bool:  # type: ignore[valid-type]
+def _settle(check: callable, timeout: float = 10.0) -> bool:  # type: ignore[valid-type]
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if check():

@@ -99,7 +99,7 @@ async def test_lambda_runs_unpicklable_function_is_named() -> None:
         assert await pool.map(lambda x: x + 1, [1, 2]) == [2, 3]
         lock = __import__("threading").Lock()
         with pytest.raises(asyncpool.SerializationError, match="function"):
-            await pool.map(functools.partial(lambda l, x: x, lock), [1])
+            await pool.map(functools.partial(lambda held, x: x, lock), [1])
 
 
 async def test_reuse_workers_across_pools(no_leaks: None) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import asyncpool
@@ -44,7 +46,7 @@ def test_both_ways_to_configure() -> None:
     assert c.config.max_workers == 3 and c.config.chunk_size == 10
     with pytest.raises(ValueError, match="unknown option"):
         ResilientPool(max_wrokers=2)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         a.config.max_workers = 5  # type: ignore[misc]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 import threading
@@ -91,7 +92,7 @@ async def test_events_and_logs(thread_starts: ThreadStarts, tmp_path: Path,  # n
     kinds = {e.kind for e in events}
     assert {"creation_failed", "fallback", "promotion", "worker_crash", "resubmit",
             "task_retry", "deadline"} <= kinds, kinds
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         events[0].kind = "x"  # type: ignore[misc]
     records = {(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records}
     assert ("WARNING", "fallback") in records and ("INFO", "promotion") in records
