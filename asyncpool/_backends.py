@@ -39,6 +39,8 @@ class Rung:
         self.crashed = False
         self.retired = False
         self.in_flight = 0
+        #: The worker_crash event for this rung was sent (once per rung).
+        self.crash_reported = False
 
     def submit(self, fn: Callable[..., Any], items: Sequence[Any], star: bool,
                retries: int, key: str) -> cf.Future[Any]:

@@ -82,6 +82,8 @@ class ResilientPool:
         self._keys = itertools.count()
         self._promoter: Background | None = None
         self._in_flight = 0
+        #: Why the last rung failed to start, for the error when none of them can.
+        self._last_error: BaseException | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -320,7 +322,7 @@ class ResilientPool:
                                f"the {name} rung could not start after {attempts} "
                                f"attempt(s); falling back to the {following} rung",
                                failed=name, to=following)
-            raise _last_error(self)
+            raise self._last_error or RuntimeError("no rung of the ladder could start")
 
     async def _create(self, name: str, attempts: int) -> Rung | None:
         """Try to start rung ``name`` up to ``attempts`` times; None if it could not."""
@@ -624,13 +626,13 @@ class _Job:
 
     async def _crashed(self, chunk: Chunk, error: BaseException) -> Segment | None:
         pool, rung = self.pool, chunk.rung
-        if not getattr(rung, "crash_reported", False):
+        if not rung.crash_reported:
             rung.crash_reported = True
             codes = rung.exit_codes() if isinstance(rung, ProcessRung) else {}
             pool._counters.worker_crashes += max(1, len(codes))
             pool._emit("worker_crash", logging.WARNING,
                        f"worker process(es) died (exit codes {codes or 'unknown'}); "
-                       "rebuilding the executor and resubmitting unfinished chunks",
+                       "resubmitting the chunks that had not come back",
                        exit_codes=codes)
         suspect = rung.suspect(chunk.key)
         pieces = [chunk]
@@ -822,8 +824,3 @@ def _limiter(rate: float | None) -> AsyncLimiter | None:
             "rate_limit is backed by aiolimiter, which runs on asyncio only; under trio, "
             "limit the rate in the calling code")
     return AsyncLimiter(1, 1.0 / rate)
-
-
-def _last_error(pool: ResilientPool) -> BaseException:
-    error = getattr(pool, "_last_error", None)
-    return error if error is not None else RuntimeError("no rung of the ladder could start")
