@@ -103,7 +103,11 @@ class ProcessRung(Rung):
 
     def submit(self, fn: Callable[..., Any], items: Sequence[Any], star: bool,
                retries: int, key: str) -> cf.Future[Any]:
-        payload = cloudpickle.dumps((fn, items, star, retries), pickle.HIGHEST_PROTOCOL)
+        try:
+            payload = cloudpickle.dumps((fn, items, star, retries), pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            # Whatever type pickling raised, it is about the items, not the machine.
+            raise ChunkUnpicklable(exc) from exc
         self.last_payload_size = len(payload)
         future: cf.Future[Any] = self.executor.submit(run_chunk, payload, self.marker_dir, key)
         return future
@@ -172,6 +176,10 @@ class ProcessRung(Rung):
                 _loky.discard(self.executor)
         finally:
             shutil.rmtree(self.marker_dir, ignore_errors=True)
+
+
+class ChunkUnpicklable(Exception):
+    """Some item of a chunk could not be pickled in the parent (the cause says why)."""
 
 
 class _ArgumentsUnpickleable(Exception):

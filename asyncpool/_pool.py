@@ -26,7 +26,14 @@ import cloudpickle
 from aiolimiter import AsyncLimiter
 from loky.process_executor import BrokenProcessPool, ShutdownExecutorError
 
-from ._backends import InlineRung, ProcessRung, Rung, _ArgumentsUnpickleable, create_rung
+from ._backends import (
+    ChunkUnpicklable,
+    InlineRung,
+    ProcessRung,
+    Rung,
+    _ArgumentsUnpickleable,
+    create_rung,
+)
 from ._bridge import Background, Schedule, loop_scheduler, on_asyncio, spawn
 from ._chunks import Chunk, ChunkSizer, Permit, Segment, chunks_of
 from ._config import PoolConfig
@@ -449,10 +456,7 @@ class _Call:
         if self.cancel_running not in ("finish", "kill"):
             raise ValueError(f"cancel_running={self.cancel_running!r} is invalid: "
                              "use 'finish' or 'kill'")
-        if self.chunk_size is not None and not (
-                isinstance(self.chunk_size, int) and self.chunk_size >= 1):
-            raise ValueError(f"chunk_size={self.chunk_size!r} is invalid: it must be an "
-                             "integer >= 1 or None")
+        # chunk_size is validated by PoolConfig, through the replace() that applies it.
 
 
 class _DeadlineHit(Exception):
@@ -548,7 +552,12 @@ class _Job:
             try:
                 future = rung.submit(self.fn, chunk.items, self.star, self.config.task_retries,
                                      chunk.key)
-            except (BrokenProcessPool, RuntimeError, OSError) as exc:
+            except ChunkUnpicklable as exc:
+                # Split it until the bad items stand alone.
+                self.in_flight.discard(chunk)
+                await self._unpicklable(chunk, exc.__cause__ or exc, "argument")
+                return
+            except Exception as exc:
                 self.in_flight.discard(chunk)
                 if not (isinstance(exc, BrokenProcessPool) or is_transient(exc)):
                     raise
@@ -557,11 +566,6 @@ class _Job:
                 rung.broken = True
                 pool._counters.resubmitted_chunks += 1
                 continue
-            except Exception as exc:
-                # The chunk would not pickle: split it until the bad items stand alone.
-                self.in_flight.discard(chunk)
-                await self._unpicklable(chunk, exc, "argument")
-                return
             chunk.future = future
             self.sizer.observe_bytes(len(chunk.items), rung.last_payload_size)
             pool._chunk_entered(rung)

@@ -106,3 +106,10 @@ def flaky_thread_start(args: tuple[int, str]) -> int:
 def slow_echo(x: object) -> object:
     time.sleep(0.02)
     return x
+
+
+class RefusesWithRuntimeError:
+    """Its pickling fails with a RuntimeError, which must not be taken for exhaustion."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("RefusesWithRuntimeError cannot be pickled")

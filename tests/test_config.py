@@ -59,3 +59,14 @@ def test_all_matches_exports() -> None:
     assert set(asyncpool.__all__) == exported
     for name in asyncpool.__all__:
         assert getattr(asyncpool, name).__module__.startswith("asyncpool")
+
+
+@pytest.mark.asyncio
+async def test_invalid_per_call_options() -> None:
+    async with ResilientPool(max_workers=1, rungs=("inline",)) as pool:
+        with pytest.raises(ValueError, match=r"chunk_size=0"):
+            await pool.map(abs, [1], chunk_size=0)
+        with pytest.raises(ValueError, match=r"timeout=-1"):
+            await pool.map(abs, [1], timeout=-1)
+        with pytest.raises(ValueError, match=r"cancel_running='stop'"):
+            await pool.map(abs, [1], cancel_running="stop")  # type: ignore[arg-type]

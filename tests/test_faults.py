@@ -69,6 +69,15 @@ async def test_unpicklable_argument_stays_with_its_item(rungs: tuple[str, ...]) 
         assert all(isinstance(r, int) for i, r in enumerate(results) if i != 5)
 
 
+async def test_pickling_error_of_any_type_stays_with_its_item() -> None:
+    items: list[object] = list(range(6))
+    items[4] = tasks.RefusesWithRuntimeError()
+    async with ResilientPool(max_workers=2) as pool:
+        results = await pool.map(tasks.pid_of, items, return_exceptions=True)
+        assert isinstance(results[4], SerializationError) and "item 4" in str(results[4])
+        assert all(isinstance(r, int) for i, r in enumerate(results) if i != 4)
+
+
 async def test_argument_that_fails_to_unpickle_in_the_worker() -> None:
     items: list[object] = list(range(10))
     items[7] = tasks.Unloadable()

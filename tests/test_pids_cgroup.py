@@ -16,12 +16,13 @@ SCENARIO = Path(__file__).with_name("_pids_scenario.py")
 
 
 def _pids_root() -> Path | None:
-    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
-        if (root / "cgroup.procs").exists() and (
-            (root / "pids.max").exists() or (root / "cgroup.controllers").exists()
-            and "pids" in (root / "cgroup.controllers").read_text()
-        ) or (root.name == "pids" and root.exists()):
-            return root
+    """The pids hierarchy: its own mount on cgroup v1, the unified root on v2."""
+    v1, v2 = Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")
+    if (v1 / "cgroup.procs").exists():
+        return v1
+    controllers = v2 / "cgroup.controllers"
+    if controllers.exists() and "pids" in controllers.read_text().split():
+        return v2
     return None
 
 
