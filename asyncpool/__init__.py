@@ -7,31 +7,41 @@ The names below load on first use (PEP 562): worker processes import
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+# Not `from typing import TYPE_CHECKING`: the fork server imports this package, and
+# importing typing would add ~10 ms to every pool's first start.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._config import PoolConfig as PoolConfig
     from ._errors import MISSING as MISSING
     from ._errors import AsyncPoolError as AsyncPoolError
     from ._errors import DeadlineExceeded as DeadlineExceeded
+    from ._errors import InitializerFailed as InitializerFailed
     from ._errors import PoolClosed as PoolClosed
+    from ._errors import RemoteError as RemoteError
     from ._errors import RemoteTraceback as RemoteTraceback
     from ._errors import SerializationError as SerializationError
     from ._errors import WorkerCrashed as WorkerCrashed
     from ._events import EventHook as EventHook
     from ._events import PoolEvent as PoolEvent
     from ._events import PoolStatistics as PoolStatistics
+    from ._options import CallKwargs as CallKwargs
     from ._pool import ResilientPool as ResilientPool
 
 _WHERE = {
     "MISSING": "._errors",
     "AsyncPoolError": "._errors",
+    "CallKwargs": "._options",
     "DeadlineExceeded": "._errors",
     "EventHook": "._events",
+    "InitializerFailed": "._errors",
     "PoolClosed": "._errors",
     "PoolConfig": "._config",
     "PoolEvent": "._events",
     "PoolStatistics": "._events",
+    "RemoteError": "._errors",
     "RemoteTraceback": "._errors",
     "ResilientPool": "._pool",
     "SerializationError": "._errors",
@@ -41,12 +51,15 @@ _WHERE = {
 __all__ = (
     "MISSING",
     "AsyncPoolError",
+    "CallKwargs",
     "DeadlineExceeded",
     "EventHook",
+    "InitializerFailed",
     "PoolClosed",
     "PoolConfig",
     "PoolEvent",
     "PoolStatistics",
+    "RemoteError",
     "RemoteTraceback",
     "ResilientPool",
     "SerializationError",

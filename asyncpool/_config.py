@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
-Rung = Literal["process", "thread", "inline"]
+RungName = Literal["process", "thread", "inline"]
 RUNGS: tuple[str, ...] = ("process", "thread", "inline")
 
 
@@ -20,12 +23,17 @@ def _cpu_count() -> int:
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """Settings of a :class:`~asyncpool.ResilientPool`; every field is validated."""
+    """Settings of a :class:`~asyncpool.ResilientPool`; every field is validated.
+
+    A value of the wrong type raises ``TypeError`` and a value out of range
+    ``ValueError``, each naming the field. Where a limit may be lifted, ``None`` lifts it
+    (``math.inf`` means the same for the time limits and ``rate_limit``).
+    """
 
     #: Worker processes (and threads on the thread rung). Default: usable cores.
     max_workers: int = dataclasses.field(default_factory=_cpu_count)
     #: The ladder, highest first. The pool never climbs above the first entry.
-    rungs: tuple[Rung, ...] = ("process", "thread", "inline")
+    rungs: tuple[RungName, ...] = ("process", "thread", "inline")
     #: Tries per rung before stepping down, with exponential backoff between them.
     creation_attempts: int = 3
     backoff_initial: float = 0.2
@@ -38,83 +46,84 @@ class PoolConfig:
     promote_max: float = 60.0
     #: Items per chunk; None sizes chunks from measured item time.
     chunk_size: int | None = None
-    #: Auto chunking aims at chunks that take about this long in a worker. 50 ms keeps the
-    #: per-chunk round trip (~0.5 ms through loky) under 1% while the tail stays short.
-    target_chunk_seconds: float = 0.05
+    #: Auto chunking aims at chunks that take about this long in a worker. Workers send
+    #: results back as they finish (every 5 ms), so a long chunk delays no caller; 20 ms
+    #: keeps the per-chunk round trip (~0.1 ms) near 0.5% and the tail short.
+    target_chunk_seconds: float = 0.02
     max_chunk_size: int = 16384
-    #: Chunks in flight across the pool; None means 2 x max_workers.
+    #: Chunks in flight across the pool; None means 2 x max_workers (one running and
+    #: one waiting in each worker, so a worker never idles between chunks).
     max_chunks_in_flight: int | None = None
     #: Times an item raising a transient resource error is retried inside the worker.
     task_retries: int = 2
     #: Times an item may crash its worker before it is reported as WorkerCrashed.
     max_crashes_per_item: int = 2
-    #: Seconds the first (warm-up) task of a new process rung may take.
-    start_timeout: float = 60.0
-    #: Serve on threads the moment the pool opens while processes start off the loop.
+    #: Seconds a new rung may take to start (workers forked and initialised).
+    start_timeout: float | None = 60.0
+    #: Serve on threads the moment the pool opens while processes start.
     warm_start: bool = False
-    #: On close, park the healthy process workers for the next pool of the same size
-    #: (which then starts in about a millisecond); ResilientPool.close_idle_workers()
-    #: or interpreter exit stops them.
+    #: On close, park the idle process workers for the next pool with the same
+    #: settings; ResilientPool.close_idle_workers() or interpreter exit stops them.
     reuse_workers: bool = False
-    #: Items per second started across the pool (aiolimiter); None for no limit.
+    #: Items per second started across the pool; None for no limit.
     rate_limit: float | None = None
+    #: Called as ``initializer(*initargs)`` once in each worker process before its first
+    #: task (and in each replacement), once per thread on the thread rung, once per pool
+    #: inline. If it raises, opening the pool fails with InitializerFailed.
+    initializer: Callable[..., object] | None = dataclasses.field(default=None,
+                                                                   compare=False)
+    initargs: tuple[Any, ...] = dataclasses.field(default=(), compare=False)
+    #: A worker process that ran this many items is replaced after its chunk.
+    max_tasks_per_worker: int | None = None
+    #: A worker process whose resident memory passed this many bytes is replaced after
+    #: the item that grew it (the rest of its chunk goes to another worker).
+    max_worker_memory: int | None = None
     #: A Dask scheduler ("tcp://host:8786") or an existing distributed.Client: puts a
-    #: "dask" rung on top of the ladder (needs ``pip install 'asyncpool[dask]'``).
+    #: "dask" rung on top of the ladder (needs the ``dask`` extra).
     dask_address: str | None = None
     dask_client: Any = dataclasses.field(default=None, compare=False, repr=False)
     #: Seconds an unreachable scheduler may cost before the pool serves locally.
     dask_connect_timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        def need(ok: bool, field: str, allowed: str) -> None:
-            if not ok:
-                value = getattr(self, field)
-                raise ValueError(f"PoolConfig.{field}={value!r} is invalid: {allowed}")
-
-        def positive_int(field: str) -> None:
-            value = getattr(self, field)
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-            need(ok, field, "it must be an integer >= 1")
-
-        def number(field: str, *, low: float = 0.0, strict: bool = False) -> None:
-            value = getattr(self, field)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            ok = ok and (value > low if strict else value >= low)
-            need(ok, field, f"it must be a number {'>' if strict else '>='} {low}")
-
-        positive_int("max_workers")
-        positive_int("creation_attempts")
-        positive_int("max_chunk_size")
-        positive_int("max_crashes_per_item")
-        if self.chunk_size is not None:
-            positive_int("chunk_size")
-        if self.max_chunks_in_flight is not None:
-            positive_int("max_chunks_in_flight")
-        number("backoff_initial")
-        number("backoff_factor", low=1.0)
-        number("backoff_max")
-        number("backoff_jitter")
-        need(self.backoff_jitter <= 1, "backoff_jitter", "it must be between 0 and 1")
-        number("promote_after")
-        number("promote_max")
-        number("target_chunk_seconds", strict=True)
-        number("start_timeout", strict=True)
-        number("dask_connect_timeout", strict=True)
-        need(self.dask_address is None or isinstance(self.dask_address, str),
-             "dask_address", 'it must be a scheduler address such as "tcp://host:8786"')
-        task_retries_ok = isinstance(self.task_retries, int) and self.task_retries >= 0
-        need(task_retries_ok, "task_retries", "it must be an integer >= 0")
-        if self.rate_limit is not None:
-            number("rate_limit", strict=True)
-        rungs = tuple(self.rungs) if not isinstance(self.rungs, str) else (self.rungs,)
-        object.__setattr__(self, "rungs", rungs)
+        rungs = (self.rungs,) if isinstance(self.rungs, str) else self.rungs
+        if not isinstance(rungs, tuple | list):
+            _type_error("rungs", self.rungs, "a tuple of rung names")
+        object.__setattr__(self, "rungs", tuple(rungs))
+        for name in ("max_workers", "creation_attempts", "max_chunk_size",
+                     "max_crashes_per_item"):
+            _integer(self, name, low=1)
+        for name in ("chunk_size", "max_chunks_in_flight", "max_tasks_per_worker",
+                     "max_worker_memory"):
+            _integer(self, name, low=1, optional=True)
+        _integer(self, "task_retries", low=0)
+        for name in ("backoff_initial", "backoff_max", "promote_after", "promote_max"):
+            _number(self, name, low=0.0)
+        _number(self, "backoff_factor", low=1.0)
+        _number(self, "backoff_jitter", low=0.0, high=1.0)
+        _number(self, "target_chunk_seconds", low=0.0, strict=True, finite=True)
+        _number(self, "dask_connect_timeout", low=0.0, strict=True, finite=True)
+        _number(self, "start_timeout", low=0.0, strict=True, optional=True, inf_is_none=True)
+        _number(self, "rate_limit", low=0.0, strict=True, optional=True, inf_is_none=True)
+        for name in ("warm_start", "reuse_workers"):
+            if not isinstance(getattr(self, name), bool):
+                _type_error(name, getattr(self, name), "True or False")
+        if self.initializer is not None and not callable(self.initializer):
+            _type_error("initializer", self.initializer, "a callable or None")
+        if not isinstance(self.initargs, tuple):
+            _type_error("initargs", self.initargs, "a tuple")
+        if self.dask_address is not None and not isinstance(self.dask_address, str):
+            _type_error("dask_address", self.dask_address,
+                        'a scheduler address such as "tcp://host:8786"')
         ladder_ok = (
-            len(rungs) > 0
-            and all(r in RUNGS for r in rungs)
-            and len(set(rungs)) == len(rungs)
-            and list(rungs) == sorted(rungs, key=RUNGS.index)
+            len(self.rungs) > 0
+            and all(isinstance(r, str) and r in RUNGS for r in self.rungs)
+            and len(set(self.rungs)) == len(self.rungs)
+            and list(self.rungs) == sorted(self.rungs, key=RUNGS.index)
         )
-        need(ladder_ok, "rungs", f"a non-empty, ordered selection of {RUNGS} without repeats")
+        if not ladder_ok:
+            raise ValueError(f"PoolConfig.rungs={self.rungs!r} is invalid: a non-empty, "
+                             f"ordered selection of {RUNGS} without repeats")
 
     @property
     def ladder(self) -> tuple[str, ...]:
@@ -126,3 +135,79 @@ class PoolConfig:
     @property
     def in_flight(self) -> int:
         return self.max_chunks_in_flight or 2 * self.max_workers
+
+    @classmethod
+    def build(cls, config: PoolConfig | None, options: dict[str, Any]) -> PoolConfig:
+        """``config`` with ``options`` applied; an unknown option says what it meant."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for name in options:
+            if name not in names:
+                close = difflib.get_close_matches(name, sorted(names), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"unknown option {name!r}{hint} The options are the "
+                                "fields of PoolConfig")
+        return dataclasses.replace(config, **options) if config else cls(**options)
+
+
+class PoolOptions(TypedDict, total=False):
+    """The keyword options of :class:`~asyncpool.ResilientPool` (PoolConfig's fields)."""
+
+    rungs: tuple[RungName, ...]
+    creation_attempts: int
+    backoff_initial: float
+    backoff_factor: float
+    backoff_max: float
+    backoff_jitter: float
+    promote_after: float
+    promote_max: float
+    chunk_size: int | None
+    target_chunk_seconds: float
+    max_chunk_size: int
+    max_chunks_in_flight: int | None
+    task_retries: int
+    max_crashes_per_item: int
+    start_timeout: float | None
+    warm_start: bool
+    reuse_workers: bool
+    rate_limit: float | None
+    initializer: Callable[..., object] | None
+    initargs: tuple[Any, ...]
+    max_tasks_per_worker: int | None
+    max_worker_memory: int | None
+    dask_address: str | None
+    dask_client: Any
+    dask_connect_timeout: float
+
+
+def _type_error(name: str, value: object, wanted: str) -> None:
+    raise TypeError(f"PoolConfig.{name}={value!r} is invalid: it must be {wanted}")
+
+
+def _integer(config: PoolConfig, name: str, *, low: int, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        _type_error(name, value, f"an integer >= {low}" + (" or None" if optional else ""))
+    if value < low:
+        raise ValueError(f"PoolConfig.{name}={value!r} is invalid: it must be an integer "
+                         f">= {low}")
+
+
+def _number(config: PoolConfig, name: str, *, low: float, high: float | None = None,
+            strict: bool = False, optional: bool = False, finite: bool = False,
+            inf_is_none: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        _type_error(name, value, "a number" + (" or None" if optional else ""))
+    if inf_is_none and value == math.inf:
+        object.__setattr__(config, name, None)
+        return
+    ok = not math.isnan(value) and (value > low if strict else value >= low)
+    ok = ok and (high is None or value <= high) and (not finite or math.isfinite(value))
+    if not ok:
+        bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high else "")
+        raise ValueError(f"PoolConfig.{name}={value!r} is invalid: it must be a "
+                         f"{'finite ' if finite else ''}number {bound}")

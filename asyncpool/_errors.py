@@ -3,18 +3,26 @@
 ::
 
     AsyncPoolError
-     +-- PoolClosed            a call on a pool that was closed
+     +-- PoolClosed            a call on a pool that is closed, never entered, or on
+     |                         another event loop (also RuntimeError)
      +-- WorkerCrashed         an item whose worker died every time it ran
-     +-- SerializationError    an item, function or result that cannot cross to a worker
-     +-- DeadlineExceeded      (also TimeoutError) map/imap ran past `timeout`; `.partial`
+     +-- SerializationError    an item, function or result that cannot cross to a
+     |                         worker (also TypeError)
+     +-- DeadlineExceeded      the call ran past `timeout` (also TimeoutError); `.partial`
+     +-- RemoteError           a task's exception that cannot be rebuilt in the caller,
+     |                         or a SystemExit / KeyboardInterrupt raised by a task
+     +-- InitializerFailed     the worker initializer raised; the cause is its error
 
-A task's own exception reaches the caller unchanged, with the worker's traceback as its
-``__cause__`` (a :class:`RemoteTraceback`). Cancellation exceptions pass through untouched.
+A task's own exception reaches the caller as itself, with the worker's traceback as its
+``__cause__`` (a :class:`RemoteTraceback`). Cancellation exceptions pass through
+untouched. Every exception here pickles, and each can be built from a message alone.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final
+TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 
 class _Missing:
@@ -41,25 +49,34 @@ MISSING: Final = _Missing()
 class AsyncPoolError(Exception):
     """Base class of every error asyncpool raises itself."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only attributes survive pickling (the default keeps only ``args``).
+        return (_rebuild, (type(self), str(self), self.__dict__))
+
+
+def _rebuild(cls: type[AsyncPoolError], message: str, state: dict[str, Any]) -> AsyncPoolError:
+    error = cls(message)
+    error.__dict__.update(state)
+    return error
+
 
 class PoolClosed(AsyncPoolError, RuntimeError):
-    """The pool was closed (or never entered with ``async with``)."""
+    """The pool is closed, was never entered with ``async with``, or belongs to
+    another event loop."""
 
 
 class WorkerCrashed(AsyncPoolError):
-    """An item killed the worker process that ran it, each time it was tried."""
+    """An item killed the worker process that ran it, each time it was tried.
 
-    def __init__(self, message: str, *, index: int | None = None, exitcode: int | None = None):
+    ``index`` is the item's position in the input and ``exitcode`` the worker's exit
+    code (negative: the signal that killed it), where known.
+    """
+
+    def __init__(self, message: str = "", *, index: int | None = None,
+                 exitcode: int | None = None) -> None:
         super().__init__(message)
         self.index = index
         self.exitcode = exitcode
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_crash, (str(self), self.index, self.exitcode))
-
-
-def _rebuild_crash(message: str, index: int | None, exitcode: int | None) -> WorkerCrashed:
-    return WorkerCrashed(message, index=index, exitcode=exitcode)
 
 
 class SerializationError(AsyncPoolError, TypeError):
@@ -67,23 +84,48 @@ class SerializationError(AsyncPoolError, TypeError):
 
 
 class DeadlineExceeded(AsyncPoolError, TimeoutError):
-    """``map``/``imap`` passed its deadline.
+    """The call passed its deadline.
 
-    ``partial`` lists, in input order, every result that had finished and
-    :data:`MISSING` for the rest. For ``imap`` it starts at input index ``start``
-    (the first item not yet yielded); for ``map`` ``start`` is 0.
+    ``partial`` lists, in input order, every result that had finished (exceptions in
+    place with ``return_exceptions``) and :data:`MISSING` for the rest. For ``imap`` it
+    starts at input index ``start``, the first item not yet yielded; for ``map`` and
+    ``run``, ``start`` is 0.
     """
 
-    def __init__(self, message: str, partial: list[Any], start: int = 0):
+    def __init__(self, message: str = "", partial: list[Any] | None = None,
+                 start: int = 0) -> None:
         super().__init__(message)
-        self.partial = partial
+        self.partial: list[Any] = [] if partial is None else partial
         self.start = start
+
+
+class RemoteError(AsyncPoolError):
+    """An exception raised in a worker that cannot be rebuilt here as itself.
+
+    It happens when the exception's class cannot be unpickled in the caller (its
+    ``__init__`` needs arguments that ``args`` does not hold, or its module is not
+    importable here), and for a ``SystemExit`` or ``KeyboardInterrupt`` raised by a
+    task, which must not end the caller. ``type_name`` is the original class's
+    qualified name, ``traceback`` the worker's traceback as text, and ``exit_code``
+    the code of a ``SystemExit``.
+    """
+
+    def __init__(self, message: str = "", *, type_name: str = "", traceback: str = "",
+                 exit_code: int | str | None = None) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.traceback = traceback
+        self.exit_code = exit_code
+
+
+class InitializerFailed(AsyncPoolError):
+    """The ``initializer`` raised in a worker; ``__cause__`` is its exception."""
 
 
 class RemoteTraceback(Exception):
     """The formatted traceback of an exception raised in a worker."""
 
-    def __init__(self, tb: str):
+    def __init__(self, tb: str = "") -> None:
         super().__init__(tb)
         self.tb = tb
 

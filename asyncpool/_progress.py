@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
 from typing import Any
+
+from ._options import Progress, ProgressCallback
 
 logger = logging.getLogger("asyncpool")
 
-ProgressCallback = Callable[[int, int | None], object]
-Progress = bool | ProgressCallback | None
+#: Without tqdm, ``progress=True`` logs a line at most this often (seconds).
+LOG_EVERY = 2.0
 
 
 class Reporter:
@@ -20,21 +22,27 @@ class Reporter:
         self.total = total
         self._bar: Any = None
         self._callback: ProgressCallback | None = None
+        self._logged = 0.0
         if progress is True:
             try:
                 from tqdm.auto import tqdm
             except ImportError:
-                raise ImportError(
-                    "progress=True draws a bar with tqdm, which is not installed: "
-                    "pip install 'asyncpool[progress]' (or pass progress=callback)"
-                ) from None
-            self._bar = tqdm(total=total, unit="item", dynamic_ncols=True)
+                # No bar without tqdm (the `progress` extra): a log line instead.
+                self._callback = self._log
+            else:
+                self._bar = tqdm(total=total, unit="item", dynamic_ncols=True)
         elif callable(progress):
             self._callback = progress
-        elif progress not in (None, False):
-            raise TypeError(f"progress must be True, False, None or a callable, not {progress!r}")
+
+    def _log(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self._logged >= LOG_EVERY or done == total:
+            self._logged = now
+            logger.info("progress: %d%s items done", done, f" of {total}" if total else "")
 
     def advance(self, count: int) -> None:
+        if count <= 0:
+            return
         self.done += count
         if self._bar is not None:
             self._bar.update(count)
@@ -48,3 +56,4 @@ class Reporter:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None

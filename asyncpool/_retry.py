@@ -1,39 +1,39 @@
-"""Which errors are transient, and how long to wait before trying again."""
+"""Which errors are transient, and how long to wait before trying again.
+
+Worker processes import this module: it imports nothing heavy.
+"""
 
 from __future__ import annotations
 
 import errno
-import random
-from collections.abc import Iterator
+TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
-from loky.process_executor import BrokenProcessPool
-
-_TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM})
+# Out of processes or threads, memory, or file descriptors.
+_TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
 
 
 class RungUnavailable(Exception):
-    """A rung's service could not be reached (a Dask scheduler that did not answer)."""
+    """A rung could not start for a reason that may pass (a busy machine, a cluster
+    that does not answer yet): the ladder backs off and tries again, or steps down."""
 
 
-def is_transient(exc: BaseException, *, starting: bool = False) -> bool:
-    """True if ``exc`` means "the machine is short of threads, processes or memory now".
-
-    ``BrokenProcessPool`` counts only while a rung is ``starting``: a pool that breaks
-    later broke because a worker died, which the crash ledger handles instead.
-    """
+def is_transient(exc: BaseException) -> bool:
+    """True if ``exc`` means "the machine is short of threads, processes or memory now"."""
+    if isinstance(exc, RungUnavailable):
+        return True
     if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
         return True
-    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
-        return True
-    if starting and isinstance(exc, (BrokenProcessPool, RungUnavailable)):
-        return True
-    return False
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
 
 
 def backoff_delays(
     initial: float, factor: float, maximum: float, jitter: float
 ) -> Iterator[float]:
     """Exponential waits with multiplicative jitter: initial, initial*factor, ..."""
+    import random  # not at the top: worker processes import this module
+
     delay = initial
     while True:
         yield min(maximum, delay) * random.uniform(1 - jitter, 1 + jitter)

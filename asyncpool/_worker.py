@@ -1,137 +1,183 @@
-"""What runs inside a worker: one chunk of items, each with its own outcome.
+"""The main loop of a worker process: chunks in from its socket, results out.
 
-A chunk travels as bytes that the parent pickled (so a bad argument is found in the
-parent, with its item) and comes back as bytes the worker pickled (so a bad result is
-found in the worker, with its item). Errors keep their traceback as text.
+The fork server (:mod:`asyncpool._zygote`) forks the process and calls :func:`serve`.
+Results go back in slices as items finish (every :data:`~asyncpool._execute.FLUSH_SECONDS`
+at most), each chunk's items are noted in the progress area as they start, and
+cancellations sent meanwhile are read between slices, so a chunk of a cancelled call
+is skipped even when it was already waiting here. This module imports little.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import time
-import traceback
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+import select
+import socket
+import sys
 
-from ._errors import SerializationError
-from ._retry import backoff_delays, is_transient
+from . import _wire
+from ._errors import RemoteError, SerializationError
+from ._execute import (
+    Unloadable,
+    describe,
+    dump_results,
+    encode_errors,
+    execute,
+    loads,
+    portable,
+    share_main,
+)
 
-class Outcomes(NamedTuple):
-    """What a chunk came back with."""
-
-    results: list[Any]
-    #: position in the chunk -> (exception, its traceback as text); None if none failed
-    errors: dict[int, tuple[BaseException, str]] | None
-    #: time spent running the items, for chunk sizing
-    seconds: float
-    #: retries made after transient errors, for the task_retry event
-    retried: int = 0
+TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 
-def capture(exc: BaseException) -> tuple[BaseException, str]:
-    return exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+class _Worker:
+    """The state of one worker process between chunks."""
 
+    def __init__(self, sock: socket.socket, progress: Any, settings: dict[str, Any]) -> None:
+        self.sock = sock
+        self.progress = progress
+        self.retries: int = settings["task_retries"]
+        self.max_tasks: int | None = settings["max_tasks"]
+        self.max_memory: int | None = settings["max_memory"]
+        self.functions: dict[int, Callable[..., Any]] = {}
+        self.cancelled: set[int] = set()
+        self.inbox: list[tuple[int, _wire.Parts]] = []
+        self.tasks = 0
+        self.retiring: str | None = None
+        self.closed = False
 
-def run_items(fn: Callable[..., Any], items: Sequence[Any], star: bool, retries: int) -> Outcomes:
-    """Call ``fn`` on each item; one item's exception never touches the others."""
-    results: list[Any] = []
-    append = results.append
-    errors: dict[int, tuple[BaseException, str]] | None = None
-    retried = 0
-    start = time.perf_counter()
-    for position, item in enumerate(items):
+    def next_frame(self) -> tuple[int, _wire.Parts] | None:
+        if self.inbox:
+            return self.inbox.pop(0)
+        return _wire.recv_frame(self.sock)
+
+    def poll(self) -> None:
+        """Take in what the parent sent meanwhile: cancellations act at once."""
+        while not self.closed and select.select([self.sock], [], [], 0)[0]:
+            got = _wire.recv_frame(self.sock)
+            if got is None:
+                self.closed = True
+                return
+            if got[0] == _wire.CANCEL:
+                self.cancelled.update(_wire.loads(got[1]))
+            else:
+                self.inbox.append(got)
+
+    def over_memory(self) -> bool:
+        return self.max_memory is not None and _rss() > self.max_memory
+
+    def run_chunk(self, parts: _wire.Parts) -> None:
         try:
-            append(fn(*item) if star else fn(item))
-        except Exception as exc:
-            if retries and is_transient(exc):
-                ok, value, attempts = _retry(fn, item, star, retries)
-                retried += attempts
-                if ok:
-                    append(value)
-                    continue
-                exc = value
-            append(None)
-            if errors is None:
-                errors = {}
-            errors[position] = capture(exc)
-    return Outcomes(results, errors, time.perf_counter() - start, retried)
+            seq, functions, forget, runs = loads(parts[0], parts[1:])
+        except BaseException as exc:
+            # An argument that pickled in the parent but does not load here.
+            self.send_results(-1, 0, 0, [], {0: exc}, done=True, unloadable=True)
+            return
+        for fn_id in forget:
+            self.functions.pop(fn_id, None)
+        for fn_id, blob in functions:
+            try:
+                self.functions[fn_id] = share_main(loads(blob))
+            except BaseException as exc:
+                self.functions[fn_id] = Unloadable(exc)
+        if self.progress is not None:
+            self.progress[1] = -1
+            self.progress[0] = seq
+        self.poll()
+        calls = [(self.functions[f], star, call, items) for f, star, call, items in runs]
 
+        def tick(first: int, upto: int, results: list[Any], errors: dict[int, BaseException],
+                 seconds: float | None) -> tuple[set[int], bool]:
+            self.tasks += upto - first
+            if seconds is None:
+                self.poll()
+            if self.over_memory():
+                self.retiring = "memory"
+            elif seconds is not None and self.max_tasks is not None and (
+                    self.tasks >= self.max_tasks):
+                self.retiring = "tasks"
+            # Memory over the ceiling stops the chunk after this item: the parent sends
+            # the items that did not run to another worker.
+            stop = seconds is None and (self.closed or self.retiring is not None)
+            self.send_results(seq, first, upto, results, errors,
+                              done=stop or seconds is not None, seconds=seconds or 0.0)
+            return self.cancelled, stop
 
-def _retry(fn: Callable[..., Any], item: Any, star: bool,
-           retries: int) -> tuple[bool, Any, int]:
-    # The item ran short of threads or memory: wait off the loop (we are in a worker)
-    # and try again, as the pool does when it creates a rung.
-    delays = backoff_delays(0.05, 2.0, 1.0, 0.1)
-    error: BaseException | None = None
-    for attempt in range(1, retries + 1):
-        time.sleep(next(delays))
+        execute(calls, self.retries, tick, self.progress, self.cancelled)
+
+    def send_results(self, seq: int, first: int, upto: int, results: list[Any],
+                     errors: dict[int, BaseException], *, done: bool, seconds: float = 0.0,
+                     unloadable: bool = False) -> None:
+        if self.closed:
+            return
+        if unloadable:
+            errors = {p: SerializationError(f"{exc!r}") for p, exc in errors.items()}
+        meta = (seq, first, upto, encode_errors(errors), done, seconds, self.retiring,
+                unloadable)
         try:
-            return True, (fn(*item) if star else fn(item)), attempt
-        except Exception as exc:
-            if not is_transient(exc):
-                return False, exc, attempt
-            error = exc
-    return False, error, retries
+            self.send(_wire.RESULTS, [pickle.dumps(meta, 5), *dump_results(results)])
+        except OSError:
+            self.closed = True
+
+    def send(self, kind: int, parts: _wire.Parts) -> None:
+        _wire.send_frame(self.sock, kind, parts)
 
 
-def run_chunk(payload: bytes, marker_dir: str | None, key: str) -> bytes:
-    """The function a process rung runs: unpickle, run, pickle, mark start and end.
-
-    While the chunk runs, ``marker_dir`` holds a file ``<key>.<pid>``: after a crash the
-    parent reads which chunk was running in which dead worker.
-    """
-    marker = None
-    if marker_dir is not None:
-        marker = os.path.join(marker_dir, f"{key}.{os.getpid()}")
-        os.close(os.open(marker, os.O_CREAT | os.O_WRONLY, 0o600))
+def _rss() -> int:
+    """Resident memory of this process, in bytes."""
     try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - not Linux: the peak is the best we have
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def serve(sock: socket.socket, progress: Any) -> int:
+    """The worker's main loop; returns the exit code."""
+    got = _wire.recv_frame(sock)
+    if got is None or got[0] != _wire.INIT:
+        return 0
+    settings = _wire.loads(got[1])
+    for entry in reversed(settings["sys_path"]):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    worker = _Worker(sock, progress, settings)
+    if settings["initializer"] is not None:
         try:
-            fn, items, star, retries = pickle.loads(payload)
-        except Exception as exc:
-            return pickle.dumps(("unpickle", capture(_as_picklable(exc))), pickle.HIGHEST_PROTOCOL)
-        outcome = run_items(fn, items, star, retries)
-        return _dump_outcome(outcome)
-    finally:
-        if marker is not None:
-            os.unlink(marker)
-
-
-def _dump_outcome(outcome: Outcomes) -> bytes:
+            initializer, initargs = loads(settings["initializer"])
+            share_main(initializer)(*initargs)
+        except BaseException as exc:
+            failure = portable(exc)
+            try:
+                blob = pickle.dumps(failure, 5)
+            except Exception:
+                blob = pickle.dumps(RemoteError(repr(exc)), 5)
+            try:
+                worker.send(_wire.INIT_FAILED, [pickle.dumps((blob, describe(exc)[2]), 5)])
+            except OSError:
+                pass
+            return 0
     try:
-        return pickle.dumps(("ok", *outcome), pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        pass
-    # Some result or exception would not pickle: find it, item by item, and put an
-    # error in its place so the rest of the chunk still comes home.
-    results, errors, seconds, retried = outcome
-    errors = dict(errors or {})
-    for position, value in enumerate(results):
-        error = errors.get(position)
-        try:
-            # The same pickler as the final dump below: what cloudpickle can take by
-            # value, plain pickle may still refuse.
-            pickle.dumps(value if error is None else error, pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            what = "result" if error is None else "exception"
-            bad = value if error is None else error[0]
-            results[position] = None
-            errors[position] = capture(
-                SerializationError(
-                    f"the {what} of this item is a {type(bad).__qualname__}, which cannot "
-                    f"be pickled back to the parent ({exc!r}); return plain data instead"
-                )
-            )
-    return pickle.dumps(("ok", results, errors, seconds, retried), pickle.HIGHEST_PROTOCOL)
-
-
-def _as_picklable(exc: BaseException) -> BaseException:
-    try:
-        pickle.dumps(exc)
-        return exc
-    except Exception:
-        return SerializationError(repr(exc))
-
-
-def noop() -> int:
-    return os.getpid()
+        worker.send(_wire.READY, [pickle.dumps(os.getpid(), 5)])
+    except OSError:
+        return 0  # the parent closed us before we were ready: nothing to do
+    while worker.retiring is None and not worker.closed:
+        got = worker.next_frame()
+        if got is None:
+            break
+        kind, parts = got
+        if kind == _wire.CHUNK:
+            try:
+                worker.run_chunk(parts)
+            except OSError:
+                return 0  # the parent is gone (or closed us) mid-chunk
+        elif kind == _wire.CANCEL:
+            worker.cancelled.update(_wire.loads(parts))
+    return 0

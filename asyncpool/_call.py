@@ -1,0 +1,248 @@
+"""The units of work: a call, the pieces of its input, and the chunks that carry them.
+
+A :class:`Call` is one run/map/starmap/imap: its input, its items' outcomes and its
+waiter. A :class:`Piece` is a run of consecutive items of one call, and a
+:class:`Chunk` the pieces (of one or more calls) that travel and run together.
+
+The engine takes pieces of the input with :meth:`Call.take` and hands outcomes back
+with :meth:`Call.deliver`; the caller's task waits on :meth:`Call.wait` and reads what
+arrived. A call never holds a slot of the pool, so however it ends (finished, failed,
+timed out, cancelled, its input raising) it cannot leak one.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._options import CallOptions
+from ._sizing import Timing, assemble
+from ._source import Source
+
+if TYPE_CHECKING:
+    from ._functions import Shipped
+
+_ids = itertools.count(1)
+
+
+class Mode(enum.Enum):
+    LIST = "list"            # run, map, starmap: every result, in input order
+    ORDERED = "ordered"      # imap: streamed in input order
+    UNORDERED = "unordered"  # imap(ordered=False): streamed as they finish
+
+
+class CallState(enum.Enum):
+    ACTIVE = "active"
+    FINISHED = "finished"
+    ABANDONED = "abandoned"  # failed, timed out or cancelled: its results are dropped
+
+
+class Call:
+    """The engine's record of one call."""
+
+    def __init__(self, fn: Any, shipped: Shipped, star: bool, source: Source,
+                 options: CallOptions, timing: Timing, mode: Mode) -> None:
+        self.id = next(_ids)
+        self.fn = fn
+        self.shipped = shipped
+        self.star = star
+        self.source = source
+        self.options = options
+        self.timing = timing
+        self.mode = mode
+        self.state = CallState.ACTIVE
+        #: Items taken from the input so far (the index of the next one).
+        self.pulled = 0
+        #: Items with an outcome so far, and those handed to the caller (imap).
+        self.finished = 0
+        self.consumed = 0
+        #: Chunks holding items of this call. Invariant: chunk in self.chunks iff some
+        #: piece of chunk has call self and the chunk's rung has not reported it final.
+        self.chunks: set[Chunk] = set()
+        #: Finished values by the input index of their first item.
+        self.segments: dict[int, list[Any]] = {}
+        self.arrived: deque[list[Any]] = deque()  # unordered imap: in finishing order
+        #: Why the whole call failed (its input raised, no rung can serve, the pool
+        #: closed), and the first item's exception (unless return_exceptions).
+        self.error: BaseException | None = None
+        self.first_error: BaseException | None = None
+        self.failed = 0
+        self._event: anyio.Event | None = None
+
+    # -- the engine's side ---------------------------------------------------------
+
+    @property
+    def wants_input(self) -> bool:
+        return (self.state is CallState.ACTIVE and self.error is None
+                and self.first_error is None and not self.source.done)
+
+    def take(self, count: int) -> Piece | None:
+        fed = self.source.fed
+        items = self.source.take(count)
+        if self.source.error is not None and self.error is None:
+            self.error = self.source.error
+            self.wake()
+        if self.source.fed and not fed:
+            self.wake()  # the caller starts a feeder task
+        if not items:
+            if self.source.done:
+                self.wake()
+            return None
+        piece = Piece(self, self.pulled, items)
+        self.pulled += len(items)
+        return piece
+
+    def deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
+        """Items ``[start, start + len(values))`` finished; ``errors`` by offset."""
+        if self.state is not CallState.ACTIVE:
+            return
+        if errors:
+            values = list(values)
+            for offset, exc in errors.items():
+                values[offset] = exc
+            self.failed += len(errors)
+            first = errors[min(errors)]
+            if self.first_error is None and not self.options.return_exceptions:
+                self.first_error = first
+            # A function the workers cannot load fails the whole call once, even with
+            # return_exceptions: every item would fail the same way.
+            if self.error is None and getattr(first, "function", False):
+                self.error = first
+        if self.mode is Mode.UNORDERED:
+            self.arrived.append(values)
+        else:
+            self.segments[start] = values
+        self.finished += len(values)
+        self.wake()
+
+    def fail(self, error: BaseException) -> None:
+        """The whole call fails with ``error`` (a function the workers cannot load)."""
+        if self.error is None:
+            self.error = error
+        self.wake()
+
+    @property
+    def complete(self) -> bool:
+        return self.source.done and self.finished >= self.pulled
+
+    @property
+    def backlog(self) -> int:
+        """Items taken from the input and not yet handed to the caller."""
+        return self.pulled - (self.finished if self.mode is Mode.LIST else self.consumed)
+
+    # -- the caller's side ---------------------------------------------------------
+
+    def wake(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+    async def wait(self) -> None:
+        """Until something new arrives."""
+        self._event = event = anyio.Event()
+        await event.wait()
+
+    def results(self) -> list[Any]:
+        """Every value in input order (``run``/``map``), once complete."""
+        if len(self.segments) == 1:
+            return next(iter(self.segments.values()))
+        return assemble(self.segments)
+
+    def partial(self, start: int = 0) -> list[Any]:
+        """What finished, from input index ``start``, MISSING where nothing did."""
+        if self.mode is Mode.UNORDERED:
+            return [v for values in self.arrived for v in values]
+        # Items read from the input and not finished stand as MISSING.
+        total = self.source.total
+        if total is None:
+            total = self.pulled + self.source.buffered
+        return assemble(self.segments, start=start, total=total)
+
+    def next_ordered(self) -> list[Any] | None:
+        """The values that follow those already handed over, in input order."""
+        values = self.segments.pop(self.consumed, None)
+        if values is not None:
+            self.consumed += len(values)
+        return values
+
+    def next_unordered(self) -> list[Any] | None:
+        if not self.arrived:
+            return None
+        values = self.arrived.popleft()
+        self.consumed += len(values)
+        return values
+
+    def __repr__(self) -> str:
+        return (f"<Call {self.id} {self.state.value} pulled={self.pulled} "
+                f"finished={self.finished}>")
+
+
+class Piece:
+    """Items ``[start, start + len(items))`` of one call's input."""
+
+    __slots__ = ("call", "start", "items")
+
+    def __init__(self, call: Call, start: int, items: list[Any]) -> None:
+        self.call, self.start, self.items = call, start, items
+
+    def __repr__(self) -> str:
+        return f"<Piece call={self.call.id} [{self.start}, {self.start + len(self.items)})>"
+
+
+class Chunk:
+    """Pieces of one or more calls that travel and run together.
+
+    Positions number the items of all pieces in order. Results come back in slices
+    that cover positions in order, so ``reported`` is where the next slice starts.
+    """
+
+    __slots__ = ("pieces", "size", "crashes", "reported", "rung", "worker", "seq",
+                 "payload_bytes", "killed")
+
+    def __init__(self, pieces: list[Piece], crashes: int = 0) -> None:
+        self.pieces = pieces
+        self.size = sum(len(p.items) for p in pieces)
+        #: Crashes of this very set of items (meaningful for a single item).
+        self.crashes = crashes
+        self.reported = 0
+        #: The rung (and the worker on it) holding the chunk, set by the rung.
+        self.rung: Any = None
+        self.worker: Any = None
+        self.seq = 0
+        self.payload_bytes = 0
+        #: Stopped on purpose (timeout, cancellation, close): not a crash.
+        self.killed = False
+
+    def between(self, first: int, upto: int) -> Iterator[tuple[Piece, int, int, int]]:
+        """(piece, lo, hi, offset): the piece's own items [lo, hi) that lie within
+        positions [first, upto), and the position of the piece's first item."""
+        offset = 0
+        for piece in self.pieces:
+            end = offset + len(piece.items)
+            if end > first and offset < upto:
+                yield piece, max(first, offset) - offset, min(upto, end) - offset, offset
+            if end >= upto:
+                return
+            offset = end
+
+    def pieces_between(self, first: int, upto: int) -> list[Piece]:
+        """New pieces holding positions [first, upto) (for sending them again)."""
+        return [Piece(piece.call, piece.start + lo, piece.items[lo:hi])
+                for piece, lo, hi, _ in self.between(first, upto) if hi > lo]
+
+    def locate(self, position: int) -> tuple[Piece, int]:
+        """The piece holding ``position``, and that item's index in its call's input."""
+        for piece, lo, _, _ in self.between(position, position + 1):
+            return piece, piece.start + lo
+        raise IndexError(position)
+
+    def calls(self) -> set[Call]:
+        return {piece.call for piece in self.pieces}
+
+    def __repr__(self) -> str:
+        return f"<Chunk seq={self.seq} size={self.size} pieces={self.pieces}>"

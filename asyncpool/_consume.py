@@ -1,0 +1,199 @@
+"""The caller's side of a call: waiting for results under one deadline.
+
+:func:`collect` serves ``run``, ``map`` and ``starmap``; :class:`Stream` serves
+``imap``. Either way the deadline covers the whole call (a rung starting, a slow or
+rate-limited input, waiting for a worker), and however the caller leaves (results,
+an error, the deadline, cancellation) the call is finished with the engine at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+
+from ._call import Call, Mode
+from ._errors import DeadlineExceeded
+from ._progress import Reporter
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+    from ._loop import Background
+
+T = TypeVar("T")
+
+
+class _Feeder:
+    """Pulls a fed input (async, slow, or rate-limited) while the call lasts."""
+
+    def __init__(self, engine: Engine, call: Call) -> None:
+        self.engine, self.call = engine, call
+        self.task: Background | None = None
+
+    def check(self) -> None:
+        call = self.call
+        if self.task is None and call.source.fed and not call.source.done:
+            self.task = self.engine.loop.spawn(call.source.feed, self._want, self._arrived)
+
+    def _want(self) -> int:
+        return max(1, self.engine.window_items(self.call))
+
+    def _arrived(self) -> None:
+        self.engine.resume(self.call)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with anyio.CancelScope(shield=True):
+                await self.task.wait()
+        await self.call.source.aclose()
+
+
+def _deadline(call: Call) -> float:
+    timeout = call.options.timeout
+    return math.inf if timeout is None else anyio.current_time() + timeout
+
+
+def _exceeded(call: Call, partial: list[Any], start: int = 0) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"the deadline of {call.options.timeout} s passed with {call.pulled - call.finished} "
+        f"item(s) taken and unfinished; `.partial` holds what finished", partial, start)
+
+
+async def collect(engine: Engine, call: Call) -> list[Any]:
+    """Every result of ``call``, in input order; raises its first failure."""
+    reporter = Reporter(call.options.progress, call.source.total)
+    feeder = _Feeder(engine, call)
+    deadline = _deadline(call)
+    kill = False
+    engine.add(call)
+    try:
+        with anyio.move_on_after(deadline - anyio.current_time()):
+            while True:
+                feeder.check()
+                reporter.advance(call.finished - reporter.done)
+                failure = call.error or call.first_error
+                if failure is not None:
+                    raise failure
+                if call.complete:
+                    return call.results()
+                await call.wait()
+        kill = call.options.kill_on_timeout
+        engine.emit("deadline", f"deadline of {call.options.timeout} s passed",
+                    unfinished=call.pulled - call.finished)
+        raise _exceeded(call, call.partial()) from None
+    except BaseException as exc:
+        if not isinstance(exc, Exception):  # cancelled (or interrupted)
+            kill = call.options.cancel_running == "kill"
+        raise
+    finally:
+        engine.finish(call, kill=kill)
+        reporter.close()
+        await feeder.stop()
+
+
+class Stream(Generic[T]):
+    """The results of ``imap``, as they come.
+
+    Use ``async for value in pool.imap(...)``; to leave early and be sure the call is
+    finished at once (on trio, or when other work follows), use
+    ``async with pool.imap(...) as results: async for value in results: ...``.
+    """
+
+    def __init__(self, engine: Engine, call: Call) -> None:
+        self._engine = engine
+        self._call = call
+        self._reporter = Reporter(call.options.progress, call.source.total)
+        self._feeder = _Feeder(engine, call)
+        self._deadline = _deadline(call)
+        self._buffer: list[Any] = []
+        self._closed = False
+        self._started = False
+
+    def __aiter__(self) -> Stream[T]:
+        return self
+
+    async def __aenter__(self) -> Stream[T]:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def __anext__(self) -> T:
+        if not self._buffer:
+            if self._closed:
+                raise StopAsyncIteration
+            try:
+                await self._fill()
+            except BaseException as exc:
+                kill = self._call.options.cancel_running == "kill"
+                if isinstance(exc, DeadlineExceeded):
+                    kill = self._call.options.kill_on_timeout
+                await self.aclose(kill=kill)
+                raise
+            if not self._buffer:
+                await self.aclose()
+                raise StopAsyncIteration
+        value = self._buffer.pop()
+        if isinstance(value, BaseException) and not self._call.options.return_exceptions:
+            await self.aclose()
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    async def _fill(self) -> None:
+        call, engine = self._call, self._engine
+        if not self._started:
+            self._started = True
+            engine.add(call)
+        ordered = call.mode is Mode.ORDERED
+        with anyio.move_on_after(self._deadline - anyio.current_time()):
+            while True:
+                self._feeder.check()
+                values = call.next_ordered() if ordered else call.next_unordered()
+                if values is not None:
+                    self._reporter.advance(len(values))
+                    self._buffer = list(reversed(values))
+                    engine.resume(call)
+                    return
+                if call.error is not None:
+                    raise call.error
+                if call.complete:
+                    return
+                await call.wait()
+        engine.emit("deadline", f"deadline of {call.options.timeout} s passed",
+                    unfinished=call.pulled - call.finished)
+        raise _exceeded(call, call.partial(call.consumed), call.consumed) from None
+
+    async def aclose(self, kill: bool = False) -> None:
+        """Finish the call now: what has not started never runs."""
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer.clear()
+        if self._started:
+            self._engine.finish(self._call, kill=kill)
+        self._reporter.close()
+        await self._feeder.stop()
+
+    def __del__(self) -> None:
+        # Left without aclose (a `break` in `async for`): finish the call here, which
+        # needs no await; the feeder task, if any, is cancelled.
+        if not self._closed and self._started:
+            self._closed = True
+            try:
+                self._engine.finish(self._call)
+                if self._feeder.task is not None:
+                    self._feeder.task.cancel()
+            except Exception:
+                pass
+
+
+def total_of(items: Iterable[Any]) -> int | None:
+    try:
+        return len(items)  # type: ignore[arg-type]
+    except TypeError:
+        return None

@@ -1,0 +1,257 @@
+"""The engine: every call's items, packed into chunks, out to a rung and back.
+
+::
+
+    callers (tasks)           the engine, on the loop                the serving rung
+    ---------------           ----------------------                ----------------
+    run / map / imap  --->  ready calls (round robin)
+      makes a Call            |  flush(), once per loop turn
+                              v  and whenever a rung has room
+                           Chunk = pieces of one or more calls ---> offer() / submit()
+                                                                        |
+                                                      a worker process, thread or
+                                                      the loop runs the items; results
+                                                      come back every ~5 ms, through a
+                                                      socket read by the loop or
+                                                      call_soon_threadsafe from a thread
+                                                                        |
+    call.wait() <--- Call.deliver <--- chunk_progress <-----------------+
+                                       chunk_done / crashed / lost / unloadable:
+                                       the chunk's final report; its slot frees
+                                       and the engine flushes again
+
+Concurrent calls share chunks (what callers bring in one loop turn, or while every
+slot is busy, goes out together); a call whose items are all out never waits for a
+slot again, and each caller's results reach it as its own items finish. A rung's
+capacity is its own (see :mod:`asyncpool._rungs.base`): calls hold no slot, so no
+way a call ends can leak one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ._call import Call, CallState, Chunk, Piece
+from ._config import PoolConfig
+from ._errors import PoolClosed
+from ._events import Counters, Emitter
+from ._ladder import Ladder
+from ._loop import Loop
+from ._outcomes import Outcomes
+from ._rungs import ChunkUnpicklable, Rung
+from ._sizing import Timing, guided_cap
+
+#: A call streams at most this many pickled bytes ahead of its caller (in flight, or
+#: finished and not yet consumed), so large items do not pile up in memory.
+WINDOW_BYTES = 32 << 20
+
+
+class Engine:
+    """Takes every call's items to the serving rung, in chunks.
+
+    Its collaborators: the :class:`~asyncpool._ladder.Ladder` (which rung serves),
+    the :class:`~asyncpool._outcomes.Outcomes` that rungs report to (chunks in flight,
+    resends), the counters and the event emitter.
+    """
+
+    def __init__(self, config: PoolConfig, counters: Counters, emit: Emitter,
+                 loop: Loop) -> None:
+        self.config = config
+        self.counters = counters
+        self.emit = emit
+        self.loop = loop
+        self.outcomes = Outcomes(config, counters, emit, self.kick)
+        self.ladder = Ladder(config, self.outcomes, self.kick, self.fail_all, counters,
+                             emit, loop)
+        self.outcomes.settled = self.ladder.settled
+        #: Calls that may have input to send, served in turn.
+        self.ready: deque[Call] = deque()
+        #: Calls held back until their caller catches up (see window_items).
+        self.stalled: set[Call] = set()
+        self.calls: set[Call] = set()
+        self._scheduled = False
+
+    @property
+    def in_flight(self) -> set[Chunk]:
+        return self.outcomes.in_flight
+
+    # -- calls ---------------------------------------------------------------------
+
+    def add(self, call: Call) -> None:
+        self.calls.add(call)
+        self.ready.append(call)
+        self.kick()
+
+    def resume(self, call: Call) -> None:
+        """A call may have something to send again (input arrived, room freed)."""
+        if call.source.done or call.error is not None:
+            call.wake()  # its input ended (or failed): the caller may be complete
+        if call in self.stalled and not self._over_window(call):
+            self.stalled.discard(call)
+            self.ready.append(call)
+        elif call.wants_input and call not in self.stalled and call not in self.ready:
+            self.ready.append(call)
+        self.kick()
+
+    def finish(self, call: Call, *, kill: bool = False) -> None:
+        """The call is over (done, failed, timed out or cancelled): forget it."""
+        if call.state is CallState.ACTIVE:
+            call.state = CallState.FINISHED if call.complete else CallState.ABANDONED
+        self.calls.discard(call)
+        self.stalled.discard(call)
+        held = list(call.chunks)
+        if held and call.state is CallState.ABANDONED:
+            for rung in {chunk.rung for chunk in held}:
+                rung.cancel([call.id])
+                if kill and not rung.kill([c for c in held if c.rung is rung]):
+                    self.emit("deadline", f"the {rung.name} rung cannot stop running "
+                              "tasks; they finish in the background")
+        if self.outcomes.closing:
+            self.outcomes.stop(self.outcomes.orphans())
+        if not call.shipped.lasting:
+            for rung in self.ladder.rungs():
+                rung.forget(call.shipped.id)
+        self.kick()
+
+    def fail_all(self, error: BaseException) -> None:
+        """No rung can run anything: every waiting call fails with ``error``."""
+        for call in list(self.calls):
+            call.fail(error)
+
+    # -- sending -------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Flush at the end of this loop turn (once, however often it is asked)."""
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self.outcomes.closing:
+            return
+        if self.stalled:
+            for call in [c for c in self.stalled if not self._over_window(c)]:
+                self.stalled.discard(call)
+                self.ready.append(call)
+        while self.outcomes.again or self.ready:
+            rung = self.ladder.serving_rung()
+            if rung is None:
+                return  # the ladder is (re)building; it kicks when a rung serves
+            room = rung.offer()
+            if room == 0:
+                return
+            chunk = self._next(rung, room)
+            if chunk is None:
+                return
+            try:
+                rung.submit(chunk)
+            except ChunkUnpicklable as exc:
+                self.outcomes.unpicklable(chunk, exc.errors)
+                continue
+            self.outcomes.sent(chunk)
+
+    def _next(self, rung: Rung, room: int | None) -> Chunk | None:
+        limit = self.config.max_chunk_size if room is None else room
+        again = self.outcomes.again
+        while again:
+            chunk = again.popleft()
+            pieces = [p for p in chunk.pieces if p.call.state is CallState.ACTIVE]
+            if not pieces:
+                continue
+            size = sum(len(p.items) for p in pieces)
+            if size > limit:
+                # Too big for this worker's remaining tasks: send the head now.
+                head = Chunk(pieces, chunk.crashes).pieces_between(0, limit)
+                rest = Chunk(pieces, chunk.crashes).pieces_between(limit, size)
+                again.appendleft(Chunk(rest, chunk.crashes))
+                pieces = head
+            return Chunk(pieces, chunk.crashes)
+        return self._new_chunk(limit, self._lanes(rung))
+
+    def _lanes(self, rung: Rung) -> int:
+        return max(1, getattr(rung, "lanes", self.config.max_workers))
+
+    def _new_chunk(self, limit: int, lanes: int) -> Chunk | None:
+        target = self.config.target_chunk_seconds
+        budget = target
+        pieces: list[Piece] = []
+        count = 0
+        unknown: set[Timing] = set()
+        visits = len(self.ready)
+        while self.ready and count < limit and budget > 0 and visits > 0:
+            visits -= 1
+            call = self.ready.popleft()
+            if not call.wants_input:
+                continue
+            if self._over_window(call):
+                self.stalled.add(call)
+                continue
+            fixed = call.options.chunk_size or self.config.chunk_size
+            if fixed is not None and pieces:
+                self.ready.appendleft(call)  # a fixed-size call gets a chunk of its own
+                break
+            timing = call.timing
+            cost = timing.per_item if timing.per_item is not None else target / timing.ramp
+            want = fixed or max(1, int(budget / max(cost, 1e-9)))
+            want = min(want, limit - count, timing.bytes_cap(), max(1, self.window_items(call)))
+            cap = guided_cap(call.source.remaining, lanes) if fixed is None else None
+            if cap is not None:
+                want = min(want, cap)
+            piece = call.take(max(1, want))
+            if call.error is not None:
+                self.loop.call_soon(call.wake)
+            if piece is not None:
+                pieces.append(piece)
+                count += len(piece.items)
+                budget -= cost * len(piece.items)
+                if timing.per_item is None:
+                    unknown.add(timing)
+            if call.wants_input and call.source.available():
+                self.ready.append(call)
+            if fixed is not None:
+                break
+        for timing in unknown:
+            timing.grow()
+        return Chunk(pieces) if pieces else None
+
+    def window_items(self, call: Call) -> int:
+        """How many more items ``call`` may take from its input now.
+
+        A call holds at most enough items for every slot to be busy twice over (and at
+        most :data:`WINDOW_BYTES` of them) between its input and its caller: taken and
+        running, or finished and not yet handed over by ``imap``.
+        """
+        per_chunk = self.config.max_chunk_size
+        if call.timing.per_item is not None:
+            per_chunk = max(1, min(per_chunk, int(self.config.target_chunk_seconds
+                                                  / max(call.timing.per_item, 1e-9))))
+        items = 4 * self.config.in_flight * per_chunk
+        if call.timing.bytes_per_item:
+            items = min(items, max(1, int(WINDOW_BYTES / call.timing.bytes_per_item)))
+        return items - call.backlog
+
+    def _over_window(self, call: Call) -> bool:
+        return self.window_items(call) <= 0
+
+    # -- closing -------------------------------------------------------------------
+
+    async def aclose(self, kill: bool) -> None:
+        """Stop. Without ``kill`` the running items of live calls finish; items nobody
+        waits for any more are stopped; what was never sent fails with PoolClosed."""
+        import anyio
+
+        outcomes = self.outcomes
+        outcomes.closing = True
+        self.ready.clear()
+        self.stalled.clear()
+        outcomes.again.clear()
+        outcomes.stop(list(outcomes.in_flight) if kill else outcomes.orphans())
+        with anyio.CancelScope(shield=True):
+            if not kill:
+                await outcomes.drained()
+            # Killed chunks are reported as their workers die; a thread cannot be
+            # killed, so one still running an orphan is left to finish on its own.
+            await self.ladder.aclose(kill or bool(outcomes.in_flight))
+        for call in list(self.calls):
+            call.fail(PoolClosed("the pool was closed"))

@@ -1,0 +1,307 @@
+"""Running items, wherever they run: each item with its own outcome.
+
+Threads of the thread rung call :func:`execute` directly; worker processes
+(:mod:`asyncpool._worker`) and Dask workers (:func:`run_on_cluster`) call it on what
+they unpickled. Exceptions leave as themselves where they can be rebuilt on the other
+side, and as :class:`~asyncpool.RemoteError` where not. This module imports little:
+worker processes load it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import time
+
+from . import _wire
+from ._errors import RemoteError, SerializationError
+from ._retry import backoff_delays, is_transient
+
+TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+    #: One run of a chunk: (function, star, call id, items).
+    Run = tuple[Callable[..., Any], bool, int, Sequence[Any]]
+    #: Hands over a slice of a chunk: (first position, end, results, errors by
+    #: position, seconds spent, given with the last slice only).
+    Tick = Callable[[int, int, list[Any], dict[int, BaseException], float | None],
+                    tuple[set[int], bool]]
+
+#: A worker sends what finished at least this often (seconds), so a caller's result
+#: does not wait for the rest of its chunk, and a crash loses at most this much work.
+FLUSH_SECONDS = 0.005
+
+
+def load_site() -> None:
+    """Process .pth files now, in an interpreter started without ``site`` (-S)."""
+    if sys.flags.no_site and "site" not in _loaded:
+        _loaded.add("site")
+        import site
+
+        site.main()
+
+
+_loaded: set[str] = set()
+
+
+#: One namespace for every function of the caller's main script that a worker loads.
+_main_globals: dict[str, Any] = {}
+
+
+def share_main(fn: Any) -> Any:
+    """``fn`` with the globals of the caller's main script shared with its other
+    functions loaded here.
+
+    cloudpickle sends a function of ``__main__`` by value with a copy of the globals it
+    uses, one copy per pickle: an initializer that fills a global dict and a task that
+    reads it would each see their own. Rebinding them to one namespace gives what a
+    forked worker would have: one set of module globals.
+    """
+    import functools
+    import types
+
+    if isinstance(fn, functools.partial):
+        inner = share_main(fn.func)
+        return fn if inner is fn.func else functools.partial(inner, *fn.args, **fn.keywords)
+    if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
+        return fn
+    shared = _main_globals
+    for name, value in fn.__globals__.items():
+        shared.setdefault(name, value)
+    if fn.__globals__ is shared:
+        return fn
+    rebound = types.FunctionType(fn.__code__, shared, fn.__name__, fn.__defaults__,
+                                 fn.__closure__)
+    rebound.__kwdefaults__ = fn.__kwdefaults__
+    rebound.__qualname__ = fn.__qualname__
+    rebound.__dict__.update(fn.__dict__)
+    shared.setdefault(fn.__name__, rebound)
+    return rebound
+
+
+def loads(data: Any, buffers: Any = ()) -> Any:
+    """``pickle.loads``; a module not found is looked for again once ``site`` ran."""
+    try:
+        return pickle.loads(data, buffers=buffers)
+    except ImportError:
+        if not sys.flags.no_site or "site" in _loaded:
+            raise
+    load_site()
+    return pickle.loads(data, buffers=buffers)
+
+
+def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int) -> Any:
+    """``fn(item)``, retrying transient resource errors with backoff."""
+    try:
+        return fn(*item) if star else fn(item)
+    except Exception as exc:
+        if not (retries and is_transient(exc)):
+            raise
+        error: Exception = exc
+    delays = backoff_delays(0.05, 2.0, 1.0, 0.1)
+    for _ in range(retries):
+        time.sleep(next(delays))
+        try:
+            return fn(*item) if star else fn(item)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            error = exc
+    raise error
+
+
+def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
+            skip: set[int] | frozenset[int] = frozenset()) -> tuple[int, float]:
+    """Run every item of ``runs``; returns (where it stopped, seconds spent).
+
+    ``tick(first, upto, results, errors, seconds)`` hands over positions [first, upto)
+    at least every :data:`FLUSH_SECONDS` and at the end (the only time ``seconds`` is
+    given), and answers which calls to skip and whether to stop. Items of the calls in
+    ``skip`` are not run. ``progress[1]`` is set to the position of each item as it
+    starts, for the parent to read after a crash.
+    """
+    results: list[Any] = []
+    append = results.append
+    errors: dict[int, BaseException] = {}
+    started = last = time.perf_counter()
+    flushed = position = 0
+    for fn, star, call, items in runs:
+        for item in items:
+            if call in skip:
+                append(SKIPPED)
+                position += 1
+                continue
+            if progress is not None:
+                progress[1] = position
+            try:
+                append(call_item(fn, item, star, retries) if retries
+                       else fn(*item) if star else fn(item))
+            except BaseException as exc:
+                # SystemExit and KeyboardInterrupt too: they are the item's outcome,
+                # and must not end the worker.
+                append(None)
+                errors[position] = exc
+            position += 1
+            now = time.perf_counter()
+            if now - last >= FLUSH_SECONDS:
+                last = now
+                skip, stop = tick(flushed, position, results, errors, None)
+                flushed = position
+                results.clear()
+                errors = {}
+                if stop:
+                    return position, now - started
+    seconds = time.perf_counter() - started
+    tick(flushed, position, results, errors, seconds)
+    return position, seconds
+
+
+class _Skipped:
+    def __repr__(self) -> str:
+        return "<skipped>"
+
+    def __reduce__(self) -> str:
+        return "SKIPPED"
+
+
+#: Stands for an item that was not run because its call was cancelled.
+SKIPPED = _Skipped()
+
+
+def describe(exc: BaseException) -> tuple[str, str, str]:
+    """(qualified type name, message, traceback text) of an exception."""
+    import traceback
+
+    cls = type(exc)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else (
+        f"{cls.__module__}.{cls.__qualname__}")
+    text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    return name, str(exc), text
+
+
+def portable(exc: BaseException) -> BaseException:
+    """``exc`` if it can be rebuilt on the other side; else a :class:`RemoteError`."""
+    name, message, text = describe(exc)
+    if isinstance(exc, (SystemExit, KeyboardInterrupt)) or not isinstance(exc, Exception):
+        code = exc.code if isinstance(exc, SystemExit) else None
+        return RemoteError(f"the task raised {name}" + (f"({code!r})" if code is not None
+                                                          else ""),
+                           type_name=name, traceback=text, exit_code=code)
+    try:
+        # A class whose __init__ needs more than ``args`` pickles but does not load.
+        pickle.loads(pickle.dumps(exc, 5))
+        return exc
+    except Exception:
+        pass
+    try:
+        import cloudpickle
+
+        pickle.loads(cloudpickle.dumps(exc, 5))
+        return exc
+    except Exception:
+        return RemoteError(f"{name}: {message}", type_name=name, traceback=text)
+
+
+# -- the worker process ---------------------------------------------------------------
+
+
+def encode_errors(errors: dict[int, BaseException]) -> list[tuple[int, bytes, str]]:
+    """(position, pickled exception, traceback text) for each failed item."""
+    encoded = []
+    for position, exc in errors.items():
+        text = describe(exc)[2]
+        exc = portable(exc)
+        try:
+            blob = pickle.dumps(exc, 5)
+        except Exception:
+            import cloudpickle
+
+            blob = cloudpickle.dumps(exc, 5)
+        encoded.append((position, blob, text))
+    return encoded
+
+
+# Functions a Dask worker loaded, by the identity of their scattered pickle (which the
+# worker keeps while the call lasts), so each is unpickled once, not once per chunk.
+_cluster_functions: dict[int, tuple[bytes, Any]] = {}
+
+
+def run_on_cluster(blobs: list[bytes], runs: list[tuple[int, bool, int, list[Any]]],
+                   retries: int) -> tuple[bytes, list[tuple[int, bytes, str]], float, str | None]:
+    """What the dask rung runs on a Dask worker: (pickled results, errors, seconds,
+    why the function could not be loaded, or None)."""
+    functions = []
+    for blob in blobs:
+        found = _cluster_functions.get(id(blob))
+        if found is None or found[0] is not blob:
+            try:
+                found = (blob, share_main(loads(blob)))
+            except BaseException as exc:
+                return b"", [], 0.0, repr(exc)
+            if len(_cluster_functions) > 64:
+                _cluster_functions.clear()
+            _cluster_functions[id(blob)] = found
+        functions.append(found[1])
+    results: list[Any] = []
+    errors: dict[int, BaseException] = {}
+
+    def tick(first: int, upto: int, done: list[Any], failed: dict[int, BaseException],
+             seconds: float | None) -> tuple[set[int], bool]:
+        results.extend(done)
+        errors.update(failed)
+        return set(), False
+
+    _, seconds = execute([(functions[f], star, call, items) for f, star, call, items in runs],
+                         retries, tick)
+    return b"".join(dump_results(results)[:1]), encode_errors(errors), seconds, None
+
+
+def dump_results(results: list[Any]) -> _wire.Parts:
+    """Pickled results; one that will not pickle becomes its item's error, alone."""
+    try:
+        parts = _wire.dumps_any(results)
+    except Exception:
+        parts = []
+    if parts and len(parts[0]) >= _wire.SMALL_FRAME:
+        # Big results travel out of band: the parent reads them into place.
+        parts = _wire.dumps_any(_wire.wrap_big(results))
+    if parts:
+        return parts
+    fixed = []
+    for value in results:
+        try:
+            _wire.dumps_any(value)
+            fixed.append(value)
+        except Exception as exc:
+            fixed.append(Unsendable(f"its result, a {type(value).__qualname__}, cannot be "
+                                     f"pickled back to the parent ({exc!r}); return plain "
+                                     "data instead"))
+    return _wire.dumps_any(fixed)
+
+
+class Unloadable:
+    """Stands for a function the worker could not unpickle; calling it says why."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __call__(self, *args: Any) -> Any:
+        error = SerializationError(
+            f"the function could not be loaded in the worker ({self.exc!r}); define it "
+            "in a module the workers can import, or at module level of the main script")
+        error.function = True  # type: ignore[attr-defined]
+        raise error from self.exc
+
+
+class Unsendable:
+    """Stands for a result that could not be pickled (the parent makes it an error)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Unsendable, (self.reason,))

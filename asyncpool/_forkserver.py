@@ -1,0 +1,179 @@
+"""The parent's side of the fork server (:mod:`asyncpool._zygote`).
+
+One fork server per interpreter, started by the first process rung and shared by every
+pool after it (on any event loop or thread). Asking it for a worker is one message on
+its control socket carrying the new worker's three descriptors: the worker's socket,
+a status socket on which the fork server reports the worker's pid and later its exit
+status, and a 16-byte shared memory area where the worker notes the item it is running
+(read by the parent only after a crash). Nothing touches the file system.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Any
+
+logger = logging.getLogger("asyncpool")
+
+# Started without `site` (-S) to start in a few milliseconds: it gets the parent's
+# import path instead, led by the folder holding this package (which an editable
+# install may make importable through a finder that -S would skip).
+_BOOT = ("import sys; sys.path[:0] = sys.argv[2:]; "
+         "from asyncpool._zygote import main; main()")
+
+
+class Spawned:
+    """A worker just asked for: its socket, its status socket and its progress area."""
+
+    __slots__ = ("sock", "status", "progress", "server")
+
+    def __init__(self, sock: socket.socket, status: socket.socket, progress: Any,
+                 server: ForkServer) -> None:
+        self.sock, self.status, self.progress, self.server = sock, status, progress, server
+
+
+class ForkServer:
+    """A running fork server."""
+
+    _lock = threading.Lock()
+    _current: ForkServer | None = None
+    _hooks = False
+
+    def __init__(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            path = [here, *(p for p in sys.path if p != here)]
+            command = [sys.executable, "-S", "-c", _BOOT, str(child.fileno()), *path]
+            # Its own session: a Ctrl-C in the terminal is the parent's to handle.
+            self.process = subprocess.Popen(command, pass_fds=(child.fileno(),),
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.control = parent
+
+    @classmethod
+    def spawn(cls) -> Spawned:
+        """Ask for a new worker, starting (or restarting) the fork server if needed.
+
+        Blocks for the start of the fork server (a few ms, once); raises OSError
+        (EAGAIN when no process can be created) if it cannot start.
+        """
+        for attempt in range(2):
+            with cls._lock:
+                server = cls._current
+                if server is None or server.process.poll() is not None:
+                    if server is not None:
+                        server.close()
+                    server = cls._current = cls()
+                    cls._install_hooks()
+            try:
+                return server._fork()
+            except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
+                if attempt:
+                    raise
+                with cls._lock:
+                    if cls._current is server:
+                        server.close()
+                        cls._current = None
+        raise AssertionError("unreachable")
+
+    def _fork(self) -> Spawned:
+        ours, theirs = socket.socketpair()
+        status, status_theirs = socket.socketpair()
+        fd, progress = _progress_area()
+        try:
+            socket.send_fds(self.control, [b"fork"], [theirs.fileno(), status_theirs.fileno(),
+                                                      fd])
+        except BaseException:
+            ours.close()
+            status.close()
+            raise
+        finally:
+            theirs.close()
+            status_theirs.close()
+            os.close(fd)
+        ours.setblocking(False)
+        status.setblocking(False)
+        return Spawned(ours, status, progress, self)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def preload(self, modules: list[str]) -> None:
+        """Have later workers start with these modules already imported."""
+        try:
+            self.control.send("\0".join(["preload", *modules]).encode())
+        except OSError:
+            pass
+
+    @classmethod
+    def current(cls) -> ForkServer | None:
+        return cls._current
+
+    def close(self) -> None:
+        """Stop the fork server; it kills every worker it forked that is still alive."""
+        try:
+            self.control.close()
+        except OSError:
+            pass
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - it did not exit
+            self.process.kill()
+            self.process.wait()
+
+    @classmethod
+    def _install_hooks(cls) -> None:
+        if cls._hooks:
+            return
+        cls._hooks = True
+        atexit.register(cls._at_exit)
+        # A child forked by the application must not hold the control socket open, or
+        # the fork server would not notice when this process dies.
+        os.register_at_fork(after_in_child=cls._after_fork)
+
+    @classmethod
+    def _at_exit(cls) -> None:
+        server, cls._current = cls._current, None
+        if server is not None:
+            server.close()
+
+    @classmethod
+    def _after_fork(cls) -> None:
+        server, cls._current = cls._current, None
+        if server is not None:
+            try:
+                server.control.close()
+            except OSError:
+                pass
+
+
+def _progress_area() -> tuple[int, Any]:
+    """A 16-byte area shared with one worker: (chunk number, position running)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("asyncpool-progress", os.MFD_CLOEXEC)
+    else:  # pragma: no cover - not Linux: an unlinked temporary file
+        handle = tempfile.TemporaryFile()
+        fd = os.dup(handle.fileno())
+        handle.close()
+    try:
+        os.ftruncate(fd, 16)
+        area = mmap.mmap(fd, 16)
+    except BaseException:
+        os.close(fd)
+        raise
+    view = memoryview(area).cast("q")
+    view[0] = view[1] = -1
+    return fd, view

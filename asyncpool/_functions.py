@@ -1,0 +1,102 @@
+"""Functions, pickled once and known to workers by a number.
+
+A module-level function pickles by reference, so its pickle never changes: it is made
+once per pool and each worker loads it once. Anything else (a ``functools.partial``, a
+lambda, a closure, a callable object) may change between calls, so it is pickled once
+per call and dropped from the workers when the call ends. Chunks then carry only the
+number, whatever the function weighs.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import pickle
+import types
+from collections import OrderedDict
+from typing import Any
+
+from ._sizing import Timing
+from ._errors import SerializationError
+
+#: Functions (and their timings) remembered per pool; the oldest go first.
+_REMEMBERED = 512
+
+
+class Shipped:
+    """A function as workers receive it."""
+
+    __slots__ = ("id", "blob", "name", "lasting")
+
+    def __init__(self, fn_id: int, blob: bytes, name: str, lasting: bool) -> None:
+        self.id, self.blob, self.name, self.lasting = fn_id, blob, name, lasting
+
+    def __repr__(self) -> str:
+        return f"<Shipped {self.id} {self.name} {len(self.blob)} bytes>"
+
+
+class FunctionBook:
+    """The pool's functions, and what their items cost."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._lasting: OrderedDict[int, tuple[Any, Shipped]] = OrderedDict()
+        self._timings: OrderedDict[Any, tuple[Any, Timing]] = OrderedDict()
+
+    def ship(self, fn: Any) -> Shipped:
+        """``fn`` pickled for the workers; raises SerializationError if it cannot be."""
+        key = id(fn)
+        found = self._lasting.get(key)
+        if found is not None and found[0] is fn:
+            self._lasting.move_to_end(key)
+            return found[1]
+        name = name_of(fn)
+        # A function of the main script pickles by reference too, but workers do not
+        # run the main script: it must travel by value (cloudpickle).
+        if (isinstance(fn, types.FunctionType | types.BuiltinFunctionType)
+                and getattr(fn, "__module__", None) not in (None, "__main__", "__mp_main__")):
+            try:
+                blob = pickle.dumps(fn, 5)
+            except Exception:
+                pass
+            else:
+                # Pickled by reference: the same bytes for as long as the function lives.
+                shipped = Shipped(next(self._ids), blob, name, True)
+                self._lasting[key] = (fn, shipped)
+                if len(self._lasting) > _REMEMBERED:
+                    self._lasting.popitem(last=False)
+                return shipped
+        try:
+            import cloudpickle
+
+            blob = cloudpickle.dumps(fn, 5)
+        except Exception as exc:
+            raise SerializationError(
+                f"the function {fn!r} cannot be pickled for the worker processes ({exc!r}); "
+                "define it at module level, or pass it through functools.partial"
+            ) from exc
+        return Shipped(next(self._ids), blob, name, False)
+
+    def timing(self, fn: Any) -> Timing:
+        """The measured cost of ``fn``'s items, shared by every call of the same code."""
+        root = fn
+        while isinstance(root, functools.partial):
+            root = root.func
+        root = getattr(root, "__func__", root)
+        found = self._timings.get(id(root))
+        if found is not None and found[0] is root:
+            return found[1]
+        timing = Timing()
+        self._timings[id(root)] = (root, timing)
+        if len(self._timings) > _REMEMBERED:
+            self._timings.popitem(last=False)
+        return timing
+
+
+def name_of(fn: Any) -> str:
+    """A readable name: the function's own, through partials and bound methods."""
+    root = fn
+    while isinstance(root, functools.partial):
+        root = root.func
+    name = getattr(root, "__qualname__", None) or getattr(root, "__name__", None)
+    return str(name or type(root).__name__)

@@ -1,0 +1,228 @@
+"""The ladder: which rung serves, starting rungs with backoff, falling back, climbing.
+
+It owns the serving rung and the lock around changing it. Starting a rung is retried
+``creation_attempts`` times with exponential backoff when the failure is transient (no
+thread, no process, no memory, a cluster that does not answer); then the next rung down
+is tried. A pool below its top rung retries the higher ones in the background and
+climbs back when one starts. A rung that is replaced, or stops serving, drains: the
+chunks it holds finish there, and it is closed once it holds none.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._errors import PoolClosed
+from ._events import Counters, Emitter
+from ._retry import backoff_delays, is_transient
+from ._rungs import Listener, Rung, RungState, create_rung
+
+if TYPE_CHECKING:
+    from ._config import PoolConfig
+    from ._loop import Background, Loop
+
+
+class Ladder:
+    """The serving rung and its lock; rungs it starts report to ``listener``. ``kick``
+    is called when a rung serves again, ``fail_all`` when none can."""
+
+    def __init__(self, config: PoolConfig, listener: Listener, kick: Callable[[], None],
+                 fail_all: Callable[[BaseException], None], counters: Counters,
+                 emit: Emitter, loop: Loop) -> None:
+        self.config = config
+        self.listener = listener
+        self.kick = kick
+        self.fail_all = fail_all
+        self.counters = counters
+        self.emit = emit
+        self.loop = loop
+        self.serving: Rung | None = None
+        #: Position of the serving rung in ``config.ladder`` (0 is the top).
+        self.index = 0
+        #: Rungs that no longer take chunks but still hold some.
+        self.draining: list[Rung] = []
+        self.closed = False
+        #: Why the last rung failed to start, for the error when none of them can.
+        self.last_error: BaseException | None = None
+        self._lock = anyio.Lock()
+        self._rebuild: Background | None = None
+        self._promoter: Background | None = None
+        self._closers: set[Background] = set()
+
+    def rungs(self) -> list[Rung]:
+        return [r for r in [self.serving, *self.draining] if r is not None]
+
+    async def open(self) -> None:
+        """Start the first rung that can start (or, with warm_start, threads at once
+        while processes start in the background)."""
+        ladder = self.config.ladder
+        if self.config.warm_start and "process" in ladder and "thread" in ladder:
+            index = ladder.index("thread")
+            self._install(await create_rung("thread", self.config, self.listener, self.loop),
+                          index, promote_after=0.0)
+            return
+        async with self._lock:
+            await self._climb_down()
+
+    def serving_rung(self) -> Rung | None:
+        """The rung to send to now; None while one is being (re)built."""
+        rung = self.serving
+        if rung is not None and rung.usable:
+            return rung
+        if not self.closed and self._rebuild is None:
+            self._rebuild = self.loop.spawn(self._rebuild_now)
+        return None
+
+    async def _rebuild_now(self) -> None:
+        try:
+            async with self._lock:
+                rung = self.serving
+                if rung is not None and rung.usable:
+                    return
+                start = 0
+                if rung is not None:
+                    # A rung that crashed (a lost cluster, no worker can be forked)
+                    # is not tried again now: the promoter climbs back to it later.
+                    if rung.state is RungState.CRASHED and self.index + 1 < len(
+                            self.config.ladder):
+                        start = self.index + 1
+                    self._retire(rung)
+                    self.serving = None
+                await self._climb_down(start)
+        except Exception as error:
+            # Nothing can serve: every waiting call learns why.
+            self.fail_all(error)
+        finally:
+            self._rebuild = None
+            self.kick()
+
+    async def _climb_down(self, start: int = 0) -> None:
+        ladder = self.config.ladder
+        for index, name in enumerate(ladder):
+            if index < start:
+                continue
+            # A cluster that does not answer costs one connect timeout, not three.
+            attempts = 1 if name == "dask" else self.config.creation_attempts
+            rung = await self._create(name, attempts)
+            if rung is not None:
+                self._install(rung, index)
+                return
+            if index + 1 < len(ladder):
+                following = ladder[index + 1]
+                self.counters.fallbacks += 1
+                self.emit("fallback", f"the {name} rung could not start after {attempts} "
+                          f"attempt(s); falling back to the {following} rung",
+                          failed=name, to=following)
+        raise self.last_error or RuntimeError("no rung of the ladder could start")
+
+    async def _create(self, name: str, attempts: int) -> Rung | None:
+        """Try to start rung ``name`` up to ``attempts`` times; None if it could not."""
+        config = self.config
+        delays = backoff_delays(config.backoff_initial, config.backoff_factor,
+                                config.backoff_max, config.backoff_jitter)
+        for attempt in range(1, attempts + 1):
+            if self.closed:
+                raise PoolClosed("the pool was closed")
+            self.counters.creation_attempts += 1
+            try:
+                return await create_rung(name, config, self.listener, self.loop)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self.last_error = exc
+                self.counters.creation_failures += 1
+                self.emit("creation_failed", f"starting the {name} rung failed (attempt "
+                          f"{attempt} of {attempts}): {exc!r}", rung=name, attempt=attempt,
+                          error=exc)
+            if attempt < attempts:
+                # Freed memory and reaped objects may be what the next try needs.
+                gc.collect()
+                await anyio.sleep(next(delays))
+        return None
+
+    def _install(self, rung: Rung, index: int, promote_after: float | None = None) -> None:
+        old, self.serving, self.index = self.serving, rung, index
+        if old is not None:
+            self._retire(old)
+        if index > 0 and self._promoter is None:
+            delay = self.config.promote_after if promote_after is None else promote_after
+            self._promoter = self.loop.spawn(self._promote, delay)
+        self.kick()
+
+    def _retire(self, rung: Rung) -> None:
+        rung.retire()
+        if rung.in_flight == 0 or rung.state is RungState.CRASHED:
+            self._close_later(rung, rung.state is RungState.CRASHED)
+        else:
+            self.draining.append(rung)
+
+    def settled(self, rung: Rung | None) -> None:
+        """A chunk of ``rung`` got its final report: close the rung if it drained."""
+        if rung in self.draining and rung is not None and rung.in_flight == 0:
+            self.draining.remove(rung)
+            self._close_later(rung, False)
+
+    def _close_later(self, rung: Rung, kill: bool) -> None:
+        async def close() -> None:
+            try:
+                await rung.aclose(kill)
+            finally:
+                self._closers.discard(task)
+
+        task = self.loop.spawn(close)
+        self._closers.add(task)
+
+    async def _promote(self, delay: float) -> None:
+        """Climb back up the ladder in the background, backing off while it fails."""
+        try:
+            while self.index > 0 and not self.closed:
+                await anyio.sleep(delay)
+                if await self._promote_once():
+                    delay = self.config.promote_after
+                else:
+                    delay = min(max(delay, self.config.promote_after) * 2,
+                                self.config.promote_max)
+        finally:
+            self._promoter = None
+
+    async def _promote_once(self) -> bool:
+        """Try each rung above the serving one, best first; True if one started."""
+        for index, name in enumerate(self.config.ladder[: self.index]):
+            try:
+                rung = await self._create(name, 1)
+            except Exception as exc:
+                self.emit("creation_failed", f"climbing to the {name} rung failed: {exc!r}",
+                          rung=name, error=exc)
+                rung = None
+            if rung is None:
+                continue
+            async with self._lock:
+                if self.closed:
+                    await rung.aclose(True)
+                    return True
+                before = self.serving.name if self.serving is not None else None
+                self._install(rung, index)
+            self.counters.promotions += 1
+            self.emit("promotion", f"promoted from the {before} rung to the {name} rung",
+                      previous=before, to=name)
+            return True
+        return False
+
+    async def aclose(self, kill: bool) -> None:
+        self.closed = True
+        for task in (self._promoter, self._rebuild):
+            if task is not None:
+                task.cancel()
+        rungs = self.rungs()
+        self.serving, self.draining = None, []
+        with anyio.CancelScope(shield=True):
+            for rung in rungs:
+                await rung.aclose(kill)
+            for task in [t for t in (self._promoter, self._rebuild) if t is not None]:
+                await task.wait()
+            while self._closers:
+                await self._closers.pop().wait()

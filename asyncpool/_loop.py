@@ -1,0 +1,207 @@
+"""The running event loop, seen the same way under asyncio and trio.
+
+The engine needs a few things anyio does not offer as plain callbacks: run a function
+on the loop soon (from the loop or another thread), be called whenever a file
+descriptor is readable or writable, and own background tasks that are not tied to the
+task that opened the pool. :class:`Loop` gives them for whichever loop is running.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+logger = logging.getLogger("asyncpool")
+
+Callback = Callable[[], object]
+
+
+class Loop:
+    """The loop a pool was opened on; every method but the threadsafe one runs on it."""
+
+    name = ""
+
+    def call_soon(self, callback: Callback) -> None:
+        """Run ``callback`` on the loop after the current step."""
+        raise NotImplementedError
+
+    def call_soon_threadsafe(self, callback: Callback) -> None:
+        """Like :meth:`call_soon`, from any thread; dropped if the loop has closed."""
+        raise NotImplementedError
+
+    def watch_readable(self, fd: int, callback: Callback) -> Callback:
+        """Call ``callback`` whenever ``fd`` is readable; returns the function that stops."""
+        raise NotImplementedError
+
+    def watch_writable(self, fd: int, callback: Callback) -> Callback:
+        raise NotImplementedError
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> Background:
+        """Start ``fn(*args)`` as a task of the loop itself, not of the calling task."""
+        raise NotImplementedError
+
+    def is_current(self) -> bool:
+        """True when called from this loop's thread while it runs."""
+        raise NotImplementedError
+
+
+class Background:
+    """A task that belongs to the pool, not to whichever task opened it.
+
+    A task group would tie the pool to the task that entered it, but pools are often
+    opened and closed by different tasks (async fixtures, application lifespans), so
+    background work runs as a loop-level task that the pool cancels and waits for.
+    It may be started from a plain loop callback, where no anyio object can be made
+    yet: its cancel scope is made inside the task.
+    """
+
+    def __init__(self) -> None:
+        self._scope: Any = None
+        self._cancelled = False
+        self.finished = False
+        self._waiters: list[Any] = []
+
+    async def run(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        import anyio
+
+        try:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                if self._cancelled:
+                    scope.cancel()
+                await fn(*args)
+        except Exception:
+            logger.exception("background task %s of the pool failed", fn)
+        finally:
+            self.finished = True
+            for waiter in self._waiters:
+                waiter.set()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def wait(self) -> None:
+        import anyio
+
+        if not self.finished:
+            event = anyio.Event()
+            self._waiters.append(event)
+            await event.wait()
+
+
+class _Asyncio(Loop):
+    name = "asyncio"
+
+    def __init__(self, loop: Any) -> None:
+        self._loop = loop
+        # asyncio keeps only weak references to tasks: hold them until they finish.
+        self._tasks: set[Any] = set()
+
+    def call_soon(self, callback: Callback) -> None:
+        self._loop.call_soon(callback)
+
+    def call_soon_threadsafe(self, callback: Callback) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop is closed: nobody waits for this any more
+            pass
+
+    def watch_readable(self, fd: int, callback: Callback) -> Callback:
+        self._loop.add_reader(fd, callback)
+        return lambda: self._loop.remove_reader(fd)
+
+    def watch_writable(self, fd: int, callback: Callback) -> Callback:
+        self._loop.add_writer(fd, callback)
+        return lambda: self._loop.remove_writer(fd)
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> Background:
+        task = Background()
+        handle = self._loop.create_task(task.run(fn, *args))
+        self._tasks.add(handle)
+        handle.add_done_callback(self._tasks.discard)
+        return task
+
+    def is_current(self) -> bool:
+        import asyncio
+
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+
+class _Trio(Loop):
+    name = "trio"
+
+    def __init__(self) -> None:
+        import trio
+
+        self._trio = trio
+        self._token = trio.lowlevel.current_trio_token()
+
+    def call_soon(self, callback: Callback) -> None:
+        self.call_soon_threadsafe(callback)
+
+    def call_soon_threadsafe(self, callback: Callback) -> None:
+        try:
+            self._token.run_sync_soon(callback)
+        except self._trio.RunFinishedError:
+            pass
+
+    def _watch(self, fd: int, callback: Callback, readable: bool) -> Callback:
+        trio = self._trio
+        scope = trio.CancelScope()
+        wait = trio.lowlevel.wait_readable if readable else trio.lowlevel.wait_writable
+
+        async def watcher() -> None:
+            # A system task that raised would end the whole trio run: never let it.
+            with scope:
+                while True:
+                    try:
+                        await wait(fd)
+                    except (trio.ClosedResourceError, OSError):
+                        return
+                    try:
+                        callback()
+                    except Exception:
+                        logger.exception("a file watcher's callback failed")
+
+        trio.lowlevel.spawn_system_task(watcher)
+
+        def stop() -> None:
+            scope.cancel()
+            # Whoever closes fd next must not leave trio waiting on a closed descriptor.
+            trio.lowlevel.notify_closing(fd)
+
+        return stop
+
+    def watch_readable(self, fd: int, callback: Callback) -> Callback:
+        return self._watch(fd, callback, True)
+
+    def watch_writable(self, fd: int, callback: Callback) -> Callback:
+        return self._watch(fd, callback, False)
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> Background:
+        task = Background()
+        self._trio.lowlevel.spawn_system_task(task.run, fn, *args)
+        return task
+
+    def is_current(self) -> bool:
+        try:
+            return self._trio.lowlevel.current_trio_token() is self._token
+        except RuntimeError:
+            return False
+
+
+def current_loop() -> Loop:
+    """The running loop (asyncio, uvloop or trio)."""
+    import asyncio
+
+    try:
+        return _Asyncio(asyncio.get_running_loop())
+    except RuntimeError:
+        # Not asyncio: anyio's other backend is trio.
+        return _Trio()

@@ -1,0 +1,128 @@
+"""The options of one call (``run``, ``map``, ``starmap``, ``imap``), defined once.
+
+:class:`CallKwargs` is what the public methods accept as ``**options`` (so mypy checks
+each name and type), and :class:`CallOptions` the validated, frozen record the engine
+reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
+
+CancelRunning = Literal["finish", "kill"]
+ProgressCallback = Callable[[int, int | None], object]
+Progress = bool | ProgressCallback | None
+
+
+class CallKwargs(TypedDict, total=False):
+    """Per-call options of ``run``, ``map``, ``starmap`` and ``imap``.
+
+    timeout: Seconds for the whole call (waiting for a worker, a rate limit or the
+        input included); then :class:`~asyncpool.DeadlineExceeded`. None or inf: none.
+    kill_on_timeout: At the deadline, kill the workers running this call's items.
+    cancel_running: "finish" lets a cancelled call's running items finish unseen;
+        "kill" kills their workers. Items not yet started never run.
+    chunk_size: Items per chunk for this call (default: sized from measured time).
+    rate_limit: Items started per second for this call, on top of the pool's limit.
+    progress: True draws a tqdm bar (if tqdm is installed, else logs at INFO);
+        a callable is called as ``progress(done, total)`` as items finish.
+    resources, workers, allow_other_workers, priority: passed to Dask's ``submit``
+        on the dask rung; ignored elsewhere.
+    """
+
+    timeout: float | None
+    kill_on_timeout: bool
+    cancel_running: CancelRunning
+    chunk_size: int | None
+    rate_limit: float | None
+    progress: Progress
+    resources: dict[str, float] | None
+    workers: str | list[str] | None
+    allow_other_workers: bool
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallOptions:
+    """The validated options of one call."""
+
+    timeout: float | None = None
+    kill_on_timeout: bool = False
+    cancel_running: CancelRunning = "finish"
+    chunk_size: int | None = None
+    rate_limit: float | None = None
+    progress: Progress = None
+    resources: dict[str, float] | None = None
+    workers: str | list[str] | None = None
+    allow_other_workers: bool = False
+    priority: int = 0
+    return_exceptions: bool = False
+
+    @classmethod
+    def build(cls, return_exceptions: bool = False, **options: Any) -> CallOptions:
+        if not options and not return_exceptions:
+            return _DEFAULT
+        if not isinstance(return_exceptions, bool):
+            raise TypeError(f"return_exceptions={return_exceptions!r} is invalid: it "
+                            "must be True or False")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for name in options:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"unknown option {name!r}{hint}")
+        made = cls(return_exceptions=return_exceptions, **options)
+        made._check()
+        return made
+
+    def _check(self) -> None:
+        for name in ("timeout", "rate_limit"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise TypeError(f"{name}={value!r} is invalid: it must be a number or None")
+            if math.isnan(value) or value <= 0:
+                raise ValueError(f"{name}={value!r} is invalid: it must be > 0 or None")
+            if value == math.inf:
+                # No deadline, or no limit: the documented meaning of inf.
+                object.__setattr__(self, name, None)
+        for name in ("kill_on_timeout", "allow_other_workers"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} is invalid: it must be "
+                                "True or False")
+        if self.cancel_running not in ("finish", "kill"):
+            raise ValueError(f"cancel_running={self.cancel_running!r} is invalid: use "
+                             "'finish' or 'kill'")
+        size = self.chunk_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+            raise TypeError(f"chunk_size={size!r} is invalid: it must be an integer >= 1")
+        if size is not None and size < 1:
+            raise ValueError(f"chunk_size={size!r} is invalid: it must be an integer >= 1")
+        progress = self.progress
+        if progress not in (None, True, False) and not callable(progress):
+            raise TypeError(f"progress={progress!r} is invalid: use True, False, None or "
+                            "a callable(done, total)")
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
+            raise TypeError(f"priority={self.priority!r} is invalid: it must be an integer")
+
+    @property
+    def dask(self) -> dict[str, Any]:
+        """The options passed to Dask's ``submit`` on the dask rung."""
+        found: dict[str, Any] = {}
+        if self.resources is not None:
+            found["resources"] = self.resources
+        if self.workers is not None:
+            found["workers"] = self.workers
+            found["allow_other_workers"] = self.allow_other_workers
+        if self.priority:
+            found["priority"] = self.priority
+        return found
+
+
+_DEFAULT = CallOptions()

@@ -1,0 +1,276 @@
+"""What rungs report about chunks, turned into results, errors and resends.
+
+:class:`Outcomes` is the :class:`~asyncpool._rungs.base.Listener` every rung reports
+to. It owns the set of chunks in flight: a chunk enters it when it is submitted and
+leaves it in :meth:`Outcomes._settle`, called once per chunk, on the rung's final
+report. Items that must run again (after a crash, a lost worker, a worker that
+retired early) wait in :attr:`Outcomes.again`, which the engine sends before new work.
+
+After a crash the rung names the item that was running; the items before it ran but
+their results died with the worker, the items after it never ran, and none of them is
+to blame: they go out again, and only the suspect's crash count grows. Where the rung
+cannot name the item (Dask), the chunk is split in halves instead.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ._call import CallState, Chunk
+from ._config import PoolConfig
+from ._errors import PoolClosed, SerializationError, WorkerCrashed
+from ._events import Counters, Emitter
+from ._execute import SKIPPED
+from ._rungs import Rung
+from ._sizing import Timing
+
+
+class Outcomes:
+    """The rungs' listener: chunks in flight, their outcomes, and what to send again."""
+
+    def __init__(self, config: PoolConfig, counters: Counters, emit: Emitter,
+                 kick: Callable[[], None]) -> None:
+        self.config = config
+        self.counters = counters
+        self.emit = emit
+        self.kick = kick
+        #: Told when a chunk of a rung settles (the ladder closes drained rungs).
+        self.settled: Callable[[Rung | None], None] = lambda rung: None
+        #: Chunks submitted and not finally reported.
+        self.in_flight: set[Chunk] = set()
+        #: Items to send again (a crash, a lost worker) go before new ones.
+        self.again: deque[Chunk] = deque()
+        #: Set while the pool closes: lost items fail instead of going out again.
+        self.closing = False
+        self._drained: Any = None
+
+    def sent(self, chunk: Chunk) -> None:
+        """``chunk`` was submitted: it holds a slot of its rung until it settles."""
+        self.in_flight.add(chunk)
+        self.counters.chunks_submitted += 1
+        for piece in chunk.pieces:
+            piece.call.chunks.add(chunk)
+        if chunk.payload_bytes:
+            for timing, count in by_timing(chunk).items():
+                timing.observe_bytes(count, chunk.payload_bytes * count // chunk.size)
+
+    def rung_changed(self) -> None:
+        self.kick()
+
+    def chunk_progress(self, chunk: Chunk, first: int, upto: int, results: list[Any],
+                       errors: dict[int, BaseException]) -> None:
+        chunk.reported = upto
+        completed = failed = 0
+        for piece, lo, hi, offset in chunk.between(first, upto):
+            call = piece.call
+            if call.state is not CallState.ACTIVE:
+                continue
+            at = offset + lo - first
+            values = results[at:at + hi - lo]
+            if values and values[0] is SKIPPED:
+                continue
+            mine = {p - offset - lo: _named(e, piece.start + p - offset)
+                    for p, e in errors.items() if offset + lo <= p < offset + hi}
+            call.deliver(piece.start + lo, values, mine)
+            completed += hi - lo - len(mine)
+            failed += len(mine)
+        self.counters.tasks_completed += completed
+        self.counters.tasks_failed += failed
+
+    def chunk_done(self, chunk: Chunk, upto: int, seconds: float) -> None:
+        if upto > 0:
+            for timing, count in by_timing(chunk, upto).items():
+                timing.observe(count, seconds * count / upto)
+        if upto < chunk.size:
+            # The worker stopped early (it retires): the rest goes elsewhere.
+            self._again(chunk, max(upto, chunk.reported), chunk.size, "not run")
+        self._settle(chunk)
+
+    def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None) -> None:
+        first = chunk.reported
+        rung = chunk.rung
+        if culprit is None or culprit < first:
+            if chunk.size - first > 1:
+                # Not known which item did it: split the rest, until it stands alone.
+                middle = first + (chunk.size - first) // 2
+                crashes = chunk.crashes if rung.exact_crashes else 0
+                self._again(chunk, first, middle, "bisect", crashes)
+                self._again(chunk, middle, chunk.size, "bisect", crashes)
+                self._settle(chunk)
+                return
+            culprit = first
+        # Items before the culprit ran but their results died with the worker; those
+        # after it never ran. Neither is to blame.
+        self._again(chunk, first, culprit, "innocent")
+        self._again(chunk, culprit + 1, chunk.size, "not run")
+        alone = chunk.size - first == 1
+        crashes = (chunk.crashes if alone else 0) + 1
+        piece, index = chunk.locate(culprit)
+        if crashes >= self.config.max_crashes_per_item:
+            how = _describe(exitcode)
+            error = WorkerCrashed(
+                f"item {index} crashed its worker process {crashes} time(s) (last: {how}); "
+                "it was not retried again. Run it alone to debug, or catch WorkerCrashed",
+                index=index, exitcode=exitcode)
+            if piece.call.state is CallState.ACTIVE:
+                piece.call.deliver(index, [None], {0: error})
+                self.counters.tasks_failed += 1
+        else:
+            self._again(chunk, culprit, culprit + 1, "suspect", crashes)
+        self._settle(chunk)
+
+    def chunk_lost(self, chunk: Chunk) -> None:
+        if self.closing:
+            self._closed_under(chunk)
+        else:
+            self._again(chunk, chunk.reported, chunk.size, "lost")
+        self._settle(chunk)
+
+    def chunk_unloadable(self, chunk: Chunk, error: BaseException) -> None:
+        first = chunk.reported
+        if chunk.size - first > 1:
+            middle = first + (chunk.size - first) // 2
+            self._again(chunk, first, middle, "bisect")
+            self._again(chunk, middle, chunk.size, "bisect")
+        else:
+            self._item_error(chunk, first, "argument", "could not be unpickled in the worker",
+                             error)
+        self._settle(chunk)
+
+    def chunk_undecodable(self, chunk: Chunk, first: int, upto: int,
+                          error: BaseException) -> None:
+        """Results [first, upto) came back but will not unpickle here: each item runs
+        again alone, so only the item whose result is at fault fails."""
+        chunk.reported = upto
+        if upto - first == 1:
+            self._item_error(chunk, first, "result", "could not be unpickled in the parent",
+                             error)
+            return
+        for position in range(first, upto):
+            self._again(chunk, position, position + 1, "undecodable")
+
+    def worker_event(self, kind: str, message: str, **details: Any) -> None:
+        if kind == "worker_crash":
+            self.counters.worker_crashes += 1
+        elif kind == "worker_recycled":
+            self.counters.workers_recycled += 1
+        self.emit(kind, message, **details)  # type: ignore[arg-type]
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _settle(self, chunk: Chunk) -> None:
+        """The one place a chunk leaves: after its rung's final report."""
+        self.in_flight.discard(chunk)
+        for piece in chunk.pieces:
+            piece.call.chunks.discard(chunk)
+            if not piece.call.chunks:
+                piece.call.wake()
+        rung = chunk.rung
+        # Break the links a finished chunk holds, so no cycle keeps it alive.
+        chunk.rung = chunk.worker = None
+        self.settled(rung)
+        if self._drained is not None:
+            self._drained.set()
+        self.kick()
+
+    def _again(self, chunk: Chunk, first: int, upto: int, why: str, crashes: int = 0) -> None:
+        if upto <= first:
+            return
+        pieces = [p for p in chunk.pieces_between(first, upto)
+                  if p.call.state is CallState.ACTIVE]
+        if not pieces:
+            return
+        self.counters.resubmitted_chunks += 1
+        again = Chunk(pieces, crashes)
+        self.emit("resubmit", f"resubmitting {again.size} item(s) ({why})",
+                  size=again.size, reason=why)
+        if why == "suspect":
+            self.again.append(again)  # the suspect goes last, alone
+        else:
+            self.again.appendleft(again)
+
+    def _item_error(self, chunk: Chunk, position: int, what: str, problem: str,
+                    cause: BaseException) -> None:
+        piece, index = chunk.locate(position)
+        if piece.call.state is not CallState.ACTIVE:
+            return
+        item = piece.items[index - piece.start]
+        shown = type(tuple(item) if piece.call.star else item).__qualname__
+        fix = ("pass plain, picklable data (no locks, sockets or generators; classes "
+               "importable by the workers)" if what == "argument" else
+               "return plain data (built-in types, or classes importable in both processes)")
+        described = f"its argument (a {shown})" if what == "argument" else f"its {what}"
+        error = SerializationError(f"item {index}: {described} {problem}: {cause!r}; {fix}")
+        error.__cause__ = cause
+        piece.call.deliver(index, [None], {0: error})
+        self.counters.tasks_failed += 1
+
+    def unpicklable(self, chunk: Chunk, errors: dict[int, BaseException]) -> None:
+        """Some items of ``chunk`` cannot be pickled: they fail, the rest go again."""
+        for position, cause in sorted(errors.items()):
+            self._item_error(chunk, position, "argument", "could not be pickled", cause)
+        start = 0
+        for position in [*sorted(errors), chunk.size]:
+            self._again(chunk, start, position, "picklable")
+            start = position + 1
+
+    def _closed_under(self, chunk: Chunk) -> None:
+        closed = PoolClosed("the pool was closed while this item was running")
+        for piece, lo, hi, _ in chunk.between(chunk.reported, chunk.size):
+            if piece.call.state is CallState.ACTIVE:
+                piece.call.deliver(piece.start + lo, [None] * (hi - lo),
+                                   dict.fromkeys(range(hi - lo), closed))
+
+    # -- closing -------------------------------------------------------------------
+
+    def orphans(self) -> list[Chunk]:
+        """Chunks whose calls are all gone: nobody waits for them."""
+        return [c for c in self.in_flight
+                if all(p.call.state is not CallState.ACTIVE for p in c.pieces)]
+
+    def stop(self, chunks: list[Chunk]) -> None:
+        """Stop these chunks where they run (a rung that cannot lets them finish)."""
+        for rung in {c.rung for c in chunks if c.rung is not None}:
+            rung.kill([c for c in chunks if c.rung is rung])
+
+    async def drained(self) -> None:
+        """Until every chunk still in flight is an orphan."""
+        import anyio
+
+        while any(c not in self.orphans() for c in self.in_flight):
+            self._drained = anyio.Event()
+            await self._drained.wait()
+
+
+def _named(error: BaseException, index: int) -> BaseException:
+    """A serialization error found in a worker knows only its place in the chunk: name
+    the item by its index in the input."""
+    if type(error) is SerializationError and not getattr(error, "function", False) and (
+            not str(error).startswith("item ")):
+        named = SerializationError(f"item {index}: {error}")
+        named.__cause__ = error.__cause__
+        return named
+    return error
+
+
+def by_timing(chunk: Chunk, upto: int | None = None) -> dict[Timing, int]:
+    counts: dict[Timing, int] = {}
+    for piece, lo, hi, _ in chunk.between(0, chunk.size if upto is None else upto):
+        counts[piece.call.timing] = counts.get(piece.call.timing, 0) + hi - lo
+    return counts
+
+
+def _describe(exitcode: int | None) -> str:
+    import signal
+
+    if exitcode is None:
+        return "exit code unknown"
+    if exitcode < 0:
+        try:
+            return f"exit code {exitcode}, {signal.Signals(-exitcode).name}"
+        except ValueError:
+            pass
+    return f"exit code {exitcode}"
+

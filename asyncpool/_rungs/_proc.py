@@ -1,0 +1,287 @@
+"""One worker process as the parent sees it: its socket, its chunks, its death.
+
+Everything here runs on the event loop, in callbacks: the loop is told when the
+worker's socket or status socket is readable or its socket writable, and nothing
+blocks. A worker runs its chunks in the order they were sent, so the oldest chunk it
+holds is the one its messages are about.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import pickle
+import signal
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .. import _wire
+from .._errors import RemoteError, RemoteTraceback, SerializationError
+from .._forkserver import Spawned
+from .._execute import Unsendable
+
+if TYPE_CHECKING:
+    from .._call import Chunk
+    from .._loop import Loop
+
+logger = logging.getLogger("asyncpool")
+
+STATUS = struct.Struct("<ii")
+
+
+class ProcState(enum.Enum):
+    STARTING = "starting"  # forked, initialising
+    READY = "ready"        # takes chunks
+    RETIRING = "retiring"  # told us it leaves after its chunk: takes nothing more
+    DEAD = "dead"
+
+
+class Events:
+    """What a worker tells its rung (the rung implements these)."""
+
+    def proc_ready(self, proc: Proc) -> None: ...
+    def proc_results(self, proc: Proc, chunk: Chunk, meta: tuple[Any, ...],
+                     results: list[Any] | BaseException,
+                     errors: dict[int, BaseException]) -> None: ...
+    def proc_retiring(self, proc: Proc) -> None: ...
+    def proc_dead(self, proc: Proc, chunks: list[Chunk], culprit: int | None,
+                  exitcode: int | None) -> None: ...
+
+
+class Proc:
+    """A worker process: fork server child, pid known once the fork server answers."""
+
+    def __init__(self, spawned: Spawned, events: Events, loop: Loop) -> None:
+        self.sock = spawned.sock
+        self.status = spawned.status
+        self.progress = spawned.progress
+        self.server = spawned.server
+        self.events = events
+        self.loop = loop
+        self.pid: int | None = None
+        self.state = ProcState.STARTING
+        #: Chunks sent and not finished, oldest (the running one) first.
+        self.chunks: deque[Chunk] = deque()
+        #: Function ids this worker holds, and ids it should drop.
+        self.functions: set[int] = set()
+        self.forget: list[int] = []
+        #: Items sent to it, for max_tasks_per_worker.
+        self.tasks = 0
+        self.killed = False
+        self.init_error: BaseException | None = None
+        self.started = anyio.Event()
+        self._reader = _wire.FrameReader()
+        self._outbox: deque[memoryview] = deque()
+        self._stops: list[Callable[[], object]] = []
+        self._writing: Callable[[], object] | None = None
+        self._eof = False
+        self._exit_status: int | None = None
+        self._buried = False
+
+    def attach(self, events: Events, loop: Loop) -> None:
+        """Start listening on ``loop`` (a fresh worker, or one taken from the park)."""
+        self.events, self.loop = events, loop
+        self._stops = [loop.watch_readable(self.sock.fileno(), self._on_readable),
+                       loop.watch_readable(self.status.fileno(), self._on_status)]
+
+    def detach(self) -> None:
+        for stop in self._stops:
+            stop()
+        self._stops = []
+        if self._writing is not None:
+            self._writing()
+            self._writing = None
+
+    # -- sending -------------------------------------------------------------------
+
+    def send(self, kind: int, parts: list[Any]) -> None:
+        views = [memoryview(b).cast("B") for b in _wire.frame(kind, parts)]
+        self._outbox.extend(v for v in views if v.nbytes)
+        if self._writing is None:
+            self._flush()
+
+    def _flush(self) -> None:
+        outbox = self._outbox
+        while outbox:
+            try:
+                sent = self.sock.sendmsg(list(outbox)[:64])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                outbox.clear()  # the worker is gone: its death is reported elsewhere
+                break
+            while sent:
+                if sent >= outbox[0].nbytes:
+                    sent -= outbox.popleft().nbytes
+                else:
+                    outbox[0] = outbox[0][sent:]
+                    sent = 0
+        if outbox and self._writing is None and self.state is not ProcState.DEAD:
+            self._writing = self.loop.watch_writable(self.sock.fileno(), self._flush)
+        elif not outbox and self._writing is not None:
+            self._writing()
+            self._writing = None
+
+    # -- receiving -----------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        if not self._reader.read(self.sock, self._on_frame):
+            self._eof = True
+            self._stop_reading()
+            # The exit status follows at once, unless the fork server itself died.
+            if self._exit_status is not None or not self.server.alive():
+                self._dead()
+
+    def _stop_reading(self) -> None:
+        if self._stops:
+            self._stops[0]()
+            self._stops[0] = lambda: None
+
+    def _on_status(self) -> None:
+        while True:
+            try:
+                data = self.status.recv(STATUS.size * 4)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                if self.state is not ProcState.DEAD:
+                    # The fork server is gone: nobody will report this worker's exit.
+                    self._exit_status = -1
+                    self._drain_and_die()
+                return
+            for at in range(0, len(data) - len(data) % STATUS.size, STATUS.size):
+                pid, status = STATUS.unpack_from(data, at)
+                if self.pid is None:
+                    if pid < 0:
+                        # The fork server could not fork (EAGAIN: out of processes).
+                        self.init_error = OSError(-pid, os.strerror(-pid))
+                        self._dead()
+                        return
+                    self.pid = pid
+                else:
+                    self._exit_status = status
+                    self._drain_and_die()
+                    return
+
+    def _drain_and_die(self) -> None:
+        # What the worker sent before it died is in the socket: read it first.
+        if not self._eof:
+            self._reader.read(self.sock, self._on_frame)
+        self._dead()
+
+    def _on_frame(self, kind: int, parts: list[Any]) -> None:
+        if kind == _wire.RESULTS:
+            self._on_results(parts)
+        elif kind == _wire.READY:
+            if self.state is ProcState.STARTING:
+                self.state = ProcState.READY
+            self.started.set()
+            self.events.proc_ready(self)
+        elif kind == _wire.INIT_FAILED:
+            blob, text = pickle.loads(parts[0])
+            self.init_error = _decode_error(blob, text)
+            self.started.set()
+
+    def _on_results(self, parts: list[Any]) -> None:
+        meta = pickle.loads(parts[0])
+        seq, first, upto, encoded, done, seconds, retiring, unloadable = meta
+        if not self.chunks:  # pragma: no cover - a worker never answers unasked
+            return
+        chunk = self.chunks[0]
+        errors = {position: _decode_error(blob, text) for position, blob, text in encoded}
+        results: list[Any] | BaseException
+        if unloadable:
+            results = errors.pop(0)
+        else:
+            try:
+                decoded: list[Any] = _wire.loads(parts[1:])
+            except Exception as exc:
+                results = exc
+            else:
+                results = decoded
+                for offset, value in enumerate(decoded):
+                    if type(value) is Unsendable:
+                        errors[first + offset] = SerializationError(value.reason)
+        if done:
+            self.chunks.popleft()
+        if retiring and self.state is not ProcState.DEAD:
+            self.state = ProcState.RETIRING
+            self.events.proc_retiring(self)
+        self.events.proc_results(self, chunk, meta, results, errors)
+
+    def _dead(self) -> None:
+        if self._buried:
+            return
+        self._buried = True
+        was_starting = self.state is ProcState.STARTING
+        self.state = ProcState.DEAD
+        self.detach()
+        self._outbox.clear()
+        for closable in (self.sock, self.status):
+            try:
+                closable.close()
+            except OSError:
+                pass
+        status = self._exit_status
+        exitcode = None
+        if status is not None and status >= 0:
+            exitcode = os.waitstatus_to_exitcode(status)
+        chunks = list(self.chunks)
+        self.chunks.clear()
+        culprit = None
+        if chunks and not self.killed:
+            seq, position = int(self.progress[0]), int(self.progress[1])
+            if seq == chunks[0].seq and position >= 0:
+                culprit = position
+        if was_starting:
+            self.started.set()
+        self.events.proc_dead(self, chunks, culprit, exitcode)
+
+    # -- stopping ------------------------------------------------------------------
+
+    def kill(self) -> None:
+        """SIGKILL the worker's process group: the worker and whatever it started."""
+        self.killed = True
+        if self.pid is not None and self.state is not ProcState.DEAD:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Ask the worker to leave (it reads end-of-file), keeping the status watch."""
+        if self.state is ProcState.DEAD:
+            return
+        self._stop_reading()
+        if self._writing is not None:
+            self._writing()
+            self._writing = None
+        try:
+            self.sock.shutdown(2)
+        except OSError:
+            pass
+
+    def exited(self) -> bool:
+        return self.state is ProcState.DEAD
+
+    def __repr__(self) -> str:
+        return f"<Proc {self.pid} {self.state.value} chunks={len(self.chunks)}>"
+
+
+def _decode_error(blob: bytes, text: str) -> BaseException:
+    try:
+        exc: BaseException = pickle.loads(blob)
+    except Exception as problem:
+        # Rebuilt in the worker but not here (its class is not importable here).
+        first = text.strip().splitlines()[-1] if text.strip() else repr(problem)
+        exc = RemoteError(first, type_name=first.split(":", 1)[0], traceback=text)
+    if text and not isinstance(exc, SerializationError):
+        exc.__cause__ = RemoteTraceback(text)
+    return exc

@@ -1,0 +1,118 @@
+"""What every rung is: a place chunks run, reporting each outcome to one listener.
+
+A rung owns its capacity. ``offer()`` says whether a chunk can go now (and how many
+items it may hold), ``submit()`` sends it, and from then on the rung reports exactly
+one final outcome for it to the :class:`Listener` (done, crashed, lost or unloadable),
+after any number of partial results. That final report is the one place where the
+chunk's slot is given back.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from .._call import Chunk
+
+
+class RungState(enum.Enum):
+    """A rung's life; only the rung's own methods change it."""
+
+    SERVING = "serving"    # takes new chunks
+    DRAINING = "draining"  # retired: finishes what it holds, takes nothing new
+    CRASHED = "crashed"    # cannot run anything; what it held was reported lost
+    CLOSED = "closed"
+
+
+class Listener(Protocol):
+    """Where a rung reports what happened to each chunk (the engine)."""
+
+    def chunk_progress(self, chunk: Chunk, first: int, upto: int, results: list[Any],
+                       errors: dict[int, BaseException]) -> None:
+        """Positions [first, upto) of ``chunk`` finished (errors by position)."""
+
+    def chunk_done(self, chunk: Chunk, upto: int, seconds: float) -> None:
+        """Final: the chunk ended; positions from ``upto`` on did not run."""
+
+    def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None) -> None:
+        """Final: the worker died while running the item at position ``culprit``
+        (None: not known which); nothing unreported came back."""
+
+    def chunk_lost(self, chunk: Chunk) -> None:
+        """Final: the unreported items did not run through any fault of theirs (a
+        worker that was killed, retired or shut down): send them again."""
+
+    def chunk_unloadable(self, chunk: Chunk, error: BaseException) -> None:
+        """Final: the worker could not unpickle the chunk's arguments."""
+
+    def chunk_undecodable(self, chunk: Chunk, first: int, upto: int,
+                          error: BaseException) -> None:
+        """Results [first, upto) came back but do not unpickle here."""
+
+    def rung_changed(self) -> None:
+        """The rung has room again, or broke: look at the ladder again."""
+
+    def worker_event(self, kind: str, message: str, **details: Any) -> None:
+        """A worker crashed, was recycled or replaced (for events and statistics)."""
+
+
+class Rung:
+    """One rung of the ladder."""
+
+    name: ClassVar[str] = ""
+    #: Whether a crash names the item that caused it (process workers report the
+    #: item they started). Where not, a crashed chunk is split in halves instead.
+    exact_crashes: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self.state = RungState.SERVING
+        #: Chunks submitted and not yet finally reported.
+        self.in_flight = 0
+
+    def offer(self) -> int | None:
+        """0 if no chunk can go now; else the most items the next chunk may hold
+        (None: any number)."""
+        raise NotImplementedError
+
+    def submit(self, chunk: Chunk) -> None:
+        """Send ``chunk``; never blocks. Raises ChunkUnpicklable if some item cannot
+        be pickled."""
+        raise NotImplementedError
+
+    def cancel(self, calls: Iterable[int]) -> None:
+        """The items of these calls are no longer wanted: skip the ones not started."""
+
+    def forget(self, fn_id: int) -> None:
+        """A call's function is no longer needed where this rung runs things."""
+
+    def kill(self, chunks: Iterable[Chunk]) -> bool:
+        """Stop these chunks where they run; False if this rung cannot."""
+        return False
+
+    def retire(self) -> None:
+        """Take no new chunks; close once the held ones are reported."""
+        if self.state is RungState.SERVING:
+            self.state = RungState.DRAINING
+
+    @property
+    def usable(self) -> bool:
+        return self.state is RungState.SERVING
+
+    async def aclose(self, kill: bool) -> None:
+        """Stop. ``kill`` stops running work; otherwise the rung is closed only once
+        the engine has no chunk left on it."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.state.value} in_flight={self.in_flight}>"
+
+
+class ChunkUnpicklable(Exception):
+    """Some items of a chunk cannot be pickled: ``errors`` maps their positions to
+    the reason."""
+
+    def __init__(self, errors: dict[int, BaseException]) -> None:
+        super().__init__(errors)
+        self.errors = errors

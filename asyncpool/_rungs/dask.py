@@ -1,0 +1,290 @@
+"""The dask rung: chunks as tasks on a Dask cluster, awaited on the pool's own loop.
+
+``distributed`` is an optional extra, imported only when a cluster is asked for, and it
+needs an asyncio loop. Each function is sent to the cluster once per call (scattered to
+every worker), so chunks carry only items. Task keys name the function and a token of
+this rung (``<function>-<token>-<n>``): two pools on one cluster never share a key, and
+the dashboard groups work by function. The rung takes as many chunks as the cluster
+has threads, twice over, whatever the local ``max_workers``.
+
+When the connection to the scheduler is lost, the rung stops serving, every chunk it
+held is sent again elsewhere, and its client is closed; the ladder serves locally and
+climbs back with a new client once the scheduler answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import re
+import secrets
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from .._errors import SerializationError
+from .._retry import RungUnavailable
+from .._execute import run_on_cluster
+from .base import Listener, Rung, RungState
+
+if TYPE_CHECKING:
+    from .._call import Chunk
+    from .._config import PoolConfig
+    from .._loop import Loop
+
+logger = logging.getLogger("asyncpool")
+
+#: Seconds between looks at the cluster's size (it may scale up or down).
+RESIZE_EVERY = 2.0
+
+
+class DaskRung(Rung):
+    """Chunks as Dask tasks.
+
+    A ``KilledWorker`` is one crash of the chunk, not proof: Dask raises it for every
+    task queued on a worker that died, innocent neighbours included, so a crashed chunk
+    is split in halves whose counts start afresh (``exact_crashes`` is False).
+    """
+
+    name = "dask"
+    exact_crashes = False
+
+    def __init__(self, config: PoolConfig, listener: Listener, loop: Loop, client: Any,
+                 owned: bool) -> None:
+        super().__init__()
+        self.config, self.listener, self.loop = config, listener, loop
+        self.client = client
+        self.owned = owned
+        self.lanes = 1
+        self._token = secrets.token_hex(4)
+        self._count = 0
+        self._functions: dict[int, Any] = {}
+        self._relays: dict[Chunk, asyncio.Task[None]] = {}
+        self._sizer: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> DaskRung:
+        if loop.name != "asyncio":
+            raise NotImplementedError("the dask rung runs on asyncio only (distributed's "
+                                      "asynchronous Client needs an asyncio loop)")
+        try:
+            from distributed import Client
+        except ImportError:
+            raise ImportError("a Dask cluster needs the 'distributed' package: "
+                              "pip install 'resilient-asyncpool[dask]'") from None
+        timeout = config.dask_connect_timeout
+        if config.dask_client is not None:
+            rung = cls(config, listener, loop, config.dask_client, owned=False)
+        else:
+            client = Client(config.dask_address, asynchronous=True,  # type: ignore[no-untyped-call]
+                            timeout=f"{timeout}s", set_as_default=False)
+            try:
+                await asyncio.wait_for(client, timeout + 1)
+            except BaseException as exc:
+                # A client that failed to start is still closed, off the caller's time.
+                await _close_quietly(client)
+                if isinstance(exc, OSError | TimeoutError):
+                    raise RungUnavailable(f"the Dask scheduler at {config.dask_address} "
+                                          f"did not answer within {timeout} s: {exc}") from exc
+                raise
+            rung = cls(config, listener, loop, client, owned=True)
+        try:
+            # A scheduler with no worker would take chunks and never run them.
+            await asyncio.wait_for(rung.client.wait_for_workers(1), timeout)
+            await rung._resize()
+        except BaseException as exc:
+            await rung.aclose(kill=True)
+            if isinstance(exc, OSError | TimeoutError):
+                raise RungUnavailable(f"the Dask cluster has no worker (waited {timeout} s)"
+                                      ) from exc
+            raise
+        link = getattr(rung.client, "dashboard_link", None)
+        logger.info("serving from the Dask cluster at %s (%d threads)%s",
+                    rung.client.scheduler.address, rung.lanes,
+                    f"; dashboard: {link}" if link else "")
+        rung._sizer = asyncio.ensure_future(rung._keep_sized())
+        return rung
+
+    async def _resize(self) -> None:
+        threads = await self.client.nthreads()
+        self.lanes = max(1, sum(threads.values()))
+
+    async def _keep_sized(self) -> None:
+        while self.state is RungState.SERVING:
+            await asyncio.sleep(RESIZE_EVERY)
+            try:
+                await self._resize()
+            except Exception:
+                return
+
+    @property
+    def capacity(self) -> int:
+        return 2 * self.lanes
+
+    def offer(self) -> int | None:
+        return None if self.usable and self.in_flight < self.capacity else 0
+
+    def submit(self, chunk: Chunk) -> None:
+        chunk.rung = self
+        self.in_flight += 1
+        self._relays[chunk] = asyncio.ensure_future(self._relay(chunk))
+
+    async def _function(self, shipped: Any) -> Any:
+        """The function's pickle, scattered to every worker once."""
+        found = self._functions.get(shipped.id)
+        if found is None:
+            found = self._functions[shipped.id] = asyncio.ensure_future(
+                self.client.scatter(shipped.blob, broadcast=True, hash=False))
+        return await found
+
+    def forget(self, fn_id: int) -> None:
+        found = self._functions.pop(fn_id, None)
+        if found is not None and found.done() and not found.exception():
+            found.result().release()
+
+    async def _relay(self, chunk: Chunk) -> None:
+        from distributed import KilledWorker
+
+        future = None
+        try:
+            shipped = [p.call.shipped for p in chunk.pieces]
+            blobs = [await self._function(s) for s in {s.id: s for s in shipped}.values()]
+            index = {s.id: i for i, s in enumerate({s.id: s for s in shipped}.values())}
+            runs = [(index[p.call.shipped.id], p.call.star, p.call.id, p.items)
+                    for p in chunk.pieces]
+            self._count += 1
+            name = re.sub(r"[^\w.]+", "_", chunk.pieces[0].call.shipped.name)
+            future = self.client.submit(run_on_cluster, blobs, runs, self.config.task_retries,
+                                        key=f"{name}-{self._token}-{self._count}", pure=False,
+                                        **chunk.pieces[0].call.options.dask)
+            blob, errors, seconds, unloadable = await future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Ours (the call was cancelled, or the rung is closing).
+                if future is not None:
+                    await _cancel_quietly(self.client, future)
+                self._final(chunk, "lost")
+                raise
+            # Dask cancelled the future under us: the client lost its scheduler.
+            self._broke(RungUnavailable("Dask cancelled a task: its scheduler is gone"))
+            self._final(chunk, "lost")
+            return
+        except KilledWorker:
+            self._final(chunk, "crashed")
+            return
+        except Exception as exc:
+            if _lost_connection(exc, self.client):
+                self._broke(exc)
+                self._final(chunk, "lost")
+                return
+            if self.state is not RungState.SERVING:
+                self._final(chunk, "lost")
+                return
+            # The cluster could not run the task at all (a function or argument that
+            # will not load there): every item of the chunk fails the same way.
+            error = SerializationError(f"the Dask cluster could not run this task: {exc!r}")
+            error.function = True  # type: ignore[attr-defined]
+            error.__cause__ = exc
+            self._final(chunk, "progress", [None] * chunk.size,
+                        dict.fromkeys(range(chunk.size), error))
+            return
+        if unloadable is not None:
+            error = SerializationError(f"the function could not be loaded on the Dask "
+                                       f"cluster: {unloadable}; install its module on the "
+                                       "workers, or define it at module level")
+            error.function = True  # type: ignore[attr-defined]
+            errors = dict.fromkeys(range(chunk.size), error)
+            results: list[Any] = [None] * chunk.size
+        else:
+            from ._proc import _decode_error
+
+            errors = {position: _decode_error(b, text) for position, b, text in errors}
+            try:
+                results = pickle.loads(blob)
+            except Exception as exc:
+                self.listener.chunk_undecodable(chunk, 0, chunk.size, exc)
+                self._final(chunk, "done")
+                return
+        self._final(chunk, "progress", results, errors, seconds)
+
+    def _final(self, chunk: Chunk, how: str, results: list[Any] | None = None,
+               errors: dict[int, BaseException] | None = None, seconds: float = 0.0) -> None:
+        if self._relays.pop(chunk, None) is None:
+            return
+        self.in_flight -= 1
+        if how == "progress":
+            assert results is not None and errors is not None
+            self.listener.chunk_progress(chunk, 0, chunk.size, results, errors)
+            self.listener.chunk_done(chunk, chunk.size, seconds)
+        elif how == "done":
+            self.listener.chunk_done(chunk, chunk.size, seconds)
+        elif how == "crashed":
+            self.listener.worker_event("worker_crash", "Dask reported KilledWorker for a "
+                                       "chunk; splitting it to find the item at fault")
+            self.listener.chunk_crashed(chunk, None, None)
+        else:
+            self.listener.chunk_lost(chunk)
+
+    def _broke(self, error: BaseException) -> None:
+        if self.state is not RungState.SERVING:
+            return
+        logger.warning("lost the Dask scheduler (%r); serving locally until it answers "
+                       "again", error)
+        self.state = RungState.CRASHED
+        for relay in list(self._relays.values()):
+            relay.cancel()
+        self.listener.rung_changed()
+
+    def cancel(self, calls: Iterable[int]) -> None:
+        wanted = set(calls)
+        for chunk, relay in list(self._relays.items()):
+            if all(p.call.id in wanted for p in chunk.pieces):
+                relay.cancel()
+
+    def kill(self, chunks: Iterable[Chunk]) -> bool:
+        # Dask cannot stop a running task; cancelling forgets it and frees its slot.
+        for chunk in chunks:
+            relay = self._relays.get(chunk)
+            if relay is not None:
+                relay.cancel()
+        return True
+
+    async def aclose(self, kill: bool) -> None:
+        self.state = RungState.CLOSED
+        if self._sizer is not None:
+            self._sizer.cancel()
+        relays = list(self._relays.values())
+        for relay in relays:
+            relay.cancel()
+        if relays:
+            await asyncio.gather(*relays, return_exceptions=True)
+        if self.owned:
+            await _close_quietly(self.client)
+
+
+def _lost_connection(exc: BaseException, client: Any) -> bool:
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+
+    if isinstance(exc, CommClosedError | OSError):
+        return True
+    if type(exc).__name__ == "ClosedClientError":
+        return True
+    # Futures are cancelled under us when the client loses its scheduler.
+    return isinstance(exc, FutureCancelledError | asyncio.CancelledError) or (
+        getattr(client, "status", "running") != "running")
+
+
+async def _cancel_quietly(client: Any, future: Any) -> None:
+    try:
+        await asyncio.wait_for(client.cancel(future), 2)
+    except BaseException:
+        pass
+
+
+async def _close_quietly(client: Any) -> None:
+    try:
+        await asyncio.wait_for(client.close(), 5)
+    except BaseException:
+        pass

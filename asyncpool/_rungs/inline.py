@@ -1,0 +1,105 @@
+"""The inline rung: items run in a task of the event loop itself.
+
+It needs no thread and no process, so it cannot fail to start: it is the ladder's last
+rung. It runs one chunk at a time and gives the loop a turn at least every
+:data:`SLICE` seconds (between items: an item itself is not interrupted).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .._errors import InitializerFailed
+from .._retry import backoff_delays, is_transient
+from .._execute import SKIPPED, portable
+from .base import Listener, Rung, RungState
+
+if TYPE_CHECKING:
+    from .._call import Chunk
+    from .._config import PoolConfig
+    from .._loop import Background, Loop
+
+#: The inline rung gives the loop a turn at least this often (seconds).
+SLICE = 0.002
+
+
+class InlineRung(Rung):
+    name = "inline"
+
+    def __init__(self, config: PoolConfig, listener: Listener, loop: Loop) -> None:
+        super().__init__()
+        self.config, self.listener, self.loop = config, listener, loop
+        self._cancelled: set[int] = set()
+        self._running: Background | None = None
+
+    @classmethod
+    async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> InlineRung:
+        if config.initializer is not None:
+            try:
+                config.initializer(*config.initargs)
+            except Exception as exc:
+                raise InitializerFailed(f"the initializer {config.initializer!r} raised: "
+                                        f"{exc!r}") from exc
+        return cls(config, listener, loop)
+
+    def offer(self) -> int | None:
+        return None if self.state is RungState.SERVING and self.in_flight == 0 else 0
+
+    def submit(self, chunk: Chunk) -> None:
+        chunk.rung = self
+        self.in_flight += 1
+        self._running = self.loop.spawn(self._run, chunk)
+
+    def cancel(self, calls: Any) -> None:
+        self._cancelled.update(calls)
+
+    async def _run(self, chunk: Chunk) -> None:
+        results: list[Any] = []
+        errors: dict[int, BaseException] = {}
+        first = position = 0
+        started = last = time.perf_counter()
+        try:
+            for piece in chunk.pieces:
+                fn, star, call = piece.call.fn, piece.call.star, piece.call.id
+                for item in piece.items:
+                    if call in self._cancelled:
+                        results.append(SKIPPED)
+                    else:
+                        try:
+                            results.append(await self._call(fn, item, star))
+                        except (Exception, SystemExit) as exc:
+                            # KeyboardInterrupt is the loop's: it propagates.
+                            results.append(None)
+                            errors[position] = portable(exc)
+                    position += 1
+                    if time.perf_counter() - last >= SLICE:
+                        self.listener.chunk_progress(chunk, first, position, results, errors)
+                        results, errors, first = [], {}, position
+                        await anyio.lowlevel.checkpoint()
+                        last = time.perf_counter()
+        finally:
+            if position > first:
+                self.listener.chunk_progress(chunk, first, position, results, errors)
+            self.in_flight -= 1
+            self.listener.chunk_done(chunk, position, time.perf_counter() - started)
+
+    async def _call(self, fn: Any, item: Any, star: bool) -> Any:
+        retries = self.config.task_retries
+        delays = backoff_delays(0.05, 2.0, 1.0, 0.1)
+        for attempt in range(retries + 1):
+            try:
+                return fn(*item) if star else fn(item)
+            except Exception as exc:
+                if attempt == retries or not is_transient(exc):
+                    raise
+                await anyio.sleep(next(delays))
+
+    async def aclose(self, kill: bool) -> None:
+        self.state = RungState.CLOSED
+        if self._running is not None:
+            if kill:
+                self._running.cancel()
+            await self._running.wait()

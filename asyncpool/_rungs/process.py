@@ -1,0 +1,389 @@
+"""The process rung: worker processes forked by the fork server, fed over sockets.
+
+Each worker holds at most two chunks (one running, one waiting), so it never idles
+between chunks and a chunk never waits long behind another. A worker that dies takes
+only its own chunks down: the item it was running is named by the progress area, what
+it had already sent back stays delivered, and a replacement is forked (off the loop's
+critical path, with backoff when the machine is out of processes). Workers that reach
+``max_tasks_per_worker`` or ``max_worker_memory`` retire after their chunk, and their
+replacement is started before they leave.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .. import _wire
+from .._errors import InitializerFailed
+from .._forkserver import ForkServer
+from .._retry import RungUnavailable, backoff_delays, is_transient
+from ._proc import Events, Proc, ProcState
+from .base import ChunkUnpicklable, Listener, Rung, RungState
+
+if TYPE_CHECKING:
+    from .._call import Chunk
+    from .._config import PoolConfig
+    from .._loop import Background, Loop
+
+logger = logging.getLogger("asyncpool")
+
+#: Chunks a worker holds at once: one running, one waiting in its socket.
+DEPTH = 2
+
+# Idle workers of closed pools with reuse_workers=True, by their settings.
+_parked: dict[tuple[Any, ...], list[Proc]] = {}
+
+
+class ProcessRung(Rung, Events):
+    name = "process"
+
+    def __init__(self, config: PoolConfig, listener: Listener, loop: Loop) -> None:
+        super().__init__()
+        self.config = config
+        self.listener = listener
+        self.loop = loop
+        self.procs: list[Proc] = []
+        self._seq = 0
+        self._replacing: set[Background] = set()
+        self._failure: BaseException | None = None
+        initializer = None
+        if config.initializer is not None:
+            import cloudpickle
+
+            initializer = cloudpickle.dumps((config.initializer, config.initargs), 5)
+        self._settings = _wire.dumps({
+            "sys_path": list(sys.path), "initializer": initializer,
+            "task_retries": config.task_retries, "max_tasks": config.max_tasks_per_worker,
+            "max_memory": config.max_worker_memory})
+        self._park_key = None if initializer else (
+            config.task_retries, config.max_tasks_per_worker, config.max_worker_memory)
+
+    @classmethod
+    async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ProcessRung:
+        rung = cls(config, listener, loop)
+        try:
+            await rung._start()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await rung.aclose(kill=True)
+            raise
+        return rung
+
+    async def _start(self) -> None:
+        if self._park_key is not None and self.config.reuse_workers:
+            for proc in _take_parked(self._park_key, self.config.max_workers):
+                proc.attach(self, self.loop)
+                self.procs.append(proc)
+        starting: list[Proc] = []
+        for _ in range(self.config.max_workers - len(self.procs)):
+            try:
+                starting.append(self._fork())
+            except OSError as exc:
+                if not is_transient(exc) or not starting:
+                    raise
+                break
+        with anyio.fail_after(self.config.start_timeout):
+            for proc in starting:
+                await proc.started.wait()
+        for proc in starting:
+            if isinstance(proc.init_error, OSError):
+                continue
+            if proc.init_error is not None:
+                raise InitializerFailed(
+                    f"the initializer {self.config.initializer!r} raised in a worker: "
+                    f"{proc.init_error!r}") from proc.init_error
+        ready = [p for p in self.procs if p.state is ProcState.READY]
+        if not ready:
+            error = next((p.init_error for p in starting if p.init_error), None)
+            raise RungUnavailable(f"no worker process could start ({error!r})") from error
+        if len(ready) < self.config.max_workers:
+            logger.warning("process rung started %d of %d workers; starting the rest in "
+                           "the background", len(ready), self.config.max_workers)
+            self._grow()
+
+    def _fork(self) -> Proc:
+        proc = Proc(ForkServer.spawn(), self, self.loop)
+        proc.attach(self, self.loop)
+        proc.send(_wire.INIT, self._settings)
+        self.procs.append(proc)
+        return proc
+
+    # -- taking chunks -------------------------------------------------------------
+
+    def _pick(self) -> Proc | None:
+        best = None
+        limit = self.config.max_tasks_per_worker
+        for proc in self.procs:
+            if proc.state is not ProcState.READY or len(proc.chunks) >= DEPTH:
+                continue
+            if limit is not None and proc.tasks >= limit:
+                continue
+            if best is None or len(proc.chunks) < len(best.chunks):
+                best = proc
+        return best
+
+    def offer(self) -> int | None:
+        if self.state is not RungState.SERVING or self.in_flight >= self.config.in_flight:
+            return 0
+        proc = self._pick()
+        if proc is None:
+            return 0
+        limit = self.config.max_tasks_per_worker
+        return None if limit is None else max(1, limit - proc.tasks)
+
+    def submit(self, chunk: Chunk) -> None:
+        proc = self._pick()
+        assert proc is not None, "submit() without offer()"
+        functions: list[tuple[int, pickle.PickleBuffer]] = []
+        for piece in chunk.pieces:
+            shipped = piece.call.shipped
+            if shipped.id not in proc.functions and all(f != shipped.id for f, _ in functions):
+                functions.append((shipped.id, pickle.PickleBuffer(shipped.blob)))
+        runs = [(p.call.shipped.id, p.call.star, p.call.id,
+                 _wire.wrap_big(p.items) if _big(p) else p.items) for p in chunk.pieces]
+        self._seq += 1
+        message = (self._seq, functions, proc.forget, runs)
+        try:
+            parts = _wire.dumps_any(message)
+        except Exception:
+            raise ChunkUnpicklable(_unpicklable(chunk)) from None
+        chunk.seq = self._seq
+        chunk.rung, chunk.worker = self, proc
+        chunk.payload_bytes = sum(memoryview(p).nbytes for p in parts)
+        proc.functions.update(f for f, _ in functions)
+        proc.forget = []
+        proc.chunks.append(chunk)
+        proc.tasks += chunk.size
+        self.in_flight += 1
+        proc.send(_wire.CHUNK, parts)
+        limit = self.config.max_tasks_per_worker
+        if limit is not None and proc.tasks >= limit:
+            # It leaves after this chunk: start its replacement now, so no call waits.
+            self._grow(extra=1)
+
+    def forget(self, fn_id: int) -> None:
+        """A call's function is no longer needed in the workers."""
+        for proc in self.procs:
+            if fn_id in proc.functions:
+                proc.functions.discard(fn_id)
+                proc.forget.append(fn_id)
+
+    def cancel(self, calls: Iterable[int]) -> None:
+        wanted = set(calls)
+        ids = list(wanted)
+        for proc in self.procs:
+            if proc.state is not ProcState.DEAD and any(
+                    wanted & {p.call.id for p in c.pieces} for c in proc.chunks):
+                proc.send(_wire.CANCEL, _wire.dumps(ids))
+
+    def kill(self, chunks: Iterable[Chunk]) -> bool:
+        for chunk in chunks:
+            proc = chunk.worker
+            # Only a running chunk needs its worker killed; a waiting one is skipped.
+            if proc is not None and proc.chunks and proc.chunks[0] is chunk:
+                chunk.killed = True
+                proc.kill()
+        return True
+
+    # -- what workers report -------------------------------------------------------
+
+    def proc_ready(self, proc: Proc) -> None:
+        self.listener.rung_changed()
+
+    def proc_results(self, proc: Proc, chunk: Chunk, meta: tuple[Any, ...],
+                     results: list[Any] | BaseException,
+                     errors: dict[int, BaseException]) -> None:
+        seq, first, upto, _, done, seconds, _, unloadable = meta
+        if unloadable:
+            assert isinstance(results, BaseException)
+            self.in_flight -= 1
+            self.listener.chunk_unloadable(chunk, results)
+            return
+        if isinstance(results, BaseException):
+            self.listener.chunk_undecodable(chunk, first, upto, results)
+        elif upto > first:
+            self.listener.chunk_progress(chunk, first, upto, results, errors)
+        if done:
+            self.in_flight -= 1
+            self.listener.chunk_done(chunk, upto, seconds)
+
+    def proc_retiring(self, proc: Proc) -> None:
+        self.listener.worker_event("worker_recycled", f"worker {proc.pid} retires after "
+                                   f"{proc.tasks} item(s); a new one replaces it",
+                                   pid=proc.pid)
+        self._grow()
+
+    def proc_dead(self, proc: Proc, chunks: list[Chunk], culprit: int | None,
+                  exitcode: int | None) -> None:
+        if proc in self.procs:
+            self.procs.remove(proc)
+        crashed = bool(chunks) and not proc.killed and proc.state is not ProcState.RETIRING
+        if crashed and culprit is None and (chunks[0].seq != int(proc.progress[0])):
+            crashed = False  # it died between chunks: nothing of ours caused it
+        if crashed:
+            self.listener.worker_event(
+                "worker_crash", f"worker {proc.pid} died (exit code {exitcode}) while "
+                "running a chunk; resending what had not come back",
+                pid=proc.pid, exitcode=exitcode)
+        for index, chunk in enumerate(chunks):
+            self.in_flight -= 1
+            if crashed and index == 0:
+                self.listener.chunk_crashed(chunk, culprit, exitcode)
+            else:
+                self.listener.chunk_lost(chunk)
+        if self.state is RungState.SERVING:
+            self._grow()
+
+    # -- keeping the number of workers ---------------------------------------------
+
+    def _live(self) -> int:
+        return sum(1 for p in self.procs if p.state in (ProcState.STARTING, ProcState.READY))
+
+    def _grow(self, extra: int = 0) -> None:
+        wanted = self.config.max_workers + extra - self._live()
+        for _ in range(max(0, wanted - len(self._replacing))):
+            task = self.loop.spawn(self._replace)
+            self._replacing.add(task)
+
+    async def _replace(self) -> None:
+        config = self.config
+        delays = backoff_delays(config.backoff_initial, config.backoff_factor,
+                                config.backoff_max, config.backoff_jitter)
+        try:
+            attempt = 0
+            while self.state is RungState.SERVING:
+                attempt += 1
+                error: BaseException | None
+                try:
+                    proc = self._fork()
+                    with anyio.move_on_after(config.start_timeout):
+                        await proc.started.wait()
+                    error = proc.init_error
+                    if proc.state is ProcState.READY:
+                        return
+                    if error is None:
+                        error = RungUnavailable("a new worker did not start in time")
+                        proc.kill()
+                except OSError as exc:
+                    error = exc
+                if error is not None and not is_transient(error) and not isinstance(
+                        error, RungUnavailable):
+                    self._broke(InitializerFailed(f"the initializer raised in a new worker: "
+                                                  f"{error!r}"), error)
+                    return
+                if self._live() == 0 and attempt >= config.creation_attempts:
+                    self._broke(RungUnavailable(f"no worker process could be replaced "
+                                                f"({error!r})"), error)
+                    return
+                await anyio.sleep(next(delays))
+        finally:
+            self._replacing = {t for t in self._replacing if not t.finished}
+
+    def _broke(self, error: BaseException, cause: BaseException | None) -> None:
+        error.__cause__ = cause
+        self._failure = error
+        logger.warning("the process rung cannot run any worker: %r", error)
+        self.state = RungState.CRASHED
+        self.listener.rung_changed()
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failure
+
+    # -- closing -------------------------------------------------------------------
+
+    async def aclose(self, kill: bool) -> None:
+        self.state = RungState.CLOSED
+        for task in list(self._replacing):
+            task.cancel()
+        for proc in list(self.procs):
+            if kill:
+                proc.kill()
+            elif (self.config.reuse_workers and self._park_key is not None
+                  and proc.state is ProcState.READY and not proc.chunks):
+                self.procs.remove(proc)
+                proc.detach()
+                _parked.setdefault(self._park_key, []).append(proc)
+            else:
+                proc.close()
+        # Workers leave at once on end-of-file; one that does not is killed.
+        with anyio.move_on_after(5):
+            while any(not p.exited() for p in self.procs):
+                await anyio.sleep(0.01)
+        for proc in self.procs:
+            if not proc.exited():
+                proc.kill()
+        with anyio.move_on_after(5):
+            while any(not p.exited() for p in self.procs):
+                await anyio.sleep(0.01)
+        for task in list(self._replacing):
+            await task.wait()
+
+
+def _big(piece: Any) -> bool:
+    # Small chunks are checked item by item (cheap); big ones only if items were big.
+    per_item = piece.call.timing.bytes_per_item
+    return len(piece.items) <= 64 or (per_item is not None and per_item >= _wire.BIG // 2)
+
+
+def _unpicklable(chunk: Chunk) -> dict[int, BaseException]:
+    """Which items of a chunk cannot be pickled, by position, and why."""
+    import cloudpickle
+
+    errors: dict[int, BaseException] = {}
+    position = 0
+    for piece in chunk.pieces:
+        for item in piece.items:
+            try:
+                cloudpickle.dumps(item, 5)
+            except Exception as exc:
+                errors[position] = exc
+            position += 1
+    return errors
+
+
+def _take_parked(key: tuple[Any, ...], count: int) -> list[Proc]:
+    found: list[Proc] = []
+    waiting = _parked.get(key, [])
+    while waiting and len(found) < count:
+        proc = waiting.pop()
+        if _still_alive(proc):
+            found.append(proc)
+    return found
+
+
+def _still_alive(proc: Proc) -> bool:
+    """A parked worker is alive while its status socket holds no exit status."""
+    import socket
+
+    try:
+        proc.status.recv(8, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        if proc.server.alive():
+            return True
+    except OSError:
+        pass
+    proc.kill()
+    for sock in (proc.sock, proc.status):
+        sock.close()
+    return False
+
+
+def close_parked() -> int:
+    """Let every parked worker go; returns how many there were."""
+    procs = [p for group in _parked.values() for p in group]
+    _parked.clear()
+    for proc in procs:
+        proc.close()
+        for sock in (proc.sock, proc.status):
+            try:
+                sock.close()
+            except OSError:
+                pass
+    return len(procs)

@@ -1,0 +1,129 @@
+"""The thread rung: a fixed set of threads, all started up front.
+
+``ThreadPoolExecutor`` starts threads inside ``submit()`` after queueing the item, so a
+failed thread start there raises while the item stays queued: sending it again would run
+it twice. Starting every thread here means ``submit`` never starts one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .._errors import InitializerFailed
+from .._execute import execute, portable
+from .base import Listener, Rung, RungState
+
+if TYPE_CHECKING:
+    from .._call import Chunk
+    from .._config import PoolConfig
+    from .._loop import Loop
+
+logger = logging.getLogger("asyncpool")
+
+
+class ThreadRung(Rung):
+    name = "thread"
+
+    def __init__(self, config: PoolConfig, listener: Listener, loop: Loop) -> None:
+        super().__init__()
+        self.config, self.listener, self.loop = config, listener, loop
+        self._queue: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
+        #: Calls whose items are no longer wanted (read by the threads).
+        self._cancelled: set[int] = set()
+        self.threads: list[threading.Thread] = []
+        self._init_errors: list[BaseException] = []
+
+    @classmethod
+    async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ThreadRung:
+        rung = cls(config, listener, loop)
+        ready = threading.Semaphore(0)
+        for index in range(config.max_workers):
+            thread = threading.Thread(target=rung._work, args=(ready,), daemon=True,
+                                      name=f"asyncpool-thread-{index}")
+            try:
+                thread.start()
+            except RuntimeError:
+                if not rung.threads:
+                    raise
+                logger.warning("thread rung started %d of %d threads", index,
+                               config.max_workers)
+                break
+            rung.threads.append(thread)
+        if config.initializer is not None:
+            # Each thread runs the initializer before it takes a chunk.
+            for _ in rung.threads:
+                while not ready.acquire(blocking=False):
+                    await anyio.sleep(0.001)
+            if rung._init_errors:
+                await rung.aclose(kill=False)
+                error = rung._init_errors[0]
+                raise InitializerFailed(f"the initializer {config.initializer!r} raised in "
+                                        f"a thread: {error!r}") from error
+        return rung
+
+    def offer(self) -> int | None:
+        ok = self.state is RungState.SERVING and self.in_flight < self.config.in_flight
+        return None if ok else 0
+
+    def submit(self, chunk: Chunk) -> None:
+        chunk.rung = self
+        self.in_flight += 1
+        self._queue.put(chunk)
+
+    def cancel(self, calls: Iterable[int]) -> None:
+        self._cancelled.update(calls)
+
+    def _work(self, ready: threading.Semaphore) -> None:
+        config = self.config
+        if config.initializer is not None:
+            try:
+                config.initializer(*config.initargs)
+            except BaseException as exc:
+                self._init_errors.append(exc)
+            ready.release()
+        while True:
+            chunk = self._queue.get()
+            if chunk is None:
+                return
+            runs = [(p.call.fn, p.call.star, p.call.id, p.items) for p in chunk.pieces]
+            report = functools.partial(self._tick, chunk)
+            try:
+                execute(runs, config.task_retries, report, skip=self._cancelled)
+            except BaseException:  # pragma: no cover - execute catches what items raise
+                logger.exception("a thread of the thread rung failed")
+            del chunk, runs, report
+
+    def _tick(self, chunk: Chunk, first: int, upto: int, results: list[Any],
+              errors: dict[int, BaseException], seconds: float | None) -> tuple[set[int], bool]:
+        results = list(results)
+        errors = {position: portable(exc) if not isinstance(exc, Exception) else exc
+                  for position, exc in errors.items()}
+        self.loop.call_soon_threadsafe(
+            functools.partial(self._report, chunk, first, upto, results, errors, seconds))
+        return self._cancelled, False
+
+    def _report(self, chunk: Chunk, first: int, upto: int, results: list[Any],
+                errors: dict[int, BaseException], seconds: float | None) -> None:
+        if upto > first:
+            self.listener.chunk_progress(chunk, first, upto, results, errors)
+        if seconds is not None:
+            self.in_flight -= 1
+            self.listener.chunk_done(chunk, upto, seconds)
+
+    async def aclose(self, kill: bool) -> None:
+        # Threads cannot be killed; they finish what they run and exit (they are
+        # daemons, so a stuck task does not hold the interpreter at exit).
+        self.state = RungState.CLOSED
+        for _ in self.threads:
+            self._queue.put(None)
+        if not kill:
+            for thread in self.threads:
+                while thread.is_alive():
+                    await anyio.sleep(0.005)

@@ -1,0 +1,85 @@
+"""Sizing chunks from what items cost, and putting results back in input order.
+
+Pure functions and small records: no I/O, no loop, no knowledge of calls or rungs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._errors import MISSING
+
+#: Auto chunking keeps a chunk's pickled arguments (and results) near this size: the
+#: parent pickles on the loop, and a 4 MiB pickle takes about 2 ms, while 25 MB chunks of
+#: big items held the loop for tens of ms. Measured on 100 KB items (warm pool, 2
+#: workers): 256 KiB chunks gave 544 MB/s, 1 MiB 803 MB/s, 4 MiB 930 MB/s.
+TARGET_CHUNK_BYTES = 4 << 20
+
+
+class Timing:
+    """What one function's items cost, measured, and shared by every call of it.
+
+    Until a chunk has come back sizes double from 1, so a slow item never sits in a
+    big first chunk (as joblib's auto-batching starts); after that a chunk aims at
+    ``target`` seconds of work and :data:`TARGET_CHUNK_BYTES` of pickled data.
+    """
+
+    __slots__ = ("per_item", "bytes_per_item", "ramp")
+
+    def __init__(self) -> None:
+        self.per_item: float | None = None
+        self.bytes_per_item: float | None = None
+        #: Items of the next chunk while nothing is measured yet.
+        self.ramp = 1
+
+    def grow(self) -> None:
+        """A chunk went out before any came back: the next may be twice as big."""
+        self.ramp = min(self.ramp * 2, 1 << 14)
+
+    def bytes_cap(self) -> int:
+        """Items that fit in :data:`TARGET_CHUNK_BYTES`, from what chunks weighed."""
+        if not self.bytes_per_item:
+            return 1 << 30
+        return max(1, int(TARGET_CHUNK_BYTES / self.bytes_per_item))
+
+    def observe(self, items: int, seconds: float) -> None:
+        if items <= 0:
+            return
+        per_item = seconds / items
+        if self.per_item is None:
+            self.per_item = per_item
+        else:
+            self.per_item = 0.7 * self.per_item + 0.3 * per_item
+
+    def observe_bytes(self, items: int, size: int) -> None:
+        """A chunk of ``items`` pickled to ``size`` bytes (arguments or results)."""
+        if items > 0 and size > 0:
+            per_item = size / items
+            if self.bytes_per_item is None or per_item > self.bytes_per_item:
+                self.bytes_per_item = per_item
+            else:
+                self.bytes_per_item = 0.7 * self.bytes_per_item + 0.3 * per_item
+
+
+def guided_cap(remaining: int | None, lanes: int) -> int | None:
+    """With ``remaining`` items known, chunks shrink as the input ends, so the last
+    ones finish together instead of one worker running a full chunk alone."""
+    if remaining is None:
+        return None
+    return max(1, math.ceil(remaining / (2 * max(1, lanes))))
+
+
+def assemble(segments: dict[int, list[Any]], *, start: int = 0,
+             total: int | None = None) -> list[Any]:
+    """Values in input order from index ``start``, :data:`MISSING` in the gaps."""
+    out: list[Any] = []
+    for first in sorted(segments):
+        if first < start:
+            continue
+        if len(out) < first - start:
+            out.extend([MISSING] * (first - start - len(out)))
+        out.extend(segments[first])
+    if total is not None and len(out) < total - start:
+        out.extend([MISSING] * (total - start - len(out)))
+    return out

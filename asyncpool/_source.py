@@ -1,0 +1,199 @@
+"""A call's input, pulled only as fast as the workers take it, never blocking the loop.
+
+A sequence is sliced. A synchronous iterator is pulled on the loop in slices of at most
+about a millisecond; once a single item is seen to take longer (a generator that reads
+a slow file, say), the rest is pulled in a worker thread. An async iterator, and any
+input under a rate limit, is pulled by a feeder task into a small buffer. Whatever
+arrives goes out at once when a worker is free: a slow input never waits for a chunk
+to fill.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import anyio
+
+#: Longest stretch the loop spends pulling a synchronous input in one go (seconds).
+PULL_SLICE = 0.001
+#: A synchronous input slower than this per item is pulled in a thread instead.
+SLOW_ITEM = 0.0005
+
+
+class RateLimit:
+    """At most ``rate`` starts per second: one every 1/rate s, with no burst.
+
+    Starts are spaced evenly, so no one-second window holds more than ``rate`` + 1 (a
+    bucket of ``rate`` tokens would let 2 x rate through). Works on any anyio loop.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self._next = -math.inf
+
+    async def acquire(self) -> None:
+        now = anyio.current_time()
+        at = max(now, self._next)
+        self._next = at + self.interval
+        if at > now:
+            await anyio.sleep(at - now)
+
+
+class Source:
+    """Where a call's items come from."""
+
+    def __init__(self, items: Iterable[Any] | AsyncIterable[Any],
+                 limits: Sequence[RateLimit] = ()) -> None:
+        #: The input has no more items (or raised); some may still be buffered.
+        self.ended = False
+        self.error: BaseException | None = None
+        self.limits = list(limits)
+        self._seq: Sequence[Any] | None = None
+        self._it: Iterator[Any] | None = None
+        self._ait: AsyncIterator[Any] | None = None
+        self._pos = 0
+        self._buffer: list[Any] = []
+        self._room = anyio.Event()
+        self._step = 16
+        #: Set once the feeder task must pull (async input, a slow iterator, a limit).
+        self.fed = bool(self.limits)
+        if isinstance(items, AsyncIterable):
+            self._ait = items.__aiter__()
+            self.fed = True
+        elif isinstance(items, Sequence) and not isinstance(items, (str, bytes)):
+            self._seq = items
+        else:
+            self._it = iter(items)
+
+    @property
+    def done(self) -> bool:
+        """Nothing more will come from :meth:`take`."""
+        return self.ended and not self._buffer
+
+    @property
+    def remaining(self) -> int | None:
+        """Items still to come, when known."""
+        if self._seq is not None and not self.fed:
+            return len(self._seq) - self._pos
+        return None
+
+    @property
+    def total(self) -> int | None:
+        """How many items the input has, when known."""
+        return len(self._seq) if self._seq is not None else None
+
+    @property
+    def buffered(self) -> int:
+        """Items read from the input and not yet taken."""
+        return len(self._buffer)
+
+    def available(self) -> bool:
+        """Whether :meth:`take` may give something now."""
+        return bool(self._buffer) if self.fed else not self.ended
+
+    def take(self, count: int) -> list[Any]:
+        """Up to ``count`` items that can be had now, without waiting."""
+        if self.fed:
+            taken = self._buffer[:count]
+            del self._buffer[:count]
+            if not self._room.is_set():
+                self._room.set()
+            return taken
+        if self._seq is not None:
+            taken = list(self._seq[self._pos:self._pos + count])
+            self._pos += len(taken)
+            if self._pos >= len(self._seq):
+                self.ended = True
+            return taken
+        return self._pull_on_loop(count)
+
+    def _pull_on_loop(self, count: int) -> list[Any]:
+        assert self._it is not None
+        taken: list[Any] = []
+        started = time.perf_counter()
+        while len(taken) < count:
+            want = min(self._step, count - len(taken))
+            before = time.perf_counter()
+            try:
+                got = list(itertools.islice(self._it, want))
+            except Exception as exc:
+                self.error, self.ended = exc, True
+                return taken
+            taken.extend(got)
+            now = time.perf_counter()
+            if len(got) < want:
+                self.ended = True
+                break
+            if (now - before) / want > SLOW_ITEM:
+                # Too slow for the loop: a thread pulls the rest.
+                self.fed = True
+                break
+            if now - started > PULL_SLICE:
+                break
+            self._step = min(self._step * 2, 1 << 14)
+        return taken
+
+    async def feed(self, want: Callable[[], int], arrived: Callable[[], None]) -> None:
+        """Pull into the buffer while it holds fewer than ``want()`` items (the feeder
+        task of a fed source); ``arrived()`` is called after each new item."""
+        try:
+            while not self.ended:
+                while len(self._buffer) >= max(1, want()):
+                    self._room = anyio.Event()
+                    await self._room.wait()
+                for limit in self.limits:
+                    await limit.acquire()
+                got = await self._pull(1 if self.limits else max(1, want()))
+                if not got:
+                    self.ended = True
+                self._buffer.extend(got)
+                arrived()
+        except Exception as exc:
+            self.error, self.ended = exc, True
+            arrived()
+
+    async def _pull(self, count: int) -> list[Any]:
+        if self._ait is not None:
+            try:
+                return [await self._ait.__anext__()]
+            except StopAsyncIteration:
+                return []
+        if self._seq is not None:
+            taken = list(self._seq[self._pos:self._pos + count])
+            self._pos += len(taken)
+            return taken
+        assert self._it is not None
+        try:
+            return await anyio.to_thread.run_sync(_pull_batch, self._it, count,
+                                                  abandon_on_cancel=True)
+        except RuntimeError as exc:
+            if "can't start new thread" not in str(exc):
+                raise
+        # No thread to pull in: one item at a time on the loop, with a turn between.
+        await anyio.lowlevel.checkpoint()
+        return list(itertools.islice(self._it, 1))
+
+    async def aclose(self) -> None:
+        """Close an async generator input (sync generators close when dropped)."""
+        closer = getattr(self._ait, "aclose", None)
+        if closer is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                try:
+                    await closer()
+                except Exception:
+                    pass
+
+
+def _pull_batch(it: Iterator[Any], count: int) -> list[Any]:
+    """Up to ``count`` items, returning early after 10 ms so slow inputs stream."""
+    taken: list[Any] = []
+    deadline = time.perf_counter() + 0.01
+    for item in it:
+        taken.append(item)
+        if len(taken) >= count or time.perf_counter() > deadline:
+            break
+    return taken

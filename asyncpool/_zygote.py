@@ -1,0 +1,192 @@
+"""The fork server: a small, single-threaded interpreter that forks the workers.
+
+The parent starts it once (``python -m asyncpool._zygote``) and asks it for workers over
+a control socket, passing each new worker's sockets along. Forking a process that has
+already imported what workers need takes a few milliseconds; a fresh interpreter takes
+tens. Because it has no threads, forking it is safe whatever threads the parent runs.
+
+It keeps the workers' lives tied to the parent's: each worker is the leader of its own
+process group (so killing the group kills what the task started too), dies with the
+fork server (``PR_SET_PDEATHSIG`` on Linux), and when the parent goes away, however it
+died, the control socket reaches end-of-file and the fork server kills every worker's
+group before it exits. Each worker's exit status goes back on that worker's own status
+socket.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+
+STATUS = struct.Struct("<ii")  # (pid, wait status); pid -errno when the fork failed
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:  # pragma: no cover - no prctl: the fork server still kills us
+        pass
+
+
+def _worker(sock_fd: int, progress_fd: int, parent: int) -> None:
+    """In the forked child: become a worker and never return."""
+    code = 1
+    try:
+        os.setpgid(0, 0)
+        _die_with_parent()
+        if os.getppid() != parent:  # the fork server died before prctl took hold
+            os._exit(1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        import mmap
+
+        from asyncpool import _worker
+
+        progress = None
+        if progress_fd >= 0:
+            area = mmap.mmap(progress_fd, 16)
+            os.close(progress_fd)
+            progress = memoryview(area).cast("q")
+        sock = socket.socket(fileno=sock_fd)
+        code = _worker.serve(sock, progress)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def main() -> None:
+    control_fd = int(sys.argv[1])
+    # Keyboard interrupts are the parent's to handle; workers are stopped by it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    control = socket.socket(fileno=control_fd)
+    # What every worker needs, imported once.
+    import ctypes  # noqa: F401  (prctl)
+    import mmap  # noqa: F401
+
+    import asyncpool._worker  # noqa: F401
+
+    children: dict[int, socket.socket] = {}
+    # Imported while idle, so that later workers start with them: `site` (skipped at
+    # start for speed) brings the import hooks of .pth files, cloudpickle loads
+    # functions sent by value.
+    preload: list[str] = ["site", "cloudpickle"]
+    me = os.getpid()
+    while True:
+        ready = select.select([control.fileno(), wake_r], [], [],
+                              None if not preload else 0.05)[0]
+        if not ready and preload:
+            _import(preload.pop(0))
+            continue
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+            _reap(children)
+        if control.fileno() not in ready:
+            continue
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 4096, 4)
+        except OSError:
+            message, fds = b"", []
+        if not message:
+            # The parent is gone (or closed us): its workers go too.
+            for pid in children:
+                _kill_group(pid)
+            _reap(children, block=True)
+            os._exit(0)
+        op, *names = message.decode().split("\0")
+        if op == "preload":
+            preload.extend(names)
+        elif op == "fork":
+            sock_fd, status_fd, progress_fd = (fds + [-1, -1, -1])[:3]
+            status = socket.socket(fileno=status_fd)
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                status.send(STATUS.pack(-(exc.errno or 1), 0))
+                status.close()
+                os.close(sock_fd)
+                if progress_fd >= 0:
+                    os.close(progress_fd)
+                continue
+            if pid == 0:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                control.close()
+                os.close(wake_r)
+                os.close(wake_w)
+                status.close()
+                for other in children.values():
+                    other.close()
+                _worker(sock_fd, progress_fd, me)
+            os.close(sock_fd)
+            if progress_fd >= 0:
+                os.close(progress_fd)
+            status.send(STATUS.pack(pid, 0))
+            children[pid] = status
+
+
+def _import(name: str) -> None:
+    try:
+        if name == "site":
+            from asyncpool._execute import load_site
+
+            load_site()
+        else:
+            importlib.import_module(name)
+    except BaseException:
+        pass
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _reap(children: dict[int, socket.socket], block: bool = False) -> None:
+    while children:
+        try:
+            # Look before reaping: while the worker is a zombie its pid (and so its
+            # process group's id) cannot be reused, so killing the group is safe.
+            found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT
+                              | (0 if block else os.WNOHANG))
+        except ChildProcessError:
+            return
+        if found is None:
+            return
+        pid = found.si_pid
+        # Whatever the worker started dies with it.
+        _kill_group(pid)
+        _, status = os.waitpid(pid, 0)
+        sock = children.pop(pid, None)
+        if sock is not None:
+            try:
+                sock.send(STATUS.pack(pid, status))
+            except OSError:
+                pass
+            sock.close()
+
+
+if __name__ == "__main__":
+    main()
