@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+__version__ = "0.2.0"
+
 # Not `from typing import TYPE_CHECKING`: the fork server imports this package, and
 # importing typing would add ~10 ms to every pool's first start.
 TYPE_CHECKING = False
@@ -76,4 +78,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted([*__all__, "__version__"])

@@ -71,6 +71,9 @@ class Call:
         #: closed), and the first item's exception (unless return_exceptions).
         self.error: BaseException | None = None
         self.first_error: BaseException | None = None
+        #: A worker died running items of this call (its chunks then report each
+        #: result as it is made, so another crash loses none).
+        self.crashed = False
         self.failed = 0
         self._event: anyio.Event | None = None
 

@@ -130,17 +130,22 @@ class Stream(Generic[T]):
             try:
                 await self._fill()
             except BaseException as exc:
-                kill = self._call.options.cancel_running == "kill"
+                options = self._call.options
                 if isinstance(exc, DeadlineExceeded):
-                    kill = self._call.options.kill_on_timeout
-                await self.aclose(kill=kill)
+                    kill = options.kill_on_timeout
+                elif isinstance(exc, Exception):
+                    kill = False
+                else:  # cancelled
+                    kill = options.cancel_running == "kill"
+                with anyio.CancelScope(shield=True):
+                    await self.aclose(kill=kill)
                 raise
             if not self._buffer:
-                await self.aclose()
+                await self.aclose(kill=False)
                 raise StopAsyncIteration
         value = self._buffer.pop()
         if isinstance(value, BaseException) and not self._call.options.return_exceptions:
-            await self.aclose()
+            await self.aclose(kill=False)
             raise value
         return value  # type: ignore[no-any-return]
 
@@ -168,8 +173,12 @@ class Stream(Generic[T]):
                     unfinished=call.pulled - call.finished)
         raise _exceeded(call, call.partial(call.consumed), call.consumed) from None
 
-    async def aclose(self, kill: bool = False) -> None:
-        """Finish the call now: what has not started never runs."""
+    async def aclose(self, kill: bool | None = None) -> None:
+        """Finish the call now: what has not started never runs, and what runs
+        finishes unseen, or with ``cancel_running="kill"`` (the default for ``kill``
+        here) is stopped."""
+        if kill is None:
+            kill = self._call.options.cancel_running == "kill"
         if self._closed:
             return
         self._closed = True
@@ -185,7 +194,8 @@ class Stream(Generic[T]):
         if not self._closed and self._started:
             self._closed = True
             try:
-                self._engine.finish(self._call)
+                self._engine.finish(self._call,
+                                    kill=self._call.options.cancel_running == "kill")
                 if self._feeder.task is not None:
                     self._feeder.task.cancel()
             except Exception:

@@ -87,6 +87,8 @@ class PoolStatistics:
     worker_crashes: int = 0
     workers_recycled: int = 0
     resubmitted_chunks: int = 0
+    #: Worker processes (threads, Dask threads) of the serving rung now.
+    workers: int = 0
     #: Chunks out on rungs now, and the most the serving rung takes at once.
     chunks_in_flight: int = 0
     max_chunks_in_flight: int = 0

@@ -25,9 +25,9 @@ if TYPE_CHECKING:
     #: One run of a chunk: (function, star, call id, items).
     Run = tuple[Callable[..., Any], bool, int, Sequence[Any]]
     #: Hands over a slice of a chunk: (first position, end, results, errors by
-    #: position, seconds spent, given with the last slice only).
-    Tick = Callable[[int, int, list[Any], dict[int, BaseException], float | None],
-                    tuple[set[int], bool]]
+    #: position, and with the last slice only: (seconds spent, retries made)).
+    Tick = Callable[[int, int, list[Any], dict[int, BaseException],
+                     tuple[float, int] | None], tuple[set[int], bool]]
 
 #: A worker sends what finished at least this often (seconds), so a caller's result
 #: does not wait for the rest of its chunk, and a crash loses at most this much work.
@@ -92,8 +92,10 @@ def loads(data: Any, buffers: Any = ()) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
-def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int) -> Any:
-    """``fn(item)``, retrying transient resource errors with backoff."""
+def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int,
+              retried: list[int]) -> Any:
+    """``fn(item)``, retrying transient resource errors with backoff (counted in
+    ``retried[0]``)."""
     try:
         return fn(*item) if star else fn(item)
     except Exception as exc:
@@ -103,6 +105,7 @@ def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int) -> An
     delays = backoff_delays(0.05, 2.0, 1.0, 0.1)
     for _ in range(retries):
         time.sleep(next(delays))
+        retried[0] += 1
         try:
             return fn(*item) if star else fn(item)
         except Exception as exc:
@@ -113,12 +116,14 @@ def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int) -> An
 
 
 def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
-            skip: set[int] | frozenset[int] = frozenset()) -> tuple[int, float]:
+            skip: set[int] | frozenset[int] = frozenset(),
+            flush: float = FLUSH_SECONDS) -> tuple[int, float]:
     """Run every item of ``runs``; returns (where it stopped, seconds spent).
 
-    ``tick(first, upto, results, errors, seconds)`` hands over positions [first, upto)
-    at least every :data:`FLUSH_SECONDS` and at the end (the only time ``seconds`` is
-    given), and answers which calls to skip and whether to stop. Items of the calls in
+    ``tick(first, upto, results, errors, end)`` hands over positions [first, upto) at
+    least every ``flush`` seconds and at the end (the only time ``end``, the seconds
+    spent and retries made, is given), and answers which calls to skip and whether to
+    stop. Items of the calls in
     ``skip`` are not run. ``progress[1]`` is set to the position of each item as it
     starts, for the parent to read after a crash.
     """
@@ -127,6 +132,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     errors: dict[int, BaseException] = {}
     started = last = time.perf_counter()
     flushed = position = 0
+    retried = [0]
     for fn, star, call, items in runs:
         for item in items:
             if call in skip:
@@ -136,7 +142,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
             if progress is not None:
                 progress[1] = position
             try:
-                append(call_item(fn, item, star, retries) if retries
+                append(call_item(fn, item, star, retries, retried) if retries
                        else fn(*item) if star else fn(item))
             except BaseException as exc:
                 # SystemExit and KeyboardInterrupt too: they are the item's outcome,
@@ -145,7 +151,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
                 errors[position] = exc
             position += 1
             now = time.perf_counter()
-            if now - last >= FLUSH_SECONDS:
+            if now - last >= flush:
                 last = now
                 skip, stop = tick(flushed, position, results, errors, None)
                 flushed = position
@@ -154,7 +160,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
                 if stop:
                     return position, now - started
     seconds = time.perf_counter() - started
-    tick(flushed, position, results, errors, seconds)
+    tick(flushed, position, results, errors, (seconds, retried[0]))
     return position, seconds
 
 
@@ -229,9 +235,10 @@ _cluster_functions: dict[int, tuple[bytes, Any]] = {}
 
 
 def run_on_cluster(blobs: list[bytes], runs: list[tuple[int, bool, int, list[Any]]],
-                   retries: int) -> tuple[bytes, list[tuple[int, bytes, str]], float, str | None]:
-    """What the dask rung runs on a Dask worker: (pickled results, errors, seconds,
-    why the function could not be loaded, or None)."""
+                   retries: int) -> tuple[bytes, list[tuple[int, bytes, str]],
+                                          tuple[float, int], str | None]:
+    """What the dask rung runs on a Dask worker: (pickled results, errors, (seconds,
+    retries), why the function could not be loaded, or None)."""
     functions = []
     for blob in blobs:
         found = _cluster_functions.get(id(blob))
@@ -239,34 +246,39 @@ def run_on_cluster(blobs: list[bytes], runs: list[tuple[int, bool, int, list[Any
             try:
                 found = (blob, share_main(loads(blob)))
             except BaseException as exc:
-                return b"", [], 0.0, repr(exc)
+                return b"", [], (0.0, 0), repr(exc)
             if len(_cluster_functions) > 64:
                 _cluster_functions.clear()
             _cluster_functions[id(blob)] = found
         functions.append(found[1])
     results: list[Any] = []
     errors: dict[int, BaseException] = {}
+    spent = [(0.0, 0)]
 
     def tick(first: int, upto: int, done: list[Any], failed: dict[int, BaseException],
-             seconds: float | None) -> tuple[set[int], bool]:
+             end: tuple[float, int] | None) -> tuple[set[int], bool]:
         results.extend(done)
         errors.update(failed)
+        if end is not None:
+            spent[0] = end
         return set(), False
 
-    _, seconds = execute([(functions[f], star, call, items) for f, star, call, items in runs],
-                         retries, tick)
-    return b"".join(dump_results(results)[:1]), encode_errors(errors), seconds, None
+    execute([(functions[f], star, call, items) for f, star, call, items in runs],
+            retries, tick)
+    return b"".join(dump_results(results)[:1]), encode_errors(errors), spent[0], None
 
 
 def dump_results(results: list[Any]) -> _wire.Parts:
     """Pickled results; one that will not pickle becomes its item's error, alone."""
+    # Big results travel out of band: the parent reads them into place. A few results
+    # are looked at one by one; many are, only if their pickle turned out big.
+    wrapped = len(results) <= 64
     try:
-        parts = _wire.dumps_any(results)
+        parts = _wire.dumps_any(_wire.wrap_big(results) if wrapped else results)
+        if not wrapped and len(parts[0]) >= _wire.SMALL_FRAME:
+            parts = _wire.dumps_any(_wire.wrap_big(results))
     except Exception:
         parts = []
-    if parts and len(parts[0]) >= _wire.SMALL_FRAME:
-        # Big results travel out of band: the parent reads them into place.
-        parts = _wire.dumps_any(_wire.wrap_big(results))
     if parts:
         return parts
     fixed = []

@@ -37,6 +37,9 @@ class Loop:
     def watch_writable(self, fd: int, callback: Callback) -> Callback:
         raise NotImplementedError
 
+    def closing(self, fd: int) -> None:
+        """``fd`` is about to be closed (after its watches were stopped)."""
+
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> Background:
         """Start ``fn(*args)`` as a task of the loop itself, not of the calling task."""
         raise NotImplementedError
@@ -170,12 +173,7 @@ class _Trio(Loop):
                         logger.exception("a file watcher's callback failed")
 
         trio.lowlevel.spawn_system_task(watcher)
-
-        def stop() -> None:
-            scope.cancel()
-            # Whoever closes fd next must not leave trio waiting on a closed descriptor.
-            trio.lowlevel.notify_closing(fd)
-
+        stop: Callback = scope.cancel
         return stop
 
     def watch_readable(self, fd: int, callback: Callback) -> Callback:
@@ -183,6 +181,10 @@ class _Trio(Loop):
 
     def watch_writable(self, fd: int, callback: Callback) -> Callback:
         return self._watch(fd, callback, False)
+
+    def closing(self, fd: int) -> None:
+        # Not in stop(): that would also end the other watch of the same descriptor.
+        self._trio.lowlevel.notify_closing(fd)
 
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> Background:
         task = Background()

@@ -79,7 +79,11 @@ class Outcomes:
         self.counters.tasks_completed += completed
         self.counters.tasks_failed += failed
 
-    def chunk_done(self, chunk: Chunk, upto: int, seconds: float) -> None:
+    def chunk_done(self, chunk: Chunk, upto: int, seconds: float, retried: int = 0) -> None:
+        if retried:
+            self.emit("task_retry", f"{retried} retr{'y' if retried == 1 else 'ies'} after "
+                      "transient errors (no thread, process or memory for a moment)",
+                      retries=retried)
         if upto > 0:
             for timing, count in by_timing(chunk, upto).items():
                 timing.observe(count, seconds * count / upto)
@@ -90,6 +94,8 @@ class Outcomes:
 
     def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None) -> None:
         first = chunk.reported
+        for piece in chunk.pieces:
+            piece.call.crashed = True
         rung = chunk.rung
         if culprit is None or culprit < first:
             if chunk.size - first > 1:
@@ -103,8 +109,8 @@ class Outcomes:
             culprit = first
         # Items before the culprit ran but their results died with the worker; those
         # after it never ran. Neither is to blame.
-        self._again(chunk, first, culprit, "innocent")
-        self._again(chunk, culprit + 1, chunk.size, "not run")
+        self._again(chunk, first, culprit, "innocent", 0)
+        self._again(chunk, culprit + 1, chunk.size, "not run", 0)
         alone = chunk.size - first == 1
         crashes = (chunk.crashes if alone else 0) + 1
         piece, index = chunk.locate(culprit)
@@ -175,13 +181,19 @@ class Outcomes:
             self._drained.set()
         self.kick()
 
-    def _again(self, chunk: Chunk, first: int, upto: int, why: str, crashes: int = 0) -> None:
+    def _again(self, chunk: Chunk, first: int, upto: int, why: str,
+               crashes: int | None = None) -> None:
+        """Send positions [first, upto) of ``chunk`` again. Unless told otherwise, they
+        keep the chunk's crash count when they are all of it (a suspect item that was
+        lost with another's worker is still a suspect), and start afresh if not."""
         if upto <= first:
             return
         pieces = [p for p in chunk.pieces_between(first, upto)
                   if p.call.state is CallState.ACTIVE]
         if not pieces:
             return
+        if crashes is None:
+            crashes = chunk.crashes if (first, upto) == (0, chunk.size) else 0
         self.counters.resubmitted_chunks += 1
         again = Chunk(pieces, crashes)
         self.emit("resubmit", f"resubmitting {again.size} item(s) ({why})",

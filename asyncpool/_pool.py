@@ -128,6 +128,7 @@ class ResilientPool:
         rung = engine.ladder.serving if engine is not None else None
         return self._counters.snapshot(
             self.backend,
+            workers=rung.workers if rung is not None else 0,
             chunks_in_flight=len(engine.in_flight) if engine is not None else 0,
             max_chunks_in_flight=getattr(rung, "capacity", self.config.in_flight),
             active_calls=len(engine.calls) if engine is not None else 0)

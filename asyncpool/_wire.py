@@ -31,6 +31,9 @@ READY, INIT_FAILED, RESULTS = 10, 11, 12
 BIG = 64 << 10
 #: Frames up to this size are read into one buffer; bigger parts get their own.
 SMALL_FRAME = 1 << 20
+#: The most one turn of the loop reads or writes on one socket: a peer that keeps the
+#: socket full (a 200 MB result) must not hold the loop for the whole transfer.
+TURN_BYTES = 4 << 20
 
 class BigBytes:
     """Marks a large ``bytes`` to be pickled out of band (rebuilt as ``bytes``)."""
@@ -177,8 +180,10 @@ class FrameReader:
         self._filled = 0
 
     def read(self, sock: socket.socket, deliver: Callable[[int, Parts], None]) -> bool:
-        """Read what the socket holds, passing each whole frame on; False at EOF."""
-        while True:
+        """Read what the socket holds (up to :data:`TURN_BYTES`), passing each whole
+        frame on; False at end-of-file."""
+        budget = TURN_BYTES
+        while budget > 0:
             try:
                 if self._big is not None:
                     kind, parts = self._big
@@ -186,6 +191,7 @@ class FrameReader:
                     n = sock.recv_into(view[self._filled:]) if view.nbytes else 0
                     if view.nbytes and n == 0:
                         return False
+                    budget -= n
                     self._filled += n
                     if self._filled >= view.nbytes:
                         self._part += 1
@@ -199,8 +205,10 @@ class FrameReader:
                 return False
             if not data:
                 return False
+            budget -= len(data)
             self._buf += data
             self._parse(deliver)
+        return True
 
     def _parse(self, deliver: Callable[[int, Parts], None]) -> None:
         buf = self._buf

@@ -72,7 +72,7 @@ class _Worker:
 
     def run_chunk(self, parts: _wire.Parts) -> None:
         try:
-            seq, functions, forget, runs = loads(parts[0], parts[1:])
+            seq, functions, forget, runs, flush = loads(parts[0], parts[1:])
         except BaseException as exc:
             # An argument that pickled in the parent but does not load here.
             self.send_results(-1, 0, 0, [], {0: exc}, done=True, unloadable=True)
@@ -91,32 +91,32 @@ class _Worker:
         calls = [(self.functions[f], star, call, items) for f, star, call, items in runs]
 
         def tick(first: int, upto: int, results: list[Any], errors: dict[int, BaseException],
-                 seconds: float | None) -> tuple[set[int], bool]:
+                 end: tuple[float, int] | None) -> tuple[set[int], bool]:
             self.tasks += upto - first
-            if seconds is None:
+            if end is None:
                 self.poll()
             if self.over_memory():
                 self.retiring = "memory"
-            elif seconds is not None and self.max_tasks is not None and (
+            elif end is not None and self.max_tasks is not None and (
                     self.tasks >= self.max_tasks):
                 self.retiring = "tasks"
             # Memory over the ceiling stops the chunk after this item: the parent sends
             # the items that did not run to another worker.
-            stop = seconds is None and (self.closed or self.retiring is not None)
+            stop = end is None and (self.closed or self.retiring is not None)
             self.send_results(seq, first, upto, results, errors,
-                              done=stop or seconds is not None, seconds=seconds or 0.0)
+                              done=stop or end is not None, end=end or (0.0, 0))
             return self.cancelled, stop
 
-        execute(calls, self.retries, tick, self.progress, self.cancelled)
+        execute(calls, self.retries, tick, self.progress, self.cancelled, flush)
 
     def send_results(self, seq: int, first: int, upto: int, results: list[Any],
-                     errors: dict[int, BaseException], *, done: bool, seconds: float = 0.0,
-                     unloadable: bool = False) -> None:
+                     errors: dict[int, BaseException], *, done: bool,
+                     end: tuple[float, int] = (0.0, 0), unloadable: bool = False) -> None:
         if self.closed:
             return
         if unloadable:
             errors = {p: SerializationError(f"{exc!r}") for p, exc in errors.items()}
-        meta = (seq, first, upto, encode_errors(errors), done, seconds, self.retiring,
+        meta = (seq, first, upto, encode_errors(errors), done, end, self.retiring,
                 unloadable)
         try:
             self.send(_wire.RESULTS, [pickle.dumps(meta, 5), *dump_results(results)])

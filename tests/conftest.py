@@ -1,44 +1,57 @@
+"""Fixtures shared by the whole suite.
+
+Async tests are marked ``anyio`` and run once on asyncio and once on trio (anyio's
+pytest plugin, through the ``anyio_backend`` fixture below); a test of an asyncio-only
+feature asks for :func:`asyncio_only`. pytest-asyncio is installed but in strict mode
+(pyproject.toml), so it claims no test that anyio runs.
+"""
+
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
+from pathlib import Path
 
-import psutil
 import pytest
 
-
-def _children() -> set[int]:
-    """Child processes, less loky's resource tracker (one per interpreter, by design)."""
-    found = set()
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "resource_tracker" in " ".join(child.cmdline()):
-                continue
-        except psutil.Error:
-            continue
-        found.add(child.pid)
-    return found
+from .helpers import PidsCgroup, ThreadStarts, children, settle
 
 
-def _settle(check: callable, timeout: float = 10.0) -> bool:  # type: ignore[valid-type]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.05)
-    return bool(check())
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def asyncio_only(anyio_backend: str) -> None:
+    """For features that need an asyncio loop (Dask, uvloop)."""
+    if anyio_backend != "asyncio":
+        pytest.skip("this feature runs on asyncio only")
 
 
 @pytest.fixture
 def no_leaks() -> Iterator[None]:
     """Threads and child processes return to where they were (as dask's checks do)."""
     threads_before = {t.ident for t in threading.enumerate()}
-    children_before = _children()
+    children_before = children()
     yield
-    ok_threads = _settle(lambda: {t.ident for t in threading.enumerate()} <= threads_before)
-    ok_children = _settle(lambda: _children() <= children_before)
+    ok_threads = settle(lambda: {t.ident for t in threading.enumerate()} <= threads_before)
+    ok_children = settle(lambda: children() <= children_before)
     extra_threads = [t.name for t in threading.enumerate() if t.ident not in threads_before]
-    extra_children = _children() - children_before
     assert ok_threads, f"threads leaked: {extra_threads}"
-    assert ok_children, f"child processes leaked: {extra_children}"
+    assert ok_children, f"child processes leaked: {children() - children_before}"
+
+
+@pytest.fixture
+def thread_starts(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadStarts]:
+    """Make chosen thread starts fail as on a machine out of threads."""
+    starts = ThreadStarts()
+    monkeypatch.setattr(threading.Thread, "start", lambda self: starts(self))
+    yield starts
+
+
+@pytest.fixture
+def pids_cgroup() -> Iterator[Path]:
+    """A fresh pids cgroup (root only); skips where none can be made."""
+    with PidsCgroup.create() as path:
+        yield path

@@ -113,3 +113,128 @@ class RefusesWithRuntimeError:
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         raise RuntimeError("RefusesWithRuntimeError cannot be pickled")
+
+
+class NeedsTwo(Exception):
+    """Its __init__ takes two arguments, so it pickles but does not unpickle."""
+
+    def __init__(self, code: int, where: str) -> None:
+        super().__init__(f"code {code} at {where}")
+        self.code, self.where = code, where
+
+
+class HoldsLock(Exception):
+    """Holds a lock, which does not pickle."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_needs_two(x: int) -> int:
+    if x == 3:
+        raise NeedsTwo(7, "here")
+    return x
+
+
+def exit_with(x: int) -> int:
+    if x == 1:
+        raise SystemExit(3)
+    if x == 2:
+        raise KeyboardInterrupt
+    return x
+
+
+def note_start(args: tuple[int, str, float]) -> int:
+    """Append this item to a file as it starts, then sleep."""
+    x, path, seconds = args
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    time.sleep(seconds)
+    return x
+
+
+def spawn_sleeper(args: tuple[str, float]) -> int:
+    """Start a `sleep 1000` grandchild (its pid noted in a file), then hang."""
+    import subprocess
+
+    path, seconds = args
+    child = subprocess.Popen(["sleep", "1000"])
+    Path(path).write_text(str(child.pid))
+    time.sleep(seconds)
+    return child.pid
+
+
+_HELD: list[bytearray] = []
+
+
+def leak(megabytes: int) -> tuple[int, int]:
+    """Keep `megabytes` of touched memory in this worker for good; return the pid and
+    the worker's resident memory after."""
+    _HELD.append(bytearray(megabytes << 20))
+    return os.getpid(), rss()
+
+
+def rss(_: object = None) -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+STATE: dict[str, object] = {}
+
+
+def remember(tag: str) -> None:
+    """An initializer: note the tag and how often this process ran it."""
+    STATE["tag"] = tag
+    STATE["runs"] = int(STATE.get("runs", 0)) + 1  # type: ignore[call-overload]
+
+
+def recall(_: object = None) -> tuple[object, object, int]:
+    return STATE.get("tag"), STATE.get("runs"), os.getpid()
+
+
+def refuse_to_start() -> None:
+    raise LookupError("the initializer refuses")
+
+
+def echo(x: object) -> object:
+    return x
+
+
+def size_of(x: bytes) -> int:
+    return len(x)
+
+
+def make_bytes(n: int) -> bytes:
+    return b"x" * n
+
+
+def add_one_each(args: tuple[int, int]) -> int:
+    a, b = args
+    return a + b
+
+
+def note_start_or_die(args: tuple[int, str, float, bool]) -> int:
+    """Note the item in a file as it starts; a poison item then kills its worker."""
+    x, path, seconds, poison = args
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    if poison:
+        os._exit(9)
+    time.sleep(seconds)
+    return x
+
+
+def nap_then_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def hog_on(args: tuple[int, int]) -> int:
+    """The poison item allocates and touches memory until the OOM killer stops it."""
+    x, poison = args
+    if x == poison:
+        hog = []
+        while True:
+            hog.append(bytearray(64 << 20))
+    return x

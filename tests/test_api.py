@@ -1,30 +1,35 @@
+"""The public calls on real worker processes, on asyncio and on trio."""
+
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import AsyncIterator
 
+import anyio
 import pytest
-import pytest_asyncio
 
 import asyncpool
 from asyncpool import PoolClosed, RemoteTraceback, ResilientPool
 
 from . import tasks
+from .helpers import wait_until
 
-pytestmark = pytest.mark.asyncio
+pytestmark = pytest.mark.anyio
 
 
-async def agen(n: int):  # type: ignore[no-untyped-def]
+async def agen(n: int) -> AsyncIterator[int]:
     for i in range(n):
         yield i
 
 
-@pytest_asyncio.fixture
-async def pool():  # type: ignore[no-untyped-def]
+@pytest.fixture
+async def pool(anyio_backend: str) -> AsyncIterator[ResilientPool]:
     async with ResilientPool(max_workers=2) as p:
         yield p
 
 
-async def test_run_map_imap(pool: ResilientPool, no_leaks: None) -> None:
+async def test_run_map_starmap_imap(pool: ResilientPool, no_leaks: None) -> None:
     assert pool.backend == "process"
     assert await pool.run(tasks.add, 2, 3) == 5
     assert await pool.run(functools.partial(tasks.fail_on, bad=-1), 9) == 9
@@ -38,6 +43,26 @@ async def test_run_map_imap(pool: ResilientPool, no_leaks: None) -> None:
     unordered = [y async for y in pool.imap(tasks.square, agen(700), ordered=False)]
     assert sorted(unordered) == [i * i for i in range(700)]
     assert [y async for y in pool.imap(tasks.square, [])] == []
+
+
+async def test_concurrent_calls_each_get_their_own_results(pool: ResilientPool) -> None:
+    results: dict[int, object] = {}
+
+    async def one(i: int) -> None:
+        if i % 3 == 0:
+            results[i] = await pool.run(tasks.add, i, 1)
+        elif i % 3 == 1:
+            results[i] = await pool.map(tasks.square, range(i))
+        else:
+            results[i] = [y async for y in pool.imap(tasks.add_one_each, [(i, 1), (i, 2)])]
+
+    async with anyio.create_task_group() as tg:
+        for i in range(60):
+            tg.start_soon(one, i)
+    for i in range(60):
+        expected = (i + 1 if i % 3 == 0 else [x * x for x in range(i)] if i % 3 == 1
+                    else [i + 1, i + 2])
+        assert results[i] == expected, i
 
 
 async def test_ordered_imap_with_uneven_items(pool: ResilientPool) -> None:
@@ -57,56 +82,103 @@ async def test_per_item_errors(pool: ResilientPool) -> None:
     assert "fail_on" in str(info.value.__cause__)
     got = [y async for y in pool.imap(tasks.fail_on, range(6), return_exceptions=True)]
     assert isinstance(got[3], ValueError) and got[5] == 5
+    with pytest.raises(ValueError, match="item 3"):
+        async for _ in pool.imap(tasks.fail_on, range(6)):
+            pass
     stats = pool.statistics()
-    # The raising map stops early, so only the two full runs are sure to count.
     assert stats.tasks_failed >= 3 and stats.tasks_completed >= 10
-    # The pool is unharmed.
     assert await pool.map(tasks.square, range(5)) == [0, 1, 4, 9, 16]
 
 
 async def test_statistics_is_frozen(pool: ResilientPool) -> None:
     await pool.map(tasks.square, range(10))
     stats = pool.statistics()
-    for name in ("backend", "creation_attempts", "creation_failures", "fallbacks",
-                 "promotions", "tasks_completed", "tasks_failed"):
-        assert hasattr(stats, name)
     assert stats.backend == "process" and stats.tasks_completed == 10
+    assert stats.max_chunks_in_flight == 4 and stats.active_calls == 0
     with pytest.raises(AttributeError):
         stats.tasks_completed = 0  # type: ignore[misc]
 
 
-async def test_private_executor_per_pool() -> None:
+async def test_private_workers_per_pool(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=1) as a, ResilientPool(max_workers=2) as b:
         pids_a = set(await a.map(tasks.pid_of, range(20)))
         pids_b = set(await b.map(tasks.pid_of, range(20)))
-        assert pids_a.isdisjoint(pids_b)
+        assert pids_a.isdisjoint(pids_b) and len(pids_a) == 1
         assert a.backend == b.backend == "process"
 
 
-async def test_closed_pool_refuses() -> None:
+async def test_closed_pool_refuses(anyio_backend: str) -> None:
     pool = ResilientPool(max_workers=1, rungs=("thread", "inline"))
+    assert "new" in repr(pool)
     with pytest.raises(PoolClosed):
         await pool.run(tasks.square, 2)
     async with pool:
+        assert "open" in repr(pool) and "thread" in repr(pool)
         assert await pool.run(tasks.square, 3) == 9
+    assert "closed" in repr(pool)
     with pytest.raises(PoolClosed):
         await pool.map(tasks.square, [1])
+    with pytest.raises(PoolClosed, match="entered once"):
+        async with pool:
+            pass
     assert pool.backend is None
 
 
-async def test_lambda_runs_unpicklable_function_is_named() -> None:
-    async with ResilientPool(max_workers=1) as pool:
-        assert await pool.map(lambda x: x + 1, [1, 2]) == [2, 3]
-        lock = __import__("threading").Lock()
-        with pytest.raises(asyncpool.SerializationError, match="function"):
-            await pool.map(functools.partial(lambda held, x: x, lock), [1])
+async def test_lambdas_run_and_an_unpicklable_function_is_named(pool: ResilientPool) -> None:
+    assert await pool.map(lambda x: x + 1, [1, 2]) == [2, 3]
+    lock = threading.Lock()
+    with pytest.raises(asyncpool.SerializationError, match="function"):
+        await pool.map(functools.partial(lambda held, x: x, lock), [1])
 
 
-async def test_reuse_workers_across_pools(no_leaks: None) -> None:
+async def test_threads_need_no_pickling(anyio_backend: str) -> None:
+    lock = threading.Lock()
+    async with ResilientPool(max_workers=2, rungs=("thread",)) as pool:
+        assert await pool.map(functools.partial(lambda held, x: x, lock), [1, 2]) == [1, 2]
+
+
+async def test_imap_as_a_context_closes_at_once(pool: ResilientPool) -> None:
+    async with pool.imap(tasks.nap, [0.0] * 3 + [30.0] * 4, cancel_running="kill",
+                         chunk_size=1) as results:
+        async for value in results:
+            if value == 0.0:
+                break
+    # Leaving the block finished the call: nothing of it waits any more, and its
+    # running items were killed, so the workers answer at once.
+    assert pool.statistics().active_calls == 0
+    with anyio.fail_after(10):  # a nap would take 30 s
+        assert await pool.run(tasks.square, 4) == 16
+
+
+async def test_reuse_workers_across_pools(anyio_backend: str, no_leaks: None) -> None:
     async with ResilientPool(max_workers=2, reuse_workers=True) as first:
         pids = set(await first.map(tasks.pid_of, range(40), chunk_size=1))
     async with ResilientPool(max_workers=2, reuse_workers=True) as second:
         assert set(await second.map(tasks.pid_of, range(40), chunk_size=1)) <= pids
     async with ResilientPool(max_workers=2) as third:  # not opted in: fresh workers
         assert set(await third.map(tasks.pid_of, range(40), chunk_size=1)).isdisjoint(pids)
-    assert await ResilientPool.close_idle_workers() == 1
+    assert await ResilientPool.close_idle_workers() == 2
+
+
+async def test_a_pool_used_from_another_loop_says_so(pool: ResilientPool) -> None:
+    def elsewhere() -> BaseException | None:
+        import asyncio
+
+        async def call() -> None:
+            await pool.run(tasks.square, 2)
+
+        try:
+            asyncio.run(call())
+        except BaseException as exc:
+            return exc
+        return None
+
+    error = await anyio.to_thread.run_sync(elsewhere)
+    assert isinstance(error, PoolClosed) and "another event loop" in str(error)
+    assert await pool.run(tasks.square, 3) == 9
+
+
+async def test_backend_follows_the_serving_rung(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=1, rungs=("inline",)) as pool:
+        assert pool.backend == "inline"
+        await wait_until(lambda: pool.statistics().backend == "inline")

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from asyncpool import ResilientPool, WorkerCrashed
 
 from . import tasks
+from .helpers import wait_until
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 import dask  # noqa: E402  (installed with distributed)
-pytestmark = pytest.mark.asyncio
+
+pytestmark = pytest.mark.anyio
 
 
-@pytest_asyncio.fixture
-async def cluster():  # type: ignore[no-untyped-def]
+@pytest.fixture
+async def cluster(asyncio_only: None) -> AsyncIterator[Any]:
     async with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                         host="127.0.0.1", dashboard_address=None,
                                         asynchronous=True) as c:
@@ -32,7 +35,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_map_on_the_cluster(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_map_on_the_cluster(cluster: Any, tmp_path: Path) -> None:
     async with ResilientPool(max_workers=2, dask_address=cluster.scheduler_address) as pool:
         assert pool.backend == "dask"
         assert await pool.map(tasks.square, range(5000)) == [i * i for i in range(5000)]
@@ -46,9 +49,12 @@ async def test_map_on_the_cluster(cluster, tmp_path: Path) -> None:  # type: ign
             i * i for i in range(400)]
         assert Path(marker).exists()
         assert pool.backend == "dask"
+        # The pool's client is its own: the application's default client is untouched.
+        with pytest.raises(ValueError):
+            distributed.default_client()
 
 
-async def test_existing_client_and_poison_item(cluster) -> None:  # type: ignore[no-untyped-def]
+async def test_existing_client_and_poison_item(cluster: Any) -> None:
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         async with distributed.Client(cluster, asynchronous=True) as client:
             # One item at a time: with allowed-failures=0 Dask reports KilledWorker for
@@ -64,7 +70,7 @@ async def test_existing_client_and_poison_item(cluster) -> None:  # type: ignore
             assert client.status == "running"  # not ours to close
 
 
-async def test_unreachable_scheduler_falls_back_within_timeout() -> None:
+async def test_unreachable_scheduler_falls_back_within_timeout(asyncio_only: None) -> None:
     address = f"tcp://127.0.0.1:{_free_port()}"
     started = time.monotonic()
     async with ResilientPool(max_workers=2, dask_address=address,
@@ -78,7 +84,7 @@ async def test_unreachable_scheduler_falls_back_within_timeout() -> None:
     assert took < 20, took
 
 
-async def test_climbs_back_to_the_cluster() -> None:
+async def test_climbs_back_to_the_cluster(asyncio_only: None) -> None:
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     async with ResilientPool(max_workers=2, dask_address=address, dask_connect_timeout=1.0,
@@ -87,18 +93,23 @@ async def test_climbs_back_to_the_cluster() -> None:
         async with distributed.LocalCluster(n_workers=1, processes=True, host="127.0.0.1",
                                             scheduler_port=port, dashboard_address=None,
                                             asynchronous=True):
-            import anyio
-
-            with anyio.fail_after(60):
-                while pool.backend != "dask":
-                    await anyio.sleep(0.1)
+            await wait_until(lambda: pool.backend == "dask", 60)
             assert await pool.map(tasks.square, range(50)) == [i * i for i in range(50)]
 
 
-async def test_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch,
+                                      asyncio_only: None) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "distributed", None)
-    with pytest.raises(ImportError, match=r"asyncpool\[dask\]"):
+    with pytest.raises(ImportError, match=r"\[dask\]"):
+        async with ResilientPool(max_workers=1, dask_address="tcp://127.0.0.1:1"):
+            pass
+
+
+async def test_the_dask_rung_needs_asyncio(anyio_backend: str) -> None:
+    if anyio_backend != "trio":
+        pytest.skip("this checks the message under trio")
+    with pytest.raises(NotImplementedError, match="asyncio only"):
         async with ResilientPool(max_workers=1, dask_address="tcp://127.0.0.1:1"):
             pass

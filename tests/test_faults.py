@@ -7,24 +7,26 @@ import time
 from pathlib import Path
 
 import anyio
-import psutil
 import pytest
 
 from asyncpool import (
     MISSING,
     DeadlineExceeded,
     PoolClosed,
+    RemoteError,
     ResilientPool,
     SerializationError,
     WorkerCrashed,
 )
 
 from . import tasks
+from .helpers import alive, idle, run_script, wait_until
 
-pytestmark = pytest.mark.asyncio
+pytestmark = pytest.mark.anyio
 
 
-async def test_sigkilled_worker_loses_nothing(tmp_path: Path, no_leaks: None) -> None:
+async def test_sigkilled_worker_loses_nothing(tmp_path: Path, anyio_backend: str,
+                                              no_leaks: None) -> None:
     marker = str(tmp_path / "killed")
     items = [(i, marker) for i in range(2000)]
     async with ResilientPool(max_workers=2) as pool:
@@ -32,12 +34,12 @@ async def test_sigkilled_worker_loses_nothing(tmp_path: Path, no_leaks: None) ->
         assert results == [i * i for i in range(2000)]
         assert os.path.exists(marker)  # the worker really was killed once
         stats = pool.statistics()
-        assert stats.worker_crashes >= 1 and stats.resubmitted_chunks >= 1
+        assert stats.worker_crashes == 1 and stats.resubmitted_chunks >= 1
         assert pool.backend == "process"
 
 
 @pytest.mark.parametrize("fn", [tasks.exit_on, tasks.segfault_on])
-async def test_poison_item_is_isolated(fn: object) -> None:
+async def test_poison_item_is_isolated(fn: object, anyio_backend: str) -> None:
     poison = 1234
     items = [(i, poison) for i in range(2000)]
     async with ResilientPool(max_workers=2) as pool:
@@ -47,6 +49,7 @@ async def test_poison_item_is_isolated(fn: object) -> None:
         error = results[poison]
         assert error.index == poison and f"item {poison}" in str(error)
         assert ("exit code 7" in str(error)) if fn is tasks.exit_on else ("SIGSEGV" in str(error))
+        assert "2 time(s)" in str(error)  # max_crashes_per_item, counted alone
         assert [r for i, r in enumerate(results) if i != poison] == [
             i for i in range(2000) if i != poison]
         with pytest.raises(WorkerCrashed, match=f"item {poison}"):
@@ -54,8 +57,33 @@ async def test_poison_item_is_isolated(fn: object) -> None:
         assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
 
 
+async def test_crash_storm_reruns_innocent_items_at_most_once(tmp_path: Path,
+                                                              anyio_backend: str) -> None:
+    poison = set(range(7, 200, 20))  # 10 poison items among 200
+    log = tmp_path / "runs"
+    items = [(i, str(log), 0.0) for i in range(200)]
+
+    async with ResilientPool(max_workers=2, chunk_size=50) as pool:
+        results = await pool.map(tasks.note_start_or_die, [(*item, i in poison)
+                                                           for i, item in enumerate(items)],
+                                 return_exceptions=True)
+    crashed = {i for i, r in enumerate(results) if isinstance(r, WorkerCrashed)}
+    assert crashed == poison
+    assert all(r == i for i, r in enumerate(results) if i not in poison)
+    runs = [int(line) for line in log.read_text().split()]
+    innocent = [i for i in runs if i not in poison]
+    # Each innocent item ran once, or twice when a crash lost its result (the worker
+    # sends results every few ms, so most come back before the crash).
+    assert max(innocent.count(i) for i in set(innocent)) <= 2, sorted(innocent)
+    assert len(innocent) < 1.25 * 190
+    assert all(runs.count(i) == 2 for i in poison)  # max_crashes_per_item, no more
+    for i in poison:
+        assert "2 time(s)" in str(results[i])
+
+
 @pytest.mark.parametrize("rungs", [("process",), ("thread",)])
-async def test_unpicklable_argument_stays_with_its_item(rungs: tuple[str, ...]) -> None:
+async def test_unpicklable_argument_stays_with_its_item(rungs: tuple[str, ...],
+                                                        anyio_backend: str) -> None:
     items: list[object] = list(range(10))
     items[5] = tasks.Unpicklable()
     async with ResilientPool(max_workers=2, rungs=rungs) as pool:  # type: ignore[arg-type]
@@ -69,7 +97,7 @@ async def test_unpicklable_argument_stays_with_its_item(rungs: tuple[str, ...]) 
         assert all(isinstance(r, int) for i, r in enumerate(results) if i != 5)
 
 
-async def test_pickling_error_of_any_type_stays_with_its_item() -> None:
+async def test_pickling_error_of_any_type_stays_with_its_item(anyio_backend: str) -> None:
     items: list[object] = list(range(6))
     items[4] = tasks.RefusesWithRuntimeError()
     async with ResilientPool(max_workers=2) as pool:
@@ -78,21 +106,23 @@ async def test_pickling_error_of_any_type_stays_with_its_item() -> None:
         assert all(isinstance(r, int) for i, r in enumerate(results) if i != 4)
 
 
-async def test_argument_that_fails_to_unpickle_in_the_worker() -> None:
+async def test_argument_that_fails_to_unpickle_in_the_worker(anyio_backend: str) -> None:
     items: list[object] = list(range(10))
     items[7] = tasks.Unloadable()
     async with ResilientPool(max_workers=2) as pool:
         results = await pool.map(tasks.pid_of, items, return_exceptions=True)
         assert isinstance(results[7], SerializationError) and "item 7" in str(results[7])
+        assert "argument" in str(results[7])
         assert all(isinstance(r, int) for i, r in enumerate(results) if i != 7)
+        assert pool.statistics().worker_crashes == 0
 
 
 @pytest.mark.parametrize("fn", [tasks.return_unpicklable, tasks.return_unloadable])
-async def test_bad_result_stays_with_its_item(fn: object) -> None:
+async def test_bad_result_stays_with_its_item(fn: object, anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
         results = await pool.map(fn, range(6), return_exceptions=True)  # type: ignore[call-overload]
         assert isinstance(results[2], SerializationError), results
-        assert "item 2" in str(results[2])
+        assert "item 2" in str(results[2]) and "result" in str(results[2])
         if fn is tasks.return_unpicklable:
             assert "Unpicklable" in str(results[2])
         assert [r for i, r in enumerate(results) if i != 2] == [0, 1, 3, 4, 5]
@@ -100,23 +130,53 @@ async def test_bad_result_stays_with_its_item(fn: object) -> None:
         assert pool.statistics().worker_crashes == 0
 
 
-async def test_deadline_returns_partial_results() -> None:
+async def test_exception_that_cannot_be_rebuilt_is_a_remote_error(tmp_path: Path,
+                                                                  anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        results = await pool.map(tasks.raise_needs_two, range(6), return_exceptions=True)
+        error = results[3]
+        assert isinstance(error, RemoteError) and error.type_name == "tests.tasks.NeedsTwo"
+        assert "code 7 at here" in str(error) and "raise_needs_two" in error.traceback
+        assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5]
+        assert pool.statistics().worker_crashes == 0
+        assert pool.statistics().resubmitted_chunks == 0  # nothing ran twice
+
+
+async def test_exit_and_interrupt_in_a_task_are_its_errors(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=1) as pool:
+        pid = await pool.run(tasks.pid_of)
+        results = await pool.map(tasks.exit_with, range(4), return_exceptions=True)
+        assert results[0] == 0 and results[3] == 3
+        assert isinstance(results[1], RemoteError) and results[1].exit_code == 3
+        assert isinstance(results[2], RemoteError)
+        assert results[2].type_name == "KeyboardInterrupt"
+        with pytest.raises(RemoteError, match="SystemExit"):
+            await pool.run(tasks.exit_with, 1)
+        assert await pool.run(tasks.pid_of) == pid  # the worker survived
+
+
+async def test_main_script_classes_come_back_as_themselves() -> None:
+    proc = run_script("_main_classes.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["dataclass:Point", "exception:Oops",
+                                   "two-args:RemoteError"], proc.stdout
+
+
+async def test_deadline_returns_partial_results(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2, chunk_size=1) as pool:
         durations = [0.01] * 6 + [5.0] * 4
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded) as info:
             await pool.map(tasks.nap, durations, timeout=0.5, kill_on_timeout=True)
+        # 10x margin over the 50 ms a loaded CI machine may add.
         late = time.monotonic() - started - 0.5
         assert late < 0.5, f"DeadlineExceeded came {late:.3f} s after the deadline"
-        assert isinstance(info.value, TimeoutError)
         partial = info.value.partial
-        assert len(partial) == 10
-        assert partial[:6] == [0.01] * 6 and partial[6:] == [MISSING] * 4
-        # The pool stays usable.
+        assert partial == [0.01] * 6 + [MISSING] * 4
         assert await pool.map(tasks.square, range(5)) == [0, 1, 4, 9, 16]
 
 
-async def test_imap_deadline() -> None:
+async def test_imap_deadline(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2, chunk_size=1) as pool:
         got = []
         with pytest.raises(DeadlineExceeded) as info:
@@ -124,23 +184,21 @@ async def test_imap_deadline() -> None:
                                          kill_on_timeout=True):
                 got.append(value)
         assert got == [0.01, 0.01]
-        assert info.value.start == 2 and info.value.partial[0] is MISSING
+        assert info.value.start == 2 and info.value.partial == [MISSING, 0.01]
 
 
-async def test_run_timeout_kills_runaway_task() -> None:
+async def test_run_timeout_kills_runaway_task(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
-        pid = await pool.run(tasks.pid_of)
         with pytest.raises(TimeoutError):
-            await pool.run(tasks.nap, 60, timeout=0.3, kill_on_timeout=True)
-        # The stuck worker is really gone, and the pool serves on fresh workers.
-        with anyio.fail_after(10):
-            while psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie":
-                await anyio.sleep(0.05)
+            await pool.run(tasks.nap_then_pid, 60, timeout=0.3, kill_on_timeout=True)
+        # The stuck worker is really gone, and the pool serves on others.
+        await idle(pool)
+        assert pool.statistics().worker_crashes == 0
         assert await pool.run(tasks.square, 12) == 144
 
 
 @pytest.mark.parametrize("cancel_running", ["finish", "kill"])
-async def test_cancellation_is_prompt(cancel_running: str) -> None:
+async def test_cancellation_is_prompt(cancel_running: str, anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2, chunk_size=1) as pool:
         await pool.map(tasks.square, range(4))  # prime the pool
         started = anyio.Event()
@@ -156,14 +214,15 @@ async def test_cancellation_is_prompt(cancel_running: str) -> None:
             before = time.monotonic()
             tg.cancel_scope.cancel()
         assert time.monotonic() - before < 1.0
-        # Queued chunks were cancelled: the pool answers at once, not after 50 naps.
+        # Waiting chunks were skipped: the pool answers at once, not after 50 naps.
         with anyio.fail_after(5):
             assert await pool.map(tasks.square, range(3)) == [0, 1, 4]
 
 
-async def test_aclose_kill_stops_at_once_and_pool_refuses_after() -> None:
+async def test_aclose_kill_stops_at_once_and_pool_refuses_after(anyio_backend: str) -> None:
     pool = ResilientPool(max_workers=2, chunk_size=1)
     await pool.__aenter__()
+    pids = set(await pool.map(tasks.pid_of, range(8)))
     outcome: list[object] = []
 
     async def mapper() -> None:
@@ -174,22 +233,21 @@ async def test_aclose_kill_stops_at_once_and_pool_refuses_after() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(mapper)
-        await anyio.sleep(0.3)
+        await wait_until(lambda: pool.statistics().chunks_in_flight == 4)
         before = time.monotonic()
         await pool.aclose(kill=True)
-        assert time.monotonic() - before < 3.0
-        with anyio.fail_after(5):  # the map in the other task ends too, promptly
-            while not outcome:
-                await anyio.sleep(0.02)
-    # It says why: the pool closed (never a misleading per-item error).
+        assert time.monotonic() - before < 3.0  # 30 s naps: a wait would show
+        await wait_until(lambda: bool(outcome))  # the map in the other task ends too
     got = outcome[0]
     assert isinstance(got, PoolClosed) or all(isinstance(r, PoolClosed) for r in got), got  # type: ignore[union-attr]
+    assert not any(alive(pid) for pid in pids)
     with pytest.raises(PoolClosed):
         await pool.run(tasks.square, 2)
     await pool.__aexit__(None, None, None)
 
 
-async def test_transient_error_inside_task_is_retried(tmp_path: Path) -> None:
+async def test_transient_error_inside_task_is_retried(tmp_path: Path,
+                                                      anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
         items = [(i, str(tmp_path / f"m{i}")) for i in range(4)]
         assert await pool.map(tasks.flaky_thread_start, items) == [0, 1, 2, 3]
@@ -198,7 +256,8 @@ async def test_transient_error_inside_task_is_retried(tmp_path: Path) -> None:
             await pool.run(tasks.flaky_thread_start, (9, str(tmp_path / "once")))
 
 
-async def test_fifty_pools_with_crashes_leak_nothing(tmp_path: Path, no_leaks: None) -> None:
+async def test_fifty_pools_with_crashes_leak_nothing(tmp_path: Path, anyio_backend: str,
+                                                     no_leaks: None) -> None:
     for cycle in range(50):
         async with ResilientPool(max_workers=2) as pool:
             if cycle % 10 == 0:
@@ -211,16 +270,10 @@ async def test_fifty_pools_with_crashes_leak_nothing(tmp_path: Path, no_leaks: N
 
 @pytest.mark.parametrize("how", ["closed", "abandoned"])
 async def test_interpreter_exits_promptly_with_work_in_flight(how: str) -> None:
-    import subprocess
-    import sys
-
-    script = Path(__file__).with_name("_exit_scenario.py")
     started = time.monotonic()
-    proc = await anyio.run_process([sys.executable, str(script), how], check=False)
+    proc = run_script("_exit_scenario.py", how)
     took = time.monotonic() - started
-    err = proc.stderr.decode()
-    assert proc.returncode == 0, err[-2000:]
-    assert b"in flight" in proc.stdout
-    assert took < 10, f"exit took {took:.1f} s"
-    assert "leaked semaphore" not in err and "Traceback" not in err, err[-2000:]
-    del subprocess
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "in flight" in proc.stdout
+    assert took < 10, f"exit took {took:.1f} s"  # the naps are 30 s
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

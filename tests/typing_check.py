@@ -1,10 +1,14 @@
-"""Checked by mypy in test_typing.py, never run: the public signatures' promises."""
+"""Checked by mypy in test_typing.py, never run: the public signatures' promises.
+
+Every ``type: ignore[code]`` here must stand on a real error (``--strict`` includes
+``warn_unused_ignores``), so a signature that stopped checking fails the test.
+"""
 
 from __future__ import annotations
 
 from typing import assert_type
 
-from asyncpool import ResilientPool
+from asyncpool import PoolStatistics, ResilientPool
 
 
 def add(a: int, b: int) -> int:
@@ -19,8 +23,22 @@ async def check(pool: ResilientPool) -> None:
     assert_type(await pool.run(add, 1, 2), int)
     await pool.run(add, 1, "2")  # type: ignore[arg-type]
     await pool.run(add, 1)  # type: ignore[arg-type]
+    await pool.run(add, 1, 2, timeout=1.0, kill_on_timeout=True)
+    await pool.run(add, 1, 2, timout=1.0)  # type: ignore[call-arg]
     assert_type(await pool.map(name, [1, 2]), list[str])
     await pool.map(name, ["a"])  # type: ignore[arg-type]
     assert_type(await pool.map(name, [1], return_exceptions=True), list[str | BaseException])
+    assert_type(await pool.starmap(add, [(1, 2), (3, 4)]), list[int])
+    await pool.starmap(add, [(1, "2")])  # type: ignore[arg-type]
     async for value in pool.imap(name, range(3)):
         assert_type(value, str)
+    async with pool.imap(name, range(3), ordered=False) as results:
+        async for value in results:
+            assert_type(value, str)
+    assert_type(pool.statistics(), PoolStatistics)
+
+
+def configure() -> None:
+    ResilientPool(max_workers=2, chunk_size=10, rungs=("process", "inline"))
+    ResilientPool(max_workrs=2)  # type: ignore[call-arg]
+    ResilientPool(chunk_size="10")  # type: ignore[arg-type]

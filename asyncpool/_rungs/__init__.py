@@ -1,7 +1,12 @@
-"""The rungs of the ladder, and the registry that creates them by name."""
+"""The rungs of the ladder, and the registry that creates them by name.
+
+:data:`FACTORIES` maps each rung's name to the coroutine function that starts it. It is
+also the seam tests use to stand a fake rung in for a real one.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from .base import ChunkUnpicklable, Listener, Rung, RungState
@@ -10,27 +15,41 @@ if TYPE_CHECKING:
     from .._config import PoolConfig
     from .._loop import Loop
 
-__all__ = ("ChunkUnpicklable", "Listener", "Rung", "RungState", "create_rung")
+__all__ = ("FACTORIES", "ChunkUnpicklable", "Listener", "Rung", "RungState", "create_rung")
+
+Factory = Callable[["PoolConfig", Listener, "Loop"], Awaitable[Rung]]
+
+
+# Each rung's module is imported when first asked for: the dask rung needs the
+# optional `distributed` package, and most pools use only the process rung.
+async def _process(config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
+    from .process import ProcessRung
+
+    return await ProcessRung.create(config, listener, loop)
+
+
+async def _thread(config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
+    from .thread import ThreadRung
+
+    return await ThreadRung.create(config, listener, loop)
+
+
+async def _inline(config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
+    from .inline import InlineRung
+
+    return await InlineRung.create(config, listener, loop)
+
+
+async def _dask(config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
+    from .dask import DaskRung
+
+    return await DaskRung.create(config, listener, loop)
+
+
+FACTORIES: dict[str, Factory] = {
+    "process": _process, "thread": _thread, "inline": _inline, "dask": _dask}
 
 
 async def create_rung(name: str, config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
     """Start the rung called ``name``; raises what kept it from starting."""
-    # Each rung's module is imported when first asked for: the dask rung needs the
-    # optional `distributed` package, and the process rung is all most pools use.
-    if name == "process":
-        from .process import ProcessRung
-
-        return await ProcessRung.create(config, listener, loop)
-    if name == "thread":
-        from .thread import ThreadRung
-
-        return await ThreadRung.create(config, listener, loop)
-    if name == "inline":
-        from .inline import InlineRung
-
-        return await InlineRung.create(config, listener, loop)
-    if name == "dask":
-        from .dask import DaskRung
-
-        return await DaskRung.create(config, listener, loop)
-    raise ValueError(f"no rung is called {name!r}")
+    return await FACTORIES[name](config, listener, loop)

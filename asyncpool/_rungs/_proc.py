@@ -107,7 +107,8 @@ class Proc:
 
     def _flush(self) -> None:
         outbox = self._outbox
-        while outbox:
+        budget = _wire.TURN_BYTES
+        while outbox and budget > 0:
             try:
                 sent = self.sock.sendmsg(list(outbox)[:64])
             except (BlockingIOError, InterruptedError):
@@ -115,6 +116,7 @@ class Proc:
             except OSError:
                 outbox.clear()  # the worker is gone: its death is reported elsewhere
                 break
+            budget -= sent
             while sent:
                 if sent >= outbox[0].nbytes:
                     sent -= outbox.popleft().nbytes
@@ -226,8 +228,9 @@ class Proc:
         self._outbox.clear()
         for closable in (self.sock, self.status):
             try:
+                self.loop.closing(closable.fileno())
                 closable.close()
-            except OSError:
+            except (OSError, ValueError):
                 pass
         status = self._exit_status
         exitcode = None

@@ -33,8 +33,9 @@ class Listener(Protocol):
                        errors: dict[int, BaseException]) -> None:
         """Positions [first, upto) of ``chunk`` finished (errors by position)."""
 
-    def chunk_done(self, chunk: Chunk, upto: int, seconds: float) -> None:
-        """Final: the chunk ended; positions from ``upto`` on did not run."""
+    def chunk_done(self, chunk: Chunk, upto: int, seconds: float, retried: int = 0) -> None:
+        """Final: the chunk ended; positions from ``upto`` on did not run. ``seconds``
+        is the time its items took, ``retried`` the retries of transient errors."""
 
     def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None) -> None:
         """Final: the worker died while running the item at position ``culprit``
@@ -95,6 +96,11 @@ class Rung:
         """Take no new chunks; close once the held ones are reported."""
         if self.state is RungState.SERVING:
             self.state = RungState.DRAINING
+
+    @property
+    def workers(self) -> int:
+        """How many workers (processes, threads) serve now."""
+        return 1
 
     @property
     def usable(self) -> bool:

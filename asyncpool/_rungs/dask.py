@@ -118,6 +118,10 @@ class DaskRung(Rung):
                 return
 
     @property
+    def workers(self) -> int:
+        return self.lanes
+
+    @property
     def capacity(self) -> int:
         return 2 * self.lanes
 
@@ -157,7 +161,7 @@ class DaskRung(Rung):
             future = self.client.submit(run_on_cluster, blobs, runs, self.config.task_retries,
                                         key=f"{name}-{self._token}-{self._count}", pure=False,
                                         **chunk.pieces[0].call.options.dask)
-            blob, errors, seconds, unloadable = await future
+            blob, errors, (seconds, retried), unloadable = await future
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -206,17 +210,18 @@ class DaskRung(Rung):
                 self.listener.chunk_undecodable(chunk, 0, chunk.size, exc)
                 self._final(chunk, "done")
                 return
-        self._final(chunk, "progress", results, errors, seconds)
+        self._final(chunk, "progress", results, errors, seconds, retried)
 
     def _final(self, chunk: Chunk, how: str, results: list[Any] | None = None,
-               errors: dict[int, BaseException] | None = None, seconds: float = 0.0) -> None:
+               errors: dict[int, BaseException] | None = None, seconds: float = 0.0,
+               retried: int = 0) -> None:
         if self._relays.pop(chunk, None) is None:
             return
         self.in_flight -= 1
         if how == "progress":
             assert results is not None and errors is not None
             self.listener.chunk_progress(chunk, 0, chunk.size, results, errors)
-            self.listener.chunk_done(chunk, chunk.size, seconds)
+            self.listener.chunk_done(chunk, chunk.size, seconds, retried)
         elif how == "done":
             self.listener.chunk_done(chunk, chunk.size, seconds)
         elif how == "crashed":

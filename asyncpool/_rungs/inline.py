@@ -34,6 +34,7 @@ class InlineRung(Rung):
         self.config, self.listener, self.loop = config, listener, loop
         self._cancelled: set[int] = set()
         self._running: Background | None = None
+        self._retried = 0
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> InlineRung:
@@ -60,6 +61,7 @@ class InlineRung(Rung):
         results: list[Any] = []
         errors: dict[int, BaseException] = {}
         first = position = 0
+        self._retried = 0
         started = last = time.perf_counter()
         try:
             for piece in chunk.pieces:
@@ -84,7 +86,8 @@ class InlineRung(Rung):
             if position > first:
                 self.listener.chunk_progress(chunk, first, position, results, errors)
             self.in_flight -= 1
-            self.listener.chunk_done(chunk, position, time.perf_counter() - started)
+            self.listener.chunk_done(chunk, position, time.perf_counter() - started,
+                                     self._retried)
 
     async def _call(self, fn: Any, item: Any, star: bool) -> Any:
         retries = self.config.task_retries
@@ -95,6 +98,7 @@ class InlineRung(Rung):
             except Exception as exc:
                 if attempt == retries or not is_transient(exc):
                     raise
+                self._retried += 1
                 await anyio.sleep(next(delays))
 
     async def aclose(self, kill: bool) -> None:

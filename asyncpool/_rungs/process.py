@@ -21,6 +21,7 @@ import anyio
 
 from .. import _wire
 from .._errors import InitializerFailed
+from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
 from .._retry import RungUnavailable, backoff_delays, is_transient
 from ._proc import Events, Proc, ProcState
@@ -148,7 +149,10 @@ class ProcessRung(Rung, Events):
         runs = [(p.call.shipped.id, p.call.star, p.call.id,
                  _wire.wrap_big(p.items) if _big(p) else p.items) for p in chunk.pieces]
         self._seq += 1
-        message = (self._seq, functions, proc.forget, runs)
+        # After a crash among a call's items, its chunks send each result as it is
+        # made: another crash then loses nothing that had finished.
+        careful = chunk.crashes > 0 or any(p.call.crashed for p in chunk.pieces)
+        message = (self._seq, functions, proc.forget, runs, 0.0 if careful else FLUSH_SECONDS)
         try:
             parts = _wire.dumps_any(message)
         except Exception:
@@ -199,7 +203,7 @@ class ProcessRung(Rung, Events):
     def proc_results(self, proc: Proc, chunk: Chunk, meta: tuple[Any, ...],
                      results: list[Any] | BaseException,
                      errors: dict[int, BaseException]) -> None:
-        seq, first, upto, _, done, seconds, _, unloadable = meta
+        seq, first, upto, _, done, (seconds, retried), _, unloadable = meta
         if unloadable:
             assert isinstance(results, BaseException)
             self.in_flight -= 1
@@ -211,7 +215,7 @@ class ProcessRung(Rung, Events):
             self.listener.chunk_progress(chunk, first, upto, results, errors)
         if done:
             self.in_flight -= 1
-            self.listener.chunk_done(chunk, upto, seconds)
+            self.listener.chunk_done(chunk, upto, seconds, retried)
 
     def proc_retiring(self, proc: Proc) -> None:
         self.listener.worker_event("worker_recycled", f"worker {proc.pid} retires after "
@@ -241,6 +245,10 @@ class ProcessRung(Rung, Events):
             self._grow()
 
     # -- keeping the number of workers ---------------------------------------------
+
+    @property
+    def workers(self) -> int:
+        return sum(1 for p in self.procs if p.state is ProcState.READY)
 
     def _live(self) -> int:
         return sum(1 for p in self.procs if p.state in (ProcState.STARTING, ProcState.READY))

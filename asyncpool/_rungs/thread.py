@@ -68,6 +68,10 @@ class ThreadRung(Rung):
                                         f"a thread: {error!r}") from error
         return rung
 
+    @property
+    def workers(self) -> int:
+        return len(self.threads)
+
     def offer(self) -> int | None:
         ok = self.state is RungState.SERVING and self.in_flight < self.config.in_flight
         return None if ok else 0
@@ -101,21 +105,22 @@ class ThreadRung(Rung):
             del chunk, runs, report
 
     def _tick(self, chunk: Chunk, first: int, upto: int, results: list[Any],
-              errors: dict[int, BaseException], seconds: float | None) -> tuple[set[int], bool]:
+              errors: dict[int, BaseException],
+              end: tuple[float, int] | None) -> tuple[set[int], bool]:
         results = list(results)
         errors = {position: portable(exc) if not isinstance(exc, Exception) else exc
                   for position, exc in errors.items()}
         self.loop.call_soon_threadsafe(
-            functools.partial(self._report, chunk, first, upto, results, errors, seconds))
+            functools.partial(self._report, chunk, first, upto, results, errors, end))
         return self._cancelled, False
 
     def _report(self, chunk: Chunk, first: int, upto: int, results: list[Any],
-                errors: dict[int, BaseException], seconds: float | None) -> None:
+                errors: dict[int, BaseException], end: tuple[float, int] | None) -> None:
         if upto > first:
             self.listener.chunk_progress(chunk, first, upto, results, errors)
-        if seconds is not None:
+        if end is not None:
             self.in_flight -= 1
-            self.listener.chunk_done(chunk, upto, seconds)
+            self.listener.chunk_done(chunk, upto, *end)
 
     async def aclose(self, kill: bool) -> None:
         # Threads cannot be killed; they finish what they run and exit (they are

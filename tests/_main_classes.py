@@ -1,0 +1,62 @@
+"""Classes defined in the caller's main script come back as themselves.
+
+Run as a script (so these classes live in ``__main__``); prints one line per case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from asyncpool import RemoteError, ResilientPool  # noqa: E402
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+
+
+class Oops(Exception):
+    pass
+
+
+class NeedsTwo(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}-{b}")
+
+
+def make_point(x: int) -> Point:
+    return Point(x)
+
+
+def oops(x: int) -> int:
+    raise Oops(f"oops {x}")
+
+
+def needs_two(x: int) -> int:
+    raise NeedsTwo(x, x)
+
+
+async def main() -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        points = await pool.map(make_point, range(3))
+        assert points == [Point(0), Point(1), Point(2)] and type(points[0]) is Point
+        print("dataclass:Point")
+        try:
+            await pool.run(oops, 1)
+        except Oops as exc:
+            assert str(exc) == "oops 1"
+            print("exception:Oops")
+        try:
+            await pool.run(needs_two, 2)
+        except RemoteError as exc:
+            assert exc.type_name == "__main__.NeedsTwo" and "2-2" in str(exc)
+            print("two-args:RemoteError")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,32 @@
+"""Die mid-map (argument: SIGKILL or SIGTERM) and print the pids that must not outlive us."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from asyncpool import ResilientPool  # noqa: E402
+from tests import tasks  # noqa: E402
+
+
+async def main(how: str) -> None:
+    note = tempfile.mktemp()
+    pool = ResilientPool(max_workers=2, chunk_size=1)
+    await pool.__aenter__()
+    pids = set(await pool.map(tasks.pid_of, range(8)))
+    asyncio.ensure_future(pool.map(tasks.nap, [60.0] * 6))
+    asyncio.ensure_future(pool.run(tasks.spawn_sleeper, (note, 60.0)))
+    while not os.path.exists(note) or not open(note).read():
+        await asyncio.sleep(0.02)
+    print(*pids, open(note).read(), flush=True)
+    os.unlink(note)
+    os.kill(os.getpid(), getattr(signal, how))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1]))

@@ -1,0 +1,167 @@
+"""Test helpers, in one place: loop lag, waiting for conditions, faults, cgroups."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def children() -> set[int]:
+    """Child processes (recursively), less the fork server (one per interpreter by
+    design; the workers it forks are counted)."""
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if "asyncpool._zygote" in " ".join(child.cmdline()):
+                continue
+        except psutil.Error:
+            continue
+        found.add(child.pid)
+    return found
+
+
+def settle(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``check`` until it holds or ``timeout`` passes (for synchronous code)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.02)
+    return bool(check())
+
+
+async def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``check`` on the loop until it holds; fail the test after ``timeout``."""
+    with anyio.fail_after(timeout):
+        while not check():
+            await anyio.sleep(0.01)
+
+
+async def idle(pool: Any, timeout: float = 10.0) -> None:
+    """Until no chunk is in flight and no call waits (abandoned work may still finish
+    for a while after its call returned)."""
+    await wait_until(lambda: pool.statistics().chunks_in_flight == 0
+                     and pool.statistics().active_calls == 0, timeout)
+
+
+class Heartbeat:
+    """How late a 5 ms sleep wakes up on the loop: the loop's longest blocked stretch."""
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Heartbeat]:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._beat)
+            await anyio.sleep(0.02)
+            self.lags.clear()
+            yield self
+            tg.cancel_scope.cancel()
+
+    async def _beat(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await anyio.sleep(0.005)
+            self.lags.append(time.perf_counter() - before - 0.005)
+
+    @property
+    def worst(self) -> float:
+        return max(self.lags, default=0.0)
+
+
+_original_start = threading.Thread.start
+
+
+class ThreadStarts:
+    """Makes chosen calls of Thread.start fail as an exhausted machine does."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.blocked = False
+
+    def __call__(self, thread: threading.Thread) -> None:
+        self.count += 1
+        if self.blocked:
+            raise RuntimeError("can't start new thread")
+        _original_start(thread)
+
+
+class PidsCgroup:
+    """A pids cgroup under the v1 pids hierarchy or the v2 unified root."""
+
+    @staticmethod
+    def root() -> Path | None:
+        v1, v2 = Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")
+        if (v1 / "cgroup.procs").exists():
+            return v1
+        controllers = v2 / "cgroup.controllers"
+        if controllers.exists() and "pids" in controllers.read_text().split():
+            return v2
+        return None
+
+    @classmethod
+    @contextlib.contextmanager
+    def create(cls) -> Iterator[Path]:
+        root = cls.root()
+        if root is None:
+            pytest.skip("no pids cgroup controller is mounted on this machine")
+        path = root / f"asyncpool-test-{uuid.uuid4().hex[:8]}"
+        try:
+            path.mkdir()
+        except OSError as exc:
+            pytest.skip(f"cannot create a pids cgroup under {root} ({exc}); run as root "
+                        "on a machine with a writable cgroup hierarchy")
+        if not (path / "pids.max").exists():
+            path.rmdir()
+            pytest.skip(f"{root} has no pids controller for new groups")
+        try:
+            yield path
+        finally:
+            remove_cgroup(path, root)
+
+
+def remove_cgroup(path: Path, root: Path) -> None:
+    """Move whatever is left back to the root (nothing should be), then remove."""
+    for _ in range(50):
+        for pid in (path / "cgroup.procs").read_text().split():
+            try:
+                (root / "cgroup.procs").write_text(pid)
+            except OSError:
+                pass
+        try:
+            path.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def run_script(name: str, *args: str, timeout: float = 120,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``tests/<name>`` in a fresh interpreter."""
+    return subprocess.run([sys.executable, str(ROOT / "tests" / name), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,217 @@
+"""Never hang, never leak: each case an adversarial run found, with the real fault."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import time
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncpool import DeadlineExceeded, ResilientPool
+from asyncpool._rungs import RungState
+
+from . import tasks
+from .fakes import Script, fake_rungs
+from .helpers import Heartbeat, alive, idle, run_script, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+def raising_input(n: int) -> Iterator[int]:
+    yield from range(n)
+    raise ValueError("the input broke")
+
+
+async def raising_async_input(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        yield i
+    raise ValueError("the async input broke")
+
+
+def slow_input(n: int, delay: float) -> Iterator[int]:
+    for i in range(n):
+        time.sleep(delay)
+        yield i
+
+
+async def slow_async_input(n: int, delay: float) -> AsyncIterator[int]:
+    for i in range(n):
+        await anyio.sleep(delay)
+        yield i
+
+
+@pytest.mark.parametrize("rungs", [("process",), ("thread",), ("inline",)])
+async def test_raising_inputs_and_cancellations_leave_every_slot_free(
+        rungs: tuple[str, ...], anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2, rungs=rungs) as pool:  # type: ignore[arg-type]
+        for _ in range(100):
+            with pytest.raises(ValueError, match="input broke"):
+                await pool.map(tasks.square, raising_input(5))
+            with pytest.raises(ValueError, match="async input broke"):
+                await pool.map(tasks.square, raising_async_input(5))
+        for i in range(100):
+            with anyio.move_on_after(0.001 * (i % 5)):
+                await pool.map(tasks.nap, [0.002] * 4, rate_limit=1000 if i % 2 else None)
+        with anyio.fail_after(10):
+            assert await pool.map(tasks.square, range(3), timeout=3) == [0, 1, 4]
+        await idle(pool)  # every slot free, no call left behind
+
+
+async def test_deadline_covers_waiting_for_a_slot(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2, chunk_size=1) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.map, tasks.nap, [3.0] * 4)  # every slot busy for 3 s
+            await wait_until(lambda: pool.statistics().chunks_in_flight == 4)
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded) as info:
+                await pool.map(tasks.square, range(3), timeout=0.5)
+            # 10x margin: it answered at its deadline, not when the slots freed.
+            assert time.monotonic() - started < 1.5
+            assert len(info.value.partial) == 3
+            tg.cancel_scope.cancel()
+
+
+async def test_deadline_covers_a_rate_limit(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2, rate_limit=2) as pool:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as info:
+            await pool.map(tasks.square, range(20), timeout=1.0)  # needs 10 s at 2/s
+        assert time.monotonic() - started < 2.0
+        done = [v for v in info.value.partial if isinstance(v, int)]
+        assert 1 <= len(done) <= 4 and info.value.partial[0] == 0
+
+
+async def test_deadline_covers_a_slow_input_and_keeps_what_finished(
+        anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as info:
+            await pool.map(tasks.square, slow_async_input(100, 0.3), timeout=1.0)
+        assert time.monotonic() - started < 2.0
+        # Items 0..2 arrived at 0.3, 0.6 and 0.9 s and ran at once.
+        assert info.value.partial[:2] == [0, 1]
+
+
+async def test_deadline_covers_a_rung_starting(monkeypatch: pytest.MonkeyPatch,
+                                               anyio_backend: str) -> None:
+    process = Script()
+    inline = Script(start_delay=5.0)
+    with fake_rungs(monkeypatch, process=process, inline=inline):
+        async with ResilientPool(max_workers=2, rungs=("process", "inline"),
+                                 promote_after=60) as pool:
+            rung = process.rungs[0]
+            rung.state = RungState.CRASHED  # the next rung takes 5 s to start
+            rung.listener.rung_changed()
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                await pool.run(tasks.square, 3, timeout=0.5)
+            assert time.monotonic() - started < 1.5
+
+
+async def test_a_slow_sync_input_neither_blocks_the_loop_nor_stalls(
+        anyio_backend: str) -> None:
+    heartbeat = Heartbeat()
+    async with ResilientPool(max_workers=2) as pool, heartbeat.running():
+        started = time.monotonic()
+        firsts: list[float] = []
+        async for _ in pool.imap(tasks.square, slow_input(60, 0.02)):
+            firsts.append(time.monotonic() - started)
+    # Items come 20 ms apart: the first result needs ~20 ms, not a full chunk.
+    assert firsts[0] < 0.5 and len(firsts) == 60
+    # The target is 50 ms; 10x for a loaded machine, and a whole chunk pulled on the
+    # loop (it took 5.9 s before) still fails it.
+    assert heartbeat.worst < 0.5, f"loop blocked for {heartbeat.worst:.3f} s"
+
+
+async def test_a_slow_async_input_streams(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        started = time.monotonic()
+        arrivals = []
+        async for _ in pool.imap(tasks.square, slow_async_input(50, 0.02)):
+            arrivals.append(time.monotonic() - started)
+    # 50 items/s: the tenth result comes near 0.2 s, not when a chunk has filled.
+    assert arrivals[9] < 1.0, arrivals[:10]
+
+
+@pytest.mark.parametrize("kill", [False, True])
+async def test_close_after_a_hung_item_timed_out(kill: bool, anyio_backend: str) -> None:
+    started = time.monotonic()
+    async with ResilientPool(max_workers=2) as pool:
+        pids = set(await pool.map(tasks.pid_of, range(10), chunk_size=1))
+        with pytest.raises(DeadlineExceeded):
+            await pool.run(tasks.nap, 1000, timeout=0.3)
+        await pool.aclose(kill=kill)
+    # The hung item's call is gone: its worker is killed, not waited for.
+    assert time.monotonic() - started < 10
+    await wait_until(lambda: not any(alive(pid) for pid in pids), 5)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+async def test_workers_leave_when_the_parent_dies(how: str) -> None:
+    proc = run_script("_parent_dies.py", how)
+    assert proc.returncode == -getattr(signal, how), proc.stderr[-2000:]
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 3  # two workers and the grandchild one of them started
+    # About 2 s is the promise; 10 s of margin for a loaded machine.
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        await anyio.sleep(0.05)
+    assert not [pid for pid in pids if alive(pid)]
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+async def test_killing_a_worker_kills_what_it_started(how: str, tmp_path: Path,
+                                                      anyio_backend: str) -> None:
+    note = tmp_path / "sleeper"
+    async with ResilientPool(max_workers=1) as pool:
+        if how == "timeout":
+            with pytest.raises(DeadlineExceeded):
+                await pool.run(tasks.spawn_sleeper, (str(note), 60), timeout=1.0,
+                               kill_on_timeout=True)
+        else:
+            with anyio.move_on_after(1.0):
+                await pool.run(tasks.spawn_sleeper, (str(note), 60), cancel_running="kill")
+        sleeper = int(note.read_text())
+        await wait_until(lambda: not alive(sleeper), 5)
+        assert await pool.run(tasks.square, 3) == 9
+
+
+async def test_reuse_workers_never_parks_a_busy_worker(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2, reuse_workers=True) as first:
+        with pytest.raises(DeadlineExceeded):
+            await first.run(tasks.nap, 1000, timeout=0.2)
+    async with ResilientPool(max_workers=2, reuse_workers=True) as second:
+        pids = set(await second.map(tasks.nap_then_pid, [0.05] * 8, chunk_size=1))
+        assert len(pids) == 2  # both workers serve: none of them is stuck
+    with anyio.fail_after(5):
+        assert await ResilientPool.close_idle_workers() >= 1
+
+
+async def test_no_debris_when_a_pool_is_never_closed() -> None:
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    proc = run_script("_exit_scenario.py", "abandoned")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert not {name for name in after - before if "asyncpool" in name}
+
+
+async def test_leaving_imap_early_on_trio_warns_nothing(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            async for value in pool.imap(tasks.square, range(1000)):
+                if value > 10:
+                    break
+            gc.collect()
+            async with pool.imap(tasks.square, range(1000)) as results:
+                async for value in results:
+                    break
+            gc.collect()
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+        await idle(pool)

@@ -1,0 +1,270 @@
+"""The pure parts, alone: sizing, chunks, assembly, backoff, errors, config, the wire."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import math
+import pickle
+import select
+import socket
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import asyncpool
+from asyncpool import (
+    MISSING,
+    AsyncPoolError,
+    DeadlineExceeded,
+    PoolConfig,
+    RemoteError,
+    ResilientPool,
+    SerializationError,
+    WorkerCrashed,
+)
+from asyncpool import _wire
+from asyncpool._call import Chunk, Piece
+from asyncpool._execute import portable
+from asyncpool._options import CallOptions
+from asyncpool._retry import RungUnavailable, backoff_delays, is_transient
+from asyncpool._sizing import TARGET_CHUNK_BYTES, Timing, assemble, guided_cap
+
+from . import tasks
+
+# -- sizing --------------------------------------------------------------------------
+
+
+def test_timing_ramps_until_measured_then_aims_at_the_target() -> None:
+    timing = Timing()
+    sizes = []
+    for _ in range(5):
+        sizes.append(timing.ramp)
+        timing.grow()
+    assert sizes == [1, 2, 4, 8, 16]
+    timing.observe(100, 0.1)  # 1 ms per item
+    assert timing.per_item == pytest.approx(0.001)
+    timing.observe(100, 0.2)  # moves 30% of the way
+    assert timing.per_item == pytest.approx(0.0013)
+
+
+def test_timing_caps_items_by_bytes() -> None:
+    timing = Timing()
+    assert timing.bytes_cap() > 1 << 20
+    timing.observe_bytes(10, 10 * 100_000)
+    assert timing.bytes_cap() == TARGET_CHUNK_BYTES // 100_000
+    timing.observe_bytes(10, 10 * 10_000_000)  # a bigger item raises the estimate at once
+    assert timing.bytes_cap() == 1
+
+
+def test_guided_cap_shrinks_with_what_is_left() -> None:
+    assert guided_cap(None, 4) is None
+    assert guided_cap(800, 4) == 100
+    assert guided_cap(3, 4) == 1
+    assert guided_cap(0, 2) == 1
+
+
+def test_assemble_puts_segments_in_order_with_gaps() -> None:
+    segments = {5: [50, 60], 0: [0, 1], 2: [20]}
+    assert assemble(segments) == [0, 1, 20, MISSING, MISSING, 50, 60]
+    assert assemble(segments, start=2) == [20, MISSING, MISSING, 50, 60]
+    assert assemble(segments, total=9)[-2:] == [MISSING, MISSING]
+    assert assemble({}) == []
+
+
+def _chunk(*lengths: int) -> Chunk:
+    pieces = [Piece(SimpleNamespace(id=i), 100 * i, list(range(100 * i, 100 * i + n)))
+              for i, n in enumerate(lengths)]
+    return Chunk(pieces)  # type: ignore[arg-type]
+
+
+def test_chunk_positions_map_to_pieces() -> None:
+    chunk = _chunk(3, 2, 4)
+    assert chunk.size == 9
+    spans = [(p.call.id, lo, hi, off) for p, lo, hi, off in chunk.between(2, 7)]
+    assert spans == [(0, 2, 3, 0), (1, 0, 2, 3), (2, 0, 2, 5)]
+    assert chunk.locate(4) == (chunk.pieces[1], 101)
+    again = chunk.pieces_between(1, 6)
+    assert [(p.start, p.items) for p in again] == [(1, [1, 2]), (100, [100, 101]),
+                                                    (200, [200])]
+    assert chunk.pieces_between(9, 9) == []
+    with pytest.raises(IndexError):
+        chunk.locate(9)
+
+
+# -- backoff and transient errors ----------------------------------------------------
+
+
+def test_backoff_grows_to_its_ceiling_with_bounded_jitter() -> None:
+    delays = backoff_delays(0.1, 2.0, 1.0, 0.1)
+    got = [next(delays) for _ in range(8)]
+    for value, base in zip(got, [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0], strict=True):
+        assert base * 0.9 <= value <= base * 1.1
+    exact = backoff_delays(0.1, 3.0, 10.0, 0.0)
+    assert [round(next(exact), 6) for _ in range(3)] == [0.1, 0.3, 0.9]
+
+
+def test_is_transient() -> None:
+    assert is_transient(RuntimeError("can't start new thread"))
+    assert is_transient(BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable"))
+    assert is_transient(OSError(errno.ENOMEM, "Cannot allocate memory"))
+    assert is_transient(OSError(errno.EMFILE, "Too many open files"))
+    assert is_transient(RungUnavailable("cluster did not answer"))
+    assert not is_transient(RuntimeError("something else"))
+    assert not is_transient(OSError(errno.ENOENT, "No such file"))
+    assert not is_transient(ValueError("can't start new thread"))
+
+
+# -- errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [
+    asyncpool.PoolClosed("closed"),
+    WorkerCrashed("crashed", index=3, exitcode=-9),
+    SerializationError("bad"),
+    DeadlineExceeded("late", [1, MISSING], 2),
+    RemoteError("boom", type_name="x.Y", traceback="tb", exit_code=3),
+    asyncpool.InitializerFailed("init"),
+])
+def test_every_public_error_pickles_and_builds_from_a_message(error: Exception) -> None:
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error)
+    assert back.__dict__ == error.__dict__
+    assert isinstance(type(error)("just a message"), AsyncPoolError)
+
+
+def test_deadline_exceeded_is_a_timeout_error() -> None:
+    assert issubclass(DeadlineExceeded, TimeoutError)
+    assert DeadlineExceeded("x").partial == []
+
+
+def test_portable_keeps_what_unpickles_and_describes_the_rest() -> None:
+    plain = ValueError("plain")
+    assert portable(plain) is plain
+    # (Not tasks.NeedsTwo here: importing distributed, as test_dask does, installs
+    # tblib's pickling of exceptions in this process, which rebuilds it.)
+    held = portable(tasks.HoldsLock("locked"))
+    assert isinstance(held, RemoteError)
+    assert held.type_name == "tests.tasks.HoldsLock" and "locked" in str(held)
+    try:
+        raise SystemExit(3)
+    except SystemExit as exc:
+        gone = portable(exc)
+    assert isinstance(gone, RemoteError) and gone.exit_code == 3
+    assert "SystemExit" in gone.type_name and "raise SystemExit" in gone.traceback
+
+
+# -- configuration -------------------------------------------------------------------
+
+BAD_VALUES = [
+    ("max_workers", 0, ValueError), ("max_workers", -1, ValueError),
+    ("max_workers", 1.5, TypeError), ("max_workers", True, TypeError),
+    ("chunk_size", 0, ValueError), ("creation_attempts", 0, ValueError),
+    ("backoff_initial", -0.1, ValueError), ("backoff_factor", 0.5, ValueError),
+    ("backoff_max", -1, ValueError), ("backoff_jitter", 2, ValueError),
+    ("promote_after", -1, ValueError), ("max_chunks_in_flight", 0, ValueError),
+    ("task_retries", -1, ValueError), ("task_retries", True, TypeError),
+    ("target_chunk_seconds", 0, ValueError), ("target_chunk_seconds", math.inf, ValueError),
+    ("target_chunk_seconds", math.nan, ValueError), ("rate_limit", 0, ValueError),
+    ("rate_limit", math.nan, ValueError), ("start_timeout", math.nan, ValueError),
+    ("warm_start", "no", TypeError), ("reuse_workers", "false", TypeError),
+    ("max_tasks_per_worker", 0, ValueError), ("max_worker_memory", 1.5, TypeError),
+    ("initializer", 3, TypeError), ("initargs", [1], TypeError),
+    ("rungs", ("process", "gpu"), ValueError), ("rungs", (), ValueError),
+    ("rungs", ("inline", "process"), ValueError), ("rungs", ("thread", "thread"), ValueError),
+    ("dask_connect_timeout", math.inf, ValueError),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "kind"), BAD_VALUES)
+def test_invalid_setting_names_its_field(name: str, value: object, kind: type) -> None:
+    with pytest.raises(kind, match=rf"PoolConfig\.{name}="):
+        PoolConfig(**{name: value})  # type: ignore[arg-type]
+    with pytest.raises(kind, match=name):
+        ResilientPool(**{name: value})  # type: ignore[misc]
+
+
+def test_infinity_lifts_a_limit() -> None:
+    config = PoolConfig(start_timeout=math.inf, rate_limit=math.inf)
+    assert config.start_timeout is None and config.rate_limit is None
+
+
+def test_both_ways_to_configure_and_a_typo_says_what_was_meant() -> None:
+    a = ResilientPool(max_workers=2, chunk_size=10)
+    b = ResilientPool(config=PoolConfig(max_workers=2, chunk_size=10))
+    assert a.config == b.config
+    c = ResilientPool(3, config=PoolConfig(chunk_size=10))
+    assert c.config.max_workers == 3 and c.config.chunk_size == 10
+    with pytest.raises(TypeError, match="did you mean 'max_workers'"):
+        ResilientPool(max_workrs=2)  # type: ignore[call-arg]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.config.max_workers = 5  # type: ignore[misc]
+    assert "new" in repr(a)
+
+
+@pytest.mark.parametrize(("options", "kind", "match"), [
+    ({"timeout": -1}, ValueError, "timeout=-1"),
+    ({"timeout": math.nan}, ValueError, "timeout=nan"),
+    ({"timeout": True}, TypeError, "timeout=True"),
+    ({"rate_limit": math.nan}, ValueError, "rate_limit=nan"),
+    ({"chunk_size": 0}, ValueError, "chunk_size=0"),
+    ({"chunk_size": 2.0}, TypeError, "chunk_size=2.0"),
+    ({"cancel_running": "stop"}, ValueError, "cancel_running='stop'"),
+    ({"kill_on_timeout": "yes"}, TypeError, "kill_on_timeout='yes'"),
+    ({"progress": 3}, TypeError, "progress=3"),
+    ({"timout": 1}, TypeError, "did you mean 'timeout'"),
+])
+def test_invalid_call_option_is_named(options: dict[str, Any], kind: type, match: str) -> None:
+    with pytest.raises(kind, match=match):
+        CallOptions.build(**options)
+
+
+def test_call_options_are_built_once_when_none_are_given() -> None:
+    assert CallOptions.build() is CallOptions.build()
+    assert CallOptions.build(timeout=math.inf).timeout is None
+
+
+def test_all_matches_exports() -> None:
+    exported = {n for n in dir(asyncpool) if not n.startswith("_")}
+    assert set(asyncpool.__all__) == exported
+    for name in asyncpool.__all__:
+        assert getattr(asyncpool, name).__module__.startswith("asyncpool")
+
+
+# -- the wire ------------------------------------------------------------------------
+
+
+def test_frames_survive_any_split_and_big_parts_arrive_in_place() -> None:
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    big = bytes(range(256)) * (_wire.SMALL_FRAME // 128)  # 2 MiB: read into place
+    frames = [(_wire.RESULTS, _wire.dumps(["small", 1])),
+              (_wire.CHUNK, _wire.dumps(_wire.wrap_big([big, b"tiny"]))),
+              (_wire.CANCEL, _wire.dumps([3]))]
+    data = b"".join(bytes(memoryview(x).cast("B"))
+                    for kind, parts in frames for x in _wire.frame(kind, parts))
+    got: list[tuple[int, Any]] = []
+    reader = _wire.FrameReader()
+
+    def send() -> None:
+        # In uneven slices, as a socket may deliver them.
+        at, step = 0, 1
+        while at < len(data):
+            a.sendall(data[at:at + step])
+            at += step
+            step = step * 3 + 1
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    while len(got) < 3:
+        select.select([b], [], [], 5)
+        assert reader.read(b, lambda kind, parts: got.append((kind, _wire.loads(parts))))
+    sender.join()
+    assert [kind for kind, _ in got] == [_wire.RESULTS, _wire.CHUNK, _wire.CANCEL]
+    assert got[0][1] == ["small", 1] and got[2][1] == [3]
+    assert got[1][1][0] == big and type(got[1][1][0]) is bytes and got[1][1][1] == b"tiny"
+    a.close()
+    assert reader.read(b, lambda kind, parts: None) is False
+    b.close()

@@ -1,0 +1,146 @@
+"""Worker processes: initialised once, recycled, kept under a memory ceiling, and a
+cancelled call's waiting chunks never started."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncpool import InitializerFailed, ResilientPool
+
+from . import tasks
+from .helpers import idle, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_initializer_runs_once_in_each_worker_and_each_replacement(
+        tmp_path: Path, anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2, initializer=tasks.remember,
+                             initargs=("hello",)) as pool:
+        seen = await pool.map(tasks.recall, range(200), chunk_size=1)
+        assert {(tag, runs) for tag, runs, _ in seen} == {("hello", 1)}
+        assert len({pid for *_, pid in seen}) == 2
+        marker = str(tmp_path / "killed")
+        await pool.map(tasks.kill_self_once, [(i, marker) for i in range(20)])
+        seen = await pool.map(tasks.recall, range(200), chunk_size=1)
+        assert {(tag, runs) for tag, runs, _ in seen} == {("hello", 1)}
+        assert pool.statistics().worker_crashes == 1
+
+
+@pytest.mark.parametrize("rungs", [("process",), ("thread",), ("inline",)])
+async def test_a_failing_initializer_fails_the_open_at_once(rungs: tuple[str, ...],
+                                                            anyio_backend: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(InitializerFailed) as info:
+        async with ResilientPool(max_workers=2, rungs=rungs,  # type: ignore[arg-type]
+                                 initializer=tasks.refuse_to_start):
+            pass
+    assert isinstance(info.value.__cause__, LookupError)
+    assert "refuses" in str(info.value)
+    assert time.monotonic() - started < 5  # no respawn loop
+
+
+@pytest.mark.parametrize("rungs", [("thread",), ("inline",)])
+async def test_initializer_on_threads_and_inline(rungs: tuple[str, ...],
+                                                 anyio_backend: str) -> None:
+    calls: list[int] = []
+    async with ResilientPool(max_workers=2, rungs=rungs,  # type: ignore[arg-type]
+                             initializer=lambda: calls.append(1)):
+        pass
+    assert len(calls) == (2 if rungs == ("thread",) else 1)
+
+
+async def test_workers_are_recycled_after_max_tasks(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2, max_tasks_per_worker=100) as pool:
+        pids = await pool.map(tasks.pid_of, range(1000), chunk_size=10)
+        assert len(pids) == 1000 and len(set(pids)) >= 8
+        assert all(pids.count(pid) <= 100 for pid in set(pids))
+        assert pool.statistics().workers_recycled >= 8
+        assert pool.statistics().worker_crashes == 0
+
+
+async def test_workers_stay_under_the_memory_ceiling(anyio_backend: str) -> None:
+    ceiling = 200 << 20
+    async with ResilientPool(max_workers=2, max_worker_memory=ceiling) as pool:
+        seen = await pool.map(tasks.leak, [40] * 30, chunk_size=5)
+        assert len(seen) == 30 and len({pid for pid, _ in seen}) >= 4
+        # A worker passes the ceiling by at most one item's 40 MiB, then leaves (the
+        # target: never above about 300 MiB).
+        assert max(rss for _, rss in seen) < ceiling + (50 << 20)
+        assert max(await pool.map(tasks.rss, range(20))) < ceiling
+        assert pool.statistics().worker_crashes == 0
+
+
+async def test_a_cancelled_calls_waiting_chunks_never_start(tmp_path: Path,
+                                                            anyio_backend: str) -> None:
+    log = tmp_path / "started"
+    async with ResilientPool(max_workers=2, chunk_size=1) as pool:
+        await pool.map(tasks.square, range(4))  # workers up
+        items = [(i, str(log), 1.0) for i in range(8)]
+        with anyio.move_on_after(0.5):
+            await pool.map(tasks.note_start, items)  # 2 run, 2 wait in the workers
+        started = time.monotonic()
+        await pool.aclose()
+        # Closing waits for nothing of a cancelled call: its running items are killed.
+        assert time.monotonic() - started < 3.5
+    assert sorted(int(x) for x in log.read_text().split()) == [0, 1]
+
+
+async def test_closing_after_a_cancel_waits_only_for_running_items(
+        tmp_path: Path, anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2, chunk_size=1) as pool:
+        await pool.map(tasks.square, range(4))
+        with anyio.move_on_after(1.0):
+            await pool.map(tasks.nap, [3.0] * 8)
+        started = time.monotonic()
+    assert time.monotonic() - started < 3.5
+
+
+async def test_concurrent_runs_share_chunks(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        await pool.run(tasks.square, 1)  # measured once: items of square are tiny
+        before = pool.statistics().chunks_submitted
+        results: list[int] = [0] * 2000
+
+        async def one(i: int) -> None:
+            results[i] = await pool.run(tasks.square, i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(2000):
+                tg.start_soon(one, i)
+        assert results == [i * i for i in range(2000)]
+        # A burst of calls costs a few round trips, not one per call.
+        assert pool.statistics().chunks_submitted - before < 200
+
+
+async def test_calls_complete_in_the_order_their_work_completes(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        await pool.map(tasks.burn, [0.005] * 10)  # measured: 5 ms items
+        done: list[float] = []
+        started = time.monotonic()
+
+        async def one() -> None:
+            await pool.run(tasks.burn, 0.005)
+            done.append(time.monotonic() - started)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(40):
+                tg.start_soon(one)
+    # 40 x 5 ms on 2 workers is ~100 ms: the first call is back long before the last.
+    assert done[0] < done[-1] / 2, (done[0], done[-1])
+
+
+async def test_a_worker_killed_from_outside_is_replaced(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        pids = set(await pool.map(tasks.pid_of, range(20), chunk_size=1))
+        victim = next(iter(pids))
+        os.kill(victim, 9)  # idle between chunks: nothing of ours is lost or blamed
+        fresh = set(await pool.map(tasks.nap_then_pid, [0.05] * 20, chunk_size=1))
+        assert len(fresh) == 2 and victim not in fresh
+        assert pool.statistics().worker_crashes == 0
+        await idle(pool)
