@@ -210,7 +210,7 @@ async def test_leaving_imap_early_on_trio_warns_nothing(anyio_backend: str) -> N
                     break
             gc.collect()
             async with pool.imap(tasks.square, range(1000)) as results:
-                async for value in results:
+                async for _ in results:
                     break
             gc.collect()
         assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

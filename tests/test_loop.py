@@ -51,7 +51,7 @@ async def test_streaming_large_items_keeps_memory_bounded(anyio_backend: str) ->
         peak = 0
         items = (bytes([i % 256]) * 100_000 for i in range(10_000))
         count = 0
-        async for value in pool.imap(tasks.echo, items):
+        async for _ in pool.imap(tasks.echo, items):
             count += 1
             if count % 200 == 0:
                 peak = max(peak, me.memory_info().rss - baseline)

@@ -13,7 +13,7 @@ import pytest
 from asyncpool import InitializerFailed, ResilientPool
 
 from . import tasks
-from .helpers import idle, wait_until
+from .helpers import idle
 
 pytestmark = pytest.mark.anyio
 
