@@ -6,10 +6,16 @@ import argparse
 import asyncio
 import logging
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
-from ._cli import map_file
-from ._demo import run_demo
+EPILOG = """exit codes: 0 every line done, 1 some lines failed (their errors are in the
+output), 2 a usage or input error, 130 interrupted (run again with --resume)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not the usage block: the mistake and where help is.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _table(rows: dict[str, Any]) -> str:
@@ -17,7 +23,19 @@ def _table(rows: dict[str, Any]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows.items())
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a number of workers (>= 1)")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
     outcome = asyncio.run(run_demo(limit=args.limit, progress=not args.no_progress,
                                    max_workers=args.workers))
     print(f"asyncpool demo: {outcome['primes']} primes below {outcome['limit']:,} "
@@ -28,32 +46,59 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m asyncpool",
-                                     description="CPU-bound work in a resilient pool.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log pool events")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="count primes on built-in data; show rung and stats")
+def _map(args: argparse.Namespace) -> int:
+    from ._cli import map_file
+
+    counts = asyncio.run(map_file(args))
+    extra = f", {counts.blank} blank line(s) skipped" if counts.blank else ""
+    print(f"wrote {counts.written} line(s) to {args.output} ({counts.failed} error(s), "
+          f"{counts.skipped} skipped as already done{extra})", file=sys.stderr)
+    return 1 if counts.failed else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="log the pool's events (falls back, crashes, retries)")
+    common.add_argument("--workers", type=_workers, default=None,
+                        help="worker processes (default: the usable cores)")
+    common.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (or log line) while it runs")
+    main = _Parser(prog="python -m asyncpool", parents=[common],
+                                   description="CPU-bound work in a resilient pool.",
+                                   epilog=EPILOG)
+    sub = main.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", parents=[common], epilog=EPILOG,
+                          help="count primes on built-in data; show rung and statistics")
     demo.add_argument("--limit", type=int, default=2_000_000, help="count primes below this")
-    demo.add_argument("--workers", type=int, default=None)
-    demo.add_argument("--no-progress", action="store_true")
-    mapper = sub.add_parser("map", help="run MODULE:FUNCTION over each line of a JSONL file")
+    mapper = sub.add_parser("map", parents=[common], epilog=EPILOG,
+                            help="run MODULE:FUNCTION over each line of a JSONL file")
     mapper.add_argument("function", help="MODULE:FUNCTION, importable from here")
-    mapper.add_argument("input", help="input file, one JSON value per line")
-    mapper.add_argument("-o", "--output", required=True, help="output JSONL file")
+    mapper.add_argument("input", help="input file, one JSON value per line (blank lines "
+                                      "are skipped)")
+    mapper.add_argument("-o", "--output", required=True,
+                        help='output JSONL file: {"line": N, "result": ...} or '
+                             '{"line": N, "error": "..."} per input line, in order')
     mapper.add_argument("--resume", action="store_true",
                         help="skip lines already in OUTPUT (after a killed run)")
-    mapper.add_argument("--workers", type=int, default=None)
-    mapper.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "demo":
-        return _demo(args)
-    written, failed, skipped = asyncio.run(map_file(args))
-    print(f"wrote {written} line(s) to {args.output} ({failed} error(s), {skipped} skipped "
-          "as already done)", file=sys.stderr)
-    return 1 if failed else 0
+    from ._cli import UsageError
+
+    try:
+        return _demo(args) if args.command == "demo" else _map(args)
+    except UsageError as exc:
+        print(f"python -m asyncpool: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; what was written is kept: run again with --resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

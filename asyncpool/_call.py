@@ -15,10 +15,8 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
-
-import anyio
 
 from ._options import CallOptions
 from ._sizing import Timing, assemble
@@ -46,7 +44,8 @@ class Call:
     """The engine's record of one call."""
 
     def __init__(self, fn: Any, shipped: Shipped, star: bool, source: Source,
-                 options: CallOptions, timing: Timing, mode: Mode) -> None:
+                 options: CallOptions, timing: Timing, mode: Mode,
+                 event: Callable[[], Any]) -> None:
         self.id = next(_ids)
         self.fn = fn
         self.shipped = shipped
@@ -75,7 +74,8 @@ class Call:
         #: result as it is made, so another crash loses none).
         self.crashed = False
         self.failed = 0
-        self._event: anyio.Event | None = None
+        self._make_event = event
+        self._event: Any = None
 
     # -- the engine's side ---------------------------------------------------------
 
@@ -147,7 +147,7 @@ class Call:
 
     async def wait(self) -> None:
         """Until something new arrives."""
-        self._event = event = anyio.Event()
+        self._event = event = self._make_event()
         await event.wait()
 
     def results(self) -> list[Any]:

@@ -1,6 +1,8 @@
-"""The batch ``map`` command: a JSONL file through the pool, resumable.
+"""The batch ``map`` command: a JSONL file through the pool, streamed and resumable.
 
 Kept out of ``__main__`` so that worker processes can import what they unpickle.
+Lines travel to the workers as text and are parsed there; the input is read only as
+fast as the workers take it, so memory stays flat however big the file.
 """
 
 from __future__ import annotations
@@ -10,24 +12,33 @@ import importlib
 import json
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any
 
 from ._pool import ResilientPool
 
 
-def _load(spec: str) -> Callable[[Any], Any]:
+class UsageError(Exception):
+    """A mistake in the command line or its files: one line on stderr, exit code 2."""
+
+
+def load_function(spec: str) -> Callable[[Any], Any]:
     module_name, sep, attr = spec.partition(":")
-    if not sep or not attr:
-        raise SystemExit(f"expected MODULE:FUNCTION, got {spec!r}")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"expected MODULE:FUNCTION, got {spec!r}")
     sys.path.insert(0, os.getcwd())
-    fn = getattr(importlib.import_module(module_name), attr)
-    if not callable(fn):
-        raise SystemExit(f"{spec} is not callable")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise UsageError(f"{module_name} has no function {attr!r}")
     return fn  # type: ignore[no-any-return]
 
 
-def _done_lines(path: str) -> set[int]:
+def done_lines(path: str) -> set[int]:
     """Line numbers already in OUTPUT; a torn last line (a killed run) is cut off."""
     done: set[int] = set()
     if not os.path.exists(path):
@@ -44,55 +55,82 @@ def _done_lines(path: str) -> set[int]:
     return done
 
 
-class _BadLine(Exception):
-    pass
-
-
-def _inputs(path: str, skip: set[int]) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if number in skip or not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield number, _BadLine(f"line {number} is not valid JSON ({exc}); fix or "
-                                       "remove it and run again with --resume")
-
-
-class _Apply:
-    """Picklable wrapper: (line, value) -> (line, result); bad lines pass through."""
+class Apply:
+    """Runs in the workers: (line number, text) -> the function's result on its JSON."""
 
     def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
 
-    def __call__(self, pair: tuple[int, Any]) -> tuple[int, Any]:
-        number, value = pair
-        if isinstance(value, _BadLine):
-            raise value
-        return number, self.fn(value)
+    def __call__(self, line: tuple[int, str]) -> Any:
+        number, text = line
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {number} is not valid JSON ({exc}); fix or remove it "
+                             "and run again with --resume") from None
+        return self.fn(value)
 
 
-async def map_file(args: argparse.Namespace) -> tuple[int, int, int]:
-    """Returns (lines written, of which failed, lines skipped as already done)."""
-    fn = _load(args.function)
-    skip = _done_lines(args.output) if args.resume else set()
-    pending = list(_inputs(args.input, skip))
-    failed = 0
-    mode = "a" if args.resume else "w"
-    async with ResilientPool(max_workers=args.workers) as pool:
-        with open(args.output, mode, encoding="utf-8") as out:
-            results = pool.imap(_Apply(fn), pending, return_exceptions=True,
-                                progress=not args.no_progress)
-            index = 0
-            async for result in results:
-                number = pending[index][0]
-                index += 1
-                if isinstance(result, BaseException):
-                    failed += 1
-                    record = {"line": number, "error": f"{type(result).__name__}: {result}"}
-                else:
-                    record = {"line": number, "result": result[1]}
-                out.write(json.dumps(record) + "\n")
-                out.flush()
-    return len(pending), failed, len(skip)
+class Counts:
+    def __init__(self) -> None:
+        self.written = self.failed = self.skipped = self.blank = 0
+
+
+def read_lines(path: str, skip: set[int], numbers: deque[int],
+               counts: Counts) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line to do, noting the numbers in order."""
+    with open(path, encoding="utf-8") as f:
+        for number, text in enumerate(f, 1):
+            if number in skip:
+                counts.skipped += 1
+            elif not text.strip():
+                counts.blank += 1
+            else:
+                numbers.append(number)
+                yield number, text
+
+
+def record(number: int, result: Any) -> tuple[str, bool]:
+    """One output line, and whether it holds an error (the item's, or a result that
+    is not JSON)."""
+    if isinstance(result, BaseException):
+        text = f"{type(result).__name__}: {result}"
+        return json.dumps({"line": number, "error": text}), True
+    try:
+        return json.dumps({"line": number, "result": result}), False
+    except (TypeError, ValueError) as exc:
+        text = f"the result is not JSON ({exc})"
+        return json.dumps({"line": number, "error": text}), True
+
+
+async def map_file(args: argparse.Namespace) -> Counts:
+    """Map ARGS.function over ARGS.input into ARGS.output; returns what it did."""
+    fn = load_function(args.function)
+    if not os.path.isfile(args.input):
+        raise UsageError(f"no such input file: {args.input}")
+    skip = done_lines(args.output) if args.resume else set()
+    counts = Counts()
+    numbers: deque[int] = deque()
+    out: IO[str] | None = None
+    try:
+        async with ResilientPool(max_workers=args.workers) as pool:
+            lines = read_lines(args.input, skip, numbers, counts)
+            async with pool.imap(Apply(fn), lines, return_exceptions=True,
+                                 progress=not args.no_progress) as results:
+                async for result in results:
+                    if out is None:
+                        # Opened at the first result: a run that fails to start
+                        # leaves the output as it was.
+                        out = open(args.output, "a" if args.resume else "w",
+                                   encoding="utf-8")
+                    line, failed = record(numbers.popleft(), result)
+                    counts.failed += failed
+                    out.write(line + "\n")
+                    out.flush()
+                    counts.written += 1
+    finally:
+        if out is not None:
+            out.close()
+    if out is None and not args.resume:
+        open(args.output, "w").close()  # nothing to do: an empty output
+    return counts

@@ -57,6 +57,28 @@ def _deadline(call: Call) -> float:
     return math.inf if timeout is None else anyio.current_time() + timeout
 
 
+class _Unbounded:
+    """Stands for a deadline scope when the call has no timeout (none is made: a
+    cancel scope per call is measurable on the per-request path)."""
+
+    cancelled_caught = False
+
+    def __enter__(self) -> _Unbounded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_UNBOUNDED = _Unbounded()
+
+
+def _scope(deadline: float) -> Any:
+    if deadline == math.inf:
+        return _UNBOUNDED
+    return anyio.move_on_after(deadline - anyio.current_time())
+
+
 def _exceeded(call: Call, partial: list[Any], start: int = 0) -> DeadlineExceeded:
     return DeadlineExceeded(
         f"the deadline of {call.options.timeout} s passed with {call.pulled - call.finished} "
@@ -71,7 +93,7 @@ async def collect(engine: Engine, call: Call) -> list[Any]:
     kill = False
     engine.add(call)
     try:
-        with anyio.move_on_after(deadline - anyio.current_time()):
+        with _scope(deadline):
             while True:
                 feeder.check()
                 reporter.advance(call.finished - reporter.done)
@@ -155,7 +177,7 @@ class Stream(Generic[T]):
             self._started = True
             engine.add(call)
         ordered = call.mode is Mode.ORDERED
-        with anyio.move_on_after(self._deadline - anyio.current_time()):
+        with _scope(self._deadline):
             while True:
                 self._feeder.check()
                 values = call.next_ordered() if ordered else call.next_unordered()

@@ -188,8 +188,11 @@ class Engine:
                 self.stalled.add(call)
                 continue
             fixed = call.options.chunk_size or self.config.chunk_size
-            if fixed is not None and pieces:
-                self.ready.appendleft(call)  # a fixed-size call gets a chunk of its own
+            # A call with its own chunk size, or with Dask options for its tasks, gets
+            # chunks of its own.
+            alone = fixed is not None or bool(call.options.dask)
+            if alone and pieces:
+                self.ready.appendleft(call)
                 break
             timing = call.timing
             cost = timing.per_item if timing.per_item is not None else target / timing.ramp
@@ -209,7 +212,7 @@ class Engine:
                     unknown.add(timing)
             if call.wants_input and call.source.available():
                 self.ready.append(call)
-            if fixed is not None:
+            if alone:
                 break
         for timing in unknown:
             timing.grow()
@@ -226,7 +229,9 @@ class Engine:
         if call.timing.per_item is not None:
             per_chunk = max(1, min(per_chunk, int(self.config.target_chunk_seconds
                                                   / max(call.timing.per_item, 1e-9))))
-        items = 4 * self.config.in_flight * per_chunk
+        serving = self.ladder.serving
+        slots = serving.capacity if serving is not None else self.config.in_flight
+        items = 4 * slots * per_chunk
         if call.timing.bytes_per_item:
             items = min(items, max(1, int(WINDOW_BYTES / call.timing.bytes_per_item)))
         return items - call.backlog

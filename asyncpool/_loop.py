@@ -48,6 +48,11 @@ class Loop:
         """True when called from this loop's thread while it runs."""
         raise NotImplementedError
 
+    def event(self) -> Any:
+        """A fresh event of this loop (``set()``, ``await wait()``), made without
+        anyio's look-up of the running library: one is made per wait of every call."""
+        raise NotImplementedError
+
 
 class Background:
     """A task that belongs to the pool, not to whichever task opened it.
@@ -135,6 +140,11 @@ class _Asyncio(Loop):
         except RuntimeError:
             return False
 
+    def event(self) -> Any:
+        import asyncio
+
+        return asyncio.Event()
+
 
 class _Trio(Loop):
     name = "trio"
@@ -196,6 +206,9 @@ class _Trio(Loop):
             return self._trio.lowlevel.current_trio_token() is self._token
         except RuntimeError:
             return False
+
+    def event(self) -> Any:
+        return self._trio.Event()
 
 
 def current_loop() -> Loop:

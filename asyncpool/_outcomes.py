@@ -92,18 +92,22 @@ class Outcomes:
             self._again(chunk, max(upto, chunk.reported), chunk.size, "not run")
         self._settle(chunk)
 
-    def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None) -> None:
+    def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None,
+                      deaths: int = 1) -> None:
         first = chunk.reported
         for piece in chunk.pieces:
             piece.call.crashed = True
-        rung = chunk.rung
         if culprit is None or culprit < first:
             if chunk.size - first > 1:
-                # Not known which item did it: split the rest, until it stands alone.
-                middle = first + (chunk.size - first) // 2
-                crashes = chunk.crashes if rung.exact_crashes else 0
-                self._again(chunk, first, middle, "bisect", crashes)
-                self._again(chunk, middle, chunk.size, "bisect", crashes)
+                # Not known which item did it: split the rest until it stands alone,
+                # in up to 32 parts at once where each try costs several deaths (a
+                # Dask KilledWorker), in halves elsewhere. The parts start their count
+                # afresh: an innocent neighbour may have been blamed with the culprit.
+                parts = 32 if deaths > 1 else 2
+                rest = chunk.size - first
+                bounds = [first + rest * i // min(parts, rest) for i in range(min(parts, rest))]
+                for lo, hi in zip(bounds, [*bounds[1:], chunk.size], strict=True):
+                    self._again(chunk, lo, hi, "split", 0)
                 self._settle(chunk)
                 return
             culprit = first
@@ -112,7 +116,7 @@ class Outcomes:
         self._again(chunk, first, culprit, "innocent", 0)
         self._again(chunk, culprit + 1, chunk.size, "not run", 0)
         alone = chunk.size - first == 1
-        crashes = (chunk.crashes if alone else 0) + 1
+        crashes = (chunk.crashes if alone else 0) + deaths
         piece, index = chunk.locate(culprit)
         if crashes >= self.config.max_crashes_per_item:
             how = _describe(exitcode)
@@ -159,7 +163,7 @@ class Outcomes:
 
     def worker_event(self, kind: str, message: str, **details: Any) -> None:
         if kind == "worker_crash":
-            self.counters.worker_crashes += 1
+            self.counters.worker_crashes += details.get("deaths", 1)
         elif kind == "worker_recycled":
             self.counters.workers_recycled += 1
         self.emit(kind, message, **details)  # type: ignore[arg-type]

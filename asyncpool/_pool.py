@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import AsyncIterable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal, TypeVar, TypeVarTuple, Unpack, overload
@@ -17,6 +18,8 @@ from ._functions import FunctionBook, Shipped
 from ._loop import Loop, current_loop
 from ._options import CallKwargs, CallOptions
 from ._source import RateLimit, Source
+
+logger = logging.getLogger("asyncpool")
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -130,7 +133,7 @@ class ResilientPool:
             self.backend,
             workers=rung.workers if rung is not None else 0,
             chunks_in_flight=len(engine.in_flight) if engine is not None else 0,
-            max_chunks_in_flight=getattr(rung, "capacity", self.config.in_flight),
+            max_chunks_in_flight=rung.capacity if rung is not None else 0,
             active_calls=len(engine.calls) if engine is not None else 0)
 
     def __repr__(self) -> str:
@@ -288,11 +291,15 @@ class ResilientPool:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {fn!r}")
         shipped = self._functions.ship(fn) if self._pickles else _LOCAL
+        if options.dask and "dask" not in self.config.ladder:
+            logger.debug("Dask options %s ignored: this pool has no Dask cluster",
+                         sorted(options.dask))
         limits = [RateLimit(options.rate_limit)] if options.rate_limit else []
         if self._limit is not None:
             limits.insert(0, self._limit)
+        assert self._loop is not None
         return Call(fn, shipped, star, Source(items, limits), options,
-                    self._functions.timing(fn), mode)
+                    self._functions.timing(fn), mode, self._loop.event)
 
 
 #: Functions that never leave this process (a ladder of threads and inline) ship as this.

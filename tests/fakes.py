@@ -49,7 +49,6 @@ class Script:
 
 
 class FakeRung(Rung):
-    exact_crashes = True
 
     def __init__(self, name: str, script: Script, listener: Any, loop: Any) -> None:
         super().__init__()

@@ -165,3 +165,80 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class CliCluster:
+    """A real Dask cluster started from the command line on loopback:
+    ``dask scheduler`` and ``dask worker`` processes, each in its own session."""
+
+    def __init__(self, workers: int = 2, threads: int = 1, port: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = port or free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.count, self.threads = workers, threads
+        self.env = {**os.environ, **(env or {})}
+        self.scheduler: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, *args: str, cwd: str | None = None) -> subprocess.Popen[bytes]:
+        dask = str(Path(sys.executable).with_name("dask"))
+        return subprocess.Popen([dask, *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True,
+                                env=self.env, cwd=cwd or "/")
+
+    def start_scheduler(self) -> None:
+        self.scheduler = self._spawn("scheduler", "--host", "127.0.0.1", "--port",
+                                     str(self.port), "--no-dashboard")
+
+    def start_workers(self) -> None:
+        for _ in range(self.count):
+            self.workers.append(self._spawn(
+                "worker", self.address, "--nworkers", "1", "--nthreads", str(self.threads),
+                "--no-dashboard", "--host", "127.0.0.1"))
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        """Until the scheduler answers with every worker connected."""
+        from distributed import Client
+
+        with anyio.fail_after(timeout):
+            while True:
+                try:
+                    async with Client(self.address, asynchronous=True, timeout="2s",
+                                      set_as_default=False) as client:
+                        if self.count:
+                            await client.wait_for_workers(self.count, timeout=timeout)
+                        return
+                except OSError:
+                    await anyio.sleep(0.2)
+
+    def kill_scheduler(self) -> None:
+        if self.scheduler is not None:
+            _kill_session(self.scheduler)
+            self.scheduler = None
+
+    def kill_worker(self, index: int = 0) -> None:
+        _kill_session(self.workers[index])
+
+    def stop(self) -> None:
+        self.kill_scheduler()
+        for worker in self.workers:
+            _kill_session(worker)
+        self.workers = []
+
+
+def _kill_session(proc: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

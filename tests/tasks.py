@@ -238,3 +238,8 @@ def hog_on(args: tuple[int, int]) -> int:
         while True:
             hog.append(bytearray(64 << 20))
     return x
+
+
+def object_on_two(x: int) -> object:
+    """A result that is not JSON for item 2."""
+    return {1, 2} if x == 2 else x

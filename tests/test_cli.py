@@ -1,4 +1,4 @@
-"""python -m asyncpool: help, demo, and the resumable JSONL map."""
+"""python -m asyncpool: help, demo, and the streamed, resumable JSONL map."""
 
 from __future__ import annotations
 
@@ -10,56 +10,134 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _cli(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "asyncpool", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, **kw)  # type: ignore[call-overload, no-any-return]
+def _cli(*args: str, env: dict[str, str] | None = None,
+         cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "asyncpool", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
 
 
-def test_help_lists_subcommands() -> None:
+@pytest.fixture
+def no_tqdm(tmp_path: Path) -> dict[str, str]:
+    """An environment where importing tqdm fails, as in a plain install."""
+    fake = tmp_path / "fake"
+    (fake / "tqdm").mkdir(parents=True)
+    (fake / "tqdm" / "__init__.py").write_text("raise ImportError('no tqdm here')\n")
+    path = os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])
+    return {"PYTHONPATH": path}
+
+
+def test_help_lists_subcommands_options_and_exit_codes() -> None:
     out = _cli("--help")
     assert out.returncode == 0 and "demo" in out.stdout and "map" in out.stdout
+    assert "exit codes" in out.stdout
+    sub = _cli("map", "--help")
+    for option in ("--workers", "--no-progress", "--resume", "-v"):
+        assert option in sub.stdout
+    assert "worker processes" in sub.stdout and "no progress" in sub.stdout
 
 
-def test_demo() -> None:
-    out = _cli("demo", "--limit", "300000", "--no-progress")
-    assert out.returncode == 0, out.stderr
-    assert "25997 primes below 300,000" in out.stdout
-    assert "served by the 'process' rung" in out.stdout and "tasks_completed" in out.stdout
+@pytest.mark.parametrize("progress", [[], ["--no-progress"]])
+def test_demo_with_and_without_tqdm(progress: list[str], no_tqdm: dict[str, str]) -> None:
+    for env in (None, no_tqdm):
+        out = _cli("demo", "--limit", "300000", *progress, env=env)
+        assert out.returncode == 0, out.stderr
+        assert "25997 primes below 300,000" in out.stdout
+        assert "served by the 'process' rung" in out.stdout and "tasks_completed" in out.stdout
+        assert "Traceback" not in out.stderr
 
 
 def test_map_writes_in_order_and_reports_bad_lines(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
-    src.write_text("1\n2\nnot json\n4\n[5]\n")
+    src.write_text('1\n2\nnot json\n4\n[5]\n\n"text"\n')
     dst = tmp_path / "out.jsonl"
     out = _cli("map", "tests.tasks:square", str(src), "-o", str(dst), "--no-progress")
-    assert out.returncode == 1  # some lines failed, and the run still finished
+    assert out.returncode == 1, out.stderr  # some lines failed; the run still finished
     records = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert [r["line"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 7]
     assert records[0]["result"] == 1 and records[3]["result"] == 16
     assert "line 3 is not valid JSON" in records[2]["error"]
-    assert "TypeError" in records[4]["error"]
+    assert records[4]["error"].startswith("TypeError")
+    assert "_" not in records[2]["error"].split(":")[0]  # no private class names
+    assert "1 blank line(s) skipped" in out.stderr
 
 
-def test_resume_after_a_killed_run_loses_and_repeats_nothing(tmp_path: Path) -> None:
+def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text("1\n2\n3\n")
+    dst = tmp_path / "out.jsonl"
+    out = _cli("map", "tests.tasks:object_on_two", str(src), "-o", str(dst),
+               "--no-progress", "-v")
+    assert out.returncode == 1, out.stderr
+    records = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert records[0] == {"line": 1, "result": 1} and records[2] == {"line": 3, "result": 3}
+    assert "not JSON" in records[1]["error"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["map", "no_such_module:fn", "IN", "-o", "OUT"], "cannot import 'no_such_module'"),
+    (["map", "tests.tasks:missing", "IN", "-o", "OUT"], "has no function 'missing'"),
+    (["map", "tests.tasks", "IN", "-o", "OUT"], "expected MODULE:FUNCTION"),
+    (["map", "tests.tasks:square", "MISSING", "-o", "OUT"], "no such input file"),
+    (["map", "tests.tasks:square", "IN", "-o", "OUT", "--workers", "0"], "number of workers"),
+    (["demo", "--workers", "two"], "not a whole number"),
+])
+def test_bad_command_lines_are_one_line_and_exit_code_2(args: list[str], message: str,
+                                                       tmp_path: Path) -> None:
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("1\n")
+    dst.write_text('{"line": 1, "result": 1}\n')  # an earlier run's output
+    args = [str(src) if a == "IN" else str(dst) if a == "OUT"
+            else str(tmp_path / "missing.jsonl") if a == "MISSING" else a for a in args]
+    out = _cli(*args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) <= 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert dst.read_text() == '{"line": 1, "result": 1}\n'  # never truncated
+
+
+def test_map_without_tqdm(tmp_path: Path, no_tqdm: dict[str, str]) -> None:
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(f"{i}\n" for i in range(100)))
+    out = _cli("map", "tests.tasks:square", str(src), "-o", str(dst), env=no_tqdm)
+    assert out.returncode == 0, out.stderr
+    assert len(dst.read_text().splitlines()) == 100
+
+
+def _kill_midway(src: Path, dst: Path, how: int) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "asyncpool", "map", "tests.tasks:slow_echo", str(src),
+           "-o", str(dst), "--no-progress", "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if dst.exists() and dst.read_text().count("\n") >= 40:
+            break
+        time.sleep(0.02)
+    if how == signal.SIGKILL:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its workers, mid-run
+    else:
+        proc.send_signal(how)  # Ctrl-C
+    proc.wait(timeout=30)
+    return proc
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_resume_after_a_killed_or_interrupted_run(tmp_path: Path, how: int) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text("".join(f"{i}\n" for i in range(300)))
     dst = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "asyncpool", "map", "tests.tasks:slow_echo", str(src), "-o",
-           str(dst), "--no-progress", "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if dst.exists() and dst.read_text().count("\n") >= 40:
-                break
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its workers, mid-run
-        proc.wait()
+    proc = _kill_midway(src, dst, how)
+    if how == signal.SIGINT:
+        assert proc.returncode == 130
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        assert "--resume" in err and "Traceback" not in err and "leaked" not in err, err
     written = dst.read_text().count("\n")
     assert 40 <= written < 300
     out = _cli("map", "tests.tasks:slow_echo", str(src), "-o", str(dst), "--resume",
@@ -68,3 +146,24 @@ def test_resume_after_a_killed_run_loses_and_repeats_nothing(tmp_path: Path) -> 
     records = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [r["line"] for r in records] == list(range(1, 301))
     assert [r["result"] for r in records] == list(range(300))
+
+
+def test_a_big_file_streams_in_flat_memory(tmp_path: Path) -> None:
+    src, dst = tmp_path / "big.jsonl", tmp_path / "out.jsonl"
+    line = json.dumps({"text": "x" * 70}) + "\n"  # 83 bytes: an 83 MB file
+    with src.open("w") as f:
+        for _ in range(1_000_000):
+            f.write(line)
+    assert src.stat().st_size > 75_000_000
+    code = ("import resource, sys; from asyncpool.__main__ import main; "
+            "rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, "map", "tests.tasks:echo", str(src),
+                          "-o", str(dst), "--no-progress"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    peak_kb = int(out.stdout.split()[-1])
+    assert peak_kb < 200 * 1024, f"peak RSS {peak_kb // 1024} MB"  # was 500-580 MB
+    with dst.open() as f:
+        count = sum(1 for _ in f)
+    assert count == 1_000_000

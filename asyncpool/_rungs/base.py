@@ -37,9 +37,11 @@ class Listener(Protocol):
         """Final: the chunk ended; positions from ``upto`` on did not run. ``seconds``
         is the time its items took, ``retried`` the retries of transient errors."""
 
-    def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None) -> None:
+    def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None,
+                      deaths: int = 1) -> None:
         """Final: the worker died while running the item at position ``culprit``
-        (None: not known which); nothing unreported came back."""
+        (None: not known which); nothing unreported came back. ``deaths`` is how many
+        worker deaths the report stands for (Dask reports one for several)."""
 
     def chunk_lost(self, chunk: Chunk) -> None:
         """Final: the unreported items did not run through any fault of theirs (a
@@ -63,9 +65,6 @@ class Rung:
     """One rung of the ladder."""
 
     name: ClassVar[str] = ""
-    #: Whether a crash names the item that caused it (process workers report the
-    #: item they started). Where not, a crashed chunk is split in halves instead.
-    exact_crashes: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.state = RungState.SERVING
@@ -100,6 +99,11 @@ class Rung:
     @property
     def workers(self) -> int:
         """How many workers (processes, threads) serve now."""
+        return 1
+
+    @property
+    def capacity(self) -> int:
+        """The most chunks this rung holds at once."""
         return 1
 
     @property

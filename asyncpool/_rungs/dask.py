@@ -41,13 +41,13 @@ RESIZE_EVERY = 2.0
 class DaskRung(Rung):
     """Chunks as Dask tasks.
 
-    A ``KilledWorker`` is one crash of the chunk, not proof: Dask raises it for every
-    task queued on a worker that died, innocent neighbours included, so a crashed chunk
-    is split in halves whose counts start afresh (``exact_crashes`` is False).
+    A ``KilledWorker`` stands for ``allowed-failures`` + 1 worker deaths, but it names no
+    item, and Dask raises it for every task that was on the dying workers, innocent
+    neighbours included: a chunk that gets it is split into up to 32 parts whose counts
+    start afresh, and an item alone that gets it has crashed that many times.
     """
 
     name = "dask"
-    exact_crashes = False
 
     def __init__(self, config: PoolConfig, listener: Listener, loop: Loop, client: Any,
                  owned: bool) -> None:
@@ -225,9 +225,15 @@ class DaskRung(Rung):
         elif how == "done":
             self.listener.chunk_done(chunk, chunk.size, seconds)
         elif how == "crashed":
-            self.listener.worker_event("worker_crash", "Dask reported KilledWorker for a "
-                                       "chunk; splitting it to find the item at fault")
-            self.listener.chunk_crashed(chunk, None, None)
+            import dask
+
+            # Dask gives up on a task after it was on workers that died this often.
+            deaths = int(dask.config.get("distributed.scheduler.allowed-failures", 3)) + 1
+            self.listener.worker_event("worker_crash", f"Dask reported KilledWorker for a "
+                                       f"chunk of {chunk.size} item(s) ({deaths} worker "
+                                       "deaths); splitting it to find the item at fault",
+                                       deaths=deaths)
+            self.listener.chunk_crashed(chunk, None, None, deaths)
         else:
             self.listener.chunk_lost(chunk)
 

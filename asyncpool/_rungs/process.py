@@ -159,7 +159,9 @@ class ProcessRung(Rung, Events):
             raise ChunkUnpicklable(_unpicklable(chunk)) from None
         chunk.seq = self._seq
         chunk.rung, chunk.worker = self, proc
-        chunk.payload_bytes = sum(memoryview(p).nbytes for p in parts)
+        # What the items weigh (for chunk sizing): the message, less the functions.
+        chunk.payload_bytes = sum(memoryview(p).nbytes for p in parts) - sum(
+            len(blob.raw()) for _, blob in functions)
         proc.functions.update(f for f, _ in functions)
         proc.forget = []
         proc.chunks.append(chunk)
@@ -249,6 +251,10 @@ class ProcessRung(Rung, Events):
     @property
     def workers(self) -> int:
         return sum(1 for p in self.procs if p.state is ProcState.READY)
+
+    @property
+    def capacity(self) -> int:
+        return min(self.config.in_flight, DEPTH * self.config.max_workers)
 
     def _live(self) -> int:
         return sum(1 for p in self.procs if p.state in (ProcState.STARTING, ProcState.READY))

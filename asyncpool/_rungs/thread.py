@@ -72,6 +72,10 @@ class ThreadRung(Rung):
     def workers(self) -> int:
         return len(self.threads)
 
+    @property
+    def capacity(self) -> int:
+        return self.config.in_flight
+
     def offer(self) -> int | None:
         ok = self.state is RungState.SERVING and self.in_flight < self.config.in_flight
         return None if ok else 0

@@ -1,0 +1,140 @@
+"""The dask rung against a cluster started from the command line (``dask scheduler``
+and ``dask worker`` processes on 127.0.0.1): shared clusters, a lost scheduler, killed
+workers, a poison item, a function the cluster cannot import."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncpool import ResilientPool, SerializationError, WorkerCrashed
+
+from . import tasks
+from .helpers import ROOT, CliCluster, wait_until
+
+pytest.importorskip("distributed", reason="the dask extra is not installed")
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Dask's asynchronous client needs asyncio: these tests run on asyncio only."""
+    return "asyncio"
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[CliCluster]:
+    cluster = CliCluster(workers=2)
+    try:
+        cluster.start_scheduler()
+        cluster.start_workers()
+        await cluster.wait_ready()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_two_processes_share_a_cluster_and_get_their_own_results(
+        cluster: CliCluster) -> None:
+    script = ROOT / "tests" / "_dask_client.py"
+    procs = [await anyio.open_process([sys.executable, str(script), cluster.address,
+                                       str(offset)]) for offset in (0, 1000)]
+    outputs = []
+    for proc in procs:
+        assert proc.stdout is not None
+        with anyio.fail_after(120):
+            data = b"".join([chunk async for chunk in proc.stdout])
+            await proc.wait()
+        outputs.append(json.loads(data.decode().strip().splitlines()[-1]))
+    for (offset, out) in zip((0, 1000), outputs, strict=True):
+        assert out["backend"] == "dask"
+        assert out["results"] == [(i + offset) * 2 for i in range(400)], out["results"][:5]
+
+
+async def test_losing_the_scheduler_mid_map_loses_nothing_then_climbs_back(
+        cluster: CliCluster) -> None:
+    async with ResilientPool(max_workers=2, dask_address=cluster.address,
+                             dask_connect_timeout=2.0, promote_after=0.5,
+                             promote_max=1.0) as pool:
+        assert pool.backend == "dask"
+        results: list[object] = []
+
+        async def mapper() -> None:
+            results.extend(await pool.map(tasks.nap, [0.01] * 400, chunk_size=5,
+                                          return_exceptions=True))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mapper)
+            await wait_until(lambda: pool.statistics().tasks_completed >= 40, 60)
+            lost = time.monotonic()
+            cluster.kill_scheduler()
+            await wait_until(lambda: pool.backend == "process", 2.0 + 5 + 10)
+            assert time.monotonic() - lost < 2.0 + 5 + 10  # the target: timeout + 5 s
+        assert results == [0.01] * 400
+        # The scheduler comes back (same port): the pool climbs back with a new client.
+        cluster.workers.clear()
+        cluster.start_scheduler()
+        cluster.start_workers()
+        await wait_until(lambda: pool.backend == "dask", 60)
+        assert await pool.map(tasks.square, range(100)) == [i * i for i in range(100)]
+
+
+async def test_a_killed_worker_loses_nothing(cluster: CliCluster) -> None:
+    async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
+        results: list[float] = []
+
+        async def mapper() -> None:
+            results.extend(await pool.map(tasks.nap, [0.02] * 300, chunk_size=3))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mapper)
+            await wait_until(lambda: pool.statistics().tasks_completed >= 30, 60)
+            cluster.kill_worker(0)
+        assert results == [0.02] * 300
+
+
+async def test_a_poison_item_is_isolated_on_the_cluster(cluster: CliCluster) -> None:
+    async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
+        items = [(i, 13) for i in range(40)]
+        results = await pool.map(tasks.exit_on, items, chunk_size=8, return_exceptions=True)
+        assert isinstance(results[13], WorkerCrashed) and "item 13" in str(results[13])
+        assert [r for i, r in enumerate(results) if i != 13] == [
+            i for i in range(40) if i != 13]
+
+
+async def test_a_function_the_cluster_cannot_import_fails_the_call_once(
+        cluster: CliCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A module only this process can import: the Dask workers run elsewhere.
+    (tmp_path / "only_here.py").write_text("def double(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_here  # type: ignore[import-not-found]
+
+    async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
+        for return_exceptions in (False, True):
+            with pytest.raises(SerializationError, match="could not be loaded") as info:
+                await pool.map(only_here.double, range(200),
+                               return_exceptions=return_exceptions)
+            assert "only_here" in str(info.value)
+        submitted = pool.statistics().chunks_submitted
+        assert submitted < 60  # the call stopped at its first answer (it was 379)
+
+
+async def test_no_worker_means_serving_locally() -> None:
+    cluster = CliCluster(workers=0)
+    try:
+        cluster.start_scheduler()
+        await cluster.wait_ready()
+        started = time.monotonic()
+        async with ResilientPool(max_workers=2, dask_address=cluster.address,
+                                 dask_connect_timeout=1.0, promote_after=60) as pool:
+            assert pool.backend == "process"
+            assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
+        assert time.monotonic() - started < 15
+    finally:
+        cluster.stop()
