@@ -2,8 +2,8 @@
 
 As root with a writable pids cgroup, this process puts itself under a real pids limit
 (no new thread or process allowed), so the pool starts on the inline rung; lifting the
-limit lets it climb back to processes. Elsewhere it makes thread starts fail instead,
-and says so.
+limit lets it climb back to processes. Elsewhere it makes thread starts fail instead
+(the process rung needs no thread, so that demo uses a ladder of threads), and says so.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def limit_with_cgroup() -> tuple[str, Callable[[], None]] | None:
             (group / "pids.max").write_text("max")
 
         def cleanup(group: Path = group, root: Path = root) -> None:
-            # Children started under the limit (loky's resource tracker) are in the
-            # group too: move everyone back before removing it.
+            # Children started under the limit (the fork server) are in the group
+            # too: move everyone back before removing it.
             for pid in (group / "cgroup.procs").read_text().split():
                 try:
                     (root / "cgroup.procs").write_text(pid)
@@ -81,7 +81,8 @@ def limit_with_failing_thread_starts() -> tuple[str, Callable[[], None]]:
         threading.Thread.start = original  # type: ignore[method-assign]
 
     return ("failing thread starts (no writable pids cgroup here, so the fault is "
-            "simulated in this process)"), lift
+            "simulated in this process, on a ladder of threads: worker processes need "
+            "no thread)"), lift
 
 
 async def main() -> None:
@@ -90,10 +91,14 @@ async def main() -> None:
     def on_event(event: PoolEvent) -> None:
         print(f"  event {event.kind}: {event.message}")
 
-    how, lift = limit_with_cgroup() or limit_with_failing_thread_starts()
+    cgroup = limit_with_cgroup()
+    how, lift = cgroup or limit_with_failing_thread_starts()
+    top = "process" if cgroup else "thread"
     print(f"exhausting the machine with {how}")
     async with ResilientPool(max_workers=2, backoff_initial=0.05, creation_attempts=2,
-                             promote_after=0.5, on_event=on_event) as pool:
+                             promote_after=0.5, on_event=on_event,
+                             rungs=("process", "thread", "inline") if cgroup
+                             else ("thread", "inline")) as pool:
         print(f"pool opened on the {pool.backend!r} rung")
         results = await pool.map(square, range(10_000))
         correct = results == [i * i for i in range(10_000)]
@@ -101,9 +106,10 @@ async def main() -> None:
         lift()
         lifted = time.monotonic()
         print("limit lifted; waiting for the pool to climb back")
-        while pool.backend != "process":
+        while pool.backend != top:
             await asyncio.sleep(0.05)
         print(f"back on {pool.backend!r} after {time.monotonic() - lifted:.2f} s")
+    async with ResilientPool(max_workers=2, on_event=on_event) as pool:
         with tempfile.TemporaryDirectory() as tmp:
             marker = os.path.join(tmp, "killed")
             results = await pool.map(die_once, [(i, marker) for i in range(2_000)])

@@ -1,91 +1,100 @@
-"""A small aiohttp service that offloads CPU work to the pool.
+"""A FastAPI service that offloads CPU work to the pool; the app's lifespan owns it.
 
-Run directly, it starts on 127.0.0.1 (a free port), sends itself requests, prints the
-latencies and exits. While requests compute in worker processes, the loop keeps
-answering: /health stays fast under load.
+    uvicorn examples.web_service:app            # serve
+    python examples/web_service.py              # serve on 127.0.0.1, send itself
+                                                # requests, print latencies, exit
+
+Each request calls ``await pool.run(...)`` once. Concurrent requests share chunks, each
+gets its answer as soon as its own item is done, and /health answers at once while
+the workers compute, because nothing blocks the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-from aiohttp import ClientSession, web
+from fastapi import FastAPI, Request
 
-from asyncpool import ResilientPool
-
-
-def fib(n: int) -> int:
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a % 1_000_000_007
+from asyncpool import DeadlineExceeded, ResilientPool
 
 
 def digest(n: int) -> int:
-    """About 10 ms of CPU."""
+    """About 10 ms of CPU per unit of n."""
     total = 0
     for i in range(n * 20_000):
         total = (total * 31 + i) % 1_000_003
     return total
 
 
-async def compute(request: web.Request) -> web.Response:
-    pool: ResilientPool = request.app["pool"]
-    n = int(request.query.get("n", "1"))
-    result = await pool.run(digest, n)
-    return web.json_response({"n": n, "result": result, "backend": pool.backend})
-
-
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True, "stats": str(request.app["pool"].statistics())})
-
-
-async def pool_context(app: web.Application):  # type: ignore[no-untyped-def]
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # One pool for the life of the service: workers start once and are reused by
+    # every request. See the README's "Services" section for sizing.
     async with ResilientPool() as pool:
-        app["pool"] = pool
+        app.state.pool = pool
         yield
 
 
-def make_app() -> web.Application:
-    app = web.Application()
-    app.cleanup_ctx.append(pool_context)
-    app.add_routes([web.get("/compute", compute), web.get("/health", health)])
-    return app
+app = FastAPI(lifespan=lifespan)
+
+
+@app.get("/compute")
+async def compute(request: Request, n: int = 1) -> dict[str, object]:
+    pool: ResilientPool = request.app.state.pool
+    try:
+        # A deadline per request: a stuck item never holds a request forever.
+        result = await pool.run(digest, n, timeout=10, kill_on_timeout=True)
+    except DeadlineExceeded:
+        return {"n": n, "error": "timed out"}
+    return {"n": n, "result": result, "backend": pool.backend}
+
+
+@app.get("/health")
+async def health(request: Request) -> dict[str, object]:
+    stats = request.app.state.pool.statistics()
+    return {"ok": True, "backend": stats.backend, "in_flight": stats.chunks_in_flight}
 
 
 async def main(requests: int = 60, concurrency: int = 8) -> None:
-    runner = web.AppRunner(make_app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    import httpx
+    import uvicorn
+
+    logging.basicConfig(level=logging.WARNING)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    serving = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
     base = f"http://127.0.0.1:{port}"
     print(f"serving on {base}")
     compute_ms: list[float] = []
     health_ms: list[float] = []
-    async with ClientSession() as session:
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         semaphore = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> None:
             async with semaphore:
                 started = time.perf_counter()
-                async with session.get(f"{base}/compute", params={"n": str(1 + i % 3)}) as r:
-                    body = await r.json()
-                    assert r.status == 200 and body["n"] == 1 + i % 3
+                reply = await client.get("/compute", params={"n": 1 + i % 3})
+                body = reply.json()
+                assert reply.status_code == 200 and body["n"] == 1 + i % 3, body
                 compute_ms.append(1000 * (time.perf_counter() - started))
 
         async def probe() -> None:
             while len(compute_ms) < requests:
                 started = time.perf_counter()
-                async with session.get(f"{base}/health") as r:
-                    assert r.status == 200
+                assert (await client.get("/health")).status_code == 200
                 health_ms.append(1000 * (time.perf_counter() - started))
                 await asyncio.sleep(0.02)
 
         await asyncio.gather(probe(), *(one(i) for i in range(requests)))
-    await runner.cleanup()
+    server.should_exit = True
+    await serving
 
     def summary(values: list[float]) -> str:
         ordered = sorted(values)

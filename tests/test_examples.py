@@ -15,7 +15,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
     ("quickstart.py", "served by: process"),
     ("web_service.py", "/health while computing"),
     ("pipeline.py", "rate-limited calls"),
-    ("faults.py", "back on 'process'"),
+    ("faults.py", "all correct=True"),
 ])
 def test_example_runs(name: str, expect: str) -> None:
     proc = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True,
