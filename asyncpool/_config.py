@@ -51,8 +51,8 @@ class PoolConfig:
     #: keeps the per-chunk round trip (~0.1 ms) near 0.5% and the tail short.
     target_chunk_seconds: float = 0.02
     max_chunk_size: int = 16384
-    #: Chunks in flight across the pool; None means 2 x max_workers (one running and
-    #: one waiting in each worker, so a worker never idles between chunks).
+    #: Chunks in flight across the pool; None means 3 x max_workers (one running and
+    #: two waiting in each worker, so a worker never idles while the loop is busy).
     max_chunks_in_flight: int | None = None
     #: Times an item raising a transient resource error is retried inside the worker.
     task_retries: int = 2
@@ -134,7 +134,7 @@ class PoolConfig:
 
     @property
     def in_flight(self) -> int:
-        return self.max_chunks_in_flight or 2 * self.max_workers
+        return self.max_chunks_in_flight or 3 * self.max_workers
 
     @classmethod
     def build(cls, config: PoolConfig | None, options: dict[str, Any]) -> PoolConfig:

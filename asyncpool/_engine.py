@@ -69,6 +69,8 @@ class Engine:
         #: Calls held back until their caller catches up (see window_items).
         self.stalled: set[Call] = set()
         self.calls: set[Call] = set()
+        #: Items of live calls whose input has a known length, not yet sent.
+        self.pending = 0
         self._scheduled = False
 
     @property
@@ -79,6 +81,7 @@ class Engine:
 
     def add(self, call: Call) -> None:
         self.calls.add(call)
+        self.pending += call.source.remaining or 0
         self.ready.append(call)
         self.kick()
 
@@ -97,6 +100,8 @@ class Engine:
         """The call is over (done, failed, timed out or cancelled): forget it."""
         if call.state is CallState.ACTIVE:
             call.state = CallState.FINISHED if call.complete else CallState.ABANDONED
+        if call in self.calls:
+            self.pending -= call.source.remaining or 0
         self.calls.discard(call)
         self.stalled.discard(call)
         held = list(call.chunks)
@@ -176,7 +181,11 @@ class Engine:
         target = self.config.target_chunk_seconds
         budget = target
         pieces: list[Piece] = []
-        count = 0
+        count = known = 0
+        # Guided scheduling over every call whose input has a known length: as the work
+        # left shrinks, so do chunks, and the last ones finish together instead of one
+        # worker running a long chunk while the others idle.
+        cap = guided_cap(self.pending, lanes)
         unknown: set[Timing] = set()
         visits = len(self.ready)
         while self.ready and count < limit and budget > 0 and visits > 0:
@@ -198,15 +207,18 @@ class Engine:
             cost = timing.per_item if timing.per_item is not None else target / timing.ramp
             want = fixed or max(1, int(budget / max(cost, 1e-9)))
             want = min(want, limit - count, timing.bytes_cap(), max(1, self.window_items(call)))
-            cap = guided_cap(call.source.remaining, lanes) if fixed is None else None
-            if cap is not None:
-                want = min(want, cap)
+            counted = call.source.remaining is not None
+            if cap is not None and counted and fixed is None:
+                want = min(want, max(1, cap - known))
             piece = call.take(max(1, want))
             if call.error is not None:
                 self.loop.call_soon(call.wake)
             if piece is not None:
                 pieces.append(piece)
                 count += len(piece.items)
+                if counted:
+                    known += len(piece.items)
+                    self.pending -= len(piece.items)
                 budget -= cost * len(piece.items)
                 if timing.per_item is None:
                     unknown.add(timing)

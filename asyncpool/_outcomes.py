@@ -242,9 +242,12 @@ class Outcomes:
     # -- closing -------------------------------------------------------------------
 
     def orphans(self) -> list[Chunk]:
-        """Chunks whose calls are all gone: nobody waits for them."""
+        """Chunks still running items that nobody waits for (their calls timed out, were
+        cancelled or failed). A chunk whose calls all finished has delivered every
+        item and is only about to say so: it is no orphan."""
         return [c for c in self.in_flight
-                if all(p.call.state is not CallState.ACTIVE for p in c.pieces)]
+                if all(p.call.state is not CallState.ACTIVE for p in c.pieces)
+                and any(p.call.state is CallState.ABANDONED for p in c.pieces)]
 
     def stop(self, chunks: list[Chunk]) -> None:
         """Stop these chunks where they run (a rung that cannot lets them finish)."""

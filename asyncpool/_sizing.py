@@ -49,6 +49,10 @@ class Timing:
         per_item = seconds / items
         if self.per_item is None:
             self.per_item = per_item
+        elif per_item > self.per_item:
+            # Items got slower: follow at once (a chunk too big delays its callers and
+            # unbalances the workers more than one too small costs).
+            self.per_item = 0.3 * self.per_item + 0.7 * per_item
         else:
             self.per_item = 0.7 * self.per_item + 0.3 * per_item
 

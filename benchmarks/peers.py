@@ -112,7 +112,8 @@ async def anyio_to_process(fn, afn, items, workers, chunksize, **_):  # type: ig
 #: Modules each peer imports, loaded before timing starts: an import is a one-time cost
 #: of the process, not of a pool (and on the loop it would show up as heartbeat lag).
 MODULES = {
-    "asyncpool": ["asyncpool._pool", "asyncpool._backends", "asyncpool._loky"],
+    "asyncpool": ["asyncpool._pool", "asyncpool._engine", "asyncpool._rungs.process",
+                  "asyncpool._forkserver", "asyncpool._consume"],
     "joblib": ["joblib"],
     "loky": ["loky"],
     "pebble": ["pebble"],

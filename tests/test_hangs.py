@@ -65,9 +65,10 @@ async def test_raising_inputs_and_cancellations_leave_every_slot_free(
 
 async def test_deadline_covers_waiting_for_a_slot(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2, chunk_size=1) as pool:
+        slots = pool.statistics().max_chunks_in_flight
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.map, tasks.nap, [3.0] * 4)  # every slot busy for 3 s
-            await wait_until(lambda: pool.statistics().chunks_in_flight == 4)
+            tg.start_soon(pool.map, tasks.nap, [3.0] * slots)  # every slot busy for 3 s
+            await wait_until(lambda: pool.statistics().chunks_in_flight == slots)
             started = time.monotonic()
             with pytest.raises(DeadlineExceeded) as info:
                 await pool.map(tasks.square, range(3), timeout=0.5)

@@ -46,8 +46,10 @@ def test_timing_ramps_until_measured_then_aims_at_the_target() -> None:
     assert sizes == [1, 2, 4, 8, 16]
     timing.observe(100, 0.1)  # 1 ms per item
     assert timing.per_item == pytest.approx(0.001)
-    timing.observe(100, 0.2)  # moves 30% of the way
-    assert timing.per_item == pytest.approx(0.0013)
+    timing.observe(100, 0.2)  # slower: moves 70% of the way
+    assert timing.per_item == pytest.approx(0.0017)
+    timing.observe(100, 0.0)  # faster: moves 30% of the way
+    assert timing.per_item == pytest.approx(0.00119)
 
 
 def test_timing_caps_items_by_bytes() -> None:

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("asyncpool")
 
-#: Chunks a worker holds at once: one running, one waiting in its socket.
-DEPTH = 2
+#: Chunks a worker holds at once: one running, two waiting in its socket (a worker
+#: whose loop is busy a few ms, with HTTP requests say, must not run dry meanwhile).
+DEPTH = 3
 
 # Idle workers of closed pools with reuse_workers=True, by their settings.
 _parked: dict[tuple[Any, ...], list[Proc]] = {}
