@@ -48,7 +48,7 @@ class Ladder:
         self.closed = False
         #: Why the last rung failed to start, for the error when none of them can.
         self.last_error: BaseException | None = None
-        self._lock = anyio.Lock()
+        self._lock = loop.lock()
         self._rebuild: Background | None = None
         self._promoter: Background | None = None
         self._closers: set[Background] = set()

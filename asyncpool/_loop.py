@@ -48,9 +48,20 @@ class Loop:
         """True when called from this loop's thread while it runs."""
         raise NotImplementedError
 
+    # The three below are the loop's own primitives, made without anyio: its first use
+    # in a process imports anyio's backend (about 20 ms), which a pool's start and
+    # every call would otherwise pay; and they are made once per wait of every call.
+
     def event(self) -> Any:
-        """A fresh event of this loop (``set()``, ``await wait()``), made without
-        anyio's look-up of the running library: one is made per wait of every call."""
+        """A fresh event (``set()``, ``await wait()``)."""
+        raise NotImplementedError
+
+    def lock(self) -> Any:
+        """A fresh lock (``async with``)."""
+        raise NotImplementedError
+
+    def fail_after(self, seconds: float | None) -> Any:
+        """An async context that raises TimeoutError once ``seconds`` passed in it."""
         raise NotImplementedError
 
 
@@ -145,6 +156,16 @@ class _Asyncio(Loop):
 
         return asyncio.Event()
 
+    def lock(self) -> Any:
+        import asyncio
+
+        return asyncio.Lock()
+
+    def fail_after(self, seconds: float | None) -> Any:
+        import asyncio
+
+        return asyncio.timeout(seconds)
+
 
 class _Trio(Loop):
     name = "trio"
@@ -209,6 +230,23 @@ class _Trio(Loop):
 
     def event(self) -> Any:
         return self._trio.Event()
+
+    def lock(self) -> Any:
+        return self._trio.Lock()
+
+    def fail_after(self, seconds: float | None) -> Any:
+        import contextlib
+        import math
+
+        @contextlib.asynccontextmanager
+        async def deadline() -> Any:
+            try:
+                with self._trio.fail_after(math.inf if seconds is None else seconds):
+                    yield
+            except self._trio.TooSlowError:
+                raise TimeoutError from None
+
+        return deadline()
 
 
 def current_loop() -> Loop:

@@ -57,7 +57,7 @@ class Source:
         self._ait: AsyncIterator[Any] | None = None
         self._pos = 0
         self._buffer: list[Any] = []
-        self._room = anyio.Event()
+        self._room: anyio.Event | None = None  # made by the feeder when it waits
         self._step = 16
         #: Set once the feeder task must pull (async input, a slow iterator, a limit).
         self.fed = bool(self.limits)
@@ -100,7 +100,7 @@ class Source:
         if self.fed:
             taken = self._buffer[:count]
             del self._buffer[:count]
-            if not self._room.is_set():
+            if self._room is not None:
                 self._room.set()
             return taken
         if self._seq is not None:
@@ -143,8 +143,8 @@ class Source:
         try:
             while not self.ended:
                 while len(self._buffer) >= max(1, want()):
-                    self._room = anyio.Event()
-                    await self._room.wait()
+                    self._room = room = anyio.Event()
+                    await room.wait()
                 for limit in self.limits:
                     await limit.acquire()
                 got = await self._pull(1 if self.limits else max(1, want()))

@@ -243,3 +243,8 @@ def hog_on(args: tuple[int, int]) -> int:
 def object_on_two(x: int) -> object:
     """A result that is not JSON for item 2."""
     return {1, 2} if x == 2 else x
+
+
+def hang_forever() -> None:
+    """An initializer that never returns."""
+    time.sleep(3600)

@@ -45,6 +45,19 @@ async def test_a_failing_initializer_fails_the_open_at_once(rungs: tuple[str, ..
     assert time.monotonic() - started < 5  # no respawn loop
 
 
+@pytest.mark.parametrize("rungs", [("process",), ("thread",)])
+async def test_an_initializer_that_hangs_fails_the_open_at_start_timeout(
+        rungs: tuple[str, ...], anyio_backend: str, request: pytest.FixtureRequest) -> None:
+    if rungs == ("process",):
+        request.getfixturevalue("no_leaks")  # its workers are killed (threads cannot be)
+    started = time.monotonic()
+    with pytest.raises(InitializerFailed, match="did not return within"):
+        async with ResilientPool(max_workers=2, rungs=rungs,  # type: ignore[arg-type]
+                                 initializer=tasks.hang_forever, start_timeout=1.0):
+            pass
+    assert time.monotonic() - started < 10  # no retry, no fall back
+
+
 @pytest.mark.parametrize("rungs", [("thread",), ("inline",)])
 async def test_initializer_on_threads_and_inline(rungs: tuple[str, ...],
                                                  anyio_backend: str) -> None:

@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import anyio
 
 from .. import _wire
 from .._errors import RemoteError, RemoteTraceback, SerializationError
@@ -74,7 +73,7 @@ class Proc:
         self.tasks = 0
         self.killed = False
         self.init_error: BaseException | None = None
-        self.started = anyio.Event()
+        self.started = loop.event()
         self._reader = _wire.FrameReader()
         self._outbox: deque[memoryview] = deque()
         self._stops: list[Callable[[], object]] = []

@@ -90,9 +90,18 @@ class ProcessRung(Rung, Events):
                 if not is_transient(exc) or not starting:
                     raise
                 break
-        with anyio.fail_after(self.config.start_timeout):
-            for proc in starting:
-                await proc.started.wait()
+        try:
+            async with self.loop.fail_after(self.config.start_timeout):
+                for proc in starting:
+                    await proc.started.wait()
+        except TimeoutError:
+            if self.config.initializer is not None:
+                # Workers start in milliseconds: the initializer is what hangs.
+                raise InitializerFailed(f"the initializer {self.config.initializer!r} did "
+                                        f"not return within start_timeout="
+                                        f"{self.config.start_timeout} s") from None
+            raise RungUnavailable(f"the worker processes did not start within "
+                                  f"{self.config.start_timeout} s") from None
         for proc in starting:
             if isinstance(proc.init_error, OSError):
                 continue

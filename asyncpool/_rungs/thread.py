@@ -58,9 +58,16 @@ class ThreadRung(Rung):
             rung.threads.append(thread)
         if config.initializer is not None:
             # Each thread runs the initializer before it takes a chunk.
-            for _ in rung.threads:
-                while not ready.acquire(blocking=False):
-                    await anyio.sleep(0.001)
+            try:
+                with anyio.fail_after(config.start_timeout):
+                    for _ in rung.threads:
+                        while not ready.acquire(blocking=False):
+                            await anyio.sleep(0.001)
+            except TimeoutError:
+                await rung.aclose(kill=True)
+                raise InitializerFailed(f"the initializer {config.initializer!r} did not "
+                                        f"return within start_timeout="
+                                        f"{config.start_timeout} s") from None
             if rung._init_errors:
                 await rung.aclose(kill=False)
                 error = rung._init_errors[0]
