@@ -18,7 +18,7 @@ import anyio
 
 from ._errors import PoolClosed
 from ._events import Counters, Emitter
-from ._retry import backoff_delays, is_transient
+from ._retry import RungUnsupported, backoff_delays, is_transient
 from ._rungs import Listener, Rung, RungState, create_rung
 
 if TYPE_CHECKING:
@@ -48,6 +48,8 @@ class Ladder:
         self.closed = False
         #: Why the last rung failed to start, for the error when none of them can.
         self.last_error: BaseException | None = None
+        #: Rungs this platform cannot run: never tried again.
+        self.unsupported: set[str] = set()
         self._lock = loop.lock()
         self._rebuild: Background | None = None
         self._promoter: Background | None = None
@@ -103,7 +105,7 @@ class Ladder:
     async def _climb_down(self, start: int = 0) -> None:
         ladder = self.config.ladder
         for index, name in enumerate(ladder):
-            if index < start:
+            if index < start or name in self.unsupported:
                 continue
             # A cluster that does not answer costs one connect timeout, not three.
             attempts = 1 if name == "dask" else self.config.creation_attempts
@@ -130,6 +132,12 @@ class Ladder:
             self.counters.creation_attempts += 1
             try:
                 return await create_rung(name, config, self.listener, self.loop)
+            except RungUnsupported as exc:
+                self.last_error = exc
+                self.unsupported.add(name)
+                self.emit("creation_failed", f"the {name} rung cannot run here: {exc}",
+                          rung=name, error=exc)
+                return None
             except Exception as exc:
                 if not is_transient(exc):
                     raise
@@ -192,6 +200,8 @@ class Ladder:
     async def _promote_once(self) -> bool:
         """Try each rung above the serving one, best first; True if one started."""
         for index, name in enumerate(self.config.ladder[: self.index]):
+            if name in self.unsupported:
+                continue
             try:
                 rung = await self._create(name, 1)
             except Exception as exc:

@@ -19,6 +19,11 @@ class RungUnavailable(Exception):
     that does not answer yet): the ladder backs off and tries again, or steps down."""
 
 
+class RungUnsupported(RungUnavailable):
+    """This platform cannot run the rung at all (no fork on Windows): the ladder steps
+    down at once, and never tries to climb back to it."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """True if ``exc`` means "the machine is short of threads, processes or memory now"."""
     if isinstance(exc, RungUnavailable):

@@ -128,3 +128,16 @@ async def test_no_thread_runs_inline_and_climbs_back_to_threads(
         await wait_until(lambda: pool.backend == "thread")
         names = set(await pool.map(tasks.thread_name, range(50), chunk_size=1))
         assert all(name.startswith("asyncpool-thread-") for name in names)
+
+
+async def test_a_rung_the_platform_cannot_run_is_skipped_for_good(
+        monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
+    from asyncpool._retry import RungUnsupported
+
+    process = Script(start_error=RungUnsupported("no fork on this platform"))
+    with fake_rungs(monkeypatch, process=process):
+        async with ResilientPool(max_workers=2, rungs=("process", "thread"), **FAST) as pool:
+            assert pool.backend == "thread"
+            await anyio.sleep(0.2)  # the promoter would have tried many times by now
+            assert process.starts == 1 and pool.backend == "thread"
+            assert pool.statistics().fallbacks == 1

@@ -23,7 +23,7 @@ from .. import _wire
 from .._errors import InitializerFailed
 from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
-from .._retry import RungUnavailable, backoff_delays, is_transient
+from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
 from ._proc import Events, Proc, ProcState
 from .base import ChunkUnpicklable, Listener, Rung, RungState
 
@@ -68,6 +68,12 @@ class ProcessRung(Rung, Events):
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ProcessRung:
+        import os
+        import socket
+
+        if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
+            raise RungUnsupported("worker processes are forked by a fork server, which "
+                                  "needs os.fork and socket.send_fds (POSIX)")
         rung = cls(config, listener, loop)
         try:
             await rung._start()
