@@ -30,60 +30,71 @@ class PoolConfig:
     (``math.inf`` means the same for the time limits and ``rate_limit``).
     """
 
-    #: Worker processes (and threads on the thread rung). Default: usable cores.
     max_workers: int = dataclasses.field(default_factory=_cpu_count)
-    #: The ladder, highest first. The pool never climbs above the first entry.
+    """Worker processes (and threads on the thread rung). Default: usable cores."""
     rungs: tuple[RungName, ...] = ("process", "thread", "inline")
-    #: Tries per rung before stepping down, with exponential backoff between them.
+    """The ladder, highest first. The pool never climbs above the first entry."""
     creation_attempts: int = 3
+    """Tries per rung before stepping down, with exponential backoff between them."""
     backoff_initial: float = 0.2
+    """First wait (seconds) between tries to start a rung."""
     backoff_factor: float = 2.0
+    """Each wait is this many times the last."""
     backoff_max: float = 5.0
-    #: Each wait is multiplied by a random factor in [1 - jitter, 1 + jitter].
+    """The longest wait (seconds)."""
     backoff_jitter: float = 0.1
-    #: Seconds on a lower rung before the first try to climb back; doubles on failure.
+    """Each wait is multiplied by a random factor in [1 - jitter, 1 + jitter]."""
     promote_after: float = 5.0
+    """Seconds on a lower rung before the first try to climb back; doubles on failure."""
     promote_max: float = 60.0
-    #: Items per chunk; None sizes chunks from measured item time.
+    """The longest wait (seconds) between tries to climb back."""
     chunk_size: int | None = None
-    #: Auto chunking aims at chunks that take about this long in a worker. Workers send
-    #: results back as they finish (every 5 ms), so a long chunk delays no caller; 20 ms
-    #: keeps the per-chunk round trip (~0.1 ms) near 0.5% and the tail short.
+    """Items per chunk; None sizes chunks from measured item time."""
     target_chunk_seconds: float = 0.02
+    """Auto chunking aims at chunks that take about this long in a worker. Workers send
+    results back as they finish (every 5 ms), so a long chunk delays no caller; 20 ms
+    keeps the per-chunk round trip (~0.1 ms) near 0.5% and the tail short."""
     max_chunk_size: int = 16384
-    #: Chunks in flight across the pool; None means 3 x max_workers (one running and
-    #: two waiting in each worker, so a worker never idles while the loop is busy).
+    """The most items auto chunking puts in one chunk."""
     max_chunks_in_flight: int | None = None
-    #: Times an item raising a transient resource error is retried inside the worker.
+    """Chunks out at once on the local rungs; None means 3 x max_workers (one running
+    and two waiting in each worker, so a worker never idles while the loop is busy).
+    The Dask rung takes twice the cluster's threads instead."""
     task_retries: int = 2
-    #: Times an item may crash its worker before it is reported as WorkerCrashed.
+    """Times an item raising a transient resource error is retried inside the worker."""
     max_crashes_per_item: int = 2
-    #: Seconds a new rung may take to start (workers forked and initialised).
+    """Times an item may crash its worker before it is reported as WorkerCrashed."""
     start_timeout: float | None = 60.0
-    #: Serve on threads the moment the pool opens while processes start.
+    """Seconds new workers (and their initializer) may take to start."""
     warm_start: bool = False
-    #: On close, park the idle process workers for the next pool with the same
-    #: settings; ResilientPool.close_idle_workers() or interpreter exit stops them.
+    """Serve on threads the moment the pool opens while processes start."""
     reuse_workers: bool = False
-    #: Items per second started across the pool; None for no limit.
+    """On close, park the idle process workers for the next pool with the same
+    settings; ``ResilientPool.close_idle_workers()`` or interpreter exit stops them."""
     rate_limit: float | None = None
-    #: Called as ``initializer(*initargs)`` once in each worker process before its first
-    #: task (and in each replacement), once per thread on the thread rung, once per pool
-    #: inline. If it raises, opening the pool fails with InitializerFailed.
+    """Items per second started across the pool; None for no limit."""
     initializer: Callable[..., object] | None = dataclasses.field(default=None,
                                                                    compare=False)
+    """Called as ``initializer(*initargs)`` once in each worker process before its
+    first task (and in each replacement), once per thread on the thread rung, once per
+    pool inline. If it raises, or does not return within ``start_timeout``, opening the
+    pool fails with InitializerFailed."""
     initargs: tuple[Any, ...] = dataclasses.field(default=(), compare=False)
-    #: A worker process that ran this many items is replaced after its chunk.
+    """The arguments of ``initializer``."""
     max_tasks_per_worker: int | None = None
-    #: A worker process whose resident memory passed this many bytes is replaced after
-    #: the item that grew it (the rest of its chunk goes to another worker).
+    """A worker process that ran this many items is replaced after its chunk."""
     max_worker_memory: int | None = None
-    #: A Dask scheduler ("tcp://host:8786") or an existing distributed.Client: puts a
-    #: "dask" rung on top of the ladder (needs the ``dask`` extra).
+    """A worker process whose resident memory passed this many bytes is replaced after
+    the item that grew it (the rest of its chunk goes to another worker)."""
     dask_address: str | None = None
+    """A Dask scheduler ("tcp://host:8786"): puts a "dask" rung on top of the ladder
+    (needs the ``dask`` extra)."""
     dask_client: Any = dataclasses.field(default=None, compare=False, repr=False)
-    #: Seconds an unreachable scheduler may cost before the pool serves locally.
+    """An existing asynchronous ``distributed.Client`` to serve from instead (the pool
+    does not close it)."""
     dask_connect_timeout: float = 5.0
+    """Seconds an unreachable scheduler (or one with no worker) may cost before the
+    pool serves locally."""
 
     def __post_init__(self) -> None:
         rungs = (self.rungs,) if isinstance(self.rungs, str) else self.rungs

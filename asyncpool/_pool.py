@@ -236,8 +236,8 @@ class ResilientPool:
             **options: As for :meth:`map`.
 
         Raises:
-            Exception, DeadlineExceeded, WorkerCrashed, SerializationError,
-            RemoteError, PoolClosed: as for :meth:`map`.
+            Exception: As for :meth:`map`; also ``DeadlineExceeded``, ``WorkerCrashed``,
+                ``SerializationError``, ``RemoteError`` and ``PoolClosed``.
         """
         call = self._call(fn, items, True, Mode.LIST,
                           CallOptions.build(return_exceptions, **options))

@@ -17,7 +17,7 @@ import pytest
 from .helpers import ROOT, remove_cgroup
 
 SCENARIO = ROOT / "tests" / "_cgroup_scenario.py"
-pytestmark = pytest.mark.cgroup
+pytestmark = [pytest.mark.cgroup, pytest.mark.slow]
 
 
 def _run(*args: str) -> dict[str, object]:

@@ -148,6 +148,7 @@ def test_resume_after_a_killed_or_interrupted_run(tmp_path: Path, how: int) -> N
     assert [r["result"] for r in records] == list(range(300))
 
 
+@pytest.mark.slow
 def test_a_big_file_streams_in_flat_memory(tmp_path: Path) -> None:
     src, dst = tmp_path / "big.jsonl", tmp_path / "out.jsonl"
     line = json.dumps({"text": "x" * 70}) + "\n"  # 83 bytes: an 83 MB file

@@ -18,7 +18,7 @@ from .helpers import wait_until
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 import dask  # noqa: E402  (installed with distributed)
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 @pytest.fixture

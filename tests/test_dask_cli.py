@@ -19,7 +19,7 @@ from . import tasks
 from .helpers import ROOT, CliCluster, wait_until
 
 pytest.importorskip("distributed", reason="the dask extra is not installed")
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "expect"), [
     ("quickstart.py", "served by: process"),
     ("web_service.py", "/health while computing"),
