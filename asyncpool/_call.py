@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ._functions import Shipped
 
 _ids = itertools.count(1)
+_NONE: frozenset[int] = frozenset()
 
 
 class Mode(enum.Enum):
@@ -65,7 +66,11 @@ class Call:
         self.chunks: set[Chunk] = set()
         #: Finished values by the input index of their first item.
         self.segments: dict[int, list[Any]] = {}
-        self.arrived: deque[list[Any]] = deque()  # unordered imap: in finishing order
+        #: Offsets, in the segment starting at the key, of items that failed (their
+        #: value is the exception): a task may also *return* an exception.
+        self.failed_at: dict[int, frozenset[int]] = {}
+        #: Unordered imap: (values, failed offsets) in finishing order.
+        self.arrived: deque[tuple[list[Any], frozenset[int]]] = deque()
         #: Why the whole call failed (its input raised, no rung can serve, the pool
         #: closed), and the first item's exception (unless return_exceptions).
         self.error: BaseException | None = None
@@ -84,12 +89,18 @@ class Call:
         return (self.state is CallState.ACTIVE and self.error is None
                 and self.first_error is None and not self.source.done)
 
+    def input_failed(self) -> bool:
+        """Whether the input raised; the call then fails with that exception."""
+        error = self.source.error
+        if error is not None and self.error is None:
+            self.error = error
+            self.wake()
+        return error is not None
+
     def take(self, count: int) -> Piece | None:
         fed = self.source.fed
         items = self.source.take(count)
-        if self.source.error is not None and self.error is None:
-            self.error = self.source.error
-            self.wake()
+        self.input_failed()
         if self.source.fed and not fed:
             self.wake()  # the caller starts a feeder task
         if not items:
@@ -116,10 +127,13 @@ class Call:
             # return_exceptions: every item would fail the same way.
             if self.error is None and getattr(first, "function", False):
                 self.error = first
+        failed_at = frozenset(errors) if errors else _NONE
         if self.mode is Mode.UNORDERED:
-            self.arrived.append(values)
+            self.arrived.append((values, failed_at))
         else:
             self.segments[start] = values
+            if errors:
+                self.failed_at[start] = failed_at
         self.finished += len(values)
         self.wake()
 
@@ -159,26 +173,29 @@ class Call:
     def partial(self, start: int = 0) -> list[Any]:
         """What finished, from input index ``start``, MISSING where nothing did."""
         if self.mode is Mode.UNORDERED:
-            return [v for values in self.arrived for v in values]
+            return [v for values, _ in self.arrived for v in values]
         # Items read from the input and not finished stand as MISSING.
         total = self.source.total
         if total is None:
             total = self.pulled + self.source.buffered
         return assemble(self.segments, start=start, total=total)
 
-    def next_ordered(self) -> list[Any] | None:
-        """The values that follow those already handed over, in input order."""
+    def next_ordered(self) -> tuple[list[Any], frozenset[int]] | None:
+        """The values that follow those already handed over, in input order, and the
+        offsets among them of the items that failed (their values are exceptions)."""
         values = self.segments.pop(self.consumed, None)
-        if values is not None:
-            self.consumed += len(values)
-        return values
+        if values is None:
+            return None
+        failed_at = self.failed_at.pop(self.consumed, _NONE)
+        self.consumed += len(values)
+        return values, failed_at
 
-    def next_unordered(self) -> list[Any] | None:
+    def next_unordered(self) -> tuple[list[Any], frozenset[int]] | None:
         if not self.arrived:
             return None
-        values = self.arrived.popleft()
+        values, failed_at = self.arrived.popleft()
         self.consumed += len(values)
-        return values
+        return values, failed_at
 
     def __repr__(self) -> str:
         return (f"<Call {self.id} {self.state.value} pulled={self.pulled} "

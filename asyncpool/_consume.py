@@ -131,7 +131,10 @@ class Stream(Generic[T]):
         self._reporter = Reporter(call.options.progress, call.source.total)
         self._feeder = _Feeder(engine, call)
         self._deadline = _deadline(call)
-        self._buffer: list[Any] = []
+        #: What arrived and is not yet handed over: values[at:], failed ones by offset.
+        self._values: list[Any] = []
+        self._failed_at: frozenset[int] = frozenset()
+        self._at = 0
         self._closed = False
         self._started = False
 
@@ -146,7 +149,7 @@ class Stream(Generic[T]):
         await self.aclose()
 
     async def __anext__(self) -> T:
-        if not self._buffer:
+        if self._at >= len(self._values):
             if self._closed:
                 raise StopAsyncIteration
             try:
@@ -162,11 +165,13 @@ class Stream(Generic[T]):
                 with anyio.CancelScope(shield=True):
                     await self.aclose(kill=kill)
                 raise
-            if not self._buffer:
+            if self._at >= len(self._values):
                 await self.aclose(kill=False)
                 raise StopAsyncIteration
-        value = self._buffer.pop()
-        if isinstance(value, BaseException) and not self._call.options.return_exceptions:
+        at = self._at
+        self._at += 1
+        value = self._values[at]
+        if at in self._failed_at and not self._call.options.return_exceptions:
             await self.aclose(kill=False)
             raise value
         return value  # type: ignore[no-any-return]
@@ -180,10 +185,11 @@ class Stream(Generic[T]):
         with _scope(self._deadline):
             while True:
                 self._feeder.check()
-                values = call.next_ordered() if ordered else call.next_unordered()
-                if values is not None:
-                    self._reporter.advance(len(values))
-                    self._buffer = list(reversed(values))
+                got = call.next_ordered() if ordered else call.next_unordered()
+                if got is not None:
+                    self._values, self._failed_at = got
+                    self._at = 0
+                    self._reporter.advance(len(self._values))
                     engine.resume(call)
                     return
                 if call.error is not None:
@@ -204,7 +210,7 @@ class Stream(Generic[T]):
         if self._closed:
             return
         self._closed = True
-        self._buffer.clear()
+        self._values, self._at = [], 0
         if self._started:
             self._engine.finish(self._call, kill=kill)
         self._reporter.close()

@@ -87,7 +87,7 @@ class Engine:
 
     def resume(self, call: Call) -> None:
         """A call may have something to send again (input arrived, room freed)."""
-        if call.source.done or call.error is not None:
+        if call.input_failed() or call.source.done or call.error is not None:
             call.wake()  # its input ended (or failed): the caller may be complete
         if call in self.stalled and not self._over_window(call):
             self.stalled.discard(call)
@@ -152,7 +152,7 @@ class Engine:
             try:
                 rung.submit(chunk)
             except ChunkUnpicklable as exc:
-                self.outcomes.unpicklable(chunk, exc.errors)
+                self.outcomes.unpicklable(chunk, exc.errors, exc.__cause__)
                 continue
             self.outcomes.sent(chunk)
 
@@ -209,7 +209,12 @@ class Engine:
             want = min(want, limit - count, timing.bytes_cap(), max(1, self.window_items(call)))
             counted = call.source.remaining is not None
             if cap is not None and counted and fixed is None:
-                want = min(want, max(1, cap - known))
+                if known >= cap:
+                    # This chunk has its share: the next call's items go to another
+                    # worker (two callers in one chunk would wait on each other).
+                    self.ready.appendleft(call)
+                    break
+                want = min(want, cap - known)
             piece = call.take(max(1, want))
             if call.error is not None:
                 self.loop.call_soon(call.wake)

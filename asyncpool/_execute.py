@@ -57,7 +57,10 @@ def share_main(fn: Any) -> Any:
     cloudpickle sends a function of ``__main__`` by value with a copy of the globals it
     uses, one copy per pickle: an initializer that fills a global dict and a task that
     reads it would each see their own. Rebinding them to one namespace gives what a
-    forked worker would have: one set of module globals.
+    forked worker would have: one set of module globals. In it, a plain value (a
+    number, a string, a tuple...) follows the caller's latest, as each call's pickle
+    brings it; a mutable one (a dict an initializer filled, a loaded model) stays as
+    the worker first got it.
     """
     import functools
     import types
@@ -69,7 +72,8 @@ def share_main(fn: Any) -> Any:
         return fn
     shared = _main_globals
     for name, value in fn.__globals__.items():
-        shared.setdefault(name, value)
+        if name not in shared or type(value) in _PLAIN:
+            shared[name] = value
     if fn.__globals__ is shared:
         return fn
     rebound = types.FunctionType(fn.__code__, shared, fn.__name__, fn.__defaults__,
@@ -79,6 +83,11 @@ def share_main(fn: Any) -> Any:
     rebound.__dict__.update(fn.__dict__)
     shared.setdefault(fn.__name__, rebound)
     return rebound
+
+
+#: Values that are replaced, not shared, when a newer pickle brings them.
+_PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None), tuple, frozenset,
+                    range})
 
 
 def loads(data: Any, buffers: Any = ()) -> Any:
@@ -183,8 +192,16 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
     cls = type(exc)
     name = cls.__qualname__ if cls.__module__ == "builtins" else (
         f"{cls.__module__}.{cls.__qualname__}")
-    text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    return name, str(exc), text
+    # The task's own code runs here (__str__, __repr__): it must not end the worker.
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<{name}: its __str__ raised>"
+    try:
+        text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    except Exception:
+        text = f"{name}: {message}\n"
+    return name, message, text
 
 
 def portable(exc: BaseException) -> BaseException:
@@ -217,14 +234,18 @@ def encode_errors(errors: dict[int, BaseException]) -> list[tuple[int, bytes, st
     """(position, pickled exception, traceback text) for each failed item."""
     encoded = []
     for position, exc in errors.items():
-        text = describe(exc)[2]
-        exc = portable(exc)
+        name, message, text = describe(exc)
         try:
-            blob = pickle.dumps(exc, 5)
-        except Exception:
-            import cloudpickle
+            exc = portable(exc)
+            try:
+                blob = pickle.dumps(exc, 5)
+            except Exception:
+                import cloudpickle
 
-            blob = cloudpickle.dumps(exc, 5)
+                blob = cloudpickle.dumps(exc, 5)
+        except Exception:
+            blob = pickle.dumps(RemoteError(f"{name}: {message}", type_name=name,
+                                            traceback=text), 5)
         encoded.append((position, blob, text))
     return encoded
 

@@ -4,7 +4,7 @@ One fork server per interpreter, started by the first process rung and shared by
 pool after it (on any event loop or thread). Asking it for a worker is one message on
 its control socket carrying the new worker's three descriptors: the worker's socket,
 a status socket on which the fork server reports the worker's pid and later its exit
-status, and a 16-byte shared memory area where the worker notes the item it is running
+status, and a 32-byte shared memory area where the worker notes what it is running
 (read by the parent only after a crash). Nothing touches the file system.
 """
 
@@ -26,6 +26,9 @@ logger = logging.getLogger("asyncpool")
 # Started without `site` (-S) to start in a few milliseconds: it gets the parent's
 # import path instead, led by the folder holding this package (which an editable
 # install may make importable through a finder that -S would skip).
+#: Size of each worker's progress area: four 64-bit numbers.
+PROGRESS_BYTES = 32
+
 _BOOT = ("import sys; sys.path[:0] = sys.argv[2:]; "
          "from asyncpool._zygote import main; main()")
 
@@ -161,7 +164,8 @@ class ForkServer:
 
 
 def _progress_area() -> tuple[int, Any]:
-    """A 16-byte area shared with one worker: (chunk number, position running)."""
+    """A 32-byte area shared with one worker: (chunk number, position of the item
+    running or -1, id of the function being loaded or 0, unused)."""
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("asyncpool-progress", os.MFD_CLOEXEC)
     else:  # pragma: no cover - not Linux: an unlinked temporary file
@@ -169,11 +173,12 @@ def _progress_area() -> tuple[int, Any]:
         fd = os.dup(handle.fileno())
         handle.close()
     try:
-        os.ftruncate(fd, 16)
-        area = mmap.mmap(fd, 16)
+        os.ftruncate(fd, PROGRESS_BYTES)
+        area = mmap.mmap(fd, PROGRESS_BYTES)
     except BaseException:
         os.close(fd)
         raise
     view = memoryview(area).cast("q")
     view[0] = view[1] = -1
+    view[2] = 0
     return fd, view

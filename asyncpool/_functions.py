@@ -22,6 +22,10 @@ from ._errors import SerializationError
 #: Functions (and their timings) remembered per pool; the oldest go first.
 _REMEMBERED = 512
 
+#: Function ids are unique in the process, not per pool: a worker parked by one pool
+#: (reuse_workers) still holds the functions it loaded, by id, when the next takes it.
+_ids = itertools.count(1)
+
 
 class Shipped:
     """A function as workers receive it."""
@@ -39,7 +43,6 @@ class FunctionBook:
     """The pool's functions, and what their items cost."""
 
     def __init__(self) -> None:
-        self._ids = itertools.count(1)
         self._lasting: OrderedDict[int, tuple[Any, Shipped]] = OrderedDict()
         self._timings: OrderedDict[Any, tuple[Any, Timing]] = OrderedDict()
 
@@ -61,7 +64,7 @@ class FunctionBook:
                 pass
             else:
                 # Pickled by reference: the same bytes for as long as the function lives.
-                shipped = Shipped(next(self._ids), blob, name, True)
+                shipped = Shipped(next(_ids), blob, name, True)
                 self._lasting[key] = (fn, shipped)
                 if len(self._lasting) > _REMEMBERED:
                     self._lasting.popitem(last=False)
@@ -75,7 +78,7 @@ class FunctionBook:
                 f"the function {fn!r} cannot be pickled for the worker processes ({exc!r}); "
                 "define it at module level, or pass it through functools.partial"
             ) from exc
-        return Shipped(next(self._ids), blob, name, False)
+        return Shipped(next(_ids), blob, name, False)
 
     def timing(self, fn: Any) -> Timing:
         """The measured cost of ``fn``'s items, shared by every call of the same code."""

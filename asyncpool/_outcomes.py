@@ -93,10 +93,13 @@ class Outcomes:
         self._settle(chunk)
 
     def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None,
-                      deaths: int = 1) -> None:
+                      deaths: int = 1, function: int = 0) -> None:
         first = chunk.reported
         for piece in chunk.pieces:
             piece.call.crashed = True
+        if function:
+            self._function_crashed(chunk, function, exitcode)
+            return
         if culprit is None or culprit < first:
             if chunk.size - first > 1:
                 # Not known which item did it: split the rest until it stands alone,
@@ -129,6 +132,22 @@ class Outcomes:
                 self.counters.tasks_failed += 1
         else:
             self._again(chunk, culprit, culprit + 1, "suspect", crashes)
+        self._settle(chunk)
+
+    def _function_crashed(self, chunk: Chunk, function: int, exitcode: int | None) -> None:
+        """Loading a function killed the worker: its calls fail once, the other calls'
+        items go out again."""
+        for call in {p.call for p in chunk.pieces if p.call.shipped.id == function}:
+            error = SerializationError(
+                f"loading the function {call.shipped.name} killed its worker process "
+                f"({_describe(exitcode)}); check what unpickling it runs")
+            error.function = True  # type: ignore[attr-defined]
+            call.fail(error)
+        position = 0
+        for piece in chunk.pieces:
+            if piece.call.shipped.id != function:
+                self._again(chunk, position, position + len(piece.items), "lost", 0)
+            position += len(piece.items)
         self._settle(chunk)
 
     def chunk_lost(self, chunk: Chunk) -> None:
@@ -223,8 +242,19 @@ class Outcomes:
         piece.call.deliver(index, [None], {0: error})
         self.counters.tasks_failed += 1
 
-    def unpicklable(self, chunk: Chunk, errors: dict[int, BaseException]) -> None:
-        """Some items of ``chunk`` cannot be pickled: they fail, the rest go again."""
+    def unpicklable(self, chunk: Chunk, errors: dict[int, BaseException],
+                    cause: BaseException | None) -> None:
+        """Some items of ``chunk`` cannot be pickled: they fail, the rest go again.
+        Where none fails alone (an item nested too deep to pickle inside a chunk, but
+        not by itself), the chunk is split, down to the item that fails alone."""
+        if not errors:
+            first = chunk.reported
+            if chunk.size - first > 1:
+                middle = first + (chunk.size - first) // 2
+                self._again(chunk, first, middle, "split", 0)
+                self._again(chunk, middle, chunk.size, "split", 0)
+                return
+            errors = {first: cause or SerializationError("the chunk could not be pickled")}
         for position, cause in sorted(errors.items()):
             self._item_error(chunk, position, "argument", "could not be pickled", cause)
         start = 0

@@ -10,6 +10,7 @@ to fill.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -58,6 +59,7 @@ class Source:
         self._pos = 0
         self._buffer: list[Any] = []
         self._room: anyio.Event | None = None  # made by the feeder when it waits
+        self._puller: _Puller | None = None
         self._step = 16
         #: Set once the feeder task must pull (async input, a slow iterator, a limit).
         self.fed = bool(self.limits)
@@ -104,7 +106,11 @@ class Source:
                 self._room.set()
             return taken
         if self._seq is not None:
-            taken = list(self._seq[self._pos:self._pos + count])
+            try:
+                taken = list(self._seq[self._pos:self._pos + count])
+            except Exception as exc:  # a Sequence of the caller's whose items raise
+                self.error, self.ended = exc, True
+                return []
             self._pos += len(taken)
             if self._pos >= len(self._seq):
                 self.ended = True
@@ -118,14 +124,17 @@ class Source:
         while len(taken) < count:
             want = min(self._step, count - len(taken))
             before = time.perf_counter()
+            got = 0
             try:
-                got = list(itertools.islice(self._it, want))
+                # One by one into `taken`, so what came before an exception is kept.
+                for item in itertools.islice(self._it, want):
+                    taken.append(item)
+                    got += 1
             except Exception as exc:
                 self.error, self.ended = exc, True
                 return taken
-            taken.extend(got)
             now = time.perf_counter()
-            if len(got) < want:
+            if got < want:
                 self.ended = True
                 break
             if (now - before) / want > SLOW_ITEM:
@@ -147,38 +156,45 @@ class Source:
                     await room.wait()
                 for limit in self.limits:
                     await limit.acquire()
-                got = await self._pull(1 if self.limits else max(1, want()))
-                if not got:
-                    self.ended = True
+                got, error = await self._pull(1 if self.limits else max(1, want()))
                 self._buffer.extend(got)
+                if error is not None:
+                    self.error, self.ended = error, True
+                elif not got:
+                    self.ended = True
                 arrived()
         except Exception as exc:
             self.error, self.ended = exc, True
             arrived()
 
-    async def _pull(self, count: int) -> list[Any]:
+    async def _pull(self, count: int) -> tuple[list[Any], BaseException | None]:
+        """(items, the input's exception if it raised after them)."""
         if self._ait is not None:
             try:
-                return [await self._ait.__anext__()]
+                return [await self._ait.__anext__()], None
             except StopAsyncIteration:
-                return []
+                return [], None
         if self._seq is not None:
             taken = list(self._seq[self._pos:self._pos + count])
             self._pos += len(taken)
-            return taken
+            return taken, None
         assert self._it is not None
+        if self._puller is None:
+            self._puller = _Puller(self._it)
         try:
-            return await anyio.to_thread.run_sync(_pull_batch, self._it, count,
-                                                  abandon_on_cancel=True)
+            return await self._puller.pull(count)
         except RuntimeError as exc:
             if "can't start new thread" not in str(exc):
                 raise
         # No thread to pull in: one item at a time on the loop, with a turn between.
         await anyio.lowlevel.checkpoint()
-        return list(itertools.islice(self._it, 1))
+        return _pull_batch(self._it, 1)
 
     async def aclose(self) -> None:
-        """Close an async generator input (sync generators close when dropped)."""
+        """Close an async generator input (sync generators close when dropped), and
+        let the thread that pulled a slow one go."""
+        if self._puller is not None:
+            self._puller.close()
         closer = getattr(self._ait, "aclose", None)
         if closer is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
@@ -188,12 +204,60 @@ class Source:
                     pass
 
 
-def _pull_batch(it: Iterator[Any], count: int) -> list[Any]:
-    """Up to ``count`` items, returning early after 10 ms so slow inputs stream."""
+def _pull_batch(it: Iterator[Any], count: int) -> tuple[list[Any], BaseException | None]:
+    """Up to ``count`` items, returning early after 10 ms so slow inputs stream; and
+    the input's exception, if it raised after them."""
     taken: list[Any] = []
     deadline = time.perf_counter() + 0.01
-    for item in it:
-        taken.append(item)
-        if len(taken) >= count or time.perf_counter() > deadline:
-            break
-    return taken
+    try:
+        for item in it:
+            taken.append(item)
+            if len(taken) >= count or time.perf_counter() > deadline:
+                break
+    except Exception as exc:
+        return taken, exc
+    return taken, None
+
+
+class _Puller:
+    """A daemon thread that pulls a slow synchronous input, one batch per request.
+
+    A daemon, so an input blocked for good cannot hold the interpreter at exit (a
+    worker thread of the loop's own pool would).
+    """
+
+    def __init__(self, it: Iterator[Any]) -> None:
+        import queue
+        import threading
+
+        self._it = it
+        self._requests: queue.SimpleQueue[tuple[int, Any, Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="asyncpool-input",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            count, reply, loop = request
+            loop.call_soon_threadsafe(functools.partial(reply, _pull_batch(self._it, count)))
+
+    async def pull(self, count: int) -> tuple[list[Any], BaseException | None]:
+        from ._loop import current_loop
+
+        loop = current_loop()
+        done = loop.event()
+        box: list[tuple[list[Any], BaseException | None]] = []
+
+        def reply(result: tuple[list[Any], BaseException | None]) -> None:
+            box.append(result)
+            done.set()
+
+        self._requests.put((count, reply, loop))
+        await done.wait()
+        return box[0]
+
+    def close(self) -> None:
+        self._requests.put(None)

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 HEADER = struct.Struct("<BxxxI")
 LENGTH = struct.Struct("<Q")
+#: A chunk's first part, read before its pickle: (chunk number, flush seconds).
+CHUNK_HEAD = struct.Struct("<qd")
 
 # Parent -> worker
 INIT, CHUNK, CANCEL, STOP = 1, 2, 3, 4

@@ -71,22 +71,31 @@ class _Worker:
         return self.max_memory is not None and _rss() > self.max_memory
 
     def run_chunk(self, parts: _wire.Parts) -> None:
+        seq, flush = _wire.CHUNK_HEAD.unpack(parts[0])
+        progress = self.progress
+        if progress is not None:
+            # Noted before anything is unpickled: an argument or a function whose
+            # unpickling kills this process is then pinned on this chunk.
+            progress[1] = -1
+            progress[2] = 0
+            progress[0] = seq
         try:
-            seq, functions, forget, runs, flush = loads(parts[0], parts[1:])
+            functions, forget, runs = loads(parts[1], parts[2:])
         except BaseException as exc:
             # An argument that pickled in the parent but does not load here.
-            self.send_results(-1, 0, 0, [], {0: exc}, done=True, unloadable=True)
+            self.send_results(seq, 0, 0, [], {0: exc}, done=True, unloadable=True)
             return
         for fn_id in forget:
             self.functions.pop(fn_id, None)
         for fn_id, blob in functions:
+            if progress is not None:
+                progress[2] = fn_id
             try:
                 self.functions[fn_id] = share_main(loads(blob))
             except BaseException as exc:
                 self.functions[fn_id] = Unloadable(exc)
-        if self.progress is not None:
-            self.progress[1] = -1
-            self.progress[0] = seq
+        if progress is not None:
+            progress[2] = 0
         self.poll()
         calls = [(self.functions[f], star, call, items) for f, star, call, items in runs]
 

@@ -25,18 +25,45 @@ import sys
 
 STATUS = struct.Struct("<ii")  # (pid, wait status); pid -errno when the fork failed
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
 
-def _die_with_parent() -> None:
+def _prctl(option: int, value: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:  # pragma: no cover - no prctl: the fork server still kills us
+        libc.prctl(option, value, 0, 0, 0)
+    except Exception:  # pragma: no cover - no prctl: the fork server still kills them
         pass
+
+
+def _die_with_parent() -> None:
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _adopted(known: dict[int, socket.socket]) -> list[int]:
+    """Processes this fork server adopted (as a subreaper): what a task started in a
+    session of its own, whose parent is gone. Linux only (it reads /proc)."""
+    me = os.getpid()
+    found: list[int] = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit() or int(name) in known:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            found.append(int(name))
+    return found
 
 
 def _worker(sock_fd: int, progress_fd: int, parent: int) -> None:
@@ -54,7 +81,7 @@ def _worker(sock_fd: int, progress_fd: int, parent: int) -> None:
 
         progress = None
         if progress_fd >= 0:
-            area = mmap.mmap(progress_fd, 16)
+            area = mmap.mmap(progress_fd, 32)  # _forkserver.PROGRESS_BYTES
             os.close(progress_fd)
             progress = memoryview(area).cast("q")
         sock = socket.socket(fileno=sock_fd)
@@ -75,6 +102,9 @@ def main() -> None:
     control_fd = int(sys.argv[1])
     # Keyboard interrupts are the parent's to handle; workers are stopped by it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # What a task starts in a session of its own is reparented here, not to init,
+    # when its parent dies: so it can be stopped with the worker.
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -109,7 +139,7 @@ def main() -> None:
             message, fds = b"", []
         if not message:
             # The parent is gone (or closed us): its workers go too.
-            for pid in children:
+            for pid in [*children, *_adopted(children)]:
                 _kill_group(pid)
             _reap(children, block=True)
             os._exit(0)
@@ -158,34 +188,47 @@ def _import(name: str) -> None:
 
 
 def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
+    """SIGKILL ``pid``'s process group (what a worker started) and ``pid`` itself."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _reap(children: dict[int, socket.socket], block: bool = False) -> None:
-    while children:
+    """Reap every child that exited, reporting workers' exit statuses. ``block``
+    waits until no child is left."""
+    reaped = False
+    while True:
         try:
             # Look before reaping: while the worker is a zombie its pid (and so its
             # process group's id) cannot be reused, so killing the group is safe.
             found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT
                               | (0 if block else os.WNOHANG))
         except ChildProcessError:
-            return
+            break
         if found is None:
-            return
+            break
         pid = found.si_pid
-        # Whatever the worker started dies with it.
-        _kill_group(pid)
+        if pid in children:
+            # Whatever the worker started dies with it (killed while the worker is a
+            # zombie, so its group's id cannot have been reused).
+            _kill_group(pid)
         _, status = os.waitpid(pid, 0)
         sock = children.pop(pid, None)
-        if sock is not None:
-            try:
-                sock.send(STATUS.pack(pid, status))
-            except OSError:
-                pass
-            sock.close()
+        if sock is None:
+            continue  # an adopted orphan, already killed
+        reaped = True
+        try:
+            sock.send(STATUS.pack(pid, status))
+        except OSError:
+            pass
+        sock.close()
+    if reaped:
+        # A worker left: what it started in sessions of their own was adopted here.
+        for pid in _adopted(children):
+            _kill_group(pid)
 
 
 if __name__ == "__main__":

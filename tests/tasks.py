@@ -248,3 +248,42 @@ def object_on_two(x: int) -> object:
 def hang_forever() -> None:
     """An initializer that never returns."""
     time.sleep(3600)
+
+
+class CrashOnLoad:
+    """Pickles fine; unpickling it kills the process that loads it."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os._exit, (3,))
+
+
+def nested(depth: int) -> list[object]:
+    value: list[object] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ refuses")
+
+
+def raise_bad_str(x: int) -> int:
+    if x == 3:
+        raise BadStr()
+    return x
+
+
+def odd_as_error(x: int) -> object:
+    """Returns (does not raise) an exception for odd items."""
+    return ValueError(f"{x} is odd") if x % 2 else x
+
+
+def spawn_session_sleeper(path: str) -> int:
+    """Start `sleep 1000` in a session of its own (out of the worker's group)."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    Path(path).write_text(str(child.pid))
+    return child.pid

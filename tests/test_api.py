@@ -13,7 +13,7 @@ import asyncpool
 from asyncpool import PoolClosed, RemoteTraceback, ResilientPool
 
 from . import tasks
-from .helpers import wait_until
+from .helpers import run_script, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -182,3 +182,22 @@ async def test_backend_follows_the_serving_rung(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=1, rungs=("inline",)) as pool:
         assert pool.backend == "inline"
         await wait_until(lambda: pool.statistics().backend == "inline")
+
+
+async def test_reused_workers_run_each_pools_own_functions(anyio_backend: str) -> None:
+    import math
+    import operator
+
+    async with ResilientPool(max_workers=1, reuse_workers=True) as first:
+        assert await first.run(operator.neg, 4) == -4
+    async with ResilientPool(max_workers=1, reuse_workers=True) as second:
+        # The parked worker knew a function by a number this pool also used.
+        assert await second.run(math.sqrt, 4) == 2.0
+        assert await second.map(lambda x: x + 1, [1, 2]) == [2, 3]
+    await ResilientPool.close_idle_workers()
+
+
+async def test_main_script_globals_follow_the_caller() -> None:
+    proc = run_script("_main_globals.py")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "10", "10", "hello"], proc.stdout

@@ -277,3 +277,59 @@ async def test_interpreter_exits_promptly_with_work_in_flight(how: str) -> None:
     assert "in flight" in proc.stdout
     assert took < 10, f"exit took {took:.1f} s"  # the naps are 30 s
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+async def test_an_argument_that_kills_the_worker_while_loading(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        with anyio.fail_after(30):  # it was sent again for ever
+            results = await pool.map(tasks.echo, [1, 2, tasks.CrashOnLoad(), 4],
+                                     chunk_size=4, return_exceptions=True)
+        assert results[:2] == [1, 2] and results[3] == 4
+        assert isinstance(results[2], WorkerCrashed) and "item 2" in str(results[2])
+        assert await pool.run(tasks.square, 3) == 9
+
+
+async def test_an_item_too_deep_to_pickle_in_a_chunk_fails_alone(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=1) as pool:
+        items = [tasks.nested(depth) for depth in (10, 100, 20, 5000)]
+        with anyio.fail_after(30):  # the loop froze, retrying it for ever
+            results = await pool.map(tasks.pid_of, items, chunk_size=4,
+                                     return_exceptions=True)
+        assert isinstance(results[3], SerializationError) and "item 3" in str(results[3])
+        assert all(isinstance(r, int) for r in results[:3])
+
+
+async def test_an_exception_whose_str_raises_is_still_that_items_error(
+        anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=1) as pool:
+        results = await pool.map(tasks.raise_bad_str, range(6), return_exceptions=True)
+        assert isinstance(results[3], tasks.BadStr | RemoteError)
+        assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5]
+        assert pool.statistics().worker_crashes == 0
+
+
+async def test_a_returned_exception_is_a_value(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        mapped = await pool.map(tasks.odd_as_error, range(6))
+        streamed = [v async for v in pool.imap(tasks.odd_as_error, range(6))]
+        for got in (mapped, streamed):
+            assert [type(v).__name__ for v in got] == ["int", "ValueError"] * 3
+
+
+async def test_a_one_worker_pool_survives_crashes_timeouts_and_recycling(
+        anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=1, max_tasks_per_worker=50) as pool:
+        with pytest.raises(WorkerCrashed):
+            await pool.run(tasks.exit_on, (1, 1))
+        for _ in range(2):
+            with pytest.raises(DeadlineExceeded):
+                await pool.run(tasks.nap, 60, timeout=0.3, kill_on_timeout=True)
+        with anyio.fail_after(30):  # no worker was left to serve before
+            assert await pool.map(tasks.square, range(200)) == [i * i for i in range(200)]
+        await wait_until(lambda: pool.statistics().workers == 1)
+
+
+async def test_an_initializer_that_kills_its_worker_fails_the_open() -> None:
+    proc = run_script("_initializer_dies.py")
+    assert proc.returncode == 0, proc.stderr[-2000:]  # the parent was killed before
+    assert "InitializerFailed" in proc.stdout and "exit code 7" in proc.stdout

@@ -7,8 +7,9 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -216,3 +217,110 @@ async def test_leaving_imap_early_on_trio_warns_nothing(anyio_backend: str) -> N
             gc.collect()
         assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
         await idle(pool)
+
+
+def input_raising_late(n: int, delay: float) -> Iterator[int]:
+    for i in range(n):
+        time.sleep(delay)
+        yield i
+    raise KeyError("the input failed late")
+
+
+async def async_input_raising_late(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        await anyio.sleep(0.002)
+        yield i
+    raise RuntimeError("the async input failed late")
+
+
+class CorruptDataset(Sequence[int]):
+    def __len__(self) -> int:
+        return 100
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index == 42:
+            raise OSError("record 42 is corrupt")
+        return index
+
+
+@pytest.mark.parametrize("make", [lambda: input_raising_late(20, 0.003),
+                                  lambda: async_input_raising_late(20),
+                                  lambda: CorruptDataset()])
+async def test_an_input_that_raises_late_fails_the_call(make: Any, anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        for streamed in (False, True):
+            with pytest.raises((KeyError, RuntimeError, OSError), match="fail|corrupt"):
+                with anyio.fail_after(10):
+                    if streamed:
+                        async for _ in pool.imap(tasks.square, make()):
+                            pass
+                    else:
+                        await pool.map(tasks.square, make())
+        assert await pool.run(tasks.square, 3) == 9
+
+
+async def test_an_instant_call_does_not_wait_behind_another_callers_long_item(
+        anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        await pool.map(tasks.nap, [0.0] * 50)  # measured: its items are instant
+        done: dict[str, float] = {}
+        started = time.monotonic()
+
+        async def call(name: str, seconds: float) -> None:
+            with anyio.move_on_after(5):
+                await pool.run(tasks.nap, seconds)
+            done[name] = time.monotonic() - started
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "long", 3.0)
+            tg.start_soon(call, "instant", 0.0)
+        assert done["instant"] < 1.5, done  # it waited the long item's 3 s before
+
+
+async def test_cancelling_a_pool_while_it_opens_is_prompt(anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2) as warm:  # the fork server is up
+        await warm.run(tasks.square, 1)
+    for delay in (0.0, 0.0005, 0.001, 0.002, 0.005):
+        started = time.monotonic()
+        with anyio.move_on_after(delay):
+            async with ResilientPool(max_workers=2) as pool:
+                await pool.run(tasks.square, 3)
+        assert time.monotonic() - started < 2.0  # it waited 5 s for unkillable workers
+
+
+async def test_a_blocked_input_does_not_keep_the_interpreter_alive() -> None:
+    started = time.monotonic()
+    proc = run_script("_blocked_input.py")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DeadlineExceeded" in proc.stdout
+    assert time.monotonic() - started < 20  # it never exited
+
+
+async def test_what_a_task_starts_in_its_own_session_dies_with_the_pool(
+        tmp_path: Path, anyio_backend: str) -> None:
+    note = tmp_path / "sleeper"
+    async with ResilientPool(max_workers=1) as pool:
+        sleeper = await pool.run(tasks.spawn_session_sleeper, str(note))
+        assert alive(sleeper)
+    await wait_until(lambda: not alive(sleeper), 5)
+
+
+async def test_what_workers_started_dies_with_a_killed_fork_server(
+        tmp_path: Path, anyio_backend: str) -> None:
+    from asyncpool._forkserver import ForkServer
+
+    note = tmp_path / "sleeper"
+    async with ResilientPool(max_workers=1) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run, tasks.spawn_sleeper, (str(note), 60.0))
+            await wait_until(lambda: note.exists() and bool(note.read_text()))
+            server = ForkServer.current()
+            assert server is not None
+            os.kill(server.process.pid, signal.SIGKILL)
+            sleeper = int(note.read_text())
+            await wait_until(lambda: not alive(sleeper), 5)
+            tg.cancel_scope.cancel()
+        # The pool forks its workers from a new fork server.
+        assert await pool.run(tasks.square, 5) == 25

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _wire
 from .._errors import RemoteError, RemoteTraceback, SerializationError
 from .._forkserver import Spawned
+from .._retry import RungUnavailable
 from .._execute import Unsendable
 
 if TYPE_CHECKING:
@@ -48,8 +49,21 @@ class Events:
                      results: list[Any] | BaseException,
                      errors: dict[int, BaseException]) -> None: ...
     def proc_retiring(self, proc: Proc) -> None: ...
-    def proc_dead(self, proc: Proc, chunks: list[Chunk], culprit: int | None,
-                  exitcode: int | None) -> None: ...
+    def proc_dead(self, proc: Proc, death: Death) -> None: ...
+
+
+class Death:
+    """How a worker died: its chunks (the running one first), whether it crashed on
+    the first of them (not killed, not retiring, not idle), the item it was running or
+    the function it was loading, and its exit code."""
+
+    __slots__ = ("chunks", "exitcode", "crashed", "culprit", "loading")
+
+    def __init__(self, chunks: list[Chunk], exitcode: int | None) -> None:
+        self.chunks, self.exitcode = chunks, exitcode
+        self.crashed = False
+        self.culprit: int | None = None
+        self.loading = 0
 
 
 class Proc:
@@ -81,6 +95,8 @@ class Proc:
         self._eof = False
         self._exit_status: int | None = None
         self._buried = False
+        #: The fork server died before reporting this worker's exit.
+        self._orphaned = False
 
     def attach(self, events: Events, loop: Loop) -> None:
         """Start listening on ``loop`` (a fresh worker, or one taken from the park)."""
@@ -135,7 +151,9 @@ class Proc:
             self._eof = True
             self._stop_reading()
             # The exit status follows at once, unless the fork server itself died.
-            if self._exit_status is not None or not self.server.alive():
+            if not self.server.alive():
+                self._orphaned = True
+            if self._exit_status is not None or self._orphaned:
                 self._dead()
 
     def _stop_reading(self) -> None:
@@ -153,7 +171,9 @@ class Proc:
                 data = b""
             if not data:
                 if self.state is not ProcState.DEAD:
-                    # The fork server is gone: nobody will report this worker's exit.
+                    # The fork server is gone: nobody will report this worker's exit,
+                    # or stop what it started.
+                    self._orphaned = True
                     self._exit_status = -1
                     self._drain_and_die()
                 return
@@ -166,6 +186,8 @@ class Proc:
                         self._dead()
                         return
                     self.pid = pid
+                    if self.killed:  # killed before its pid was known
+                        self.kill()
                 else:
                     self._exit_status = status
                     self._drain_and_die()
@@ -222,9 +244,17 @@ class Proc:
             return
         self._buried = True
         was_starting = self.state is ProcState.STARTING
+        retiring = self.state is ProcState.RETIRING
         self.state = ProcState.DEAD
         self.detach()
         self._outbox.clear()
+        if self.pid is not None and self._orphaned:
+            # The fork server died (its workers die with it): nobody else will stop
+            # what this worker started.
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
         for closable in (self.sock, self.status):
             try:
                 self.loop.closing(closable.fileno())
@@ -237,25 +267,35 @@ class Proc:
             exitcode = os.waitstatus_to_exitcode(status)
         chunks = list(self.chunks)
         self.chunks.clear()
-        culprit = None
-        if chunks and not self.killed:
-            seq, position = int(self.progress[0]), int(self.progress[1])
-            if seq == chunks[0].seq and position >= 0:
-                culprit = position
+        death = Death(chunks, exitcode)
+        seq, position, loading = (int(self.progress[i]) for i in range(3))
+        if chunks and not self.killed and not retiring and seq == chunks[0].seq:
+            # It died running its oldest chunk: on an item, or loading a function (or
+            # the arguments) before the first item.
+            death.crashed = True
+            death.culprit = position if position >= 0 else None
+            death.loading = loading
         if was_starting:
+            if self.init_error is None:
+                self.init_error = RungUnavailable(
+                    f"the worker died before it was ready ({_described(exitcode)})")
             self.started.set()
-        self.events.proc_dead(self, chunks, culprit, exitcode)
+        self.events.proc_dead(self, death)
 
     # -- stopping ------------------------------------------------------------------
 
     def kill(self) -> None:
-        """SIGKILL the worker's process group: the worker and whatever it started."""
+        """SIGKILL the worker's process group: the worker and whatever it started.
+        Before the fork server has said its pid, it is killed as soon as it does."""
         self.killed = True
         if self.pid is not None and self.state is not ProcState.DEAD:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except OSError:
-                pass
+            # The worker itself too: just forked, it may not lead its group yet. Its
+            # pid cannot be reused before the fork server has reaped it and said so.
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(self.pid, signal.SIGKILL)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         """Ask the worker to leave (it reads end-of-file), keeping the status watch."""
@@ -275,6 +315,17 @@ class Proc:
 
     def __repr__(self) -> str:
         return f"<Proc {self.pid} {self.state.value} chunks={len(self.chunks)}>"
+
+
+def _described(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "exit code unknown"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            pass
+    return f"exit code {exitcode}"
 
 
 def _decode_error(blob: bytes, text: str) -> BaseException:

@@ -38,10 +38,11 @@ class Listener(Protocol):
         is the time its items took, ``retried`` the retries of transient errors."""
 
     def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None,
-                      deaths: int = 1) -> None:
+                      deaths: int = 1, function: int = 0) -> None:
         """Final: the worker died while running the item at position ``culprit``
-        (None: not known which); nothing unreported came back. ``deaths`` is how many
-        worker deaths the report stands for (Dask reports one for several)."""
+        (None: not known which), or while loading the function with id ``function``;
+        nothing unreported came back. ``deaths`` is how many worker deaths the report
+        stands for (Dask reports one for several)."""
 
     def chunk_lost(self, chunk: Chunk) -> None:
         """Final: the unreported items did not run through any fault of theirs (a

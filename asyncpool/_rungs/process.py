@@ -24,7 +24,7 @@ from .._errors import InitializerFailed
 from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
 from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
-from ._proc import Events, Proc, ProcState
+from ._proc import Death, Events, Proc, ProcState
 from .base import ChunkUnpicklable, Listener, Rung, RungState
 
 if TYPE_CHECKING:
@@ -52,7 +52,9 @@ class ProcessRung(Rung, Events):
         self.loop = loop
         self.procs: list[Proc] = []
         self._seq = 0
-        self._replacing: set[Background] = set()
+        #: The task keeping the number of workers (see _supervise), and its wake-up.
+        self._supervisor: Background | None = None
+        self._nudge: Any = None
         self._failure: BaseException | None = None
         initializer = None
         if config.initializer is not None:
@@ -109,12 +111,9 @@ class ProcessRung(Rung, Events):
             raise RungUnavailable(f"the worker processes did not start within "
                                   f"{self.config.start_timeout} s") from None
         for proc in starting:
-            if isinstance(proc.init_error, OSError):
-                continue
-            if proc.init_error is not None:
-                raise InitializerFailed(
-                    f"the initializer {self.config.initializer!r} raised in a worker: "
-                    f"{proc.init_error!r}") from proc.init_error
+            failure = self._initializer_failure(proc)
+            if failure is not None:
+                raise failure
         ready = [p for p in self.procs if p.state is ProcState.READY]
         if not ready:
             error = next((p.init_error for p in starting if p.init_error), None)
@@ -122,7 +121,24 @@ class ProcessRung(Rung, Events):
         if len(ready) < self.config.max_workers:
             logger.warning("process rung started %d of %d workers; starting the rest in "
                            "the background", len(ready), self.config.max_workers)
-            self._grow()
+        self._supervisor = self.loop.spawn(self._supervise)
+
+    def _initializer_failure(self, proc: Proc) -> InitializerFailed | None:
+        """The initializer's fault in a worker that did not start: it raised, or the
+        worker died while running it (which must not be retried in this process)."""
+        error = proc.init_error
+        if error is None or (isinstance(error, OSError) and proc.pid is None):
+            return None  # no error, or the fork itself failed (out of processes)
+        if self.config.initializer is None:
+            return None
+        if isinstance(error, RungUnavailable):
+            failure = InitializerFailed(f"a worker died while running the initializer "
+                                        f"{self.config.initializer!r}: {error}")
+        else:
+            failure = InitializerFailed(f"the initializer {self.config.initializer!r} "
+                                        f"raised in a worker: {error!r}")
+        failure.__cause__ = error
+        return failure
 
     def _fork(self) -> Proc:
         proc = Proc(ForkServer.spawn(), self, self.loop)
@@ -168,11 +184,11 @@ class ProcessRung(Rung, Events):
         # After a crash among a call's items, its chunks send each result as it is
         # made: another crash then loses nothing that had finished.
         careful = chunk.crashes > 0 or any(p.call.crashed for p in chunk.pieces)
-        message = (self._seq, functions, proc.forget, runs, 0.0 if careful else FLUSH_SECONDS)
+        head = _wire.CHUNK_HEAD.pack(self._seq, 0.0 if careful else FLUSH_SECONDS)
         try:
-            parts = _wire.dumps_any(message)
-        except Exception:
-            raise ChunkUnpicklable(_unpicklable(chunk)) from None
+            parts = [head, *_wire.dumps_any((functions, proc.forget, runs))]
+        except Exception as exc:
+            raise ChunkUnpicklable(_unpicklable(chunk)) from exc
         chunk.seq = self._seq
         chunk.rung, chunk.worker = self, proc
         # What the items weigh (for chunk sizing): the message, less the functions.
@@ -187,7 +203,7 @@ class ProcessRung(Rung, Events):
         limit = self.config.max_tasks_per_worker
         if limit is not None and proc.tasks >= limit:
             # It leaves after this chunk: start its replacement now, so no call waits.
-            self._grow(extra=1)
+            self._grow()
 
     def forget(self, fn_id: int) -> None:
         """A call's function is no longer needed in the workers."""
@@ -241,22 +257,19 @@ class ProcessRung(Rung, Events):
                                    pid=proc.pid)
         self._grow()
 
-    def proc_dead(self, proc: Proc, chunks: list[Chunk], culprit: int | None,
-                  exitcode: int | None) -> None:
+    def proc_dead(self, proc: Proc, death: Death) -> None:
         if proc in self.procs:
             self.procs.remove(proc)
-        crashed = bool(chunks) and not proc.killed and proc.state is not ProcState.RETIRING
-        if crashed and culprit is None and (chunks[0].seq != int(proc.progress[0])):
-            crashed = False  # it died between chunks: nothing of ours caused it
-        if crashed:
+        if death.crashed:
             self.listener.worker_event(
-                "worker_crash", f"worker {proc.pid} died (exit code {exitcode}) while "
-                "running a chunk; resending what had not come back",
-                pid=proc.pid, exitcode=exitcode)
-        for index, chunk in enumerate(chunks):
+                "worker_crash", f"worker {proc.pid} died (exit code {death.exitcode}) "
+                "while running a chunk; resending what had not come back",
+                pid=proc.pid, exitcode=death.exitcode)
+        for index, chunk in enumerate(death.chunks):
             self.in_flight -= 1
-            if crashed and index == 0:
-                self.listener.chunk_crashed(chunk, culprit, exitcode)
+            if death.crashed and index == 0:
+                self.listener.chunk_crashed(chunk, death.culprit, death.exitcode,
+                                            function=death.loading)
             else:
                 self.listener.chunk_lost(chunk)
         if self.state is RungState.SERVING:
@@ -273,47 +286,66 @@ class ProcessRung(Rung, Events):
         return min(self.config.in_flight, DEPTH * self.config.max_workers)
 
     def _live(self) -> int:
-        return sum(1 for p in self.procs if p.state in (ProcState.STARTING, ProcState.READY))
+        """Workers that will take chunks: starting or ready, and not about to leave
+        (one that reached max_tasks_per_worker leaves after its chunk)."""
+        limit = self.config.max_tasks_per_worker
+        return sum(1 for p in self.procs if p.state in (ProcState.STARTING, ProcState.READY)
+                   and (limit is None or p.tasks < limit))
 
-    def _grow(self, extra: int = 0) -> None:
-        wanted = self.config.max_workers + extra - self._live()
-        for _ in range(max(0, wanted - len(self._replacing))):
-            task = self.loop.spawn(self._replace)
-            self._replacing.add(task)
+    def _grow(self) -> None:
+        """A worker left (or will): the supervisor forks its replacement."""
+        if self._nudge is not None:
+            self._nudge.set()
 
-    async def _replace(self) -> None:
+    async def _supervise(self) -> None:
+        """Keep ``max_workers`` workers: fork what is missing, backing off while forks
+        fail; give the rung up when none is left and none can be made.
+
+        One task does all replacing, so no count of replacements under way can drift.
+        """
         config = self.config
         delays = backoff_delays(config.backoff_initial, config.backoff_factor,
                                 config.backoff_max, config.backoff_jitter)
-        try:
-            attempt = 0
-            while self.state is RungState.SERVING:
-                attempt += 1
-                error: BaseException | None
+        failures = 0
+        while self.state is RungState.SERVING:
+            missing = config.max_workers - self._live()
+            if missing <= 0:
+                self._nudge = self.loop.event()
+                await self._nudge.wait()
+                continue
+            error: BaseException | None = None
+            started: list[Proc] = []
+            for _ in range(missing):
                 try:
-                    proc = self._fork()
-                    with anyio.move_on_after(config.start_timeout):
-                        await proc.started.wait()
-                    error = proc.init_error
-                    if proc.state is ProcState.READY:
-                        return
-                    if error is None:
-                        error = RungUnavailable("a new worker did not start in time")
-                        proc.kill()
+                    started.append(self._fork())
                 except OSError as exc:
                     error = exc
-                if error is not None and not is_transient(error) and not isinstance(
-                        error, RungUnavailable):
-                    self._broke(InitializerFailed(f"the initializer raised in a new worker: "
-                                                  f"{error!r}"), error)
+                    break
+            with anyio.move_on_after(config.start_timeout):
+                for proc in started:
+                    await proc.started.wait()
+            for proc in started:
+                if proc.state is ProcState.STARTING:
+                    proc.kill()
+                    error = RungUnavailable("a new worker did not start in time")
+                    continue
+                failure = self._initializer_failure(proc)
+                if failure is not None:
+                    self._broke(failure, failure.__cause__)
                     return
-                if self._live() == 0 and attempt >= config.creation_attempts:
-                    self._broke(RungUnavailable(f"no worker process could be replaced "
-                                                f"({error!r})"), error)
-                    return
-                await anyio.sleep(next(delays))
-        finally:
-            self._replacing = {t for t in self._replacing if not t.finished}
+                if proc.init_error is not None:
+                    error = proc.init_error
+            if error is None:
+                failures = 0
+                delays = backoff_delays(config.backoff_initial, config.backoff_factor,
+                                        config.backoff_max, config.backoff_jitter)
+                continue
+            failures += 1
+            if self._live() == 0 and failures >= config.creation_attempts:
+                self._broke(RungUnavailable(f"no worker process could be started "
+                                            f"({error!r})"), error)
+                return
+            await anyio.sleep(next(delays))
 
     def _broke(self, error: BaseException, cause: BaseException | None) -> None:
         error.__cause__ = cause
@@ -330,8 +362,8 @@ class ProcessRung(Rung, Events):
 
     async def aclose(self, kill: bool) -> None:
         self.state = RungState.CLOSED
-        for task in list(self._replacing):
-            task.cancel()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
         for proc in list(self.procs):
             if kill:
                 proc.kill()
@@ -352,8 +384,8 @@ class ProcessRung(Rung, Events):
         with anyio.move_on_after(5):
             while any(not p.exited() for p in self.procs):
                 await anyio.sleep(0.01)
-        for task in list(self._replacing):
-            await task.wait()
+        if self._supervisor is not None:
+            await self._supervisor.wait()
 
 
 def _big(piece: Any) -> bool:
