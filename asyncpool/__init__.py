@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ._errors import MISSING as MISSING
     from ._errors import AsyncPoolError as AsyncPoolError
     from ._errors import DeadlineExceeded as DeadlineExceeded
+    from ._errors import FunctionUnavailable as FunctionUnavailable
     from ._errors import InitializerFailed as InitializerFailed
     from ._errors import PoolClosed as PoolClosed
     from ._errors import RemoteError as RemoteError
@@ -38,6 +39,7 @@ _WHERE = {
     "CallKwargs": "._options",
     "DeadlineExceeded": "._errors",
     "EventHook": "._events",
+    "FunctionUnavailable": "._errors",
     "InitializerFailed": "._errors",
     "PoolClosed": "._errors",
     "PoolConfig": "._config",
@@ -56,6 +58,7 @@ __all__ = (
     "CallKwargs",
     "DeadlineExceeded",
     "EventHook",
+    "FunctionUnavailable",
     "InitializerFailed",
     "PoolClosed",
     "PoolConfig",

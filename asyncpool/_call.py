@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ._errors import FunctionUnavailable
 from ._options import CallOptions
 from ._sizing import Timing, assemble
 from ._source import Source
@@ -125,7 +126,7 @@ class Call:
                 self.first_error = first
             # A function the workers cannot load fails the whole call once, even with
             # return_exceptions: every item would fail the same way.
-            if self.error is None and getattr(first, "function", False):
+            if self.error is None and isinstance(first, FunctionUnavailable):
                 self.error = first
         failed_at = frozenset(errors) if errors else _NONE
         if self.mode is Mode.UNORDERED:

@@ -7,7 +7,9 @@
      |                         another event loop (also RuntimeError)
      +-- WorkerCrashed         an item whose worker died every time it ran
      +-- SerializationError    an item, function or result that cannot cross to a
-     |                         worker (also TypeError)
+     |    |                    worker (also TypeError)
+     |    +-- FunctionUnavailable  the function itself cannot run in the workers:
+     |                             the whole call fails, once
      +-- DeadlineExceeded      the call ran past `timeout` (also TimeoutError); `.partial`
      +-- RemoteError           a task's exception that cannot be rebuilt in the caller,
      |                         or a SystemExit / KeyboardInterrupt raised by a task
@@ -81,6 +83,12 @@ class WorkerCrashed(AsyncPoolError):
 
 class SerializationError(AsyncPoolError, TypeError):
     """An argument, function or result could not be pickled or unpickled."""
+
+
+class FunctionUnavailable(SerializationError):
+    """The workers cannot load the call's function (its module is not importable
+    there, or unpickling it fails or kills the worker): the whole call fails with this,
+    once, even with ``return_exceptions``."""
 
 
 class DeadlineExceeded(AsyncPoolError, TimeoutError):

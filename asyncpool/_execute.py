@@ -14,7 +14,7 @@ import sys
 import time
 
 from . import _wire
-from ._errors import RemoteError, SerializationError
+from ._errors import FunctionUnavailable, RemoteError
 from ._retry import backoff_delays, is_transient
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
@@ -321,11 +321,10 @@ class Unloadable:
         self.exc = exc
 
     def __call__(self, *args: Any) -> Any:
-        error = SerializationError(
+        raise FunctionUnavailable(
             f"the function could not be loaded in the worker ({self.exc!r}); define it "
-            "in a module the workers can import, or at module level of the main script")
-        error.function = True  # type: ignore[attr-defined]
-        raise error from self.exc
+            "in a module the workers can import, or at module level of the main script"
+        ) from self.exc
 
 
 class Unsendable:

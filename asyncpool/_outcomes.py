@@ -14,17 +14,26 @@ cannot name the item (Dask), the chunk is split in halves instead.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from ._call import CallState, Chunk
 from ._config import PoolConfig
-from ._errors import PoolClosed, SerializationError, WorkerCrashed
+from ._errors import FunctionUnavailable, PoolClosed, SerializationError, WorkerCrashed
 from ._events import Counters, Emitter
 from ._execute import SKIPPED
 from ._rungs import Rung
 from ._sizing import Timing
+
+
+class Crossing(enum.Enum):
+    """Where an item failed to cross between the parent and a worker."""
+
+    ARGUMENT_DUMP = "could not be pickled"
+    ARGUMENT_LOAD = "could not be unpickled in the worker"
+    RESULT_LOAD = "could not be unpickled in the parent"
 
 
 class Outcomes:
@@ -138,11 +147,9 @@ class Outcomes:
         """Loading a function killed the worker: its calls fail once, the other calls'
         items go out again."""
         for call in {p.call for p in chunk.pieces if p.call.shipped.id == function}:
-            error = SerializationError(
+            call.fail(FunctionUnavailable(
                 f"loading the function {call.shipped.name} killed its worker process "
-                f"({_describe(exitcode)}); check what unpickling it runs")
-            error.function = True  # type: ignore[attr-defined]
-            call.fail(error)
+                f"({_describe(exitcode)}); check what unpickling it runs"))
         position = 0
         for piece in chunk.pieces:
             if piece.call.shipped.id != function:
@@ -164,7 +171,7 @@ class Outcomes:
             self._again(chunk, first, middle, "bisect")
             self._again(chunk, middle, chunk.size, "bisect")
         else:
-            self._item_error(chunk, first, "argument", "could not be unpickled in the worker",
+            self._item_error(chunk, first, Crossing.ARGUMENT_LOAD,
                              error)
         self._settle(chunk)
 
@@ -174,7 +181,7 @@ class Outcomes:
         again alone, so only the item whose result is at fault fails."""
         chunk.reported = upto
         if upto - first == 1:
-            self._item_error(chunk, first, "result", "could not be unpickled in the parent",
+            self._item_error(chunk, first, Crossing.RESULT_LOAD,
                              error)
             return
         for position in range(first, upto):
@@ -226,18 +233,21 @@ class Outcomes:
         else:
             self.again.appendleft(again)
 
-    def _item_error(self, chunk: Chunk, position: int, what: str, problem: str,
+    def _item_error(self, chunk: Chunk, position: int, where: Crossing,
                     cause: BaseException) -> None:
         piece, index = chunk.locate(position)
         if piece.call.state is not CallState.ACTIVE:
             return
-        item = piece.items[index - piece.start]
-        shown = type(tuple(item) if piece.call.star else item).__qualname__
-        fix = ("pass plain, picklable data (no locks, sockets or generators; classes "
-               "importable by the workers)" if what == "argument" else
-               "return plain data (built-in types, or classes importable in both processes)")
-        described = f"its argument (a {shown})" if what == "argument" else f"its {what}"
-        error = SerializationError(f"item {index}: {described} {problem}: {cause!r}; {fix}")
+        if where is Crossing.RESULT_LOAD:
+            described = "its result"
+            fix = "return plain data (built-in types, or classes importable in both processes)"
+        else:
+            item = piece.items[index - piece.start]
+            shown = type(tuple(item) if piece.call.star else item).__qualname__
+            described = f"its argument (a {shown})"
+            fix = ("pass plain, picklable data (no locks, sockets or generators; classes "
+                   "importable by the workers)")
+        error = SerializationError(f"item {index}: {described} {where.value}: {cause!r}; {fix}")
         error.__cause__ = cause
         piece.call.deliver(index, [None], {0: error})
         self.counters.tasks_failed += 1
@@ -256,7 +266,7 @@ class Outcomes:
                 return
             errors = {first: cause or SerializationError("the chunk could not be pickled")}
         for position, cause in sorted(errors.items()):
-            self._item_error(chunk, position, "argument", "could not be pickled", cause)
+            self._item_error(chunk, position, Crossing.ARGUMENT_DUMP, cause)
         start = 0
         for position in [*sorted(errors), chunk.size]:
             self._again(chunk, start, position, "picklable")
@@ -296,8 +306,7 @@ class Outcomes:
 def _named(error: BaseException, index: int) -> BaseException:
     """A serialization error found in a worker knows only its place in the chunk: name
     the item by its index in the input."""
-    if type(error) is SerializationError and not getattr(error, "function", False) and (
-            not str(error).startswith("item ")):
+    if type(error) is SerializationError and not str(error).startswith("item "):
         named = SerializationError(f"item {index}: {error}")
         named.__cause__ = error.__cause__
         return named

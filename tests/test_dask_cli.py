@@ -13,7 +13,12 @@ from pathlib import Path
 import anyio
 import pytest
 
-from asyncpool import ResilientPool, SerializationError, WorkerCrashed
+from asyncpool import (
+    FunctionUnavailable,
+    InitializerFailed,
+    ResilientPool,
+    WorkerCrashed,
+)
 
 from . import tasks
 from .helpers import ROOT, CliCluster, wait_until
@@ -117,7 +122,7 @@ async def test_a_function_the_cluster_cannot_import_fails_the_call_once(
 
     async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
         for return_exceptions in (False, True):
-            with pytest.raises(SerializationError, match="could not be loaded") as info:
+            with pytest.raises(FunctionUnavailable, match="could not be loaded") as info:
                 await pool.map(only_here.double, range(200),
                                return_exceptions=return_exceptions)
             assert "only_here" in str(info.value)
@@ -138,3 +143,15 @@ async def test_no_worker_means_serving_locally() -> None:
         assert time.monotonic() - started < 15
     finally:
         cluster.stop()
+
+
+async def test_the_initializer_runs_on_every_cluster_worker(cluster: CliCluster) -> None:
+    async with ResilientPool(max_workers=2, dask_address=cluster.address,
+                             initializer=tasks.remember, initargs=("dask",)) as pool:
+        assert pool.backend == "dask"
+        seen = await pool.map(tasks.recall, range(40), chunk_size=1)
+        assert {tag for tag, _, _ in seen} == {"dask"}
+    with pytest.raises(InitializerFailed):
+        async with ResilientPool(max_workers=2, dask_address=cluster.address,
+                                 initializer=tasks.refuse_to_start, rungs=("process",)):
+            pass

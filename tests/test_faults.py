@@ -210,7 +210,7 @@ async def test_cancellation_is_prompt(cancel_running: str, anyio_backend: str) -
         async with anyio.create_task_group() as tg:
             tg.start_soon(mapper)
             await started.wait()
-            await anyio.sleep(0.1)
+            await wait_until(lambda: pool.statistics().chunks_in_flight > 0)
             before = time.monotonic()
             tg.cancel_scope.cancel()
         assert time.monotonic() - before < 1.0

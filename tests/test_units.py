@@ -223,6 +223,18 @@ def test_invalid_call_option_is_named(options: dict[str, Any], kind: type, match
         CallOptions.build(**options)
 
 
+def test_the_option_lists_agree() -> None:
+    # Each list is written once for mypy (a TypedDict) and once for the runtime (a
+    # dataclass): they must not drift apart.
+    from asyncpool._config import PoolOptions
+    from asyncpool._options import CallKwargs
+
+    call_fields = {f.name for f in dataclasses.fields(CallOptions)}
+    assert set(CallKwargs.__annotations__) | {"return_exceptions"} == call_fields
+    pool_fields = {f.name for f in dataclasses.fields(PoolConfig)}
+    assert set(PoolOptions.__annotations__) | {"max_workers"} == pool_fields
+
+
 def test_call_options_are_built_once_when_none_are_given() -> None:
     assert CallOptions.build() is CallOptions.build()
     assert CallOptions.build(timeout=math.inf).timeout is None

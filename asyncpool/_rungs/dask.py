@@ -22,7 +22,7 @@ import secrets
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from .._errors import SerializationError
+from .._errors import FunctionUnavailable, InitializerFailed
 from .._retry import RungUnavailable
 from .._execute import run_on_cluster
 from .base import Listener, Rung, RungState
@@ -92,6 +92,8 @@ class DaskRung(Rung):
             # A scheduler with no worker would take chunks and never run them.
             await asyncio.wait_for(rung.client.wait_for_workers(1), timeout)
             await rung._resize()
+            if config.initializer is not None:
+                await rung._initialize()
         except BaseException as exc:
             await rung.aclose(kill=True)
             if isinstance(exc, OSError | TimeoutError):
@@ -104,6 +106,20 @@ class DaskRung(Rung):
                     f"; dashboard: {link}" if link else "")
         rung._sizer = asyncio.ensure_future(rung._keep_sized())
         return rung
+
+    async def _initialize(self) -> None:
+        """The initializer on every worker (and each that joins), as a worker plugin."""
+        import cloudpickle
+
+        from ._dask_plugin import InitializerPlugin
+
+        blob = cloudpickle.dumps((self.config.initializer, self.config.initargs), 5)
+        try:
+            await self.client.register_plugin(InitializerPlugin(blob),
+                                              name=f"asyncpool-initializer-{self._token}")
+        except Exception as exc:
+            raise InitializerFailed(f"the initializer {self.config.initializer!r} raised "
+                                    f"on a Dask worker: {exc!r}") from exc
 
     async def _resize(self) -> None:
         threads = await self.client.nthreads()
@@ -187,17 +203,15 @@ class DaskRung(Rung):
                 return
             # The cluster could not run the task at all (a function or argument that
             # will not load there): every item of the chunk fails the same way.
-            error = SerializationError(f"the Dask cluster could not run this task: {exc!r}")
-            error.function = True  # type: ignore[attr-defined]
+            error = FunctionUnavailable(f"the Dask cluster could not run this task: {exc!r}")
             error.__cause__ = exc
             self._final(chunk, "progress", [None] * chunk.size,
                         dict.fromkeys(range(chunk.size), error))
             return
         if unloadable is not None:
-            error = SerializationError(f"the function could not be loaded on the Dask "
-                                       f"cluster: {unloadable}; install its module on the "
-                                       "workers, or define it at module level")
-            error.function = True  # type: ignore[attr-defined]
+            error = FunctionUnavailable(f"the function could not be loaded on the Dask "
+                                        f"cluster: {unloadable}; install its module on the "
+                                        "workers, or define it at module level")
             errors = dict.fromkeys(range(chunk.size), error)
             results: list[Any] = [None] * chunk.size
         else:
