@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ._events import PoolEvent as PoolEvent
     from ._events import PoolStatistics as PoolStatistics
     from ._options import CallKwargs as CallKwargs
+    from ._consume import ResultStream as ResultStream
     from ._pool import ResilientPool as ResilientPool
 
 _WHERE = {
@@ -48,6 +49,7 @@ _WHERE = {
     "RemoteError": "._errors",
     "RemoteTraceback": "._errors",
     "ResilientPool": "._pool",
+    "ResultStream": "._consume",
     "SerializationError": "._errors",
     "WorkerCrashed": "._errors",
 }
@@ -67,6 +69,7 @@ __all__ = (
     "RemoteError",
     "RemoteTraceback",
     "ResilientPool",
+    "ResultStream",
     "SerializationError",
     "WorkerCrashed",
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -51,22 +52,35 @@ def _map(args: argparse.Namespace) -> int:
 
     counts = asyncio.run(map_file(args))
     extra = f", {counts.blank} blank line(s) skipped" if counts.blank else ""
-    print(f"wrote {counts.written} line(s) to {args.output} ({counts.failed} error(s), "
-          f"{counts.skipped} skipped as already done{extra})", file=sys.stderr)
+    print(f"wrote {counts.written} line(s) to {args.output} ({counts.failed} error(s) in "
+          f"it, {counts.skipped} skipped as already done{extra})", file=sys.stderr)
     return 1 if counts.failed else 0
 
 
-def parser() -> argparse.ArgumentParser:
+def _common(defaults: bool) -> _Parser:
+    """The options every command takes, before or after its name. After it, they have
+    no defaults of their own, so they do not undo what was given before it."""
     common = _Parser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true",
+
+    def unset(default: object) -> object:
+        return default if defaults else argparse.SUPPRESS
+
+    common.add_argument("-v", "--verbose", action="store_true", default=unset(False),
                         help="log the pool's events (falls back, crashes, retries)")
-    common.add_argument("--workers", type=_workers, default=None,
+    common.add_argument("--workers", type=_workers, default=unset(None),
                         help="worker processes (default: the usable cores)")
-    common.add_argument("--no-progress", action="store_true",
+    common.add_argument("--no-progress", action="store_true", default=unset(False),
                         help="no progress bar (or log line) while it runs")
-    main = _Parser(prog="python -m asyncpool", parents=[common],
-                                   description="CPU-bound work in a resilient pool.",
-                                   epilog=EPILOG)
+    return common
+
+
+def parser() -> argparse.ArgumentParser:
+    # Run as the `asyncpool` script or as `python -m asyncpool`: say which.
+    prog = "asyncpool" if os.path.basename(sys.argv[0]) == "asyncpool" else (
+        "python -m asyncpool")
+    common = _common(defaults=False)
+    main = _Parser(prog=prog, parents=[_common(defaults=True)],
+                   description="CPU-bound work in a resilient pool.", epilog=EPILOG)
     sub = main.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", parents=[common], epilog=EPILOG,
                           help="count primes on built-in data; show rung and statistics")

@@ -30,29 +30,38 @@ def load_function(spec: str) -> Callable[[Any], Any]:
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # not found, a syntax error, or raising as it loads
+        raise UsageError(f"cannot import {module_name!r}: "
+                         f"{type(exc).__name__}: {exc}") from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise UsageError(f"{module_name} has no function {attr!r}")
     return fn  # type: ignore[no-any-return]
 
 
-def done_lines(path: str) -> set[int]:
-    """Line numbers already in OUTPUT; a torn last line (a killed run) is cut off."""
+def done_lines(path: str) -> tuple[set[int], int]:
+    """Line numbers already in OUTPUT, and how many of them hold an error. A torn last
+    line (a killed run) is cut off; a file that is not map output is left alone."""
     done: set[int] = set()
+    errors = 0
     if not os.path.exists(path):
-        return done
+        return done, errors
     with open(path, "rb+") as f:
+        lines = f.readlines()
         good = 0
-        for raw in f:
+        for number, raw in enumerate(lines, 1):
             try:
-                done.add(int(json.loads(raw)["line"]))
+                record = json.loads(raw)
+                done.add(int(record["line"]))
+                errors += "error" in record
             except (ValueError, KeyError, TypeError):
-                break
+                if number < len(lines) or raw.endswith(b"\n"):
+                    raise UsageError(f"{path} is not the output of a map (line {number}); "
+                                     "--resume continues a map's own output") from None
+                break  # the torn last line of a killed run
             good += len(raw)
         f.truncate(good)
-    return done
+    return done, errors
 
 
 class Apply:
@@ -66,21 +75,28 @@ class Apply:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"line {number} is not valid JSON ({exc}); fix or remove it "
-                             "and run again with --resume") from None
+            # Not "--resume": it keeps this line's error as done.
+            what = "UTF-8 text" if "\ufffd" in text else f"valid JSON ({exc})"
+            raise ValueError(f"line {number} is not {what}; fix it and run the map "
+                             "again") from None
         return self.fn(value)
 
 
 class Counts:
+    """What a run did: lines written, lines in the output with an error (earlier ones
+    kept by --resume included), lines skipped as done, blank lines."""
+
     def __init__(self) -> None:
         self.written = self.failed = self.skipped = self.blank = 0
 
 
 def read_lines(path: str, skip: set[int], numbers: deque[int],
                counts: Counts) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each line to do, noting the numbers in order."""
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, 1):
+    """(line number, text) of each line to do, noting the numbers in order. A line that
+    is not UTF-8 goes through with its bad bytes replaced: it is that line's error."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            text = raw.decode("utf-8", errors="replace")
             if number in skip:
                 counts.skipped += 1
             elif not text.strip():
@@ -108,8 +124,15 @@ async def map_file(args: argparse.Namespace) -> Counts:
     fn = load_function(args.function)
     if not os.path.isfile(args.input):
         raise UsageError(f"no such input file: {args.input}")
-    skip = done_lines(args.output) if args.resume else set()
+    if os.path.exists(args.output) and os.path.samefile(args.input, args.output):
+        raise UsageError("the output file is the input file; write to another file")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise UsageError(f"no such folder for the output: {folder}")
     counts = Counts()
+    skip: set[int] = set()
+    if args.resume:
+        skip, counts.failed = done_lines(args.output)
     numbers: deque[int] = deque()
     out: IO[str] | None = None
     try:

@@ -23,7 +23,7 @@ def _cpu_count() -> int:
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """Settings of a :class:`~asyncpool.ResilientPool`; every field is validated.
+    """Settings of a [`ResilientPool`][asyncpool.ResilientPool]; every field is validated.
 
     A value of the wrong type raises ``TypeError`` and a value out of range
     ``ValueError``, each naming the field. Where a limit may be lifted, ``None`` lifts it
@@ -161,7 +161,7 @@ class PoolConfig:
 
 
 class PoolOptions(TypedDict, total=False):
-    """The keyword options of :class:`~asyncpool.ResilientPool` (PoolConfig's fields)."""
+    """The keyword options of [`ResilientPool`][asyncpool.ResilientPool] (PoolConfig's fields)."""
 
     rungs: tuple[RungName, ...]
     creation_attempts: int

@@ -1,6 +1,6 @@
 """The caller's side of a call: waiting for results under one deadline.
 
-:func:`collect` serves ``run``, ``map`` and ``starmap``; :class:`Stream` serves
+`collect` serves ``run``, ``map`` and ``starmap``; `ResultStream` serves
 ``imap``. Either way the deadline covers the whole call (a rung starting, a slow or
 rate-limited input, waiting for a worker), and however the caller leaves (results,
 an error, the deadline, cancellation) the call is finished with the engine at once.
@@ -117,12 +117,22 @@ async def collect(engine: Engine, call: Call) -> list[Any]:
         await feeder.stop()
 
 
-class Stream(Generic[T]):
-    """The results of ``imap``, as they come.
+class ResultStream(Generic[T]):
+    """The results of [`imap`][asyncpool.ResilientPool.imap], as they come.
 
-    Use ``async for value in pool.imap(...)``; to leave early and be sure the call is
-    finished at once (on trio, or when other work follows), use
-    ``async with pool.imap(...) as results: async for value in results: ...``.
+    Use `async for value in pool.imap(...)`. To leave early and have the call finished
+    at a known point (on trio, or when other work follows), use it as a context:
+
+    ```python
+    async with pool.imap(fn, items) as results:
+        async for value in results:
+            if done(value):
+                break
+    ```
+
+    Leaving the block (or `await results.aclose()`) finishes the call: items not
+    started never run, and running ones finish unseen, or are killed with
+    `cancel_running="kill"`.
     """
 
     def __init__(self, engine: Engine, call: Call) -> None:
@@ -138,10 +148,10 @@ class Stream(Generic[T]):
         self._closed = False
         self._started = False
 
-    def __aiter__(self) -> Stream[T]:
+    def __aiter__(self) -> ResultStream[T]:
         return self
 
-    async def __aenter__(self) -> Stream[T]:
+    async def __aenter__(self) -> ResultStream[T]:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,

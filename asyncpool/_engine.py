@@ -29,6 +29,7 @@ way a call ends can leak one.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 from ._call import Call, CallState, Chunk, Piece
@@ -40,6 +41,8 @@ from ._loop import Loop
 from ._outcomes import Outcomes
 from ._rungs import ChunkUnpicklable, Rung
 from ._sizing import Timing, guided_cap
+
+logger = logging.getLogger("asyncpool")
 
 #: A call streams at most this many pickled bytes ahead of its caller (in flight, or
 #: finished and not yet consumed), so large items do not pile up in memory.
@@ -109,8 +112,8 @@ class Engine:
             for rung in {chunk.rung for chunk in held}:
                 rung.cancel([call.id])
                 if kill and not rung.kill([c for c in held if c.rung is rung]):
-                    self.emit("deadline", f"the {rung.name} rung cannot stop running "
-                              "tasks; they finish in the background")
+                    logger.warning("the %s rung cannot stop running tasks; they finish "
+                                   "in the background", rung.name)
         if self.outcomes.closing:
             self.outcomes.stop(self.outcomes.orphans())
         if not call.shipped.lasting:

@@ -16,7 +16,8 @@
      +-- InitializerFailed     the worker initializer raised; the cause is its error
 
 A task's own exception reaches the caller as itself, with the worker's traceback as its
-``__cause__`` (a :class:`RemoteTraceback`). Cancellation exceptions pass through
+``__cause__`` (a [`RemoteTraceback`][asyncpool.RemoteTraceback]). Cancellation
+exceptions pass through
 untouched. Every exception here pickles, and each can be built from a message alone.
 """
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 
 class _Missing:
-    """The type of :data:`MISSING`: a result that was not computed."""
+    """The type of [`MISSING`][asyncpool.MISSING]: a result that was not computed."""
 
     _instance: _Missing | None = None
 
@@ -44,8 +45,8 @@ class _Missing:
         return "MISSING"
 
 
-#: Stands in ``DeadlineExceeded.partial`` for every item that had not finished.
 MISSING: Final = _Missing()
+"""Stands in `DeadlineExceeded.partial` for every item that had not finished."""
 
 
 class AsyncPoolError(Exception):
@@ -95,8 +96,8 @@ class DeadlineExceeded(AsyncPoolError, TimeoutError):
     """The call passed its deadline.
 
     ``partial`` lists, in input order, every result that had finished (exceptions in
-    place with ``return_exceptions``) and :data:`MISSING` for the rest. For ``imap`` it
-    starts at input index ``start``, the first item not yet yielded; for ``map`` and
+    place with ``return_exceptions``) and [`MISSING`][asyncpool.MISSING] for the rest.
+    For ``imap`` it starts at input index ``start``, the first item not yet yielded; for ``map`` and
     ``run``, ``start`` is 0.
     """
 
@@ -114,20 +115,21 @@ class RemoteError(AsyncPoolError):
     ``__init__`` needs arguments that ``args`` does not hold, or its module is not
     importable here), and for a ``SystemExit`` or ``KeyboardInterrupt`` raised by a
     task, which must not end the caller. ``type_name`` is the original class's
-    qualified name, ``traceback`` the worker's traceback as text, and ``exit_code``
-    the code of a ``SystemExit``.
+    qualified name, ``traceback`` the worker's traceback as text, and ``exitcode``
+    the code of a ``SystemExit`` (as ``WorkerCrashed.exitcode`` is a process's).
     """
 
     def __init__(self, message: str = "", *, type_name: str = "", traceback: str = "",
-                 exit_code: int | str | None = None) -> None:
+                 exitcode: int | str | None = None) -> None:
         super().__init__(message)
         self.type_name = type_name
         self.traceback = traceback
-        self.exit_code = exit_code
+        self.exitcode = exitcode
 
 
 class InitializerFailed(AsyncPoolError):
-    """The ``initializer`` raised in a worker; ``__cause__`` is its exception."""
+    """The ``initializer`` raised in a worker (its exception is the ``__cause__``),
+    killed the worker, or did not return within ``start_timeout`` (no cause)."""
 
 
 class RemoteTraceback(Exception):

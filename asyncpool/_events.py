@@ -39,15 +39,30 @@ LEVELS: dict[str, int] = {
 
 @dataclass(frozen=True, slots=True)
 class PoolEvent:
-    """One moment in a pool's life; ``details`` holds what is known of it."""
+    """One moment in a pool's life, given to the `on_event` hook and logged."""
 
     kind: EventKind
+    """`creation_failed` (a rung did not start; it is tried again), `fallback` (the
+    pool steps down a rung), `promotion` (it climbs back), `worker_crash` (a worker
+    died running items), `worker_recycled` (a worker left after max_tasks_per_worker
+    or max_worker_memory), `resubmit` (items sent again), `task_retry` (transient
+    errors retried in a worker), `deadline` (a call's timeout passed)."""
     backend: str | None
+    """The rung serving when it happened."""
     message: str
+    """What happened, in words (also the log message)."""
     details: dict[str, Any] = field(default_factory=dict)
+    """What is known of it, by kind: `rung`, `attempt`, `error` (creation_failed);
+    `failed`, `to` (fallback); `previous`, `to` (promotion); `pid`, `exitcode` or
+    `deaths` (worker_crash); `pid` (worker_recycled); `size`, `reason` (resubmit);
+    `retries` (task_retry); `unfinished` (deadline)."""
 
 
 class EventHook(Protocol):
+    """What `on_event` takes: a callable of one [`PoolEvent`][asyncpool.PoolEvent].
+    It runs on the event loop and must not block; an exception it raises is logged
+    and ignored."""
+
     def __call__(self, event: PoolEvent) -> None: ...
 
 
@@ -74,31 +89,43 @@ class Emitter:
 
 @dataclass(frozen=True, slots=True)
 class PoolStatistics:
-    """A snapshot of a pool's counters, from :meth:`ResilientPool.statistics`."""
+    """A snapshot of a pool's counters, from [`statistics`][asyncpool.ResilientPool.statistics]."""
 
     backend: str | None
+    """The rung serving now (None when closed or between rungs)."""
     creation_attempts: int = 0
+    """Tries to start a rung so far."""
     creation_failures: int = 0
+    """Of those, the ones that failed."""
     fallbacks: int = 0
+    """Steps down the ladder."""
     promotions: int = 0
+    """Climbs back up."""
     tasks_completed: int = 0
+    """Items that returned a result."""
     tasks_failed: int = 0
+    """Items that ended with an exception (their own, or the pool's)."""
     chunks_submitted: int = 0
+    """Chunks sent to rungs."""
     worker_crashes: int = 0
+    """Workers that died running items."""
     workers_recycled: int = 0
+    """Workers replaced after max_tasks_per_worker or max_worker_memory."""
     resubmitted_chunks: int = 0
-    #: Worker processes (threads, Dask threads) of the serving rung now.
+    """Chunks (or parts of chunks) sent again after a crash or a lost worker."""
     workers: int = 0
-    #: Chunks out on rungs now, and the most the serving rung takes at once.
+    """Worker processes (threads, Dask threads) serving now."""
     chunks_in_flight: int = 0
+    """Chunks out on rungs now."""
     max_chunks_in_flight: int = 0
-    #: Calls waiting for results now.
+    """The most chunks the serving rung takes at once."""
     active_calls: int = 0
+    """Calls waiting for results now."""
 
 
 @dataclass
 class Counters:
-    """The mutable counters behind :class:`PoolStatistics`."""
+    """The mutable counters behind [`PoolStatistics`][asyncpool.PoolStatistics]."""
 
     creation_attempts: int = 0
     creation_failures: int = 0

@@ -211,7 +211,7 @@ def portable(exc: BaseException) -> BaseException:
         code = exc.code if isinstance(exc, SystemExit) else None
         return RemoteError(f"the task raised {name}" + (f"({code!r})" if code is not None
                                                           else ""),
-                           type_name=name, traceback=text, exit_code=code)
+                           type_name=name, traceback=text, exitcode=code)
     try:
         # A class whose __init__ needs more than ``args`` pickles but does not load.
         pickle.loads(pickle.dumps(exc, 5))

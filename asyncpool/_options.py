@@ -1,7 +1,7 @@
 """The options of one call (``run``, ``map``, ``starmap``, ``imap``), defined once.
 
-:class:`CallKwargs` is what the public methods accept as ``**options`` (so mypy checks
-each name and type), and :class:`CallOptions` the validated, frozen record the engine
+`CallKwargs` is what the public methods accept as ``**options`` (so mypy checks
+each name and type), and `CallOptions` the validated, frozen record the engine
 reads.
 """
 
@@ -20,31 +20,38 @@ Progress = bool | ProgressCallback | None
 
 
 class CallKwargs(TypedDict, total=False):
-    """Per-call options of ``run``, ``map``, ``starmap`` and ``imap``.
-
-    timeout: Seconds for the whole call (waiting for a worker, a rate limit or the
-        input included); then :class:`~asyncpool.DeadlineExceeded`. None or inf: none.
-    kill_on_timeout: At the deadline, kill the workers running this call's items.
-    cancel_running: "finish" lets a cancelled call's running items finish unseen;
-        "kill" kills their workers. Items not yet started never run.
-    chunk_size: Items per chunk for this call (default: sized from measured time).
-    rate_limit: Items started per second for this call, on top of the pool's limit.
-    progress: True draws a tqdm bar (if tqdm is installed, else logs at INFO);
-        a callable is called as ``progress(done, total)`` as items finish.
-    resources, workers, allow_other_workers, priority: passed to Dask's ``submit``
-        on the dask rung; ignored elsewhere.
-    """
+    """The per-call options of `run`, `map`, `starmap` and `imap`, as keywords:
+    `await pool.map(fn, items, timeout=10, chunk_size=100)`. Each may be left out."""
 
     timeout: float | None
+    """Seconds for the whole call: waiting for a worker, a rate limit, the input or a
+    rung starting included; then [`DeadlineExceeded`][asyncpool.DeadlineExceeded].
+    Default `None` (or `inf`): no deadline."""
     kill_on_timeout: bool
+    """At the deadline, kill the workers running this call's items (and what they
+    started). Default `False`: they finish unseen."""
     cancel_running: CancelRunning
+    """When the calling task is cancelled: `"finish"` (default) lets the running items
+    finish unseen, `"kill"` kills their workers. Items not yet started never run."""
     chunk_size: int | None
+    """Items per chunk for this call. Default `None`: sized from the items' measured
+    time and size. No effect on `run` (one item)."""
     rate_limit: float | None
+    """Items started per second for this call, on top of the pool's own limit.
+    Default `None`: no limit."""
     progress: Progress
+    """`True` draws a tqdm bar (if tqdm is installed; else a log line at INFO every
+    2 s), a callable is called as `progress(done, total)` as items finish (`total` is
+    `None` for an input of unknown length). Default `None`: nothing."""
     resources: dict[str, float] | None
+    """Dask: the resources each task needs (`submit(resources=...)`). Ignored, with a
+    DEBUG log, when the pool has no Dask cluster; so are the three below."""
     workers: str | list[str] | None
+    """Dask: the workers its tasks may run on."""
     allow_other_workers: bool
+    """Dask: whether other workers may run them when those are busy."""
     priority: int
+    """Dask: the tasks' priority."""
 
 
 @dataclass(frozen=True, slots=True)

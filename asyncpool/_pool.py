@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeVar, TypeVarTuple, Unpack, overload
 
 from ._call import Call, Mode
 from ._config import PoolConfig, PoolOptions
-from ._consume import Stream, collect
+from ._consume import ResultStream, collect
 from ._engine import Engine
 from ._errors import PoolClosed
 from ._events import Counters, Emitter, EventHook, PoolStatistics
@@ -37,16 +37,17 @@ class ResilientPool:
     """A pool of worker processes that degrades to threads, then inline, and climbs back.
 
     Use it as ``async with ResilientPool() as pool:``. Settings are the fields of
-    :class:`~asyncpool.PoolConfig`, given as keywords or as ``config=``; an unknown
+    [`PoolConfig`][asyncpool.PoolConfig], given as keywords or as ``config=``; an unknown
     keyword raises ``TypeError`` with the nearest valid name. ``on_event`` receives a
-    :class:`~asyncpool.PoolEvent` for each fault and recovery (they are also logged on
+    [`PoolEvent`][asyncpool.PoolEvent] for each fault and recovery (they are also logged on
     the ``asyncpool`` logger).
 
-    Example::
-
+    Example:
+        ```python
         async with ResilientPool(max_workers=4) as pool:
             total = await pool.run(sum, [1, 2, 3])
             squares = await pool.map(square, range(1000))
+        ```
     """
 
     def __init__(self, max_workers: int | None = None, *, config: PoolConfig | None = None,
@@ -87,7 +88,7 @@ class ResilientPool:
         await self.aclose(kill=exc_type is not None and not issubclass(exc_type, Exception))
 
     async def aclose(self, *, kill: bool = False) -> None:
-        """Close the pool; later calls raise :class:`~asyncpool.PoolClosed`.
+        """Close the pool; later calls raise [`PoolClosed`][asyncpool.PoolClosed].
 
         Args:
             kill: Stop running work at once (worker processes are killed, with
@@ -153,9 +154,10 @@ class ResilientPool:
         Args:
             fn: A picklable callable (module-level function, partial, lambda).
             *args: Its arguments.
-            **options: Per-call options (see :class:`~asyncpool.CallKwargs`):
+            **options: Per-call options (see [`CallKwargs`][asyncpool.CallKwargs]):
                 ``timeout``, ``kill_on_timeout``, ``cancel_running``, and the Dask
-                ``resources``, ``workers``, ``allow_other_workers``, ``priority``.
+                ``resources``, ``workers``, ``allow_other_workers``, ``priority``
+                (``chunk_size``, ``rate_limit`` and ``progress`` are accepted too).
 
         Raises:
             Exception: ``fn``'s own exception, with the worker's traceback as
@@ -193,7 +195,7 @@ class ResilientPool:
             items: The inputs.
             return_exceptions: Put each failed item's exception in its place instead
                 of raising the first.
-            **options: Per-call options (see :class:`~asyncpool.CallKwargs`):
+            **options: Per-call options (see [`CallKwargs`][asyncpool.CallKwargs]):
                 ``timeout``, ``kill_on_timeout``, ``cancel_running``, ``chunk_size``,
                 ``rate_limit``, ``progress``, and the Dask ones.
 
@@ -204,7 +206,7 @@ class ResilientPool:
             DeadlineExceeded: ``timeout`` passed; ``.partial`` holds every finished
                 result in place and ``MISSING`` for the rest.
             WorkerCrashed, SerializationError, RemoteError: for an item, as for
-                :meth:`run` (in place with ``return_exceptions``).
+                [`run`][asyncpool.ResilientPool.run] (in place with ``return_exceptions``).
             PoolClosed: the pool is not open, or belongs to another event loop.
         """
         call = self._call(fn, items, False, Mode.LIST,
@@ -227,17 +229,19 @@ class ResilientPool:
                       items: Iterable[tuple[*Ts]] | AsyncIterable[tuple[*Ts]], *,
                       return_exceptions: bool = False,
                       **options: Unpack[CallKwargs]) -> list[Any]:
-        """Like :meth:`map`, calling ``fn(*args)`` for each tuple ``args`` in ``items``.
+        """Like [`map`][asyncpool.ResilientPool.map], calling ``fn(*args)`` for each
+        tuple ``args`` in ``items``.
 
         Args:
             fn: A picklable callable.
             items: Tuples of arguments.
-            return_exceptions: As for :meth:`map`.
-            **options: As for :meth:`map`.
+            return_exceptions: As for [`map`][asyncpool.ResilientPool.map].
+            **options: As for [`map`][asyncpool.ResilientPool.map].
 
         Raises:
-            Exception: As for :meth:`map`; also ``DeadlineExceeded``, ``WorkerCrashed``,
-                ``SerializationError``, ``RemoteError`` and ``PoolClosed``.
+            Exception: As for [`map`][asyncpool.ResilientPool.map]; also
+                ``DeadlineExceeded``, ``WorkerCrashed``, ``SerializationError``,
+                ``RemoteError`` and ``PoolClosed``.
         """
         call = self._call(fn, items, True, Mode.LIST,
                           CallOptions.build(return_exceptions, **options))
@@ -245,7 +249,7 @@ class ResilientPool:
 
     def imap(self, fn: Callable[[A], T], items: Iterable[A] | AsyncIterable[A], *,
              ordered: bool = True, return_exceptions: bool = False,
-             **options: Unpack[CallKwargs]) -> Stream[T]:
+             **options: Unpack[CallKwargs]) -> ResultStream[T]:
         """Stream ``fn(x)`` for each item, in input order or (``ordered=False``) as done.
 
         Memory stays flat: the input is read only as far ahead as the workers and the
@@ -257,7 +261,7 @@ class ResilientPool:
             items: The inputs (iterable or async iterable, read lazily).
             ordered: Yield in input order (default) or as items finish.
             return_exceptions: Yield each failed item's exception instead of raising.
-            **options: As for :meth:`map`.
+            **options: As for [`map`][asyncpool.ResilientPool.map].
 
         Raises:
             Exception: (while iterating) a failed item's exception, unless
@@ -265,12 +269,12 @@ class ResilientPool:
             DeadlineExceeded: ``timeout`` passed; ``.start`` is the first index not
                 yielded and ``.partial`` what finished from there.
             WorkerCrashed, SerializationError, RemoteError, PoolClosed: as for
-                :meth:`map`.
+                [`map`][asyncpool.ResilientPool.map].
         """
         mode = Mode.ORDERED if ordered else Mode.UNORDERED
         call = self._call(fn, items, False, mode,
                           CallOptions.build(return_exceptions, **options))
-        return Stream(self._engine_now(), call)
+        return ResultStream(self._engine_now(), call)
 
     # -- helpers -------------------------------------------------------------------
 

@@ -86,19 +86,55 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
     (["map", "tests.tasks:square", "MISSING", "-o", "OUT"], "no such input file"),
     (["map", "tests.tasks:square", "IN", "-o", "OUT", "--workers", "0"], "number of workers"),
     (["demo", "--workers", "two"], "not a whole number"),
+    (["map", "tests.tasks:square", "IN", "-o", "IN"], "the output file is the input file"),
+    (["map", "tests.tasks:square", "IN", "-o", "NOFOLDER"], "no such folder"),
+    (["map", "broken_module:fn", "IN", "-o", "OUT"], "SyntaxError"),
+    (["map", "tests.tasks:square", "IN", "-o", "NOTOUT", "--resume"],
+     "is not the output of a map"),
 ])
 def test_bad_command_lines_are_one_line_and_exit_code_2(args: list[str], message: str,
                                                        tmp_path: Path) -> None:
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("1\n")
     dst.write_text('{"line": 1, "result": 1}\n')  # an earlier run's output
-    args = [str(src) if a == "IN" else str(dst) if a == "OUT"
-            else str(tmp_path / "missing.jsonl") if a == "MISSING" else a for a in args]
-    out = _cli(*args)
+    other = tmp_path / "notes.jsonl"
+    other.write_text('"a line of some other file"\n')
+    (tmp_path / "broken_module.py").write_text("def fn(:\n")
+    names = {"IN": src, "OUT": dst, "MISSING": tmp_path / "missing.jsonl",
+             "NOFOLDER": tmp_path / "nowhere" / "out.jsonl", "NOTOUT": other}
+    args = [str(names[a]) if a in names else a for a in args]
+    out = _cli(*args, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and len(out.stderr.strip().splitlines()) <= 2, out.stderr
     assert "Traceback" not in out.stderr
     assert dst.read_text() == '{"line": 1, "result": 1}\n'  # never truncated
+    assert src.read_text() == "1\n" and other.read_text() == '"a line of some other file"\n'
+
+
+def test_options_go_before_or_after_the_subcommand(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text("1\n2\n")
+    for i, args in enumerate((["--workers", "1", "--no-progress", "map"],
+                              ["map", "--workers", "1", "--no-progress"])):
+        dst = tmp_path / f"out{i}.jsonl"
+        out = _cli(*args, "tests.tasks:square", str(src), "-o", str(dst))
+        assert out.returncode == 0, out.stderr
+        assert [json.loads(line)["result"] for line in dst.read_text().splitlines()] == [1, 4]
+
+
+def test_a_line_that_is_not_utf8_is_that_lines_error(tmp_path: Path) -> None:
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(b"1\n\xff\xfe\n3\n")
+    out = _cli("map", "tests.tasks:square", str(src), "-o", str(dst), "--no-progress")
+    assert out.returncode == 1, out.stderr
+    records = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert records[0]["result"] == 1 and records[2]["result"] == 9
+    assert "line 2 is not UTF-8 text" in records[1]["error"]
+    assert "1 error(s)" in out.stderr
+    again = _cli("map", "tests.tasks:square", str(src), "-o", str(dst), "--resume",
+                 "--no-progress")  # nothing left to do, but the output still has an error
+    assert again.returncode == 1 and "3 skipped" in again.stderr, again.stderr
+    assert len(dst.read_text().splitlines()) == 3
 
 
 def test_map_without_tqdm(tmp_path: Path, no_tqdm: dict[str, str]) -> None:

@@ -147,7 +147,7 @@ async def test_exit_and_interrupt_in_a_task_are_its_errors(anyio_backend: str) -
         pid = await pool.run(tasks.pid_of)
         results = await pool.map(tasks.exit_with, range(4), return_exceptions=True)
         assert results[0] == 0 and results[3] == 3
-        assert isinstance(results[1], RemoteError) and results[1].exit_code == 3
+        assert isinstance(results[1], RemoteError) and results[1].exitcode == 3
         assert isinstance(results[2], RemoteError)
         assert results[2].type_name == "KeyboardInterrupt"
         with pytest.raises(RemoteError, match="SystemExit"):

@@ -127,7 +127,7 @@ def test_is_transient() -> None:
     WorkerCrashed("crashed", index=3, exitcode=-9),
     SerializationError("bad"),
     DeadlineExceeded("late", [1, MISSING], 2),
-    RemoteError("boom", type_name="x.Y", traceback="tb", exit_code=3),
+    RemoteError("boom", type_name="x.Y", traceback="tb", exitcode=3),
     asyncpool.InitializerFailed("init"),
 ])
 def test_every_public_error_pickles_and_builds_from_a_message(error: Exception) -> None:
@@ -154,7 +154,7 @@ def test_portable_keeps_what_unpickles_and_describes_the_rest() -> None:
         raise SystemExit(3)
     except SystemExit as exc:
         gone = portable(exc)
-    assert isinstance(gone, RemoteError) and gone.exit_code == 3
+    assert isinstance(gone, RemoteError) and gone.exitcode == 3
     assert "SystemExit" in gone.type_name and "raise SystemExit" in gone.traceback
 
 
