@@ -79,6 +79,11 @@ class Call:
         #: A worker died running items of this call (its chunks then report each
         #: result as it is made, so another crash loses none).
         self.crashed = False
+        #: Worker deaths while loading this call's function (it fails at the limit).
+        #: Chunks made before the last one counted were already on their way when it
+        #: happened: their deaths are the same event, seen by several workers at once.
+        self.function_crashes = 0
+        self.function_crash_seen = 0
         self.failed = 0
         self._make_event = event
         self._event: Any = None
@@ -223,7 +228,9 @@ class Chunk:
     """
 
     __slots__ = ("pieces", "size", "crashes", "reported", "rung", "worker", "seq",
-                 "payload_bytes", "killed")
+                 "payload_bytes", "killed", "born")
+    #: Chunks made so far in this process: each is numbered (``born``) in order.
+    made = 0
 
     def __init__(self, pieces: list[Piece], crashes: int = 0) -> None:
         self.pieces = pieces
@@ -238,6 +245,8 @@ class Chunk:
         self.payload_bytes = 0
         #: Stopped on purpose (timeout, cancellation, close): not a crash.
         self.killed = False
+        Chunk.made += 1
+        self.born = Chunk.made
 
     def between(self, first: int, upto: int) -> Iterator[tuple[Piece, int, int, int]]:
         """(piece, lo, hi, offset): the piece's own items [lo, hi) that lie within

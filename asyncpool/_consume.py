@@ -35,7 +35,7 @@ class _Feeder:
 
     def check(self) -> None:
         call = self.call
-        if self.task is None and call.source.fed and not call.source.done:
+        if (self.task is None or self.task.finished) and call.source.needs_feeder:
             self.task = self.engine.loop.spawn(call.source.feed, self._want, self._arrived)
 
     def _want(self) -> int:
@@ -236,6 +236,7 @@ class ResultStream(Generic[T]):
                                     kill=self._call.options.cancel_running == "kill")
                 if self._feeder.task is not None:
                     self._feeder.task.cancel()
+                self._call.source.close()
             except Exception:
                 pass
 

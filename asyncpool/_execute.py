@@ -250,28 +250,30 @@ def encode_errors(errors: dict[int, BaseException]) -> list[tuple[int, bytes, st
     return encoded
 
 
-# Functions a Dask worker loaded, by the identity of their scattered pickle (which the
-# worker keeps while the call lasts), so each is unpickled once, not once per chunk.
-_cluster_functions: dict[int, tuple[bytes, Any]] = {}
+# Functions a Dask worker loaded, by their pickle, so each is unpickled once per worker
+# process, not once per chunk (at most 64 of them, or 64 MB of pickles).
+_cluster_functions: dict[bytes, Any] = {}
 
 
 def run_on_cluster(blobs: list[bytes], runs: list[tuple[int, bool, int, list[Any]]],
-                   retries: int) -> tuple[bytes, list[tuple[int, bytes, str]],
+                   retries: int) -> tuple[list[bytes | bytearray], list[tuple[int, bytes, str]],
                                           tuple[float, int], str | None]:
-    """What the dask rung runs on a Dask worker: (pickled results, errors, (seconds,
-    retries), why the function could not be loaded, or None)."""
+    """What the dask rung runs on a Dask worker: (the results' pickle and its
+    out-of-band buffers, errors, (seconds, retries), why the function could not be
+    loaded, or None)."""
     functions = []
     for blob in blobs:
-        found = _cluster_functions.get(id(blob))
-        if found is None or found[0] is not blob:
+        # Each task carries its function's pickle: loaded once per worker process.
+        found = _cluster_functions.get(blob)
+        if found is None:
             try:
-                found = (blob, share_main(loads(blob)))
+                found = share_main(loads(blob))
             except BaseException as exc:
-                return b"", [], (0.0, 0), repr(exc)
-            if len(_cluster_functions) > 64:
+                return [], [], (0.0, 0), repr(exc)
+            if len(_cluster_functions) >= 64 or sum(map(len, _cluster_functions)) > 64 << 20:
                 _cluster_functions.clear()
-            _cluster_functions[id(blob)] = found
-        functions.append(found[1])
+            _cluster_functions[blob] = found
+        functions.append(found)
     results: list[Any] = []
     errors: dict[int, BaseException] = {}
     spent = [(0.0, 0)]
@@ -286,7 +288,10 @@ def run_on_cluster(blobs: list[bytes], runs: list[tuple[int, bool, int, list[Any
 
     execute([(functions[f], star, call, items) for f, star, call, items in runs],
             retries, tick)
-    return b"".join(dump_results(results)[:1]), encode_errors(errors), spent[0], None
+    # As the wire does: a writable buffer (a NumPy array's data) comes back writable.
+    parts = [bytes(part) if memoryview(part).readonly else bytearray(part)
+             for part in dump_results(results)]
+    return parts, encode_errors(errors), spent[0], None
 
 
 def dump_results(results: list[Any]) -> _wire.Parts:

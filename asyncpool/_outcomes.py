@@ -144,17 +144,24 @@ class Outcomes:
         self._settle(chunk)
 
     def _function_crashed(self, chunk: Chunk, function: int, exitcode: int | None) -> None:
-        """Loading a function killed the worker: its calls fail once, the other calls'
-        items go out again."""
+        """Loading a function killed the worker: its calls fail once that happened as
+        often as an item may crash; every other item goes out again, unblamed."""
+        limit = self.config.max_crashes_per_item
         for call in {p.call for p in chunk.pieces if p.call.shipped.id == function}:
-            call.fail(FunctionUnavailable(
-                f"loading the function {call.shipped.name} killed its worker process "
-                f"({_describe(exitcode)}); check what unpickling it runs"))
+            if chunk.born <= call.function_crash_seen:
+                continue  # one death of a wave of workers that were loading it at once
+            call.function_crashes += 1
+            call.function_crash_seen = Chunk.made  # all sent before this death
+            if call.function_crashes >= limit:
+                call.fail(FunctionUnavailable(
+                    f"loading the function {call.shipped.name} killed its worker process "
+                    f"{call.function_crashes} time(s) (last: {_describe(exitcode)}); check "
+                    "what unpickling it runs"))
         position = 0
         for piece in chunk.pieces:
-            if piece.call.shipped.id != function:
-                self._again(chunk, position, position + len(piece.items), "lost", 0)
-            position += len(piece.items)
+            end = position + len(piece.items)
+            self._again(chunk, max(position, chunk.reported), end, "lost", 0)
+            position = end
         self._settle(chunk)
 
     def chunk_lost(self, chunk: Chunk) -> None:

@@ -1,9 +1,11 @@
 """A call's input, pulled only as fast as the workers take it, never blocking the loop.
 
-A sequence is sliced. A synchronous iterator is pulled on the loop in slices of at most
-about a millisecond; once a single item is seen to take longer (a generator that reads
-a slow file, say), the rest is pulled in a worker thread. An async iterator, and any
-input under a rate limit, is pulled by a feeder task into a small buffer. Whatever
+A sequence is sliced. A synchronous iterator's first batch is pulled in a thread, which
+times it: an input that proves fast is then pulled on the loop in slices of at most
+about a millisecond (until an item is seen to be slow again), and a slow one (a
+generator that reads a slow file, say) stays in the thread, so not even its first item
+holds the loop. An async iterator, and any input under a rate limit, is pulled by a
+feeder task into a small buffer. Whatever
 arrives goes out at once when a worker is free: a slow input never waits for a chunk
 to fill.
 """
@@ -61,8 +63,12 @@ class Source:
         self._room: anyio.Event | None = None  # made by the feeder when it waits
         self._puller: _Puller | None = None
         self._step = 16
-        #: Set once the feeder task must pull (async input, a slow iterator, a limit).
+        #: Set while the feeder task must pull (async input, a slow iterator, a limit).
         self.fed = bool(self.limits)
+        #: A synchronous input whose first batch the thread is yet to time.
+        self._probing = False
+        #: It proved fast: the loop pulls it once the buffer is empty.
+        self._handed_back = False
         if isinstance(items, AsyncIterable):
             self._ait = items.__aiter__()
             self.fed = True
@@ -70,6 +76,7 @@ class Source:
             self._seq = items
         else:
             self._it = iter(items)
+            self.fed = self._probing = True
 
     @property
     def done(self) -> bool:
@@ -89,16 +96,30 @@ class Source:
         return len(self._seq) if self._seq is not None else None
 
     @property
+    def needs_feeder(self) -> bool:
+        """Whether a feeder task must pull now."""
+        return self.fed and not self._handed_back and not self.done
+
+    @property
     def buffered(self) -> int:
         """Items read from the input and not yet taken."""
         return len(self._buffer)
 
     def available(self) -> bool:
         """Whether :meth:`take` may give something now."""
+        self._take_back()
         return bool(self._buffer) if self.fed else not self.ended
+
+    def _take_back(self) -> None:
+        """Pull on the loop from now on, if the input proved fast and the thread's
+        batch is used up."""
+        if self._handed_back and not self._buffer:
+            self._handed_back = self.fed = False
+            self.close()
 
     def take(self, count: int) -> list[Any]:
         """Up to ``count`` items that can be had now, without waiting."""
+        self._take_back()
         if self.fed:
             taken = self._buffer[:count]
             del self._buffer[:count]
@@ -156,28 +177,33 @@ class Source:
                     await room.wait()
                 for limit in self.limits:
                     await limit.acquire()
-                got, error = await self._pull(1 if self.limits else max(1, want()))
+                got, error, took = await self._pull(1 if self.limits else max(1, want()))
                 self._buffer.extend(got)
                 if error is not None:
                     self.error, self.ended = error, True
                 elif not got:
                     self.ended = True
+                elif self._probing:
+                    self._probing = False
+                    if took <= SLOW_ITEM * len(got) and not self.limits:
+                        self._handed_back = True  # fast: the loop pulls the rest
+                        arrived()
+                        return
                 arrived()
         except Exception as exc:
             self.error, self.ended = exc, True
             arrived()
 
-    async def _pull(self, count: int) -> tuple[list[Any], BaseException | None]:
-        """(items, the input's exception if it raised after them)."""
+    async def _pull(self, count: int) -> Batch:
         if self._ait is not None:
             try:
-                return [await self._ait.__anext__()], None
+                return [await self._ait.__anext__()], None, 0.0
             except StopAsyncIteration:
-                return [], None
+                return [], None, 0.0
         if self._seq is not None:
             taken = list(self._seq[self._pos:self._pos + count])
             self._pos += len(taken)
-            return taken, None
+            return taken, None, 0.0
         assert self._it is not None
         if self._puller is None:
             self._puller = _Puller(self._it)
@@ -190,11 +216,16 @@ class Source:
         await anyio.lowlevel.checkpoint()
         return _pull_batch(self._it, 1)
 
+    def close(self) -> None:
+        """Let the thread that pulled the input go (after the item it may be pulling)."""
+        if self._puller is not None:
+            self._puller.close()
+            self._puller = None
+
     async def aclose(self) -> None:
         """Close an async generator input (sync generators close when dropped), and
         let the thread that pulled a slow one go."""
-        if self._puller is not None:
-            self._puller.close()
+        self.close()
         closer = getattr(self._ait, "aclose", None)
         if closer is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
@@ -204,19 +235,23 @@ class Source:
                     pass
 
 
-def _pull_batch(it: Iterator[Any], count: int) -> tuple[list[Any], BaseException | None]:
-    """Up to ``count`` items, returning early after 10 ms so slow inputs stream; and
-    the input's exception, if it raised after them."""
+#: Items pulled, the input's exception if it raised after them, and the seconds taken.
+Batch = tuple[list[Any], BaseException | None, float]
+
+
+def _pull_batch(it: Iterator[Any], count: int) -> Batch:
+    """Up to ``count`` items, returning early after 10 ms so slow inputs stream."""
     taken: list[Any] = []
-    deadline = time.perf_counter() + 0.01
+    started = time.perf_counter()
+    deadline = started + 0.01
     try:
         for item in it:
             taken.append(item)
             if len(taken) >= count or time.perf_counter() > deadline:
                 break
     except Exception as exc:
-        return taken, exc
-    return taken, None
+        return taken, exc, time.perf_counter() - started
+    return taken, None, time.perf_counter() - started
 
 
 class _Puller:
@@ -244,14 +279,14 @@ class _Puller:
             count, reply, loop = request
             loop.call_soon_threadsafe(functools.partial(reply, _pull_batch(self._it, count)))
 
-    async def pull(self, count: int) -> tuple[list[Any], BaseException | None]:
+    async def pull(self, count: int) -> Batch:
         from ._loop import current_loop
 
         loop = current_loop()
         done = loop.event()
-        box: list[tuple[list[Any], BaseException | None]] = []
+        box: list[Batch] = []
 
-        def reply(result: tuple[list[Any], BaseException | None]) -> None:
+        def reply(result: Batch) -> None:
             box.append(result)
             done.set()
 

@@ -20,7 +20,11 @@ if TYPE_CHECKING:
     Parts = list[Any]
 
 HEADER = struct.Struct("<BxxxI")
+#: A part's length; its top bit says the part was read-only where it was sent from (a
+#: ``bytes``), so that the receiver rebuilds a writable buffer (a NumPy array's data, a
+#: ``bytearray``) as writable, and a read-only one without a copy.
 LENGTH = struct.Struct("<Q")
+READ_ONLY = 1 << 63
 #: A chunk's first part, read before its pickle: (chunk number, flush seconds).
 CHUNK_HEAD = struct.Struct("<qd")
 
@@ -38,26 +42,36 @@ SMALL_FRAME = 1 << 20
 TURN_BYTES = 4 << 20
 
 class BigBytes:
-    """Marks a large ``bytes`` to be pickled out of band (rebuilt as ``bytes``)."""
+    """Marks a large ``bytes`` or ``bytearray`` to be pickled out of band (rebuilt as
+    the same type, from the receiver's buffer without a copy where it can)."""
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         self.data = data
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return (bytes, (pickle.PickleBuffer(self.data),))
+        rebuild = bytes if type(self.data) is bytes else as_bytearray
+        return (rebuild, (pickle.PickleBuffer(self.data),))
+
+
+def as_bytearray(buffer: Any) -> bytearray:
+    return buffer if type(buffer) is bytearray else bytearray(buffer)
+
+
+def _is_big(value: Any) -> bool:
+    return (type(value) is bytes or type(value) is bytearray) and len(value) >= BIG
 
 
 def wrap_big(values: Sequence[Any]) -> list[Any]:
-    """``values`` with each large top-level ``bytes`` (or one inside a tuple) marked."""
+    """``values`` with each large top-level ``bytes`` or ``bytearray`` (or one inside a
+    tuple) marked."""
     out = []
     for value in values:
-        if type(value) is bytes and len(value) >= BIG:
+        if _is_big(value):
             value = BigBytes(value)
-        elif type(value) is tuple and any(type(v) is bytes and len(v) >= BIG for v in value):
-            value = tuple(BigBytes(v) if type(v) is bytes and len(v) >= BIG else v
-                          for v in value)
+        elif type(value) is tuple and any(_is_big(v) for v in value):
+            value = tuple(BigBytes(v) if _is_big(v) else v for v in value)
         out.append(value)
     return out
 
@@ -92,8 +106,9 @@ def loads(parts: Sequence[Any]) -> Any:
 
 def frame(kind: int, parts: Sequence[Any]) -> list[Any]:
     """The buffers to send for one frame."""
+    views = [memoryview(p) for p in parts]
     head = HEADER.pack(kind, len(parts)) + b"".join(
-        LENGTH.pack(memoryview(p).nbytes) for p in parts)
+        LENGTH.pack(v.nbytes | (READ_ONLY if v.readonly else 0)) for v in views)
     return [head, *parts]
 
 
@@ -138,7 +153,7 @@ def recv_frame(sock: socket.socket) -> tuple[int, Parts] | None:
     parts: Parts = []
     for i in range(count):
         (size,) = LENGTH.unpack_from(sizes, i * LENGTH.size)
-        part = _recv_exact(sock, size)
+        part = _recv_exact(sock, size & ~READ_ONLY)
         if part is None:
             return None
         parts.append(part)
@@ -220,23 +235,26 @@ class FrameReader:
             sizes_end = pos + HEADER.size + LENGTH.size * count
             if len(buf) < sizes_end:
                 break
-            sizes = [LENGTH.unpack_from(buf, pos + HEADER.size + LENGTH.size * i)[0]
-                     for i in range(count)]
+            flagged = [LENGTH.unpack_from(buf, pos + HEADER.size + LENGTH.size * i)[0]
+                       for i in range(count)]
+            sizes = [size & ~READ_ONLY for size in flagged]
             total = sum(sizes)
             if total <= SMALL_FRAME:
                 if len(buf) - sizes_end < total:
                     break
                 parts: Parts = []
                 at = sizes_end
-                for size in sizes:
-                    parts.append(bytes(buf[at:at + size]))
+                for size, flag in zip(sizes, flagged, strict=True):
+                    kept = bytes if flag & READ_ONLY else bytearray
+                    parts.append(kept(buf[at:at + size]))
                     at += size
                 pos = at
                 deliver(kind, parts)
                 continue
             # A big frame: each part gets its own buffer, filled first from what is
             # already here, then straight from the socket.
-            big = [_new_bytes(size) if size >= BIG else _small(size) for size in sizes]
+            big = [_new_bytes(size) if size >= BIG and flag & READ_ONLY else _small(size)
+                   for size, flag in zip(sizes, flagged, strict=True)]
             at = sizes_end
             self._big, self._part, self._filled = (kind, big), 0, 0
             while self._part < len(big):

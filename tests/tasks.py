@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 import time
@@ -287,3 +288,64 @@ def spawn_session_sleeper(path: str) -> int:
     child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
     Path(path).write_text(str(child.pid))
     return child.pid
+
+
+class Grid:
+    """Holds its data in a buffer pickled out of band, writable or not, as NumPy arrays
+    do: it must come back as writable as it left."""
+
+    def __init__(self, data: bytearray | bytes) -> None:
+        self.data = data
+
+    @property
+    def writable(self) -> bool:
+        return not memoryview(self.data).readonly
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
+        return (_grid_from, (pickle.PickleBuffer(self.data),))
+
+
+def _grid_from(buffer: object) -> Grid:
+    view = memoryview(buffer)  # type: ignore[arg-type]
+    return Grid(view if view.readonly else view.cast("B"))  # type: ignore[arg-type]
+
+
+def make_grid(args: tuple[int, bool]) -> Grid:
+    size, writable = args
+    return Grid(bytearray(size) if writable else bytes(size))
+
+
+def fill_grid(grid: Grid) -> tuple[bool, int]:
+    """Whether an item's grid arrived writable, and its size."""
+    return grid.writable, len(memoryview(grid.data))
+
+
+def make_bytearray(n: int) -> bytearray:
+    return bytearray(b"x" * n)
+
+
+def _die_once_then(marker: str) -> object:
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # one worker alone wins this
+    except FileExistsError:
+        return square
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")
+
+
+class KilledOnceWhileLoading:
+    """A function whose loading is SIGKILLed the first time (the OOM killer, say)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __call__(self, x: int) -> int:
+        return square(x)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_die_once_then, (self.marker,))
+
+
+def with_table(table: bytes, args: tuple[int, str]) -> int:
+    """kill_self_once with a large table bound in (a partial too big to carry per task)."""
+    return kill_self_once(args) + len(table)

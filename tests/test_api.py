@@ -201,3 +201,19 @@ async def test_main_script_globals_follow_the_caller() -> None:
     proc = run_script("_main_globals.py")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["1", "10", "10", "hello"], proc.stdout
+
+
+@pytest.mark.parametrize("size", [10, 100_000, 3_000_000])  # in one frame; out of band; own buffer
+async def test_buffers_come_back_as_writable_as_they_left(pool: ResilientPool,
+                                                           size: int) -> None:
+    # NumPy arrays pickle their data as such a buffer: a read-only array back from a
+    # worker would refuse ``a[0] = 1``.
+    for writable in (True, False):
+        grid = await pool.run(tasks.make_grid, (size, writable))
+        assert grid.writable is writable and len(memoryview(grid.data)) == size
+        grids = await pool.map(tasks.make_grid, [(size, writable)] * 3)
+        assert [g.writable for g in grids] == [writable] * 3
+        sent = tasks.Grid(bytearray(size) if writable else bytes(size))
+        assert await pool.run(tasks.fill_grid, sent) == (writable, size)
+    got = await pool.run(tasks.make_bytearray, size)
+    assert type(got) is bytearray and got == bytearray(b"x" * size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -55,9 +56,42 @@ async def test_map_on_the_cluster(cluster: Any, tmp_path: Path) -> None:
             i * i for i in range(400)]
         assert Path(marker).exists()
         assert pool.backend == "dask"
+        # Big results (out of band on the local wire) and buffers as writable as they left.
+        assert await pool.run(tasks.make_bytes, 1 << 20) == b"x" * (1 << 20)
+        assert await pool.map(tasks.make_bytearray, [10, 100_000]) == [
+            bytearray(b"x" * 10), bytearray(b"x" * 100_000)]
+        grids = await pool.map(tasks.make_grid, [(100_000, True), (100_000, False)])
+        assert [g.writable for g in grids] == [True, False]
         # The pool's client is its own: the application's default client is untouched.
         with pytest.raises(ValueError):
             distributed.default_client()
+
+
+async def test_the_only_worker_dying_is_a_crash_not_a_lost_scheduler(tmp_path: Path) -> None:
+    # The cluster's one worker dies with everything it held (the function's pickle too)
+    # and its nanny starts another: the call goes on there, on the cluster.
+    async with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                        host="127.0.0.1", dashboard_address=None,
+                                        asynchronous=True) as one:
+        async with ResilientPool(max_workers=1, dask_address=one.scheduler_address,
+                                 promote_after=60) as pool:
+            marker = str(tmp_path / "killed")
+            items = [(i, marker) for i in range(200)]
+            assert await pool.map(tasks.kill_self_once, items, chunk_size=10) == [
+                i * i for i in range(200)]
+            assert Path(marker).exists()
+            assert pool.backend == "dask" and pool.statistics().fallbacks == 0
+            assert await pool.run(tasks.add, 1, 2) == 3
+            # A function big enough to be scattered once: it dies with the worker
+            # that held it, and is scattered again.
+            table = b"t" * (2 << 20)
+            fn = functools.partial(tasks.with_table, table)
+            marker = str(tmp_path / "killed-again")
+            items = [(i, marker) for i in range(100)]
+            assert await pool.map(fn, items, chunk_size=10) == [
+                i * i + len(table) for i in range(100)]
+            assert Path(marker).exists()
+            assert pool.backend == "dask" and pool.statistics().fallbacks == 0
 
 
 async def test_existing_client_and_poison_item(cluster: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from asyncpool import (
     MISSING,
     DeadlineExceeded,
+    FunctionUnavailable,
     PoolClosed,
     RemoteError,
     ResilientPool,
@@ -286,6 +288,36 @@ async def test_an_argument_that_kills_the_worker_while_loading(anyio_backend: st
                                      chunk_size=4, return_exceptions=True)
         assert results[:2] == [1, 2] and results[3] == 4
         assert isinstance(results[2], WorkerCrashed) and "item 2" in str(results[2])
+        assert await pool.run(tasks.square, 3) == 9
+
+
+async def test_a_worker_killed_while_loading_the_function_once_loses_nothing(
+        anyio_backend: str, tmp_path: Path) -> None:
+    async with ResilientPool(max_workers=2) as pool:
+        fn = tasks.KilledOnceWhileLoading(str(tmp_path / "killed"))
+        with anyio.fail_after(30):
+            assert await pool.map(fn, range(50)) == [i * i for i in range(50)]
+        assert (tmp_path / "killed").exists()
+        assert pool.statistics().worker_crashes == 1
+
+
+async def test_a_function_whose_loading_always_kills_fails_its_call_alone(
+        anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2, max_crashes_per_item=2) as pool:
+        deadly = functools.partial(tasks.echo, tasks.CrashOnLoad())
+        beside: list[list[int]] = []
+
+        async def unharmed() -> None:
+            beside.append(await pool.map(tasks.square, range(2000)))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(unharmed)
+                with pytest.raises(FunctionUnavailable, match="2 time"):
+                    await pool.map(deadly, range(10))
+        assert beside == [[i * i for i in range(2000)]]
+        # Two tries, each of which may kill both workers (they load it at once).
+        assert 2 <= pool.statistics().worker_crashes <= 4
         assert await pool.run(tasks.square, 3) == 9
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -129,6 +130,48 @@ async def test_a_slow_sync_input_neither_blocks_the_loop_nor_stalls(
     # The target is 50 ms; 10x for a loaded machine, and a whole chunk pulled on the
     # loop (it took 5.9 s before) still fails it.
     assert heartbeat.worst < 0.5, f"loop blocked for {heartbeat.worst:.3f} s"
+
+
+def pulled_where(n: int, delay: float, threads: list[int]) -> Iterator[int]:
+    for i in range(n):
+        threads.append(threading.get_ident())
+        if delay:
+            time.sleep(delay)
+        yield i
+
+
+async def test_a_slow_sync_input_is_pulled_off_the_loop_from_its_first_item(
+        anyio_backend: str) -> None:
+    # Not even the first few items of a slow input may hold the loop; a fast input is
+    # pulled on the loop once timed (a thread per batch costs more than the items).
+    async with ResilientPool(max_workers=2) as pool:
+        loop_thread = threading.get_ident()
+        slow: list[int] = []
+        assert await pool.map(tasks.square, pulled_where(20, 0.01, slow)) == [
+            i * i for i in range(20)]
+        assert len(slow) == 20 and loop_thread not in slow
+        fast: list[int] = []  # the thread's first batch stops after 10 ms
+        assert await pool.map(tasks.square, pulled_where(400_000, 0, fast)) == [
+            i * i for i in range(400_000)]
+        assert fast[0] != loop_thread and fast.count(loop_thread) > 200_000
+
+
+async def test_leaving_imap_over_a_slow_input_lets_its_thread_go(
+        anyio_backend: str) -> None:
+    def pullers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "asyncpool-input"]
+
+    async with ResilientPool(max_workers=2) as pool:
+        for _ in range(3):
+            async for value in pool.imap(tasks.square, slow_input(10_000, 0.005)):
+                if value >= 4:
+                    break
+            gc.collect()
+            async with pool.imap(tasks.square, slow_input(10_000, 0.005)) as results:
+                async for value in results:
+                    if value >= 4:
+                        break
+        await wait_until(lambda: not pullers(), 10)
 
 
 async def test_a_slow_async_input_streams(anyio_backend: str) -> None:

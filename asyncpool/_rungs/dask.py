@@ -1,11 +1,16 @@
 """The dask rung: chunks as tasks on a Dask cluster, awaited on the pool's own loop.
 
 ``distributed`` is an optional extra, imported only when a cluster is asked for, and it
-needs an asyncio loop. Each function is sent to the cluster once per call (scattered to
-every worker), so chunks carry only items. Task keys name the function and a token of
-this rung (``<function>-<token>-<n>``): two pools on one cluster never share a key, and
-the dashboard groups work by function. The rung takes as many chunks as the cluster
-has threads, twice over, whatever the local ``max_workers``.
+needs an asyncio loop. Each task carries its function's pickle, as ``client.map`` does,
+and a worker unpickles it once: a task that depends on no other stays "root-ish", so
+the scheduler queues it until a thread is free and a dying worker takes down only what
+it was running. A pickle of :data:`BIG_FUNCTION` bytes or more (a ``partial`` holding a
+large table) is scattered to every worker once per call instead; if a dying worker
+takes it with it, it is scattered again. Task keys
+name the function and a token of this rung (``<function>-<token>-<n>``): two pools on
+one cluster never share a key, and the dashboard groups work by function. The rung
+takes as many chunks as the cluster has threads, twice over, whatever the local
+``max_workers``.
 
 When the connection to the scheduler is lost, the rung stops serving, every chunk it
 held is sent again elsewhere, and its client is closed; the ladder serves locally and
@@ -16,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 import re
 import secrets
 from collections.abc import Iterable
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import FunctionUnavailable, InitializerFailed
 from .._retry import RungUnavailable
 from .._execute import run_on_cluster
+from .._wire import loads
 from .base import Listener, Rung, RungState
 
 if TYPE_CHECKING:
@@ -36,6 +41,8 @@ logger = logging.getLogger("asyncpool")
 
 #: Seconds between looks at the cluster's size (it may scale up or down).
 RESIZE_EVERY = 2.0
+#: A function's pickle this big is scattered once per call, not carried by each task.
+BIG_FUNCTION = 1 << 20
 
 
 class DaskRung(Rung):
@@ -58,8 +65,8 @@ class DaskRung(Rung):
         self.lanes = 1
         self._token = secrets.token_hex(4)
         self._count = 0
-        self._functions: dict[int, Any] = {}
         self._relays: dict[Chunk, asyncio.Task[None]] = {}
+        self._scattered: dict[int, asyncio.Future[Any]] = {}
         self._sizer: asyncio.Task[None] | None = None
 
     @classmethod
@@ -150,15 +157,17 @@ class DaskRung(Rung):
         self._relays[chunk] = asyncio.ensure_future(self._relay(chunk))
 
     async def _function(self, shipped: Any) -> Any:
-        """The function's pickle, scattered to every worker once."""
-        found = self._functions.get(shipped.id)
+        """The function's pickle, or for a big one its data scattered to every worker."""
+        if len(shipped.blob) < BIG_FUNCTION:
+            return shipped.blob
+        found = self._scattered.get(shipped.id)
         if found is None:
-            found = self._functions[shipped.id] = asyncio.ensure_future(
+            found = self._scattered[shipped.id] = asyncio.ensure_future(
                 self.client.scatter(shipped.blob, broadcast=True, hash=False))
         return await found
 
     def forget(self, fn_id: int) -> None:
-        found = self._functions.pop(fn_id, None)
+        found = self._scattered.pop(fn_id, None)
         if found is not None and found.done() and not found.exception():
             found.result().release()
 
@@ -177,7 +186,11 @@ class DaskRung(Rung):
             future = self.client.submit(run_on_cluster, blobs, runs, self.config.task_retries,
                                         key=f"{name}-{self._token}-{self._count}", pure=False,
                                         **chunk.pieces[0].call.options.dask)
-            blob, errors, (seconds, retried), unloadable = await future
+            # Shielded: the client gathers many futures' results in one shared request,
+            # which cancelling this relay would cancel for every other chunk too.
+            waiting = asyncio.ensure_future(_outcome(future))
+            waiting.add_done_callback(_retrieved)
+            blob, errors, (seconds, retried), unloadable = await asyncio.shield(waiting)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -186,6 +199,10 @@ class DaskRung(Rung):
                     await _cancel_quietly(self.client, future)
                 self._final(chunk, "lost")
                 raise
+            if self._connected():
+                # Something in the client cancelled the wait, not the cluster's answer.
+                self._final(chunk, "lost")
+                return
             # Dask cancelled the future under us: the client lost its scheduler.
             self._broke(RungUnavailable("Dask cancelled a task: its scheduler is gone"))
             self._final(chunk, "lost")
@@ -194,6 +211,15 @@ class DaskRung(Rung):
             self._final(chunk, "crashed")
             return
         except Exception as exc:
+            from distributed.client import FutureCancelledError
+
+            if isinstance(exc, FutureCancelledError) and self._connected():
+                # A worker died with the scattered function (or the scheduler gave up
+                # on the task): scattered again, and counted as a crash of the chunk.
+                for piece in chunk.pieces:
+                    self.forget(piece.call.shipped.id)
+                self._final(chunk, "crashed", deaths=1)
+                return
             if _lost_connection(exc, self.client):
                 self._broke(exc)
                 self._final(chunk, "lost")
@@ -219,7 +245,7 @@ class DaskRung(Rung):
 
             errors = {position: _decode_error(b, text) for position, b, text in errors}
             try:
-                results = pickle.loads(blob)
+                results = loads(blob)
             except Exception as exc:
                 self.listener.chunk_undecodable(chunk, 0, chunk.size, exc)
                 self._final(chunk, "done")
@@ -228,7 +254,7 @@ class DaskRung(Rung):
 
     def _final(self, chunk: Chunk, how: str, results: list[Any] | None = None,
                errors: dict[int, BaseException] | None = None, seconds: float = 0.0,
-               retried: int = 0) -> None:
+               retried: int = 0, deaths: int | None = None) -> None:
         if self._relays.pop(chunk, None) is None:
             return
         self.in_flight -= 1
@@ -241,15 +267,19 @@ class DaskRung(Rung):
         elif how == "crashed":
             import dask
 
-            # Dask gives up on a task after it was on workers that died this often.
-            deaths = int(dask.config.get("distributed.scheduler.allowed-failures", 3)) + 1
-            self.listener.worker_event("worker_crash", f"Dask reported KilledWorker for a "
-                                       f"chunk of {chunk.size} item(s) ({deaths} worker "
-                                       "deaths); splitting it to find the item at fault",
-                                       deaths=deaths)
+            if deaths is None:
+                # Dask gives up on a task after it was on workers that died this often.
+                deaths = int(dask.config.get("distributed.scheduler.allowed-failures",
+                                             3)) + 1
+            self.listener.worker_event("worker_crash", f"Dask lost a chunk of {chunk.size} "
+                                       f"item(s) to {deaths} worker death(s); splitting it "
+                                       "to find the item at fault", deaths=deaths)
             self.listener.chunk_crashed(chunk, None, None, deaths)
         else:
             self.listener.chunk_lost(chunk)
+
+    def _connected(self) -> bool:
+        return bool(getattr(self.client, "status", "running") == "running")
 
     def _broke(self, error: BaseException) -> None:
         if self.state is not RungState.SERVING:
@@ -299,6 +329,16 @@ def _lost_connection(exc: BaseException, client: Any) -> bool:
     # Futures are cancelled under us when the client loses its scheduler.
     return isinstance(exc, FutureCancelledError | asyncio.CancelledError) or (
         getattr(client, "status", "running") != "running")
+
+
+async def _outcome(future: Any) -> Any:
+    return await future
+
+
+def _retrieved(waiting: asyncio.Future[Any]) -> None:
+    """Takes the outcome of a wait whose relay was cancelled (nobody else will)."""
+    if not waiting.cancelled():
+        waiting.exception()
 
 
 async def _cancel_quietly(client: Any, future: Any) -> None:
