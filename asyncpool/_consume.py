@@ -9,11 +9,13 @@ an error, the deadline, cancellation) the call is finished with the engine at on
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from ._call import Call, Mode
 from ._errors import DeadlineExceeded
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
     from ._loop import Background
 
 T = TypeVar("T")
+
+#: Longest stretch (s) a consumer is handed buffered results without the loop running.
+SLICE = 0.002
 
 
 class _Feeder:
@@ -147,6 +152,9 @@ class ResultStream(Generic[T]):
         self._at = 0
         self._closed = False
         self._started = False
+        #: When this stream last let the loop run: a consumer handed results that are
+        #: already here never waits, so it yields once every SLICE.
+        self._yielded = time.perf_counter()
 
     def __aiter__(self) -> ResultStream[T]:
         return self
@@ -180,6 +188,9 @@ class ResultStream(Generic[T]):
                 raise StopAsyncIteration
         at = self._at
         self._at += 1
+        if not at & 3 and time.perf_counter() - self._yielded > SLICE:
+            await anyio.lowlevel.checkpoint()
+            self._yielded = time.perf_counter()
         value = self._values[at]
         if at in self._failed_at and not self._call.options.return_exceptions:
             await self.aclose(kill=False)

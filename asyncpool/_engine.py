@@ -30,6 +30,7 @@ way a call ends can leak one.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 
 from ._call import Call, CallState, Chunk, Piece
@@ -47,6 +48,9 @@ logger = logging.getLogger("asyncpool")
 #: A call streams at most this many pickled bytes ahead of its caller (in flight, or
 #: finished and not yet consumed), so large items do not pile up in memory.
 WINDOW_BYTES = 32 << 20
+#: The longest (s) one flush spends building and sending chunks before it lets the
+#: loop run (and continues on the next turn).
+FLUSH_SLICE = 0.002
 
 
 class Engine:
@@ -142,7 +146,11 @@ class Engine:
             for call in [c for c in self.stalled if not self._over_window(c)]:
                 self.stalled.discard(call)
                 self.ready.append(call)
+        stop = time.perf_counter() + FLUSH_SLICE
         while self.outcomes.again or self.ready:
+            if time.perf_counter() > stop:
+                self.kick()  # the rest next turn: timers and readers go first
+                return
             rung = self.ladder.serving_rung()
             if rung is None:
                 return  # the ladder is (re)building; it kicks when a rung serves

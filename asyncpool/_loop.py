@@ -9,6 +9,8 @@ task that opened the pool. :class:`Loop` gives them for whichever loop is runnin
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -258,3 +260,22 @@ def current_loop() -> Loop:
     except RuntimeError:
         # Not asyncio: anyio's other backend is trio.
         return _Trio()
+
+
+def preload_backend(loop: Loop) -> None:
+    """Import anyio's backend for ``loop`` in a thread, once per process.
+
+    A pool's calls wait through anyio, whose backend takes 20-30 ms to import: done
+    here while the workers start, the first call does not pay it. Without a thread
+    to spare (the machine is out of them), the first call imports it as before.
+    """
+    name = f"anyio._backends._{loop.name}"
+    if name in sys.modules:
+        return
+    import importlib
+
+    try:
+        threading.Thread(target=importlib.import_module, args=(name,), daemon=True,
+                         name="asyncpool-import").start()
+    except RuntimeError:
+        pass

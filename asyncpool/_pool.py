@@ -15,7 +15,7 @@ from ._engine import Engine
 from ._errors import PoolClosed
 from ._events import Counters, Emitter, EventHook, PoolStatistics
 from ._functions import FunctionBook, Shipped
-from ._loop import Loop, current_loop
+from ._loop import Loop, current_loop, preload_backend
 from ._options import CallKwargs, CallOptions
 from ._source import RateLimit, Source
 
@@ -76,6 +76,7 @@ class ResilientPool:
         self._state = PoolState.OPEN
         try:
             await self._engine.ladder.open()
+            preload_backend(self._loop)
         except BaseException:
             await self.aclose(kill=True)
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
+import time
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -40,6 +41,8 @@ SMALL_FRAME = 1 << 20
 #: The most one turn of the loop reads or writes on one socket: a peer that keeps the
 #: socket full (a 200 MB result) must not hold the loop for the whole transfer.
 TURN_BYTES = 4 << 20
+#: The longest (s) one turn spends reading one socket and decoding what it read.
+TURN_SECONDS = 0.001
 
 class BigBytes:
     """Marks a large ``bytes`` or ``bytearray`` to be pickled out of band (rebuilt as
@@ -200,7 +203,8 @@ class FrameReader:
         """Read what the socket holds (up to :data:`TURN_BYTES`), passing each whole
         frame on; False at end-of-file."""
         budget = TURN_BYTES
-        while budget > 0:
+        stop = time.perf_counter() + TURN_SECONDS
+        while budget > 0 and time.perf_counter() < stop:
             try:
                 if self._big is not None:
                     kind, parts = self._big

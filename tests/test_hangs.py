@@ -184,6 +184,33 @@ async def test_a_slow_async_input_streams(anyio_backend: str) -> None:
     assert arrivals[9] < 1.0, arrivals[:10]
 
 
+async def test_a_consumer_of_results_already_here_lets_the_loop_run(
+        anyio_backend: str) -> None:
+    # Results that arrived together are handed over without a wait; a consumer that
+    # works on each (1 ms here, never awaiting) must still let other tasks run between
+    # them, not only when the batch is used up (it held the loop for a whole chunk).
+    turns = 0
+    done = anyio.Event()
+
+    async def other() -> None:
+        nonlocal turns
+        while not done.is_set():
+            turns += 1
+            await anyio.sleep(0)
+
+    longest = run = 0
+    async with ResilientPool(max_workers=2) as pool, anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        seen = turns
+        async for _ in pool.imap(tasks.square, range(400), chunk_size=200):
+            time.sleep(0.001)
+            run = 1 if turns != seen else run + 1
+            seen = turns
+            longest = max(longest, run)
+        done.set()
+    assert longest < 20, f"{longest} results in a row with the loop held"
+
+
 @pytest.mark.parametrize("kill", [False, True])
 async def test_close_after_a_hung_item_timed_out(kill: bool, anyio_backend: str) -> None:
     started = time.monotonic()

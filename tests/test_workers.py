@@ -4,6 +4,8 @@ cancelled call's waiting chunks never started."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -157,3 +159,29 @@ async def test_a_worker_killed_from_outside_is_replaced(anyio_backend: str) -> N
         assert len(fresh) == 2 and victim not in fresh
         assert pool.statistics().worker_crashes == 0
         await idle(pool)
+
+
+FIRST_CALL = """
+import asyncio, sys, threading
+importers = []
+class Witness:
+    def find_spec(self, name, path=None, target=None):
+        if name == "anyio._backends._asyncio":
+            importers.append(threading.current_thread().name)
+sys.meta_path.insert(0, Witness())
+from asyncpool import ResilientPool
+async def main():
+    async with ResilientPool(max_workers=1) as pool:
+        assert await pool.run(abs, -3) == 3
+asyncio.run(main())
+print(importers[0] if importers else "none")
+"""
+
+
+def test_the_first_call_does_not_import_anyios_backend_on_the_loop() -> None:
+    # Importing it takes 20-30 ms: a thread does it while the workers start, so a
+    # cold pool's first call does not wait for it on the loop.
+    proc = subprocess.run([sys.executable, "-c", FIRST_CALL], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "asyncpool-import"

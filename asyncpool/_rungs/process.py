@@ -1,16 +1,16 @@
 """The process rung: worker processes forked by the fork server, fed over sockets.
 
-Each worker holds at most two chunks (one running, one waiting), so it never idles
-between chunks and a chunk never waits long behind another. A worker that dies takes
-only its own chunks down: the item it was running is named by the progress area, what
-it had already sent back stays delivered, and a replacement is forked (off the loop's
-critical path, with backoff when the machine is out of processes). Workers that reach
-``max_tasks_per_worker`` or ``max_worker_memory`` retire after their chunk, and their
-replacement is started before they leave.
+Each worker holds at most :data:`DEPTH` chunks (one running, the rest waiting in its
+socket). A worker that dies takes only its own chunks down: the item it was running is
+named by the progress area, what it had sent back stays delivered, and a replacement is
+forked (with backoff when the machine is out of processes). Workers that reach
+``max_tasks_per_worker`` or ``max_worker_memory`` retire after their chunk, their
+replacement started before they leave.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import sys
@@ -23,6 +23,7 @@ from .. import _wire
 from .._errors import InitializerFailed
 from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
+from .._loop import preload_backend
 from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
 from ._proc import Death, Events, Proc, ProcState
 from .base import ChunkUnpicklable, Listener, Rung, RungState
@@ -98,6 +99,7 @@ class ProcessRung(Rung, Events):
                 if not is_transient(exc) or not starting:
                     raise
                 break
+        preload_backend(self.loop)  # while the workers start
         try:
             async with self.loop.fail_after(self.config.start_timeout):
                 for proc in starting:
@@ -304,9 +306,10 @@ class ProcessRung(Rung, Events):
         One task does all replacing, so no count of replacements under way can drift.
         """
         config = self.config
-        delays = backoff_delays(config.backoff_initial, config.backoff_factor,
-                                config.backoff_max, config.backoff_jitter)
-        failures = 0
+        fresh = functools.partial(backoff_delays, config.backoff_initial,
+                                  config.backoff_factor, config.backoff_max,
+                                  config.backoff_jitter)
+        delays, failures = fresh(), 0
         while self.state is RungState.SERVING:
             missing = config.max_workers - self._live()
             if missing <= 0:
@@ -336,9 +339,7 @@ class ProcessRung(Rung, Events):
                 if proc.init_error is not None:
                     error = proc.init_error
             if error is None:
-                failures = 0
-                delays = backoff_delays(config.backoff_initial, config.backoff_factor,
-                                        config.backoff_max, config.backoff_jitter)
+                delays, failures = fresh(), 0
                 continue
             failures += 1
             if self._live() == 0 and failures >= config.creation_attempts:
@@ -375,15 +376,12 @@ class ProcessRung(Rung, Events):
             else:
                 proc.close()
         # Workers leave at once on end-of-file; one that does not is killed.
-        with anyio.move_on_after(5):
-            while any(not p.exited() for p in self.procs):
-                await anyio.sleep(0.01)
-        for proc in self.procs:
-            if not proc.exited():
+        for then_kill in (True, False):
+            with anyio.move_on_after(5):
+                while any(not p.exited() for p in self.procs):
+                    await anyio.sleep(0.01)
+            for proc in [p for p in self.procs if then_kill and not p.exited()]:
                 proc.kill()
-        with anyio.move_on_after(5):
-            while any(not p.exited() for p in self.procs):
-                await anyio.sleep(0.01)
         if self._supervisor is not None:
             await self._supervisor.wait()
 
