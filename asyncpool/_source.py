@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import queue
+import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -25,6 +27,9 @@ import anyio
 PULL_SLICE = 0.001
 #: A synchronous input slower than this per item is pulled in a thread instead.
 SLOW_ITEM = 0.0005
+#: Idle input threads kept for the next input, and for how long (seconds).
+IDLE_THREADS = 4
+IDLE_SECONDS = 5.0
 
 
 class RateLimit:
@@ -187,6 +192,7 @@ class Source:
                     self._probing = False
                     if took <= SLOW_ITEM * len(got) and not self.limits:
                         self._handed_back = True  # fast: the loop pulls the rest
+                        self.close()
                         arrived()
                         return
                 arrived()
@@ -205,10 +211,10 @@ class Source:
             self._pos += len(taken)
             return taken, None, 0.0
         assert self._it is not None
-        if self._puller is None:
-            self._puller = _Puller(self._it)
         try:
-            return await self._puller.pull(count)
+            if self._puller is None:
+                self._puller = _Puller.take()
+            return await self._puller.pull(self._it, count)
         except RuntimeError as exc:
             if "can't start new thread" not in str(exc):
                 raise
@@ -219,7 +225,7 @@ class Source:
     def close(self) -> None:
         """Let the thread that pulled the input go (after the item it may be pulling)."""
         if self._puller is not None:
-            self._puller.close()
+            self._puller.release()
             self._puller = None
 
     async def aclose(self) -> None:
@@ -255,31 +261,52 @@ def _pull_batch(it: Iterator[Any], count: int) -> Batch:
 
 
 class _Puller:
-    """A daemon thread that pulls a slow synchronous input, one batch per request.
+    """Pulls a slow synchronous input in a daemon thread, one batch per request.
 
     A daemon, so an input blocked for good cannot hold the interpreter at exit (a
-    worker thread of the loop's own pool would).
+    worker thread of the loop's own pool would). Threads are kept for the next input
+    while idle (at most :data:`IDLE_THREADS`, for :data:`IDLE_SECONDS`): starting one
+    per call would cost a small map more than its items.
     """
 
-    def __init__(self, it: Iterator[Any]) -> None:
-        import queue
-        import threading
+    _idle: list[_Puller] = []
+    _lock = threading.Lock()
 
-        self._it = it
-        self._requests: queue.SimpleQueue[tuple[int, Any, Any] | None] = queue.SimpleQueue()
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[tuple[Iterator[Any], int, Any, Any] | None] = (
+            queue.SimpleQueue())
         self._thread = threading.Thread(target=self._run, name="asyncpool-input",
                                         daemon=True)
         self._thread.start()
 
+    @classmethod
+    def take(cls) -> _Puller:
+        """An idle thread, or a new one (RuntimeError if none can be started)."""
+        with cls._lock:
+            if cls._idle:
+                return cls._idle.pop()
+        return cls()
+
     def _run(self) -> None:
         while True:
-            request = self._requests.get()
-            if request is None:
+            try:
+                request = self._requests.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self in self._idle:  # not taken meanwhile: leave
+                        self._idle.remove(self)
+                        return
+                continue
+            if request is None:  # its input is done with: wait for the next one
+                with self._lock:
+                    if len(self._idle) < IDLE_THREADS:
+                        self._idle.append(self)
+                        continue
                 return
-            count, reply, loop = request
-            loop.call_soon_threadsafe(functools.partial(reply, _pull_batch(self._it, count)))
+            it, count, reply, loop = request
+            loop.call_soon_threadsafe(functools.partial(reply, _pull_batch(it, count)))
 
-    async def pull(self, count: int) -> Batch:
+    async def pull(self, it: Iterator[Any], count: int) -> Batch:
         from ._loop import current_loop
 
         loop = current_loop()
@@ -290,9 +317,11 @@ class _Puller:
             box.append(result)
             done.set()
 
-        self._requests.put((count, reply, loop))
+        self._requests.put((it, count, reply, loop))
         await done.wait()
         return box[0]
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Done with this thread: it serves another input after the batch it may be
+        pulling (if that ever ends)."""
         self._requests.put(None)

@@ -171,7 +171,17 @@ async def test_leaving_imap_over_a_slow_input_lets_its_thread_go(
                 async for value in results:
                     if value >= 4:
                         break
-        await wait_until(lambda: not pullers(), 10)
+        # Each input's thread is free again (kept idle for the next input, a few at
+        # most), not stuck pulling an input nobody reads.
+        await wait_until(lambda: len(pullers()) <= 4 and all(
+            t in _idle_pullers() for t in pullers()), 10)
+
+
+def _idle_pullers() -> list[threading.Thread]:
+    from asyncpool._source import _Puller
+
+    with _Puller._lock:
+        return [p._thread for p in _Puller._idle]
 
 
 async def test_a_slow_async_input_streams(anyio_backend: str) -> None:
