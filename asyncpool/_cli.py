@@ -75,10 +75,10 @@ class Apply:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            # Not "--resume": it keeps this line's error as done.
             what = "UTF-8 text" if "\ufffd" in text else f"valid JSON ({exc})"
             raise ValueError(f"line {number} is not {what}; fix it and run the map "
-                             "again") from None
+                             "again without --resume (which keeps this error as "
+                             "done)") from None
         return self.fn(value)
 
 

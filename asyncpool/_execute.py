@@ -142,6 +142,9 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     started = last = time.perf_counter()
     flushed = position = 0
     retried = [0]
+    # The last item's results go with the end, in one message: a caller that has every
+    # result then never sees its chunk still in flight.
+    total = sum(len(items) for _, _, _, items in runs)
     for fn, star, call, items in runs:
         for item in items:
             if call in skip:
@@ -160,7 +163,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
                 errors[position] = exc
             position += 1
             now = time.perf_counter()
-            if now - last >= flush:
+            if now - last >= flush and position < total:
                 last = now
                 skip, stop = tick(flushed, position, results, errors, None)
                 flushed = position

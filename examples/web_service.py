@@ -4,6 +4,8 @@
     python examples/web_service.py              # serve on 127.0.0.1, send itself
                                                 # requests, print latencies, exit
 
+It needs FastAPI, uvicorn and httpx: ``pip install -e '.[examples]'``.
+
 Each request calls ``await pool.run(...)`` once. Concurrent requests share chunks, each
 gets its answer as soon as its own item is done, and /health answers at once while
 the workers compute, because nothing blocks the event loop.

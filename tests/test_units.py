@@ -27,7 +27,7 @@ from asyncpool import (
 )
 from asyncpool import _wire
 from asyncpool._call import Chunk, Piece
-from asyncpool._execute import portable
+from asyncpool._execute import execute, portable
 from asyncpool._options import CallOptions
 from asyncpool._retry import RungUnavailable, backoff_delays, is_transient
 from asyncpool._sizing import TARGET_CHUNK_BYTES, Timing, assemble, guided_cap
@@ -282,3 +282,18 @@ def test_frames_survive_any_split_and_big_parts_arrive_in_place() -> None:
     a.close()
     assert reader.read(b, lambda kind, parts: None) is False
     b.close()
+
+
+def test_the_last_results_of_a_chunk_travel_with_its_end() -> None:
+    # Results go back every `flush` seconds; those of the last item must go with the
+    # chunk's end, or a caller holding every result still sees its chunk in flight.
+    ticks: list[tuple[int, int, bool]] = []
+
+    def tick(first: int, upto: int, results: list[Any], errors: dict[int, BaseException],
+             end: tuple[float, int] | None) -> tuple[set[int], bool]:
+        ticks.append((first, upto, end is not None))
+        return set(), False
+
+    execute([(tasks.burn, False, 1, [0.002] * 4)], 0, tick, flush=0.001)
+    assert ticks[-1][2] and ticks[-1][1] == 4 and ticks[-1][0] < 4
+    assert all(upto < 4 for _, upto, end in ticks[:-1])

@@ -185,3 +185,4 @@ def test_the_first_call_does_not_import_anyios_backend_on_the_loop() -> None:
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "asyncpool-import"
+
