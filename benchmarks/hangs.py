@@ -3,7 +3,8 @@
 Each case runs in a fresh interpreter under a hard time limit and prints one figure
 (a hang shows as "hung > N s"). Only the public API of run/map/imap and PoolConfig is
 used, so the same script measures an older checkout for a before/after table (run it
-from that checkout). Writes benchmarks/HANGS.md (or --output).
+from that checkout), and ``--before FILE`` puts that run's figures beside this one's.
+Writes benchmarks/HANGS.md (or --output).
 """
 
 from __future__ import annotations
@@ -370,25 +371,45 @@ def run_case(name: str) -> str:
     return str(json.loads(lines[-1]))
 
 
+def _figures(path: Path) -> dict[str, str]:
+    """The figures of a two-column HANGS.md, by case."""
+    found = {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] not in ("case", "---"):
+            found[cells[0]] = cells[1]
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hangs")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "HANGS.md"))
+    parser.add_argument("--before", metavar="FILE",
+                        help="a HANGS.md written from an older checkout, shown beside")
+    parser.add_argument("--before-label", default="before",
+                        help="what to call that checkout in the table")
     args = parser.parse_args(argv)
     if args.one:
         case = CASES[args.one]
         result = case() if args.one.startswith("15") else asyncio.run(case())
         print(json.dumps(result))
         return 0
+    before = _figures(Path(args.before)) if args.before else None
     rows = []
     for name in CASES:
         figure = run_case(name)
         print(f"{name:55} {figure}", flush=True)
-        rows.append(f"| {name} | {figure} |")
+        if before is None:
+            rows.append(f"| {name} | {figure} |")
+        else:
+            rows.append(f"| {name} | {before.get(name, 'not measured')} | {figure} |")
+    head = (["| case | figure |", "|---|---|"] if before is None else
+            [f"| case | {args.before_label} | now |", "|---|---|---|"])
     text = "\n".join(["# Never hang, never leak: one figure per case", "",
                       f"Measured by `python -m benchmarks.hangs` on {time.strftime('%Y-%m-%d')} "
                       f"({ROOT.name}); each case in a fresh interpreter, limited to "
-                      f"{LIMIT:.0f} s.", "", "| case | figure |", "|---|---|", *rows]) + "\n"
+                      f"{LIMIT:.0f} s.", "", *head, *rows]) + "\n"
     Path(args.output).write_text(text)
     return 0
 

@@ -87,7 +87,7 @@ async def main() -> list[str]:
             isolate.append(time.perf_counter() - started)
             assert isinstance(results[1234], WorkerCrashed)
             stats = pool.statistics()
-    rows.append(f"| isolate a poison item (os._exit) among 2,000 | "
+    rows.append(f"| map of 2,000 tiny items, one of them poison (os._exit): the whole map | "
                 f"{statistics.median(isolate):.3f} s ({stats.worker_crashes} crashes, "
                 f"{stats.resubmitted_chunks} chunks resent) |")
 
