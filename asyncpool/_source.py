@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 import queue
 import threading
 import time
@@ -325,3 +326,13 @@ class _Puller:
         """Done with this thread: it serves another input after the batch it may be
         pulling (if that ever ends)."""
         self._requests.put(None)
+
+    @classmethod
+    def _after_fork(cls) -> None:
+        # A forked child has none of these threads: it must start its own.
+        cls._idle = []
+        cls._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_Puller._after_fork)

@@ -404,3 +404,63 @@ async def test_what_workers_started_dies_with_a_killed_fork_server(
             tg.cancel_scope.cancel()
         # The pool forks its workers from a new fork server.
         assert await pool.run(tasks.square, 5) == 25
+
+
+FORKED_CHILD = """
+import asyncio, os
+from asyncpool import ResilientPool
+async def use():
+    async with ResilientPool(max_workers=1) as pool:
+        return await pool.map(abs, (-i for i in range(5)), timeout=10)
+assert asyncio.run(use()) == [0, 1, 2, 3, 4]
+pid = os.fork()
+if pid == 0:
+    try:
+        print("child", asyncio.run(use()), flush=True)
+    finally:
+        os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_forked_child_pulls_its_inputs_in_threads_of_its_own() -> None:
+    # The parent keeps idle input threads; a child forked from it has none of them,
+    # and must not hand its input to one (it waited until its deadline).
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FORKED_CHILD], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout.strip() == "child [0, 1, 2, 3, 4]", proc.stderr[-2000:]
+
+
+FORKED_WITH_PARKED = """
+import asyncio, os, time
+from asyncpool import ResilientPool
+def wpid(_):
+    time.sleep(0.01)
+    return os.getpid()
+async def pids():
+    async with ResilientPool(max_workers=2, reuse_workers=True) as pool:
+        return sorted(set(await pool.map(wpid, range(8), chunk_size=1)))
+first = asyncio.run(pids())
+pid = os.fork()
+if pid == 0:
+    try:
+        print("child shared:", bool(set(asyncio.run(pids())) & set(first)), flush=True)
+    finally:
+        os._exit(0)
+os.waitpid(pid, 0)
+print("parent reused:", asyncio.run(pids()) == first, flush=True)
+"""
+
+
+def test_a_forked_child_leaves_its_parents_parked_workers_alone() -> None:
+    # It took them for dead (they are not its children) and killed them.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FORKED_WITH_PARKED], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout.split("\n")[:2] == ["child shared: False", "parent reused: True"], (
+        proc.stdout + proc.stderr[-2000:])

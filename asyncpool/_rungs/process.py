@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import pickle
+import socket
 import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,9 @@ DEPTH = 3
 
 # Idle workers of closed pools with reuse_workers=True, by their settings.
 _parked: dict[tuple[Any, ...], list[Proc]] = {}
+# A forked child must not take (or kill) its parent's parked workers.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_parked.clear)
 
 
 class ProcessRung(Rung, Events):
@@ -71,9 +76,6 @@ class ProcessRung(Rung, Events):
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ProcessRung:
-        import os
-        import socket
-
         if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
             raise RungUnsupported("worker processes are forked by a fork server, which "
                                   "needs os.fork and socket.send_fds (POSIX)")
@@ -420,8 +422,6 @@ def _take_parked(key: tuple[Any, ...], count: int) -> list[Proc]:
 
 def _still_alive(proc: Proc) -> bool:
     """A parked worker is alive while its status socket holds no exit status."""
-    import socket
-
     try:
         proc.status.recv(8, socket.MSG_PEEK)
     except (BlockingIOError, InterruptedError):
