@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from collections.abc import AsyncIterable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal, TypeVar, TypeVarTuple, Unpack, overload
@@ -65,6 +66,8 @@ class ResilientPool:
         self._pickles = any(r in ("process", "dask") for r in self.config.ladder)
         self._loop: Loop | None = None
         self._engine: Engine | None = None
+        #: The process that opened the pool: a forked child may not touch its workers.
+        self._pid: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -72,6 +75,7 @@ class ResilientPool:
         if self._state is not PoolState.NEW:
             raise PoolClosed("a ResilientPool can be entered once; create a new one")
         self._loop = current_loop()
+        self._pid = os.getpid()
         self._engine = Engine(self.config, self._counters, self._emit, self._loop)
         self._state = PoolState.OPEN
         try:
@@ -100,6 +104,9 @@ class ResilientPool:
         Items of waiting calls that were never sent fail with ``PoolClosed``. Idempotent.
         """
         if self._state in (PoolState.CLOSING, PoolState.CLOSED):
+            return
+        if self._pid is not None and self._pid != os.getpid():
+            self._state = PoolState.CLOSED  # the parent's workers are the parent's
             return
         engine = self._engine
         self._state = PoolState.CLOSING
@@ -285,6 +292,9 @@ class ResilientPool:
             raise PoolClosed("the pool is closed (or was never entered): use "
                              "`async with ResilientPool() as pool:`")
         assert self._loop is not None
+        if self._pid != os.getpid():
+            raise PoolClosed(f"this pool belongs to process {self._pid}, which forked this "
+                             "one; open a ResilientPool in this process")
         if not self._loop.is_current():
             raise PoolClosed("this pool was opened on another event loop (or thread); "
                              "open one ResilientPool per event loop, inside it")

@@ -1,13 +1,11 @@
 """A call's input, pulled only as fast as the workers take it, never blocking the loop.
 
-A sequence is sliced. A synchronous iterator's first batch is pulled in a thread, which
-times it: an input that proves fast is then pulled on the loop in slices of at most
-about a millisecond (until an item is seen to be slow again), and a slow one (a
-generator that reads a slow file, say) stays in the thread, so not even its first item
-holds the loop. An async iterator, and any input under a rate limit, is pulled by a
-feeder task into a small buffer. Whatever
-arrives goes out at once when a worker is free: a slow input never waits for a chunk
-to fill.
+A sequence is sliced on the loop. A synchronous iterator (a generator, a file, a
+``map``) is user code that may stall at any item, so it is always pulled in a thread
+(kept for the next input while idle): not even one slow item holds the loop or the
+call's deadline. An async iterator, and any input under a rate limit, is pulled by a
+feeder task into a small buffer. Whatever arrives goes out at once when a worker is
+free: a slow input never waits for a chunk to fill.
 """
 
 from __future__ import annotations
@@ -24,10 +22,8 @@ from typing import Any
 
 import anyio
 
-#: Longest stretch the loop spends pulling a synchronous input in one go (seconds).
-PULL_SLICE = 0.001
-#: A synchronous input slower than this per item is pulled in a thread instead.
-SLOW_ITEM = 0.0005
+#: Longest stretch (s) a thread pulls one batch: a slow input streams item by item.
+BATCH_SECONDS = 0.01
 #: Idle input threads kept for the next input, and for how long (seconds).
 IDLE_THREADS = 4
 IDLE_SECONDS = 5.0
@@ -68,13 +64,11 @@ class Source:
         self._buffer: list[Any] = []
         self._room: anyio.Event | None = None  # made by the feeder when it waits
         self._puller: _Puller | None = None
-        self._step = 16
-        #: Set while the feeder task must pull (async input, a slow iterator, a limit).
+        self._closed = False
+        #: Items per slice a thread pulls before handing them over (see _pull_batch).
+        self._pace = [1]
+        #: Whether a feeder task pulls (any input but a sequence with no rate limit).
         self.fed = bool(self.limits)
-        #: A synchronous input whose first batch the thread is yet to time.
-        self._probing = False
-        #: It proved fast: the loop pulls it once the buffer is empty.
-        self._handed_back = False
         if isinstance(items, AsyncIterable):
             self._ait = items.__aiter__()
             self.fed = True
@@ -82,7 +76,7 @@ class Source:
             self._seq = items
         else:
             self._it = iter(items)
-            self.fed = self._probing = True
+            self.fed = True
 
     @property
     def done(self) -> bool:
@@ -104,7 +98,7 @@ class Source:
     @property
     def needs_feeder(self) -> bool:
         """Whether a feeder task must pull now."""
-        return self.fed and not self._handed_back and not self.done
+        return self.fed and not self.done
 
     @property
     def buffered(self) -> int:
@@ -113,64 +107,25 @@ class Source:
 
     def available(self) -> bool:
         """Whether :meth:`take` may give something now."""
-        self._take_back()
         return bool(self._buffer) if self.fed else not self.ended
-
-    def _take_back(self) -> None:
-        """Pull on the loop from now on, if the input proved fast and the thread's
-        batch is used up."""
-        if self._handed_back and not self._buffer:
-            self._handed_back = self.fed = False
-            self.close()
 
     def take(self, count: int) -> list[Any]:
         """Up to ``count`` items that can be had now, without waiting."""
-        self._take_back()
         if self.fed:
             taken = self._buffer[:count]
             del self._buffer[:count]
             if self._room is not None:
                 self._room.set()
             return taken
-        if self._seq is not None:
-            try:
-                taken = list(self._seq[self._pos:self._pos + count])
-            except Exception as exc:  # a Sequence of the caller's whose items raise
-                self.error, self.ended = exc, True
-                return []
-            self._pos += len(taken)
-            if self._pos >= len(self._seq):
-                self.ended = True
-            return taken
-        return self._pull_on_loop(count)
-
-    def _pull_on_loop(self, count: int) -> list[Any]:
-        assert self._it is not None
-        taken: list[Any] = []
-        started = time.perf_counter()
-        while len(taken) < count:
-            want = min(self._step, count - len(taken))
-            before = time.perf_counter()
-            got = 0
-            try:
-                # One by one into `taken`, so what came before an exception is kept.
-                for item in itertools.islice(self._it, want):
-                    taken.append(item)
-                    got += 1
-            except Exception as exc:
-                self.error, self.ended = exc, True
-                return taken
-            now = time.perf_counter()
-            if got < want:
-                self.ended = True
-                break
-            if (now - before) / want > SLOW_ITEM:
-                # Too slow for the loop: a thread pulls the rest.
-                self.fed = True
-                break
-            if now - started > PULL_SLICE:
-                break
-            self._step = min(self._step * 2, 1 << 14)
+        assert self._seq is not None
+        try:
+            taken = list(self._seq[self._pos:self._pos + count])
+        except Exception as exc:  # a Sequence of the caller's whose items raise
+            self.error, self.ended = exc, True
+            return []
+        self._pos += len(taken)
+        if self._pos >= len(self._seq):
+            self.ended = True
         return taken
 
     async def feed(self, want: Callable[[], int], arrived: Callable[[], None]) -> None:
@@ -183,48 +138,50 @@ class Source:
                     await room.wait()
                 for limit in self.limits:
                     await limit.acquire()
-                got, error, took = await self._pull(1 if self.limits else max(1, want()))
-                self._buffer.extend(got)
+                def sink(items: list[Any]) -> None:
+                    if items and not self._closed:
+                        self._buffer.extend(items)
+                        arrived()
+
+                error, ended = await self._pull(1 if self.limits else max(1, want()), sink)
                 if error is not None:
                     self.error, self.ended = error, True
-                elif not got:
+                elif ended:
                     self.ended = True
-                elif self._probing:
-                    self._probing = False
-                    if took <= SLOW_ITEM * len(got) and not self.limits:
-                        self._handed_back = True  # fast: the loop pulls the rest
-                        self.close()
-                        arrived()
-                        return
                 arrived()
         except Exception as exc:
             self.error, self.ended = exc, True
             arrived()
 
-    async def _pull(self, count: int) -> Batch:
+    async def _pull(self, count: int, sink: Callable[[list[Any]], None]) -> Batch:
+        """Up to ``count`` items into ``sink``, as they come."""
         if self._ait is not None:
             try:
-                return [await self._ait.__anext__()], None, 0.0
+                sink([await self._ait.__anext__()])
+                return None, False
             except StopAsyncIteration:
-                return [], None, 0.0
+                return None, True
         if self._seq is not None:
             taken = list(self._seq[self._pos:self._pos + count])
             self._pos += len(taken)
-            return taken, None, 0.0
+            sink(taken)
+            return None, self._pos >= len(self._seq)
         assert self._it is not None
         try:
             if self._puller is None:
                 self._puller = _Puller.take()
-            return await self._puller.pull(self._it, count)
+            return await self._puller.pull(self._it, count, sink, self._pace)
         except RuntimeError as exc:
             if "can't start new thread" not in str(exc):
                 raise
         # No thread to pull in: one item at a time on the loop, with a turn between.
         await anyio.lowlevel.checkpoint()
-        return _pull_batch(self._it, 1)
+        return _pull_batch(self._it, 1, sink, self._pace)
 
     def close(self) -> None:
-        """Let the thread that pulled the input go (after the item it may be pulling)."""
+        """Let the thread that pulled the input go (after the item it may be pulling);
+        what it still hands over is dropped."""
+        self._closed = True
         if self._puller is not None:
             self._puller.release()
             self._puller = None
@@ -242,23 +199,43 @@ class Source:
                     pass
 
 
-#: Items pulled, the input's exception if it raised after them, and the seconds taken.
-Batch = tuple[list[Any], BaseException | None, float]
+#: How a pull ended: the input's exception if it raised, and whether it is exhausted.
+Batch = tuple[BaseException | None, bool]
 
 
-def _pull_batch(it: Iterator[Any], count: int) -> Batch:
-    """Up to ``count`` items, returning early after 10 ms so slow inputs stream."""
-    taken: list[Any] = []
-    started = time.perf_counter()
-    deadline = started + 0.01
-    try:
-        for item in it:
-            taken.append(item)
-            if len(taken) >= count or time.perf_counter() > deadline:
-                break
-    except Exception as exc:
-        return taken, exc, time.perf_counter() - started
-    return taken, None, time.perf_counter() - started
+def _pull_batch(it: Iterator[Any], count: int, hand: Callable[[list[Any]], None],
+                pace: list[int]) -> Batch:
+    """Up to ``count`` items, handed over slice by slice as they are pulled, for at
+    most :data:`BATCH_SECONDS`. ``pace[0]``, the slice size, grows while slices come
+    fast and shrinks when they do not, so few items wait behind one that stalls."""
+    rested = time.perf_counter()
+    deadline = rested + BATCH_SECONDS
+    pulled = 0
+    while pulled < count:
+        step = min(pace[0], count - pulled)
+        taken: list[Any] = []
+        started = time.perf_counter()
+        try:
+            # What came before an exception stays in `taken`.
+            taken.extend(itertools.islice(it, step))
+        except Exception as exc:
+            hand(taken)
+            return exc, True
+        hand(taken)
+        pulled += len(taken)
+        if len(taken) < step:
+            return None, True
+        now = time.perf_counter()
+        if now - rested > 0.001:  # let the loop's thread have the GIL it waits for
+            time.sleep(0)
+            rested = now
+        if now - started < 0.001:
+            pace[0] = min(pace[0] * 2, 4096)
+        elif now - started > 0.004:
+            pace[0] = max(1, pace[0] // 2)
+        if now > deadline:
+            break
+    return None, False
 
 
 class _Puller:
@@ -274,8 +251,7 @@ class _Puller:
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        self._requests: queue.SimpleQueue[tuple[Iterator[Any], int, Any, Any] | None] = (
-            queue.SimpleQueue())
+        self._requests: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="asyncpool-input",
                                         daemon=True)
         self._thread.start()
@@ -304,10 +280,19 @@ class _Puller:
                         self._idle.append(self)
                         continue
                 return
-            it, count, reply, loop = request
-            loop.call_soon_threadsafe(functools.partial(reply, _pull_batch(it, count)))
+            it, count, sink, pace, reply, loop = request
 
-    async def pull(self, it: Iterator[Any], count: int) -> Batch:
+            def hand(items: list[Any], sink: Any = sink, loop: Any = loop) -> None:
+                loop.call_soon_threadsafe(functools.partial(sink, items))
+
+            # After every slice: the loop runs callbacks in the order they came.
+            loop.call_soon_threadsafe(functools.partial(reply, _pull_batch(it, count, hand,
+                                                                           pace)))
+
+    async def pull(self, it: Iterator[Any], count: int, sink: Callable[[list[Any]], None],
+                   pace: list[int]) -> Batch:
+        """Pull up to ``count`` items of ``it`` in this thread; each slice goes to
+        ``sink`` on the loop as soon as it is pulled."""
         from ._loop import current_loop
 
         loop = current_loop()
@@ -318,7 +303,7 @@ class _Puller:
             box.append(result)
             done.set()
 
-        self._requests.put((it, count, reply, loop))
+        self._requests.put((it, count, sink, pace, reply, loop))
         await done.wait()
         return box[0]
 

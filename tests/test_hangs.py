@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncpool import DeadlineExceeded, ResilientPool
+from asyncpool import MISSING, DeadlineExceeded, ResilientPool
 from asyncpool._rungs import RungState
 
 from . import tasks
@@ -140,20 +140,45 @@ def pulled_where(n: int, delay: float, threads: list[int]) -> Iterator[int]:
         yield i
 
 
-async def test_a_slow_sync_input_is_pulled_off_the_loop_from_its_first_item(
-        anyio_backend: str) -> None:
-    # Not even the first few items of a slow input may hold the loop; a fast input is
-    # pulled on the loop once timed (a thread per batch costs more than the items).
+async def test_a_sync_input_is_never_pulled_on_the_loop(anyio_backend: str) -> None:
+    # Not even the first few items of a slow input may hold the loop, nor any item of
+    # one that proved fast: it may stall at any item.
     async with ResilientPool(max_workers=2) as pool:
         loop_thread = threading.get_ident()
         slow: list[int] = []
         assert await pool.map(tasks.square, pulled_where(20, 0.01, slow)) == [
             i * i for i in range(20)]
         assert len(slow) == 20 and loop_thread not in slow
-        fast: list[int] = []  # the thread's first batch stops after 10 ms
+        fast: list[int] = []
         assert await pool.map(tasks.square, pulled_where(400_000, 0, fast)) == [
             i * i for i in range(400_000)]
-        assert fast[0] != loop_thread and fast.count(loop_thread) > 200_000
+        assert len(fast) == 400_000 and loop_thread not in fast
+
+
+def fast_then_stalled(n: int, at: int, release: threading.Event) -> Iterator[int]:
+    for i in range(n):
+        if i == at:
+            release.wait(30)
+        yield i
+
+
+async def test_an_input_that_stalls_after_many_fast_items_holds_neither_loop_nor_deadline(
+        anyio_backend: str) -> None:
+    # A paginated source: fast within a page, then a slow fetch. The deadline must fire
+    # while the input is still stalled (it could not while the loop pulled it).
+    release = threading.Event()
+    heartbeat = Heartbeat()
+    try:
+        async with ResilientPool(max_workers=2) as pool, heartbeat.running():
+            with pytest.raises(DeadlineExceeded) as caught:
+                await pool.map(tasks.square, fast_then_stalled(300_000, 150_000, release),
+                               timeout=1)
+            assert not release.is_set()
+            done = [v for v in caught.value.partial if v is not MISSING]
+            assert 0 < len(done) <= 150_000
+    finally:
+        release.set()
+    assert heartbeat.worst < 0.5, f"loop blocked for {heartbeat.worst:.3f} s"
 
 
 async def test_leaving_imap_over_a_slow_input_lets_its_thread_go(
@@ -463,4 +488,46 @@ def test_a_forked_child_leaves_its_parents_parked_workers_alone() -> None:
     proc = subprocess.run([sys.executable, "-c", FORKED_WITH_PARKED], capture_output=True,
                           text=True, timeout=60)
     assert proc.stdout.split("\n")[:2] == ["child shared: False", "parent reused: True"], (
+        proc.stdout + proc.stderr[-2000:])
+
+
+FORKED_POOL = """
+import asyncio, os, threading, time
+from asyncpool import PoolClosed, ResilientPool
+def wpid(_):
+    time.sleep(0.01)
+    return os.getpid()
+async def child_use(pool):
+    try:
+        await pool.run(abs, -1)
+        print("child ran on the parent's pool", flush=True)
+    except PoolClosed as exc:
+        print("child refused:", "forked" in str(exc), flush=True)
+    await pool.aclose()
+async def main():
+    async with ResilientPool(max_workers=2) as pool:
+        first = sorted(set(await pool.map(wpid, range(8), chunk_size=1)))
+        pid = os.fork()
+        if pid == 0:
+            thread = threading.Thread(target=lambda: asyncio.run(child_use(pool)))
+            thread.start()
+            thread.join()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        again = await asyncio.wait_for(pool.map(wpid, range(8), chunk_size=1), 20)
+        print("parent kept its workers:", sorted(set(again)) == first, flush=True)
+asyncio.run(main())
+"""
+
+
+def test_a_forked_child_cannot_use_or_close_its_parents_pool() -> None:
+    # Closing the pool it inherited killed the parent's workers and took their exit
+    # statuses: the parent's next map hung.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FORKED_POOL], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout.split("\n")[:2] == ["child refused: True",
+                                           "parent kept its workers: True"], (
         proc.stdout + proc.stderr[-2000:])
