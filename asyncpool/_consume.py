@@ -44,7 +44,7 @@ class _Feeder:
             self.task = self.engine.loop.spawn(call.source.feed, self._want, self._arrived)
 
     def _want(self) -> int:
-        return max(1, self.engine.window_items(self.call))
+        return max(1, self.engine.read_ahead(self.call))
 
     def _arrived(self) -> None:
         self.engine.resume(self.call)
