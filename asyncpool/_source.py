@@ -166,7 +166,8 @@ class Source:
             self._pos += len(taken)
             sink(taken)
             return None, self._pos >= len(self._seq)
-        assert self._it is not None
+        if self._it is None:  # closed: the call is over
+            return None, True
         try:
             if self._puller is None:
                 self._puller = _Puller.take()
@@ -180,8 +181,10 @@ class Source:
 
     def close(self) -> None:
         """Let the thread that pulled the input go (after the item it may be pulling);
-        what it still hands over is dropped."""
+        what it still hands over is dropped. The input is dropped too: a generator
+        nobody else holds is closed, running its ``finally`` blocks."""
         self._closed = True
+        self._it = None
         if self._puller is not None:
             self._puller.release()
             self._puller = None
@@ -288,6 +291,8 @@ class _Puller:
             # After every slice: the loop runs callbacks in the order they came.
             loop.call_soon_threadsafe(functools.partial(reply, _pull_batch(it, count, hand,
                                                                            pace)))
+            # Idle, it must not keep the input (a file, say) alive.
+            del request, it, sink, hand, reply, loop
 
     async def pull(self, it: Iterator[Any], count: int, sink: Callable[[list[Any]], None],
                    pace: list[int]) -> Batch:
