@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import psutil
 import pytest
 
@@ -33,13 +34,21 @@ async def test_heartbeat_during_start_map_and_close(anyio_backend: str) -> None:
 async def test_large_payloads_do_not_block_the_loop(anyio_backend: str) -> None:
     big = b"x" * (200 << 20)
     heartbeat = Heartbeat()
-    async with ResilientPool(max_workers=2) as pool:
-        await pool.run(tasks.square, 1)
-        async with heartbeat.running():
-            result = await pool.run(tasks.make_bytes, 200 << 20)
-            assert len(result) == 200 << 20 and type(result) is bytes
-            del result
-            assert await pool.run(tasks.size_of, big) == 200 << 20
+    # What the whole test session allocated is set aside, so a full collection of it
+    # cannot land in the window (one 0.56 s stall was seen in a full CI run, never
+    # alone; its cause is not pinned down, and that collection is one candidate).
+    gc.collect()
+    gc.freeze()
+    try:
+        async with ResilientPool(max_workers=2) as pool:
+            await pool.run(tasks.square, 1)
+            async with heartbeat.running():
+                result = await pool.run(tasks.make_bytes, 200 << 20)
+                assert len(result) == 200 << 20 and type(result) is bytes
+                del result
+                assert await pool.run(tasks.size_of, big) == 200 << 20
+    finally:
+        gc.unfreeze()
     assert heartbeat.worst < LAG_BOUND, f"loop blocked for {heartbeat.worst:.3f} s"
 
 
