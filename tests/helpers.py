@@ -228,15 +228,35 @@ class CliCluster:
         _kill_session(self.workers[index])
 
     def stop(self) -> None:
-        self.kill_scheduler()
-        for worker in self.workers:
-            _kill_session(worker)
-        self.workers = []
+        # Asked to stop, each cleans up after itself (its multiprocessing semaphores
+        # in /dev/shm too); what is left after 10 s is killed.
+        procs = [p for p in (self.scheduler, *self.workers) if p is not None]
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            _kill_session(proc, grace=10)
+        self.scheduler, self.workers = None, []
 
 
-def _kill_session(proc: subprocess.Popen[bytes]) -> None:
+def _kill_session(proc: subprocess.Popen[bytes], grace: float = 0) -> None:
+    """SIGKILL ``proc`` (a real crash: its helpers, such as the resource tracker that
+    removes its semaphores, outlive it and clean up), then, after 5 s (or ``grace``
+    for a process asked to stop), whatever of its session is left."""
     import signal
 
+    if not grace:
+        proc.kill()
+    try:
+        proc.wait(timeout=grace or None)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
