@@ -104,11 +104,8 @@ class Call:
         return error is not None
 
     def take(self, count: int) -> Piece | None:
-        fed = self.source.fed
         items = self.source.take(count)
         self.input_failed()
-        if self.source.fed and not fed:
-            self.wake()  # the caller starts a feeder task
         if not items:
             if self.source.done:
                 self.wake()

@@ -16,7 +16,7 @@ from ._engine import Engine
 from ._errors import PoolClosed
 from ._events import Counters, Emitter, EventHook, PoolStatistics
 from ._functions import FunctionBook, Shipped
-from ._loop import Loop, current_loop, preload_backend
+from ._loop import Loop, current_loop
 from ._options import CallKwargs, CallOptions
 from ._source import RateLimit, Source
 
@@ -80,7 +80,6 @@ class ResilientPool:
         self._state = PoolState.OPEN
         try:
             await self._engine.ladder.open()
-            preload_backend(self._loop)
         except BaseException:
             await self.aclose(kill=True)
             raise

@@ -117,6 +117,10 @@ class Source:
             if self._room is not None:
                 self._room.set()
             return taken
+        return self._slice(count)
+
+    def _slice(self, count: int) -> list[Any]:
+        """The sequence's next ``count`` items."""
         assert self._seq is not None
         try:
             taken = list(self._seq[self._pos:self._pos + count])
@@ -161,11 +165,9 @@ class Source:
                 return None, False
             except StopAsyncIteration:
                 return None, True
-        if self._seq is not None:
-            taken = list(self._seq[self._pos:self._pos + count])
-            self._pos += len(taken)
-            sink(taken)
-            return None, self._pos >= len(self._seq)
+        if self._seq is not None:  # under a rate limit
+            sink(self._slice(count))
+            return self.error, self.ended
         if self._it is None:  # closed: the call is over
             return None, True
         try:
@@ -242,7 +244,7 @@ def _pull_batch(it: Iterator[Any], count: int, hand: Callable[[list[Any]], None]
 
 
 class _Puller:
-    """Pulls a slow synchronous input in a daemon thread, one batch per request.
+    """Pulls a synchronous input in a daemon thread, one batch per request.
 
     A daemon, so an input blocked for good cannot hold the interpreter at exit (a
     worker thread of the loop's own pool would). Threads are kept for the next input
