@@ -124,7 +124,9 @@ class Source:
         assert self._seq is not None
         try:
             taken = list(self._seq[self._pos:self._pos + count])
-        except Exception as exc:  # a Sequence of the caller's whose items raise
+        except BaseException as exc:  # a Sequence of the caller's whose items raise
+            if isinstance(exc, _cancelled()):
+                raise
             self.error, self.ended = exc, True
             return []
         self._pos += len(taken)
@@ -153,7 +155,11 @@ class Source:
                 elif ended:
                     self.ended = True
                 arrived()
-        except Exception as exc:
+        except BaseException as exc:
+            # Whatever the input raised (a KeyboardInterrupt, an exception class of
+            # its own) is the call's error; only this task's cancellation is not.
+            if isinstance(exc, _cancelled()):
+                raise
             self.error, self.ended = exc, True
             arrived()
 
@@ -204,6 +210,11 @@ class Source:
                     pass
 
 
+def _cancelled() -> type[BaseException]:
+    """The running loop's cancellation exception (a task's own, never an input's)."""
+    return anyio.get_cancelled_exc_class()
+
+
 #: How a pull ended: the input's exception if it raised, and whether it is exhausted.
 Batch = tuple[BaseException | None, bool]
 
@@ -223,7 +234,7 @@ def _pull_batch(it: Iterator[Any], count: int, hand: Callable[[list[Any]], None]
         try:
             # What came before an exception stays in `taken`.
             taken.extend(itertools.islice(it, step))
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: it is the call's error
             hand(taken)
             return exc, True
         hand(taken)

@@ -363,6 +363,53 @@ async def test_an_input_that_raises_late_fails_the_call(make: Any, anyio_backend
         assert await pool.run(tasks.square, 3) == 9
 
 
+class InputGaveUp(BaseException):
+    """Not an Exception: what an input may raise besides SystemExit and KeyboardInterrupt."""
+
+
+def sync_input_then(error: BaseException) -> Iterator[int]:
+    yield from range(10)
+    raise error
+
+
+async def async_input_then(error: BaseException) -> AsyncIterator[int]:
+    for i in range(10):
+        yield i
+    raise error
+
+
+class DatasetThen(Sequence[int]):
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __len__(self) -> int:
+        return 20
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index >= 10:
+            raise self.error
+        return index
+
+
+@pytest.mark.parametrize("make", [sync_input_then, async_input_then, DatasetThen])
+@pytest.mark.parametrize("rungs", [("process",), ("thread",), ("inline",)])
+async def test_an_input_raising_a_base_exception_fails_its_call_alone(
+        make: Any, rungs: tuple[str, ...], anyio_backend: str) -> None:
+    # Raised in the input's thread, a SystemExit or an exception class of the caller's
+    # that is not an Exception left its call waiting for good (and, from an async
+    # input, escaped into the pool's own tasks).
+    async with ResilientPool(max_workers=2, rungs=rungs) as pool:  # type: ignore[arg-type]
+        for error in (InputGaveUp("gave up"), SystemExit(3), KeyboardInterrupt()):
+            for rate_limit in (None, 1000):
+                with anyio.fail_after(10), pytest.raises(type(error)):
+                    await pool.map(tasks.square, make(error), rate_limit=rate_limit)
+        with anyio.fail_after(10):
+            assert await pool.map(tasks.square, range(3)) == [0, 1, 4]
+        await idle(pool)
+
+
 async def test_an_instant_call_does_not_wait_behind_another_callers_long_item(
         anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
