@@ -15,6 +15,7 @@ import time
 
 from . import _wire
 from ._errors import FunctionUnavailable, RemoteError
+from ._handover import Running, watch, unwatch
 from ._retry import backoff_delays, is_transient
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     #: position, and with the last slice only: (seconds spent, retries made)).
     Tick = Callable[[int, int, list[Any], dict[int, BaseException],
                      tuple[float, int] | None], tuple[set[int], bool]]
+
+    from ._handover import Late
 
 #: A worker sends what finished at least this often (seconds), so a caller's result
 #: does not wait for the rest of its chunk, and a crash loses at most this much work.
@@ -126,54 +129,78 @@ def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int,
 
 def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
             skip: set[int] | frozenset[int] = frozenset(),
-            flush: float = FLUSH_SECONDS) -> tuple[int, float]:
+            flush: float = FLUSH_SECONDS, late: Late | None = None) -> tuple[int, float]:
     """Run every item of ``runs``; returns (where it stopped, seconds spent).
 
     ``tick(first, upto, results, errors, end)`` hands over positions [first, upto) at
     least every ``flush`` seconds and at the end (the only time ``end``, the seconds
     spent and retries made, is given), and answers which calls to skip and whether to
-    stop. Items of the calls in
-    ``skip`` are not run. ``progress[1]`` is set to the position of each item as it
-    starts, for the parent to read after a crash.
+    stop. Items of the calls in ``skip`` are not run. ``progress[1]`` is set to the
+    position of each item as it starts, for the parent to read after a crash.
+    ``late(first, upto, results, errors)``, if given, is called from another thread
+    with what finished before an item that runs long (see :mod:`asyncpool._handover`).
     """
     results: list[Any] = []
     append = results.append
     errors: dict[int, BaseException] = {}
     started = last = time.perf_counter()
-    flushed = position = 0
+    position = 0
     retried = [0]
+    running = None
+    if late is not None:
+        running = Running(results, errors, late)
+        watch(running)
     # The last item's results go with the end, in one message: a caller that has every
     # result then never sees its chunk still in flight.
     total = sum(len(items) for _, _, _, items in runs)
-    for fn, star, call, items in runs:
-        for item in items:
-            if call in skip:
-                append(SKIPPED)
+    try:
+        for fn, star, call, items in runs:
+            for item in items:
+                if call in skip:
+                    append(SKIPPED)
+                else:
+                    if progress is not None:
+                        progress[1] = position
+                    try:
+                        append(call_item(fn, item, star, retries, retried) if retries
+                               else fn(*item) if star else fn(item))
+                    except BaseException as exc:
+                        # SystemExit and KeyboardInterrupt too: they are the item's
+                        # outcome, and must not end the worker.
+                        append(None)
+                        errors[position] = exc
                 position += 1
-                continue
-            if progress is not None:
-                progress[1] = position
-            try:
-                append(call_item(fn, item, star, retries, retried) if retries
-                       else fn(*item) if star else fn(item))
-            except BaseException as exc:
-                # SystemExit and KeyboardInterrupt too: they are the item's outcome,
-                # and must not end the worker.
-                append(None)
-                errors[position] = exc
-            position += 1
-            now = time.perf_counter()
-            if now - last >= flush and position < total:
-                last = now
-                skip, stop = tick(flushed, position, results, errors, None)
-                flushed = position
-                results.clear()
-                errors = {}
-                if stop:
-                    return position, now - started
-    seconds = time.perf_counter() - started
-    tick(flushed, position, results, errors, (seconds, retried[0]))
-    return position, seconds
+                if running is not None:
+                    running.done = position
+                now = time.perf_counter()
+                if now - last >= flush and position < total:
+                    last = now
+                    skip, stop = _hand(running, tick, position, results, errors, None)
+                    errors = running.errors if running is not None else {}
+                    if stop:
+                        return position, now - started
+        seconds = time.perf_counter() - started
+        _hand(running, tick, position, results, errors, (seconds, retried[0]))
+        return position, seconds
+    finally:
+        if running is not None:
+            unwatch(running)
+
+
+def _hand(running: Running | None, tick: Tick, position: int, results: list[Any],
+          errors: dict[int, BaseException], end: tuple[float, int] | None
+          ) -> tuple[set[int], bool]:
+    """Hand over every result not handed over yet (some the watcher may have)."""
+    if running is None:
+        answer = tick(position - len(results), position, results, errors, end)
+        results.clear()
+        return answer
+    with running.lock:
+        answer = tick(running.flushed, position, running.results, running.errors, end)
+        running.flushed = position
+        results.clear()
+        running.errors = {}
+    return answer
 
 
 class _Skipped:

@@ -116,7 +116,13 @@ class _Worker:
                               done=stop or end is not None, end=end or (0.0, 0))
             return self.cancelled, stop
 
-        execute(calls, self.retries, tick, self.progress, self.cancelled, flush)
+        def late(first: int, upto: int, results: list[Any],
+                 errors: dict[int, BaseException]) -> None:
+            # From the watcher thread, while an item runs long.
+            self.tasks += upto - first
+            self.send_results(seq, first, upto, results, errors, done=False)
+
+        execute(calls, self.retries, tick, self.progress, self.cancelled, flush, late)
 
     def send_results(self, seq: int, first: int, upto: int, results: list[Any],
                      errors: dict[int, BaseException], *, done: bool,

@@ -349,3 +349,11 @@ class KilledOnceWhileLoading:
 def with_table(table: bytes, args: tuple[int, str]) -> int:
     """kill_self_once with a large table bound in (a partial too big to carry per task)."""
     return kill_self_once(args) + len(table)
+
+
+def stall_on(args: tuple[int, int, float]) -> int:
+    """``x``, at once, except item ``stalled``, which sleeps ``seconds`` first."""
+    x, stalled, seconds = args
+    if x == stalled:
+        time.sleep(seconds)
+    return x

@@ -101,6 +101,20 @@ async def test_deadline_covers_a_slow_input_and_keeps_what_finished(
         assert info.value.partial[:2] == [0, 1]
 
 
+@pytest.mark.parametrize("rungs", [("process",), ("thread",)])
+async def test_a_deadline_keeps_what_finished_just_before_an_item_that_hangs(
+        rungs: tuple[str, ...], anyio_backend: str) -> None:
+    # Items 0..9 finish within a millisecond, before item 10 sleeps in the same chunk:
+    # they waited for the next hand-over, after item 10, and .partial missed them.
+    stall = 3.0 if rungs == ("thread",) else 30.0  # a thread cannot be killed
+    async with ResilientPool(max_workers=2, rungs=rungs) as pool:  # type: ignore[arg-type]
+        with pytest.raises(DeadlineExceeded) as info:
+            await pool.map(tasks.stall_on, [(i, 10, stall) for i in range(20)],
+                           chunk_size=20, timeout=1.0, kill_on_timeout=True)
+        assert info.value.partial[:10] == list(range(10))
+        assert info.value.partial[10] is MISSING
+
+
 async def test_deadline_covers_a_rung_starting(monkeypatch: pytest.MonkeyPatch,
                                                anyio_backend: str) -> None:
     process = Script()

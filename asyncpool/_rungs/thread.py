@@ -110,7 +110,8 @@ class ThreadRung(Rung):
             runs = [(p.call.fn, p.call.star, p.call.id, p.items) for p in chunk.pieces]
             report = functools.partial(self._tick, chunk)
             try:
-                execute(runs, config.task_retries, report, skip=self._cancelled)
+                execute(runs, config.task_retries, report, skip=self._cancelled,
+                        late=functools.partial(report, end=None))
             except BaseException:  # pragma: no cover - execute catches what items raise
                 logger.exception("a thread of the thread rung failed")
             del chunk, runs, report

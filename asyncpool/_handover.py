@@ -1,0 +1,129 @@
+"""Handing over what finished before an item that runs long.
+
+:func:`~asyncpool._execute.execute` hands results over between items, at most every
+flush interval. The results of items that finished just before one that runs for
+long (or hangs until its call's deadline kills it) would wait for that item: a
+deadline's ``.partial`` would miss them, and a crash would run them again.
+
+One daemon thread per process looks at each running chunk every :data:`PERIOD`; when a
+chunk's count of finished items has not moved for a whole period while some of them
+wait, it hands those over itself. It exists only while chunks run (it leaves after
+:data:`IDLE_SECONDS` without one), and where no thread can be started, chunks run
+without it, as before.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    #: Hands over positions [first, upto): (first, upto, results, errors by position).
+    Late = Callable[[int, int, list[Any], dict[int, BaseException]], Any]
+
+#: How often (s) the watcher looks at the running chunks.
+PERIOD = 0.005
+#: How long (s) the watcher stays without a chunk to look at.
+IDLE_SECONDS = 1.0
+
+
+class Running:
+    """What one running chunk shares with the watcher.
+
+    The chunk's thread appends to ``results`` and ``errors`` and then advances
+    ``done``; results from position ``flushed`` on are not handed over yet. Whoever
+    hands some over (the chunk's thread or the watcher) holds ``lock`` while doing so.
+    """
+
+    __slots__ = ("lock", "results", "errors", "flushed", "done", "seen", "late")
+
+    def __init__(self, results: list[Any], errors: dict[int, BaseException],
+                 late: Late) -> None:
+        self.lock = threading.Lock()
+        self.results = results
+        self.errors = errors
+        self.flushed = 0
+        self.done = 0
+        self.seen = -1
+        self.late = late
+
+    def look(self) -> None:
+        """In the watcher: hand over what waits behind an item that runs long."""
+        done = self.done
+        if done == self.flushed or done != self.seen:
+            self.seen = done  # nothing waits, or items are still finishing
+            return
+        with self.lock:
+            first = self.flushed
+            count = self.done - first
+            if count <= 0:
+                return
+            results = self.results[:count]
+            del self.results[:count]
+            upto = first + count
+            errors = {p: self.errors.pop(p) for p in [p for p in self.errors if p < upto]}
+            self.flushed = upto
+            try:
+                self.late(first, upto, results, errors)
+            except BaseException:  # the other side is gone: the chunk's thread will see
+                pass
+
+
+_lock = threading.Lock()
+_wake = threading.Condition(_lock)
+_running: set[Running] = set()
+_watching = False
+
+
+def watch(running: Running) -> None:
+    """Look at ``running`` until :func:`unwatch`."""
+    global _watching
+    with _lock:
+        _running.add(running)
+        if _watching:
+            _wake.notify()
+            return
+        try:
+            threading.Thread(target=_watch, name="asyncpool-handover", daemon=True).start()
+        except RuntimeError:  # no thread can be started: results wait for the item
+            return
+        _watching = True
+
+
+def unwatch(running: Running) -> None:
+    with _lock:
+        _running.discard(running)
+
+
+def _watch() -> None:
+    global _watching
+    while True:
+        with _lock:
+            if not _running:
+                _wake.wait(IDLE_SECONDS)
+                if not _running:
+                    _watching = False
+                    return
+        time.sleep(PERIOD)
+        with _lock:
+            running = list(_running)
+        for chunk in running:
+            chunk.look()
+
+
+def _after_fork() -> None:
+    # A forked child has no watcher thread: the next chunk starts one.
+    global _lock, _wake, _watching
+    _lock = threading.Lock()
+    _wake = threading.Condition(_lock)
+    _running.clear()
+    _watching = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
