@@ -26,8 +26,10 @@ HEADER = struct.Struct("<BxxxI")
 #: ``bytearray``) as writable, and a read-only one without a copy.
 LENGTH = struct.Struct("<Q")
 READ_ONLY = 1 << 63
-#: A chunk's first part, read before its pickle: (chunk number, flush seconds).
-CHUNK_HEAD = struct.Struct("<qd")
+#: A chunk's first part, read before its pickles: (chunk number, flush seconds, how
+#: many parts the functions take). The functions travel apart from the items, so an
+#: item that does not unpickle in the worker cannot take them down with it.
+CHUNK_HEAD = struct.Struct("<qdi")
 
 # Parent -> worker
 INIT, CHUNK, CANCEL, STOP = 1, 2, 3, 4

@@ -71,7 +71,7 @@ class _Worker:
         return self.max_memory is not None and _rss() > self.max_memory
 
     def run_chunk(self, parts: _wire.Parts) -> None:
-        seq, flush = _wire.CHUNK_HEAD.unpack(parts[0])
+        seq, flush, shipped = _wire.CHUNK_HEAD.unpack(parts[0])
         progress = self.progress
         if progress is not None:
             # Noted before anything is unpickled: an argument or a function whose
@@ -79,12 +79,8 @@ class _Worker:
             progress[1] = -1
             progress[2] = 0
             progress[0] = seq
-        try:
-            functions, forget, runs = loads(parts[1], parts[2:])
-        except BaseException as exc:
-            # An argument that pickled in the parent but does not load here.
-            self.send_results(seq, 0, 0, [], {0: exc}, done=True, unloadable=True)
-            return
+        # Numbers and bytes: this pickle always loads.
+        functions, forget = _wire.loads(parts[1:1 + shipped])
         for fn_id in forget:
             self.functions.pop(fn_id, None)
         for fn_id, blob in functions:
@@ -96,6 +92,12 @@ class _Worker:
                 self.functions[fn_id] = Unloadable(exc)
         if progress is not None:
             progress[2] = 0
+        try:
+            runs = loads(parts[1 + shipped], parts[2 + shipped:])
+        except BaseException as exc:
+            # An argument that pickled in the parent but does not load here.
+            self.send_results(seq, 0, 0, [], {0: exc}, done=True, unloadable=True)
+            return
         self.poll()
         calls = [(self.functions[f], star, call, items) for f, star, call, items in runs]
 

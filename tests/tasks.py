@@ -357,3 +357,14 @@ def stall_on(args: tuple[int, int, float]) -> int:
     if x == stalled:
         time.sleep(seconds)
     return x
+
+
+def start_then_fail(directory: str, allowed: int, hang: bool) -> None:
+    """An initializer that lets the first ``allowed`` workers start; every later one
+    (their replacements) hangs or raises."""
+    starts = len(os.listdir(directory))
+    Path(directory, str(os.getpid())).touch()
+    if starts >= allowed:
+        if hang:
+            time.sleep(3600)
+        raise LookupError("a replacement's initializer fails")

@@ -119,6 +119,21 @@ async def test_argument_that_fails_to_unpickle_in_the_worker(anyio_backend: str)
         assert pool.statistics().worker_crashes == 0
 
 
+async def test_an_argument_that_fails_to_unpickle_loses_no_function(
+        anyio_backend: str) -> None:
+    # The chunk that first brought a worker its function also held the argument that
+    # does not load: the function was lost with it, and the worker died on the next
+    # chunk, which no longer carried it.
+    items: list[object] = [tasks.Unloadable(), *range(1, 40)]
+    async with ResilientPool(max_workers=2) as pool:
+        for _ in range(2):
+            results = await pool.map(tasks.echo, items, chunk_size=5,
+                                     return_exceptions=True)
+            assert isinstance(results[0], SerializationError)
+            assert results[1:] == list(range(1, 40))
+        assert pool.statistics().worker_crashes == 0
+
+
 @pytest.mark.parametrize("fn", [tasks.return_unpicklable, tasks.return_unloadable])
 async def test_bad_result_stays_with_its_item(fn: object, anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:

@@ -60,6 +60,21 @@ async def test_an_initializer_that_hangs_fails_the_open_at_start_timeout(
     assert time.monotonic() - started < 10  # no retry, no fall back
 
 
+@pytest.mark.parametrize("hang", [True, False])
+async def test_replacements_whose_initializer_fails_end_the_call(
+        hang: bool, tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
+    # Workers recycled after 5 tasks are replaced by ones whose initializer hangs (or
+    # raises): the replacements killed at start_timeout still counted as workers on
+    # their way, so the pool tried forever and the call never returned.
+    with anyio.fail_after(30):
+        async with ResilientPool(max_workers=2, rungs=("process",), max_tasks_per_worker=5,
+                                 initializer=tasks.start_then_fail,
+                                 initargs=(str(tmp_path), 2, hang),
+                                 start_timeout=1.0) as pool:
+            with pytest.raises(InitializerFailed):
+                await pool.map(tasks.square, range(40), chunk_size=1)
+
+
 @pytest.mark.parametrize("rungs", [("thread",), ("inline",)])
 async def test_initializer_on_threads_and_inline(rungs: tuple[str, ...],
                                                  anyio_backend: str) -> None:

@@ -127,3 +127,19 @@ class ChunkUnpicklable(Exception):
     def __init__(self, errors: dict[int, BaseException]) -> None:
         super().__init__(errors)
         self.errors = errors
+
+
+def unpicklable_items(chunk: Chunk) -> dict[int, BaseException]:
+    """Which items of a chunk cannot be pickled, by position, and why."""
+    import cloudpickle
+
+    errors: dict[int, BaseException] = {}
+    position = 0
+    for piece in chunk.pieces:
+        for item in piece.items:
+            try:
+                cloudpickle.dumps(item, 5)
+            except Exception as exc:
+                errors[position] = exc
+            position += 1
+    return errors

@@ -28,7 +28,7 @@ from .._forkserver import ForkServer
 from .._loop import preload_backend
 from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
 from ._proc import Death, Events, Proc, ProcState
-from .base import ChunkUnpicklable, Listener, Rung, RungState
+from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
 if TYPE_CHECKING:
     from .._call import Chunk
@@ -188,11 +188,13 @@ class ProcessRung(Rung, Events):
         # After a crash among a call's items, its chunks send each result as it is
         # made: another crash then loses nothing that had finished.
         careful = chunk.crashes > 0 or any(p.call.crashed for p in chunk.pieces)
-        head = _wire.CHUNK_HEAD.pack(self._seq, 0.0 if careful else FLUSH_SECONDS)
+        shipping = _wire.dumps((functions, proc.forget))
+        head = _wire.CHUNK_HEAD.pack(self._seq, 0.0 if careful else FLUSH_SECONDS,
+                                     len(shipping))
         try:
-            parts = [head, *_wire.dumps_any((functions, proc.forget, runs))]
+            parts = [head, *shipping, *_wire.dumps_any(runs)]
         except Exception as exc:
-            raise ChunkUnpicklable(_unpicklable(chunk)) from exc
+            raise ChunkUnpicklable(unpicklable_items(chunk)) from exc
         chunk.seq = self._seq
         chunk.rung, chunk.worker = self, proc
         # What the items weigh (for chunk sizing): the message, less the functions.
@@ -291,10 +293,11 @@ class ProcessRung(Rung, Events):
 
     def _live(self) -> int:
         """Workers that will take chunks: starting or ready, and not about to leave
-        (one that reached max_tasks_per_worker leaves after its chunk)."""
+        (one that reached max_tasks_per_worker leaves after its chunk, one killed for
+        not starting in time is gone)."""
         limit = self.config.max_tasks_per_worker
         return sum(1 for p in self.procs if p.state in (ProcState.STARTING, ProcState.READY)
-                   and (limit is None or p.tasks < limit))
+                   and not p.killed and (limit is None or p.tasks < limit))
 
     def _grow(self) -> None:
         """A worker left (or will): the supervisor forks its replacement."""
@@ -392,22 +395,6 @@ def _big(piece: Any) -> bool:
     # Small chunks are checked item by item (cheap); big ones only if items were big.
     per_item = piece.call.timing.bytes_per_item
     return len(piece.items) <= 64 or (per_item is not None and per_item >= _wire.BIG // 2)
-
-
-def _unpicklable(chunk: Chunk) -> dict[int, BaseException]:
-    """Which items of a chunk cannot be pickled, by position, and why."""
-    import cloudpickle
-
-    errors: dict[int, BaseException] = {}
-    position = 0
-    for piece in chunk.pieces:
-        for item in piece.items:
-            try:
-                cloudpickle.dumps(item, 5)
-            except Exception as exc:
-                errors[position] = exc
-            position += 1
-    return errors
 
 
 def _take_parked(key: tuple[Any, ...], count: int) -> list[Proc]:
