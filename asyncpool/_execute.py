@@ -51,9 +51,14 @@ _loaded: set[str] = set()
 
 #: One namespace for every function of the caller's main script that a worker loads.
 _main_globals: dict[str, Any] = {}
+#: On a Dask worker, which serves many client processes: one such namespace per
+#: client process (the latest :data:`SPACES` of them), so that two programs whose
+#: main scripts both define ``TABLE`` or ``helper`` never see each other's.
+_spaces: dict[str, dict[str, Any]] = {}
+SPACES = 16
 
 
-def share_main(fn: Any) -> Any:
+def share_main(fn: Any, space: str | None = None) -> Any:
     """``fn`` with the globals of the caller's main script shared with its other
     functions loaded here.
 
@@ -69,11 +74,17 @@ def share_main(fn: Any) -> Any:
     import types
 
     if isinstance(fn, functools.partial):
-        inner = share_main(fn.func)
+        inner = share_main(fn.func, space)
         return fn if inner is fn.func else functools.partial(inner, *fn.args, **fn.keywords)
     if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
         return fn
-    shared = _main_globals
+    if space is None:
+        shared = _main_globals
+    else:
+        found = _spaces.pop(space, None)
+        shared = _spaces[space] = found if found is not None else {}
+        while len(_spaces) > SPACES:
+            del _spaces[next(iter(_spaces))]
     for name, value in fn.__globals__.items():
         if name not in shared or type(value) in _PLAIN:
             shared[name] = value
@@ -280,30 +291,41 @@ def encode_errors(errors: dict[int, BaseException]) -> list[tuple[int, bytes, st
     return encoded
 
 
-# Functions a Dask worker loaded, by their pickle, so each is unpickled once per worker
-# process, not once per chunk (at most 64 of them, or 64 MB of pickles).
-_cluster_functions: dict[bytes, Any] = {}
+# Functions a Dask worker loaded, by their client process and pickle, so each is
+# unpickled once per worker process, not once per chunk (at most 64 of them, or 64 MB
+# of pickles).
+_cluster_functions: dict[tuple[str, bytes], Any] = {}
 
 
-def run_on_cluster(blobs: list[bytes], runs: list[tuple[int, bool, int, list[Any]]],
-                   retries: int) -> tuple[list[bytes | bytearray], list[tuple[int, bytes, str]],
-                                          tuple[float, int], str | None]:
+def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, space: str
+                   ) -> tuple[list[bytes | bytearray], list[tuple[int, bytes, str]],
+                              tuple[float, int], str | None, str | None]:
     """What the dask rung runs on a Dask worker: (the results' pickle and its
     out-of-band buffers, errors, (seconds, retries), why the function could not be
-    loaded, or None)."""
+    loaded or None, why the arguments could not be or None).
+
+    ``arguments`` is the runs' pickle (function index, star, call id, items) and its
+    buffers, made by the rung: an item that does not unpickle here fails its chunk
+    (which the rung splits), not the task. ``space`` names the client process.
+    """
     functions = []
     for blob in blobs:
         # Each task carries its function's pickle: loaded once per worker process.
-        found = _cluster_functions.get(blob)
+        found = _cluster_functions.get((space, blob))
         if found is None:
             try:
-                found = share_main(loads(blob))
+                found = share_main(loads(blob), space)
             except BaseException as exc:
-                return [], [], (0.0, 0), repr(exc)
-            if len(_cluster_functions) >= 64 or sum(map(len, _cluster_functions)) > 64 << 20:
+                return [], [], (0.0, 0), repr(exc), None
+            if len(_cluster_functions) >= 64 or sum(
+                    len(b) for _, b in _cluster_functions) > 64 << 20:
                 _cluster_functions.clear()
-            _cluster_functions[blob] = found
+            _cluster_functions[space, blob] = found
         functions.append(found)
+    try:
+        runs: list[tuple[int, bool, int, list[Any]]] = loads(arguments[0], arguments[1:])
+    except BaseException as exc:
+        return [], [], (0.0, 0), None, repr(exc)
     results: list[Any] = []
     errors: dict[int, BaseException] = {}
     spent = [(0.0, 0)]
@@ -321,7 +343,7 @@ def run_on_cluster(blobs: list[bytes], runs: list[tuple[int, bool, int, list[Any
     # As the wire does: a writable buffer (a NumPy array's data) comes back writable.
     parts = [bytes(part) if memoryview(part).readonly else bytearray(part)
              for part in dump_results(results)]
-    return parts, encode_errors(errors), spent[0], None
+    return parts, encode_errors(errors), spent[0], None, None
 
 
 def dump_results(results: list[Any]) -> _wire.Parts:

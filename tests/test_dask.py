@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from asyncpool import ResilientPool, WorkerCrashed
+from asyncpool import ResilientPool, SerializationError, WorkerCrashed
 
 from . import tasks
 from .helpers import wait_until
@@ -65,6 +67,33 @@ async def test_map_on_the_cluster(cluster: Any, tmp_path: Path) -> None:
         # The pool's client is its own: the application's default client is untouched.
         with pytest.raises(ValueError):
             distributed.default_client()
+
+
+async def test_two_main_scripts_on_one_cluster_keep_their_globals_apart(
+        cluster: Any) -> None:
+    # Both define TABLE and helper: a Dask worker kept one namespace for every main
+    # script it ever served, and the second program ran the first one's helper.
+    script = str(Path(__file__).with_name("_main_cluster.py"))
+    for offsets in ([1000], [2000, 3000]):  # one after the other, then side by side
+        procs = [await asyncio.create_subprocess_exec(
+            sys.executable, script, cluster.scheduler_address, str(offset),
+            stdout=asyncio.subprocess.PIPE) for offset in offsets]
+        outputs = [await asyncio.wait_for(p.communicate(), 120) for p in procs]
+        assert [out.strip() for out, _ in outputs] == [b"0"] * len(offsets)
+        assert [p.returncode for p in procs] == [0] * len(offsets)
+
+
+async def test_an_argument_the_cluster_cannot_unpickle_fails_alone(cluster: Any) -> None:
+    # Dask unpickled the chunk's items itself, and one that failed made every item of
+    # the call a FunctionUnavailable, even with return_exceptions.
+    items: list[object] = list(range(200))
+    items[50] = tasks.Unloadable()
+    async with ResilientPool(max_workers=2, dask_address=cluster.scheduler_address) as pool:
+        results = await pool.map(tasks.echo, items, return_exceptions=True)
+        assert isinstance(results[50], SerializationError) and "item 50" in str(results[50])
+        assert [r for i, r in enumerate(results) if i != 50] == [
+            i for i in range(200) if i != 50]
+        assert pool.backend == "dask"
 
 
 async def test_the_only_worker_dying_is_a_crash_not_a_lost_scheduler(tmp_path: Path) -> None:

@@ -17,9 +17,10 @@ from .._execute import loads, share_main
 class InitializerPlugin(WorkerPlugin):
     """Runs ``initializer(*initargs)`` once on each worker, now and as workers join."""
 
-    def __init__(self, blob: bytes) -> None:
+    def __init__(self, blob: bytes, space: str) -> None:
         self.blob = blob
+        self.space = space
 
     def setup(self, worker: Any) -> None:
         initializer, initargs = loads(self.blob)
-        share_main(initializer)(*initargs)
+        share_main(initializer, self.space)(*initargs)

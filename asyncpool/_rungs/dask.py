@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import secrets
+import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .._errors import FunctionUnavailable, InitializerFailed
 from .._retry import RungUnavailable
+from .. import _wire
+from .._errors import SerializationError
 from .._execute import run_on_cluster
 from .._wire import loads
-from .base import Listener, Rung, RungState
+from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
 if TYPE_CHECKING:
     from .._call import Chunk
@@ -122,7 +126,7 @@ class DaskRung(Rung):
 
         blob = cloudpickle.dumps((self.config.initializer, self.config.initargs), 5)
         try:
-            await self.client.register_plugin(InitializerPlugin(blob),
+            await self.client.register_plugin(InitializerPlugin(blob, client_space()),
                                               name=f"asyncpool-initializer-{self._token}")
         except Exception as exc:
             raise InitializerFailed(f"the initializer {self.config.initializer!r} raised "
@@ -152,9 +156,22 @@ class DaskRung(Rung):
         return None if self.usable and self.in_flight < self.capacity else 0
 
     def submit(self, chunk: Chunk) -> None:
+        # The items are pickled here, not by Dask: an item that does not pickle fails
+        # alone, and one the cluster cannot unpickle fails its chunk (which is then
+        # split), not every item of the call.
+        shipped = {p.call.shipped.id: p.call.shipped for p in chunk.pieces}
+        index = {fn_id: i for i, fn_id in enumerate(shipped)}
+        runs = [(index[p.call.shipped.id], p.call.star, p.call.id, p.items)
+                for p in chunk.pieces]
+        try:
+            arguments = _wire.dumps_any(runs)
+        except Exception as exc:
+            raise ChunkUnpicklable(unpicklable_items(chunk)) from exc
+        chunk.payload_bytes = sum(memoryview(p).nbytes for p in arguments)
         chunk.rung = self
         self.in_flight += 1
-        self._relays[chunk] = asyncio.ensure_future(self._relay(chunk))
+        self._relays[chunk] = asyncio.ensure_future(
+            self._relay(chunk, list(shipped.values()), arguments))
 
     async def _function(self, shipped: Any) -> Any:
         """The function's pickle, or for a big one its data scattered to every worker."""
@@ -171,26 +188,24 @@ class DaskRung(Rung):
         if found is not None and found.done() and not found.exception():
             found.result().release()
 
-    async def _relay(self, chunk: Chunk) -> None:
+    async def _relay(self, chunk: Chunk, shipped: list[Any], arguments: _wire.Parts) -> None:
         from distributed import KilledWorker
 
         future = None
         try:
-            shipped = [p.call.shipped for p in chunk.pieces]
-            blobs = [await self._function(s) for s in {s.id: s for s in shipped}.values()]
-            index = {s.id: i for i, s in enumerate({s.id: s for s in shipped}.values())}
-            runs = [(index[p.call.shipped.id], p.call.star, p.call.id, p.items)
-                    for p in chunk.pieces]
+            blobs = [await self._function(s) for s in shipped]
             self._count += 1
             name = re.sub(r"[^\w.]+", "_", chunk.pieces[0].call.shipped.name)
-            future = self.client.submit(run_on_cluster, blobs, runs, self.config.task_retries,
+            future = self.client.submit(run_on_cluster, blobs, arguments,
+                                        self.config.task_retries, client_space(),
                                         key=f"{name}-{self._token}-{self._count}", pure=False,
                                         **chunk.pieces[0].call.options.dask)
             # Shielded: the client gathers many futures' results in one shared request,
             # which cancelling this relay would cancel for every other chunk too.
             waiting = asyncio.ensure_future(_outcome(future))
             waiting.add_done_callback(_retrieved)
-            blob, errors, (seconds, retried), unloadable = await asyncio.shield(waiting)
+            blob, errors, (seconds, retried), unloadable, bad_arguments = (
+                await asyncio.shield(waiting))
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -234,6 +249,9 @@ class DaskRung(Rung):
             self._final(chunk, "progress", [None] * chunk.size,
                         dict.fromkeys(range(chunk.size), error))
             return
+        if bad_arguments is not None:
+            self._final(chunk, "unloadable", error=SerializationError(bad_arguments))
+            return
         if unloadable is not None:
             error = FunctionUnavailable(f"the function could not be loaded on the Dask "
                                         f"cluster: {unloadable}; install its module on the "
@@ -254,11 +272,15 @@ class DaskRung(Rung):
 
     def _final(self, chunk: Chunk, how: str, results: list[Any] | None = None,
                errors: dict[int, BaseException] | None = None, seconds: float = 0.0,
-               retried: int = 0, deaths: int | None = None) -> None:
+               retried: int = 0, deaths: int | None = None,
+               error: BaseException | None = None) -> None:
         if self._relays.pop(chunk, None) is None:
             return
         self.in_flight -= 1
-        if how == "progress":
+        if how == "unloadable":
+            assert error is not None
+            self.listener.chunk_unloadable(chunk, error)
+        elif how == "progress":
             assert results is not None and errors is not None
             self.listener.chunk_progress(chunk, 0, chunk.size, results, errors)
             self.listener.chunk_done(chunk, chunk.size, seconds, retried)
@@ -329,6 +351,18 @@ def _lost_connection(exc: BaseException, client: Any) -> bool:
     # Futures are cancelled under us when the client loses its scheduler.
     return isinstance(exc, FutureCancelledError | asyncio.CancelledError) or (
         getattr(client, "status", "running") != "running")
+
+
+_space: tuple[int, str] | None = None
+
+
+def client_space() -> str:
+    """Names this client process to Dask workers, which keep the globals of each
+    client's main script apart (see :func:`~asyncpool._execute.share_main`)."""
+    global _space
+    if _space is None or _space[0] != os.getpid():
+        _space = (os.getpid(), f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+    return _space[1]
 
 
 async def _outcome(future: Any) -> Any:
