@@ -86,15 +86,22 @@ class Ladder:
                 if rung is not None and rung.usable:
                     return
                 start = 0
+                crashed = rung is not None and rung.state is RungState.CRASHED
+                was = self.index
                 if rung is not None:
                     # A rung that crashed (a lost cluster, no worker can be forked)
                     # is not tried again now: the promoter climbs back to it later.
-                    if rung.state is RungState.CRASHED and self.index + 1 < len(
-                            self.config.ladder):
+                    if crashed and self.index + 1 < len(self.config.ladder):
                         start = self.index + 1
                     self._retire(rung)
                     self.serving = None
                 await self._climb_down(start)
+                if crashed and self.index > was:
+                    ladder = self.config.ladder
+                    self.counters.fallbacks += 1
+                    self.emit("fallback", f"the {ladder[was]} rung stopped serving; "
+                              f"falling back to the {ladder[self.index]} rung",
+                              failed=ladder[was], to=ladder[self.index])
         except Exception as error:
             # Nothing can serve: every waiting call learns why.
             self.fail_all(error)

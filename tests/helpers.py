@@ -227,6 +227,14 @@ class CliCluster:
     def kill_worker(self, index: int = 0) -> None:
         _kill_session(self.workers[index])
 
+    def pause_scheduler(self, paused: bool = True) -> None:
+        """SIGSTOP (or SIGCONT) the scheduler: it keeps its connections open and
+        answers nothing, as a hung or swapped-out process does."""
+        import signal
+
+        assert self.scheduler is not None
+        os.kill(self.scheduler.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
     def stop(self) -> None:
         # Asked to stop, each cleans up after itself (its multiprocessing semaphores
         # in /dev/shm too); what is left after 10 s is killed.

@@ -90,6 +90,40 @@ async def test_losing_the_scheduler_mid_map_loses_nothing_then_climbs_back(
         assert await pool.map(tasks.square, range(100)) == [i * i for i in range(100)]
 
 
+@pytest.mark.parametrize("fault", ["scheduler stops answering", "every worker leaves"])
+async def test_a_cluster_that_stops_serving_mid_map_is_left_for_local_workers(
+        fault: str, cluster: CliCluster) -> None:
+    # Neither closes the client's connection: the map waited for good on a scheduler
+    # stopped with SIGSTOP, and on one left without workers.
+    async with ResilientPool(max_workers=2, dask_address=cluster.address,
+                             dask_connect_timeout=2.0, promote_after=60) as pool:
+        assert pool.backend == "dask"
+        results: list[object] = []
+
+        async def mapper() -> None:
+            results.extend(await pool.map(tasks.nap, [0.01] * 400, chunk_size=5))
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(mapper)
+                await wait_until(lambda: pool.statistics().tasks_completed >= 40, 60)
+                lost = time.monotonic()
+                if fault == "scheduler stops answering":
+                    cluster.pause_scheduler()
+                else:
+                    for index in range(len(cluster.workers)):
+                        cluster.kill_worker(index)
+                # The target: dask_connect_timeout + 5 s (the cluster is looked at
+                # every 2 s, and a lost chunk's cancel waits up to 2 s).
+                await wait_until(lambda: pool.backend == "process", 30)
+                assert time.monotonic() - lost < 2.0 + 5 + 4
+            assert results == [0.01] * 400
+            assert pool.statistics().fallbacks == 1
+        finally:
+            if fault == "scheduler stops answering":
+                cluster.pause_scheduler(False)
+
+
 async def test_a_killed_worker_loses_nothing(cluster: CliCluster) -> None:
     async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
         results: list[float] = []

@@ -132,16 +132,39 @@ class DaskRung(Rung):
             raise InitializerFailed(f"the initializer {self.config.initializer!r} raised "
                                     f"on a Dask worker: {exc!r}") from exc
 
-    async def _resize(self) -> None:
-        threads = await self.client.nthreads()
-        self.lanes = max(1, sum(threads.values()))
+    async def _resize(self) -> int:
+        """Follow the cluster's threads; returns how many it has now."""
+        threads = int(sum((await self.client.nthreads()).values()))
+        self.lanes = max(1, threads)
+        return threads
 
     async def _keep_sized(self) -> None:
+        """Follow the cluster as it scales; give it up when its scheduler stops
+        answering (a stopped or hung process keeps its connection open), or when it
+        has had no worker, for ``dask_connect_timeout``: what it held then runs on the
+        local rungs, and the promoter climbs back once the cluster serves again."""
+        timeout = self.config.dask_connect_timeout
+        empty_since: float | None = None
         while self.state is RungState.SERVING:
             await asyncio.sleep(RESIZE_EVERY)
             try:
-                await self._resize()
-            except Exception:
+                threads = await asyncio.wait_for(self._resize(), timeout)
+            except asyncio.TimeoutError:
+                self._broke(RungUnavailable(f"the Dask scheduler did not answer within "
+                                            f"dask_connect_timeout={timeout} s"))
+                return
+            except Exception as exc:
+                if _lost_connection(exc, self.client):
+                    self._broke(exc)
+                return
+            now = asyncio.get_running_loop().time()
+            if threads:
+                empty_since = None
+            elif empty_since is None:
+                empty_since = now
+            elif now - empty_since >= timeout:
+                self._broke(RungUnavailable(f"the Dask cluster has had no worker for "
+                                            f"{now - empty_since:.0f} s"))
                 return
 
     @property
@@ -306,8 +329,8 @@ class DaskRung(Rung):
     def _broke(self, error: BaseException) -> None:
         if self.state is not RungState.SERVING:
             return
-        logger.warning("lost the Dask scheduler (%r); serving locally until it answers "
-                       "again", error)
+        logger.warning("the Dask cluster stops serving (%s); serving locally until it "
+                       "answers again", error)
         self.state = RungState.CRASHED
         for relay in list(self._relays.values()):
             relay.cancel()
