@@ -139,9 +139,7 @@ def main() -> None:
             message, fds = b"", []
         if not message:
             # The parent is gone (or closed us): its workers go too.
-            for pid in [*children, *_adopted(children)]:
-                _kill_group(pid)
-            _reap(children, block=True)
+            _stop_all(children)
             os._exit(0)
         op, *names = message.decode().split("\0")
         if op == "preload":
@@ -196,16 +194,34 @@ def _kill_group(pid: int) -> None:
             pass
 
 
-def _reap(children: dict[int, socket.socket], block: bool = False) -> None:
-    """Reap every child that exited, reporting workers' exit statuses. ``block``
-    waits until no child is left."""
+def _stop_all(children: dict[int, socket.socket], grace: float = 5.0) -> None:
+    """Kill every worker's group, then what they started in sessions of their own,
+    which this process adopts as each worker dies; until no child is left (or
+    ``grace`` seconds passed: a process in uninterruptible sleep cannot be waited for)."""
+    import time
+
+    for pid in children:
+        _kill_group(pid)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        _reap(children)
+        for pid in _adopted(children):
+            _kill_group(pid)
+        try:
+            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return  # none left
+        time.sleep(0.005)
+
+
+def _reap(children: dict[int, socket.socket]) -> None:
+    """Reap every child that exited, reporting workers' exit statuses."""
     reaped = False
     while True:
         try:
             # Look before reaping: while the worker is a zombie its pid (and so its
             # process group's id) cannot be reused, so killing the group is safe.
-            found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT
-                              | (0 if block else os.WNOHANG))
+            found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT | os.WNOHANG)
         except ChildProcessError:
             break
         if found is None:

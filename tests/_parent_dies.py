@@ -1,4 +1,5 @@
-"""Die mid-map (argument: SIGKILL or SIGTERM) and print the pids that must not outlive us."""
+"""Die mid-map (argument: SIGKILL or SIGTERM) and print the pids that must not outlive us:
+the workers, a grandchild and a grandchild in a session of its own."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ async def main(how: str) -> None:
     pool = ResilientPool(max_workers=2, chunk_size=1)
     await pool.__aenter__()
     pids = set(await pool.map(tasks.pid_of, range(8)))
+    # A grandchild in a session of its own: out of reach of its worker's group.
+    session = tempfile.mktemp()
+    pids.add(await pool.run(tasks.spawn_session_sleeper, session))
+    os.unlink(session)
     asyncio.ensure_future(pool.map(tasks.nap, [60.0] * 6))
     asyncio.ensure_future(pool.run(tasks.spawn_sleeper, (note, 60.0)))
     while not os.path.exists(note) or not open(note).read():
