@@ -236,11 +236,11 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
     # The task's own code runs here (__str__, __repr__): it must not end the worker.
     try:
         message = str(exc)
-    except Exception:
+    except BaseException:
         message = f"<{name}: its __str__ raised>"
     try:
         text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    except Exception:
+    except BaseException:
         text = f"{name}: {message}\n"
     return name, message, text
 
@@ -257,14 +257,14 @@ def portable(exc: BaseException) -> BaseException:
         # A class whose __init__ needs more than ``args`` pickles but does not load.
         pickle.loads(pickle.dumps(exc, 5))
         return exc
-    except Exception:
+    except BaseException:
         pass
     try:
         import cloudpickle
 
         pickle.loads(cloudpickle.dumps(exc, 5))
         return exc
-    except Exception:
+    except BaseException:
         return RemoteError(f"{name}: {message}", type_name=name, traceback=text)
 
 
@@ -280,11 +280,11 @@ def encode_errors(errors: dict[int, BaseException]) -> list[tuple[int, bytes, st
             exc = portable(exc)
             try:
                 blob = pickle.dumps(exc, 5)
-            except Exception:
+            except BaseException:
                 import cloudpickle
 
                 blob = cloudpickle.dumps(exc, 5)
-        except Exception:
+        except BaseException:
             blob = pickle.dumps(RemoteError(f"{name}: {message}", type_name=name,
                                             traceback=text), 5)
         encoded.append((position, blob, text))
@@ -355,7 +355,7 @@ def dump_results(results: list[Any]) -> _wire.Parts:
         parts = _wire.dumps_any(_wire.wrap_big(results) if wrapped else results)
         if not wrapped and len(parts[0]) >= _wire.SMALL_FRAME:
             parts = _wire.dumps_any(_wire.wrap_big(results))
-    except Exception:
+    except BaseException:
         parts = []
     if parts:
         return parts
@@ -364,7 +364,7 @@ def dump_results(results: list[Any]) -> _wire.Parts:
         try:
             _wire.dumps_any(value)
             fixed.append(value)
-        except Exception as exc:
+        except BaseException as exc:
             fixed.append(Unsendable(f"its result, a {type(value).__qualname__}, cannot be "
                                      f"pickled back to the parent ({exc!r}); return plain "
                                      "data instead"))

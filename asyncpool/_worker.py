@@ -174,7 +174,7 @@ def serve(sock: socket.socket, progress: Any) -> int:
             failure = portable(exc)
             try:
                 blob = pickle.dumps(failure, 5)
-            except Exception:
+            except BaseException:
                 blob = pickle.dumps(RemoteError(repr(exc)), 5)
             try:
                 worker.send(_wire.INIT_FAILED, [pickle.dumps((blob, describe(exc)[2]), 5)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -368,3 +369,37 @@ def start_then_fail(directory: str, allowed: int, hang: bool) -> None:
         if hang:
             time.sleep(3600)
         raise LookupError("a replacement's initializer fails")
+
+
+class LoadingStops(BaseException):
+    """Not an Exception: raised while a value is unpickled."""
+
+
+def _stop_loading(how: str) -> None:
+    if how == "exit":
+        sys.exit(4)
+    if how == "interrupt":
+        raise KeyboardInterrupt
+    raise LoadingStops("stopped while loading")
+
+
+class StopsWhenLoaded:
+    """Pickles fine; unpickling it raises a BaseException that is not an Exception."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_stop_loading, (self.how,))
+
+
+def odd_outcome(args: tuple[int, str, str]) -> object:
+    """Item 1 returns, or raises a ValueError carrying, a value that stops its loader."""
+    x, where, how = args
+    if x != 1:
+        return x
+    if where == "result":
+        return StopsWhenLoaded(how)
+    error = ValueError("carries a value that stops its loader")
+    error.payload = StopsWhenLoaded(how)  # type: ignore[attr-defined]
+    raise error

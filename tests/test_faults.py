@@ -134,6 +134,27 @@ async def test_an_argument_that_fails_to_unpickle_loses_no_function(
         assert pool.statistics().worker_crashes == 0
 
 
+@pytest.mark.parametrize("how", ["exit", "interrupt", "base"])
+@pytest.mark.parametrize("where", ["result", "exception"])
+async def test_a_value_whose_loading_raises_a_base_exception_fails_its_item_alone(
+        where: str, how: str, anyio_backend: str) -> None:
+    # Unpickling ran the value's own code: a SystemExit or KeyboardInterrupt from it
+    # ended the parent (or the worker, for an exception's attribute), and a
+    # BaseException of its own left the call waiting for good.
+    async with ResilientPool(max_workers=2) as pool:
+        with anyio.fail_after(20):
+            results = await pool.map(tasks.odd_outcome, [(i, where, how) for i in range(3)],
+                                     return_exceptions=True)
+        assert results[0] == 0 and results[2] == 2
+        if where == "result":
+            assert isinstance(results[1], SerializationError)
+            assert "item 1" in str(results[1]) and "result" in str(results[1])
+        else:
+            assert isinstance(results[1], RemoteError) and results[1].type_name == "ValueError"
+        assert pool.statistics().worker_crashes == 0
+        assert await pool.run(tasks.square, 3) == 9
+
+
 @pytest.mark.parametrize("fn", [tasks.return_unpicklable, tasks.return_unloadable])
 async def test_bad_result_stays_with_its_item(fn: object, anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:

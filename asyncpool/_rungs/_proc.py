@@ -225,7 +225,7 @@ class Proc:
         else:
             try:
                 decoded: list[Any] = _wire.loads(parts[1:])
-            except Exception as exc:
+            except BaseException as exc:  # the results' own code ran: SystemExit too
                 results = exc
             else:
                 results = decoded
@@ -331,7 +331,7 @@ def _described(exitcode: int | None) -> str:
 def _decode_error(blob: bytes, text: str) -> BaseException:
     try:
         exc: BaseException = pickle.loads(blob)
-    except Exception as problem:
+    except BaseException as problem:  # its own code ran: a SystemExit is not ours
         # Rebuilt in the worker but not here (its class is not importable here).
         first = text.strip().splitlines()[-1] if text.strip() else repr(problem)
         exc = RemoteError(first, type_name=first.split(":", 1)[0], traceback=text)

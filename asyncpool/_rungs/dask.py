@@ -149,7 +149,7 @@ class DaskRung(Rung):
             await asyncio.sleep(RESIZE_EVERY)
             try:
                 threads = await asyncio.wait_for(self._resize(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._broke(RungUnavailable(f"the Dask scheduler did not answer within "
                                             f"dask_connect_timeout={timeout} s"))
                 return
@@ -287,7 +287,7 @@ class DaskRung(Rung):
             errors = {position: _decode_error(b, text) for position, b, text in errors}
             try:
                 results = loads(blob)
-            except Exception as exc:
+            except BaseException as exc:  # the results' own code ran: SystemExit too
                 self.listener.chunk_undecodable(chunk, 0, chunk.size, exc)
                 self._final(chunk, "done")
                 return
