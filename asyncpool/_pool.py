@@ -101,12 +101,21 @@ class ResilientPool:
                 call timed out or was cancelled) are killed.
 
         Items of waiting calls that were never sent fail with ``PoolClosed``. Idempotent.
+
+        Raises:
+            PoolClosed: called from another event loop (or thread) than the one that
+                entered the pool; the pool stays open for its own loop.
         """
         if self._state in (PoolState.CLOSING, PoolState.CLOSED):
             return
         if self._pid is not None and self._pid != os.getpid():
             self._state = PoolState.CLOSED  # the parent's workers are the parent's
             return
+        if self._loop is not None and not self._loop.is_current():
+            # Its tasks and events are the other loop's: closing from here would hang,
+            # and leave the pool broken for its own loop.
+            raise PoolClosed("this pool was opened on another event loop (or thread); "
+                             "close it there, where it was entered")
         engine = self._engine
         self._state = PoolState.CLOSING
         try:

@@ -160,15 +160,21 @@ async def test_reuse_workers_across_pools(anyio_backend: str, no_leaks: None) ->
     assert await ResilientPool.close_idle_workers() == 2
 
 
-async def test_a_pool_used_from_another_loop_says_so(pool: ResilientPool) -> None:
+@pytest.mark.parametrize("use", ["run", "aclose"])
+@pytest.mark.parametrize("other", ["asyncio", "trio"])
+async def test_a_pool_used_from_another_loop_says_so(use: str, other: str,
+                                                     pool: ResilientPool) -> None:
+    # Closing it from another loop hung there, and left it closed for its own.
     def elsewhere() -> BaseException | None:
-        import asyncio
-
         async def call() -> None:
-            await pool.run(tasks.square, 2)
+            with anyio.fail_after(10):
+                if use == "run":
+                    await pool.run(tasks.square, 2)
+                else:
+                    await pool.aclose()
 
         try:
-            asyncio.run(call())
+            anyio.run(call, backend=other)
         except BaseException as exc:
             return exc
         return None
