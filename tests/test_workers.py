@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -73,6 +74,20 @@ async def test_replacements_whose_initializer_fails_end_the_call(
                                  start_timeout=1.0) as pool:
             with pytest.raises(InitializerFailed):
                 await pool.map(tasks.square, range(40), chunk_size=1)
+
+
+@pytest.mark.parametrize("initializer, initargs, match", [
+    (tasks.exit_with, (1,), "raised: SystemExit"),
+    (tasks.nap, (0.3,), "did not return within start_timeout=0.1"),
+])
+async def test_the_inline_initializer_fails_the_open_as_the_others_do(
+        initializer: Any, initargs: tuple[Any, ...], match: str, anyio_backend: str) -> None:
+    # A SystemExit from it escaped as itself, and one slower than start_timeout opened
+    # the pool anyway.
+    with pytest.raises(InitializerFailed, match=match):
+        async with ResilientPool(rungs=("inline",), initializer=initializer,
+                                 initargs=initargs, start_timeout=0.1):
+            pass
 
 
 @pytest.mark.parametrize("rungs", [("thread",), ("inline",)])

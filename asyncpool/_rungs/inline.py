@@ -39,11 +39,20 @@ class InlineRung(Rung):
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> InlineRung:
         if config.initializer is not None:
+            # On the loop itself (this rung has no thread to run it in): it cannot be
+            # interrupted, so start_timeout is checked when it returns.
+            started = time.monotonic()
             try:
                 config.initializer(*config.initargs)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise InitializerFailed(f"the initializer {config.initializer!r} raised: "
                                         f"{exc!r}") from exc
+            spent = time.monotonic() - started
+            if config.start_timeout is not None and spent > config.start_timeout:
+                raise InitializerFailed(
+                    f"the initializer {config.initializer!r} did not return within "
+                    f"start_timeout={config.start_timeout} s (it ran {spent:.1f} s on the "
+                    "event loop, where the inline rung runs it)")
         return cls(config, listener, loop)
 
     def offer(self) -> int | None:
