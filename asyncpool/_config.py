@@ -108,9 +108,10 @@ class PoolConfig:
                      "max_worker_memory"):
             _integer(self, name, low=1, optional=True)
         _integer(self, "task_retries", low=0)
+        # Waits: an infinite one would wait for good.
         for name in ("backoff_initial", "backoff_max", "promote_after", "promote_max"):
-            _number(self, name, low=0.0)
-        _number(self, "backoff_factor", low=1.0)
+            _number(self, name, low=0.0, finite=True)
+        _number(self, "backoff_factor", low=1.0, finite=True)
         _number(self, "backoff_jitter", low=0.0, high=1.0)
         _number(self, "target_chunk_seconds", low=0.0, strict=True, finite=True)
         _number(self, "dask_connect_timeout", low=0.0, strict=True, finite=True)
@@ -216,6 +217,9 @@ def _number(config: PoolConfig, name: str, *, low: float, high: float | None = N
     if inf_is_none and value == math.inf:
         object.__setattr__(config, name, None)
         return
+    if isinstance(value, int) and abs(value) > 1e300:  # beyond a float: math would overflow
+        raise ValueError(f"PoolConfig.{name}={value} is invalid: it is too large; use a "
+                         "number up to 1e300" + (" (or inf)" if inf_is_none else ""))
     ok = not math.isnan(value) and (value > low if strict else value >= low)
     ok = ok and (high is None or value <= high) and (not finite or math.isfinite(value))
     if not ok:

@@ -94,6 +94,9 @@ class CallOptions:
                 continue
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise TypeError(f"{name}={value!r} is invalid: it must be a number or None")
+            if isinstance(value, int) and value > 1e300:
+                raise ValueError(f"{name}={value} is invalid: it must be a number up to "
+                                 "1e300, or inf or None for none")
             if math.isnan(value) or value <= 0:
                 raise ValueError(f"{name}={value!r} is invalid: it must be > 0 or None")
             if value == math.inf:
@@ -117,6 +120,18 @@ class CallOptions:
                             "a callable(done, total)")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise TypeError(f"priority={self.priority!r} is invalid: it must be an integer")
+        resources = self.resources
+        if resources is not None and not (isinstance(resources, dict) and all(
+                isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+                for k, v in resources.items())):
+            raise TypeError(f"resources={resources!r} is invalid: it must be a dict of "
+                            "resource names to amounts, such as {'GPU': 1}, or None")
+        workers = self.workers
+        if workers is not None and not (isinstance(workers, str) or (
+                isinstance(workers, list | tuple | set)
+                and all(isinstance(w, str) for w in workers))):
+            raise TypeError(f"workers={workers!r} is invalid: it must be a worker's address "
+                            "or name, a list of them, or None")
 
     @property
     def dask(self) -> dict[str, Any]:

@@ -287,6 +287,8 @@ class ResilientPool:
             WorkerCrashed, SerializationError, RemoteError, PoolClosed: as for
                 [`map`][asyncpool.ResilientPool.map].
         """
+        if not isinstance(ordered, bool):
+            raise TypeError(f"ordered={ordered!r} is invalid: it must be True or False")
         mode = Mode.ORDERED if ordered else Mode.UNORDERED
         call = self._call(fn, items, False, mode,
                           CallOptions.build(return_exceptions, **options))

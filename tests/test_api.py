@@ -72,6 +72,13 @@ async def test_ordered_imap_with_uneven_items(pool: ResilientPool) -> None:
     assert got == durations
 
 
+async def test_imap_ordered_must_be_a_bool(pool: ResilientPool) -> None:
+    # None silently streamed unordered results.
+    for value in (None, "yes"):
+        with pytest.raises(TypeError, match=f"ordered={value!r}"):
+            pool.imap(tasks.square, range(3), ordered=value)  # type: ignore[arg-type]
+
+
 async def test_per_item_errors(pool: ResilientPool) -> None:
     results = await pool.map(tasks.fail_on, range(6), return_exceptions=True)
     assert results[:3] == [0, 1, 2] and results[4:] == [4, 5]

@@ -177,6 +177,9 @@ BAD_VALUES = [
     ("rungs", ("process", "gpu"), ValueError), ("rungs", (), ValueError),
     ("rungs", ("inline", "process"), ValueError), ("rungs", ("thread", "thread"), ValueError),
     ("dask_connect_timeout", math.inf, ValueError),
+    ("backoff_initial", math.inf, ValueError), ("backoff_max", math.inf, ValueError),
+    ("backoff_factor", math.inf, ValueError), ("promote_after", math.inf, ValueError),
+    ("promote_max", math.inf, ValueError), ("start_timeout", 10**400, ValueError),
 ]
 
 
@@ -217,6 +220,11 @@ def test_both_ways_to_configure_and_a_typo_says_what_was_meant() -> None:
     ({"kill_on_timeout": "yes"}, TypeError, "kill_on_timeout='yes'"),
     ({"progress": 3}, TypeError, "progress=3"),
     ({"timout": 1}, TypeError, "did you mean 'timeout'"),
+    ({"timeout": 10**400}, ValueError, "timeout=1000"),
+    ({"resources": "cpu"}, TypeError, "resources='cpu'"),
+    ({"resources": {"GPU": "one"}}, TypeError, "resources="),
+    ({"workers": 5}, TypeError, "workers=5"),
+    ({"allow_other_workers": "no"}, TypeError, "allow_other_workers='no'"),
 ])
 def test_invalid_call_option_is_named(options: dict[str, Any], kind: type, match: str) -> None:
     with pytest.raises(kind, match=match):
