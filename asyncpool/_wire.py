@@ -36,7 +36,7 @@ INIT, CHUNK, CANCEL, STOP = 1, 2, 3, 4
 # Worker -> parent
 READY, INIT_FAILED, RESULTS = 10, 11, 12
 
-#: A top-level ``bytes`` item or result this big travels out of band.
+#: A ``bytes`` item or result this big (see :func:`wrap_big`) travels out of band.
 BIG = 64 << 10
 #: Frames up to this size are read into one buffer; bigger parts get their own.
 SMALL_FRAME = 1 << 20
@@ -64,21 +64,31 @@ def as_bytearray(buffer: Any) -> bytearray:
     return buffer if type(buffer) is bytearray else bytearray(buffer)
 
 
-def _is_big(value: Any) -> bool:
-    return (type(value) is bytes or type(value) is bytearray) and len(value) >= BIG
-
-
 def wrap_big(values: Sequence[Any]) -> list[Any]:
-    """``values`` with each large top-level ``bytes`` or ``bytearray`` (or one inside a
-    tuple) marked."""
-    out = []
-    for value in values:
-        if _is_big(value):
-            value = BigBytes(value)
-        elif type(value) is tuple and any(_is_big(v) for v in value):
-            value = tuple(BigBytes(v) if _is_big(v) else v for v in value)
-        out.append(value)
-    return out
+    """``values`` with each large ``bytes`` or ``bytearray`` marked: at the top level,
+    or inside a tuple, list or dict (two levels down, in containers of at most
+    :data:`LOOK_INSIDE` elements)."""
+    return [_wrap(value, 2) for value in values]
+
+
+#: Containers this small are looked into for large bytes (a cheap look).
+LOOK_INSIDE = 64
+
+
+def _wrap(value: Any, depth: int) -> Any:
+    kind = type(value)
+    if kind is bytes or kind is bytearray:
+        return BigBytes(value) if len(value) >= BIG else value
+    if not depth or (kind is not tuple and kind is not list and kind is not dict) or len(
+            value) > LOOK_INSIDE:
+        return value
+    if kind is dict:
+        inner = {k: _wrap(v, depth - 1) for k, v in value.items()}
+        return inner if any(inner[k] is not v for k, v in value.items()) else value
+    items = [_wrap(v, depth - 1) for v in value]
+    if all(a is b for a, b in zip(items, value, strict=True)):
+        return value
+    return tuple(items) if kind is tuple else items
 
 
 def dumps(obj: Any, *, by_value: bool = False) -> Parts:
