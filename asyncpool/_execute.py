@@ -15,7 +15,7 @@ import time
 
 from . import _wire
 from ._errors import FunctionUnavailable, RemoteError
-from ._handover import Running, watch, unwatch
+from ._handover import Running, unwatch, watch
 from ._retry import backoff_delays, is_transient
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly

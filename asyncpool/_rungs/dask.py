@@ -28,11 +28,10 @@ import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from .._errors import FunctionUnavailable, InitializerFailed
-from .._retry import RungUnavailable
 from .. import _wire
-from .._errors import SerializationError
+from .._errors import FunctionUnavailable, InitializerFailed, SerializationError
 from .._execute import run_on_cluster
+from .._retry import RungUnavailable
 from .._wire import loads
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
