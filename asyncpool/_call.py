@@ -225,11 +225,11 @@ class Chunk:
     """
 
     __slots__ = ("pieces", "size", "crashes", "reported", "rung", "worker", "seq",
-                 "payload_bytes", "killed", "born")
+                 "payload_bytes", "killed", "born", "suspect")
     #: Chunks made so far in this process: each is numbered (``born``) in order.
     made = 0
 
-    def __init__(self, pieces: list[Piece], crashes: int = 0) -> None:
+    def __init__(self, pieces: list[Piece], crashes: int = 0, suspect: bool = False) -> None:
         self.pieces = pieces
         self.size = sum(len(p.items) for p in pieces)
         #: Crashes of this very set of items (meaningful for a single item).
@@ -242,6 +242,9 @@ class Chunk:
         self.payload_bytes = 0
         #: Stopped on purpose (timeout, cancellation, close): not a crash.
         self.killed = False
+        #: Part of a chunk whose worker died, culprit unknown: a rung whose workers
+        #: run several chunks in one process (Dask) runs it alone.
+        self.suspect = suspect
         Chunk.made += 1
         self.born = Chunk.made
 

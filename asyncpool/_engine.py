@@ -178,11 +178,11 @@ class Engine:
             size = sum(len(p.items) for p in pieces)
             if size > limit:
                 # Too big for this worker's remaining tasks: send the head now.
-                head = Chunk(pieces, chunk.crashes).pieces_between(0, limit)
-                rest = Chunk(pieces, chunk.crashes).pieces_between(limit, size)
-                again.appendleft(Chunk(rest, chunk.crashes))
+                head = Chunk(pieces).pieces_between(0, limit)
+                rest = Chunk(pieces).pieces_between(limit, size)
+                again.appendleft(Chunk(rest, chunk.crashes, chunk.suspect))
                 pieces = head
-            return Chunk(pieces, chunk.crashes)
+            return Chunk(pieces, chunk.crashes, chunk.suspect)
         return self._new_chunk(limit, self._lanes(rung))
 
     def _lanes(self, rung: Rung) -> int:

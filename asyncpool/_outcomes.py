@@ -119,7 +119,7 @@ class Outcomes:
                 rest = chunk.size - first
                 bounds = [first + rest * i // min(parts, rest) for i in range(min(parts, rest))]
                 for lo, hi in zip(bounds, [*bounds[1:], chunk.size], strict=True):
-                    self._again(chunk, lo, hi, "split", 0)
+                    self._again(chunk, lo, hi, "split", 0, suspect=True)
                 self._settle(chunk)
                 return
             culprit = first
@@ -219,7 +219,7 @@ class Outcomes:
         self.kick()
 
     def _again(self, chunk: Chunk, first: int, upto: int, why: str,
-               crashes: int | None = None) -> None:
+               crashes: int | None = None, suspect: bool = False) -> None:
         """Send positions [first, upto) of ``chunk`` again. Unless told otherwise, they
         keep the chunk's crash count when they are all of it (a suspect item that was
         lost with another's worker is still a suspect), and start afresh if not."""
@@ -232,7 +232,7 @@ class Outcomes:
         if crashes is None:
             crashes = chunk.crashes if (first, upto) == (0, chunk.size) else 0
         self.counters.resubmitted_chunks += 1
-        again = Chunk(pieces, crashes)
+        again = Chunk(pieces, crashes, suspect or why == "suspect")
         self.emit("resubmit", f"resubmitting {again.size} item(s) ({why})",
                   size=again.size, reason=why)
         if why == "suspect":

@@ -403,3 +403,13 @@ def odd_outcome(args: tuple[int, str, str]) -> object:
     error = ValueError("carries a value that stops its loader")
     error.payload = StopsWhenLoaded(how)  # type: ignore[attr-defined]
     raise error
+
+
+def exit_on_after(args: tuple[int, int, float]) -> int:
+    """A poison item that works ``seconds`` first, so that its neighbours on a worker
+    with several threads are running when it kills the process."""
+    x, poison, seconds = args
+    time.sleep(seconds)
+    if x == poison:
+        os._exit(7)
+    return x

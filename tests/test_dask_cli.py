@@ -147,6 +147,26 @@ async def test_a_poison_item_is_isolated_on_the_cluster(cluster: CliCluster) -> 
             i for i in range(40) if i != 13]
 
 
+async def test_a_poison_item_on_a_worker_with_two_threads_takes_no_neighbour() -> None:
+    # Its neighbour in the other thread died with it every time, and Dask blamed both:
+    # the neighbour was reported as WorkerCrashed too.
+    cluster = CliCluster(workers=1, threads=2)
+    try:
+        cluster.start_scheduler()
+        cluster.start_workers()
+        await cluster.wait_ready()
+        async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
+            items = [(i, 5, 0.2) for i in range(12)]
+            with anyio.fail_after(180):
+                results = await pool.map(tasks.exit_on_after, items, chunk_size=2,
+                                         return_exceptions=True)
+            assert isinstance(results[5], WorkerCrashed) and "item 5" in str(results[5])
+            assert [r for i, r in enumerate(results) if i != 5] == [
+                i for i in range(12) if i != 5]
+    finally:
+        cluster.stop()
+
+
 async def test_a_function_the_cluster_cannot_import_fails_the_call_once(
         cluster: CliCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A module only this process can import: the Dask workers run elsewhere.

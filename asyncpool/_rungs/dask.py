@@ -71,6 +71,12 @@ class DaskRung(Rung):
         self._relays: dict[Chunk, asyncio.Task[None]] = {}
         self._scattered: dict[int, asyncio.Future[Any]] = {}
         self._sizer: asyncio.Task[None] | None = None
+        #: A chunk under suspicion (its worker died, the culprit is not known yet):
+        #: it runs alone on the cluster once the others are done, and nothing else is
+        #: sent meanwhile. On a worker with several threads, a poison item takes the
+        #: tasks beside it down too, and Dask blames them all.
+        self._suspect: Chunk | None = None
+        self._alone: asyncio.Event | None = None
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> DaskRung:
@@ -175,7 +181,8 @@ class DaskRung(Rung):
         return 2 * self.lanes
 
     def offer(self) -> int | None:
-        return None if self.usable and self.in_flight < self.capacity else 0
+        return None if (self.usable and self.in_flight < self.capacity
+                        and self._suspect is None) else 0
 
     def submit(self, chunk: Chunk) -> None:
         # The items are pickled here, not by Dask: an item that does not pickle fails
@@ -192,6 +199,8 @@ class DaskRung(Rung):
         chunk.payload_bytes = sum(memoryview(p).nbytes for p in arguments)
         chunk.rung = self
         self.in_flight += 1
+        if chunk.suspect:
+            self._suspect = chunk
         self._relays[chunk] = asyncio.ensure_future(
             self._relay(chunk, list(shipped.values()), arguments))
 
@@ -215,6 +224,9 @@ class DaskRung(Rung):
 
         future = None
         try:
+            if chunk is self._suspect and len(self._relays) > 1:
+                self._alone = asyncio.Event()
+                await self._alone.wait()
             blobs = [await self._function(s) for s in shipped]
             self._count += 1
             name = re.sub(r"[^\w.]+", "_", chunk.pieces[0].call.shipped.name)
@@ -299,6 +311,11 @@ class DaskRung(Rung):
         if self._relays.pop(chunk, None) is None:
             return
         self.in_flight -= 1
+        if chunk is self._suspect:
+            self._suspect = None
+        elif self._alone is not None and len(self._relays) == 1:
+            self._alone.set()  # the suspect is alone now
+            self._alone = None
         if how == "unloadable":
             assert error is not None
             self.listener.chunk_unloadable(chunk, error)
