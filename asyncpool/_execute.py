@@ -177,12 +177,11 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
                                else fn(*item) if star else fn(item))
                     except BaseException as exc:
                         # SystemExit and KeyboardInterrupt too: they are the item's
-                        # outcome, and must not end the worker.
-                        append(None)
+                        # outcome, and must not end the worker. The error goes in
+                        # first: the watcher takes an appended result as finished.
                         errors[position] = exc
+                        append(None)
                 position += 1
-                if running is not None:
-                    running.done = position
                 now = time.perf_counter()
                 if now - last >= flush and position < total:
                     last = now

@@ -37,12 +37,13 @@ IDLE_SECONDS = 1.0
 class Running:
     """What one running chunk shares with the watcher.
 
-    The chunk's thread appends to ``results`` and ``errors`` and then advances
-    ``done``; results from position ``flushed`` on are not handed over yet. Whoever
-    hands some over (the chunk's thread or the watcher) holds ``lock`` while doing so.
+    The chunk's thread notes a failed item's error, then appends its result: an
+    appended result is a finished item, and nothing more is written per item. The
+    results from position ``flushed`` on are not handed over yet. Whoever hands some
+    over (the chunk's thread or the watcher) holds ``lock`` while doing so.
     """
 
-    __slots__ = ("lock", "results", "errors", "flushed", "done", "seen", "late")
+    __slots__ = ("lock", "results", "errors", "flushed", "seen", "late")
 
     def __init__(self, results: list[Any], errors: dict[int, BaseException],
                  late: Late) -> None:
@@ -50,20 +51,20 @@ class Running:
         self.results = results
         self.errors = errors
         self.flushed = 0
-        self.done = 0
         self.seen = -1
         self.late = late
 
     def look(self) -> None:
         """In the watcher: hand over what waits behind an item that runs long."""
-        done = self.done
-        if done == self.flushed or done != self.seen:
+        waiting = len(self.results)
+        done = self.flushed + waiting
+        if not waiting or done != self.seen:
             self.seen = done  # nothing waits, or items are still finishing
             return
         with self.lock:
             first = self.flushed
-            count = self.done - first
-            if count <= 0:
+            count = len(self.results)
+            if not count:
                 return
             results = self.results[:count]
             del self.results[:count]
