@@ -26,10 +26,14 @@ if TYPE_CHECKING:
     #: Hands over positions [first, upto): (first, upto, results, errors by position).
     Late = Callable[[int, int, list[Any], dict[int, BaseException]], Any]
 
-#: How often (s) the watcher looks at the running chunks: what waits behind a long
-#: item is handed over within two periods. Every 5 ms cost a sequential run() about
-#: 10% here (the watcher's wake-ups); every 20 ms is within noise.
+#: How often (s) the watcher looks at the running chunks while results wait in them:
+#: what waits behind a long item is handed over within two periods. Every 5 ms cost a
+#: sequential run() about 10% here (the watcher's wake-ups); every 20 ms is within noise.
 PERIOD = 0.02
+#: While no result waits (chunks of one item, long items each handed over as they
+#: finish), the watcher looks ever less often, down to this: each look takes the
+#: interpreter lock from a worker that is busy, about 1% of a CPU-bound service.
+LAZY_PERIOD = 0.2
 #: How long (s) the watcher stays without a chunk to look at.
 IDLE_SECONDS = 1.0
 
@@ -54,18 +58,19 @@ class Running:
         self.seen = -1
         self.late = late
 
-    def look(self) -> None:
-        """In the watcher: hand over what waits behind an item that runs long."""
+    def look(self) -> bool:
+        """In the watcher: hand over what waits behind an item that runs long.
+        Returns whether any result was waiting."""
         waiting = len(self.results)
         done = self.flushed + waiting
         if not waiting or done != self.seen:
             self.seen = done  # nothing waits, or items are still finishing
-            return
+            return bool(waiting)
         with self.lock:
             first = self.flushed
             count = len(self.results)
             if not count:
-                return
+                return False
             results = self.results[:count]
             del self.results[:count]
             upto = first + count
@@ -75,6 +80,7 @@ class Running:
                 self.late(first, upto, results, errors)
             except BaseException:  # the other side is gone: the chunk's thread will see
                 pass
+        return True
 
 
 _lock = threading.Lock()
@@ -106,8 +112,9 @@ def unwatch(running: Running) -> None:
 def _watch() -> None:
     global _watching
     idle_since: float | None = None
+    period = PERIOD
     while True:
-        time.sleep(PERIOD)
+        time.sleep(period)
         with _lock:
             running = list(_running)
             if not running:
@@ -119,8 +126,8 @@ def _watch() -> None:
                     return
                 continue
         idle_since = None
-        for chunk in running:
-            chunk.look()
+        waited = [chunk.look() for chunk in running]
+        period = PERIOD if any(waited) else min(period * 2, LAZY_PERIOD)
 
 
 def _after_fork() -> None:
