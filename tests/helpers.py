@@ -237,12 +237,14 @@ class CliCluster:
 
     def stop(self) -> None:
         # Asked to stop, each cleans up after itself (its multiprocessing semaphores
-        # in /dev/shm too); what is left after 10 s is killed.
-        procs = [p for p in (self.scheduler, *self.workers) if p is not None]
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            _kill_session(proc, grace=10)
+        # in /dev/shm too); what is left after 10 s is killed. Workers first: with
+        # their scheduler gone they wait for it (10 s), with it they leave at once.
+        for group in (self.workers, [self.scheduler]):
+            procs = [p for p in group if p is not None]
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                _kill_session(proc, grace=10)
         self.scheduler, self.workers = None, []
 
 
