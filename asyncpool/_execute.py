@@ -253,18 +253,20 @@ def portable(exc: BaseException) -> BaseException:
                                                           else ""),
                            type_name=name, traceback=text, exitcode=code)
     try:
-        # A class whose __init__ needs more than ``args`` pickles but does not load.
-        pickle.loads(pickle.dumps(exc, 5))
-        return exc
+        # A class whose __init__ needs more than ``args`` pickles but does not load (or
+        # loads as something that is no exception at all).
+        if isinstance(pickle.loads(pickle.dumps(exc, 5)), BaseException):
+            return exc
     except BaseException:
         pass
     try:
         import cloudpickle
 
-        pickle.loads(cloudpickle.dumps(exc, 5))
-        return exc
+        if isinstance(pickle.loads(cloudpickle.dumps(exc, 5)), BaseException):
+            return exc
     except BaseException:
-        return RemoteError(f"{name}: {message}", type_name=name, traceback=text)
+        pass
+    return RemoteError(f"{name}: {message}", type_name=name, traceback=text)
 
 
 # -- the worker process ---------------------------------------------------------------

@@ -413,3 +413,16 @@ def exit_on_after(args: tuple[int, int, float]) -> int:
     if x == poison:
         os._exit(7)
     return x
+
+
+class LoadsAsNumber(Exception):
+    """An exception whose pickle rebuilds an int, not an exception."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (int, (5,))
+
+
+def raise_loads_as_number(x: int) -> int:
+    if x == 1:
+        raise LoadsAsNumber("rebuilt as a number")
+    return x

@@ -155,6 +155,20 @@ async def test_a_value_whose_loading_raises_a_base_exception_fails_its_item_alon
         assert await pool.run(tasks.square, 3) == 9
 
 
+async def test_an_exception_that_unpickles_as_no_exception_is_a_remote_error(
+        anyio_backend: str) -> None:
+    # Its pickle rebuilt an int: the parent's reader failed on it and the call waited
+    # for good.
+    async with ResilientPool(max_workers=2) as pool:
+        with anyio.fail_after(20):
+            results = await pool.map(tasks.raise_loads_as_number, range(3),
+                                     return_exceptions=True)
+            assert results[0] == 0 and results[2] == 2
+            assert isinstance(results[1], RemoteError) and "LoadsAsNumber" in str(results[1])
+            with pytest.raises(RemoteError, match="rebuilt as a number"):
+                await pool.run(tasks.raise_loads_as_number, 1)
+
+
 @pytest.mark.parametrize("fn", [tasks.return_unpicklable, tasks.return_unloadable])
 async def test_bad_result_stays_with_its_item(fn: object, anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:

@@ -331,6 +331,8 @@ def _described(exitcode: int | None) -> str:
 def _decode_error(blob: bytes, text: str) -> BaseException:
     try:
         exc: BaseException = pickle.loads(blob)
+        if not isinstance(exc, BaseException):  # its __reduce__ rebuilt something else
+            raise TypeError(f"it unpickled as {type(exc).__qualname__}")
     except BaseException as problem:  # its own code ran: a SystemExit is not ours
         # Rebuilt in the worker but not here (its class is not importable here).
         first = text.strip().splitlines()[-1] if text.strip() else repr(problem)
