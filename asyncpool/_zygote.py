@@ -44,6 +44,29 @@ def _die_with_parent() -> None:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+#: Set in each worker's environment, which what its tasks start inherits: an adopted
+#: process names the worker it came from.
+OWNER = "ASYNCPOOL_WORKER_PID"
+
+
+def _owner(pid: int) -> int | None:
+    """The worker an adopted process came from, if its environment says."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for entry in f.read().split(b"\0"):
+                if entry.startswith(OWNER.encode() + b"="):
+                    return int(entry.split(b"=", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _orphans_of_gone_workers(children: dict[int, socket.socket]) -> list[int]:
+    """Adopted processes whose worker is gone (or unknown): not one a task of a live
+    worker started and left running."""
+    return [pid for pid in _adopted(children) if _owner(pid) not in children]
+
+
 def _adopted(known: dict[int, socket.socket]) -> list[int]:
     """Processes this fork server adopted (as a subreaper): what a task started in a
     session of its own, whose parent is gone. Linux only (it reads /proc)."""
@@ -71,6 +94,7 @@ def _worker(sock_fd: int, progress_fd: int, parent: int) -> None:
     code = 1
     try:
         os.setpgid(0, 0)
+        os.environ[OWNER] = str(os.getpid())
         _die_with_parent()
         if os.getppid() != parent:  # the fork server died before prctl took hold
             os._exit(1)
@@ -242,8 +266,9 @@ def _reap(children: dict[int, socket.socket]) -> None:
             pass
         sock.close()
     if reaped:
-        # A worker left: what it started in sessions of their own was adopted here.
-        for pid in _adopted(children):
+        # A worker left: what it started in sessions of their own was adopted here
+        # (what live workers' tasks started and left is theirs to keep).
+        for pid in _orphans_of_gone_workers(children):
             _kill_group(pid)
 
 

@@ -426,3 +426,34 @@ def raise_loads_as_number(x: int) -> int:
     if x == 1:
         raise LoadsAsNumber("rebuilt as a number")
     return x
+
+
+_DAEMON = """
+import os, time
+if os.fork():
+    os._exit(0)
+os.setsid()
+if os.fork():
+    os._exit(0)
+print(os.getpid(), flush=True)
+fd = os.open(os.devnull, os.O_WRONLY)
+os.dup2(fd, 1)
+os.dup2(fd, 2)
+time.sleep(60)
+"""
+
+
+def daemon_outlives_neighbours(seconds: float) -> tuple[int, bool]:
+    """Start a double-forked daemon (adopted at once by the fork server), wait while
+    other workers come and go, and say whether it is still alive."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _DAEMON], capture_output=True, text=True,
+                         check=True).stdout
+    pid = int(out.split()[0])
+    time.sleep(seconds)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return pid, False
+    return pid, True

@@ -472,6 +472,28 @@ async def test_what_a_task_starts_in_its_own_session_dies_with_the_pool(
     await wait_until(lambda: not alive(sleeper), 5)
 
 
+async def test_a_workers_daemon_is_left_alone_when_another_worker_leaves(
+        anyio_backend: str) -> None:
+    # The fork server adopts a double-forked daemon at once; when any worker left, it
+    # killed every process it had adopted, this one too, while its task still ran.
+    async with ResilientPool(max_workers=2, rungs=("process",),
+                             max_tasks_per_worker=5) as pool:
+        async with anyio.create_task_group() as tg:
+            outcome: list[tuple[int, bool]] = []
+
+            async def owner() -> None:
+                outcome.append(await pool.run(tasks.daemon_outlives_neighbours, 2.0))
+
+            tg.start_soon(owner)
+            await anyio.sleep(0.5)
+            await pool.map(tasks.square, range(12), chunk_size=1)  # recycles the other
+        assert pool.statistics().workers_recycled >= 1
+        pid, survived = outcome[0]
+        assert survived
+    # Its worker gone with the pool, it goes too.
+    await wait_until(lambda: not alive(pid), 10)
+
+
 async def test_what_workers_started_dies_with_a_killed_fork_server(
         tmp_path: Path, anyio_backend: str) -> None:
     from asyncpool._forkserver import ForkServer
