@@ -12,13 +12,16 @@ from typing import Any, Literal, TypedDict
 
 RungName = Literal["process", "thread", "inline"]
 RUNGS: tuple[str, ...] = ("process", "thread", "inline")
+#: The most workers a pool may have.
+MAX_WORKERS = 1024
 
 
 def _cpu_count() -> int:
     try:
-        return len(os.sched_getaffinity(0))
+        count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        count = os.cpu_count() or 1
+    return min(count, MAX_WORKERS)
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,10 @@ class PoolConfig:
         if not isinstance(rungs, tuple | list):
             _type_error("rungs", self.rungs, "a tuple of rung names")
         object.__setattr__(self, "rungs", tuple(rungs))
-        for name in ("max_workers", "creation_attempts", "max_chunk_size",
-                     "max_crashes_per_item"):
+        # Each worker holds a process (or a thread) and three descriptors: beyond this,
+        # a pool would exhaust the machine before it opened.
+        _integer(self, "max_workers", low=1, high=MAX_WORKERS)
+        for name in ("creation_attempts", "max_chunk_size", "max_crashes_per_item"):
             _integer(self, name, low=1)
         for name in ("chunk_size", "max_chunks_in_flight", "max_tasks_per_worker",
                      "max_worker_memory"):
@@ -113,7 +118,7 @@ class PoolConfig:
             _number(self, name, low=0.0, finite=True)
         _number(self, "backoff_factor", low=1.0, finite=True)
         _number(self, "backoff_jitter", low=0.0, high=1.0)
-        _number(self, "target_chunk_seconds", low=0.0, strict=True, finite=True)
+        _number(self, "target_chunk_seconds", low=0.0, high=3600.0, strict=True, finite=True)
         _number(self, "dask_connect_timeout", low=0.0, strict=True, finite=True)
         _number(self, "start_timeout", low=0.0, strict=True, optional=True, inf_is_none=True)
         _number(self, "rate_limit", low=0.0, strict=True, optional=True, inf_is_none=True)
@@ -195,15 +200,17 @@ def _type_error(name: str, value: object, wanted: str) -> None:
     raise TypeError(f"PoolConfig.{name}={value!r} is invalid: it must be {wanted}")
 
 
-def _integer(config: PoolConfig, name: str, *, low: int, optional: bool = False) -> None:
+def _integer(config: PoolConfig, name: str, *, low: int, high: int | None = None,
+             optional: bool = False) -> None:
     value = getattr(config, name)
     if value is None and optional:
         return
     if not isinstance(value, int) or isinstance(value, bool):
         _type_error(name, value, f"an integer >= {low}" + (" or None" if optional else ""))
-    if value < low:
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" + (f" and <= {high}" if high is not None else "")
         raise ValueError(f"PoolConfig.{name}={value!r} is invalid: it must be an integer "
-                         f">= {low}")
+                         f"{bound}")
 
 
 def _number(config: PoolConfig, name: str, *, low: float, high: float | None = None,

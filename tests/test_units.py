@@ -180,6 +180,7 @@ BAD_VALUES = [
     ("backoff_initial", math.inf, ValueError), ("backoff_max", math.inf, ValueError),
     ("backoff_factor", math.inf, ValueError), ("promote_after", math.inf, ValueError),
     ("promote_max", math.inf, ValueError), ("start_timeout", 10**400, ValueError),
+    ("max_workers", 10**30, ValueError), ("target_chunk_seconds", 1e305, ValueError),
 ]
 
 
