@@ -64,11 +64,11 @@ def as_bytearray(buffer: Any) -> bytearray:
     return buffer if type(buffer) is bytearray else bytearray(buffer)
 
 
-def wrap_big(values: Sequence[Any]) -> list[Any]:
+def wrap_big(values: Sequence[Any], depth: int = 2) -> list[Any]:
     """``values`` with each large ``bytes`` or ``bytearray`` marked: at the top level,
-    or inside a tuple, list or dict (two levels down, in containers of at most
+    or inside a tuple, list or dict (``depth`` levels down, in containers of at most
     :data:`LOOK_INSIDE` elements)."""
-    return [_wrap(value, 2) for value in values]
+    return [_wrap(value, depth) for value in values]
 
 
 #: Containers this small are looked into for large bytes (a cheap look).
@@ -269,7 +269,7 @@ class FrameReader:
                 continue
             # A big frame: each part gets its own buffer, filled first from what is
             # already here, then straight from the socket.
-            big = [_new_bytes(size) if size >= BIG and flag & READ_ONLY else _small(size)
+            big = [_new_bytes(size) if size >= BIG and flag & READ_ONLY else _writable(size)
                    for size, flag in zip(sizes, flagged, strict=True)]
             at = sizes_end
             self._big, self._part, self._filled = (kind, big), 0, 0
@@ -300,6 +300,20 @@ class FrameReader:
         self._parse(deliver)
 
 
-def _small(size: int) -> tuple[bytearray, memoryview]:
+def _writable(size: int) -> tuple[bytearray, memoryview]:
+    """A ``bytearray`` to read a writable part into. A big one is made without
+    zero-filling it first (``bytearray(size)`` writes 200 MB of zeros in about 100 ms
+    here, on the loop): it is about to be filled from the socket anyway."""
+    if size >= BIG:
+        try:
+            import ctypes
+
+            make = ctypes.pythonapi.PyByteArray_FromStringAndSize
+            make.restype = ctypes.py_object
+            make.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+            buf: bytearray = make(None, size)
+            return buf, memoryview(buf)
+        except Exception:  # pragma: no cover - not CPython
+            pass
     buf = bytearray(size)
     return buf, memoryview(buf)

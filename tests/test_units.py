@@ -272,6 +272,10 @@ def test_large_bytes_travel_out_of_band_inside_containers_too() -> None:
     assert type(back[1][1][0]) is bytearray
     small = [1, (2, 3), {"a": [4]}]
     assert _wire.wrap_big(small)[1] is small[1] and _wire.wrap_big(small)[2] is small[2]
+    # run() and starmap items are argument tuples: one level more is looked into.
+    args = [([{"blob": big}],)]
+    assert len(_wire.dumps(_wire.wrap_big(args))) == 1
+    assert len(_wire.dumps(_wire.wrap_big(args, 3))) == 2
 
 
 def test_frames_survive_any_split_and_big_parts_arrive_in_place() -> None:

@@ -183,7 +183,9 @@ class ProcessRung(Rung, Events):
             if shipped.id not in proc.functions and all(f != shipped.id for f, _ in functions):
                 functions.append((shipped.id, pickle.PickleBuffer(shipped.blob)))
         runs = [(p.call.shipped.id, p.call.star, p.call.id,
-                 _wire.wrap_big(p.items) if _big(p) else p.items) for p in chunk.pieces]
+                 # A call's arguments (starmap, run) are one level more.
+                 _wire.wrap_big(p.items, 3 if p.call.star else 2) if _big(p) else p.items)
+                for p in chunk.pieces]
         self._seq += 1
         # After a crash among a call's items, its chunks send each result as it is
         # made: another crash then loses nothing that had finished.
