@@ -457,3 +457,15 @@ def daemon_outlives_neighbours(seconds: float) -> tuple[int, bool]:
     except ProcessLookupError:
         return pid, False
     return pid, True
+
+
+def hang_or_die(args: tuple[int, int, int, float]) -> int:
+    """Each item takes ``pace`` s; item ``hang_at`` then sleeps a minute, item
+    ``die_at`` kills its worker (every time)."""
+    x, hang_at, die_at, pace = args
+    time.sleep(pace)
+    if x == hang_at:
+        time.sleep(60)
+    if x == die_at:
+        os._exit(7)
+    return x

@@ -115,6 +115,21 @@ async def test_a_deadline_keeps_what_finished_just_before_an_item_that_hangs(
         assert info.value.partial[10] is MISSING
 
 
+async def test_after_a_crash_nothing_queues_behind_a_worker_stuck_in_a_long_item(
+        anyio_backend: str) -> None:
+    # One worker hangs early in its chunk; the other dies at item 150 later on. What
+    # its chunk still held was sent to the only ready worker, behind the hung item,
+    # and waited there until the deadline instead of going to the replacement.
+    items = [(i, 310, 150, 0.002) for i in range(600)]
+    async with ResilientPool(max_workers=2, rungs=("process",), max_crashes_per_item=1) as pool:
+        with pytest.raises(DeadlineExceeded) as info:
+            await pool.map(tasks.hang_or_die, items, chunk_size=300, timeout=3.0,
+                           kill_on_timeout=True, return_exceptions=True)
+        partial = info.value.partial
+        assert [partial[i] for i in range(300) if i != 150] == [
+            i for i in range(300) if i != 150]
+
+
 async def test_deadline_covers_a_rung_starting(monkeypatch: pytest.MonkeyPatch,
                                                anyio_backend: str) -> None:
     process = Script()

@@ -14,6 +14,7 @@ import os
 import pickle
 import signal
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -80,6 +81,8 @@ class Proc:
         self.state = ProcState.STARTING
         #: Chunks sent and not finished, oldest (the running one) first.
         self.chunks: deque[Chunk] = deque()
+        #: When the worker last reported progress (or took up a new chunk).
+        self.heard = 0.0
         #: Function ids this worker holds, and ids it should drop.
         self.functions: set[int] = set()
         self.forget: list[int] = []
@@ -232,6 +235,7 @@ class Proc:
                 for offset, value in enumerate(decoded):
                     if type(value) is Unsendable:
                         errors[first + offset] = SerializationError(value.reason)
+        self.heard = time.monotonic()
         if done:
             self.chunks.popleft()
         if retiring and self.state is not ProcState.DEAD:

@@ -16,6 +16,7 @@ import os
 import pickle
 import socket
 import sys
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,10 @@ logger = logging.getLogger("asyncpool")
 #: Chunks a worker holds at once: one running, two waiting in its socket (a worker
 #: whose loop is busy a few ms, with HTTP requests say, must not run dry meanwhile).
 DEPTH = 3
+#: Nothing more is queued on a worker that has reported no progress for this long
+#: (s): it may be in a long (or hung) item, and what would wait behind it goes to
+#: the next free worker instead.
+STUCK_SECONDS = 0.05
 
 # Idle workers of closed pools with reuse_workers=True, by their settings.
 _parked: dict[tuple[Any, ...], list[Proc]] = {}
@@ -153,13 +158,21 @@ class ProcessRung(Rung, Events):
 
     # -- taking chunks -------------------------------------------------------------
 
-    def _pick(self) -> Proc | None:
+    def _pick(self, wait_on_stuck: bool = True) -> Proc | None:
         best = None
         limit = self.config.max_tasks_per_worker
+        stuck = time.monotonic() - STUCK_SECONDS
+        # While a worker is being replaced (after a crash, say), what would queue behind
+        # a busy one waits a few ms for the replacement instead.
+        replacing = wait_on_stuck and self._supervisor is not None and (
+            self._live() < self.config.max_workers or any(
+                p.state is ProcState.STARTING and not p.killed for p in self.procs))
         for proc in self.procs:
             if proc.state is not ProcState.READY or len(proc.chunks) >= DEPTH:
                 continue
             if limit is not None and proc.tasks >= limit:
+                continue
+            if wait_on_stuck and proc.chunks and (replacing or proc.heard < stuck):
                 continue
             if best is None or len(proc.chunks) < len(best.chunks):
                 best = proc
@@ -175,7 +188,8 @@ class ProcessRung(Rung, Events):
         return None if limit is None else max(1, limit - proc.tasks)
 
     def submit(self, chunk: Chunk) -> None:
-        proc = self._pick()
+        # As offer() found it (a head chunk may have turned stuck since).
+        proc = self._pick() or self._pick(wait_on_stuck=False)
         assert proc is not None, "submit() without offer()"
         functions: list[tuple[int, pickle.PickleBuffer]] = []
         for piece in chunk.pieces:
@@ -204,6 +218,8 @@ class ProcessRung(Rung, Events):
             len(blob.raw()) for _, blob in functions)
         proc.functions.update(f for f, _ in functions)
         proc.forget = []
+        if not proc.chunks:
+            proc.heard = time.monotonic()
         proc.chunks.append(chunk)
         proc.tasks += chunk.size
         self.in_flight += 1
