@@ -254,6 +254,10 @@ def _pull_batch(it: Iterator[Any], count: int, hand: Callable[[list[Any]], None]
     return None, False
 
 
+#: Asks an idle input thread to leave.
+_LEAVE: tuple[Any, ...] = ()
+
+
 class _Puller:
     """Pulls a synchronous input in a daemon thread, one batch per request.
 
@@ -290,6 +294,8 @@ class _Puller:
                         self._idle.remove(self)
                         return
                 continue
+            if request is _LEAVE:
+                return
             if request is None:  # its input is done with: wait for the next one
                 with self._lock:
                     if len(self._idle) < IDLE_THREADS:
@@ -329,6 +335,16 @@ class _Puller:
         """Done with this thread: it serves another input after the batch it may be
         pulling (if that ever ends)."""
         self._requests.put(None)
+
+    @classmethod
+    def release_idle(cls) -> int:
+        """Let every idle thread leave now (not after :data:`IDLE_SECONDS`); returns
+        how many there were."""
+        with cls._lock:
+            idle, cls._idle = cls._idle, []
+        for puller in idle:
+            puller._requests.put(_LEAVE)
+        return len(idle)
 
     @classmethod
     def _after_fork(cls) -> None:

@@ -71,7 +71,7 @@ async def test_replacements_whose_initializer_fails_end_the_call(
         async with ResilientPool(max_workers=2, rungs=("process",), max_tasks_per_worker=5,
                                  initializer=tasks.start_then_fail,
                                  initargs=(str(tmp_path), 2, hang),
-                                 start_timeout=1.0) as pool:
+                                 start_timeout=1.0, creation_attempts=1) as pool:
             with pytest.raises(InitializerFailed):
                 await pool.map(tasks.square, range(40), chunk_size=1)
 
