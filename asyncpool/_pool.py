@@ -128,7 +128,7 @@ class ResilientPool:
     async def close_idle_workers() -> int:
         """Stop the idle workers that pools with ``reuse_workers=True`` left parked;
         returns how many there were."""
-        from ._rungs.process import close_parked
+        from ._rungs._parking import close_parked
 
         return close_parked()
 

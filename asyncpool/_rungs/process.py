@@ -28,6 +28,7 @@ from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
 from .._loop import preload_backend
 from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
+from ._parking import park, take_parked
 from ._proc import Death, Events, Proc, ProcState
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
@@ -45,12 +46,6 @@ DEPTH = 3
 #: (s): it may be in a long (or hung) item, and what would wait behind it goes to
 #: the next free worker instead.
 STUCK_SECONDS = 0.05
-
-# Idle workers of closed pools with reuse_workers=True, by their settings.
-_parked: dict[tuple[Any, ...], list[Proc]] = {}
-# A forked child must not take (or kill) its parent's parked workers.
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_parked.clear)
 
 
 class ProcessRung(Rung, Events):
@@ -95,7 +90,7 @@ class ProcessRung(Rung, Events):
 
     async def _start(self) -> None:
         if self._park_key is not None and self.config.reuse_workers:
-            for proc in _take_parked(self._park_key, self.config.max_workers):
+            for proc in take_parked(self._park_key, self.config.max_workers):
                 proc.attach(self, self.loop)
                 self.procs.append(proc)
         starting: list[Proc] = []
@@ -395,7 +390,7 @@ class ProcessRung(Rung, Events):
                   and proc.state is ProcState.READY and not proc.chunks):
                 self.procs.remove(proc)
                 proc.detach()
-                _parked.setdefault(self._park_key, []).append(proc)
+                park(self._park_key, proc)
             else:
                 proc.close()
         # Workers leave at once on end-of-file; one that does not is killed.
@@ -413,42 +408,3 @@ def _big(piece: Any) -> bool:
     # Small chunks are checked item by item (cheap); big ones only if items were big.
     per_item = piece.call.timing.bytes_per_item
     return len(piece.items) <= 64 or (per_item is not None and per_item >= _wire.BIG // 2)
-
-
-def _take_parked(key: tuple[Any, ...], count: int) -> list[Proc]:
-    found: list[Proc] = []
-    waiting = _parked.get(key, [])
-    while waiting and len(found) < count:
-        proc = waiting.pop()
-        if _still_alive(proc):
-            found.append(proc)
-    return found
-
-
-def _still_alive(proc: Proc) -> bool:
-    """A parked worker is alive while its status socket holds no exit status."""
-    try:
-        proc.status.recv(8, socket.MSG_PEEK)
-    except (BlockingIOError, InterruptedError):
-        if proc.server.alive():
-            return True
-    except OSError:
-        pass
-    proc.kill()
-    for sock in (proc.sock, proc.status):
-        sock.close()
-    return False
-
-
-def close_parked() -> int:
-    """Let every parked worker go; returns how many there were."""
-    procs = [p for group in _parked.values() for p in group]
-    _parked.clear()
-    for proc in procs:
-        proc.close()
-        for sock in (proc.sock, proc.status):
-            try:
-                sock.close()
-            except OSError:
-                pass
-    return len(procs)
