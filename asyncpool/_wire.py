@@ -178,6 +178,20 @@ def recv_frame(sock: socket.socket) -> tuple[int, Parts] | None:
 # -- non-blocking I/O (the parent, on its event loop) --------------------------------
 
 
+def _uninitialised(kind: str, size: int) -> Any:
+    """A ``bytes`` or ``bytearray`` of ``size`` bytes, left as it is allocated (no
+    zero-filling: it is about to be filled from the socket), or None off CPython."""
+    try:
+        import ctypes
+
+        make = getattr(ctypes.pythonapi, f"Py{kind}_FromStringAndSize")
+        make.restype = ctypes.py_object
+        make.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+        return make(None, size)
+    except Exception:  # pragma: no cover - not CPython
+        return None
+
+
 def _new_bytes(size: int) -> Any:
     """A writable buffer that becomes ``bytes`` without a copy where CPython allows.
 
@@ -185,20 +199,15 @@ def _new_bytes(size: int) -> Any:
     straight into a fresh ``bytes`` object reaches the caller with no copy made while
     holding the interpreter lock (copying 200 MB takes about 100 ms here).
     """
-    try:
-        import ctypes
+    blob = _uninitialised("Bytes", size)
+    if blob is None:  # pragma: no cover - not CPython
+        return _writable(size)
+    import ctypes
 
-        make = ctypes.pythonapi.PyBytes_FromStringAndSize
-        make.restype = ctypes.py_object
-        make.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-        blob = make(None, size)
-        # The data of a bytes object starts where its header ends.
-        offset = bytes.__basicsize__ - 1
-        view = (ctypes.c_char * size).from_address(id(blob) + offset)
-        return blob, memoryview(view).cast("B")
-    except Exception:  # pragma: no cover - not CPython
-        buf = bytearray(size)
-        return buf, memoryview(buf)
+    # The data of a bytes object starts where its header ends.
+    offset = bytes.__basicsize__ - 1
+    view = (ctypes.c_char * size).from_address(id(blob) + offset)
+    return blob, memoryview(view).cast("B")
 
 
 class FrameReader:
@@ -301,19 +310,9 @@ class FrameReader:
 
 
 def _writable(size: int) -> tuple[bytearray, memoryview]:
-    """A ``bytearray`` to read a writable part into. A big one is made without
-    zero-filling it first (``bytearray(size)`` writes 200 MB of zeros in about 100 ms
-    here, on the loop): it is about to be filled from the socket anyway."""
-    if size >= BIG:
-        try:
-            import ctypes
-
-            make = ctypes.pythonapi.PyByteArray_FromStringAndSize
-            make.restype = ctypes.py_object
-            make.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-            buf: bytearray = make(None, size)
-            return buf, memoryview(buf)
-        except Exception:  # pragma: no cover - not CPython
-            pass
-    buf = bytearray(size)
+    """A ``bytearray`` to read a writable part into. A big one is not zero-filled
+    first (``bytearray(size)`` writes 200 MB of zeros in about 100 ms, on the loop)."""
+    buf = _uninitialised("ByteArray", size) if size >= BIG else None
+    if buf is None:
+        buf = bytearray(size)
     return buf, memoryview(buf)
