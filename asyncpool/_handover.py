@@ -36,6 +36,9 @@ PERIOD = 0.02
 LAZY_PERIOD = 0.2
 #: How long (s) the watcher stays without a chunk to look at.
 IDLE_SECONDS = 1.0
+#: Called at each look while chunks run (a worker process reads what its parent sent
+#: meanwhile); it must not block.
+on_look: Callable[[], Any] | None = None
 
 
 class Running:
@@ -127,15 +130,22 @@ def _watch() -> None:
                 continue
         idle_since = None
         waited = [chunk.look() for chunk in running]
+        hook = on_look
+        if hook is not None:
+            try:
+                hook()
+            except BaseException:  # the parent is gone: the chunk's thread will see
+                pass
         period = PERIOD if any(waited) else min(period * 2, LAZY_PERIOD)
 
 
 def _after_fork() -> None:
     # A forked child has no watcher thread: the next chunk starts one.
-    global _lock, _watching
+    global _lock, _watching, on_look
     _lock = threading.Lock()
     _running.clear()
     _watching = False
+    on_look = None
 
 
 if hasattr(os, "register_at_fork"):

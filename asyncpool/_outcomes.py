@@ -164,11 +164,11 @@ class Outcomes:
             position = end
         self._settle(chunk)
 
-    def chunk_lost(self, chunk: Chunk) -> None:
+    def chunk_lost(self, chunk: Chunk, why: str = "lost") -> None:
         if self.closing:
             self._closed_under(chunk)
         else:
-            self._again(chunk, chunk.reported, chunk.size, "lost")
+            self._again(chunk, chunk.reported, chunk.size, why)
         self._settle(chunk)
 
     def chunk_unloadable(self, chunk: Chunk, error: BaseException) -> None:

@@ -32,9 +32,9 @@ READ_ONLY = 1 << 63
 CHUNK_HEAD = struct.Struct("<qdi")
 
 # Parent -> worker
-INIT, CHUNK, CANCEL, STOP = 1, 2, 3, 4
+INIT, CHUNK, CANCEL, STOP, WITHDRAW = 1, 2, 3, 4, 5
 # Worker -> parent
-READY, INIT_FAILED, RESULTS = 10, 11, 12
+READY, INIT_FAILED, RESULTS, WITHDRAWN = 10, 11, 12, 13
 
 #: A ``bytes`` item or result this big (see :func:`wrap_big`) travels out of band.
 BIG = 64 << 10

@@ -14,8 +14,9 @@ import pickle
 import select
 import socket
 import sys
+import threading
 
-from . import _wire
+from . import _handover, _wire
 from ._errors import RemoteError, SerializationError
 from ._execute import (
     Unloadable,
@@ -49,23 +50,50 @@ class _Worker:
         self.tasks = 0
         self.retiring: str | None = None
         self.closed = False
+        #: The socket is read here and by the handover watcher (while an item runs),
+        #: and written by both: one lock for each direction.
+        self.reading = threading.Lock()
+        self.sending = threading.Lock()
 
     def next_frame(self) -> tuple[int, _wire.Parts] | None:
-        if self.inbox:
-            return self.inbox.pop(0)
-        return _wire.recv_frame(self.sock)
+        with self.reading:
+            if self.inbox:
+                return self.inbox.pop(0)
+            return _wire.recv_frame(self.sock)
 
-    def poll(self) -> None:
-        """Take in what the parent sent meanwhile: cancellations act at once."""
-        while not self.closed and select.select([self.sock], [], [], 0)[0]:
-            got = _wire.recv_frame(self.sock)
-            if got is None:
+    def poll(self, wait: bool = True) -> None:
+        """Take in what the parent sent meanwhile: cancellations act at once, and
+        chunks it takes back (to give to an idle worker) are handed back unrun."""
+        if not self.reading.acquire(wait):
+            return  # the chunk's own thread is reading
+        taken: list[int] = []
+        try:
+            while not self.closed and select.select([self.sock], [], [], 0)[0]:
+                got = _wire.recv_frame(self.sock)
+                if got is None:
+                    self.closed = True
+                elif got[0] == _wire.CANCEL:
+                    self.cancelled.update(_wire.loads(got[1]))
+                elif got[0] == _wire.WITHDRAW:
+                    wanted = set(_wire.loads(got[1]))
+                    kept = []
+                    for kind, parts in self.inbox:
+                        seq: int = _wire.CHUNK_HEAD.unpack(parts[0])[0] if (
+                            kind == _wire.CHUNK) else 0
+                        if seq in wanted:
+                            taken.append(seq)
+                        else:
+                            kept.append((kind, parts))
+                    self.inbox = kept
+                else:
+                    self.inbox.append(got)
+        finally:
+            self.reading.release()
+        if taken and not self.closed:
+            try:
+                self.send(_wire.WITHDRAWN, _wire.dumps(taken))
+            except OSError:
                 self.closed = True
-                return
-            if got[0] == _wire.CANCEL:
-                self.cancelled.update(_wire.loads(got[1]))
-            else:
-                self.inbox.append(got)
 
     def over_memory(self) -> bool:
         return self.max_memory is not None and _rss() > self.max_memory
@@ -141,7 +169,8 @@ class _Worker:
             self.closed = True
 
     def send(self, kind: int, parts: _wire.Parts) -> None:
-        _wire.send_frame(self.sock, kind, parts)
+        with self.sending:
+            _wire.send_frame(self.sock, kind, parts)
 
 
 def _rss() -> int:
@@ -166,6 +195,7 @@ def serve(sock: socket.socket, progress: Any) -> int:
         if entry not in sys.path:
             sys.path.insert(0, entry)
     worker = _Worker(sock, progress, settings)
+    _handover.on_look = lambda: worker.poll(wait=False)
     if settings["initializer"] is not None:
         try:
             initializer, initargs = loads(settings["initializer"])

@@ -628,3 +628,60 @@ def test_a_forked_child_cannot_use_or_close_its_parents_pool() -> None:
     assert proc.stdout.split("\n")[:2] == ["child refused: True",
                                            "parent kept its workers: True"], (
         proc.stdout + proc.stderr[-2000:])
+
+
+async def test_a_chunk_waiting_behind_an_item_that_hangs_goes_to_the_worker_that_frees(
+        anyio_backend: str) -> None:
+    # Both workers hold a fresh item, so the two calls that follow queue one behind
+    # each: the one behind the item that hangs waited for it (here until its own
+    # deadline) although the other worker was idle from 0.5 s on.
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        await pool.map(tasks.nap, [0.01] * 4)  # both workers ready
+        finished: list[str] = []
+
+        async def call(name: str, seconds: float) -> None:
+            await pool.run(tasks.nap, seconds, timeout=10)
+            finished.append(name)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "long", 0.5)
+            tg.start_soon(call, "hangs", 60.0)
+            for name in ("first", "second"):
+                await anyio.sleep(0.01)
+                tg.start_soon(call, name, 0.01)
+            await wait_until(lambda: len(finished) == 3, timeout=9)
+            assert sorted(finished) == ["first", "long", "second"]
+            tg.cancel_scope.cancel()
+
+
+async def test_chunks_taken_back_run_exactly_once(tmp_path: Path, anyio_backend: str) -> None:
+    # In each wave two long items start, and two short calls queue behind them. When
+    # the first long item ends, its worker frees and the short call behind the other
+    # is taken back, the other long item ending a little later each wave: a chunk its
+    # worker starts just as it is asked for stays there. No item runs twice or is lost.
+    starts = tmp_path / "starts"
+    moved: list[object] = []
+
+    def hook(event: Any) -> None:
+        if event.kind == "resubmit" and event.details.get("reason") == "moved":
+            moved.append(event)
+
+    results: dict[int, int] = {}
+    async with ResilientPool(max_workers=2, rungs=("process",), on_event=hook) as pool:
+        await pool.map(tasks.nap, [0.01] * 4)  # both workers ready
+
+        async def call(i: int, seconds: float) -> None:
+            results[i] = await pool.run(tasks.note_start, (i, str(starts), seconds),
+                                        timeout=30)
+
+        for wave, later in enumerate([0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1,
+                                      0.2, 0.3]):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, 4 * wave, 0.1)
+                tg.start_soon(call, 4 * wave + 1, 0.1 + later)
+                for i in (4 * wave + 2, 4 * wave + 3):
+                    await anyio.sleep(0.01)
+                    tg.start_soon(call, i, 0.0)
+    assert results == {i: i for i in range(40)}
+    assert sorted(int(line) for line in starts.read_text().split()) == list(range(40))
+    assert moved, "no chunk was taken back: the test did not exercise it"

@@ -50,6 +50,7 @@ class Events:
                      results: list[Any] | BaseException,
                      errors: dict[int, BaseException]) -> None: ...
     def proc_retiring(self, proc: Proc) -> None: ...
+    def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None: ...
     def proc_dead(self, proc: Proc, death: Death) -> None: ...
 
 
@@ -88,6 +89,8 @@ class Proc:
         self.forget: list[int] = []
         #: Items sent to it, for max_tasks_per_worker.
         self.tasks = 0
+        #: Chunks asked back (see ProcessRung.take_back), by their seq.
+        self.withdrawing: set[int] = set()
         self.killed = False
         self.init_error: BaseException | None = None
         self.started = loop.event()
@@ -210,6 +213,13 @@ class Proc:
                 self.state = ProcState.READY
             self.started.set()
             self.events.proc_ready(self)
+        elif kind == _wire.WITHDRAWN:
+            for seq in _wire.loads(parts):
+                chunk = next((c for c in self.chunks if c.seq == seq), None)
+                self.withdrawing.discard(seq)
+                if chunk is not None:
+                    self.chunks.remove(chunk)
+                    self.events.proc_withdrawn(self, chunk)
         elif kind == _wire.INIT_FAILED:
             blob, text = pickle.loads(parts[0])
             self.init_error = _decode_error(blob, text)
@@ -238,6 +248,7 @@ class Proc:
         self.heard = time.monotonic()
         if done:
             self.chunks.popleft()
+            self.withdrawing.discard(chunk.seq)
         if retiring and self.state is not ProcState.DEAD:
             self.state = ProcState.RETIRING
             self.events.proc_retiring(self)

@@ -29,6 +29,9 @@ class RungState(enum.Enum):
 class Listener(Protocol):
     """Where a rung reports what happened to each chunk (the engine)."""
 
+    #: The pool is closing: a chunk given back now is not sent again.
+    closing: bool
+
     def chunk_progress(self, chunk: Chunk, first: int, upto: int, results: list[Any],
                        errors: dict[int, BaseException]) -> None:
         """Positions [first, upto) of ``chunk`` finished (errors by position)."""
@@ -44,9 +47,10 @@ class Listener(Protocol):
         nothing unreported came back. ``deaths`` is how many worker deaths the report
         stands for (Dask reports one for several)."""
 
-    def chunk_lost(self, chunk: Chunk) -> None:
+    def chunk_lost(self, chunk: Chunk, why: str = "lost") -> None:
         """Final: the unreported items did not run through any fault of theirs (a
-        worker that was killed, retired or shut down): send them again."""
+        worker that was killed, retired or shut down, or a chunk the rung took back
+        before it ran, ``why="moved"``): send them again."""
 
     def chunk_unloadable(self, chunk: Chunk, error: BaseException) -> None:
         """Final: the worker could not unpickle the chunk's arguments."""

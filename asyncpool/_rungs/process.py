@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import pickle
 import socket
@@ -44,7 +45,7 @@ logger = logging.getLogger("asyncpool")
 DEPTH = 3
 #: Nothing more is queued on a worker that has reported no progress for this long
 #: (s): it may be in a long (or hung) item, and what would wait behind it goes to
-#: the next free worker instead.
+#: the next free worker instead; what waits already is taken back for an idle one.
 STUCK_SECONDS = 0.05
 
 
@@ -269,6 +270,29 @@ class ProcessRung(Rung, Events):
         if done:
             self.in_flight -= 1
             self.listener.chunk_done(chunk, upto, seconds, retried)
+            if not proc.chunks:
+                self._take_back()
+
+    def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None:
+        proc.tasks -= chunk.size
+        self.in_flight -= 1
+        self.listener.chunk_lost(chunk, "moved")
+
+    def _take_back(self) -> None:
+        """Ask for the chunks that wait behind an item running long (or hung) while
+        a worker is idle: the worker hands back those it has not started, and they
+        go to the idle one (a chunk it started meanwhile simply runs there)."""
+        if self.state is not RungState.SERVING or self.listener.closing or not any(
+                p.state is ProcState.READY and not p.chunks and not p.killed
+                for p in self.procs):
+            return
+        stuck = time.monotonic() - STUCK_SECONDS
+        for proc in self.procs:
+            if proc.state is ProcState.READY and len(proc.chunks) > 1 and proc.heard < stuck:
+                seqs = [c.seq for c in list(proc.chunks)[1:] if c.seq not in proc.withdrawing]
+                if seqs:
+                    proc.withdrawing.update(seqs)
+                    proc.send(_wire.WITHDRAW, _wire.dumps(seqs))
 
     def proc_retiring(self, proc: Proc) -> None:
         self.listener.worker_event("worker_recycled", f"worker {proc.pid} retires after "
@@ -332,7 +356,11 @@ class ProcessRung(Rung, Events):
             missing = config.max_workers - self._live()
             if missing <= 0:
                 self._nudge = self.loop.event()
-                await self._nudge.wait()
+                # While chunks wait behind busy workers, look for stuck ones.
+                queued = any(len(p.chunks) > 1 for p in self.procs)
+                with anyio.move_on_after(STUCK_SECONDS if queued else math.inf):
+                    await self._nudge.wait()
+                self._take_back()
                 continue
             error: BaseException | None = None
             started: list[Proc] = []
