@@ -9,8 +9,11 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from ._config import MAX_WORKERS
+
 EPILOG = """exit codes: 0 every line done, 1 some lines failed (their errors are in the
-output), 2 a usage or input error, 130 interrupted (run again with --resume)."""
+output), 2 a usage, input or output error, 130 interrupted (run again with --resume),
+141 the reader of standard output went away."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,14 +27,18 @@ def _table(rows: dict[str, Any]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows.items())
 
 
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a number of workers (>= 1)")
-    return value
+def _number(low: int, high: int, what: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not {what} ({low} to {high:,})")
+        return value
+    return parse
+
+
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -67,7 +74,8 @@ def _common(defaults: bool) -> _Parser:
 
     common.add_argument("-v", "--verbose", action="store_true", default=unset(False),
                         help="log the pool's events (falls back, crashes, retries)")
-    common.add_argument("--workers", type=_workers, default=unset(None),
+    common.add_argument("--workers", type=_number(1, MAX_WORKERS, "a number of workers"),
+                        default=unset(None),
                         help="worker processes (default: the usable cores)")
     common.add_argument("--no-progress", action="store_true", default=unset(False),
                         help="no progress bar (or log line) while it runs")
@@ -81,10 +89,12 @@ def parser() -> argparse.ArgumentParser:
     common = _common(defaults=False)
     main = _Parser(prog=prog, parents=[_common(defaults=True)],
                    description="CPU-bound work in a resilient pool.", epilog=EPILOG)
+    main.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = main.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", parents=[common], epilog=EPILOG,
                           help="count primes on built-in data; show rung and statistics")
-    demo.add_argument("--limit", type=int, default=2_000_000, help="count primes below this")
+    demo.add_argument("--limit", type=_number(1, 10**9, "a limit for the demo"),
+                      default=2_000_000, help="count primes below this")
     mapper = sub.add_parser("map", parents=[common], epilog=EPILOG,
                             help="run MODULE:FUNCTION over each line of a JSONL file")
     mapper.add_argument("function", help="MODULE:FUNCTION, importable from here")
@@ -98,8 +108,15 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    command = parser()
+    args = command.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from ._cli import UsageError
@@ -107,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _demo(args) if args.command == "demo" else _map(args)
     except UsageError as exc:
-        print(f"python -m asyncpool: error: {exc}", file=sys.stderr)
+        print(f"{command.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output left (`| head`): stop quietly, as tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("interrupted; what was written is kept: run again with --resume",
               file=sys.stderr)

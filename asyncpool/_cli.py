@@ -11,12 +11,17 @@ import argparse
 import importlib
 import json
 import os
+import re
+import stat
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+from ._errors import AsyncPoolError
 from ._pool import ResilientPool
+
+_ITEM = re.compile(r"\bitem \d+\b")
 
 
 class UsageError(Exception):
@@ -30,7 +35,8 @@ def load_function(spec: str) -> Callable[[Any], Any]:
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # not found, a syntax error, or raising as it loads
+    except (Exception, SystemExit) as exc:  # not found, a syntax error, raising or
+        # exiting as it loads (a script that parses its command line, say)
         raise UsageError(f"cannot import {module_name!r}: "
                          f"{type(exc).__name__}: {exc}") from None
     fn = getattr(module, attr, None)
@@ -39,29 +45,39 @@ def load_function(spec: str) -> Callable[[Any], Any]:
     return fn  # type: ignore[no-any-return]
 
 
-def done_lines(path: str) -> tuple[set[int], int]:
-    """Line numbers already in OUTPUT, and how many of them hold an error. A torn last
-    line (a killed run) is cut off; a file that is not map output is left alone."""
-    done: set[int] = set()
-    errors = 0
-    if not os.path.exists(path):
-        return done, errors
-    with open(path, "rb+") as f:
-        lines = f.readlines()
+def done_lines(path: str) -> tuple[int, int]:
+    """The last line number already in OUTPUT (its records run in input order, so
+    every line up to it is done), and how many records hold an error; read a line at
+    a time. A torn last line (a killed run) is cut off, a missing final newline
+    added; a file that is not map output is left alone."""
+    last = errors = 0
+    try:
+        f = open(path, "rb+")
+    except FileNotFoundError:
+        return last, errors
+    with f:
         good = 0
-        for number, raw in enumerate(lines, 1):
+        raw = b""
+        for number, raw in enumerate(f, 1):
             try:
                 record = json.loads(raw)
-                done.add(int(record["line"]))
+                line = int(record["line"])
                 errors += "error" in record
+                if line <= last:
+                    raise ValueError("out of order")
+                last = line
             except (ValueError, KeyError, TypeError):
-                if number < len(lines) or raw.endswith(b"\n"):
+                if raw.endswith(b"\n") or f.read(1):
                     raise UsageError(f"{path} is not the output of a map (line {number}); "
                                      "--resume continues a map's own output") from None
-                break  # the torn last line of a killed run
+                raw = b"\n"  # the torn last line of a killed run
+                break
             good += len(raw)
-        f.truncate(good)
-    return done, errors
+        f.seek(good)
+        f.truncate()
+        if good and not raw.endswith(b"\n"):
+            f.write(b"\n")  # the last record was whole, its newline lost
+    return last, errors
 
 
 class Apply:
@@ -90,17 +106,19 @@ class Counts:
         self.written = self.failed = self.skipped = self.blank = 0
 
 
-def read_lines(path: str, skip: set[int], numbers: deque[int],
+def read_lines(path: str, done: int, numbers: deque[int],
                counts: Counts) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each line to do, noting the numbers in order. A line that
-    is not UTF-8 goes through with its bad bytes replaced: it is that line's error."""
-    with open(path, "rb") as f:
+    """(line number, text) of each line after line ``done``, noting the numbers in
+    order ("-" reads standard input). A line that is not UTF-8 goes through with its
+    bad bytes replaced: it is that line's error."""
+    with (open(sys.stdin.fileno(), "rb", closefd=False) if path == "-"
+          else open(path, "rb")) as f:
         for number, raw in enumerate(f, 1):
             text = raw.decode("utf-8", errors="replace")
-            if number in skip:
-                counts.skipped += 1
-            elif not text.strip():
+            if not text.strip():
                 counts.blank += 1
+            elif number <= done:
+                counts.skipped += 1
             else:
                 numbers.append(number)
                 yield number, text
@@ -108,52 +126,84 @@ def read_lines(path: str, skip: set[int], numbers: deque[int],
 
 def record(number: int, result: Any) -> tuple[str, bool]:
     """One output line, and whether it holds an error (the item's, or a result that
-    is not JSON)."""
+    is not JSON: NaN and infinities are not)."""
     if isinstance(result, BaseException):
         text = f"{type(result).__name__}: {result}"
+        if isinstance(result, AsyncPoolError):
+            # The pool names an item by its index among the lines sent: say the line.
+            text = _ITEM.sub(f"line {number}", text, count=1)
         return json.dumps({"line": number, "error": text}), True
     try:
-        return json.dumps({"line": number, "result": result}), False
+        return json.dumps({"line": number, "result": result}, allow_nan=False), False
     except (TypeError, ValueError) as exc:
         text = f"the result is not JSON ({exc})"
         return json.dumps({"line": number, "error": text}), True
 
 
-async def map_file(args: argparse.Namespace) -> Counts:
-    """Map ARGS.function over ARGS.input into ARGS.output; returns what it did."""
-    fn = load_function(args.function)
-    if not os.path.isfile(args.input):
-        raise UsageError(f"no such input file: {args.input}")
-    if os.path.exists(args.output) and os.path.samefile(args.input, args.output):
-        raise UsageError("the output file is the input file; write to another file")
+def check_files(args: argparse.Namespace) -> None:
+    """Before any work: the input can be read and the output written."""
+    if args.input != "-":
+        if not os.path.exists(args.input):
+            raise UsageError(f"no such input file: {args.input}")
+        if os.path.isdir(args.input):
+            raise UsageError(f"the input is a folder: {args.input}")
+    if not args.output:
+        raise UsageError("no output file given (-o FILE)")
+    if os.path.isdir(args.output):
+        raise UsageError(f"the output is a folder: {args.output}; give a file in it")
+    if os.path.exists(args.output):
+        if args.input != "-" and os.path.samefile(args.input, args.output):
+            raise UsageError("the output file is the input file; write to another file")
+        if stat.S_ISREG(os.stat(args.output).st_mode):
+            try:
+                open(args.output, "ab").close()  # writable (nothing is changed)
+            except OSError as exc:
+                raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+        return
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         raise UsageError(f"no such folder for the output: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write in the output's folder: {folder}")
+
+
+async def map_file(args: argparse.Namespace) -> Counts:
+    """Map ARGS.function over ARGS.input into ARGS.output; returns what it did."""
+    fn = load_function(args.function)
+    check_files(args)
     counts = Counts()
-    skip: set[int] = set()
+    done = 0
     if args.resume:
-        skip, counts.failed = done_lines(args.output)
+        done, counts.failed = done_lines(args.output)
     numbers: deque[int] = deque()
     out: IO[str] | None = None
     try:
         async with ResilientPool(max_workers=args.workers) as pool:
-            lines = read_lines(args.input, skip, numbers, counts)
+            lines = read_lines(args.input, done, numbers, counts)
             async with pool.imap(Apply(fn), lines, return_exceptions=True,
                                  progress=not args.no_progress) as results:
                 async for result in results:
-                    if out is None:
-                        # Opened at the first result: a run that fails to start
-                        # leaves the output as it was.
-                        out = open(args.output, "a" if args.resume else "w",
-                                   encoding="utf-8")
                     line, failed = record(numbers.popleft(), result)
+                    try:
+                        if out is None:
+                            # Opened at the first result: a run that fails to start
+                            # leaves the output as it was.
+                            out = open(args.output, "a" if args.resume else "w",
+                                       encoding="utf-8")
+                        out.write(line + "\n")
+                        out.flush()
+                    except OSError as exc:
+                        raise UsageError(f"cannot write {args.output}: "
+                                         f"{exc.strerror or exc}") from None
                     counts.failed += failed
-                    out.write(line + "\n")
-                    out.flush()
                     counts.written += 1
     finally:
         if out is not None:
-            out.close()
+            try:
+                out.close()
+            except OSError:
+                pass
     if out is None and not args.resume:
         open(args.output, "w").close()  # nothing to do: an empty output
     return counts
+

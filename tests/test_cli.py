@@ -91,6 +91,14 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
     (["map", "broken_module:fn", "IN", "-o", "OUT"], "SyntaxError"),
     (["map", "tests.tasks:square", "IN", "-o", "NOTOUT", "--resume"],
      "is not the output of a map"),
+    (["map", "tests.tasks:square", "IN", "-o", "FOLDER"], "the output is a folder"),
+    (["map", "tests.tasks:square", "IN", "-o", ""], "no output file given"),
+    (["map", "tests.tasks:square", "FOLDER", "-o", "OUT"], "the input is a folder"),
+    (["map", "tests.tasks:square", "IN", "-o", "/dev/full", "--no-progress"],
+     "cannot write /dev/full"),
+    (["map", "exiting_module:fn", "IN", "-o", "OUT"], "SystemExit: a script"),
+    (["demo", "--workers", "2000"], "number of workers (1 to 1,024)"),
+    (["demo", "--limit", "-5"], "not a limit for the demo"),
 ])
 def test_bad_command_lines_are_one_line_and_exit_code_2(args: list[str], message: str,
                                                        tmp_path: Path) -> None:
@@ -100,8 +108,10 @@ def test_bad_command_lines_are_one_line_and_exit_code_2(args: list[str], message
     other = tmp_path / "notes.jsonl"
     other.write_text('"a line of some other file"\n')
     (tmp_path / "broken_module.py").write_text("def fn(:\n")
+    (tmp_path / "exiting_module.py").write_text("import sys\nsys.exit('a script')\n")
     names = {"IN": src, "OUT": dst, "MISSING": tmp_path / "missing.jsonl",
-             "NOFOLDER": tmp_path / "nowhere" / "out.jsonl", "NOTOUT": other}
+             "NOFOLDER": tmp_path / "nowhere" / "out.jsonl", "NOTOUT": other,
+             "FOLDER": tmp_path}
     args = [str(names[a]) if a in names else a for a in args]
     out = _cli(*args, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
     assert out.returncode == 2, out.stderr
@@ -109,6 +119,58 @@ def test_bad_command_lines_are_one_line_and_exit_code_2(args: list[str], message
     assert "Traceback" not in out.stderr
     assert dst.read_text() == '{"line": 1, "result": 1}\n'  # never truncated
     assert src.read_text() == "1\n" and other.read_text() == '"a line of some other file"\n'
+
+
+def test_nan_and_infinity_are_not_json(tmp_path: Path) -> None:
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('"nan"\n"inf"\n"1.5"\n')
+    out = _cli("map", "builtins:float", str(src), "-o", str(dst), "--no-progress")
+    assert out.returncode == 1, out.stderr
+    records = [json.loads(line) for line in dst.read_text().splitlines()]  # strict JSON
+    assert "not JSON" in records[0]["error"] and "not JSON" in records[1]["error"]
+    assert records[2] == {"line": 3, "result": 1.5}
+    assert "NaN" not in dst.read_text() and "Infinity" not in dst.read_text()
+
+
+def test_errors_name_the_line_not_the_item(tmp_path: Path) -> None:
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("1\n\n2\n3\n")
+    out = _cli("map", "tests.tasks:return_unpicklable", str(src), "-o", str(dst),
+               "--no-progress")
+    records = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [r["line"] for r in records] == [1, 3, 4], out.stderr
+    assert records[1]["error"].startswith("SerializationError: line 3:"), records
+
+
+def test_standard_input_and_a_pipe_are_read(tmp_path: Path) -> None:
+    dst = tmp_path / "out.jsonl"
+    out = subprocess.run([sys.executable, "-m", "asyncpool", "map", "tests.tasks:square",
+                          "-", "-o", str(dst), "--no-progress"], cwd=ROOT, input="2\n3\n",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["result"] for line in dst.read_text().splitlines()] == [4, 9]
+
+
+def test_resume_adds_the_newline_a_whole_last_record_lost(tmp_path: Path) -> None:
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("1\n2\n3\n")
+    dst.write_text('{"line": 1, "result": 1}\n{"line": 2, "result": 4}')
+    out = _cli("map", "tests.tasks:square", str(src), "-o", str(dst), "--resume",
+               "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line) for line in dst.read_text().splitlines()] == [
+        {"line": 1, "result": 1}, {"line": 2, "result": 4}, {"line": 3, "result": 9}]
+
+
+def test_a_reader_that_goes_away_ends_the_demo_quietly() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "asyncpool", "demo", "--limit", "10000",
+                             "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader left before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err, err
 
 
 def test_options_go_before_or_after_the_subcommand(tmp_path: Path) -> None:
@@ -204,3 +266,14 @@ def test_a_big_file_streams_in_flat_memory(tmp_path: Path) -> None:
     with dst.open() as f:
         count = sum(1 for _ in f)
     assert count == 1_000_000
+    # Resuming reads the output a line at a time too (it read it whole: 240 MB).
+    with dst.open("rb+") as f:
+        f.truncate(dst.stat().st_size * 3 // 4)
+    out = subprocess.run([sys.executable, "-c", code, "map", "tests.tasks:echo", str(src),
+                          "-o", str(dst), "--no-progress", "--resume"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    peak_kb = int(out.stdout.split()[-1])
+    assert peak_kb < 120 * 1024, f"peak RSS {peak_kb // 1024} MB with --resume"
+    with dst.open() as f:
+        assert sum(1 for _ in f) == 1_000_000
