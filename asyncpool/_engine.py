@@ -115,7 +115,7 @@ class Engine:
         if held and call.state is CallState.ABANDONED:
             for rung in {chunk.rung for chunk in held}:
                 rung.cancel([call.id])
-                if kill and not rung.kill([c for c in held if c.rung is rung]):
+                if kill and not rung.kill([c for c in held if c.rung is rung], {call.id}):
                     logger.warning("the %s rung cannot stop running tasks; they finish "
                                    "in the background", rung.name)
         if self.outcomes.closing:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._errors import PoolClosed
+from ._errors import InitializerFailed, PoolClosed
 from ._events import Counters, Emitter
 from ._retry import RungUnsupported, backoff_delays, is_transient
 from ._rungs import Listener, Rung, RungState, create_rung
@@ -211,6 +211,17 @@ class Ladder:
                 continue
             try:
                 rung = await self._create(name, 1)
+            except InitializerFailed as exc:
+                # Warm started on threads: the initializer fails (or hangs) only in
+                # worker processes. Trying again would fail the same way.
+                self.unsupported.add(name)
+                self.counters.creation_failures += 1
+                self.counters.fallbacks += 1
+                self.emit("fallback", f"the {name} rung cannot start, its initializer "
+                          f"fails there ({exc}); the pool stays on the "
+                          f"{self.config.ladder[self.index]} rung", failed=name,
+                          to=self.config.ladder[self.index])
+                rung = None
             except Exception as exc:
                 self.emit("creation_failed", f"climbing to the {name} rung failed: {exc!r}",
                           rung=name, error=exc)

@@ -47,6 +47,9 @@ class _Worker:
         self.functions: dict[int, Callable[..., Any]] = {}
         self.cancelled: set[int] = set()
         self.inbox: list[tuple[int, _wire.Parts]] = []
+        #: What chunks handed back unrun shipped (functions, ids to forget): later
+        #: chunks count on it.
+        self.shipped: list[_wire.Parts] = []
         self.tasks = 0
         self.retiring: str | None = None
         self.closed = False
@@ -82,6 +85,8 @@ class _Worker:
                             kind == _wire.CHUNK) else 0
                         if seq in wanted:
                             taken.append(seq)
+                            head = _wire.CHUNK_HEAD.unpack(parts[0])
+                            self.shipped.append(parts[1:1 + head[2]])
                         else:
                             kept.append((kind, parts))
                     self.inbox = kept
@@ -107,17 +112,20 @@ class _Worker:
             progress[1] = -1
             progress[2] = 0
             progress[0] = seq
-        # Numbers and bytes: this pickle always loads.
-        functions, forget = _wire.loads(parts[1:1 + shipped])
-        for fn_id in forget:
-            self.functions.pop(fn_id, None)
-        for fn_id, blob in functions:
-            if progress is not None:
-                progress[2] = fn_id
-            try:
-                self.functions[fn_id] = share_main(loads(blob))
-            except BaseException as exc:
-                self.functions[fn_id] = Unloadable(exc)
+        with self.reading:
+            shipments, self.shipped = [*self.shipped, parts[1:1 + shipped]], []
+        for shipment in shipments:
+            # Numbers and bytes: this pickle always loads.
+            functions, forget = _wire.loads(shipment)
+            for fn_id in forget:
+                self.functions.pop(fn_id, None)
+            for fn_id, blob in functions:
+                if progress is not None:
+                    progress[2] = fn_id
+                try:
+                    self.functions[fn_id] = share_main(loads(blob))
+                except BaseException as exc:
+                    self.functions[fn_id] = Unloadable(exc)
         if progress is not None:
             progress[2] = 0
         try:

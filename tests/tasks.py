@@ -469,3 +469,9 @@ def hang_or_die(args: tuple[int, int, int, float]) -> int:
     if x == die_at:
         os._exit(7)
     return x
+
+
+def fail_outside(parent: int) -> None:
+    """An initializer that works in the parent's threads, fails in worker processes."""
+    if os.getpid() != parent:
+        raise RuntimeError("this initializer fails in worker processes")

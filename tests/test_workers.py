@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,10 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncpool import InitializerFailed, ResilientPool
+from asyncpool import InitializerFailed, PoolEvent, ResilientPool, SerializationError
 
 from . import tasks
-from .helpers import idle
+from .helpers import idle, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -216,3 +217,115 @@ def test_the_first_call_does_not_import_anyios_backend_on_the_loop() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "asyncpool-import"
 
+
+
+async def test_a_chunk_taken_back_still_brings_its_function(anyio_backend: str) -> None:
+    # The chunk that carried the function to the first worker waited behind a long
+    # item and went to the other worker: the first worker's next chunk of the same
+    # function came without it, and the worker died of a KeyError.
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        await pool.map(tasks.square, range(10))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run, tasks.nap, 1.0)
+            await anyio.sleep(0.01)
+            assert await pool.map(tasks.add_one_each, [(i, 1) for i in range(40)]) == [
+                i + 1 for i in range(40)]
+        assert await pool.map(tasks.add_one_each, [(i, 1) for i in range(400)]) == [
+            i + 1 for i in range(400)]
+        assert pool.statistics().worker_crashes == 0
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+async def test_a_call_stopped_with_kill_does_not_kill_another_callers_item(
+        tmp_path: Path, how: str, anyio_backend: str) -> None:
+    # Calls made while the only slot is busy share the next chunk: A's item waits
+    # behind B's long one. Stopping A with kill killed the worker while it ran B's
+    # item, and B's ran again.
+    starts = tmp_path / "starts"
+    async with ResilientPool(max_workers=1, max_chunks_in_flight=1,
+                             rungs=("process",)) as pool:
+        # Its items look instant, so the calls waiting for the slot go as one chunk.
+        await pool.map(tasks.note_start, [(0, str(tmp_path / "warm"), 0.0)] * 50)
+        results: dict[int, object] = {}
+        stop_a = anyio.CancelScope()
+
+        async def call(x: int, seconds: float, **options: Any) -> None:
+            results[x] = await pool.run(tasks.note_start, (x, str(starts), seconds),
+                                        **options)
+
+        async def call_a() -> None:
+            with stop_a:
+                try:
+                    await call(2, 0.0, timeout=0.8, kill_on_timeout=True,
+                               cancel_running="kill")
+                except TimeoutError:
+                    results[2] = "timed out"
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run, tasks.nap, 0.3)  # holds the only slot
+            for x, start in enumerate([call, call_a, *[call] * 17], 1):
+                calls = pool.statistics().active_calls
+                if start is call_a:
+                    tg.start_soon(call_a)
+                else:
+                    tg.start_soon(call, x, 1.5 if x == 1 else 0.0)
+                await wait_until(lambda c=calls: pool.statistics().active_calls > c)
+            if how == "cancel":
+                await wait_until(lambda: starts.exists() and "1" in starts.read_text())
+                await anyio.sleep(0.1)
+                stop_a.cancel()
+    assert results.pop(2, "cancelled") == ("timed out" if how == "timeout" else "cancelled")
+    assert results == {x: x for x in [1, *range(3, 20)]}
+    ran = [int(line) for line in starts.read_text().split()]
+    assert ran.count(1) == 1 and 2 not in ran, ran
+
+
+async def test_arguments_that_do_not_load_do_not_count_against_max_tasks(
+        anyio_backend: str) -> None:
+    # The parent counted the items against the worker's max_tasks_per_worker, the
+    # worker did not: written off but never retiring, idle workers piled up (68
+    # after 100 rounds on 2 workers).
+    async with ResilientPool(max_workers=2, max_tasks_per_worker=3,
+                             rungs=("process",)) as pool:
+        for _ in range(20):
+            with pytest.raises(SerializationError):
+                await pool.run(tasks.echo, tasks.Unloadable())
+            assert await pool.run(tasks.square, 3) == 9
+        await idle(pool)
+        assert pool.statistics().workers <= 2
+
+
+async def test_parked_workers_serve_a_pool_with_a_longer_sys_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
+    async with ResilientPool(max_workers=2, reuse_workers=True) as pool:
+        await pool.map(tasks.square, range(4))
+    try:
+        (tmp_path / "later_module.py").write_text("def triple(x):\n    return 3 * x\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        import later_module  # type: ignore[import-not-found]
+
+        async with ResilientPool(max_workers=2, reuse_workers=True) as pool:
+            assert await pool.map(later_module.triple, range(4)) == [0, 3, 6, 9]
+    finally:
+        await ResilientPool.close_idle_workers()
+
+
+async def test_warm_start_with_an_initializer_failing_in_processes_stays_on_threads(
+        anyio_backend: str) -> None:
+    events: list[PoolEvent] = []
+    async with ResilientPool(max_workers=2, warm_start=True, on_event=events.append,
+                             initializer=tasks.fail_outside,
+                             initargs=(os.getpid(),)) as pool:
+        await wait_until(lambda: pool.statistics().fallbacks == 1)
+        assert await pool.map(tasks.square, range(10)) == [x * x for x in range(10)]
+        assert pool.backend == "thread"
+        assert pool.statistics().creation_failures == 1
+    fallback = [e for e in events if e.kind == "fallback"]
+    assert len(fallback) == 1 and "fails in worker processes" in fallback[0].message
+
+
+async def test_initargs_that_do_not_pickle_say_so(anyio_backend: str) -> None:
+    with pytest.raises(SerializationError, match="initargs cannot be pickled"):
+        async with ResilientPool(max_workers=1, initializer=tasks.remember,
+                                 initargs=(threading.Lock(),)):
+            pass

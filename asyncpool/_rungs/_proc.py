@@ -14,6 +14,7 @@ import os
 import pickle
 import signal
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from .._execute import Unsendable
 
 if TYPE_CHECKING:
     from .._call import Chunk
+    from .._config import PoolConfig
     from .._loop import Loop
 
 logger = logging.getLogger("asyncpool")
@@ -89,8 +91,10 @@ class Proc:
         self.forget: list[int] = []
         #: Items sent to it, for max_tasks_per_worker.
         self.tasks = 0
-        #: Chunks asked back (see ProcessRung.take_back), by their seq.
+        #: Chunks asked back (see ProcessRung._take_back), by their seq.
         self.withdrawing: set[int] = set()
+        #: Calls whose items running here are to be killed (see kill_doomed).
+        self.doomed: set[int] = set()
         self.killed = False
         self.init_error: BaseException | None = None
         self.started = loop.event()
@@ -249,6 +253,7 @@ class Proc:
         if done:
             self.chunks.popleft()
             self.withdrawing.discard(chunk.seq)
+            self.doomed.clear()  # what else they had here is skipped (cancelled)
         if retiring and self.state is not ProcState.DEAD:
             self.state = ProcState.RETIRING
             self.events.proc_retiring(self)
@@ -297,7 +302,32 @@ class Proc:
             self.started.set()
         self.events.proc_dead(self, death)
 
+    def take_back(self, stuck: float) -> None:
+        """Ask for the chunks waiting here if nothing was heard since ``stuck``: the
+        worker hands back those it has not started (a chunk it starts meanwhile
+        simply runs here), and they go to another worker."""
+        if self.state is ProcState.READY and len(self.chunks) > 1 and self.heard < stuck:
+            seqs = [c.seq for c in list(self.chunks)[1:] if c.seq not in self.withdrawing]
+            if seqs:
+                self.withdrawing.update(seqs)
+                self.send(_wire.WITHDRAW, _wire.dumps(seqs))
+
     # -- stopping ------------------------------------------------------------------
+
+    def kill_doomed(self) -> None:
+        """Kill the worker if the item it runs belongs to a doomed call (cancelled or
+        timed out, asking for its running items to be killed). A chunk it shares with
+        live calls is killed only while one of its own items runs, never for another
+        caller's; its items that have not started are skipped (cancelled)."""
+        if not self.doomed or not self.chunks or self.state is ProcState.DEAD:
+            return
+        chunk = self.chunks[0]
+        seq, position = int(self.progress[0]), int(self.progress[1])
+        if seq == chunk.seq and 0 <= position < chunk.size:
+            piece, _ = chunk.locate(position)
+            if piece.call.id in self.doomed:
+                chunk.killed = True
+                self.kill()
 
     def kill(self) -> None:
         """SIGKILL the worker's process group: the worker and whatever it started.
@@ -330,6 +360,30 @@ class Proc:
 
     def __repr__(self) -> str:
         return f"<Proc {self.pid} {self.state.value} chunks={len(self.chunks)}>"
+
+
+def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | None]:
+    """What a new worker is told first, and the key of the parked workers that a
+    pool with ``config`` may take over (none with an initializer: its state is the
+    pool's own)."""
+    initializer = None
+    if config.initializer is not None:
+        import cloudpickle
+
+        try:
+            initializer = cloudpickle.dumps((config.initializer, config.initargs), 5)
+        except Exception as exc:
+            raise SerializationError(
+                f"the initializer {config.initializer!r} or its initargs cannot be "
+                f"pickled for the worker processes ({exc}); pass picklable initargs, "
+                "or make the object in the initializer") from exc
+    settings = _wire.dumps({
+        "sys_path": list(sys.path), "initializer": initializer,
+        "task_retries": config.task_retries, "max_tasks": config.max_tasks_per_worker,
+        "max_memory": config.max_worker_memory})
+    key = None if initializer else (config.task_retries, config.max_tasks_per_worker,
+                                    config.max_worker_memory, tuple(sys.path))
+    return settings, key
 
 
 def _described(exitcode: int | None) -> str:

@@ -92,8 +92,9 @@ class Rung:
     def forget(self, fn_id: int) -> None:
         """A call's function is no longer needed where this rung runs things."""
 
-    def kill(self, chunks: Iterable[Chunk]) -> bool:
-        """Stop these chunks where they run; False if this rung cannot."""
+    def kill(self, chunks: Iterable[Chunk], calls: set[int] | None = None) -> bool:
+        """Stop these chunks where they run (with ``calls``: only while an item of
+        those calls runs, never another caller's); False if this rung cannot."""
         return False
 
     def retire(self) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .. import _wire
+from .._call import CallState
 from .._errors import FunctionUnavailable, InitializerFailed, SerializationError
 from .._execute import run_on_cluster
 from .._retry import RungUnavailable
@@ -358,9 +359,13 @@ class DaskRung(Rung):
             if all(p.call.id in wanted for p in chunk.pieces):
                 relay.cancel()
 
-    def kill(self, chunks: Iterable[Chunk]) -> bool:
-        # Dask cannot stop a running task; cancelling forgets it and frees its slot.
+    def kill(self, chunks: Iterable[Chunk], calls: set[int] | None = None) -> bool:
+        # Dask cannot stop a running task; cancelling forgets it and frees its slot
+        # (not while it holds items of calls still waiting for them).
         for chunk in chunks:
+            if calls is not None and any(p.call.state is CallState.ACTIVE
+                                         for p in chunk.pieces):
+                continue
             relay = self._relays.get(chunk)
             if relay is not None:
                 relay.cancel()

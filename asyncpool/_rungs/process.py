@@ -16,7 +16,6 @@ import math
 import os
 import pickle
 import socket
-import sys
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,7 @@ from .._forkserver import ForkServer
 from .._loop import preload_backend
 from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
 from ._parking import park, take_parked
-from ._proc import Death, Events, Proc, ProcState
+from ._proc import Death, Events, Proc, ProcState, worker_settings
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
 if TYPE_CHECKING:
@@ -63,17 +62,7 @@ class ProcessRung(Rung, Events):
         self._supervisor: Background | None = None
         self._nudge: Any = None
         self._failure: BaseException | None = None
-        initializer = None
-        if config.initializer is not None:
-            import cloudpickle
-
-            initializer = cloudpickle.dumps((config.initializer, config.initargs), 5)
-        self._settings = _wire.dumps({
-            "sys_path": list(sys.path), "initializer": initializer,
-            "task_retries": config.task_retries, "max_tasks": config.max_tasks_per_worker,
-            "max_memory": config.max_worker_memory})
-        self._park_key = None if initializer else (
-            config.task_retries, config.max_tasks_per_worker, config.max_worker_memory)
+        self._settings, self._park_key = worker_settings(config)
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ProcessRung:
@@ -240,13 +229,19 @@ class ProcessRung(Rung, Events):
                     wanted & {p.call.id for p in c.pieces} for c in proc.chunks):
                 proc.send(_wire.CANCEL, _wire.dumps(ids))
 
-    def kill(self, chunks: Iterable[Chunk]) -> bool:
+    def kill(self, chunks: Iterable[Chunk], calls: set[int] | None = None) -> bool:
         for chunk in chunks:
             proc = chunk.worker
             # Only a running chunk needs its worker killed; a waiting one is skipped.
-            if proc is not None and proc.chunks and proc.chunks[0] is chunk:
+            if proc is None or not proc.chunks or proc.chunks[0] is not chunk:
+                continue
+            if calls is None:
                 chunk.killed = True
                 proc.kill()
+            else:  # now if one of their items runs, else if one starts before skipped
+                proc.doomed.update(calls)
+                proc.kill_doomed()
+                self._grow()  # the supervisor looks again while it runs
         return True
 
     # -- what workers report -------------------------------------------------------
@@ -260,6 +255,7 @@ class ProcessRung(Rung, Events):
         seq, first, upto, _, done, (seconds, retried), _, unloadable = meta
         if unloadable:
             assert isinstance(results, BaseException)
+            proc.tasks -= chunk.size  # none of them ran there
             self.in_flight -= 1
             self.listener.chunk_unloadable(chunk, results)
             return
@@ -279,20 +275,14 @@ class ProcessRung(Rung, Events):
         self.listener.chunk_lost(chunk, "moved")
 
     def _take_back(self) -> None:
-        """Ask for the chunks that wait behind an item running long (or hung) while
-        a worker is idle: the worker hands back those it has not started, and they
-        go to the idle one (a chunk it started meanwhile simply runs there)."""
-        if self.state is not RungState.SERVING or self.listener.closing or not any(
+        """While a worker is idle, ask for the chunks that wait behind an item running
+        long (or hung): they go to the idle one instead."""
+        if self.state is RungState.SERVING and not self.listener.closing and any(
                 p.state is ProcState.READY and not p.chunks and not p.killed
                 for p in self.procs):
-            return
-        stuck = time.monotonic() - STUCK_SECONDS
-        for proc in self.procs:
-            if proc.state is ProcState.READY and len(proc.chunks) > 1 and proc.heard < stuck:
-                seqs = [c.seq for c in list(proc.chunks)[1:] if c.seq not in proc.withdrawing]
-                if seqs:
-                    proc.withdrawing.update(seqs)
-                    proc.send(_wire.WITHDRAW, _wire.dumps(seqs))
+            stuck = time.monotonic() - STUCK_SECONDS
+            for proc in self.procs:
+                proc.take_back(stuck)
 
     def proc_retiring(self, proc: Proc) -> None:
         self.listener.worker_event("worker_recycled", f"worker {proc.pid} retires after "
@@ -356,11 +346,14 @@ class ProcessRung(Rung, Events):
             missing = config.max_workers - self._live()
             if missing <= 0:
                 self._nudge = self.loop.event()
-                # While chunks wait behind busy workers, look for stuck ones.
-                queued = any(len(p.chunks) > 1 for p in self.procs)
+                # While chunks wait behind busy workers, look for stuck ones; while
+                # doomed calls have items in a running chunk, for one starting.
+                queued = any(len(p.chunks) > 1 or p.doomed for p in self.procs)
                 with anyio.move_on_after(STUCK_SECONDS if queued else math.inf):
                     await self._nudge.wait()
                 self._take_back()
+                for proc in self.procs:
+                    proc.kill_doomed()
                 continue
             error: BaseException | None = None
             started: list[Proc] = []
