@@ -18,7 +18,7 @@ import anyio
 import anyio.lowlevel
 
 from ._call import Call, Mode
-from ._errors import DeadlineExceeded
+from ._errors import DeadlineExceeded, PoolClosed
 from ._progress import Reporter
 
 if TYPE_CHECKING:
@@ -49,10 +49,20 @@ class _Feeder:
     def _arrived(self) -> None:
         self.engine.resume(self.call)
 
-    async def stop(self) -> None:
+    async def stop(self, wait: bool = True) -> None:
+        """Stop pulling and close the input. An async generator's cleanup is its own
+        code: after a deadline or a cancellation it finishes in the background, not
+        on the caller's time; otherwise it is waited for (at most a second or so)."""
+        if wait:
+            await self._stop()
+        else:
+            self.call.source.close()
+            self.engine.loop.spawn(self._stop)
+
+    async def _stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await self.task.wait()
         await self.call.source.aclose()
 
@@ -97,6 +107,7 @@ async def collect(engine: Engine, call: Call) -> list[Any]:
     deadline = _deadline(call)
     kill = False
     engine.add(call)
+    late = True  # ended by its deadline or a cancellation
     try:
         with _scope(deadline):
             while True:
@@ -104,8 +115,10 @@ async def collect(engine: Engine, call: Call) -> list[Any]:
                 reporter.advance(call.finished - reporter.done)
                 failure = call.error or call.first_error
                 if failure is not None:
+                    late = False
                     raise failure
                 if call.complete:
+                    late = False
                     return call.results()
                 await call.wait()
         kill = call.options.kill_on_timeout
@@ -119,7 +132,7 @@ async def collect(engine: Engine, call: Call) -> list[Any]:
     finally:
         engine.finish(call, kill=kill)
         reporter.close()
-        await feeder.stop()
+        await feeder.stop(wait=not late)
 
 
 class ResultStream(Generic[T]):
@@ -180,8 +193,9 @@ class ResultStream(Generic[T]):
                     kill = False
                 else:  # cancelled
                     kill = options.cancel_running == "kill"
+                late = isinstance(exc, DeadlineExceeded) or not isinstance(exc, Exception)
                 with anyio.CancelScope(shield=True):
-                    await self.aclose(kill=kill)
+                    await self._finish(kill, wait=not late)
                 raise
             if self._at >= len(self._values):
                 await self.aclose(kill=False)
@@ -200,6 +214,9 @@ class ResultStream(Generic[T]):
     async def _fill(self) -> None:
         call, engine = self._call, self._engine
         if not self._started:
+            if not engine.loop.is_current():
+                raise PoolClosed("this pool was opened on another event loop (or "
+                                 "thread); iterate its imap there")
             self._started = True
             engine.add(call)
         ordered = call.mode is Mode.ORDERED
@@ -225,7 +242,11 @@ class ResultStream(Generic[T]):
     async def aclose(self, kill: bool | None = None) -> None:
         """Finish the call now: what has not started never runs, and what runs
         finishes unseen, or with ``cancel_running="kill"`` (the default for ``kill``
-        here) is stopped."""
+        here) is stopped. An async generator input is closed before this returns
+        (given a second or so)."""
+        await self._finish(kill, wait=True)
+
+    async def _finish(self, kill: bool | None, wait: bool) -> None:
         if kill is None:
             kill = self._call.options.cancel_running == "kill"
         if self._closed:
@@ -235,7 +256,7 @@ class ResultStream(Generic[T]):
         if self._started:
             self._engine.finish(self._call, kill=kill)
         self._reporter.close()
-        await self._feeder.stop()
+        await self._feeder.stop(wait)
 
     def __del__(self) -> None:
         # Left without aclose (a `break` in `async for`): finish the call here, which

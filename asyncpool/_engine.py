@@ -41,7 +41,7 @@ from ._ladder import Ladder
 from ._loop import Loop
 from ._outcomes import Outcomes
 from ._rungs import ChunkUnpicklable, Rung
-from ._sizing import Timing, guided_cap
+from ._sizing import TARGET_CHUNK_BYTES, Timing, guided_cap, rough_size
 
 logger = logging.getLogger("asyncpool")
 
@@ -198,6 +198,8 @@ class Engine:
         # worker running a long chunk while the others idle.
         cap = guided_cap(self.pending, lanes)
         unknown: set[Timing] = set()
+        # Every call's items in the chunk share its bytes (pickled on the loop).
+        room: float = TARGET_CHUNK_BYTES
         visits = len(self.ready)
         while self.ready and count < limit and budget > 0 and visits > 0:
             visits -= 1
@@ -218,6 +220,12 @@ class Engine:
             cost = timing.per_item if timing.per_item is not None else target / timing.ramp
             want = fixed or max(1, int(budget / max(cost, 1e-9)))
             want = min(want, limit - count, timing.bytes_cap(), max(1, self.window_items(call)))
+            weight = max(timing.bytes_per_item or 0, rough_size(call.source.peek()))
+            if weight and fixed is None:
+                if pieces and weight > room:
+                    self.ready.appendleft(call)  # in the next chunk
+                    break
+                want = min(want, max(1, int(room / weight)))
             counted = call.source.remaining is not None
             if cap is not None and counted and fixed is None:
                 if known >= cap:
@@ -236,6 +244,7 @@ class Engine:
                     known += len(piece.items)
                     self.pending -= len(piece.items)
                 budget -= cost * len(piece.items)
+                room -= weight * len(piece.items)
                 if timing.per_item is None:
                     unknown.add(timing)
             if call.wants_input and call.source.available():

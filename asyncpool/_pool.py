@@ -227,6 +227,7 @@ class ResilientPool:
         """
         call = self._call(fn, items, False, Mode.LIST,
                           CallOptions.build(return_exceptions, **options))
+        del items  # the call holds the input: dropping it is the call's (off the loop)
         return await collect(self._engine_now(), call)
 
     @overload
@@ -261,6 +262,7 @@ class ResilientPool:
         """
         call = self._call(fn, items, True, Mode.LIST,
                           CallOptions.build(return_exceptions, **options))
+        del items  # the call holds the input: dropping it is the call's (off the loop)
         return await collect(self._engine_now(), call)
 
     def imap(self, fn: Callable[[A], T], items: Iterable[A] | AsyncIterable[A], *,

@@ -66,6 +66,30 @@ class Timing:
                 self.bytes_per_item = 0.7 * self.bytes_per_item + 0.3 * per_item
 
 
+def rough_size(item: Any) -> int:
+    """A cheap lower bound of what ``item`` pickles to: the strings, bytes and arrays
+    it holds at its top or one level down (a call's arguments are a tuple). Items
+    differ from what a function's earlier items weighed: a chunk's bytes are bounded
+    by this before anything is pickled on the loop."""
+    size = _flat(item)
+    if not size and type(item) in (tuple, list) and len(item) <= 16:
+        size = sum(_flat(part) for part in item)
+    elif not size and type(item) is dict and len(item) <= 16:
+        size = sum(_flat(part) for part in item.values())
+    return size
+
+
+def _flat(value: Any) -> int:
+    kind = type(value)
+    if kind in (str, bytes, bytearray):
+        return len(value)
+    if kind is memoryview:
+        return int(value.nbytes)
+    if kind.__name__ == "ndarray":
+        return int(value.nbytes)
+    return 0
+
+
 def guided_cap(remaining: int | None, lanes: int) -> int | None:
     """With ``remaining`` items known, chunks shrink as the input ends, so the last
     ones finish together instead of one worker running a full chunk alone."""

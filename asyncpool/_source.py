@@ -1,9 +1,9 @@
 """A call's input, pulled only as fast as the workers take it, never blocking the loop.
 
-A sequence is sliced on the loop. A synchronous iterator (a generator, a file, a
-``map``) is user code that may stall at any item, so it is always pulled in a thread
-(kept for the next input while idle): not even one slow item holds the loop or the
-call's deadline. An async iterator, and any input under a rate limit, is pulled by a
+A list, tuple or range is sliced on the loop. Any other input (a generator, a file, a
+``map``, a sequence of the caller's) is user code that may stall at any item, so it is
+pulled in a thread (kept for the next input while idle): not even one slow item holds
+the loop or the call's deadline. An async iterator, and any input under a rate limit, is pulled by a
 feeder task into a small buffer. Whatever arrives goes out at once when a worker is
 free: a slow input never waits for a chunk to fill.
 """
@@ -58,6 +58,7 @@ class Source:
         self.error: BaseException | None = None
         self.limits = list(limits)
         self._seq: Sequence[Any] | None = None
+        self._length: int | None = None
         self._it: Iterator[Any] | None = None
         self._ait: AsyncIterator[Any] | None = None
         self._pos = 0
@@ -72,9 +73,16 @@ class Source:
         if isinstance(items, AsyncIterable):
             self._ait = items.__aiter__()
             self.fed = True
-        elif isinstance(items, Sequence) and not isinstance(items, (str, bytes)):
+        elif isinstance(items, (list, tuple, range)):
             self._seq = items
         else:
+            # Any other sequence is the caller's code too (a dataset reading from
+            # disk, say): it is pulled in a thread, and only its length known here.
+            if isinstance(items, Sequence) and not isinstance(items, (str, bytes)):
+                try:
+                    self._length = len(items)
+                except Exception:
+                    pass
             self._it = iter(items)
             self.fed = True
 
@@ -93,7 +101,7 @@ class Source:
     @property
     def total(self) -> int | None:
         """How many items the input has, when known."""
-        return len(self._seq) if self._seq is not None else None
+        return len(self._seq) if self._seq is not None else self._length
 
     @property
     def needs_feeder(self) -> bool:
@@ -108,6 +116,14 @@ class Source:
     def available(self) -> bool:
         """Whether :meth:`take` may give something now."""
         return bool(self._buffer) if self.fed else not self.ended
+
+    def peek(self) -> Any:
+        """The next item if it is at hand (for sizing), else None."""
+        if self.fed:
+            return self._buffer[0] if self._buffer else None
+        if self._seq is not None and self._pos < len(self._seq):
+            return self._seq[self._pos]
+        return None
 
     def take(self, count: int) -> list[Any]:
         """Up to ``count`` items that can be had now, without waiting."""
@@ -189,12 +205,13 @@ class Source:
 
     def close(self) -> None:
         """Let the thread that pulled the input go (after the item it may be pulling);
-        what it still hands over is dropped. The input is dropped too: a generator
-        nobody else holds is closed, running its ``finally`` blocks."""
+        what it still hands over is dropped. The input is dropped too, in that thread:
+        a generator nobody else holds is closed there, running its ``finally``
+        blocks off the loop."""
         self._closed = True
-        self._it = None
+        it, self._it = self._it, None
         if self._puller is not None:
-            self._puller.release()
+            self._puller.release(it)
             self._puller = None
 
     async def aclose(self) -> None:
@@ -256,6 +273,8 @@ def _pull_batch(it: Iterator[Any], count: int, hand: Callable[[list[Any]], None]
 
 #: Asks an idle input thread to leave.
 _LEAVE: tuple[Any, ...] = ()
+#: Marks a request to drop an input (its generator's ``finally`` runs off the loop).
+_DROP = object()
 
 
 class _Puller:
@@ -296,6 +315,9 @@ class _Puller:
                 continue
             if request is _LEAVE:
                 return
+            if request and request[0] is _DROP:
+                del request  # the last reference to the input, maybe: dropped here
+                continue
             if request is None:  # its input is done with: wait for the next one
                 with self._lock:
                     if len(self._idle) < IDLE_THREADS:
@@ -331,9 +353,12 @@ class _Puller:
         await done.wait()
         return box[0]
 
-    def release(self) -> None:
-        """Done with this thread: it serves another input after the batch it may be
-        pulling (if that ever ends)."""
+    def release(self, it: Iterator[Any] | None = None) -> None:
+        """Done with this thread: it drops ``it`` (the input), then serves another
+        input after the batch it may be pulling (if that ever ends)."""
+        if it is not None:
+            self._requests.put((_DROP, it))
+            del it
         self._requests.put(None)
 
     @classmethod

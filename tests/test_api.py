@@ -167,18 +167,25 @@ async def test_reuse_workers_across_pools(anyio_backend: str, no_leaks: None) ->
     assert await ResilientPool.close_idle_workers() == 2
 
 
-@pytest.mark.parametrize("use", ["run", "aclose"])
+@pytest.mark.parametrize("use", ["run", "aclose", "imap", "stream"])
 @pytest.mark.parametrize("other", ["asyncio", "trio"])
 async def test_a_pool_used_from_another_loop_says_so(use: str, other: str,
                                                      pool: ResilientPool) -> None:
-    # Closing it from another loop hung there, and left it closed for its own.
+    # Closing it from another loop hung there, and left it closed for its own; a
+    # stream made on its loop and read on another waited there for good.
+    stream = pool.imap(tasks.square, range(3))
+
     def elsewhere() -> BaseException | None:
         async def call() -> None:
             with anyio.fail_after(10):
                 if use == "run":
                     await pool.run(tasks.square, 2)
-                else:
+                elif use == "aclose":
                     await pool.aclose()
+                else:
+                    async for _ in (pool.imap(tasks.square, range(3)) if use == "imap"
+                                    else stream):
+                        pass
 
         try:
             anyio.run(call, backend=other)
@@ -189,6 +196,7 @@ async def test_a_pool_used_from_another_loop_says_so(use: str, other: str,
     error = await anyio.to_thread.run_sync(elsewhere)
     assert isinstance(error, PoolClosed) and "another event loop" in str(error)
     assert await pool.run(tasks.square, 3) == 9
+    await stream.aclose()
 
 
 async def test_backend_follows_the_serving_rung(anyio_backend: str) -> None:

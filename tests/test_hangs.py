@@ -685,3 +685,79 @@ async def test_chunks_taken_back_run_exactly_once(tmp_path: Path, anyio_backend:
     assert results == {i: i for i in range(40)}
     assert sorted(int(line) for line in starts.read_text().split()) == list(range(40))
     assert moved, "no chunk was taken back: the test did not exercise it"
+
+
+def input_with_slow_cleanup(closed: list[float]) -> Iterator[float]:
+    try:
+        while True:
+            yield 0.05
+    finally:
+        time.sleep(1.0)  # closing a cursor, a connection
+        closed.append(time.monotonic())
+
+
+@pytest.mark.parametrize("end", ["deadline", "break"])
+async def test_a_generators_cleanup_runs_off_the_loop(end: str, anyio_backend: str) -> None:
+    # The call dropped the generator on the loop, which ran its `finally` there: the
+    # loop stood still 1 s, and DeadlineExceeded came at 1.5 s instead of 0.5 s.
+    closed: list[float] = []
+    heartbeat = Heartbeat()
+    async with ResilientPool(max_workers=2) as pool, heartbeat.running():
+        started = time.monotonic()
+        if end == "deadline":
+            with pytest.raises(DeadlineExceeded):
+                await pool.map(tasks.nap, input_with_slow_cleanup(closed), timeout=0.5)
+        else:
+            async with pool.imap(tasks.nap, input_with_slow_cleanup(closed)) as results:
+                async for _ in results:
+                    break
+        returned = time.monotonic()
+        await wait_until(lambda: bool(closed))
+    assert returned < closed[0], "the call waited for the generator's cleanup"
+    assert heartbeat.worst < 0.5, f"loop blocked for {heartbeat.worst:.3f} s"
+    del started
+
+
+async def test_an_async_generators_cleanup_does_not_hold_the_deadline(
+        anyio_backend: str) -> None:
+    # DeadlineExceeded waited for the input's cleanup (1 s at most, shielded).
+    cleaned: list[float] = []
+
+    async def source() -> AsyncIterator[float]:
+        try:
+            while True:
+                yield 0.05
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.8)
+            cleaned.append(time.monotonic())
+
+    async with ResilientPool(max_workers=2) as pool:
+        with pytest.raises(DeadlineExceeded):
+            await pool.map(tasks.nap, source(), timeout=0.5)
+        returned = time.monotonic()
+        await wait_until(lambda: bool(cleaned))
+    assert returned < cleaned[0], "the deadline waited for the input's cleanup"
+
+
+class SlowSequence(Sequence[float]):
+    """A dataset that reads each item from somewhere slow."""
+
+    def __len__(self) -> int:
+        return 100
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        time.sleep(0.02)
+        return 0.0
+
+
+async def test_a_sequence_of_the_callers_is_read_off_the_loop(anyio_backend: str) -> None:
+    # It was sliced on the loop: 2 s held, and the deadline overshot by 1.3 s.
+    heartbeat = Heartbeat()
+    async with ResilientPool(max_workers=2) as pool, heartbeat.running():
+        with pytest.raises(DeadlineExceeded) as caught:
+            await pool.map(tasks.nap, SlowSequence(), timeout=1.0)
+    assert len(caught.value.partial) == 100  # its length is still known
+    assert heartbeat.worst < 0.5, f"loop blocked for {heartbeat.worst:.3f} s"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+from typing import Any
+
+import anyio
 import psutil
 import pytest
 
@@ -77,3 +80,30 @@ async def test_no_leaks_after_close(rungs: tuple[str, ...], anyio_backend: str,
     for _ in range(3):
         async with ResilientPool(max_workers=2, rungs=rungs) as pool:  # type: ignore[arg-type]
             assert await pool.map(tasks.square, range(1000)) == [i * i for i in range(1000)]
+
+
+async def test_a_chunk_of_big_items_is_bounded_in_bytes_before_it_is_pickled(
+        monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
+    # Chunks are pickled on the loop. Sized by what the function's earlier (small)
+    # items weighed, the first chunk of 1 MB strings held 100 of them; 200 concurrent
+    # run() calls of one each went out 12 to a chunk, 50 MB pickled in one go.
+    from asyncpool._rungs.process import ProcessRung
+    from asyncpool._sizing import TARGET_CHUNK_BYTES
+
+    weights: list[int] = []
+    submit = ProcessRung.submit
+
+    def weighed(rung: ProcessRung, chunk: Any) -> None:
+        submit(rung, chunk)
+        weights.append(chunk.payload_bytes)
+
+    monkeypatch.setattr(ProcessRung, "submit", weighed)
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        await pool.map(tasks.size_of, [b"x"] * 2000)
+        weights.clear()
+        big = [str(i % 10) * (1 << 20) for i in range(100)]
+        assert await pool.map(tasks.size_of, big) == [1 << 20] * 100
+        async with anyio.create_task_group() as tg:
+            for item in big:
+                tg.start_soon(pool.run, tasks.size_of, item)
+    assert max(weights) <= 2 * TARGET_CHUNK_BYTES, f"a chunk of {max(weights) >> 20} MB"
