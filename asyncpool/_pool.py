@@ -140,7 +140,7 @@ class ResilientPool:
         if engine is None or self._state is not PoolState.OPEN:
             return None
         rung = engine.ladder.serving
-        return rung.name if rung is not None else None
+        return rung.name if rung is not None and rung.usable else None
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of the pool's counters; never blocks, never raises."""

@@ -185,3 +185,31 @@ def test_the_dask_rung_needs_asyncio() -> None:
 
     with pytest.raises(NotImplementedError, match="asyncio only"):
         anyio.run(main, backend="trio")
+
+
+async def test_calls_cancelled_as_their_task_is_sent_leave_no_slot_taken(cluster: Any) -> None:
+    # A call cancelled one loop turn after it was made cancelled its chunk's relay
+    # before that ran: the slot stayed taken, and after a few the pool served nothing.
+    async with distributed.Client(cluster, asynchronous=True) as client, ResilientPool(
+            max_workers=2, dask_client=client) as pool:
+        assert pool.backend == "dask"
+        for turns in [1, 1, 2, 1, 1, 1, 0, 1]:
+            call = asyncio.ensure_future(pool.run(tasks.nap, 0.2))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        await wait_until(lambda: pool.statistics().chunks_in_flight == 0)
+        assert await asyncio.wait_for(pool.run(tasks.square, 3), 15) == 9
+
+
+async def test_kill_on_timeout_on_the_cluster_says_the_task_runs_on(
+        cluster: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # Dask cannot stop a running task: the pool said nothing, as if it had.
+    async with distributed.Client(cluster, asynchronous=True) as client, ResilientPool(
+            max_workers=2, dask_client=client) as pool:
+        with pytest.raises(TimeoutError):
+            await pool.run(tasks.nap, 2.0, timeout=0.5, kill_on_timeout=True)
+        assert any("cannot stop running tasks" in r.getMessage() for r in caplog.records)
+        await wait_until(lambda: pool.statistics().chunks_in_flight == 0)

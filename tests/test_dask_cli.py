@@ -209,3 +209,27 @@ async def test_the_initializer_runs_on_every_cluster_worker(cluster: CliCluster)
         async with ResilientPool(max_workers=2, dask_address=cluster.address,
                                  initializer=tasks.refuse_to_start, rungs=("process",)):
             pass
+
+
+async def test_a_scheduler_restarted_while_idle_is_set_up_again(cluster: CliCluster) -> None:
+    # The client reconnected to the new scheduler by itself: the pool went on serving
+    # from workers where the initializer had never run (its plugin died with the old
+    # scheduler), and said nothing.
+    async with ResilientPool(max_workers=2, dask_address=cluster.address,
+                             initializer=tasks.remember, initargs=("dask",),
+                             dask_connect_timeout=2.0, promote_after=0.5,
+                             promote_max=1.0) as pool:
+        assert pool.backend == "dask"
+        assert {tag for tag, _, _ in await pool.map(tasks.recall, range(8))} == {"dask"}
+        cluster.kill_scheduler()
+        for index in range(len(cluster.workers)):
+            cluster.kill_worker(index)
+        cluster.workers.clear()
+        cluster.start_scheduler()
+        cluster.start_workers()
+        await cluster.wait_ready()
+        await wait_until(lambda: pool.backend != "dask", 30)  # it noticed
+        assert {tag for tag, _, _ in await pool.map(tasks.recall, range(8))} == {"dask"}
+        await wait_until(lambda: pool.backend == "dask", 60)
+        assert {tag for tag, _, _ in await pool.map(tasks.recall, range(40), chunk_size=1)
+                } == {"dask"}

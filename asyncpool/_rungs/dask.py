@@ -20,6 +20,7 @@ climbs back with a new client once the scheduler answers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -69,6 +70,8 @@ class DaskRung(Rung):
         self.lanes = 1
         self._token = secrets.token_hex(4)
         self._count = 0
+        #: The scheduler this rung set up (see _resize).
+        self._scheduler_id: str | None = None
         self._relays: dict[Chunk, asyncio.Task[None]] = {}
         self._scattered: dict[int, asyncio.Future[Any]] = {}
         self._sizer: asyncio.Task[None] | None = None
@@ -139,8 +142,15 @@ class DaskRung(Rung):
                                     f"on a Dask worker: {exc!r}") from exc
 
     async def _resize(self) -> int:
-        """Follow the cluster's threads; returns how many it has now."""
-        threads = int(sum((await self.client.nthreads()).values()))
+        """Follow the cluster's threads; returns how many it has now. A scheduler
+        that restarted (the client reconnects to it unasked) has lost what this rung
+        set up there (the initializer, scattered functions): RungUnavailable."""
+        identity = await self.client.scheduler.identity()
+        if self._scheduler_id is None:
+            self._scheduler_id = identity.get("id")
+        elif identity.get("id") != self._scheduler_id:
+            raise RungUnavailable("the Dask scheduler restarted")
+        threads = int(sum(w.get("nthreads", 0) for w in identity["workers"].values()))
         self.lanes = max(1, threads)
         return threads
 
@@ -160,7 +170,7 @@ class DaskRung(Rung):
                                             f"dask_connect_timeout={timeout} s"))
                 return
             except Exception as exc:
-                if _lost_connection(exc, self.client):
+                if _lost_connection(exc, self.client) or isinstance(exc, RungUnavailable):
                     self._broke(exc)
                 return
             now = asyncio.get_running_loop().time()
@@ -202,8 +212,14 @@ class DaskRung(Rung):
         self.in_flight += 1
         if chunk.suspect:
             self._suspect = chunk
-        self._relays[chunk] = asyncio.ensure_future(
+        relay = self._relays[chunk] = asyncio.ensure_future(
             self._relay(chunk, list(shipped.values()), arguments))
+        # A relay cancelled before it first ran (its call was cancelled in the same
+        # turn) never reports: this does, once, or nothing if it did.
+        relay.add_done_callback(functools.partial(self._relay_ended, chunk))
+
+    def _relay_ended(self, chunk: Chunk, _: object) -> None:
+        self._final(chunk, "lost")
 
     async def _function(self, shipped: Any) -> Any:
         """The function's pickle, or for a big one its data scattered to every worker."""
@@ -360,8 +376,8 @@ class DaskRung(Rung):
                 relay.cancel()
 
     def kill(self, chunks: Iterable[Chunk], calls: set[int] | None = None) -> bool:
-        # Dask cannot stop a running task; cancelling forgets it and frees its slot
-        # (not while it holds items of calls still waiting for them).
+        # Dask cannot stop a running task (False says so); cancelling forgets it and
+        # frees its slot, unless it holds items of calls still waiting for them.
         for chunk in chunks:
             if calls is not None and any(p.call.state is CallState.ACTIVE
                                          for p in chunk.pieces):
@@ -369,7 +385,7 @@ class DaskRung(Rung):
             relay = self._relays.get(chunk)
             if relay is not None:
                 relay.cancel()
-        return True
+        return False
 
     async def aclose(self, kill: bool) -> None:
         self.state = RungState.CLOSED
