@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ._events import PoolEvent as PoolEvent
     from ._events import PoolStatistics as PoolStatistics
     from ._options import CallKwargs as CallKwargs
+    from ._config import PoolOptions as PoolOptions
     from ._consume import ResultStream as ResultStream
     from ._pool import ResilientPool as ResilientPool
 
@@ -45,6 +46,7 @@ _WHERE = {
     "PoolClosed": "._errors",
     "PoolConfig": "._config",
     "PoolEvent": "._events",
+    "PoolOptions": "._config",
     "PoolStatistics": "._events",
     "RemoteError": "._errors",
     "RemoteTraceback": "._errors",
@@ -65,6 +67,7 @@ __all__ = (
     "PoolClosed",
     "PoolConfig",
     "PoolEvent",
+    "PoolOptions",
     "PoolStatistics",
     "RemoteError",
     "RemoteTraceback",

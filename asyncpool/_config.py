@@ -159,10 +159,11 @@ class PoolConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         for name in options:
             if name not in names:
-                close = difflib.get_close_matches(name, sorted(names), n=1)
+                close = difflib.get_close_matches(
+                    name, sorted(names | {"config", "on_event"}), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise TypeError(f"unknown option {name!r}{hint} The options are the "
-                                "fields of PoolConfig")
+                raise TypeError(f"unknown option {name!r}{hint} (the options are "
+                                "PoolConfig's fields, config= and on_event=)")
         return dataclasses.replace(config, **options) if config else cls(**options)
 
 

@@ -63,7 +63,7 @@ class EventHook(Protocol):
     It runs on the event loop and must not block; an exception it raises is logged
     and ignored."""
 
-    def __call__(self, event: PoolEvent) -> None: ...
+    def __call__(self, event: PoolEvent, /) -> object: ...
 
 
 def log_event(event: PoolEvent) -> None:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
+from ._config import PoolConfig
+
 CancelRunning = Literal["finish", "kill"]
 ProgressCallback = Callable[[int, int | None], object]
 Progress = bool | ProgressCallback | None
@@ -80,6 +82,9 @@ class CallOptions:
         names = [f.name for f in dataclasses.fields(cls)]
         for name in options:
             if name not in names:
+                if name in _POOL_FIELDS:
+                    raise TypeError(f"{name} is a setting of the pool, not of a call: "
+                                    f"ResilientPool({name}=...)")
                 close = difflib.get_close_matches(name, names, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise TypeError(f"unknown option {name!r}{hint}")
@@ -148,3 +153,5 @@ class CallOptions:
 
 
 _DEFAULT = CallOptions()
+#: Settings of the pool that a call does not take (said so, not "did you mean").
+_POOL_FIELDS = frozenset(f.name for f in dataclasses.fields(PoolConfig)) | {"on_event"}

@@ -57,6 +57,7 @@ class ResilientPool:
         if max_workers is not None:
             settings["max_workers"] = max_workers
         self.config = PoolConfig.build(config, settings)
+        """The pool's settings (a frozen [`PoolConfig`][asyncpool.PoolConfig])."""
         self._state = PoolState.NEW
         self._counters = Counters()
         self._emit = Emitter(on_event, lambda: self.backend)
@@ -185,6 +186,9 @@ class ResilientPool:
                 ``SystemExit``/``KeyboardInterrupt``.
             PoolClosed: the pool is not open, or belongs to another event loop.
         """
+        if "return_exceptions" in options:
+            raise TypeError("run() takes no return_exceptions: it returns one result; "
+                            "catch the exception instead")
         call = self._call(fn, [args], True, Mode.LIST, CallOptions.build(**options))
         results = await collect(self._engine_now(), call)
         return results[0]  # type: ignore[no-any-return]
@@ -265,9 +269,19 @@ class ResilientPool:
         del items  # the call holds the input: dropping it is the call's (off the loop)
         return await collect(self._engine_now(), call)
 
+    @overload
+    def imap(self, fn: Callable[[A], T], items: Iterable[A] | AsyncIterable[A], *,
+             ordered: bool = True, return_exceptions: Literal[False] = ...,
+             **options: Unpack[CallKwargs]) -> ResultStream[T]: ...
+
+    @overload
+    def imap(self, fn: Callable[[A], T], items: Iterable[A] | AsyncIterable[A], *,
+             ordered: bool = True, return_exceptions: bool,
+             **options: Unpack[CallKwargs]) -> ResultStream[T | BaseException]: ...
+
     def imap(self, fn: Callable[[A], T], items: Iterable[A] | AsyncIterable[A], *,
              ordered: bool = True, return_exceptions: bool = False,
-             **options: Unpack[CallKwargs]) -> ResultStream[T]:
+             **options: Unpack[CallKwargs]) -> ResultStream[Any]:
         """Stream ``fn(x)`` for each item, in input order or (``ordered=False``) as done.
 
         Memory stays flat: the input is read only as far ahead as the workers and the

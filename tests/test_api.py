@@ -199,6 +199,12 @@ async def test_a_pool_used_from_another_loop_says_so(use: str, other: str,
     await stream.aclose()
 
 
+async def test_run_takes_no_return_exceptions(pool: ResilientPool) -> None:
+    # It was accepted, and returned the exception instead of raising it.
+    with pytest.raises(TypeError, match="run\\(\\) takes no return_exceptions"):
+        await pool.run(tasks.fail_on, 3, return_exceptions=True)  # type: ignore[call-arg]
+
+
 async def test_backend_follows_the_serving_rung(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=1, rungs=("inline",)) as pool:
         assert pool.backend == "inline"

@@ -205,6 +205,8 @@ def test_both_ways_to_configure_and_a_typo_says_what_was_meant() -> None:
     assert c.config.max_workers == 3 and c.config.chunk_size == 10
     with pytest.raises(TypeError, match="did you mean 'max_workers'"):
         ResilientPool(max_workrs=2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="did you mean 'on_event'"):
+        ResilientPool(on_evnt=print)  # type: ignore[call-arg]
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.config.max_workers = 5  # type: ignore[misc]
     assert "new" in repr(a)
@@ -221,6 +223,7 @@ def test_both_ways_to_configure_and_a_typo_says_what_was_meant() -> None:
     ({"kill_on_timeout": "yes"}, TypeError, "kill_on_timeout='yes'"),
     ({"progress": 3}, TypeError, "progress=3"),
     ({"timout": 1}, TypeError, "did you mean 'timeout'"),
+    ({"max_workers": 2}, TypeError, "a setting of the pool, not of a call"),
     ({"timeout": 10**400}, ValueError, "timeout=1000"),
     ({"resources": "cpu"}, TypeError, "resources='cpu'"),
     ({"resources": {"GPU": "one"}}, TypeError, "resources="),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import assert_type
 
-from asyncpool import PoolStatistics, ResilientPool
+from asyncpool import PoolEvent, PoolStatistics, ResilientPool
 
 
 def add(a: int, b: int) -> int:
@@ -35,6 +35,8 @@ async def check(pool: ResilientPool) -> None:
     async with pool.imap(name, range(3), ordered=False) as results:
         async for value in results:
             assert_type(value, str)
+    async for outcome in pool.imap(name, range(3), return_exceptions=True):
+        assert_type(outcome, str | BaseException)
     assert_type(pool.statistics(), PoolStatistics)
 
 
@@ -42,3 +44,15 @@ def configure() -> None:
     ResilientPool(max_workers=2, chunk_size=10, rungs=("process", "inline"))
     ResilientPool(max_workrs=2)  # type: ignore[call-arg]
     ResilientPool(chunk_size="10")  # type: ignore[arg-type]
+
+
+def hooks() -> None:
+    # A hook's parameter may have any name, and return anything.
+    def note(e: PoolEvent) -> None:
+        pass
+
+    events: list[PoolEvent] = []
+    ResilientPool(on_event=note)
+    ResilientPool(on_event=events.append)
+    ResilientPool(on_event=print)
+    ResilientPool(on_event=len)  # type: ignore[arg-type]
