@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import queue
+import random
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -117,13 +118,22 @@ class Source:
         """Whether :meth:`take` may give something now."""
         return bool(self._buffer) if self.fed else not self.ended
 
-    def peek(self) -> Any:
-        """The next item if it is at hand (for sizing), else None."""
+    def sample(self, count: int, size: int = 16) -> list[Any]:
+        """Up to ``size`` of the next ``count`` items at hand, the first and others
+        picked at random (for sizing: the first alone may be small among big ones)."""
         if self.fed:
-            return self._buffer[0] if self._buffer else None
-        if self._seq is not None and self._pos < len(self._seq):
-            return self._seq[self._pos]
-        return None
+            ahead: Sequence[Any] = self._buffer
+            start = 0
+        elif self._seq is not None:
+            ahead, start = self._seq, self._pos
+        else:
+            return []
+        end = min(len(ahead), start + max(1, count))
+        if end - start <= size:
+            return list(ahead[start:end])
+        # At random, not every n-th: items that alternate in size must not alias.
+        return [ahead[start]] + [ahead[i] for i in random.sample(range(start + 1, end),
+                                                                 size - 1)]
 
     def take(self, count: int) -> list[Any]:
         """Up to ``count`` items that can be had now, without waiting."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -761,3 +762,43 @@ async def test_a_sequence_of_the_callers_is_read_off_the_loop(anyio_backend: str
             await pool.map(tasks.nap, SlowSequence(), timeout=1.0)
     assert len(caught.value.partial) == 100  # its length is still known
     assert heartbeat.worst < 0.5, f"loop blocked for {heartbeat.worst:.3f} s"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["timeout", "cancel"])
+async def test_a_stopped_calls_hung_item_is_killed_when_it_started_unheard(
+        stop: str, anyio_backend: str) -> None:
+    # The hung item's chunk waited behind another call's; the call was stopped with
+    # kill just as the worker took that chunk up, before the parent heard the first
+    # one end. Only a running first chunk was killed: the hung item ran on, and with
+    # one worker nothing was served again. A loop kept busy widens the window.
+    if anyio_backend != "asyncio":
+        pytest.skip("one backend is enough to sweep the window")
+
+    async def busy() -> None:
+        while True:
+            time.sleep(0.0003)
+            await anyio.sleep(0)
+
+    long = 0.15
+    async with ResilientPool(max_workers=1, rungs=("process",)) as pool, \
+            anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(busy)
+        for step in range(-20, 21):
+            at = long - 0.005 + step * 0.00025
+            async with anyio.create_task_group() as calls:
+                calls.start_soon(pool.run, tasks.nap, long)
+                await anyio.sleep(0.005)  # a chunk of its own, queued behind
+                with anyio.move_on_after(at) if stop == "cancel" else _nothing():
+                    with contextlib.suppress(DeadlineExceeded):
+                        await pool.run(tasks.hang_forever, **(
+                            {"timeout": at, "kill_on_timeout": True} if stop == "timeout"
+                            else {"cancel_running": "kill"}))
+            assert await pool.run(tasks.square, 3, timeout=5) == 9, f"stuck at {at}"
+        tg.cancel_scope.cancel()
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield

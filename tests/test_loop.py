@@ -106,4 +106,9 @@ async def test_a_chunk_of_big_items_is_bounded_in_bytes_before_it_is_pickled(
         async with anyio.create_task_group() as tg:
             for item in big:
                 tg.start_soon(pool.run, tasks.size_of, item)
+        # Small and big items in turn, of a function known for small ones: judged by
+        # the first item alone, 39 MB went in one chunk.
+        await pool.map(len, [b"x"] * 2000)
+        mixed = [bytes([i % 256]) * (1 << 20) if i % 2 else b"s" for i in range(100)]
+        assert await pool.map(len, mixed) == [len(b) for b in mixed]
     assert max(weights) <= 2 * TARGET_CHUNK_BYTES, f"a chunk of {max(weights) >> 20} MB"

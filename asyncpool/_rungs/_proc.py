@@ -253,7 +253,8 @@ class Proc:
         if done:
             self.chunks.popleft()
             self.withdrawing.discard(chunk.seq)
-            self.doomed.clear()  # what else they had here is skipped (cancelled)
+            if self.doomed:
+                self.doomed &= {p.call.id for c in self.chunks for p in c.pieces}
         if retiring and self.state is not ProcState.DEAD:
             self.state = ProcState.RETIRING
             self.events.proc_retiring(self)
@@ -321,9 +322,10 @@ class Proc:
         caller's; its items that have not started are skipped (cancelled)."""
         if not self.doomed or not self.chunks or self.state is ProcState.DEAD:
             return
-        chunk = self.chunks[0]
         seq, position = int(self.progress[0]), int(self.progress[1])
-        if seq == chunk.seq and 0 <= position < chunk.size:
+        # The chunk it runs may be one we have not heard it start yet.
+        chunk = next((c for c in self.chunks if c.seq == seq), None)
+        if chunk is not None and 0 <= position < chunk.size:
             piece, _ = chunk.locate(position)
             if piece.call.id in self.doomed:
                 chunk.killed = True

@@ -232,16 +232,17 @@ class ProcessRung(Rung, Events):
     def kill(self, chunks: Iterable[Chunk], calls: set[int] | None = None) -> bool:
         for chunk in chunks:
             proc = chunk.worker
-            # Only a running chunk needs its worker killed; a waiting one is skipped.
-            if proc is None or not proc.chunks or proc.chunks[0] is not chunk:
+            if proc is None or chunk not in proc.chunks:
                 continue
-            if calls is None:
+            if calls is None and proc.chunks[0] is chunk:
                 chunk.killed = True
                 proc.kill()
-            else:  # now if one of their items runs, else if one starts before skipped
-                proc.doomed.update(calls)
-                proc.kill_doomed()
-                self._grow()  # the supervisor looks again while it runs
+                continue
+            # Killed now if one of their items runs, or if one starts before the
+            # worker reads that they are cancelled (a waiting chunk it just took up).
+            proc.doomed.update({p.call.id for p in chunk.pieces} if calls is None else calls)
+            proc.kill_doomed()
+            self._grow()  # the supervisor looks again while they are there
         return True
 
     # -- what workers report -------------------------------------------------------
