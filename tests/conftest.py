@@ -1,13 +1,15 @@
 """Fixtures shared by the whole suite.
 
 Async tests are marked ``anyio`` and run once on asyncio and once on trio (anyio's
-pytest plugin, through the ``anyio_backend`` fixture below); a test of an asyncio-only
-feature asks for :func:`asyncio_only`. pytest-asyncio is installed but in strict mode
+pytest plugin, through the ``anyio_backend`` fixture below; ``ASYNCPOOL_TEST_BACKENDS=
+asyncio`` runs one of them, as CI does on its second and third Python); a test of an
+asyncio-only feature asks for :func:`asyncio_only`. pytest-asyncio is installed but in strict mode
 (pyproject.toml), so it claims no test that anyio runs.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 from .helpers import PidsCgroup, ThreadStarts, children, settle
 
 
-@pytest.fixture(params=["asyncio", "trio"])
+@pytest.fixture(params=os.environ.get("ASYNCPOOL_TEST_BACKENDS", "asyncio,trio").split(","))
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
