@@ -790,15 +790,10 @@ async def test_a_stopped_calls_hung_item_is_killed_when_it_started_unheard(
             async with anyio.create_task_group() as calls:
                 calls.start_soon(pool.run, tasks.nap, long)
                 await anyio.sleep(0.005)  # a chunk of its own, queued behind
-                with anyio.move_on_after(at) if stop == "cancel" else _nothing():
+                with anyio.move_on_after(at) if stop == "cancel" else contextlib.nullcontext():
                     with contextlib.suppress(DeadlineExceeded):
                         await pool.run(tasks.hang_forever, **(
                             {"timeout": at, "kill_on_timeout": True} if stop == "timeout"
                             else {"cancel_running": "kill"}))
             assert await pool.run(tasks.square, 3, timeout=5) == 9, f"stuck at {at}"
         tg.cancel_scope.cancel()
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
