@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import socket
 import sys
@@ -36,6 +37,11 @@ async def cluster() -> AsyncIterator[Any]:
                                         host="127.0.0.1", dashboard_address=None,
                                         asynchronous=True) as c:
         yield c
+        # A worker a test killed may be restarting under its nanny: closing the cluster
+        # then trips distributed itself ("can only join a started process").
+        async with distributed.Client(c, asynchronous=True, set_as_default=False) as client:
+            with contextlib.suppress(Exception):
+                await client.wait_for_workers(2, timeout=30)
 
 
 def _free_port() -> int:
