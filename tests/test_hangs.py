@@ -367,13 +367,23 @@ async def async_input_raising_late(n: int) -> AsyncIterator[int]:
     raise RuntimeError("the async input failed late")
 
 
-class CorruptDataset(Sequence[int]):
+class Dataset(Sequence[Any]):
+    """A sequence of the caller's: 100 records, each read by ``read``."""
+
     def __len__(self) -> int:
         return 100
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
+        return self.read(index)
+
+    def read(self, index: int) -> Any:
+        return index
+
+
+class CorruptDataset(Dataset):
+    def read(self, index: int) -> Any:
         if index == 42:
             raise OSError("record 42 is corrupt")
         return index
@@ -741,15 +751,10 @@ async def test_an_async_generators_cleanup_does_not_hold_the_deadline(
     assert returned < cleaned[0], "the deadline waited for the input's cleanup"
 
 
-class SlowSequence(Sequence[float]):
-    """A dataset that reads each item from somewhere slow."""
+class SlowSequence(Dataset):
+    """A dataset that reads each record from somewhere slow."""
 
-    def __len__(self) -> int:
-        return 100
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+    def read(self, index: int) -> Any:
         time.sleep(0.02)
         return 0.0
 
