@@ -223,9 +223,9 @@ class Engine:
             # The biggest of a sample, not its mean: a chunk may come out small, but
             # not many times over its bytes (the mean of a sample of small and big
             # items in turn misjudged it 2.5x one time in fifty).
-            weight = max([timing.bytes_per_item or 0,
-                          *map(rough_size, call.source.sample(want))])
-            if weight and fixed is None:
+            weight = 0.0 if fixed else max([timing.bytes_per_item or 0,
+                                            *map(rough_size, call.source.sample(want))])
+            if weight:
                 if pieces and weight > room:
                     self.ready.appendleft(call)  # in the next chunk
                     break

@@ -3,8 +3,8 @@
 A list, tuple or range is sliced on the loop. Any other input (a generator, a file, a
 ``map``, a sequence of the caller's) is user code that may stall at any item, so it is
 pulled in a thread (kept for the next input while idle): not even one slow item holds
-the loop or the call's deadline. An async iterator, and any input under a rate limit, is pulled by a
-feeder task into a small buffer. Whatever arrives goes out at once when a worker is
+the loop or the call's deadline. An async iterator, and any input under a rate limit,
+is pulled by a feeder task into a small buffer. Whatever arrives goes out at once when a worker is
 free: a slow input never waits for a chunk to fill.
 """
 
