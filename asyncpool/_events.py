@@ -112,7 +112,8 @@ class PoolStatistics:
     workers_recycled: int = 0
     """Workers replaced after max_tasks_per_worker or max_worker_memory."""
     resubmitted_chunks: int = 0
-    """Chunks (or parts of chunks) sent again after a crash or a lost worker."""
+    """Chunks (or parts of chunks) sent again after a crash, a lost worker or a result
+    that would not load (not those taken back unstarted from a busy worker)."""
     workers: int = 0
     """Worker processes (threads, Dask threads) serving now."""
     chunks_in_flight: int = 0

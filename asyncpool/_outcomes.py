@@ -231,7 +231,8 @@ class Outcomes:
             return
         if crashes is None:
             crashes = chunk.crashes if (first, upto) == (0, chunk.size) else 0
-        self.counters.resubmitted_chunks += 1
+        if why != "moved":  # taken back unstarted from a busy worker: not a rerun
+            self.counters.resubmitted_chunks += 1
         again = Chunk(pieces, crashes, suspect or why == "suspect")
         self.emit("resubmit", f"resubmitting {again.size} item(s) ({why})",
                   size=again.size, reason=why)
