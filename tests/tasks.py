@@ -96,6 +96,26 @@ def return_unloadable(x: int) -> object:
     return Unloadable() if x == 2 else x
 
 
+def counted_unloadable(args: tuple[int, str, str]) -> object:
+    """Notes each run in ``log``; item 2 returns Unloadable(), item 4 an instance of
+    a class that only this worker can import (from a module it writes in ``folder``)."""
+    x, log, folder = args
+    with open(log, "a") as f:
+        f.write(f"{x}\n")
+    if x == 2:
+        return {"nested": [Unloadable()]}
+    if x == 4:
+        name = f"worker_only_{os.getpid()}"
+        Path(folder, f"{name}.py").write_text("class Local:\n    pass\n")
+        sys.path.insert(0, folder)
+        try:
+            module = __import__(name)
+        finally:
+            sys.path.remove(folder)
+        return module.Local()
+    return x
+
+
 def flaky_thread_start(args: tuple[int, str]) -> int:
     """Fails like an exhausted machine the first time, then succeeds."""
     x, marker = args

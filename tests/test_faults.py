@@ -182,6 +182,27 @@ async def test_bad_result_stays_with_its_item(fn: object, anyio_backend: str) ->
         assert pool.statistics().worker_crashes == 0
 
 
+async def test_results_that_do_not_load_here_fail_alone_and_nothing_reruns(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # One pickle carries the results of many items: when one would not load in the
+    # parent, every item of the stretch ran a second time.
+    log, folder = tmp_path / "runs", tmp_path / "modules"
+    folder.mkdir()
+    async with ResilientPool(max_workers=1, chunk_size=8) as pool:
+        results = await pool.map(tasks.counted_unloadable,
+                                 [(x, str(log), str(folder)) for x in range(8)],
+                                 return_exceptions=True)
+        for position, cause in ((2, "Unloadable refuses"), (4, "worker_only_")):
+            assert isinstance(results[position], SerializationError), results
+            assert f"item {position}" in str(results[position])
+            assert "could not be unpickled in the parent" in str(results[position])
+            assert cause in str(results[position])
+        assert [r for i, r in enumerate(results) if i not in (2, 4)] == [0, 1, 3, 5, 6, 7]
+        assert sorted(int(x) for x in log.read_text().split()) == list(range(8))
+        assert pool.statistics().resubmitted_chunks == 0
+        assert pool.statistics().worker_crashes == 0
+
+
 async def test_exception_that_cannot_be_rebuilt_is_a_remote_error(tmp_path: Path,
                                                                   anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:

@@ -8,8 +8,9 @@ import math
 import pickle
 import select
 import socket
+import sys
 import threading
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from asyncpool._call import Chunk, Piece
 from asyncpool._execute import execute, portable
 from asyncpool._options import CallOptions
 from asyncpool._retry import RungUnavailable, backoff_delays, is_transient
+from asyncpool._salvage import load_results
 from asyncpool._sizing import TARGET_CHUNK_BYTES, Timing, assemble, guided_cap
 
 from . import tasks
@@ -313,6 +315,60 @@ def test_frames_survive_any_split_and_big_parts_arrive_in_place() -> None:
     a.close()
     assert reader.read(b, lambda kind, parts: None) is False
     b.close()
+
+
+class Holder:
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
+class Slotted:
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
+class RefusesState:
+    def __init__(self) -> None:
+        self.state = 1
+
+    def __setstate__(self, state: object) -> None:
+        raise ValueError("no state for me")
+
+
+def _pickled_with_a_class_gone(build: Any) -> bytes:
+    """The pickle of ``build(Gone)`` made where class Gone exists, which then goes."""
+    module = ModuleType("gone_after_pickling")
+    exec("class Gone:\n    pass\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    try:
+        return pickle.dumps(build(module.Gone), 5)
+    finally:
+        del sys.modules[module.__name__]
+
+
+def test_results_that_do_not_load_are_pinned_on_their_items() -> None:
+    blob = _pickled_with_a_class_gone(
+        lambda gone: [0, gone(), {"k": [gone()]}, Holder(gone()), gone, "five"])
+    with pytest.raises(ModuleNotFoundError):
+        pickle.loads(blob)
+    results, errors = load_results([blob])
+    assert sorted(errors) == [1, 2, 3, 4]
+    assert all(isinstance(e, SerializationError) and "gone_after_pickling.Gone" in str(e)
+               for e in errors.values())
+    assert [results[0], results[5]] == [0, "five"]
+    assert load_results([pickle.dumps([1, Holder(2)], 5)])[1] == {}
+
+
+@pytest.mark.parametrize("build", [lambda gone: [1, Slotted(gone())],
+                                   lambda gone: [1, RefusesState()]])
+def test_results_that_cannot_be_pinned_raise_the_pickles_own_error(build: Any) -> None:
+    # A stand-in where the search cannot see it, or a failure with no stand-in: each
+    # item must run again alone rather than get a result with a stand-in inside.
+    with pytest.raises(Exception) as info:
+        load_results([_pickled_with_a_class_gone(build)])
+    assert isinstance(info.value, (ModuleNotFoundError, ValueError))
 
 
 def test_the_last_results_of_a_chunk_travel_with_its_end() -> None:

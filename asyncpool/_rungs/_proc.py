@@ -25,6 +25,7 @@ from .. import _wire
 from .._errors import RemoteError, RemoteTraceback, SerializationError
 from .._forkserver import Spawned
 from .._retry import RungUnavailable
+from .._salvage import load_results
 from .._execute import Unsendable
 
 if TYPE_CHECKING:
@@ -241,11 +242,12 @@ class Proc:
             results = errors.pop(0)
         else:
             try:
-                decoded: list[Any] = _wire.loads(parts[1:])
+                decoded, errors_here = load_results(parts[1:])
             except BaseException as exc:  # the results' own code ran: SystemExit too
                 results = exc
             else:
                 results = decoded
+                errors.update((first + p, e) for p, e in errors_here.items())
                 for offset, value in enumerate(decoded):
                     if type(value) is Unsendable:
                         errors[first + offset] = SerializationError(value.reason)

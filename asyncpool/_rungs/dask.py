@@ -34,7 +34,7 @@ from .._call import CallState
 from .._errors import FunctionUnavailable, InitializerFailed, SerializationError
 from .._execute import run_on_cluster
 from .._retry import RungUnavailable
-from .._wire import loads
+from .._salvage import load_results
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
 if TYPE_CHECKING:
@@ -314,11 +314,12 @@ class DaskRung(Rung):
 
             errors = {position: _decode_error(b, text) for position, b, text in errors}
             try:
-                results = loads(blob)
+                results, bad = load_results(blob)
             except BaseException as exc:  # the results' own code ran: SystemExit too
                 self.listener.chunk_undecodable(chunk, 0, chunk.size, exc)
                 self._final(chunk, "done")
                 return
+            errors.update(bad)
         self._final(chunk, "progress", results, errors, seconds, retried)
 
     def _final(self, chunk: Chunk, how: str, results: list[Any] | None = None,

@@ -1,0 +1,136 @@
+"""Results of several items in one pickle, one of which will not load here.
+
+A worker sends the results of a stretch of items as one pickle. When that pickle does
+not load in the parent (a result's class is not importable here, or its pickle calls a
+function that raises), :func:`load_results` loads it again with each failing class or
+call replaced by a stand-in, and makes only the items that hold a stand-in fail: the
+others keep their results and run no second time. Where a failure cannot be pinned on
+items that way (a class whose constructor or ``__setstate__`` raises), the original
+error is raised and the caller runs each item again alone.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._errors import SerializationError
+
+#: How many objects the search for stand-ins looks at, at most, before it gives up.
+SEARCH_LIMIT = 200_000
+FIX = "return plain data (built-in types, or classes importable in both processes)"
+
+
+class _StandIn:
+    """What a class or a call that failed while loading a result becomes."""
+
+    failure: str = ""
+    made: list[object]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _StandIn:
+        instance = object.__new__(cls)
+        cls.made.append(instance)
+        return instance
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _Tolerant(pickle.Unpickler):
+    def __init__(self, data: Any, buffers: Sequence[Any]) -> None:
+        super().__init__(io.BytesIO(data), buffers=buffers)
+        self.stand_ins: list[type[_StandIn]] = []
+        self.made: list[object] = []
+
+    def stand_in(self, name: str, exc: BaseException) -> type[_StandIn]:
+        cls = type(name, (_StandIn,), {"failure": f"{name}: {exc!r}", "made": self.made})
+        self.stand_ins.append(cls)
+        return cls
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            found = super().find_class(module, name)
+        except Exception as exc:
+            return self.stand_in(f"{module}.{name}", exc)
+        if isinstance(found, type) or not callable(found):
+            return found
+        return self._guarded(found, f"{module}.{name}")
+
+    def _guarded(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except (Exception, SystemExit) as exc:
+                return self.stand_in(name, exc)()
+        return call
+
+
+def load_results(parts: Sequence[Any]) -> tuple[list[Any], dict[int, BaseException]]:
+    """The results in ``parts`` (a pickle and its buffers), and an error for each
+    position whose result will not load here. Raises the pickle's own error when it
+    cannot tell which results are at fault."""
+    try:
+        return pickle.loads(parts[0], buffers=parts[1:]), {}
+    except BaseException as exc:
+        error = exc
+    if isinstance(error, KeyboardInterrupt):
+        raise error  # perhaps the user's Ctrl-C, not a result's doing
+    tolerant = _Tolerant(parts[0], parts[1:])
+    try:
+        results = tolerant.load()
+    except Exception:
+        raise error from None
+    if not isinstance(results, list):
+        raise error
+    wanted = {id(o) for o in tolerant.made} | {id(c) for c in tolerant.stand_ins}
+    errors: dict[int, BaseException] = {}
+    found: set[int] = set()
+    budget = SEARCH_LIMIT
+    for position, value in enumerate(results):
+        held, budget = _stand_ins(value, budget)
+        if budget <= 0:
+            raise error
+        if held:
+            classes: set[type[_StandIn]] = {s if isinstance(s, type) else type(s)
+                                             for s in held}
+            found |= {id(s) for s in held} | {id(c) for c in classes}
+            names = sorted({c.failure for c in classes})
+            failure = SerializationError(f"its result could not be unpickled in the parent "
+                                         f"({'; '.join(names)}); {FIX}")
+            failure.__cause__ = error
+            errors[position] = failure
+            results[position] = None
+    if wanted - found:
+        raise error  # a stand-in ended where no search reaches: rerun them alone
+    return results, errors
+
+
+def _stand_ins(value: Any, budget: int) -> tuple[list[Any], int]:
+    """Every stand-in (class or instance) reachable from ``value``."""
+    held: list[Any] = []
+    seen: set[int] = set()
+    stack = [value]
+    while stack and budget > 0:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        budget -= 1
+        if isinstance(value, _StandIn) or (isinstance(value, type)
+                                           and issubclass(value, _StandIn)):
+            held.append(value)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif not isinstance(value, (str, bytes, bytearray, int, float, type)):
+            state = getattr(value, "__dict__", None)
+            if isinstance(state, dict):
+                stack.append(state)
+    return held, budget
