@@ -66,28 +66,48 @@ class Timing:
                 self.bytes_per_item = 0.7 * self.bytes_per_item + 0.3 * per_item
 
 
+#: How many values :func:`rough_size` looks at inside one item, at most.
+LOOK = 48
+
+
 def rough_size(item: Any) -> int:
-    """A cheap lower bound of what ``item`` pickles to: the strings, bytes and arrays
-    it holds at its top or one level down (a call's arguments are a tuple). Items
-    differ from what a function's earlier items weighed: a chunk's bytes are bounded
-    by this before anything is pickled on the loop."""
-    size = _flat(item)
-    if not size and type(item) in (tuple, list) and len(item) <= 16:
-        size = sum(_flat(part) for part in item)
-    elif not size and type(item) is dict and len(item) <= 16:
-        size = sum(_flat(part) for part in item.values())
-    return size
+    """A cheap estimate, from below, of what ``item`` pickles to, from at most
+    :data:`LOOK` values inside it: strings, bytes and arrays by their length, numbers
+    by their smallest pickle, a container from some of its values scaled to its
+    length, an object by its attributes. Items differ from what a function's earlier
+    items weighed: a chunk's bytes are bounded by this before anything is pickled on
+    the loop."""
+    return _size(item, [LOOK], 0)
 
 
-def _flat(value: Any) -> int:
+def _size(value: Any, budget: list[int], depth: int) -> int:
+    budget[0] -= 1
     kind = type(value)
     if kind in (str, bytes, bytearray):
         return len(value)
-    if kind is memoryview:
+    if kind in (int, bool, float):
+        return 2 if kind is not float else 9
+    if kind is memoryview or kind.__name__ == "ndarray":
         return int(value.nbytes)
-    if kind.__name__ == "ndarray":
-        return int(value.nbytes)
-    return 0
+    if depth >= 6 or budget[0] <= 0:
+        return 1
+    if kind is dict:
+        count = len(value)
+        picks: Any = list(value.items())[:32] if count <= 64 else [
+            pair for _, pair in zip(range(8), value.items(), strict=False)]
+    elif kind in (list, tuple):
+        count = len(value)
+        picks = value if count <= 16 else [value[i * count // 8] for i in range(8)]
+    elif kind in (set, frozenset):
+        count = len(value)
+        picks = [v for _, v in zip(range(8), value, strict=False)]
+    else:
+        state = getattr(value, "__dict__", None)
+        return _size(state, budget, depth + 1) if type(state) is dict else 1
+    if not count:
+        return 1
+    seen = sum(_size(v, budget, depth + 1) for v in picks)
+    return seen * count // max(1, len(picks)) + 1
 
 
 def guided_cap(remaining: int | None, lanes: int) -> int | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import itertools
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -111,4 +113,15 @@ async def test_a_chunk_of_big_items_is_bounded_in_bytes_before_it_is_pickled(
         await pool.map(len, [b"x"] * 2000)
         mixed = [bytes([i % 256]) * (1 << 20) if i % 2 else b"s" for i in range(100)]
         assert await pool.map(len, mixed) == [len(b) for b in mixed]
+        # Bytes deeper in: lists of numbers (after small ones, from a generator), a
+        # record with many fields, an object's attribute. Seen one level deep only,
+        # chunks of 57, 50 and 16 MB went out.
+        lists = itertools.chain(([7] for _ in range(20_000)),
+                                ([7] * 50_000 for _ in range(200)))
+        assert await pool.map(len, lists) == [1] * 20_000 + [50_000] * 200
+        records = [{f"k{i}": b"x" * (1 << 20) if i == 12 else i for i in range(17)}
+                   for _ in range(30)]
+        assert await pool.map(len, records) == [17] * 30
+        holders = [SimpleNamespace(blob=b"x" * (1 << 20)) for _ in range(30)]
+        assert await pool.map(bool, holders) == [True] * 30
     assert max(weights) <= 2 * TARGET_CHUNK_BYTES, f"a chunk of {max(weights) >> 20} MB"
