@@ -147,7 +147,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     least every ``flush`` seconds and at the end (the only time ``end``, the seconds
     spent and retries made, is given), and answers which calls to skip and whether to
     stop. Items of the calls in ``skip`` are not run. ``progress[1]`` is set to the
-    position of each item as it starts, for the parent to read after a crash.
+    position of each item before it starts, for the parent to read after a crash.
     ``late(first, upto, results, errors)``, if given, is called from another thread
     with what finished before an item that runs long (see :mod:`asyncpool._handover`).
     """
@@ -164,14 +164,17 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     # The last item's results go with the end, in one message: a caller that has every
     # result then never sees its chunk still in flight.
     total = sum(len(items) for _, _, _, items in runs)
+    # The next item's position is noted before it is fetched from its list: a thread
+    # that cuts the lists short and then still reads the position it saw knows that
+    # nothing past it will run (see _worker._cut).
+    if progress is not None and total:
+        progress[1] = 0
     try:
         for fn, star, call, items in runs:
             for item in items:
                 if call in skip:
                     append(SKIPPED)
                 else:
-                    if progress is not None:
-                        progress[1] = position
                     try:
                         append(call_item(fn, item, star, retries, retried) if retries
                                else fn(*item) if star else fn(item))
@@ -182,13 +185,16 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
                         errors[position] = exc
                         append(None)
                 position += 1
-                now = time.perf_counter()
-                if now - last >= flush and position < total:
-                    last = now
-                    skip, stop = _hand(running, tick, position, results, errors, None)
-                    errors = running.errors if running is not None else {}
-                    if stop:
-                        return position, now - started
+                if position < total:
+                    now = time.perf_counter()
+                    if now - last >= flush:
+                        last = now
+                        skip, stop = _hand(running, tick, position, results, errors, None)
+                        errors = running.errors if running is not None else {}
+                        if stop:
+                            return position, now - started
+                    if progress is not None:
+                        progress[1] = position
         seconds = time.perf_counter() - started
         _hand(running, tick, position, results, errors, (seconds, retried[0]))
         return position, seconds

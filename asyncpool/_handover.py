@@ -37,8 +37,12 @@ LAZY_PERIOD = 0.2
 #: How long (s) the watcher stays without a chunk to look at.
 IDLE_SECONDS = 1.0
 #: Called at each look while chunks run (a worker process reads what its parent sent
-#: meanwhile); it must not block.
+#: meanwhile); it must not block, and returns False if it could not read now.
 on_look: Callable[[], Any] | None = None
+#: Set in a worker process: waits up to the seconds given for its parent to send
+#: something (True if it did). Between looks, what the parent sends is then read at
+#: once (a chunk taken back, a cancellation), not at the next look.
+wait_for_parent: Callable[[float], bool] | None = None
 
 
 class Running:
@@ -117,7 +121,7 @@ def _watch() -> None:
     idle_since: float | None = None
     period = PERIOD
     while True:
-        time.sleep(period)
+        _nap(period)
         with _lock:
             running = list(_running)
             if not running:
@@ -139,13 +143,30 @@ def _watch() -> None:
         period = PERIOD if any(waited) else min(period * 2, LAZY_PERIOD)
 
 
+def _nap(seconds: float) -> None:
+    """Sleep ``seconds``; while chunks run, read what the parent sends meanwhile."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        wait, hook = wait_for_parent, on_look
+        if wait is None or hook is None or not _running:
+            time.sleep(left)
+            return
+        if wait(left):
+            try:
+                read = hook()
+            except BaseException:  # the parent is gone: the chunk's thread will see
+                read = False
+            if read is False:
+                time.sleep(0.001)  # the chunk's own thread is reading it
+
+
 def _after_fork() -> None:
     # A forked child has no watcher thread: the next chunk starts one.
-    global _lock, _watching, on_look
+    global _lock, _watching, on_look, wait_for_parent
     _lock = threading.Lock()
     _running.clear()
     _watching = False
-    on_look = None
+    on_look = wait_for_parent = None
 
 
 if hasattr(os, "register_at_fork"):

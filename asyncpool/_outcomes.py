@@ -97,8 +97,9 @@ class Outcomes:
             for timing, count in by_timing(chunk, upto).items():
                 timing.observe(count, seconds * count / upto)
         if upto < chunk.size:
-            # The worker stopped early (it retires): the rest goes elsewhere.
-            self._again(chunk, max(upto, chunk.reported), chunk.size, "not run")
+            # The worker stopped early (it retires, or was asked to for an idle worker):
+            # the rest goes elsewhere.
+            self._again(chunk, max(upto, chunk.reported), chunk.size, "moved")
         self._settle(chunk)
 
     def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None,
@@ -170,6 +171,16 @@ class Outcomes:
         else:
             self._again(chunk, chunk.reported, chunk.size, why)
         self._settle(chunk)
+
+    def chunk_cut(self, chunk: Chunk, keep: int) -> None:
+        self._again(chunk, max(keep, chunk.reported), chunk.size, "moved")
+        kept = chunk.pieces_between(0, keep)
+        for call in chunk.calls() - {p.call for p in kept}:
+            call.chunks.discard(chunk)
+            if not call.chunks:
+                call.wake()
+        chunk.pieces, chunk.size = kept, keep
+        self.kick()
 
     def chunk_unloadable(self, chunk: Chunk, error: BaseException) -> None:
         first = chunk.reported

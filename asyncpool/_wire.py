@@ -34,7 +34,7 @@ CHUNK_HEAD = struct.Struct("<qdi")
 # Parent -> worker
 INIT, CHUNK, CANCEL, STOP, WITHDRAW = 1, 2, 3, 4, 5
 # Worker -> parent
-READY, INIT_FAILED, RESULTS, WITHDRAWN = 10, 11, 12, 13
+READY, INIT_FAILED, RESULTS, WITHDRAWN, CUT = 10, 11, 12, 13, 14
 
 #: A ``bytes`` item or result this big (see :func:`wrap_big`) travels out of band.
 BIG = 64 << 10

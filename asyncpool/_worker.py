@@ -15,6 +15,7 @@ import select
 import socket
 import sys
 import threading
+import time
 
 from . import _handover, _wire
 from ._errors import RemoteError, SerializationError
@@ -50,6 +51,8 @@ class _Worker:
         #: What chunks handed back unrun shipped (functions, ids to forget): later
         #: chunks count on it.
         self.shipped: list[_wire.Parts] = []
+        #: The chunk running now: (its number, its runs), for the parent to cut short.
+        self.running: tuple[int, list[Any]] | None = None
         self.tasks = 0
         self.retiring: str | None = None
         self.closed = False
@@ -64,11 +67,12 @@ class _Worker:
                 return self.inbox.pop(0)
             return _wire.recv_frame(self.sock)
 
-    def poll(self, wait: bool = True) -> None:
+    def poll(self, wait: bool = True) -> bool:
         """Take in what the parent sent meanwhile: cancellations act at once, and
-        chunks it takes back (to give to an idle worker) are handed back unrun."""
+        chunks it takes back (to give to an idle worker) are handed back unrun, or cut
+        short after the item they run. False if the chunk's own thread is reading."""
         if not self.reading.acquire(wait):
-            return  # the chunk's own thread is reading
+            return False
         taken: list[int] = []
         try:
             while not self.closed and select.select([self.sock], [], [], 0)[0]:
@@ -90,6 +94,8 @@ class _Worker:
                         else:
                             kept.append((kind, parts))
                     self.inbox = kept
+                    if self.running is not None and self.running[0] in wanted:
+                        self._cut_running()
                 else:
                     self.inbox.append(got)
         finally:
@@ -99,6 +105,34 @@ class _Worker:
                 self.send(_wire.WITHDRAWN, _wire.dumps(taken))
             except OSError:
                 self.closed = True
+        return True
+
+    def _cut_running(self) -> None:
+        """Cut the running chunk short after the item it runs, and tell the parent
+        where, for an idle worker to run the rest now. When the running thread moved
+        on meanwhile, where it stops is known only from its end report: nothing is
+        told, and the parent sends the rest on then."""
+        progress, running = self.progress, self.running
+        if progress is None or running is None:
+            return
+        seq, runs = running
+        at = int(progress[1])
+        if at < 0 or not _cut(runs, at + 1) or int(progress[1]) != at:
+            return
+        try:
+            self.send(_wire.CUT, _wire.dumps((seq, at + 1)))
+        except OSError:
+            self.closed = True
+
+    def wait_for_parent(self, seconds: float) -> bool:
+        """Wait until the parent sends something (True) or ``seconds`` pass."""
+        if not self.closed:
+            try:
+                return bool(select.select([self.sock], [], [], seconds)[0])
+            except (OSError, ValueError):
+                pass
+        time.sleep(seconds)
+        return False
 
     def over_memory(self) -> bool:
         return self.max_memory is not None and _rss() > self.max_memory
@@ -160,7 +194,11 @@ class _Worker:
             self.tasks += upto - first
             self.send_results(seq, first, upto, results, errors, done=False)
 
-        execute(calls, self.retries, tick, self.progress, self.cancelled, flush, late)
+        self.running = (seq, calls)
+        try:
+            execute(calls, self.retries, tick, self.progress, self.cancelled, flush, late)
+        finally:
+            self.running = None
 
     def send_results(self, seq: int, first: int, upto: int, results: list[Any],
                      errors: dict[int, BaseException], *, done: bool,
@@ -179,6 +217,25 @@ class _Worker:
     def send(self, kind: int, parts: _wire.Parts) -> None:
         with self.sending:
             _wire.send_frame(self.sock, kind, parts)
+
+
+def _cut(runs: list[Any], keep: int) -> bool:
+    """Cut a running chunk's lists of items (and of runs) after its first ``keep``
+    items, which ends the loops over them; False if nothing could be cut. The running
+    thread notes an item's position before it fetches the item, so if the position
+    read before the cut is still there after it, no item past it will run."""
+    if keep >= sum(len(items) for _, _, _, items in runs):
+        return False
+    seen = 0
+    for index, (_, _, _, items) in enumerate(runs):
+        if seen + len(items) >= keep:
+            if not isinstance(items, list):
+                return False
+            del items[keep - seen:]
+            del runs[index + 1:]
+            return True
+        seen += len(items)
+    return False
 
 
 def _rss() -> int:
@@ -204,6 +261,7 @@ def serve(sock: socket.socket, progress: Any) -> int:
             sys.path.insert(0, entry)
     worker = _Worker(sock, progress, settings)
     _handover.on_look = lambda: worker.poll(wait=False)
+    _handover.wait_for_parent = worker.wait_for_parent
     if settings["initializer"] is not None:
         try:
             initializer, initargs = loads(settings["initializer"])

@@ -32,6 +32,7 @@ from asyncpool._execute import execute, portable
 from asyncpool._options import CallOptions
 from asyncpool._retry import RungUnavailable, backoff_delays, is_transient
 from asyncpool._salvage import load_results
+from asyncpool._worker import _cut
 from asyncpool._sizing import TARGET_CHUNK_BYTES, Timing, assemble, guided_cap
 
 from . import tasks
@@ -369,6 +370,51 @@ def test_results_that_cannot_be_pinned_raise_the_pickles_own_error(build: Any) -
     with pytest.raises(Exception) as info:
         load_results([_pickled_with_a_class_gone(build)])
     assert isinstance(info.value, (ModuleNotFoundError, ValueError))
+
+
+def _cut_while_running() -> tuple[list[int], list[int]]:
+    """Runs 80 small items while another thread cuts them short after the item it
+    sees running: (the items that ran, the cut it claims exact, if any)."""
+    ran: list[int] = []
+
+    def fn(x: int) -> None:
+        ran.append(x)
+        sum(range(20))
+
+    runs: list[Any] = [(fn, False, 1, list(range(40))), (fn, False, 2, list(range(40, 80)))]
+    progress = [-1, -1, 0, 0]
+    claimed: list[int] = []
+
+    def cutter() -> None:
+        while len(ran) < 80:
+            at = progress[1]
+            if at >= 0 and _cut(runs, at + 1):
+                if progress[1] == at:
+                    claimed.append(at + 1)
+                return
+
+    thread = threading.Thread(target=cutter)
+    thread.start()
+    execute(runs, 0, lambda *_: (set(), False), progress)
+    thread.join()
+    return ran, claimed
+
+
+def test_a_cut_whose_position_held_is_exact() -> None:
+    # Another thread cuts a running chunk after the item it sees running; if that
+    # position still holds after the cut, exactly the items before the cut ran.
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    exact = 0
+    try:
+        for _ in range(300):
+            ran, claimed = _cut_while_running()
+            if claimed:
+                exact += 1
+                assert ran == list(range(claimed[0]))
+    finally:
+        sys.setswitchinterval(switch)
+    assert exact > 0
 
 
 def test_the_last_results_of_a_chunk_travel_with_its_end() -> None:

@@ -181,6 +181,30 @@ async def test_calls_complete_in_the_order_their_work_completes(anyio_backend: s
     assert done[0] < done[-1] / 2, (done[0], done[-1])
 
 
+async def test_calls_packed_behind_a_long_item_go_to_an_idle_worker(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # One caller's long item and thirty short ones of other callers, brought in one
+    # loop turn, shared chunks: the short ones behind the long one waited for it
+    # while the other worker sat idle (a 0.5 s deadline failed a quarter of them).
+    log = tmp_path / "starts"
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        await pool.map(tasks.note_start, [(-1, str(log), 0.001)] * 40)  # 1 ms items
+        log.write_text("")
+        order: list[int] = []
+
+        async def one(x: int, seconds: float) -> None:
+            await pool.run(tasks.note_start, (x, str(log), seconds))
+            order.append(x)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, 0, 1.5)
+            for x in range(1, 31):
+                tg.start_soon(one, x, 0.001)
+        assert order[-1] == 0, order  # every short call came back before the long one
+        assert sorted(int(x) for x in log.read_text().split()) == list(range(31))
+        assert pool.statistics().worker_crashes == 0
+
+
 async def test_a_worker_killed_from_outside_is_replaced(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
         pids = set(await pool.map(tasks.pid_of, range(20), chunk_size=1))

@@ -54,6 +54,7 @@ class Events:
                      errors: dict[int, BaseException]) -> None: ...
     def proc_retiring(self, proc: Proc) -> None: ...
     def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None: ...
+    def proc_cut(self, proc: Proc, chunk: Chunk, keep: int) -> None: ...
     def proc_dead(self, proc: Proc, death: Death) -> None: ...
 
 
@@ -225,6 +226,11 @@ class Proc:
                 if chunk is not None:
                     self.chunks.remove(chunk)
                     self.events.proc_withdrawn(self, chunk)
+        elif kind == _wire.CUT:
+            seq, keep = _wire.loads(parts)
+            chunk = next((c for c in self.chunks if c.seq == seq), None)
+            if chunk is not None and keep < chunk.size:
+                self.events.proc_cut(self, chunk, keep)
         elif kind == _wire.INIT_FAILED:
             blob, text = pickle.loads(parts[0])
             self.init_error = _decode_error(blob, text)
@@ -306,14 +312,22 @@ class Proc:
         self.events.proc_dead(self, death)
 
     def take_back(self, stuck: float) -> None:
-        """Ask for the chunks waiting here if nothing was heard since ``stuck``: the
-        worker hands back those it has not started (a chunk it starts meanwhile
-        simply runs here), and they go to another worker."""
-        if self.state is ProcState.READY and len(self.chunks) > 1 and self.heard < stuck:
-            seqs = [c.seq for c in list(self.chunks)[1:] if c.seq not in self.withdrawing]
+        """Ask for the items waiting here if nothing was heard since ``stuck``: the
+        worker hands back the chunks it has not started and cuts the running one short
+        after its item (a chunk or an item it starts meanwhile simply runs here), and
+        the rest goes to another worker."""
+        if self.state is ProcState.READY and self.has_waiting() and self.heard < stuck:
+            seqs = [c.seq for c in self.chunks if c.seq not in self.withdrawing]
             if seqs:
                 self.withdrawing.update(seqs)
                 self.send(_wire.WITHDRAW, _wire.dumps(seqs))
+
+    def has_waiting(self) -> bool:
+        """Whether items wait here behind the one running."""
+        if len(self.chunks) != 1:
+            return len(self.chunks) > 1
+        seq, position = int(self.progress[0]), int(self.progress[1])
+        return self.chunks[0].seq != seq or position + 1 < self.chunks[0].size
 
     # -- stopping ------------------------------------------------------------------
 

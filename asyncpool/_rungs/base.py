@@ -52,6 +52,10 @@ class Listener(Protocol):
         worker that was killed, retired or shut down, or a chunk the rung took back
         before it ran, ``why="moved"``): send them again."""
 
+    def chunk_cut(self, chunk: Chunk, keep: int) -> None:
+        """Only the first ``keep`` items of ``chunk`` will run where it is (the rest
+        waited behind a long item): send the rest again now."""
+
     def chunk_unloadable(self, chunk: Chunk, error: BaseException) -> None:
         """Final: the worker could not unpickle the chunk's arguments."""
 

@@ -43,9 +43,10 @@ logger = logging.getLogger("asyncpool")
 #: whose loop is busy a few ms, with HTTP requests say, must not run dry meanwhile).
 DEPTH = 3
 #: Nothing more is queued on a worker that has reported no progress for this long
-#: (s): it may be in a long (or hung) item, and what would wait behind it goes to
-#: the next free worker instead; what waits already is taken back for an idle one.
-STUCK_SECONDS = 0.05
+#: (s) (five flushes): it may be in a long (or hung) item, and what would wait behind
+#: it goes to the next free worker instead; what waits already (in its socket, or
+#: in the chunk it runs) is taken back for an idle one.
+STUCK_SECONDS = 0.025
 
 
 class ProcessRung(Rung, Events):
@@ -61,6 +62,9 @@ class ProcessRung(Rung, Events):
         #: The task keeping the number of workers (see _supervise), and its wake-up.
         self._supervisor: Background | None = None
         self._nudge: Any = None
+        #: Whether the supervisor looks for stuck workers (else a chunk that waits
+        #: behind another wakes it).
+        self._looking = False
         self._failure: BaseException | None = None
         self._settings, self._park_key = worker_settings(config)
 
@@ -210,8 +214,10 @@ class ProcessRung(Rung, Events):
         self.in_flight += 1
         proc.send(_wire.CHUNK, parts)
         limit = self.config.max_tasks_per_worker
-        if limit is not None and proc.tasks >= limit:
-            # It leaves after this chunk: start its replacement now, so no call waits.
+        # It leaves after this chunk: start its replacement now, so no call waits. Or
+        # items wait behind others: the supervisor looks for a worker stuck on one.
+        if (limit is not None and proc.tasks >= limit) or not self._looking and (
+                chunk.size > 1 or len(proc.chunks) > 1):
             self._grow()
 
     def forget(self, fn_id: int) -> None:
@@ -266,9 +272,14 @@ class ProcessRung(Rung, Events):
             self.listener.chunk_progress(chunk, first, upto, results, errors)
         if done:
             self.in_flight -= 1
+            proc.tasks -= chunk.size - upto  # cut short: the rest runs elsewhere
             self.listener.chunk_done(chunk, upto, seconds, retried)
             if not proc.chunks:
                 self._take_back()
+
+    def proc_cut(self, proc: Proc, chunk: Chunk, keep: int) -> None:
+        proc.tasks -= chunk.size - keep
+        self.listener.chunk_cut(chunk, keep)
 
     def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None:
         proc.tasks -= chunk.size
@@ -349,8 +360,9 @@ class ProcessRung(Rung, Events):
                 self._nudge = self.loop.event()
                 # While chunks wait behind busy workers, look for stuck ones; while
                 # doomed calls have items in a running chunk, for one starting.
-                queued = any(len(p.chunks) > 1 or p.doomed for p in self.procs)
-                with anyio.move_on_after(STUCK_SECONDS if queued else math.inf):
+                self._looking = any(p.doomed or p.has_waiting() for p in self.procs
+                                    if p.chunks)
+                with anyio.move_on_after(STUCK_SECONDS if self._looking else math.inf):
                     await self._nudge.wait()
                 self._take_back()
                 for proc in self.procs:
