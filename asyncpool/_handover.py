@@ -65,12 +65,12 @@ class Running:
         self.seen = -1
         self.late = late
 
-    def look(self) -> bool:
-        """In the watcher: hand over what waits behind an item that runs long.
-        Returns whether any result was waiting."""
+    def look(self, now: bool = False) -> bool:
+        """In the watcher: hand over what waits behind an item that runs long (or,
+        ``now``, whatever waits). Returns whether any result was waiting."""
         waiting = len(self.results)
         done = self.flushed + waiting
-        if not waiting or done != self.seen:
+        if not waiting or (done != self.seen and not now):
             self.seen = done  # nothing waits, or items are still finishing
             return bool(waiting)
         with self.lock:
@@ -109,6 +109,12 @@ def watch(running: Running) -> None:
         except RuntimeError:  # no thread can be started: results wait for the item
             return
         _watching = True
+
+
+def hand_over_now() -> None:
+    """In the watcher: hand over what finished in every running chunk at once."""
+    for running in list(_running):
+        running.look(now=True)
 
 
 def unwatch(running: Running) -> None:

@@ -54,6 +54,8 @@ class _Worker:
         #: The chunk running now: (its number, its runs), for the parent to cut short.
         self.running: tuple[int, list[Any]] | None = None
         self.tasks = 0
+        #: A cancellation came in since the watcher last looked.
+        self.cancel_seen = False
         self.retiring: str | None = None
         self.closed = False
         #: The socket is read here and by the handover watcher (while an item runs),
@@ -81,6 +83,7 @@ class _Worker:
                     self.closed = True
                 elif got[0] == _wire.CANCEL:
                     self.cancelled.update(_wire.loads(got[1]))
+                    self.cancel_seen = True
                 elif got[0] == _wire.WITHDRAW:
                     wanted = set(_wire.loads(got[1]))
                     kept = []
@@ -123,6 +126,16 @@ class _Worker:
             self.send(_wire.CUT, _wire.dumps((seq, at + 1)))
         except OSError:
             self.closed = True
+
+    def look(self) -> bool:
+        """The watcher's look: read what the parent sent. After a cancellation, what
+        finished goes back at once: the parent may kill this worker for a cancelled
+        call's item that runs now, and what finished must not die with it."""
+        read = self.poll(wait=False)
+        if self.cancel_seen:
+            self.cancel_seen = False
+            _handover.hand_over_now()
+        return read
 
     def wait_for_parent(self, seconds: float) -> bool:
         """Wait until the parent sends something (True) or ``seconds`` pass."""
@@ -260,7 +273,7 @@ def serve(sock: socket.socket, progress: Any) -> int:
         if entry not in sys.path:
             sys.path.insert(0, entry)
     worker = _Worker(sock, progress, settings)
-    _handover.on_look = lambda: worker.poll(wait=False)
+    _handover.on_look = worker.look
     _handover.wait_for_parent = worker.wait_for_parent
     if settings["initializer"] is not None:
         try:

@@ -3,6 +3,7 @@ cancelled call's waiting chunks never started."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -257,6 +258,42 @@ async def test_a_chunk_taken_back_still_brings_its_function(anyio_backend: str) 
         assert await pool.map(tasks.add_one_each, [(i, 1) for i in range(400)]) == [
             i + 1 for i in range(400)]
         assert pool.statistics().worker_crashes == 0
+
+
+async def test_killing_a_cancelled_calls_item_runs_no_finished_item_again(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # Another caller's short items and a doomed call's long one share a chunk. The
+    # worker was killed for the long one before it had sent what finished just before
+    # it (results go back every few ms): those items ran a second time.
+    starts = tmp_path / "starts"
+    async with ResilientPool(max_workers=1, max_chunks_in_flight=1,
+                             rungs=("process",)) as pool:
+        await pool.map(tasks.note_start, [(-1, str(tmp_path / "warm"), 0.0003)] * 50)
+        for _ in range(3):
+            starts.write_text("")
+            results: list[object] = []
+            doomed = anyio.CancelScope()
+
+            async def innocent(results: list[object] = results) -> None:
+                # Of unknown length: its items and the doomed one go in one chunk.
+                items = ((x, str(starts), 0.0003) for x in range(20))
+                results.extend(await pool.map(tasks.note_start, items))
+
+            async def stopped(doomed: anyio.CancelScope = doomed) -> None:
+                with doomed:
+                    await pool.run(tasks.note_start, (99, str(starts), 5.0),
+                                   cancel_running="kill")
+
+            async with anyio.create_task_group() as tg:
+                for start in (functools.partial(pool.run, tasks.nap, 0.3), innocent,
+                              stopped):  # the first holds the only slot meanwhile
+                    calls = pool.statistics().active_calls
+                    tg.start_soon(start)
+                    await wait_until(lambda c=calls: pool.statistics().active_calls > c)
+                await wait_until(lambda: "99" in starts.read_text().split())
+                doomed.cancel()
+            assert results == list(range(20))
+            assert sorted(int(x) for x in starts.read_text().split()) == [*range(20), 99]
 
 
 @pytest.mark.parametrize("how", ["cancel", "timeout"])

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("asyncpool")
 
+#: How long (s) a worker about to be killed for a cancelled call's item has to send
+#: what finished before that item (it does so within milliseconds when it can).
+HAND_OVER_SECONDS = 0.25
+
 STATUS = struct.Struct("<ii")
 
 
@@ -97,6 +101,7 @@ class Proc:
         self.withdrawing: set[int] = set()
         #: Calls whose items running here are to be killed (see kill_doomed).
         self.doomed: set[int] = set()
+        self.doomed_since = 0.0
         self.killed = False
         self.init_error: BaseException | None = None
         self.started = loop.event()
@@ -344,6 +349,12 @@ class Proc:
         if chunk is not None and 0 <= position < chunk.size:
             piece, _ = chunk.locate(position)
             if piece.call.id in self.doomed:
+                # What finished before it comes back first (the worker sends it on
+                # reading the cancellation): killed with the worker, it would run
+                # again.
+                if chunk.reported < position and (
+                        time.monotonic() < self.doomed_since + HAND_OVER_SECONDS):
+                    return
                 chunk.killed = True
                 self.kill()
 

@@ -246,6 +246,8 @@ class ProcessRung(Rung, Events):
                 continue
             # Killed now if one of their items runs, or if one starts before the
             # worker reads that they are cancelled (a waiting chunk it just took up).
+            if not proc.doomed:
+                proc.doomed_since = time.monotonic()
             proc.doomed.update({p.call.id for p in chunk.pieces} if calls is None else calls)
             proc.kill_doomed()
             self._grow()  # the supervisor looks again while they are there
@@ -270,6 +272,8 @@ class ProcessRung(Rung, Events):
             self.listener.chunk_undecodable(chunk, first, upto, results)
         elif upto > first:
             self.listener.chunk_progress(chunk, first, upto, results, errors)
+            if proc.doomed:
+                proc.kill_doomed()  # what it was waiting for may have come
         if done:
             self.in_flight -= 1
             proc.tasks -= chunk.size - upto  # cut short: the rest runs elsewhere
