@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import os
 import sys
 from typing import Any, NoReturn
-
-from ._config import MAX_WORKERS
 
 EPILOG = """exit codes: 0 every line done, 1 some lines failed (their errors are in the
 output), 2 a usage, input or output error, 130 interrupted (run again with --resume),
@@ -42,6 +38,8 @@ def _number(low: int, high: int, what: str) -> Any:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+
     from ._demo import run_demo
 
     outcome = asyncio.run(run_demo(limit=args.limit, progress=not args.no_progress,
@@ -55,11 +53,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace) -> int:
+    import asyncio
+
     from ._cli import map_file
 
     counts = asyncio.run(map_file(args))
     extra = f", {counts.blank} blank line(s) skipped" if counts.blank else ""
-    print(f"wrote {counts.written} line(s) to {args.output} ({counts.failed} error(s) in "
+    where = "standard output" if args.output == "-" else args.output
+    print(f"wrote {counts.written} line(s) to {where} ({counts.failed} error(s) in "
           f"it, {counts.skipped} skipped as already done{extra})", file=sys.stderr)
     return 1 if counts.failed else 0
 
@@ -67,6 +68,8 @@ def _map(args: argparse.Namespace) -> int:
 def _common(defaults: bool) -> _Parser:
     """The options every command takes, before or after its name. After it, they have
     no defaults of their own, so they do not undo what was given before it."""
+    from ._config import MAX_WORKERS
+
     common = _Parser(add_help=False)
 
     def unset(default: object) -> object:
@@ -99,10 +102,11 @@ def parser() -> argparse.ArgumentParser:
                             help="run MODULE:FUNCTION over each line of a JSONL file")
     mapper.add_argument("function", help="MODULE:FUNCTION, importable from here")
     mapper.add_argument("input", help="input file, one JSON value per line (blank lines "
-                                      "are skipped)")
+                                      "are skipped); - reads standard input")
     mapper.add_argument("-o", "--output", required=True,
                         help='output JSONL file: {"line": N, "result": ...} or '
-                             '{"line": N, "error": "..."} per input line, in order')
+                             '{"line": N, "error": "..."} per input line, in order; - '
+                             "writes standard output")
     mapper.add_argument("--resume", action="store_true",
                         help="skip lines already in OUTPUT (after a killed run)")
     return main
@@ -115,6 +119,24 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Everything that takes a while (imports too) runs inside: Ctrl-C at any time
+    # after start is one line, not a traceback.
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader of our output left (`| head`): stop quietly, as tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print("interrupted; what was written is kept: run again with --resume",
+              file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    import logging
+
     command = parser()
     args = command.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -126,15 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{command.prog}: error: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        # The reader of our output left (`| head`): stop quietly, as tools do.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141
-    except KeyboardInterrupt:
-        print("interrupted; what was written is kept: run again with --resume",
-              file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

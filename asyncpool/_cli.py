@@ -21,7 +21,8 @@ from typing import IO, Any
 from ._errors import AsyncPoolError
 from ._pool import ResilientPool
 
-_ITEM = re.compile(r"\bitem \d+\b")
+#: How the pool's own errors name an item (at the start of their message).
+_ITEM = re.compile(r"^item \d+\b")
 
 
 class UsageError(Exception):
@@ -32,6 +33,10 @@ def load_function(spec: str) -> Callable[[Any], Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"expected MODULE:FUNCTION, got {spec!r}")
+    if module_name.endswith(".py") or os.sep in module_name:
+        name = os.path.splitext(os.path.basename(module_name))[0]
+        raise UsageError(f"give a module name, not a file: {name}:{attr} (from the "
+                         "file's folder, or with the folder on PYTHONPATH)")
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
@@ -128,10 +133,12 @@ def record(number: int, result: Any) -> tuple[str, bool]:
     """One output line, and whether it holds an error (the item's, or a result that
     is not JSON: NaN and infinities are not)."""
     if isinstance(result, BaseException):
-        text = f"{type(result).__name__}: {result}"
+        message = str(result)
         if isinstance(result, AsyncPoolError):
-            # The pool names an item by its index among the lines sent: say the line.
-            text = _ITEM.sub(f"line {number}", text, count=1)
+            # The pool names an item by its index among the lines sent: say the line
+            # (and leave the task's own words alone).
+            message = _ITEM.sub(f"line {number}", message, count=1)
+        text = f"{type(result).__name__}: {message}"
         return json.dumps({"line": number, "error": text}), True
     try:
         return json.dumps({"line": number, "result": result}, allow_nan=False), False
@@ -149,6 +156,10 @@ def check_files(args: argparse.Namespace) -> None:
             raise UsageError(f"the input is a folder: {args.input}")
     if not args.output:
         raise UsageError("no output file given (-o FILE)")
+    if args.output == "-":
+        if args.resume:
+            raise UsageError("--resume reads the output: give a file, not -")
+        return
     if os.path.isdir(args.output):
         raise UsageError(f"the output is a folder: {args.output}; give a file in it")
     if os.path.exists(args.output):
@@ -188,22 +199,25 @@ async def map_file(args: argparse.Namespace) -> Counts:
                         if out is None:
                             # Opened at the first result: a run that fails to start
                             # leaves the output as it was.
-                            out = open(args.output, "a" if args.resume else "w",
-                                       encoding="utf-8")
+                            out = sys.stdout if args.output == "-" else open(
+                                args.output, "a" if args.resume else "w",
+                                encoding="utf-8")
                         out.write(line + "\n")
                         out.flush()
+                    except BrokenPipeError:
+                        raise  # the reader of standard output left: exit 141
                     except OSError as exc:
                         raise UsageError(f"cannot write {args.output}: "
                                          f"{exc.strerror or exc}") from None
                     counts.failed += failed
                     counts.written += 1
     finally:
-        if out is not None:
+        if out is not None and out is not sys.stdout:
             try:
                 out.close()
             except OSError:
                 pass
-    if out is None and not args.resume:
+    if out is None and not args.resume and args.output != "-":
         open(args.output, "w").close()  # nothing to do: an empty output
     return counts
 

@@ -99,6 +99,8 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
     (["map", "exiting_module:fn", "IN", "-o", "OUT"], "SystemExit: a script"),
     (["demo", "--workers", "2000"], "number of workers (1 to 1,024)"),
     (["demo", "--limit", "-5"], "not a limit for the demo"),
+    (["map", "tests/tasks.py:square", "IN", "-o", "OUT"], "tasks:square"),
+    (["map", "tests.tasks:square", "IN", "-o", "-", "--resume"], "give a file, not -"),
 ])
 def test_bad_command_lines_are_one_line_and_exit_code_2(args: list[str], message: str,
                                                        tmp_path: Path) -> None:
@@ -171,6 +173,45 @@ def test_a_reader_that_goes_away_ends_the_demo_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err, err
+
+
+def test_map_writes_standard_output_and_stops_quietly_when_its_reader_goes(
+        tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text("1\n2\n3\n")
+    out = _cli("map", "tests.tasks:square", str(src), "-o", "-", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["result"] for line in out.stdout.splitlines()] == [1, 4, 9]
+    assert "to standard output" in out.stderr
+    # The reader takes one line and leaves (`| head -1`): the write error said "cannot
+    # write" and exited 2.
+    src.write_text("7\n" * 200_000)
+    proc = subprocess.Popen([sys.executable, "-m", "asyncpool", "map", "tests.tasks:square",
+                             str(src), "-o", "-", "--no-progress"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["result"] == 49
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "cannot write" not in err, err
+
+
+def test_a_tasks_own_words_are_left_alone(tmp_path: Path) -> None:
+    # Only the pool's own "item N" becomes "line N": an error of the task that said
+    # "order item 42" was rewritten to "order line 1".
+    (tmp_path / "orders.py").write_text(
+        "class Odd(Exception):\n"
+        "    def __init__(self, a, b):\n"
+        "        super().__init__(f'order item {a} of batch {b}')\n"
+        "def fn(x):\n"
+        "    raise Odd(42, x)\n")
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("1\n")
+    out = _cli("map", "orders:fn", str(src), "-o", str(dst), "--no-progress",
+               cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+    assert out.returncode == 1, out.stderr
+    assert "order item 42 of batch 1" in json.loads(dst.read_text())["error"]
 
 
 def test_options_go_before_or_after_the_subcommand(tmp_path: Path) -> None:
