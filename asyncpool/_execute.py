@@ -66,9 +66,9 @@ def share_main(fn: Any, space: str | None = None) -> Any:
     uses, one copy per pickle: an initializer that fills a global dict and a task that
     reads it would each see their own. Rebinding them to one namespace gives what a
     forked worker would have: one set of module globals. In it, a plain value (a
-    number, a string, a tuple...) follows the caller's latest, as each call's pickle
-    brings it; a mutable one (a dict an initializer filled, a loaded model) stays as
-    the worker first got it.
+    number, a string, a tuple...), a function or a class follows the caller's latest,
+    as each call's pickle brings it; a mutable one (a dict an initializer filled, a
+    loaded model) stays as the worker first got it.
     """
     import functools
     import types
@@ -86,16 +86,29 @@ def share_main(fn: Any, space: str | None = None) -> Any:
         while len(_spaces) > SPACES:
             del _spaces[next(iter(_spaces))]
     for name, value in fn.__globals__.items():
-        if name not in shared or type(value) in _PLAIN:
+        if getattr(value, "__module__", None) == "__main__" and isinstance(
+                value, types.FunctionType | type):
+            # A function or class of the script follows the caller's latest (one
+            # redefined in a notebook cell), and sees the shared globals.
+            shared[name] = _rebound(value, shared)
+        elif name not in shared or type(value) in _PLAIN:
             shared[name] = value
-    if fn.__globals__ is shared:
+    rebound = _rebound(fn, shared)
+    shared.setdefault(fn.__name__, rebound)
+    return rebound
+
+
+def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
+    """A function of the main script with ``shared`` as its globals."""
+    import types
+
+    if not isinstance(fn, types.FunctionType) or fn.__globals__ is shared:
         return fn
     rebound = types.FunctionType(fn.__code__, shared, fn.__name__, fn.__defaults__,
                                  fn.__closure__)
     rebound.__kwdefaults__ = fn.__kwdefaults__
     rebound.__qualname__ = fn.__qualname__
     rebound.__dict__.update(fn.__dict__)
-    shared.setdefault(fn.__name__, rebound)
     return rebound
 
 
