@@ -222,9 +222,16 @@ class Engine:
             want = min(want, limit - count, timing.bytes_cap(), max(1, self.window_items(call)))
             # The biggest of a sample, not its mean: a chunk may come out small, but
             # not many times over its bytes (the mean of a sample of small and big
-            # items in turn misjudged it 2.5x one time in fifty).
-            weight = 0.0 if fixed else max([timing.bytes_per_item or 0,
-                                            *map(rough_size, call.source.sample(want))])
+            # items in turn misjudged it 2.5x one time in fifty). Items that differ
+            # much in size are weighed one by one (small ones then big ones made a
+            # chunk of 19 MB).
+            weight = 0.0
+            if not fixed:
+                sizes = [rough_size(item) for item in call.source.sample(want)]
+                weight = max([timing.bytes_per_item or 0, *sizes])
+                if sizes and max(sizes) > 4 * min(sizes) + 256:
+                    want, used = call.source.fit(want, room)
+                    weight = used / want
             if weight:
                 if pieces and weight > room:
                     self.ready.appendleft(call)  # in the next chunk

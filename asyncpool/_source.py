@@ -23,6 +23,8 @@ from typing import Any
 
 import anyio
 
+from ._sizing import rough_size
+
 #: Longest stretch (s) a thread pulls one batch: a slow input streams item by item.
 BATCH_SECONDS = 0.01
 #: Idle input threads kept for the next input, and for how long (seconds).
@@ -118,22 +120,39 @@ class Source:
         """Whether :meth:`take` may give something now."""
         return bool(self._buffer) if self.fed else not self.ended
 
-    def sample(self, count: int, size: int = 16) -> list[Any]:
-        """Up to ``size`` of the next ``count`` items at hand, the first and others
-        picked at random (for sizing: the first alone may be small among big ones)."""
+    def _ahead(self, count: int) -> tuple[Sequence[Any], int, int]:
+        """Where the next ``count`` items at hand are: (sequence, start, end)."""
         if self.fed:
             ahead: Sequence[Any] = self._buffer
             start = 0
         elif self._seq is not None:
             ahead, start = self._seq, self._pos
         else:
-            return []
-        end = min(len(ahead), start + max(1, count))
+            return (), 0, 0
+        return ahead, start, min(len(ahead), start + max(1, count))
+
+    def sample(self, count: int, size: int = 16) -> list[Any]:
+        """Up to ``size`` of the next ``count`` items at hand: the first, the last and
+        others picked at random (for sizing: the first alone may be small among big
+        ones, and items may grow along the input)."""
+        ahead, start, end = self._ahead(count)
         if end - start <= size:
             return list(ahead[start:end])
         # At random, not every n-th: items that alternate in size must not alias.
-        return [ahead[start]] + [ahead[i] for i in random.sample(range(start + 1, end),
-                                                                 size - 1)]
+        return [ahead[start], ahead[end - 1]] + [
+            ahead[i] for i in random.sample(range(start + 1, end - 1), size - 2)]
+
+    def fit(self, count: int, room: float) -> tuple[int, float]:
+        """How many of the next ``count`` items at hand fit in ``room`` bytes (at least
+        one), and their bytes, judged one by one (when they differ in size)."""
+        ahead, start, end = self._ahead(count)
+        taken, used = 0, 0.0
+        for i in range(start, end):
+            size = rough_size(ahead[i])
+            if taken and used + size > room:
+                break
+            taken, used = taken + 1, used + size
+        return max(1, taken), used
 
     def take(self, count: int) -> list[Any]:
         """Up to ``count`` items that can be had now, without waiting."""
