@@ -111,6 +111,11 @@ class Outcomes:
             self._function_crashed(chunk, function, exitcode)
             return
         if culprit is None or culprit < first:
+            if chunk.size - first == 1 and deaths > 1 and not chunk.suspect:
+                # Dask lost it with every task on its worker: alone, it may well run.
+                self._again(chunk, first, chunk.size, "suspect", 0)
+                self._settle(chunk)
+                return
             if chunk.size - first > 1:
                 # Not known which item did it: split the rest until it stands alone,
                 # in up to 32 parts at once where each try costs several deaths (a

@@ -147,9 +147,12 @@ async def test_a_poison_item_is_isolated_on_the_cluster(cluster: CliCluster) -> 
             i for i in range(40) if i != 13]
 
 
-async def test_a_poison_item_on_a_worker_with_two_threads_takes_no_neighbour() -> None:
+@pytest.mark.parametrize("chunk_size", [1, 2])
+async def test_a_poison_item_on_a_worker_with_two_threads_takes_no_neighbour(
+        chunk_size: int) -> None:
     # Its neighbour in the other thread died with it every time, and Dask blamed both:
-    # the neighbour was reported as WorkerCrashed too.
+    # the neighbour was reported as WorkerCrashed too (in chunks of one item, it was
+    # never run alone before it was blamed).
     cluster = CliCluster(workers=1, threads=2)
     try:
         cluster.start_scheduler()
@@ -158,8 +161,8 @@ async def test_a_poison_item_on_a_worker_with_two_threads_takes_no_neighbour() -
         async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
             items = [(i, 5, 0.2) for i in range(12)]
             with anyio.fail_after(180):
-                results = await pool.map(tasks.exit_on_after, items, chunk_size=2,
-                                         return_exceptions=True)
+                results = await pool.map(tasks.exit_on_after, items,
+                                         chunk_size=chunk_size, return_exceptions=True)
             assert isinstance(results[5], WorkerCrashed) and "item 5" in str(results[5])
             assert [r for i, r in enumerate(results) if i != 5] == [
                 i for i in range(12) if i != 5]
@@ -205,10 +208,22 @@ async def test_the_initializer_runs_on_every_cluster_worker(cluster: CliCluster)
         assert pool.backend == "dask"
         seen = await pool.map(tasks.recall, range(40), chunk_size=1)
         assert {tag for tag, _, _ in seen} == {"dask"}
+    # Closed, it leaves the cluster as it found it: its plugin stayed registered, and
+    # every worker that joined later ran every closed pool's initializer.
+    import distributed
+
+    async with distributed.Client(cluster.address, asynchronous=True,
+                                  set_as_default=False) as client:
+        plugins = await client.run_on_scheduler(_worker_plugins)
+    assert not [name for name in plugins if name.startswith("asyncpool")], plugins
     with pytest.raises(InitializerFailed):
         async with ResilientPool(max_workers=2, dask_address=cluster.address,
                                  initializer=tasks.refuse_to_start, rungs=("process",)):
             pass
+
+
+def _worker_plugins(dask_scheduler: object) -> list[str]:
+    return list(dask_scheduler.worker_plugins)  # type: ignore[attr-defined]
 
 
 async def test_a_scheduler_restarted_while_idle_is_set_up_again(cluster: CliCluster) -> None:
