@@ -22,10 +22,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import re
 import secrets
-import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +33,15 @@ from .._errors import FunctionUnavailable, InitializerFailed, SerializationError
 from .._execute import run_on_cluster
 from .._retry import RungUnavailable
 from .._salvage import load_results
+from ._dask_client import (
+    cancel_quietly,
+    client_space,
+    close_quietly,
+    lost_connection,
+    outcome,
+    retrieved,
+    unregister_quietly,
+)
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
 if TYPE_CHECKING:
@@ -102,7 +109,7 @@ class DaskRung(Rung):
                 await asyncio.wait_for(client, timeout + 1)
             except BaseException as exc:
                 # A client that failed to start is still closed, off the caller's time.
-                await _close_quietly(client)
+                await close_quietly(client)
                 if isinstance(exc, OSError | TimeoutError):
                     raise RungUnavailable(f"the Dask scheduler at {config.dask_address} "
                                           f"did not answer within {timeout} s: {exc}") from exc
@@ -170,7 +177,7 @@ class DaskRung(Rung):
                                             f"dask_connect_timeout={timeout} s"))
                 return
             except Exception as exc:
-                if _lost_connection(exc, self.client) or isinstance(exc, RungUnavailable):
+                if lost_connection(exc, self.client) or isinstance(exc, RungUnavailable):
                     self._broke(exc)
                 return
             now = asyncio.get_running_loop().time()
@@ -253,8 +260,8 @@ class DaskRung(Rung):
                                         **chunk.pieces[0].call.options.dask)
             # Shielded: the client gathers many futures' results in one shared request,
             # which cancelling this relay would cancel for every other chunk too.
-            waiting = asyncio.ensure_future(_outcome(future))
-            waiting.add_done_callback(_retrieved)
+            waiting = asyncio.ensure_future(outcome(future))
+            waiting.add_done_callback(retrieved)
             blob, errors, (seconds, retried), unloadable, bad_arguments = (
                 await asyncio.shield(waiting))
         except asyncio.CancelledError:
@@ -262,7 +269,7 @@ class DaskRung(Rung):
             if task is not None and task.cancelling():
                 # Ours (the call was cancelled, or the rung is closing).
                 if future is not None:
-                    await _cancel_quietly(self.client, future)
+                    await cancel_quietly(self.client, future)
                 self._final(chunk, "lost")
                 raise
             if self._connected():
@@ -286,7 +293,7 @@ class DaskRung(Rung):
                     self.forget(piece.call.shipped.id)
                 self._final(chunk, "crashed", deaths=1)
                 return
-            if _lost_connection(exc, self.client):
+            if lost_connection(exc, self.client):
                 self._broke(exc)
                 self._final(chunk, "lost")
                 return
@@ -397,54 +404,9 @@ class DaskRung(Rung):
             relay.cancel()
         if relays:
             await asyncio.gather(*relays, return_exceptions=True)
+        if self.config.initializer is not None and self._connected():
+            # A cluster outlives pools: its workers must not run this one's initializer
+            # as they join, for good.
+            await unregister_quietly(self.client, f"asyncpool-initializer-{self._token}")
         if self.owned:
-            await _close_quietly(self.client)
-
-
-def _lost_connection(exc: BaseException, client: Any) -> bool:
-    from distributed.client import FutureCancelledError
-    from distributed.comm.core import CommClosedError
-
-    if isinstance(exc, CommClosedError | OSError):
-        return True
-    if type(exc).__name__ == "ClosedClientError":
-        return True
-    # Futures are cancelled under us when the client loses its scheduler.
-    return isinstance(exc, FutureCancelledError | asyncio.CancelledError) or (
-        getattr(client, "status", "running") != "running")
-
-
-_space: tuple[int, str] | None = None
-
-
-def client_space() -> str:
-    """Names this client process to Dask workers, which keep the globals of each
-    client's main script apart (see :func:`~asyncpool._execute.share_main`)."""
-    global _space
-    if _space is None or _space[0] != os.getpid():
-        _space = (os.getpid(), f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
-    return _space[1]
-
-
-async def _outcome(future: Any) -> Any:
-    return await future
-
-
-def _retrieved(waiting: asyncio.Future[Any]) -> None:
-    """Takes the outcome of a wait whose relay was cancelled (nobody else will)."""
-    if not waiting.cancelled():
-        waiting.exception()
-
-
-async def _cancel_quietly(client: Any, future: Any) -> None:
-    try:
-        await asyncio.wait_for(client.cancel(future), 2)
-    except BaseException:
-        pass
-
-
-async def _close_quietly(client: Any) -> None:
-    try:
-        await asyncio.wait_for(client.close(), 5)
-    except BaseException:
-        pass
+            await close_quietly(self.client)
