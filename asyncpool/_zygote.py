@@ -257,17 +257,17 @@ def _reap(children: dict[int, socket.socket]) -> None:
             _kill_group(pid)
         _, status = os.waitpid(pid, 0)
         sock = children.pop(pid, None)
-        if sock is None:
-            continue  # an adopted orphan, already killed
         reaped = True
+        if sock is None:
+            continue  # an adopted orphan, already killed: what it started is adopted now
         try:
             sock.send(STATUS.pack(pid, status))
         except OSError:
             pass
         sock.close()
     if reaped:
-        # A worker left: what it started in sessions of their own was adopted here
-        # (what live workers' tasks started and left is theirs to keep).
+        # A worker (or an orphan of one) left: what it started in sessions of their own
+        # was adopted here (what live workers' tasks started and left is theirs to keep).
         for pid in _orphans_of_gone_workers(children):
             _kill_group(pid)
 

@@ -311,6 +311,18 @@ def spawn_session_sleeper(path: str) -> int:
     return child.pid
 
 
+def spawn_session_chain(path: str) -> None:
+    """Start A in a session of its own, which starts B (`sleep 1000`, its pid noted in
+    ``path``) in another session of its own; then hang."""
+    import shlex
+    import subprocess
+
+    note = shlex.quote(path)
+    subprocess.Popen(["sh", "-c", f"setsid sleep 1000 & echo $! > {note}.tmp && "
+                      f"mv {note}.tmp {note}; sleep 1000"], start_new_session=True)
+    time.sleep(1000)
+
+
 class Grid:
     """Holds its data in a buffer pickled out of band, writable or not, as NumPy arrays
     do: it must come back as writable as it left."""

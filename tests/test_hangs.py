@@ -498,6 +498,22 @@ async def test_what_a_task_starts_in_its_own_session_dies_with_the_pool(
     await wait_until(lambda: not alive(sleeper), 5)
 
 
+async def test_a_chain_of_sessions_a_killed_item_started_dies_while_the_pool_serves(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # A (its own session) was killed with the worker; B, which A had started in
+    # another session, was adopted by the fork server and lived on until some other
+    # worker left.
+    note = tmp_path / "chain"
+    async with ResilientPool(max_workers=1) as pool:
+        with pytest.raises(TimeoutError):
+            await pool.run(tasks.spawn_session_chain, str(note), timeout=1.0,
+                           kill_on_timeout=True)
+        await wait_until(note.exists)
+        grandchild = int(note.read_text())
+        await wait_until(lambda: not alive(grandchild), 10)
+        assert await pool.run(tasks.square, 3) == 9
+
+
 async def test_a_workers_daemon_is_left_alone_when_another_worker_leaves(
         anyio_backend: str) -> None:
     # The fork server adopts a double-forked daemon at once; when any worker left, it
