@@ -41,14 +41,24 @@ class RateLimit:
 
     def __init__(self, rate: float) -> None:
         self.interval = 1.0 / rate
-        self._next = -math.inf
+        self._last = -math.inf
+        self._turn: Any = None
 
     async def acquire(self) -> None:
-        now = anyio.current_time()
-        at = max(now, self._next)
-        self._next = at + self.interval
-        if at > now:
-            await anyio.sleep(at - now)
+        """Wait for the next start. Waiters take turns: only the first waits for a
+        time, so one that leaves (its call cancelled or out of time) keeps no start
+        from the others (each used to book its start ahead, and 20 calls that timed
+        out pushed the next one's 10 s away)."""
+        if self._turn is None:
+            from ._loop import current_loop
+
+            self._turn = current_loop().lock()
+        async with self._turn:
+            now = anyio.current_time()
+            at = max(now, self._last + self.interval)
+            if at > now:
+                await anyio.sleep(at - now)
+            self._last = at
 
 
 class Source:

@@ -91,6 +91,27 @@ async def test_deadline_covers_a_rate_limit(anyio_backend: str) -> None:
         assert 1 <= len(done) <= 4 and info.value.partial[0] == 0
 
 
+async def test_calls_that_left_keep_no_place_in_the_rate_limit(anyio_backend: str) -> None:
+    # Each waiting call booked its start ahead: after 20 calls timed out or were
+    # cancelled, the next one started 10 s later.
+    async with ResilientPool(max_workers=2, rate_limit=2) as pool:
+
+        async def out_of_time() -> None:
+            with contextlib.suppress(DeadlineExceeded):  # all but the first
+                await pool.run(tasks.square, 1, timeout=0.2)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(out_of_time)
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(pool.run, tasks.square, 1)
+                await anyio.sleep(0.2)
+                scope.cancel()
+        assert await pool.run(tasks.square, 3, timeout=3.0) == 9
+
+
 async def test_deadline_covers_a_slow_input_and_keeps_what_finished(
         anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
