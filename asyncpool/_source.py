@@ -240,7 +240,8 @@ class Source:
                 raise
         # No thread to pull in: one item at a time on the loop, with a turn between.
         await anyio.lowlevel.checkpoint()
-        return _pull_batch(self._it, 1, sink, self._pace)
+        box = _Outbox()
+        return _pull_batch(self._it, 1, box, functools.partial(box.drain, sink), self._pace)
 
     def close(self) -> None:
         """Let the thread that pulled the input go (after the item it may be pulling);
@@ -275,27 +276,55 @@ def _cancelled() -> type[BaseException]:
 Batch = tuple[BaseException | None, bool]
 
 
-def _pull_batch(it: Iterator[Any], count: int, hand: Callable[[list[Any]], None],
+class _Outbox:
+    """Items a thread pulled and the loop has not taken yet, in order. The thread
+    extends ``items`` as each item comes; the loop takes from its front, also while
+    the thread waits for an item that stalls."""
+
+    __slots__ = ("items", "taken", "lock")
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.taken = 0
+        self.lock = threading.Lock()
+
+    def count(self) -> int:
+        """Items put in so far."""
+        with self.lock:
+            return self.taken + len(self.items)
+
+    def drain(self, sink: Callable[[list[Any]], None]) -> None:
+        """On the loop: hand what is there to ``sink``."""
+        with self.lock:
+            items = self.items[:]
+            del self.items[:len(items)]  # the thread may have added more meanwhile
+            self.taken += len(items)
+        if items:
+            sink(items)
+
+
+def _pull_batch(it: Iterator[Any], count: int, box: _Outbox, notify: Callable[[], None],
                 pace: list[int]) -> Batch:
-    """Up to ``count`` items, handed over slice by slice as they are pulled, for at
-    most :data:`BATCH_SECONDS`. ``pace[0]``, the slice size, grows while slices come
-    fast and shrinks when they do not, so few items wait behind one that stalls."""
+    """Up to ``count`` items into ``box``, for at most :data:`BATCH_SECONDS`; after each
+    slice, ``notify()``. ``pace[0]``, the slice size, grows while slices come fast and
+    shrinks when they do not."""
     rested = time.perf_counter()
     deadline = rested + BATCH_SECONDS
     pulled = 0
     while pulled < count:
         step = min(pace[0], count - pulled)
-        taken: list[Any] = []
+        before = box.count()
         started = time.perf_counter()
         try:
-            # What came before an exception stays in `taken`.
-            taken.extend(itertools.islice(it, step))
+            # What came before an exception is in the box.
+            box.items.extend(itertools.islice(it, step))
         except BaseException as exc:  # SystemExit too: it is the call's error
-            hand(taken)
+            notify()
             return exc, True
-        hand(taken)
-        pulled += len(taken)
-        if len(taken) < step:
+        got = box.count() - before
+        notify()
+        pulled += got
+        if got < step:
             return None, True
         now = time.perf_counter()
         if now - rested > 0.001:  # let the loop's thread have the GIL it waits for
@@ -363,34 +392,43 @@ class _Puller:
                         self._idle.append(self)
                         continue
                 return
-            it, count, sink, pace, reply, loop = request
+            it, count, box, drain, pace, reply, loop = request
 
-            def hand(items: list[Any], sink: Any = sink, loop: Any = loop) -> None:
-                loop.call_soon_threadsafe(functools.partial(sink, items))
+            def notify(drain: Any = drain, loop: Any = loop) -> None:
+                loop.call_soon_threadsafe(drain)
 
-            # After every slice: the loop runs callbacks in the order they came.
-            loop.call_soon_threadsafe(functools.partial(reply, _pull_batch(it, count, hand,
-                                                                           pace)))
+            # After every slice's drain: the loop runs callbacks in the order they came.
+            loop.call_soon_threadsafe(functools.partial(
+                reply, _pull_batch(it, count, box, notify, pace)))
             # Idle, it must not keep the input (a file, say) alive.
-            del request, it, sink, hand, reply, loop
+            del request, it, box, drain, notify, reply, loop
 
     async def pull(self, it: Iterator[Any], count: int, sink: Callable[[list[Any]], None],
                    pace: list[int]) -> Batch:
         """Pull up to ``count`` items of ``it`` in this thread; each slice goes to
-        ``sink`` on the loop as soon as it is pulled."""
+        ``sink`` on the loop as soon as it is pulled, and what came before an item
+        that stalls within :data:`BATCH_SECONDS` (a burst, then a wait: the rest of a
+        big slice waited with it)."""
         from ._loop import current_loop
 
         loop = current_loop()
         done = loop.event()
-        box: list[Batch] = []
+        outcome: list[Batch] = []
+        box = _Outbox()
 
         def reply(result: Batch) -> None:
-            box.append(result)
+            outcome.append(result)
             done.set()
 
-        self._requests.put((it, count, sink, pace, reply, loop))
-        await done.wait()
-        return box[0]
+        self._requests.put((it, count, box, functools.partial(box.drain, sink), pace, reply,
+                            loop))
+        while not outcome:
+            try:
+                async with loop.fail_after(BATCH_SECONDS):
+                    await done.wait()
+            except TimeoutError:
+                box.drain(sink)
+        return outcome[0]
 
     def release(self, it: Iterator[Any] | None = None) -> None:
         """Done with this thread: it drops ``it`` (the input), then serves another

@@ -112,6 +112,25 @@ async def test_calls_that_left_keep_no_place_in_the_rate_limit(anyio_backend: st
         assert await pool.run(tasks.square, 3, timeout=3.0) == 9
 
 
+def _burst_then_stall(burst: int, seconds: float) -> Iterator[int]:
+    yield from range(burst)
+    time.sleep(seconds)  # waiting on a socket, say
+    yield burst
+
+
+async def test_what_an_input_gave_before_it_stalls_goes_out_at_once(
+        anyio_backend: str) -> None:
+    # A burst, then a wait: the rest of the slice the thread was pulling waited with
+    # it (150 of 1,000 items waited the whole stall; at the deadline `.partial` held
+    # 534 to 732 of them).
+    async with ResilientPool(max_workers=2) as pool:
+        await pool.map(tasks.square, range(10))
+        with pytest.raises(DeadlineExceeded) as info:
+            await pool.map(tasks.square, _burst_then_stall(1000, 3.0), timeout=1.5)
+        assert [v for v in info.value.partial if isinstance(v, int)] == [
+            i * i for i in range(1000)]
+
+
 async def test_deadline_covers_a_slow_input_and_keeps_what_finished(
         anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
