@@ -166,11 +166,11 @@ class _Worker:
             functions, forget = _wire.loads(shipment)
             for fn_id in forget:
                 self.functions.pop(fn_id, None)
-            for fn_id, blob in functions:
+            for fn_id, blob, buffers in functions:
                 if progress is not None:
                     progress[2] = fn_id
                 try:
-                    self.functions[fn_id] = share_main(loads(blob))
+                    self.functions[fn_id] = share_main(loads(blob, buffers))
                 except BaseException as exc:
                     self.functions[fn_id] = Unloadable(exc)
         if progress is not None:

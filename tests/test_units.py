@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import errno
 import math
 import pickle
@@ -415,6 +416,18 @@ def test_a_cut_whose_position_held_is_exact() -> None:
     finally:
         sys.setswitchinterval(switch)
     assert exact > 0
+
+
+def test_a_partials_large_bytes_are_not_copied_into_its_pickle() -> None:
+    from asyncpool._functions import FunctionBook
+
+    table = b"t" * (8 << 20)
+    shipped = FunctionBook().ship(functools.partial(tasks.with_table, table))
+    assert len(shipped.blob) < 4096
+    assert sum(memoryview(b).nbytes for b in shipped.buffers) == len(table)
+    fn = pickle.loads(shipped.blob, buffers=shipped.buffers)
+    assert fn((3, "")) == 9 + len(table)
+    assert len(shipped.whole()) > len(table) and not shipped.buffers  # for Dask
 
 
 def test_the_last_results_of_a_chunk_travel_with_its_end() -> None:

@@ -230,7 +230,7 @@ class DaskRung(Rung):
 
     async def _function(self, shipped: Any) -> Any:
         """The function's pickle, or for a big one its data scattered to every worker."""
-        if len(shipped.blob) < BIG_FUNCTION:
+        if len(shipped.whole()) < BIG_FUNCTION:
             return shipped.blob
         found = self._scattered.get(shipped.id)
         if found is None:

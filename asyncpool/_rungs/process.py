@@ -180,11 +180,12 @@ class ProcessRung(Rung, Events):
         # As offer() found it (a head chunk may have turned stuck since).
         proc = self._pick() or self._pick(wait_on_stuck=False)
         assert proc is not None, "submit() without offer()"
-        functions: list[tuple[int, pickle.PickleBuffer]] = []
+        functions: list[tuple[int, pickle.PickleBuffer, list[pickle.PickleBuffer]]] = []
         for piece in chunk.pieces:
             shipped = piece.call.shipped
-            if shipped.id not in proc.functions and all(f != shipped.id for f, _ in functions):
-                functions.append((shipped.id, pickle.PickleBuffer(shipped.blob)))
+            if shipped.id not in proc.functions and all(f[0] != shipped.id for f in functions):
+                functions.append((shipped.id, pickle.PickleBuffer(shipped.blob),
+                                  [pickle.PickleBuffer(b) for b in shipped.buffers]))
         runs = [(p.call.shipped.id, p.call.star, p.call.id,
                  # A call's arguments (starmap, run) are one level more.
                  _wire.wrap_big(p.items, 3 if p.call.star else 2) if _big(p) else p.items)
@@ -204,8 +205,8 @@ class ProcessRung(Rung, Events):
         chunk.rung, chunk.worker = self, proc
         # What the items weigh (for chunk sizing): the message, less the functions.
         chunk.payload_bytes = sum(memoryview(p).nbytes for p in parts) - sum(
-            len(blob.raw()) for _, blob in functions)
-        proc.functions.update(f for f, _ in functions)
+            b.raw().nbytes for _, blob, buffers in functions for b in (blob, *buffers))
+        proc.functions.update(f[0] for f in functions)
         proc.forget = []
         if not proc.chunks:
             proc.heard = time.monotonic()
