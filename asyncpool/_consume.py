@@ -183,6 +183,11 @@ class ResultStream(Generic[T]):
         if self._at >= len(self._values):
             if self._closed:
                 raise StopAsyncIteration
+            if not self._engine.loop.is_current():
+                # Before every wait, not only the first: it would wait for good (and
+                # nothing of the pool's may be touched from here).
+                raise PoolClosed("this pool was opened on another event loop (or "
+                                 "thread); iterate its imap there")
             try:
                 await self._fill()
             except BaseException as exc:
@@ -214,9 +219,6 @@ class ResultStream(Generic[T]):
     async def _fill(self) -> None:
         call, engine = self._call, self._engine
         if not self._started:
-            if not engine.loop.is_current():
-                raise PoolClosed("this pool was opened on another event loop (or "
-                                 "thread); iterate its imap there")
             self._started = True
             engine.add(call)
         ordered = call.mode is Mode.ORDERED

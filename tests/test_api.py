@@ -167,13 +167,16 @@ async def test_reuse_workers_across_pools(anyio_backend: str, no_leaks: None) ->
     assert await ResilientPool.close_idle_workers() == 2
 
 
-@pytest.mark.parametrize("use", ["run", "aclose", "imap", "stream"])
+@pytest.mark.parametrize("use", ["run", "aclose", "imap", "stream", "started"])
 @pytest.mark.parametrize("other", ["asyncio", "trio"])
 async def test_a_pool_used_from_another_loop_says_so(use: str, other: str,
                                                      pool: ResilientPool) -> None:
     # Closing it from another loop hung there, and left it closed for its own; a
-    # stream made on its loop and read on another waited there for good.
-    stream = pool.imap(tasks.square, range(3))
+    # stream made on its loop and read on another waited there for good (one that
+    # had started on its own loop, after the results it held).
+    stream = pool.imap(tasks.square, range(3 if use != "started" else 100_000))
+    if use == "started":
+        assert await stream.__anext__() == 0
 
     def elsewhere() -> BaseException | None:
         async def call() -> None:
