@@ -61,7 +61,7 @@ class _Feeder:
 
     async def _stop(self) -> None:
         if self.task is not None:
-            self.task.cancel()
+            self.task.interrupt()  # an async generator's cleanup may await (asyncio)
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await self.task.wait()
         await self.call.source.aclose()

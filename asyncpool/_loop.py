@@ -82,6 +82,8 @@ class Background:
         self._cancelled = False
         self.finished = False
         self._waiters: list[Any] = []
+        #: The asyncio task running it (None on trio).
+        self.handle: Any = None
 
     async def run(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         import anyio
@@ -96,6 +98,9 @@ class Background:
             logger.exception("background task %s of the pool failed", fn)
         finally:
             self.finished = True
+            # A task cancelled asyncio's way keeps its CancelledError, whose frames
+            # hold what it worked on (an input): let it go.
+            self.handle = None
             for waiter in self._waiters:
                 waiter.set()
 
@@ -103,6 +108,14 @@ class Background:
         self._cancelled = True
         if self._scope is not None:
             self._scope.cancel()
+
+    def interrupt(self) -> None:
+        """Cancel it once, as asyncio does: code it runs (an input's ``finally``) may
+        still await while it cleans up. On trio, whose cancellation lasts, cancel()."""
+        if self.handle is None or self._scope is None:
+            self.cancel()  # on trio; or not started, and then it never will
+        else:
+            self.handle.cancel()
 
     async def wait(self) -> None:
         import anyio
@@ -140,7 +153,7 @@ class _Asyncio(Loop):
 
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> Background:
         task = Background()
-        handle = self._loop.create_task(task.run(fn, *args))
+        handle = task.handle = self._loop.create_task(task.run(fn, *args))
         self._tasks.add(handle)
         handle.add_done_callback(self._tasks.discard)
         return task

@@ -131,6 +131,29 @@ async def test_what_an_input_gave_before_it_stalls_goes_out_at_once(
             i * i for i in range(1000)]
 
 
+async def test_an_async_inputs_cleanup_may_await_after_the_deadline(
+        anyio_backend: str) -> None:
+    # Its `finally` (closing a cursor, say) got CancelledError at its first await:
+    # the feeder was cancelled as trio cancels, for good, where asyncio cancels once.
+    if anyio_backend != "asyncio":
+        pytest.skip("on trio a cancelled task's cleanup is cancelled too: trio's way")
+    cleaned: list[str] = []
+
+    async def items() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await anyio.sleep(100)  # waits for the next item when the deadline comes
+            yield 2
+        finally:
+            await anyio.sleep(0.2)
+            cleaned.append("closed")
+
+    async with ResilientPool(max_workers=1) as pool:
+        with pytest.raises(DeadlineExceeded):
+            await pool.map(tasks.square, items(), timeout=0.5)
+        await wait_until(lambda: cleaned == ["closed"], 5)
+
+
 async def test_deadline_covers_a_slow_input_and_keeps_what_finished(
         anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
