@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -165,6 +166,25 @@ class PoolConfig:
                 raise TypeError(f"unknown option {name!r}{hint} (the options are "
                                 "PoolConfig's fields, config= and on_event=)")
         return dataclasses.replace(config, **options) if config else cls(**options)
+
+
+def _say_unknown_fields(init: Any) -> Any:
+    """PoolConfig's own ``__init__``, saying what a misspelt field meant (Python's own
+    error says only "unexpected keyword argument")."""
+    names = sorted(f.name for f in dataclasses.fields(PoolConfig))
+
+    @functools.wraps(init)
+    def checked(self: PoolConfig, *args: Any, **kwargs: Any) -> None:
+        for name in kwargs:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"PoolConfig has no field {name!r}{hint}")
+        init(self, *args, **kwargs)
+    return checked
+
+
+setattr(PoolConfig, "__init__", _say_unknown_fields(PoolConfig.__init__))  # noqa: B010
 
 
 class PoolOptions(TypedDict, total=False):

@@ -211,6 +211,8 @@ def test_both_ways_to_configure_and_a_typo_says_what_was_meant() -> None:
         ResilientPool(max_workrs=2)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="did you mean 'on_event'"):
         ResilientPool(on_evnt=print)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="did you mean 'max_workers'"):
+        PoolConfig(max_wokers=2)  # type: ignore[call-arg]
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.config.max_workers = 5  # type: ignore[misc]
     assert "new" in repr(a)
