@@ -288,6 +288,9 @@ class Engine:
         return min(self.window_items(call), max(per_chunk // 4, min(per_chunk, 256)))
 
     def _per_chunk(self, call: Call) -> int:
+        fixed = call.options.chunk_size or self.config.chunk_size
+        if fixed:
+            return fixed  # the caller's own (items of 20 ms went 24 to a chunk, not 100)
         per_chunk = self.config.max_chunk_size
         if call.timing.per_item is not None:
             per_chunk = max(1, min(per_chunk, int(self.config.target_chunk_seconds

@@ -182,6 +182,17 @@ async def test_calls_complete_in_the_order_their_work_completes(anyio_backend: s
     assert done[0] < done[-1] / 2, (done[0], done[-1])
 
 
+async def test_a_calls_own_chunk_size_holds_for_slow_items(anyio_backend: str) -> None:
+    # Once its items were known to take 10 ms, a call's chunk_size=100 gave way to
+    # chunks of the call's window (a few times the slots, by time): 48 items or fewer.
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        await pool.map(tasks.burn, [0.01] * 20)
+        before = pool.statistics().chunks_submitted
+        assert await pool.map(tasks.burn, [0.01] * 200, chunk_size=100) == [0.01] * 200
+        # Two, or three if a worker stalled and an idle one took the rest of its chunk.
+        assert pool.statistics().chunks_submitted - before <= 3
+
+
 async def test_calls_packed_behind_a_long_item_go_to_an_idle_worker(
         tmp_path: Path, anyio_backend: str) -> None:
     # One caller's long item and thirty short ones of other callers, brought in one
