@@ -88,6 +88,13 @@ class Unloadable:
         return (_boom, ())
 
 
+class ExitsWhenPickled:
+    """Its pickling calls sys.exit (code of the caller's, run on the pool's loop)."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        raise SystemExit("pickled")
+
+
 def return_unpicklable(x: int) -> object:
     return Unpicklable() if x == 2 else x
 

@@ -182,6 +182,17 @@ async def test_bad_result_stays_with_its_item(fn: object, anyio_backend: str) ->
         assert pool.statistics().worker_crashes == 0
 
 
+async def test_an_argument_whose_pickling_exits_is_its_items_error(anyio_backend: str) -> None:
+    # SystemExit from an argument's __reduce__ went through the engine's loop callback:
+    # the call was cancelled and the event loop itself ended.
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        results = await pool.map(tasks.echo, [1, tasks.ExitsWhenPickled(), 3],
+                                 return_exceptions=True)
+        assert results[0] == 1 and results[2] == 3
+        assert isinstance(results[1], SerializationError) and "item 1" in str(results[1])
+        assert await pool.run(tasks.square, 4) == 16
+
+
 async def test_results_that_do_not_load_here_fail_alone_and_nothing_reruns(
         tmp_path: Path, anyio_backend: str) -> None:
     # One pickle carries the results of many items: when one would not load in the

@@ -148,7 +148,7 @@ def unpicklable_items(chunk: Chunk) -> dict[int, BaseException]:
         for item in piece.items:
             try:
                 cloudpickle.dumps(item, 5)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 errors[position] = exc
             position += 1
     return errors

@@ -212,7 +212,7 @@ class DaskRung(Rung):
                 for p in chunk.pieces]
         try:
             arguments = _wire.dumps_any(runs)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # an argument's own code ran
             raise ChunkUnpicklable(unpicklable_items(chunk)) from exc
         chunk.payload_bytes = sum(memoryview(p).nbytes for p in arguments)
         chunk.rung = self

@@ -199,7 +199,7 @@ class ProcessRung(Rung, Events):
                                      len(shipping))
         try:
             parts = [head, *shipping, *_wire.dumps_any(runs)]
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # an argument's own code ran
             raise ChunkUnpicklable(unpicklable_items(chunk)) from exc
         chunk.seq = self._seq
         chunk.rung, chunk.worker = self, proc
