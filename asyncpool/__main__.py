@@ -59,6 +59,10 @@ def _map(args: argparse.Namespace) -> int:
 
     counts = asyncio.run(map_file(args))
     extra = f", {counts.blank} blank line(s) skipped" if counts.blank else ""
+    if counts.done > counts.lines:
+        print(f"warning: {args.output} holds results up to line {counts.done}, past the "
+              f"input's last line ({counts.lines}): is it the output of this input?",
+              file=sys.stderr)
     where = "standard output" if args.output == "-" else args.output
     print(f"wrote {counts.written} line(s) to {where} ({counts.failed} error(s) in "
           f"it, {counts.skipped} skipped as already done{extra})", file=sys.stderr)

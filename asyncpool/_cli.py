@@ -109,6 +109,8 @@ class Counts:
 
     def __init__(self) -> None:
         self.written = self.failed = self.skipped = self.blank = 0
+        #: Lines in the input, and the last line the output held before (--resume).
+        self.lines = self.done = 0
 
 
 def read_lines(path: str, done: int, numbers: deque[int],
@@ -119,6 +121,7 @@ def read_lines(path: str, done: int, numbers: deque[int],
     with (open(sys.stdin.fileno(), "rb", closefd=False) if path == "-"
           else open(path, "rb")) as f:
         for number, raw in enumerate(f, 1):
+            counts.lines = number
             text = raw.decode("utf-8", errors="replace")
             if not text.strip():
                 counts.blank += 1
@@ -186,6 +189,7 @@ async def map_file(args: argparse.Namespace) -> Counts:
     done = 0
     if args.resume:
         done, counts.failed = done_lines(args.output)
+        counts.done = done
     numbers: deque[int] = deque()
     out: IO[str] | None = None
     try:

@@ -153,6 +153,17 @@ def test_standard_input_and_a_pipe_are_read(tmp_path: Path) -> None:
     assert [json.loads(line)["result"] for line in dst.read_text().splitlines()] == [4, 9]
 
 
+def test_resume_says_when_the_output_goes_past_the_input(tmp_path: Path) -> None:
+    # It wrote nothing, exited 0 and said nothing: the output of another input.
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("1\n2\n")
+    dst.write_text("".join(f'{{"line": {n}, "result": {n}}}\n' for n in range(1, 6)))
+    out = _cli("map", "tests.tasks:square", str(src), "-o", str(dst), "--resume",
+               "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "past the input's last line (2)" in out.stderr
+
+
 def test_resume_adds_the_newline_a_whole_last_record_lost(tmp_path: Path) -> None:
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("1\n2\n3\n")
