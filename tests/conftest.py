@@ -44,9 +44,9 @@ def no_leaks() -> Iterator[None]:
     children_before = children()
     yield
     # Idle input threads are kept 5 s for the next input, by design: let them go now.
-    from asyncpool._source import _Puller
+    from asyncpool._puller import Puller
 
-    _Puller.release_idle()
+    Puller.release_idle()
     ok_threads = settle(lambda: ours() <= threads_before)
     ok_children = settle(lambda: children() <= children_before)
     extra_threads = [t.name for t in threading.enumerate()
