@@ -40,6 +40,12 @@ class _StandIn:
     def __setstate__(self, state: Any) -> None:
         pass
 
+    # What a pickle may call on a list, set or dict subclass it rebuilds.
+    def append(self, *args: Any) -> None:
+        pass
+
+    extend = add = __setitem__ = append
+
 
 class _Tolerant(pickle.Unpickler):
     def __init__(self, data: Any, buffers: Sequence[Any]) -> None:
@@ -93,8 +99,8 @@ def load_results(parts: Sequence[Any]) -> tuple[list[Any], dict[int, BaseExcepti
     budget = SEARCH_LIMIT
     for position, value in enumerate(results):
         held, budget = _stand_ins(value, budget)
-        if budget <= 0:
-            raise error
+        if budget <= 0 or held is None:
+            raise error  # an item it cannot see through may hold one: rerun them alone
         if held:
             classes: set[type[_StandIn]] = {s if isinstance(s, type) else type(s)
                                              for s in held}
@@ -110,8 +116,17 @@ def load_results(parts: Sequence[Any]) -> tuple[list[Any], dict[int, BaseExcepti
     return results, errors
 
 
-def _stand_ins(value: Any, budget: int) -> tuple[list[Any], int]:
-    """Every stand-in (class or instance) reachable from ``value``."""
+#: Values with nothing inside them to look at.
+_ATOMS = frozenset({str, bytes, bytearray, int, float, complex, bool, type(None),
+                    type(Ellipsis), range, memoryview})
+_ATOM_MODULES = frozenset({"datetime", "decimal", "uuid", "fractions", "pathlib",
+                           "ipaddress"})
+
+
+def _stand_ins(value: Any, budget: int) -> tuple[list[Any] | None, int]:
+    """Every stand-in (class or instance) reachable from ``value``; None if it holds
+    something the search cannot see inside (a deque, slots, a subclass of a builtin
+    container), where one may hide."""
     held: list[Any] = []
     seen: set[int] = set()
     stack = [value]
@@ -121,16 +136,24 @@ def _stand_ins(value: Any, budget: int) -> tuple[list[Any], int]:
             continue
         seen.add(id(value))
         budget -= 1
+        kind = type(value)
+        if kind in _ATOMS or kind.__module__ in _ATOM_MODULES or (
+                kind.__name__ == "ndarray" and not getattr(value.dtype, "hasobject", True)):
+            continue
         if isinstance(value, _StandIn) or (isinstance(value, type)
                                            and issubclass(value, _StandIn)):
             held.append(value)
-        elif isinstance(value, (list, tuple, set, frozenset)):
+        elif kind in (list, tuple, set, frozenset):
             stack.extend(value)
-        elif isinstance(value, dict):
+        elif kind is dict:
             stack.extend(value.keys())
             stack.extend(value.values())
-        elif not isinstance(value, (str, bytes, bytearray, int, float, type)):
-            state = getattr(value, "__dict__", None)
-            if isinstance(state, dict):
-                stack.append(state)
+        elif isinstance(value, type) or callable(value) and hasattr(value, "__code__"):
+            continue  # a class or a function: what it holds came in by reference
+        elif (type(getattr(value, "__dict__", None)) is dict and not any(
+                "__slots__" in vars(c) for c in kind.__mro__) and not isinstance(
+                value, (list, tuple, set, frozenset, dict, str, bytes, int, float))):
+            stack.append(value.__dict__)
+        else:
+            return None, budget
     return held, budget
