@@ -90,9 +90,11 @@ class FunctionBook:
                 # Its large bytes travel out of band: copied into the pickle, a 200 MB
                 # table held the loop 130 to 270 ms.
                 buffers: list[pickle.PickleBuffer] = []
-                wrapped = functools.partial(fn.func, *wrap_big(fn.args, 2),
+                memo: dict[int, Any] = {}  # an object passed twice stays one object
+                wrapped = functools.partial(fn.func, *wrap_big(fn.args, 2, memo),
                                             **dict(zip(fn.keywords, wrap_big(list(
-                                                fn.keywords.values()), 2), strict=True)))
+                                                fn.keywords.values()), 2, memo),
+                                                strict=True)))
                 blob = cloudpickle.dumps(wrapped, 5, buffer_callback=buffers.append)
                 if buffers:
                     return Shipped(next(_ids), blob, name, False,

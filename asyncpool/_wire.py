@@ -64,31 +64,42 @@ def as_bytearray(buffer: Any) -> bytearray:
     return buffer if type(buffer) is bytearray else bytearray(buffer)
 
 
-def wrap_big(values: Sequence[Any], depth: int = 2) -> list[Any]:
+def wrap_big(values: Sequence[Any], depth: int = 2, memo: dict[int, Any] | None = None
+             ) -> list[Any]:
     """``values`` with each large ``bytes`` or ``bytearray`` marked: at the top level,
     or inside a tuple, list or dict (``depth`` levels down, in containers of at most
-    :data:`LOOK_INSIDE` elements)."""
-    return [_wrap(value, depth) for value in values]
+    :data:`LOOK_INSIDE` elements). An object met twice is replaced by one and the same
+    copy (``memo``, by id), so it still is one object where it arrives."""
+    memo = {} if memo is None else memo
+    return [_wrap(value, depth, memo) for value in values]
 
 
 #: Containers this small are looked into for large bytes (a cheap look).
 LOOK_INSIDE = 64
 
 
-def _wrap(value: Any, depth: int) -> Any:
+def _wrap(value: Any, depth: int, memo: dict[int, Any]) -> Any:
     kind = type(value)
     if kind is bytes or kind is bytearray:
-        return BigBytes(value) if len(value) >= BIG else value
-    if not depth or (kind is not tuple and kind is not list and kind is not dict) or len(
+        if len(value) < BIG:
+            return value
+    elif not depth or (kind is not tuple and kind is not list and kind is not dict) or len(
             value) > LOOK_INSIDE:
         return value
-    if kind is dict:
-        inner = {k: _wrap(v, depth - 1) for k, v in value.items()}
-        return inner if any(inner[k] is not v for k, v in value.items()) else value
-    items = [_wrap(v, depth - 1) for v in value]
-    if all(a is b for a, b in zip(items, value, strict=True)):
-        return value
-    return tuple(items) if kind is tuple else items
+    found = memo.get(id(value))
+    if found is not None:
+        return found
+    if kind is bytes or kind is bytearray:
+        wrapped: Any = BigBytes(value)
+    elif kind is dict:
+        inner = {k: _wrap(v, depth - 1, memo) for k, v in value.items()}
+        wrapped = inner if any(inner[k] is not v for k, v in value.items()) else value
+    else:
+        items = [_wrap(v, depth - 1, memo) for v in value]
+        wrapped = value if all(a is b for a, b in zip(items, value, strict=True)) else (
+            tuple(items) if kind is tuple else items)
+    memo[id(value)] = wrapped
+    return wrapped
 
 
 def dumps(obj: Any, *, by_value: bool = False) -> Parts:

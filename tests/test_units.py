@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import errno
@@ -341,10 +342,10 @@ class RefusesState:
         raise ValueError("no state for me")
 
 
-def _pickled_with_a_class_gone(build: Any) -> bytes:
+def _pickled_with_a_class_gone(build: Any, base: str = "") -> bytes:
     """The pickle of ``build(Gone)`` made where class Gone exists, which then goes."""
     module = ModuleType("gone_after_pickling")
-    exec("class Gone:\n    pass\n", module.__dict__)
+    exec(f"class Gone({base}):\n    pass\n", module.__dict__)
     sys.modules[module.__name__] = module
     try:
         return pickle.dumps(build(module.Gone), 5)
@@ -363,10 +364,21 @@ def test_results_that_do_not_load_are_pinned_on_their_items() -> None:
                for e in errors.values())
     assert [results[0], results[5]] == [0, "five"]
     assert load_results([pickle.dumps([1, Holder(2)], 5)])[1] == {}
+    # A subclass of a builtin container that is gone is pinned on its item too (its
+    # stand-in had no __setitem__ or append, and the whole stretch ran again).
+    for base, make in (("dict", lambda gone: gone(a=1)), ("list", lambda gone: gone([1]))):
+        blob = _pickled_with_a_class_gone(lambda gone, make=make: [0, make(gone), "x"], base)
+        results, errors = load_results([blob])
+        assert sorted(errors) == [1] and [results[0], results[2]] == [0, "x"]
 
 
-@pytest.mark.parametrize("build", [lambda gone: [1, Slotted(gone())],
-                                   lambda gone: [1, RefusesState()]])
+@pytest.mark.parametrize("build", [
+    lambda gone: [1, Slotted(gone())],
+    lambda gone: [1, RefusesState()],
+    # One stand-in found in the first item and hidden in the second (a deque): the
+    # second was delivered, with the stand-in inside, as a success.
+    lambda gone: (lambda one: [[one], collections.deque([one])])(gone()),
+])
 def test_results_that_cannot_be_pinned_raise_the_pickles_own_error(build: Any) -> None:
     # A stand-in where the search cannot see it, or a failure with no stand-in: each
     # item must run again alone rather than get a result with a stand-in inside.
@@ -430,6 +442,12 @@ def test_a_partials_large_bytes_are_not_copied_into_its_pickle() -> None:
     fn = pickle.loads(shipped.blob, buffers=shipped.buffers)
     assert fn((3, "")) == 9 + len(table)
     assert len(shipped.whole()) > len(table) and not shipped.buffers  # for Dask
+    # One object passed twice is still one (and travels once): each was wrapped anew.
+    rows = [table]
+    shipped = FunctionBook().ship(functools.partial(tasks.echo, rows, rows, key=rows))
+    assert sum(memoryview(b).nbytes for b in shipped.buffers) == len(table)
+    fn = pickle.loads(shipped.blob, buffers=shipped.buffers)
+    assert fn.args[0] is fn.args[1] is fn.keywords["key"] and fn.args[0] == rows
 
 
 def test_the_last_results_of_a_chunk_travel_with_its_end() -> None:
