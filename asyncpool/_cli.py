@@ -162,6 +162,8 @@ def check_files(args: argparse.Namespace) -> None:
     if args.output == "-":
         if args.resume:
             raise UsageError("--resume reads the output: give a file, not -")
+        if sys.stdout is None:
+            raise UsageError("cannot write standard output: it is closed")
         return
     if os.path.isdir(args.output):
         raise UsageError(f"the output is a folder: {args.output}; give a file in it")
@@ -211,7 +213,8 @@ async def map_file(args: argparse.Namespace) -> Counts:
                     except BrokenPipeError:
                         raise  # the reader of standard output left: exit 141
                     except OSError as exc:
-                        raise UsageError(f"cannot write {args.output}: "
+                        where = "standard output" if args.output == "-" else args.output
+                        raise UsageError(f"cannot write {where}: "
                                          f"{exc.strerror or exc}") from None
                     counts.failed += failed
                     counts.written += 1

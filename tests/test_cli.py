@@ -15,8 +15,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _cli(*args: str, env: dict[str, str] | None = None,
-         cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
+         closed: bool = False) -> subprocess.CompletedProcess[str]:
+    if closed:  # standard output closed, as `>&-` does
+        return subprocess.run([sys.executable, "-m", "asyncpool", *args], cwd=cwd,
+                              stderr=subprocess.PIPE, text=True, timeout=120,
+                              env={**os.environ, **(env or {})},
+                              preexec_fn=lambda: os.close(1))
     return subprocess.run([sys.executable, "-m", "asyncpool", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, **(env or {})})
@@ -101,6 +106,7 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
     (["demo", "--limit", "-5"], "not a limit for the demo"),
     (["map", "tests/tasks.py:square", "IN", "-o", "OUT"], "tasks:square"),
     (["map", "tests.tasks:square", "IN", "-o", "-", "--resume"], "give a file, not -"),
+    (["map", "tests.tasks:square", "IN", "-o", "-", "CLOSED"], "standard output: it is"),
 ])
 def test_bad_command_lines_are_one_line_and_exit_code_2(args: list[str], message: str,
                                                        tmp_path: Path) -> None:
@@ -114,8 +120,9 @@ def test_bad_command_lines_are_one_line_and_exit_code_2(args: list[str], message
     names = {"IN": src, "OUT": dst, "MISSING": tmp_path / "missing.jsonl",
              "NOFOLDER": tmp_path / "nowhere" / "out.jsonl", "NOTOUT": other,
              "FOLDER": tmp_path}
-    args = [str(names[a]) if a in names else a for a in args]
-    out = _cli(*args, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    closed = "CLOSED" in args  # standard output closed (`>&-`): a traceback
+    args = [str(names[a]) if a in names else a for a in args if a != "CLOSED"]
+    out = _cli(*args, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}, closed=closed)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and len(out.stderr.strip().splitlines()) <= 2, out.stderr
     assert "Traceback" not in out.stderr
