@@ -307,7 +307,8 @@ class Proc:
             # It died running its oldest chunk: on an item, or loading a function (or
             # the arguments) before the first item.
             death.crashed = True
-            death.culprit = position if position >= 0 else None
+            # (Past the end of a chunk cut short: between its last item and its end.)
+            death.culprit = position if 0 <= position < chunks[0].size else None
             death.loading = loading
         if was_starting:
             if self.init_error is None:
