@@ -158,14 +158,19 @@ async def test_a_poison_item_on_a_worker_with_two_threads_takes_no_neighbour(
         cluster.start_scheduler()
         cluster.start_workers()
         await cluster.wait_ready()
-        async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
-            items = [(i, 5, 0.2) for i in range(12)]
-            with anyio.fail_after(180):
-                results = await pool.map(tasks.exit_on_after, items,
-                                         chunk_size=chunk_size, return_exceptions=True)
-            assert isinstance(results[5], WorkerCrashed) and "item 5" in str(results[5])
-            assert [r for i, r in enumerate(results) if i != 5] == [
-                i for i in range(12) if i != 5]
+        # A result fetch may try the dead worker until Dask's connect timeout (30 s):
+        # a known stall (see the README), not what this test is about.
+        import dask
+
+        with dask.config.set({"distributed.comm.timeouts.connect": "5s"}):
+            async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
+                items = [(i, 5, 0.2) for i in range(12)]
+                with anyio.fail_after(180):
+                    results = await pool.map(tasks.exit_on_after, items,
+                                             chunk_size=chunk_size, return_exceptions=True)
+        assert isinstance(results[5], WorkerCrashed) and "item 5" in str(results[5])
+        assert [r for i, r in enumerate(results) if i != 5] == [
+            i for i in range(12) if i != 5]
     finally:
         cluster.stop()
 
