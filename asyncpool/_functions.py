@@ -86,19 +86,14 @@ class FunctionBook:
         try:
             import cloudpickle
 
-            if isinstance(fn, functools.partial):
+            wrapped = _with_big_bytes_marked(fn)
+            if wrapped is not None:
                 # Its large bytes travel out of band: copied into the pickle, a 200 MB
                 # table held the loop 130 to 270 ms.
                 buffers: list[pickle.PickleBuffer] = []
-                memo: dict[int, Any] = {}  # an object passed twice stays one object
-                wrapped = functools.partial(fn.func, *wrap_big(fn.args, 2, memo),
-                                            **dict(zip(fn.keywords, wrap_big(list(
-                                                fn.keywords.values()), 2, memo),
-                                                strict=True)))
                 blob = cloudpickle.dumps(wrapped, 5, buffer_callback=buffers.append)
-                if buffers:
-                    return Shipped(next(_ids), blob, name, False,
-                                   [b.raw() for b in buffers], fn)
+                return Shipped(next(_ids), blob, name, False, [b.raw() for b in buffers],
+                               fn)
             blob = cloudpickle.dumps(fn, 5)
         except Exception as exc:
             raise SerializationError(
@@ -121,6 +116,23 @@ class FunctionBook:
         if len(self._timings) > _REMEMBERED:
             self._timings.popitem(last=False)
         return timing
+
+
+def _with_big_bytes_marked(fn: Any) -> functools.partial[Any] | None:
+    """A copy of a plain ``functools.partial`` whose large bytes are marked to travel
+    out of band (see :func:`~asyncpool._wire.wrap_big`); None if it holds none."""
+    if type(fn) is not functools.partial:
+        return None
+    memo: dict[int, Any] = {}  # an object passed twice stays one object
+    args = wrap_big(fn.args, 2, memo)
+    values = wrap_big(list(fn.keywords.values()), 2, memo)
+    if all(a is b for a, b in zip(args, fn.args, strict=True)) and all(
+            a is b for a, b in zip(values, fn.keywords.values(), strict=True)):
+        return None
+    wrapped = functools.partial(fn.func, *args, **dict(zip(fn.keywords, values,
+                                                           strict=True)))
+    wrapped.__dict__.update(fn.__dict__)
+    return wrapped
 
 
 def name_of(fn: Any) -> str:

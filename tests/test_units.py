@@ -451,6 +451,27 @@ def test_a_partials_large_bytes_are_not_copied_into_its_pickle() -> None:
     assert fn.args[0] is fn.args[1] is fn.keywords["key"] and fn.args[0] == rows
 
 
+def test_a_partial_without_large_bytes_is_pickled_once_and_as_it_is(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each call's partial was pickled twice (once to look for large bytes), and a
+    # subclass of partial would have travelled as a plain one.
+    import cloudpickle
+
+    from asyncpool._functions import FunctionBook
+
+    class Tagged(functools.partial):  # type: ignore[type-arg]
+        pass
+
+    pickles: list[object] = []
+    dumps = cloudpickle.dumps
+    monkeypatch.setattr(cloudpickle, "dumps", lambda *a, **k: pickles.append(a[0]) or dumps(
+        *a, **k))
+    FunctionBook().ship(functools.partial(divmod, 7))
+    assert len(pickles) == 1
+    shipped = FunctionBook().ship(Tagged(tasks.with_table, b"t" * (1 << 20)))
+    assert type(pickles[-1]) is Tagged and not shipped.buffers
+
+
 def test_the_last_results_of_a_chunk_travel_with_its_end() -> None:
     # Results go back every `flush` seconds; those of the last item must go with the
     # chunk's end, or a caller holding every result still sees its chunk in flight.
