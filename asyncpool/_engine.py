@@ -209,7 +209,7 @@ class Engine:
             if self._over_window(call):
                 self.stalled.add(call)
                 continue
-            fixed = call.options.chunk_size or self.config.chunk_size
+            fixed = self._fixed(call)
             # A call with its own chunk size, or with Dask options for its tasks, gets
             # chunks of its own.
             alone = fixed is not None or bool(call.options.dask)
@@ -287,8 +287,12 @@ class Engine:
         per_chunk = self._per_chunk(call)
         return min(self.window_items(call), max(per_chunk // 4, min(per_chunk, 256)))
 
+    def _fixed(self, call: Call) -> int | None:
+        """The call's chunk size, if it (or the pool) set one."""
+        return call.options.chunk_size or self.config.chunk_size
+
     def _per_chunk(self, call: Call) -> int:
-        fixed = call.options.chunk_size or self.config.chunk_size
+        fixed = self._fixed(call)
         if fixed:
             return fixed  # the caller's own (items of 20 ms went 24 to a chunk, not 100)
         per_chunk = self.config.max_chunk_size

