@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ._call import CallState, Chunk
+from ._call import Call, CallState, Chunk
 from ._config import PoolConfig
 from ._errors import FunctionUnavailable, PoolClosed, SerializationError, WorkerCrashed
 from ._events import Counters, Emitter
@@ -180,10 +180,7 @@ class Outcomes:
     def chunk_cut(self, chunk: Chunk, keep: int) -> None:
         self._again(chunk, max(keep, chunk.reported), chunk.size, "moved")
         kept = chunk.pieces_between(0, keep)
-        for call in chunk.calls() - {p.call for p in kept}:
-            call.chunks.discard(chunk)
-            if not call.chunks:
-                call.wake()
+        _let_go(chunk, chunk.calls() - {p.call for p in kept})
         chunk.pieces, chunk.size = kept, keep
         self.kick()
 
@@ -222,10 +219,7 @@ class Outcomes:
     def _settle(self, chunk: Chunk) -> None:
         """The one place a chunk leaves: after its rung's final report."""
         self.in_flight.discard(chunk)
-        for piece in chunk.pieces:
-            piece.call.chunks.discard(chunk)
-            if not piece.call.chunks:
-                piece.call.wake()
+        _let_go(chunk, chunk.calls())
         rung = chunk.rung
         # Break the links a finished chunk holds, so no cycle keeps it alive.
         chunk.rung = chunk.worker = None
@@ -325,6 +319,15 @@ class Outcomes:
         while any(c not in self.orphans() for c in self.in_flight):
             self._drained = anyio.Event()
             await self._drained.wait()
+
+
+def _let_go(chunk: Chunk, calls: set[Call]) -> None:
+    """``chunk`` holds no items of ``calls`` any more: one it was the last chunk of
+    may be complete (its caller is woken)."""
+    for call in calls:
+        call.chunks.discard(chunk)
+        if not call.chunks:
+            call.wake()
 
 
 def _named(error: BaseException, index: int) -> BaseException:
