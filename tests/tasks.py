@@ -410,6 +410,15 @@ def start_then_fail(directory: str, allowed: int, hang: bool) -> None:
         raise LookupError("a replacement's initializer fails")
 
 
+def hang_at_start(directory: str, nth: int) -> None:
+    """An initializer that notes each start as ``<n>-<pid>``; the ``nth`` (from 0)
+    hangs, so a test can kill that worker while it initialises."""
+    starts = len(os.listdir(directory))
+    Path(directory, f"{starts}-{os.getpid()}").touch()
+    if starts == nth:
+        time.sleep(3600)
+
+
 class LoadingStops(BaseException):
     """Not an Exception: raised while a value is unpickled."""
 

@@ -78,6 +78,24 @@ async def test_replacements_whose_initializer_fails_end_the_call(
                 await pool.map(tasks.square, range(40), chunk_size=1)
 
 
+async def test_a_replacement_killed_in_its_initializer_is_replaced(
+        tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
+    # Killed from outside (OOM killer, operator) while initialising: a crash to
+    # replace, as any other. It was taken for a failing initializer, and the pool fell
+    # back to threads although the initializer had worked and a worker was alive.
+    with anyio.fail_after(30):
+        async with ResilientPool(max_workers=2, initializer=tasks.hang_at_start,
+                                 initargs=(str(tmp_path), 2)) as pool:
+            victim = next(iter(set(await pool.map(tasks.pid_of, range(20), chunk_size=1))))
+            os.kill(victim, 9)
+            await wait_until(lambda: len(os.listdir(tmp_path)) == 3)
+            os.kill(int(next(tmp_path.glob("2-*")).name.split("-")[1]), 9)
+            pids = await pool.map(tasks.nap_then_pid, [0.01] * 40, chunk_size=1)
+            assert os.getpid() not in pids
+            assert pool.backend == "process" and pool.statistics().fallbacks == 0
+            await wait_until(lambda: len(os.listdir(tmp_path)) == 4)  # and replaced
+
+
 @pytest.mark.parametrize("initializer, initargs, match", [
     (tasks.exit_with, (1,), "raised: SystemExit"),
     (tasks.nap, (0.3,), "did not return within start_timeout=0.1"),

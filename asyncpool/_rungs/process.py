@@ -125,10 +125,9 @@ class ProcessRung(Rung, Events):
         """The initializer's fault in a worker that did not start: it raised, or the
         worker died while running it (which must not be retried in this process)."""
         error = proc.init_error
-        if error is None or (isinstance(error, OSError) and proc.pid is None):
+        if error is None or self.config.initializer is None or (
+                isinstance(error, OSError) and proc.pid is None):
             return None  # no error, or the fork itself failed (out of processes)
-        if self.config.initializer is None:
-            return None
         if isinstance(error, RungUnavailable):
             failure = InitializerFailed(f"a worker died while running the initializer "
                                         f"{self.config.initializer!r}: {error}")
@@ -157,9 +156,8 @@ class ProcessRung(Rung, Events):
             self._live() < self.config.max_workers or any(
                 p.state is ProcState.STARTING and not p.killed for p in self.procs))
         for proc in self.procs:
-            if proc.state is not ProcState.READY or len(proc.chunks) >= DEPTH:
-                continue
-            if limit is not None and proc.tasks >= limit:
+            if proc.state is not ProcState.READY or len(proc.chunks) >= DEPTH or (
+                    limit is not None and proc.tasks >= limit):
                 continue
             if wait_on_stuck and proc.chunks and (replacing or proc.heard < stuck):
                 continue
@@ -390,15 +388,18 @@ class ProcessRung(Rung, Events):
                     error = RungUnavailable("a new worker did not start in time")
                     continue
                 failure = self._initializer_failure(proc)
-                if failure is not None:
-                    self._broke(failure, failure.__cause__)
+                if failure is not None and not isinstance(failure.__cause__, RungUnavailable):
+                    self._broke(failure, failure.__cause__)  # it raised: it will again
                     return
-                if proc.init_error is not None:
-                    error = proc.init_error
+                if proc.init_error is not None:  # a fork failed, or died in the initializer
+                    error = failure or proc.init_error
             if error is None:
                 delays, failures = fresh(), 0
                 continue
             failures += 1
+            if failures >= config.creation_attempts and isinstance(error, InitializerFailed):
+                self._broke(error, error.__cause__)  # died in it time after time
+                return
             if self._live() == 0 and failures >= config.creation_attempts:
                 self._broke(RungUnavailable(f"no worker process could be started "
                                             f"({error!r})"), error)
