@@ -167,6 +167,12 @@ class Call:
         self._event = event = self._make_event()
         await event.wait()
 
+    def let_go(self) -> None:
+        """The caller has what it gets: the error raised holds the frames that hold
+        this call, which must not hold that error (a cycle) or the other results."""
+        self.segments, self.failed_at, self.arrived = {}, {}, deque()
+        self.error = self.first_error = self.source.error = None
+
     def results(self) -> list[Any]:
         """Every value in input order (``run``/``map``), once complete."""
         if len(self.segments) == 1:

@@ -113,10 +113,11 @@ async def collect(engine: Engine, call: Call) -> list[Any]:
             while True:
                 feeder.check()
                 reporter.advance(call.finished - reporter.done)
-                failure = call.error or call.first_error
-                if failure is not None:
+                if call.error is not None or call.first_error is not None:
                     late = False
-                    raise failure
+                    # Not through a local: this frame, in its traceback, would
+                    # hold it (a cycle, its arguments in it, until the cyclic GC).
+                    raise call.error or call.first_error  # type: ignore[misc]
                 if call.complete:
                     late = False
                     return call.results()
@@ -133,6 +134,7 @@ async def collect(engine: Engine, call: Call) -> list[Any]:
         engine.finish(call, kill=kill)
         reporter.close()
         await feeder.stop(wait=not late)
+        call.let_go()
 
 
 class ResultStream(Generic[T]):
@@ -213,7 +215,10 @@ class ResultStream(Generic[T]):
         value = self._values[at]
         if at in self._failed_at and not self._call.options.return_exceptions:
             await self.aclose(kill=False)
-            raise value
+            try:
+                raise value
+            finally:
+                del value  # this frame, in its traceback, must not hold it (a cycle)
         return value  # type: ignore[no-any-return]
 
     async def _fill(self) -> None:
@@ -259,6 +264,7 @@ class ResultStream(Generic[T]):
             self._engine.finish(self._call, kill=kill)
         self._reporter.close()
         await self._feeder.stop(wait)
+        self._call.let_go()
 
     def __del__(self) -> None:
         # Left without aclose (a `break` in `async for`): finish the call here, which

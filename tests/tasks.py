@@ -137,6 +137,14 @@ def slow_echo(x: object) -> object:
     return x
 
 
+class Payload:
+    """An argument a test can hold a weak reference to."""
+
+
+def reject(_: object) -> int:
+    raise ValueError("rejected")
+
+
 class RefusesWithRuntimeError:
     """Its pickling fails with a RuntimeError, which must not be taken for exhaustion."""
 
