@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,9 +48,10 @@ class _StandIn:
     extend = add = __setitem__ = append
 
 
-class _Tolerant(pickle.Unpickler):
-    def __init__(self, data: Any, buffers: Sequence[Any]) -> None:
-        super().__init__(io.BytesIO(data), buffers=buffers)
+class _Loading:
+    """A class that will not load becomes a stand-in (what both loaders share)."""
+
+    def __init__(self) -> None:
         self.stand_ins: list[type[_StandIn]] = []
         self.made: list[object] = []
 
@@ -60,20 +62,62 @@ class _Tolerant(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            found = super().find_class(module, name)
+            return super().find_class(module, name)  # type: ignore[misc]
         except Exception as exc:
             return self.stand_in(f"{module}.{name}", exc)
+
+
+class _Tolerant(_Loading, pickle.Unpickler):
+    """Fast: every function it loads is guarded, for a call to it that raises. A
+    function that is itself a result then comes back guarded (see :class:`_Exact`)."""
+
+    def __init__(self, data: Any, buffers: Sequence[Any]) -> None:
+        pickle.Unpickler.__init__(self, io.BytesIO(data), buffers=buffers)
+        _Loading.__init__(self)
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
         if isinstance(found, type) or not callable(found):
             return found
-        return self._guarded(found, f"{module}.{name}")
+        return _Guard(found, f"{module}.{name}", self)
 
-    def _guarded(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except (Exception, SystemExit) as exc:
-                return self.stand_in(name, exc)()
-        return call
+
+class _Exact(_Loading, pickle._Unpickler):
+    """Slow (pure Python): catches a failing call where the pickle makes it, so a
+    function that is a result stays itself."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, data: Any, buffers: Sequence[Any]) -> None:
+        pickle._Unpickler.__init__(self, io.BytesIO(data), buffers=buffers)
+        _Loading.__init__(self)
+
+    def load_reduce(self) -> None:
+        stack: list[Any] = self.stack  # type: ignore[attr-defined]
+        args = stack.pop()
+        fn = stack[-1]
+        try:
+            stack[-1] = fn(*args)
+        except (Exception, SystemExit) as exc:
+            name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+            stack[-1] = self.stand_in(name, exc)()
+
+    dispatch[pickle.REDUCE[0]] = load_reduce  # type: ignore[assignment]
+
+
+class _Guard:
+    """A function loaded by :class:`_Tolerant`: a call that raises makes a stand-in."""
+
+    __slots__ = ("fn", "name", "loader")
+
+    def __init__(self, fn: Callable[..., Any], name: str, loader: _Loading) -> None:
+        self.fn, self.name, self.loader = fn, name, loader
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.fn(*args, **kwargs)
+        except (Exception, SystemExit) as exc:
+            return self.loader.stand_in(self.name, exc)()
 
 
 def load_results(parts: Sequence[Any]) -> tuple[list[Any], dict[int, BaseException]]:
@@ -86,14 +130,24 @@ def load_results(parts: Sequence[Any]) -> tuple[list[Any], dict[int, BaseExcepti
         error = exc
     if isinstance(error, KeyboardInterrupt):
         raise error  # perhaps the user's Ctrl-C, not a result's doing
-    tolerant = _Tolerant(parts[0], parts[1:])
+    for loader in (_Tolerant, _Exact):
+        pinned = _pin(loader(parts[0], parts[1:]), error)
+        if pinned is not None:
+            return pinned
+    raise error
+
+
+def _pin(loader: _Loading, error: BaseException
+         ) -> tuple[list[Any], dict[int, BaseException]] | None:
+    """Results loaded with stand-ins, and an error for each one that holds one; None
+    if a guarded function is among the results (load them again exactly)."""
     try:
-        results = tolerant.load()
+        results = loader.load()  # type: ignore[attr-defined]
     except Exception:
         raise error from None
     if not isinstance(results, list):
         raise error
-    wanted = {id(o) for o in tolerant.made} | {id(c) for c in tolerant.stand_ins}
+    wanted = {id(o) for o in loader.made} | {id(c) for c in loader.stand_ins}
     errors: dict[int, BaseException] = {}
     found: set[int] = set()
     budget = SEARCH_LIMIT
@@ -101,6 +155,8 @@ def load_results(parts: Sequence[Any]) -> tuple[list[Any], dict[int, BaseExcepti
         held, budget = _stand_ins(value, budget)
         if budget <= 0 or held is None:
             raise error  # an item it cannot see through may hold one: rerun them alone
+        if any(isinstance(h, _Guard) for h in held):
+            return None
         if held:
             classes: set[type[_StandIn]] = {s if isinstance(s, type) else type(s)
                                              for s in held}
@@ -118,7 +174,7 @@ def load_results(parts: Sequence[Any]) -> tuple[list[Any], dict[int, BaseExcepti
 
 #: Values with nothing inside them to look at.
 _ATOMS = frozenset({str, bytes, bytearray, int, float, complex, bool, type(None),
-                    type(Ellipsis), range, memoryview})
+                    type(Ellipsis), range, memoryview, types.ModuleType})
 _ATOM_MODULES = frozenset({"datetime", "decimal", "uuid", "fractions", "pathlib",
                            "ipaddress"})
 
@@ -140,9 +196,11 @@ def _stand_ins(value: Any, budget: int) -> tuple[list[Any] | None, int]:
         if kind in _ATOMS or kind.__module__ in _ATOM_MODULES or (
                 kind.__name__ == "ndarray" and not getattr(value.dtype, "hasobject", True)):
             continue
-        if isinstance(value, _StandIn) or (isinstance(value, type)
-                                           and issubclass(value, _StandIn)):
+        if isinstance(value, (_StandIn, _Guard)) or (isinstance(value, type)
+                                                     and issubclass(value, _StandIn)):
             held.append(value)
+        elif kind in (types.MethodType, types.BuiltinMethodType):
+            stack.append(value.__self__)  # its function came in by reference
         elif kind in (list, tuple, set, frozenset):
             stack.extend(value)
         elif kind is dict:

@@ -373,6 +373,35 @@ def test_results_that_do_not_load_are_pinned_on_their_items() -> None:
         assert sorted(errors) == [1] and [results[0], results[2]] == [0, "x"]
 
 
+LOADING_FAILS = [False]
+
+
+def _load_or_fail(value: object) -> object:
+    if LOADING_FAILS[0]:
+        raise ValueError("no loading here")
+    return value
+
+
+class FailsToLoad:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _load_or_fail, (1,)
+
+
+def test_functions_among_results_beside_one_that_does_not_load_stay_themselves() -> None:
+    # The search for failing calls wrapped every function it loaded: a function that
+    # was itself a result came back as that wrapper, delivered as a success.
+    blob = pickle.dumps([FailsToLoad(), [math.sqrt, 3], functools.partial(math.pow, 2),
+                         _load_or_fail, "abc".upper, FailsToLoad()], 5)
+    LOADING_FAILS[0] = True
+    try:
+        results, errors = load_results([blob])
+    finally:
+        LOADING_FAILS[0] = False
+    assert sorted(errors) == [0, 5] and "_load_or_fail" in str(errors[0])
+    assert results[1][0] is math.sqrt and results[2].func is math.pow
+    assert results[3] is _load_or_fail and results[4]() == "ABC"
+
+
 @pytest.mark.parametrize("build", [
     lambda gone: [1, Slotted(gone())],
     lambda gone: [1, RefusesState()],
