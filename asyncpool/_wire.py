@@ -48,7 +48,8 @@ TURN_SECONDS = 0.001
 
 class BigBytes:
     """Marks a large ``bytes`` or ``bytearray`` to be pickled out of band (rebuilt as
-    the same type, from the receiver's buffer without a copy where it can)."""
+    the same type, from the receiver's buffer without a copy where it can). A
+    ``bytes`` travels without a copy; a ``bytearray`` is copied once."""
 
     __slots__ = ("data",)
 
@@ -56,8 +57,11 @@ class BigBytes:
         self.data = data
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        rebuild = bytes if type(self.data) is bytes else as_bytearray
-        return (rebuild, (pickle.PickleBuffer(self.data),))
+        if type(self.data) is bytes:
+            return (bytes, (pickle.PickleBuffer(self.data),))
+        # A bytearray is copied (as pickling in band would): it leaves as it was when
+        # its call began, and its owner may change or resize it while it travels.
+        return (as_bytearray, (pickle.PickleBuffer(bytearray(self.data)),))
 
 
 def as_bytearray(buffer: Any) -> bytearray:

@@ -480,6 +480,21 @@ def test_a_partials_large_bytes_are_not_copied_into_its_pickle() -> None:
     assert fn.args[0] is fn.args[1] is fn.keywords["key"] and fn.args[0] == rows
 
 
+def test_a_partials_large_bytearray_leaves_as_it_was_and_stays_its_owners() -> None:
+    # It was shipped without a copy and kept exported: workers that loaded the
+    # function later saw the owner's later writes, and resizing it raised BufferError
+    # until the call's function was gone.
+    from asyncpool._functions import FunctionBook
+
+    table = bytearray(8 << 20)
+    shipped = FunctionBook().ship(functools.partial(tasks.echo, table))
+    table[0] = 7
+    table.extend(b"more")
+    fn = pickle.loads(shipped.blob, buffers=shipped.buffers)
+    assert type(fn.args[0]) is bytearray and fn.args[0][0] == 0
+    assert len(fn.args[0]) == 8 << 20
+
+
 def test_a_partial_without_large_bytes_is_pickled_once_and_as_it_is(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # Each call's partial was pickled twice (once to look for large bytes), and a
