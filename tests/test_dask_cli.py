@@ -227,14 +227,30 @@ async def test_the_initializer_runs_on_every_cluster_worker(cluster: CliCluster)
             pass
 
 
+async def test_an_initializer_that_hangs_on_the_cluster_fails_at_start_timeout(
+        cluster: CliCluster) -> None:
+    # Registering it waited for it with no bound: opening took as long as it ran.
+    started = time.monotonic()
+    with pytest.raises(InitializerFailed, match="did not return within"):
+        async with ResilientPool(max_workers=2, dask_address=cluster.address,
+                                 initializer=tasks.hang_forever, start_timeout=1.0):
+            pass
+    assert time.monotonic() - started < 20
+
+
 def _worker_plugins(dask_scheduler: object) -> list[str]:
     return list(dask_scheduler.worker_plugins)  # type: ignore[attr-defined]
 
 
-async def test_a_scheduler_restarted_while_idle_is_set_up_again(cluster: CliCluster) -> None:
+async def test_a_scheduler_restarted_while_idle_is_set_up_again(
+        cluster: CliCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     # The client reconnected to the new scheduler by itself: the pool went on serving
     # from workers where the initializer had never run (its plugin died with the old
-    # scheduler), and said nothing.
+    # scheduler), and said nothing. Its own look at the scheduler (every 2 s) is put
+    # off here: the maps sent before it must not run there either.
+    from asyncpool._rungs import dask
+
+    monkeypatch.setattr(dask, "RESIZE_EVERY", 60.0)
     async with ResilientPool(max_workers=2, dask_address=cluster.address,
                              initializer=tasks.remember, initargs=("dask",),
                              dask_connect_timeout=2.0, promote_after=0.5,
@@ -248,8 +264,10 @@ async def test_a_scheduler_restarted_while_idle_is_set_up_again(cluster: CliClus
         cluster.start_scheduler()
         cluster.start_workers()
         await cluster.wait_ready()
-        await wait_until(lambda: pool.backend != "dask", 30)  # it noticed
-        assert {tag for tag, _, _ in await pool.map(tasks.recall, range(8))} == {"dask"}
+        for _ in range(30):
+            assert {tag for tag, _, _ in await pool.map(tasks.recall, range(8))} == {"dask"}
+            await anyio.sleep(0.1)
+        await wait_until(lambda: pool.statistics().fallbacks >= 1, 30)  # it noticed
         await wait_until(lambda: pool.backend == "dask", 60)
         assert {tag for tag, _, _ in await pool.map(tasks.recall, range(40), chunk_size=1)
                 } == {"dask"}

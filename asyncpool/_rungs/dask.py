@@ -141,9 +141,15 @@ class DaskRung(Rung):
         from ._dask_plugin import InitializerPlugin
 
         blob = cloudpickle.dumps((self.config.initializer, self.config.initargs), 5)
+        timeout = self.config.start_timeout
         try:
-            await self.client.register_plugin(InitializerPlugin(blob, client_space()),
-                                              name=f"asyncpool-initializer-{self._token}")
+            await asyncio.wait_for(self.client.register_plugin(
+                InitializerPlugin(blob, client_space()),
+                name=f"asyncpool-initializer-{self._token}"), timeout)
+        except TimeoutError:
+            raise InitializerFailed(f"the initializer {self.config.initializer!r} did not "
+                                    f"return within start_timeout={timeout} s on a Dask "
+                                    "worker") from None
         except Exception as exc:
             raise InitializerFailed(f"the initializer {self.config.initializer!r} raised "
                                     f"on a Dask worker: {exc!r}") from exc
@@ -252,6 +258,14 @@ class DaskRung(Rung):
                 self._alone = asyncio.Event()
                 await self._alone.wait()
             blobs = [await self._function(s) for s in shipped]
+            if not self._connected() or self.client.scheduler_info().get("id") not in (
+                    None, self._scheduler_id):
+                # The client reconnects unasked, perhaps to a scheduler that restarted,
+                # where what this rung set up (the initializer, scattered functions) is
+                # gone; a task sent meanwhile would wait, then run there.
+                self._broke(RungUnavailable("the Dask scheduler connection was lost"))
+                self._final(chunk, "lost")
+                return
             self._count += 1
             name = re.sub(r"[^\w.]+", "_", chunk.pieces[0].call.shipped.name)
             future = self.client.submit(run_on_cluster, blobs, arguments,
