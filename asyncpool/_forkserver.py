@@ -21,6 +21,8 @@ import tempfile
 import threading
 from typing import Any
 
+from ._retry import RungUnsupported
+
 logger = logging.getLogger("asyncpool")
 
 # Started without `site` (-S) to start in a few milliseconds: it gets the parent's
@@ -51,7 +53,11 @@ class ForkServer:
     _hooks = False
 
     def __init__(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except (OSError, AttributeError) as exc:  # macOS has no SOCK_SEQPACKET
+            raise RungUnsupported(f"this system has no AF_UNIX SOCK_SEQPACKET sockets, "
+                                  f"which the fork server needs ({exc})") from exc
         try:
             here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             path = [here, *(p for p in sys.path if p != here)]

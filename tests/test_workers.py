@@ -313,6 +313,31 @@ def test_the_first_call_does_not_import_anyios_backend_on_the_loop() -> None:
 
 
 
+NO_SEQPACKET = """
+import asyncio, socket
+pair = socket.socketpair
+def without_seqpacket(family=socket.AF_UNIX, kind=socket.SOCK_STREAM, proto=0):
+    if kind == socket.SOCK_SEQPACKET:
+        raise OSError(93, "Protocol not supported")
+    return pair(family, kind, proto)
+socket.socketpair = without_seqpacket
+from asyncpool import ResilientPool
+async def main():
+    async with ResilientPool(max_workers=2) as pool:
+        print(pool.backend, await pool.run(abs, -3))
+asyncio.run(main())
+"""
+
+
+def test_a_system_without_seqpacket_sockets_serves_on_threads() -> None:
+    # As macOS has none (this system has: the socket call is replaced): opening the
+    # pool raised OSError instead of stepping down to the thread rung.
+    proc = subprocess.run([sys.executable, "-c", NO_SEQPACKET], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["thread", "3"]
+
+
 async def test_a_chunk_taken_back_still_brings_its_function(anyio_backend: str) -> None:
     # The chunk that carried the function to the first worker waited behind a long
     # item and went to the other worker: the first worker's next chunk of the same
