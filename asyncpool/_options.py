@@ -73,7 +73,10 @@ class CallOptions:
     return_exceptions: bool = False
 
     @classmethod
-    def build(cls, return_exceptions: bool = False, **options: Any) -> CallOptions:
+    def build(cls, return_exceptions: bool = False, _own: tuple[str, ...] = (),
+              **options: Any) -> CallOptions:
+        """The options of one call; ``_own`` names the method's other keywords (for
+        "did you mean")."""
         if not options and not return_exceptions:
             return _DEFAULT
         if not isinstance(return_exceptions, bool):
@@ -85,7 +88,7 @@ class CallOptions:
                 if name in _POOL_FIELDS:
                     raise TypeError(f"{name} is a setting of the pool, not of a call: "
                                     f"ResilientPool({name}=...)")
-                close = difflib.get_close_matches(name, names, n=1)
+                close = difflib.get_close_matches(name, [*names, *_own], n=1, cutoff=0.7)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise TypeError(f"unknown option {name!r}{hint}")
         made = cls(return_exceptions=return_exceptions, **options)

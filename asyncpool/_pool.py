@@ -307,7 +307,7 @@ class ResilientPool:
             raise TypeError(f"ordered={ordered!r} is invalid: it must be True or False")
         mode = Mode.ORDERED if ordered else Mode.UNORDERED
         call = self._call(fn, items, False, mode,
-                          CallOptions.build(return_exceptions, **options))
+                          CallOptions.build(return_exceptions, ("ordered",), **options))
         return ResultStream(self._engine_now(), call)
 
     # -- helpers -------------------------------------------------------------------

@@ -242,6 +242,17 @@ def test_invalid_call_option_is_named(options: dict[str, Any], kind: type, match
         CallOptions.build(**options)
 
 
+def test_did_you_mean_names_the_methods_own_keywords_and_no_far_guess() -> None:
+    # `imap(..., orderd=False)` said "did you mean 'workers'?"; `retries=` said
+    # 'resources'.
+    with pytest.raises(TypeError, match="did you mean 'ordered'"):
+        CallOptions.build(False, ("ordered",), orderd=False)
+    for name in ("orderd", "retries"):
+        with pytest.raises(TypeError) as info:
+            CallOptions.build(**{name: 1})
+        assert "did you mean" not in str(info.value)
+
+
 def test_the_option_lists_agree() -> None:
     # Each list is written once for mypy (a TypedDict) and once for the runtime (a
     # dataclass): they must not drift apart.
