@@ -85,6 +85,10 @@ def done_lines(path: str) -> tuple[int, int]:
     return last, errors
 
 
+#: Starts a line that is not UTF-8 (its bad bytes replaced): no JSON starts so.
+NOT_UTF8 = "\ufffd"
+
+
 class Apply:
     """Runs in the workers: (line number, text) -> the function's result on its JSON."""
 
@@ -96,7 +100,7 @@ class Apply:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            what = "UTF-8 text" if "\ufffd" in text else f"valid JSON ({exc})"
+            what = "UTF-8 text" if text.startswith(NOT_UTF8) else f"valid JSON ({exc})"
             raise ValueError(f"line {number} is not {what}; fix it and run the map "
                              "again without --resume (which keeps this error as "
                              "done)") from None
@@ -116,13 +120,16 @@ class Counts:
 def read_lines(path: str, done: int, numbers: deque[int],
                counts: Counts) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line after line ``done``, noting the numbers in
-    order ("-" reads standard input). A line that is not UTF-8 goes through with its
-    bad bytes replaced: it is that line's error."""
+    order ("-" reads standard input). A line that is not UTF-8 goes through marked
+    (see :data:`NOT_UTF8`): it is that line's error. A byte order mark is skipped."""
     with (open(sys.stdin.fileno(), "rb", closefd=False) if path == "-"
           else open(path, "rb")) as f:
         for number, raw in enumerate(f, 1):
             counts.lines = number
-            text = raw.decode("utf-8", errors="replace")
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                text = NOT_UTF8 + raw.decode("utf-8", errors="replace")
             if not text.strip():
                 counts.blank += 1
             elif number <= done:
