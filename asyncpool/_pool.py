@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
 import os
 from collections.abc import AsyncIterable, Callable, Iterable
@@ -15,7 +16,7 @@ from ._consume import ResultStream, collect
 from ._engine import Engine
 from ._errors import PoolClosed
 from ._events import Counters, Emitter, EventHook, PoolStatistics
-from ._functions import FunctionBook, Shipped
+from ._functions import FunctionBook, Shipped, name_of
 from ._loop import Loop, current_loop
 from ._options import CallKwargs, CallOptions
 from ._source import RateLimit, Source
@@ -331,6 +332,9 @@ class ResilientPool:
         self._engine_now()
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {fn!r}")
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(f"{name_of(fn)} is an async function: the pool runs plain "
+                            "functions; await it on your own loop, or pass a plain one")
         shipped = self._functions.ship(fn) if self._pickles else _LOCAL
         if options.dask and "dask" not in self.config.ladder:
             logger.debug("Dask options %s ignored: this pool has no Dask cluster",

@@ -138,6 +138,18 @@ async def test_lambdas_run_and_an_unpicklable_function_is_named(pool: ResilientP
         await pool.map(functools.partial(lambda held, x: x, lock), [1])
 
 
+async def test_an_async_function_is_refused_at_once(pool: ResilientPool) -> None:
+    # Every item failed with "a coroutine ... is not plain data", and a warning that
+    # the coroutine was never awaited.
+    async def twice(x: int) -> int:
+        return 2 * x
+
+    for fn in (twice, functools.partial(twice)):
+        with pytest.raises(TypeError, match="twice is an async function"):
+            await pool.map(fn, [1])
+    assert await pool.run(tasks.square, 3) == 9
+
+
 async def test_threads_need_no_pickling(anyio_backend: str) -> None:
     lock = threading.Lock()
     async with ResilientPool(max_workers=2, rungs=("thread",)) as pool:
