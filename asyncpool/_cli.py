@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import re
@@ -45,8 +46,13 @@ def load_function(spec: str) -> Callable[[Any], Any]:
         raise UsageError(f"cannot import {module_name!r}: "
                          f"{type(exc).__name__}: {exc}") from None
     fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
+    if fn is None:
         raise UsageError(f"{module_name} has no function {attr!r}")
+    if not callable(fn):
+        raise UsageError(f"{module_name}.{attr} is not a function (it is a "
+                         f"{type(fn).__name__})")
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise UsageError(f"{module_name}.{attr} is an async function: give a plain one")
     return fn  # type: ignore[no-any-return]
 
 

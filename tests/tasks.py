@@ -15,6 +15,10 @@ def square(x: int) -> int:
     return x * x
 
 
+async def async_square(x: int) -> int:
+    return x * x
+
+
 def add(a: int, b: int) -> int:
     return a + b
 
