@@ -40,9 +40,11 @@ def _number(low: int, high: int, what: str) -> Any:
 def _demo(args: argparse.Namespace) -> int:
     import asyncio
 
+    from ._cli import progress_for
     from ._demo import run_demo
 
-    outcome = asyncio.run(run_demo(limit=args.limit, progress=not args.no_progress,
+    outcome = asyncio.run(run_demo(limit=args.limit,
+                                   progress=progress_for(not args.no_progress),
                                    max_workers=args.workers))
     print(f"asyncpool demo: {outcome['primes']} primes below {outcome['limit']:,} "
           f"({outcome['blocks']} blocks) in {outcome['seconds']:.2f} s")
@@ -85,7 +87,7 @@ def _common(defaults: bool) -> _Parser:
                         default=unset(None),
                         help="worker processes (default: the usable cores)")
     common.add_argument("--no-progress", action="store_true", default=unset(False),
-                        help="no progress bar (or log line) while it runs")
+                        help="no progress bar (or, without tqdm, counter on stderr)")
     return common
 
 

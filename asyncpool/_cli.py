@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -145,6 +146,26 @@ def read_lines(path: str, done: int, numbers: deque[int],
                 yield number, text
 
 
+def progress_for(wanted: bool) -> bool | Callable[[int, int | None], None]:
+    """A tqdm bar if tqdm is installed, else a line on standard error every few
+    seconds (the pool's own stand-in is a log line at INFO, which a run without -v
+    does not show)."""
+    if not wanted:
+        return False
+    try:
+        import tqdm.auto  # noqa: F401
+    except ImportError:
+        last = [0.0]
+
+        def count(done: int, total: int | None) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 2.0 or done == total:
+                last[0] = now
+                print(f"{done:,}{f' of {total:,}' if total else ''} done", file=sys.stderr)
+        return count
+    return True
+
+
 def record(number: int, result: Any) -> tuple[str, bool]:
     """One output line, and whether it holds an error (the item's, or a result that
     is not JSON: NaN and infinities are not)."""
@@ -211,7 +232,7 @@ async def map_file(args: argparse.Namespace) -> Counts:
         async with ResilientPool(max_workers=args.workers) as pool:
             lines = read_lines(args.input, done, numbers, counts)
             async with pool.imap(Apply(fn), lines, return_exceptions=True,
-                                 progress=not args.no_progress) as results:
+                                 progress=progress_for(not args.no_progress)) as results:
                 async for result in results:
                     line, failed = record(numbers.popleft(), result)
                     try:

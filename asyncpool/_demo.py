@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from ._options import Progress
 from ._pool import ResilientPool
 
 
@@ -27,7 +28,7 @@ def count_primes(block: tuple[int, int]) -> int:
 
 
 async def run_demo(limit: int = 2_000_000, block: int = 10_000,
-                   progress: bool = True, **options: Any) -> dict[str, Any]:
+                   progress: Progress = True, **options: Any) -> dict[str, Any]:
     blocks = [(lo, min(lo + block, limit)) for lo in range(0, limit, block)]
     started = time.perf_counter()
     async with ResilientPool(**options) as pool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -55,6 +56,8 @@ def test_demo_with_and_without_tqdm(progress: list[str], no_tqdm: dict[str, str]
         assert "25997 primes below 300,000" in out.stdout
         assert "served by the 'process' rung" in out.stdout and "tasks_completed" in out.stdout
         assert "Traceback" not in out.stderr
+        # Without tqdm, a counter: the pool's log line at INFO showed nothing.
+        assert ("30 of 30 done" in out.stderr) == (env is no_tqdm and not progress)
 
 
 def test_map_writes_in_order_and_reports_bad_lines(tmp_path: Path) -> None:
@@ -269,6 +272,7 @@ def test_map_without_tqdm(tmp_path: Path, no_tqdm: dict[str, str]) -> None:
     out = _cli("map", "tests.tasks:square", str(src), "-o", str(dst), env=no_tqdm)
     assert out.returncode == 0, out.stderr
     assert len(dst.read_text().splitlines()) == 100
+    assert re.search(r"^[\d,]+ done$", out.stderr, re.MULTILINE), out.stderr
 
 
 def _kill_midway(src: Path, dst: Path, how: int) -> subprocess.Popen[bytes]:
