@@ -157,7 +157,10 @@ class ForkServer:
     def _at_exit(cls) -> None:
         server, cls._current = cls._current, None
         if server is not None:
-            server.close()
+            try:
+                server.close()
+            except KeyboardInterrupt:
+                pass  # a second Ctrl-C: its control socket is closed, it stops on its own
 
     @classmethod
     def _after_fork(cls) -> None:
