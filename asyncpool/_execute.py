@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     #: One run of a chunk: (function, star, call id, items).
     Run = tuple[Callable[..., Any], bool, int, Sequence[Any]]
     #: Hands over a slice of a chunk: (first position, end, results, errors by
-    #: position, and with the last slice only: (seconds spent, retries made)).
+    #: position, and with the last slice only: (seconds spent on each run, retries
+    #: made)).
     Tick = Callable[[int, int, list[Any], dict[int, BaseException],
-                     tuple[float, int] | None], tuple[set[int], bool]]
+                     tuple[list[float], int] | None], tuple[set[int], bool]]
 
     from ._handover import Late
 
@@ -182,8 +183,12 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     # nothing past it will run (see _worker._cut).
     if progress is not None and total:
         progress[1] = 0
+    # Each run's own time: runs of several calls share a chunk, and a quick function
+    # must not be taken for as slow as the one beside it.
+    spent: list[float] = []
     try:
         for fn, star, call, items in runs:
+            begun = time.perf_counter()
             for item in items:
                 if call in skip:
                     append(SKIPPED)
@@ -208,8 +213,9 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
                             return position, now - started
                     if progress is not None:
                         progress[1] = position
+            spent.append(time.perf_counter() - begun)
         seconds = time.perf_counter() - started
-        _hand(running, tick, position, results, errors, (seconds, retried[0]))
+        _hand(running, tick, position, results, errors, (spent, retried[0]))
         return position, seconds
     finally:
         if running is not None:
@@ -217,7 +223,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
 
 
 def _hand(running: Running | None, tick: Tick, position: int, results: list[Any],
-          errors: dict[int, BaseException], end: tuple[float, int] | None
+          errors: dict[int, BaseException], end: tuple[list[float], int] | None
           ) -> tuple[set[int], bool]:
     """Hand over every result not handed over yet (some the watcher may have)."""
     if running is None:
@@ -319,7 +325,7 @@ _cluster_functions: dict[tuple[str, bytes], Any] = {}
 
 def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, space: str
                    ) -> tuple[list[bytes | bytearray], list[tuple[int, bytes, str]],
-                              tuple[float, int], str | None, str | None]:
+                              tuple[list[float], int], str | None, str | None]:
     """What the dask rung runs on a Dask worker: (the results' pickle and its
     out-of-band buffers, errors, (seconds, retries), why the function could not be
     loaded or None, why the arguments could not be or None).
@@ -336,7 +342,7 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
             try:
                 found = share_main(loads(blob), space)
             except BaseException as exc:
-                return [], [], (0.0, 0), repr(exc), None
+                return [], [], ([], 0), repr(exc), None
             if len(_cluster_functions) >= 64 or sum(
                     len(b) for _, b in _cluster_functions) > 64 << 20:
                 _cluster_functions.clear()
@@ -345,13 +351,13 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
     try:
         runs: list[tuple[int, bool, int, list[Any]]] = loads(arguments[0], arguments[1:])
     except BaseException as exc:
-        return [], [], (0.0, 0), None, repr(exc)
+        return [], [], ([], 0), None, repr(exc)
     results: list[Any] = []
     errors: dict[int, BaseException] = {}
-    spent = [(0.0, 0)]
+    spent: list[tuple[list[float], int]] = [([], 0)]
 
     def tick(first: int, upto: int, done: list[Any], failed: dict[int, BaseException],
-             end: tuple[float, int] | None) -> tuple[set[int], bool]:
+             end: tuple[list[float], int] | None) -> tuple[set[int], bool]:
         results.extend(done)
         errors.update(failed)
         if end is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._call import Call, CallState, Chunk
@@ -62,7 +62,7 @@ class Outcomes:
         for piece in chunk.pieces:
             piece.call.chunks.add(chunk)
         if chunk.payload_bytes:
-            for timing, count in by_timing(chunk).items():
+            for timing, (count, _) in by_timing(chunk).items():
                 timing.observe_bytes(count, chunk.payload_bytes * count // chunk.size)
 
     def rung_changed(self) -> None:
@@ -88,14 +88,15 @@ class Outcomes:
         self.counters.tasks_completed += completed
         self.counters.tasks_failed += failed
 
-    def chunk_done(self, chunk: Chunk, upto: int, seconds: float, retried: int = 0) -> None:
+    def chunk_done(self, chunk: Chunk, upto: int, seconds: float | Sequence[float],
+                   retried: int = 0) -> None:
         if retried:
             self.emit("task_retry", f"{retried} retr{'y' if retried == 1 else 'ies'} after "
                       "transient errors (no thread, process or memory for a moment)",
                       retries=retried)
-        if upto > 0:
-            for timing, count in by_timing(chunk, upto).items():
-                timing.observe(count, seconds * count / upto)
+        if upto > 0 and seconds:
+            for timing, (count, spent) in by_timing(chunk, upto, seconds).items():
+                timing.observe(count, spent)
         if upto < chunk.size:
             # The worker stopped early (it retires, or was asked to for an idle worker):
             # the rest goes elsewhere.
@@ -340,11 +341,23 @@ def _named(error: BaseException, index: int) -> BaseException:
     return error
 
 
-def by_timing(chunk: Chunk, upto: int | None = None) -> dict[Timing, int]:
-    counts: dict[Timing, int] = {}
-    for piece, lo, hi, _ in chunk.between(0, chunk.size if upto is None else upto):
-        counts[piece.call.timing] = counts.get(piece.call.timing, 0) + hi - lo
-    return counts
+def by_timing(chunk: Chunk, upto: int | None = None,
+              seconds: float | Sequence[float] = 0.0) -> dict[Timing, tuple[int, float]]:
+    """Items of the chunk's first ``upto`` positions by the timing of their function,
+    with the seconds they took: ``seconds`` given for each piece (each run of the
+    worker), or in all (then shared by count)."""
+    upto = chunk.size if upto is None else upto
+    found: dict[Timing, tuple[int, float]] = {}
+    for index, (piece, lo, hi, _) in enumerate(chunk.between(0, upto)):
+        if isinstance(seconds, float | int):
+            spent = seconds * (hi - lo) / upto
+        elif index < len(seconds):
+            spent = seconds[index]
+        else:
+            break  # not measured
+        count, total = found.get(piece.call.timing, (0, 0.0))
+        found[piece.call.timing] = (count + hi - lo, total + spent)
+    return found
 
 
 def _describe(exitcode: int | None) -> str:

@@ -185,7 +185,7 @@ class _Worker:
         calls = [(self.functions[f], star, call, items) for f, star, call, items in runs]
 
         def tick(first: int, upto: int, results: list[Any], errors: dict[int, BaseException],
-                 end: tuple[float, int] | None) -> tuple[set[int], bool]:
+                 end: tuple[list[float], int] | None) -> tuple[set[int], bool]:
             self.tasks += upto - first
             if end is None:
                 self.poll()
@@ -198,7 +198,7 @@ class _Worker:
             # the items that did not run to another worker.
             stop = end is None and (self.closed or self.retiring is not None)
             self.send_results(seq, first, upto, results, errors,
-                              done=stop or end is not None, end=end or (0.0, 0))
+                              done=stop or end is not None, end=end or ([], 0))
             return self.cancelled, stop
 
         def late(first: int, upto: int, results: list[Any],
@@ -215,7 +215,7 @@ class _Worker:
 
     def send_results(self, seq: int, first: int, upto: int, results: list[Any],
                      errors: dict[int, BaseException], *, done: bool,
-                     end: tuple[float, int] = (0.0, 0), unloadable: bool = False) -> None:
+                     end: tuple[list[float], int] = ([], 0), unloadable: bool = False) -> None:
         if self.closed:
             return
         if unloadable:

@@ -10,7 +10,7 @@ chunk's slot is given back.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
@@ -36,9 +36,11 @@ class Listener(Protocol):
                        errors: dict[int, BaseException]) -> None:
         """Positions [first, upto) of ``chunk`` finished (errors by position)."""
 
-    def chunk_done(self, chunk: Chunk, upto: int, seconds: float, retried: int = 0) -> None:
+    def chunk_done(self, chunk: Chunk, upto: int, seconds: float | Sequence[float],
+                   retried: int = 0) -> None:
         """Final: the chunk ended; positions from ``upto`` on did not run. ``seconds``
-        is the time its items took, ``retried`` the retries of transient errors."""
+        is the time its items took (in all, or for each piece), ``retried`` the
+        retries of transient errors."""
 
     def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None,
                       deaths: int = 1, function: int = 0) -> None:

@@ -344,7 +344,8 @@ class DaskRung(Rung):
         self._final(chunk, "progress", results, errors, seconds, retried)
 
     def _final(self, chunk: Chunk, how: str, results: list[Any] | None = None,
-               errors: dict[int, BaseException] | None = None, seconds: float = 0.0,
+               errors: dict[int, BaseException] | None = None,
+               seconds: float | list[float] = 0.0,
                retried: int = 0, deaths: int | None = None,
                error: BaseException | None = None) -> None:
         if self._relays.pop(chunk, None) is None:

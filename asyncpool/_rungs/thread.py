@@ -118,7 +118,7 @@ class ThreadRung(Rung):
 
     def _tick(self, chunk: Chunk, first: int, upto: int, results: list[Any],
               errors: dict[int, BaseException],
-              end: tuple[float, int] | None) -> tuple[set[int], bool]:
+              end: tuple[list[float], int] | None) -> tuple[set[int], bool]:
         results = list(results)
         errors = {position: portable(exc) if not isinstance(exc, Exception) else exc
                   for position, exc in errors.items()}
@@ -127,7 +127,7 @@ class ThreadRung(Rung):
         return self._cancelled, False
 
     def _report(self, chunk: Chunk, first: int, upto: int, results: list[Any],
-                errors: dict[int, BaseException], end: tuple[float, int] | None) -> None:
+                errors: dict[int, BaseException], end: tuple[list[float], int] | None) -> None:
         if upto > first:
             self.listener.chunk_progress(chunk, first, upto, results, errors)
         if end is not None:
