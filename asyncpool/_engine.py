@@ -160,12 +160,13 @@ class Engine:
             chunk = self._next(rung, room)
             if chunk is None:
                 return
+            started = time.perf_counter()
             try:
                 rung.submit(chunk)
             except ChunkUnpicklable as exc:
                 self.outcomes.unpicklable(chunk, exc.errors, exc.__cause__)
                 continue
-            self.outcomes.sent(chunk)
+            self.outcomes.sent(chunk, time.perf_counter() - started)
 
     def _next(self, rung: Rung, room: int | None) -> Chunk | None:
         limit = self.config.max_chunk_size if room is None else room

@@ -55,14 +55,16 @@ class Outcomes:
         self.closing = False
         self._drained: Any = None
 
-    def sent(self, chunk: Chunk) -> None:
-        """``chunk`` was submitted: it holds a slot of its rung until it settles."""
+    def sent(self, chunk: Chunk, seconds: float = 0.0) -> None:
+        """``chunk`` was submitted (which took ``seconds`` of the loop): it holds a
+        slot of its rung until it settles."""
         self.in_flight.add(chunk)
         self.counters.chunks_submitted += 1
         for piece in chunk.pieces:
             piece.call.chunks.add(chunk)
-        if chunk.payload_bytes:
-            for timing, (count, _) in by_timing(chunk).items():
+        for timing, (count, spent) in by_timing(chunk, seconds=seconds).items():
+            timing.observe_send(count, spent)
+            if chunk.payload_bytes:
                 timing.observe_bytes(count, chunk.payload_bytes * count // chunk.size)
 
     def rung_changed(self) -> None:

@@ -15,6 +15,9 @@ from ._errors import MISSING
 #: big items held the loop for tens of ms. Measured on 100 KB items (warm pool, 2
 #: workers): 256 KiB chunks gave 544 MB/s, 1 MiB 803 MB/s, 4 MiB 930 MB/s.
 TARGET_CHUNK_BYTES = 4 << 20
+#: And sending a chunk (pickling its items, on the loop) aims at taking no longer than
+#: this (s): items whose own pickling code is slow held the loop for a second.
+SEND_SECONDS = 0.005
 
 
 class Timing:
@@ -25,11 +28,13 @@ class Timing:
     ``target`` seconds of work and :data:`TARGET_CHUNK_BYTES` of pickled data.
     """
 
-    __slots__ = ("per_item", "bytes_per_item", "ramp")
+    __slots__ = ("per_item", "bytes_per_item", "send_per_item", "ramp")
 
     def __init__(self) -> None:
         self.per_item: float | None = None
         self.bytes_per_item: float | None = None
+        #: Seconds the loop spent sending an item, once a chunk took 1 ms or more.
+        self.send_per_item: float | None = None
         #: Items of the next chunk while nothing is measured yet.
         self.ramp = 1
 
@@ -38,10 +43,23 @@ class Timing:
         self.ramp = min(self.ramp * 2, 1 << 14)
 
     def bytes_cap(self) -> int:
-        """Items that fit in :data:`TARGET_CHUNK_BYTES`, from what chunks weighed."""
-        if not self.bytes_per_item:
-            return 1 << 30
-        return max(1, int(TARGET_CHUNK_BYTES / self.bytes_per_item))
+        """Items that fit in :data:`TARGET_CHUNK_BYTES` and :data:`SEND_SECONDS`, from
+        what chunks weighed and took to send."""
+        cap = 1 << 30
+        if self.bytes_per_item:
+            cap = max(1, int(TARGET_CHUNK_BYTES / self.bytes_per_item))
+        if self.send_per_item:
+            cap = min(cap, max(1, int(SEND_SECONDS / self.send_per_item)))
+        return cap
+
+    def observe_send(self, items: int, seconds: float) -> None:
+        """A chunk of ``items`` took ``seconds`` of the loop to send."""
+        if items > 0 and (seconds >= 0.001 or self.send_per_item is not None):
+            per_item = seconds / items
+            if self.send_per_item is None or per_item > self.send_per_item:
+                self.send_per_item = per_item
+            else:
+                self.send_per_item = 0.7 * self.send_per_item + 0.3 * per_item
 
     def observe(self, items: int, seconds: float) -> None:
         if items <= 0:

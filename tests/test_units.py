@@ -35,7 +35,8 @@ from asyncpool._options import CallOptions
 from asyncpool._retry import RungUnavailable, backoff_delays, is_transient
 from asyncpool._salvage import load_results
 from asyncpool._worker import _cut
-from asyncpool._sizing import TARGET_CHUNK_BYTES, Timing, assemble, guided_cap
+from asyncpool._sizing import (SEND_SECONDS, TARGET_CHUNK_BYTES, Timing, assemble,
+                               guided_cap)
 
 from . import tasks
 
@@ -55,6 +56,19 @@ def test_timing_ramps_until_measured_then_aims_at_the_target() -> None:
     assert timing.per_item == pytest.approx(0.0017)
     timing.observe(100, 0.0)  # faster: moves 30% of the way
     assert timing.per_item == pytest.approx(0.00119)
+
+
+def test_timing_caps_items_by_what_sending_them_costs_the_loop() -> None:
+    # Items whose own pickling is slow (1 ms each) went out 2,000 to a chunk, and the
+    # loop stood still for a second while the chunk was pickled.
+    timing = Timing()
+    timing.observe_send(50, 0.0004)  # quick: not looked at
+    assert timing.send_per_item is None and timing.bytes_cap() == 1 << 30
+    timing.observe_send(2, 0.002)  # 1 ms an item
+    assert timing.bytes_cap() == int(SEND_SECONDS / 0.001)
+    for _ in range(20):
+        timing.observe_send(5, 0.00005)  # they became quick
+    assert timing.bytes_cap() > 400  # near 5 ms / 10 us
 
 
 def test_timing_caps_items_by_bytes() -> None:
