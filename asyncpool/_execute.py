@@ -57,26 +57,34 @@ _main_globals: dict[str, Any] = {}
 #: main scripts both define ``TABLE`` or ``helper`` never see each other's.
 _spaces: dict[str, dict[str, Any]] = {}
 SPACES = 16
+#: For each namespace (by id), the version of the pickle that last set each name.
+_stamps: dict[int, dict[str, int]] = {}
 
 
-def share_main(fn: Any, space: str | None = None) -> Any:
+def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
     """``fn`` with the globals of the caller's main script shared with its other
-    functions loaded here.
+    functions loaded here; ``version`` orders the pickles (a later call's is higher).
 
     cloudpickle sends a function of ``__main__`` by value with a copy of the globals it
     uses, one copy per pickle: an initializer that fills a global dict and a task that
     reads it would each see their own. Rebinding them to one namespace gives what a
     forked worker would have: one set of module globals. In it, a plain value (a
     number, a string, a tuple...), a function or a class follows the caller's latest,
-    as each call's pickle brings it; a mutable one (a dict an initializer filled, a
-    loaded model) stays as the worker first got it.
+    as each call's pickle brings it (an older call's pickle that arrives later changes
+    nothing); a mutable one (a dict an initializer filled, a loaded model) stays as
+    the worker first got it.
     """
     import functools
     import types
 
     if isinstance(fn, functools.partial):
-        inner = share_main(fn.func, space)
-        return fn if inner is fn.func else functools.partial(inner, *fn.args, **fn.keywords)
+        inner = share_main(fn.func, space, version)
+        if inner is fn.func:
+            return fn
+        # Its own class (a subclass may add a __call__) and attributes, kept.
+        clone = functools.partial.__new__(type(fn), inner, *fn.args, **fn.keywords)
+        clone.__dict__.update(fn.__dict__)
+        return clone
     if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
         return fn
     if space is None:
@@ -85,18 +93,22 @@ def share_main(fn: Any, space: str | None = None) -> Any:
         found = _spaces.pop(space, None)
         shared = _spaces[space] = found if found is not None else {}
         while len(_spaces) > SPACES:
-            del _spaces[next(iter(_spaces))]
-    for name, value in fn.__globals__.items():
+            _stamps.pop(id(_spaces.pop(next(iter(_spaces)))), None)
+    stamps = _stamps.setdefault(id(shared), {})
+    for name, value in [*fn.__globals__.items(), (fn.__name__, fn)]:
+        if name in shared and stamps.get(name, 0) > version:
+            continue  # set by a later call's pickle
         if getattr(value, "__module__", None) == "__main__" and isinstance(
                 value, types.FunctionType | type):
             # A function or class of the script follows the caller's latest (one
             # redefined in a notebook cell), and sees the shared globals.
             shared[name] = _rebound(value, shared)
-        elif name not in shared or type(value) in _PLAIN:
+        elif name in shared and type(value) not in _PLAIN:
+            continue  # a mutable value stays as the worker first got it
+        else:
             shared[name] = value
-    rebound = _rebound(fn, shared)
-    shared.setdefault(fn.__name__, rebound)
-    return rebound
+        stamps[name] = version
+    return _rebound(fn, shared)
 
 
 def _rebound(fn: Any, shared: dict[str, Any]) -> Any:

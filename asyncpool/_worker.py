@@ -170,7 +170,7 @@ class _Worker:
                 if progress is not None:
                     progress[2] = fn_id
                 try:
-                    self.functions[fn_id] = share_main(loads(blob, buffers))
+                    self.functions[fn_id] = share_main(loads(blob, buffers), None, fn_id)
                 except BaseException as exc:
                     self.functions[fn_id] = Unloadable(exc)
         if progress is not None:

@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
+from collections.abc import AsyncIterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from asyncpool import ResilientPool  # noqa: E402
+from tests import tasks  # noqa: E402
 
 SCALE = 1
 STATE: dict[str, str] = {}
@@ -36,6 +39,16 @@ def via_helper(x: int) -> int:
     return helper(x)
 
 
+def slowly_via_helper(x: int) -> int:
+    time.sleep(0.05)
+    return helper(x)
+
+
+async def slow_input() -> AsyncIterator[int]:
+    await asyncio.sleep(0.3)
+    yield 0
+
+
 async def main() -> None:
     global SCALE, helper
     async with ResilientPool(max_workers=2, initializer=init) as pool:
@@ -52,6 +65,20 @@ async def main() -> None:
             return x + 100
 
         print(*set(await pool.map(via_helper, [0] * 12, chunk_size=1)))
+        # A partial's subclass around a function of the script: it became a plain
+        # partial, without its own __call__.
+        print(*await pool.run(tasks.Tagged(via_helper), 0))
+    async with ResilientPool(max_workers=1) as pool:
+        older = asyncio.ensure_future(pool.map(slowly_via_helper, slow_input()))
+        await asyncio.sleep(0.05)
+
+        def helper(x: int) -> int:
+            return x + 1000
+
+        # The older call's pickle reached the worker in the middle of this call, and
+        # brought its own helper back.
+        print(*set(await pool.map(slowly_via_helper, [0] * 20)))
+        await older
 
 
 if __name__ == "__main__":

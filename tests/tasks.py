@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import signal
@@ -139,6 +140,13 @@ def flaky_thread_start(args: tuple[int, str]) -> int:
 def slow_echo(x: object) -> object:
     time.sleep(0.02)
     return x
+
+
+class Tagged(functools.partial):  # type: ignore[type-arg]
+    """A partial with a call of its own."""
+
+    def __call__(self, *args: object, **kwargs: object) -> tuple[str, object]:
+        return "tagged", super().__call__(*args, **kwargs)
 
 
 class Payload:
