@@ -9,6 +9,7 @@ worker processes load it.
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 import time
@@ -164,6 +165,17 @@ def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int,
     raise error
 
 
+#: Not empty in a process that a task forked and that came back into this code (its
+#: child raised or returned instead of calling ``os._exit``): it must not run another
+#: item, nor write to the worker's socket (see :func:`leave_if_forked`).
+FORKED: list[bool] = []
+
+
+def leave_if_forked() -> None:
+    if FORKED:
+        os._exit(70)
+
+
 def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
             skip: set[int] | frozenset[int] = frozenset(),
             flush: float = FLUSH_SECONDS, late: Late | None = None) -> tuple[int, float]:
@@ -198,6 +210,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     # Each run's own time: runs of several calls share a chunk, and a quick function
     # must not be taken for as slow as the one beside it.
     spent: list[float] = []
+    forked = FORKED
     try:
         for fn, star, call, items in runs:
             begun = time.perf_counter()
@@ -214,6 +227,8 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
                         # first: the watcher takes an appended result as finished.
                         errors[position] = exc
                         append(None)
+                    if forked:
+                        leave_if_forked()
                 position += 1
                 if position < total:
                     now = time.perf_counter()

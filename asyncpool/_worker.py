@@ -9,6 +9,7 @@ is skipped even when it was already waiting here. This module imports little.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import select
@@ -20,11 +21,13 @@ import time
 from . import _handover, _wire
 from ._errors import RemoteError, SerializationError
 from ._execute import (
+    FORKED,
     Unloadable,
     describe,
     dump_results,
     encode_errors,
     execute,
+    leave_if_forked,
     loads,
     portable,
     share_main,
@@ -228,6 +231,7 @@ class _Worker:
             self.closed = True
 
     def send(self, kind: int, parts: _wire.Parts) -> None:
+        leave_if_forked()
         with self.sending:
             _wire.send_frame(self.sock, kind, parts)
 
@@ -273,6 +277,7 @@ def serve(sock: socket.socket, progress: Any) -> int:
         if entry not in sys.path:
             sys.path.insert(0, entry)
     worker = _Worker(sock, progress, settings)
+    os.register_at_fork(after_in_child=functools.partial(FORKED.append, True))
     _handover.on_look = worker.look
     _handover.wait_for_parent = worker.wait_for_parent
     if settings["initializer"] is not None:

@@ -149,6 +149,16 @@ class Tagged(functools.partial):  # type: ignore[type-arg]
         return "tagged", super().__call__(*args, **kwargs)
 
 
+def fork_and_fall_back(x: int) -> int:
+    """Forks a child that raises instead of calling os._exit (a failed exec, say):
+    the child comes back into the worker's code."""
+    pid = os.fork()
+    if pid == 0:
+        raise FileNotFoundError("the child's exec failed")
+    os.waitpid(pid, 0)
+    return x
+
+
 class Payload:
     """An argument a test can hold a weak reference to."""
 

@@ -363,6 +363,19 @@ async def test_interpreter_exits_promptly_with_work_in_flight(how: str) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+async def test_a_tasks_child_that_comes_back_into_the_worker_leaves(
+        anyio_backend: str, no_leaks: None) -> None:
+    # The child served the worker's socket beside its parent: later calls got other
+    # calls' results, or none, and a graceful close hung.
+    with anyio.fail_after(60):
+        async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+            assert await pool.map(tasks.fork_and_fall_back, range(6), chunk_size=1,
+                                  return_exceptions=True) == list(range(6))
+            for _ in range(20):
+                assert await pool.map(tasks.square, range(8), timeout=10) == [
+                    x * x for x in range(8)]
+
+
 async def test_an_argument_that_kills_the_worker_while_loading(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
         with anyio.fail_after(30):  # it was sent again for ever
