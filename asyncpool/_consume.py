@@ -155,9 +155,11 @@ class ResultStream(Generic[T]):
     `cancel_running="kill"`.
     """
 
-    def __init__(self, engine: Engine, call: Call) -> None:
+    def __init__(self, engine: Engine, call: Call, pool: object = None) -> None:
         self._engine = engine
         self._call = call
+        #: A pool dropped unclosed stops its workers: not while a stream of it lives.
+        self._pool = pool
         self._reporter = Reporter(call.options.progress, call.source.total)
         self._feeder = _Feeder(engine, call)
         self._deadline = _deadline(call)

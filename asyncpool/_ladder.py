@@ -240,6 +240,12 @@ class Ladder:
             return True
         return False
 
+    def abandon(self) -> None:
+        """Its pool was dropped unclosed: every rung stops now (see Rung.abandon)."""
+        self.closed = True
+        for rung in self.rungs():
+            rung.abandon()
+
     async def aclose(self, kill: bool) -> None:
         self.closed = True
         for task in (self._promoter, self._rebuild):

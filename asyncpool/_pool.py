@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 import logging
 import os
+import weakref
 from collections.abc import AsyncIterable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal, TypeVar, TypeVarTuple, Unpack, overload
@@ -17,6 +19,7 @@ from ._engine import Engine
 from ._errors import PoolClosed
 from ._events import Counters, Emitter, EventHook, PoolStatistics
 from ._functions import FunctionBook, Shipped, name_of
+from ._ladder import Ladder
 from ._loop import Loop, current_loop
 from ._options import CallKwargs, CallOptions
 from ._source import RateLimit, Source
@@ -61,7 +64,8 @@ class ResilientPool:
         """The pool's settings (a frozen [`PoolConfig`][asyncpool.PoolConfig])."""
         self._state = PoolState.NEW
         self._counters = Counters()
-        self._emit = Emitter(on_event, lambda: self.backend)
+        # Its background tasks must not keep the pool alive (see _abandoned).
+        self._emit = Emitter(on_event, functools.partial(_backend_of, weakref.ref(self)))
         self._functions = FunctionBook()
         self._limit = RateLimit(self.config.rate_limit) if self.config.rate_limit else None
         #: Functions travel to worker processes only if the ladder has any.
@@ -70,6 +74,7 @@ class ResilientPool:
         self._engine: Engine | None = None
         #: The process that opened the pool: a forked child may not touch its workers.
         self._pid: int | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -79,6 +84,8 @@ class ResilientPool:
         self._loop = current_loop()
         self._pid = os.getpid()
         self._engine = Engine(self.config, self._counters, self._emit, self._loop)
+        self._finalizer = weakref.finalize(self, _abandoned, self._engine.ladder, self._pid)
+        self._finalizer.atexit = False  # at exit the fork server stops every worker
         self._state = PoolState.OPEN
         try:
             await self._engine.ladder.open()
@@ -110,6 +117,8 @@ class ResilientPool:
         """
         if self._state in (PoolState.CLOSING, PoolState.CLOSED):
             return
+        if self._finalizer is not None:
+            self._finalizer.detach()
         if self._pid is not None and self._pid != os.getpid():
             self._state = PoolState.CLOSED  # the parent's workers are the parent's
             return
@@ -309,7 +318,7 @@ class ResilientPool:
         mode = Mode.ORDERED if ordered else Mode.UNORDERED
         call = self._call(fn, items, False, mode,
                           CallOptions.build(return_exceptions, ("ordered",), **options))
-        return ResultStream(self._engine_now(), call)
+        return ResultStream(self._engine_now(), call, self)
 
     # -- helpers -------------------------------------------------------------------
 
@@ -345,6 +354,19 @@ class ResilientPool:
         assert self._loop is not None
         return Call(fn, shipped, star, Source(items, limits), options,
                     self._functions.timing(fn), mode, self._loop.event)
+
+
+def _backend_of(pool: weakref.ref[ResilientPool]) -> str | None:
+    found = pool()
+    return None if found is None else found.backend
+
+
+def _abandoned(ladder: Ladder, pid: int) -> None:
+    """A pool dropped while open (never closed): its workers go with it."""
+    if os.getpid() == pid:
+        logger.warning("a ResilientPool was dropped without being closed: its workers "
+                       "are killed (use `async with ResilientPool()`, or await aclose())")
+        ladder.abandon()
 
 
 #: Functions that never leave this process (a ladder of threads and inline) ship as this.

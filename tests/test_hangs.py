@@ -881,3 +881,24 @@ async def test_a_stopped_calls_hung_item_is_killed_when_it_started_unheard(
                             else {"cancel_running": "kill"}))
             assert await pool.run(tasks.square, 3, timeout=5) == 9, f"stuck at {at}"
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("rungs", [("process",), ("thread",)])
+async def test_a_pool_dropped_unclosed_takes_its_workers_along(
+        rungs: tuple[str, ...], anyio_backend: str, no_leaks: None) -> None:
+    # Entered and dropped without aclose (a service that rebuilds its pool): its
+    # background tasks kept it alive, with its workers, for as long as the loop ran.
+    # One of its streams still running keeps it.
+    async def open_and_drop() -> tuple[list[int], Any]:
+        pool = ResilientPool(max_workers=2, rungs=rungs)  # type: ignore[arg-type]
+        await pool.__aenter__()
+        pids = await pool.map(tasks.pid_of, range(20), chunk_size=1)
+        return pids, pool.imap(tasks.square, range(3))
+
+    pids, stream = await open_and_drop()
+    gc.collect()
+    assert [x async for x in stream] == [0, 1, 4]
+    assert all(alive(pid) for pid in set(pids) - {os.getpid()})
+    del stream
+    gc.collect()
+    await wait_until(lambda: not any(alive(pid) for pid in set(pids) - {os.getpid()}))

@@ -127,6 +127,11 @@ class Rung:
         the engine has no chunk left on it."""
         raise NotImplementedError
 
+    def abandon(self) -> None:
+        """Its pool was dropped unclosed: stop now, with no await (from a finalizer,
+        perhaps on another thread), killing what runs."""
+        self.state = RungState.CLOSED
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.state.value} in_flight={self.in_flight}>"
 

@@ -62,8 +62,7 @@ class ProcessRung(Rung, Events):
         #: The task keeping the number of workers (see _supervise), and its wake-up.
         self._supervisor: Background | None = None
         self._nudge: Any = None
-        #: Whether the supervisor looks for stuck workers (else a chunk that waits
-        #: behind another wakes it).
+        #: Whether the supervisor looks for stuck workers (else waiting chunks wake it).
         self._looking = False
         self._failure: BaseException | None = None
         self._settings, self._park_key = worker_settings(config)
@@ -150,8 +149,8 @@ class ProcessRung(Rung, Events):
         best = None
         limit = self.config.max_tasks_per_worker
         stuck = time.monotonic() - STUCK_SECONDS
-        # While a worker is being replaced (after a crash, say), what would queue behind
-        # a busy one waits a few ms for the replacement instead.
+        # While a worker is replaced (after a crash), what would wait behind a busy one
+        # waits a few ms for the replacement instead.
         replacing = wait_on_stuck and self._supervisor is not None and (
             self._live() < self.config.max_workers or any(
                 p.state is ProcState.STARTING and not p.killed for p in self.procs))
@@ -189,8 +188,7 @@ class ProcessRung(Rung, Events):
                  _wire.wrap_big(p.items, 3 if p.call.star else 2) if _big(p) else p.items)
                 for p in chunk.pieces]
         self._seq += 1
-        # After a crash among a call's items, its chunks send each result as it is
-        # made: another crash then loses nothing that had finished.
+        # After a crash among a call's items, each result goes back as it is made.
         careful = chunk.crashes > 0 or any(p.call.crashed for p in chunk.pieces)
         shipping = _wire.dumps((functions, proc.forget))
         head = _wire.CHUNK_HEAD.pack(self._seq, 0.0 if careful else FLUSH_SECONDS,
@@ -301,8 +299,7 @@ class ProcessRung(Rung, Events):
 
     def proc_retiring(self, proc: Proc) -> None:
         self.listener.worker_event("worker_recycled", f"worker {proc.pid} retires after "
-                                   f"{proc.tasks} item(s); a new one replaces it",
-                                   pid=proc.pid)
+                                   f"{proc.tasks} item(s); a new one replaces it", pid=proc.pid)
         self._grow()
 
     def proc_dead(self, proc: Proc, death: Death) -> None:
@@ -348,10 +345,8 @@ class ProcessRung(Rung, Events):
 
     async def _supervise(self) -> None:
         """Keep ``max_workers`` workers: fork what is missing, backing off while forks
-        fail; give the rung up when none is left and none can be made.
-
-        One task does all replacing, so no count of replacements under way can drift.
-        """
+        fail; give the rung up when none is left and none can be made. One task does
+        all replacing, so no count of replacements under way can drift."""
         config = self.config
         fresh = functools.partial(backoff_delays, config.backoff_initial,
                                   config.backoff_factor, config.backoff_max,
@@ -418,6 +413,11 @@ class ProcessRung(Rung, Events):
         return self._failure
 
     # -- closing -------------------------------------------------------------------
+
+    def abandon(self) -> None:
+        super().abandon()
+        for proc in list(self.procs):
+            proc.kill()
 
     async def aclose(self, kill: bool) -> None:
         self.state = RungState.CLOSED

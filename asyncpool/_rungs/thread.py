@@ -134,6 +134,11 @@ class ThreadRung(Rung):
             self.in_flight -= 1
             self.listener.chunk_done(chunk, upto, *end)
 
+    def abandon(self) -> None:
+        super().abandon()
+        for _ in self.threads:
+            self._queue.put(None)
+
     async def aclose(self, kill: bool) -> None:
         # Threads cannot be killed; they finish what they run and exit (they are
         # daemons, so a stuck task does not hold the interpreter at exit).
