@@ -350,7 +350,8 @@ def encode_errors(errors: dict[int, BaseException]) -> list[tuple[int, bytes, st
 _cluster_functions: dict[tuple[str, bytes], Any] = {}
 
 
-def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, space: str
+def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, space: str,
+                   versions: Sequence[int] = ()
                    ) -> tuple[list[bytes | bytearray], list[tuple[int, bytes, str]],
                               tuple[list[float], int], str | None, str | None]:
     """What the dask rung runs on a Dask worker: (the results' pickle and its
@@ -359,15 +360,17 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
 
     ``arguments`` is the runs' pickle (function index, star, call id, items) and its
     buffers, made by the rung: an item that does not unpickle here fails its chunk
-    (which the rung splits), not the task. ``space`` names the client process.
+    (which the rung splits), not the task. ``space`` names the client process,
+    ``versions`` orders the functions' pickles (see :func:`share_main`).
     """
     functions = []
-    for blob in blobs:
+    for index, blob in enumerate(blobs):
         # Each task carries its function's pickle: loaded once per worker process.
         found = _cluster_functions.get((space, blob))
         if found is None:
             try:
-                found = share_main(loads(blob), space)
+                found = share_main(loads(blob), space,
+                                   versions[index] if index < len(versions) else 0)
             except BaseException as exc:
                 return [], [], ([], 0), repr(exc), None
             if len(_cluster_functions) >= 64 or sum(

@@ -270,6 +270,7 @@ class DaskRung(Rung):
             name = re.sub(r"[^\w.]+", "_", chunk.pieces[0].call.shipped.name)
             future = self.client.submit(run_on_cluster, blobs, arguments,
                                         self.config.task_retries, client_space(),
+                                        [s.id for s in shipped],
                                         key=f"{name}-{self._token}-{self._count}", pure=False,
                                         **chunk.pieces[0].call.options.dask)
             # Shielded: the client gathers many futures' results in one shared request,
