@@ -245,6 +245,9 @@ class Ladder:
         self.closed = True
         for rung in self.rungs():
             rung.abandon()
+        for task in (self._promoter, self._rebuild):
+            if task is not None:
+                self.loop.call_soon_threadsafe(task.cancel)
 
     async def aclose(self, kill: bool) -> None:
         self.closed = True

@@ -441,11 +441,11 @@ def start_then_fail(directory: str, allowed: int, hang: bool) -> None:
 
 
 def hang_at_start(directory: str, nth: int) -> None:
-    """An initializer that notes each start as ``<n>-<pid>``; the ``nth`` (from 0)
-    hangs, so a test can kill that worker while it initialises."""
+    """An initializer that notes each start as ``<n>-<pid>``; from the ``nth`` (from
+    0) on they hang, so a test can kill those workers while they initialise."""
     starts = len(os.listdir(directory))
     Path(directory, f"{starts}-{os.getpid()}").touch()
-    if starts == nth:
+    if starts >= nth:
         time.sleep(3600)
 
 

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -889,16 +890,18 @@ async def test_a_pool_dropped_unclosed_takes_its_workers_along(
     # Entered and dropped without aclose (a service that rebuilds its pool): its
     # background tasks kept it alive, with its workers, for as long as the loop ran.
     # One of its streams still running keeps it.
-    async def open_and_drop() -> tuple[list[int], Any]:
+    async def open_and_drop() -> tuple[list[int], Any, Any]:
         pool = ResilientPool(max_workers=2, rungs=rungs)  # type: ignore[arg-type]
         await pool.__aenter__()
-        pids = await pool.map(tasks.pid_of, range(20), chunk_size=1)
-        return pids, pool.imap(tasks.square, range(3))
+        pids = await pool.map(tasks.nap_then_pid, [0.05] * 4, chunk_size=1)
+        return pids, pool.imap(tasks.square, range(3)), weakref.ref(pool._engine)
 
-    pids, stream = await open_and_drop()
+    pids, stream, engine = await open_and_drop()
     gc.collect()
     assert [x async for x in stream] == [0, 1, 4]
     assert all(alive(pid) for pid in set(pids) - {os.getpid()})
     del stream
     gc.collect()
     await wait_until(lambda: not any(alive(pid) for pid in set(pids) - {os.getpid()}))
+    # Nothing of it is left: a task of it waited for good, holding it all.
+    await wait_until(lambda: gc.collect() >= 0 and engine() is None)

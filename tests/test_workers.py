@@ -85,19 +85,21 @@ async def test_replacements_whose_initializer_fails_end_the_call(
 async def test_a_replacement_killed_in_its_initializer_is_replaced(
         tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
     # Killed from outside (OOM killer, operator) while initialising: a crash to
-    # replace, as any other. It was taken for a failing initializer, and the pool fell
-    # back to threads although the initializer had worked and a worker was alive.
+    # replace, as any other, time after time while a worker lives. It was taken for a
+    # failing initializer, and the pool fell back to threads although the initializer
+    # had worked and a worker was alive.
     with anyio.fail_after(30):
         async with ResilientPool(max_workers=2, initializer=tasks.hang_at_start,
-                                 initargs=(str(tmp_path), 2)) as pool:
+                                 initargs=(str(tmp_path), 2), backoff_initial=0.05) as pool:
             victim = next(iter(set(await pool.map(tasks.pid_of, range(20), chunk_size=1))))
             os.kill(victim, 9)
-            await wait_until(lambda: len(os.listdir(tmp_path)) == 3)
-            os.kill(int(next(tmp_path.glob("2-*")).name.split("-")[1]), 9)
+            for start in range(2, 2 + pool.config.creation_attempts):
+                await wait_until(lambda n=start: len(os.listdir(tmp_path)) == n + 1)
+                os.kill(int(next(tmp_path.glob(f"{start}-*")).name.split("-")[1]), 9)
             pids = await pool.map(tasks.nap_then_pid, [0.01] * 40, chunk_size=1)
             assert os.getpid() not in pids
             assert pool.backend == "process" and pool.statistics().fallbacks == 0
-            await wait_until(lambda: len(os.listdir(tmp_path)) == 4)  # and replaced
+            await wait_until(lambda: len(os.listdir(tmp_path)) == 6)  # and replaced
 
 
 @pytest.mark.parametrize("initializer, initargs, match", [

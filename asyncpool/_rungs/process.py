@@ -64,7 +64,6 @@ class ProcessRung(Rung, Events):
         self._nudge: Any = None
         #: Whether the supervisor looks for stuck workers (else waiting chunks wake it).
         self._looking = False
-        self._failure: BaseException | None = None
         self._settings, self._park_key = worker_settings(config)
 
     @classmethod
@@ -392,25 +391,20 @@ class ProcessRung(Rung, Events):
                 delays, failures = fresh(), 0
                 continue
             failures += 1
-            if failures >= config.creation_attempts and isinstance(error, InitializerFailed):
-                self._broke(error, error.__cause__)  # died in it time after time
-                return
             if self._live() == 0 and failures >= config.creation_attempts:
-                self._broke(RungUnavailable(f"no worker process could be started "
-                                            f"({error!r})"), error)
+                if isinstance(error, InitializerFailed):  # died in it time after time
+                    self._broke(error, error.__cause__)
+                else:
+                    self._broke(RungUnavailable(f"no worker process could be started "
+                                                f"({error!r})"), error)
                 return
             await anyio.sleep(next(delays))
 
     def _broke(self, error: BaseException, cause: BaseException | None) -> None:
         error.__cause__ = cause
-        self._failure = error
         logger.warning("the process rung cannot run any worker: %r", error)
         self.state = RungState.CRASHED
         self.listener.rung_changed()
-
-    @property
-    def failure(self) -> BaseException | None:
-        return self._failure
 
     # -- closing -------------------------------------------------------------------
 
@@ -418,13 +412,15 @@ class ProcessRung(Rung, Events):
         super().abandon()
         for proc in list(self.procs):
             proc.kill()
+        if self._supervisor is not None:
+            self.loop.call_soon_threadsafe(self._supervisor.cancel)
 
     async def aclose(self, kill: bool) -> None:
         self.state = RungState.CLOSED
         if self._supervisor is not None:
             self._supervisor.cancel()
         for proc in list(self.procs):
-            if kill:
+            if kill or proc.state is ProcState.STARTING:  # one initialising reads nothing
                 proc.kill()
             elif (self.config.reuse_workers and self._park_key is not None
                   and proc.state is ProcState.READY and not proc.chunks):
