@@ -171,9 +171,25 @@ def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int,
 FORKED: list[bool] = []
 
 
-def leave_if_forked() -> None:
-    if FORKED:
-        os._exit(70)
+def leave_if_forked(error: BaseException | None = None) -> None:
+    """In such a process, exit: as ``sys.exit`` would if it raised ``SystemExit``
+    (exit handlers run, its code), else with code 70."""
+    if not FORKED:
+        return
+    code = 70
+    if isinstance(error, SystemExit):
+        import atexit
+
+        atexit._run_exitfuncs()
+        code = error.code if isinstance(error.code, int) else 0 if error.code is None else 1
+        if not isinstance(error.code, int | None):
+            print(error.code, file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
 
 
 def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
@@ -228,7 +244,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
                         errors[position] = exc
                         append(None)
                     if forked:
-                        leave_if_forked()
+                        leave_if_forked(errors.get(position))
                 position += 1
                 if position < total:
                     now = time.perf_counter()

@@ -159,6 +159,15 @@ def fork_and_fall_back(x: int) -> int:
     return x
 
 
+def fork_and_exit(code: int) -> int:
+    """Forks a child that ends with sys.exit(code), which comes back into the worker's
+    code as SystemExit; returns the child's exit code."""
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
 class Payload:
     """An argument a test can hold a weak reference to."""
 

@@ -371,6 +371,8 @@ async def test_a_tasks_child_that_comes_back_into_the_worker_leaves(
         async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
             assert await pool.map(tasks.fork_and_fall_back, range(6), chunk_size=1,
                                   return_exceptions=True) == list(range(6))
+            # A child's sys.exit(n) exits n, as in a script (it exited 70).
+            assert await pool.map(tasks.fork_and_exit, [0, 3]) == [0, 3]
             for _ in range(20):
                 assert await pool.map(tasks.square, range(8), timeout=10) == [
                     x * x for x in range(8)]
