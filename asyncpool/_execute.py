@@ -165,6 +165,18 @@ def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int,
     raise error
 
 
+def own_frames_dropped(exc: BaseException) -> BaseException:
+    """``exc`` without the pool's own frames at the front of its traceback: they hold
+    the chunk, and the error itself (a cycle, which kept a failed call's arguments
+    until the cyclic GC ran)."""
+    tb = exc.__traceback__
+    while tb is not None and str(tb.tb_frame.f_globals.get("__name__")).startswith(
+            "asyncpool."):
+        tb = tb.tb_next
+    exc.__traceback__ = tb
+    return exc
+
+
 #: Not empty in a process that a task forked and that came back into this code (its
 #: child raised or returned instead of calling ``os._exit``): it must not run another
 #: item, nor write to the worker's socket (see :func:`leave_if_forked`).
@@ -241,7 +253,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
                         # SystemExit and KeyboardInterrupt too: they are the item's
                         # outcome, and must not end the worker. The error goes in
                         # first: the watcher takes an appended result as finished.
-                        errors[position] = exc
+                        errors[position] = own_frames_dropped(exc)
                         append(None)
                     if forked:
                         leave_if_forked(errors.get(position))
@@ -263,6 +275,9 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     finally:
         if running is not None:
             unwatch(running)
+        # A task's error holds this frame (its frame's caller) for as long as it
+        # lives: not the errors (a cycle) or the results and items with them.
+        del results, append, errors, runs, running
 
 
 def _hand(running: Running | None, tick: Tick, position: int, results: list[Any],

@@ -14,7 +14,7 @@ import anyio
 
 from .._errors import InitializerFailed
 from .._retry import backoff_delays, is_transient
-from .._execute import SKIPPED, portable
+from .._execute import SKIPPED, own_frames_dropped, portable
 from .base import Listener, Rung, RungState
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class InlineRung(Rung):
                         except (Exception, SystemExit) as exc:
                             # KeyboardInterrupt is the loop's: it propagates.
                             results.append(None)
-                            errors[position] = portable(exc)
+                            errors[position] = portable(own_frames_dropped(exc))
                     position += 1
                     if time.perf_counter() - last >= SLICE:
                         self.listener.chunk_progress(chunk, first, position, results, errors)
