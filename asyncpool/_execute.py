@@ -58,8 +58,9 @@ _main_globals: dict[str, Any] = {}
 #: main scripts both define ``TABLE`` or ``helper`` never see each other's.
 _spaces: dict[str, dict[str, Any]] = {}
 SPACES = 16
-#: For each namespace (by id), the version of the pickle that last set each name.
-_stamps: dict[int, dict[str, int]] = {}
+#: For each namespace (by id): each name's latest pickle (its version, and the value
+#: it brought).
+_seen: dict[int, dict[str, tuple[int, Any]]] = {}
 
 
 def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
@@ -70,10 +71,11 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
     uses, one copy per pickle: an initializer that fills a global dict and a task that
     reads it would each see their own. Rebinding them to one namespace gives what a
     forked worker would have: one set of module globals. In it, a plain value (a
-    number, a string, a tuple...), a function or a class follows the caller's latest,
-    as each call's pickle brings it (an older call's pickle that arrives later changes
-    nothing); a mutable one (a dict an initializer filled, a loaded model) stays as
-    the worker first got it.
+    number, a string, a tuple...) follows the caller's changes (``MODEL = None`` that
+    an initializer set stays set until the caller changes it), a function or a class
+    the caller's latest, as each call's pickle brings it (an older call's pickle that
+    arrives later changes nothing); a mutable one (a dict an initializer filled, a
+    loaded model) stays as the worker first got it.
     """
     import functools
     import types
@@ -94,22 +96,31 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
         found = _spaces.pop(space, None)
         shared = _spaces[space] = found if found is not None else {}
         while len(_spaces) > SPACES:
-            _stamps.pop(id(_spaces.pop(next(iter(_spaces)))), None)
-    stamps = _stamps.setdefault(id(shared), {})
+            _seen.pop(id(_spaces.pop(next(iter(_spaces)))), None)
+    seen = _seen.setdefault(id(shared), {})
     for name, value in [*fn.__globals__.items(), (fn.__name__, fn)]:
-        if name in shared and stamps.get(name, 0) > version:
+        last, brought = seen.get(name, (0, _NOTHING))
+        if name in shared and last > version:
             continue  # set by a later call's pickle
+        seen[name] = version, value
         if getattr(value, "__module__", None) == "__main__" and isinstance(
                 value, types.FunctionType | type):
             # A function or class of the script follows the caller's latest (one
             # redefined in a notebook cell), and sees the shared globals.
             shared[name] = _rebound(value, shared)
-        elif name in shared and type(value) not in _PLAIN:
-            continue  # a mutable value stays as the worker first got it
-        else:
+        elif name not in shared or (type(value) in _PLAIN and not _same(value, brought)):
             shared[name] = value
-        stamps[name] = version
     return _rebound(fn, shared)
+
+
+_NOTHING = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return a is b or (type(a) is type(b) and bool(a == b))
+    except Exception:
+        return False
 
 
 def _rebound(fn: Any, shared: dict[str, Any]) -> Any:

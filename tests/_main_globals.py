@@ -17,10 +17,17 @@ from tests import tasks  # noqa: E402
 
 SCALE = 1
 STATE: dict[str, str] = {}
+MODEL: int | None = None
 
 
 def init() -> None:
+    global MODEL
     STATE["tag"] = "hello"
+    MODEL = 42
+
+
+def model(_: int) -> int | None:
+    return MODEL
 
 
 def scaled(_: int) -> int:
@@ -59,6 +66,9 @@ async def main() -> None:
         print(min(values))  # every worker, not only one of them
         tags = set(await pool.map(tag, range(12), chunk_size=1))
         print(*tags)
+        # What the initializer set stays while the caller's value does not change (each
+        # task's pickle brought the caller's None back).
+        print(*set(await pool.map(model, range(12), chunk_size=1)))
         print(await pool.run(via_helper, 0))
 
         def helper(x: int) -> int:  # redefined, as in a notebook: it follows too
