@@ -88,6 +88,14 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
         clone = functools.partial.__new__(type(fn), inner, *fn.args, **fn.keywords)
         clone.__dict__.update(fn.__dict__)
         return clone
+    if isinstance(fn, types.MethodType):  # of an object (or class) of the script
+        inner = share_main(fn.__func__, space, version)
+        if inner is fn.__func__:
+            return fn
+        owner = fn.__self__ if isinstance(fn.__self__, type) else type(fn.__self__)
+        if owner.__module__ == "__main__":
+            _rebound(owner, inner.__globals__)
+        return types.MethodType(inner, fn.__self__)
     if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
         return fn
     if space is None:
@@ -124,9 +132,18 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
-    """A function of the main script with ``shared`` as its globals."""
+    """A function of the main script with ``shared`` as its globals; a class of it
+    with its methods so."""
     import types
 
+    if isinstance(fn, type):
+        for key, member in list(vars(fn).items()):
+            inner = getattr(member, "__func__", member)
+            if (isinstance(inner, types.FunctionType) and inner.__module__ == "__main__"
+                    and inner.__globals__ is not shared):
+                rebound = _rebound(inner, shared)
+                setattr(fn, key, rebound if inner is member else type(member)(rebound))
+        return fn
     if not isinstance(fn, types.FunctionType) or fn.__globals__ is shared:
         return fn
     rebound = types.FunctionType(fn.__code__, shared, fn.__name__, fn.__defaults__,

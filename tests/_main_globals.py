@@ -30,6 +30,15 @@ def model(_: int) -> int | None:
     return MODEL
 
 
+class Reader:
+    def read(self, _: int) -> str:
+        return STATE.get("tag", "missing")
+
+
+def read_through_a_class(x: int) -> str:
+    return Reader().read(x)
+
+
 def scaled(_: int) -> int:
     return SCALE
 
@@ -69,6 +78,10 @@ async def main() -> None:
         # What the initializer set stays while the caller's value does not change (each
         # task's pickle brought the caller's None back).
         print(*set(await pool.map(model, range(12), chunk_size=1)))
+        # A class's methods (called by a function, or given as the function) see the
+        # shared globals too: they saw their own copy, without the initializer's tag.
+        print(*set(await pool.map(read_through_a_class, range(12), chunk_size=1)))
+        print(*set(await pool.map(Reader().read, range(12), chunk_size=1)))
         print(await pool.run(via_helper, 0))
 
         def helper(x: int) -> int:  # redefined, as in a notebook: it follows too
