@@ -18,6 +18,7 @@ from . import _wire
 from ._errors import FunctionUnavailable, RemoteError
 from ._handover import Running, unwatch, watch
 from ._retry import backoff_delays, is_transient
+from ._share import share_main
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
@@ -49,114 +50,6 @@ def load_site() -> None:
 
 
 _loaded: set[str] = set()
-
-
-#: One namespace for every function of the caller's main script that a worker loads.
-_main_globals: dict[str, Any] = {}
-#: On a Dask worker, which serves many client processes: one such namespace per
-#: client process (the latest :data:`SPACES` of them), so that two programs whose
-#: main scripts both define ``TABLE`` or ``helper`` never see each other's.
-_spaces: dict[str, dict[str, Any]] = {}
-SPACES = 16
-#: For each namespace (by id): each name's latest pickle (its version, and the value
-#: it brought).
-_seen: dict[int, dict[str, tuple[int, Any]]] = {}
-
-
-def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
-    """``fn`` with the globals of the caller's main script shared with its other
-    functions loaded here; ``version`` orders the pickles (a later call's is higher).
-
-    cloudpickle sends a function of ``__main__`` by value with a copy of the globals it
-    uses, one copy per pickle: an initializer that fills a global dict and a task that
-    reads it would each see their own. Rebinding them to one namespace gives what a
-    forked worker would have: one set of module globals. In it, a plain value (a
-    number, a string, a tuple...) follows the caller's changes (``MODEL = None`` that
-    an initializer set stays set until the caller changes it), a function or a class
-    the caller's latest, as each call's pickle brings it (an older call's pickle that
-    arrives later changes nothing); a mutable one (a dict an initializer filled, a
-    loaded model) stays as the worker first got it.
-    """
-    import functools
-    import types
-
-    if isinstance(fn, functools.partial):
-        inner = share_main(fn.func, space, version)
-        if inner is fn.func:
-            return fn
-        # Its own class (a subclass may add a __call__) and attributes, kept.
-        clone = functools.partial.__new__(type(fn), inner, *fn.args, **fn.keywords)
-        clone.__dict__.update(fn.__dict__)
-        return clone
-    if isinstance(fn, types.MethodType):  # of an object (or class) of the script
-        inner = share_main(fn.__func__, space, version)
-        if inner is fn.__func__:
-            return fn
-        owner = fn.__self__ if isinstance(fn.__self__, type) else type(fn.__self__)
-        if owner.__module__ == "__main__":
-            _rebound(owner, inner.__globals__)
-        return types.MethodType(inner, fn.__self__)
-    if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
-        return fn
-    if space is None:
-        shared = _main_globals
-    else:
-        found = _spaces.pop(space, None)
-        shared = _spaces[space] = found if found is not None else {}
-        while len(_spaces) > SPACES:
-            _seen.pop(id(_spaces.pop(next(iter(_spaces)))), None)
-    seen = _seen.setdefault(id(shared), {})
-    for name, value in [*fn.__globals__.items(), (fn.__name__, fn)]:
-        last, brought = seen.get(name, (0, _NOTHING))
-        if name in shared and last > version:
-            continue  # set by a later call's pickle
-        seen[name] = version, value
-        if getattr(value, "__module__", None) == "__main__" and isinstance(
-                value, types.FunctionType | type):
-            # A function or class of the script follows the caller's latest (one
-            # redefined in a notebook cell), and sees the shared globals.
-            shared[name] = _rebound(value, shared)
-        elif name not in shared or (type(value) in _PLAIN and not _same(value, brought)):
-            shared[name] = value
-    return _rebound(fn, shared)
-
-
-_NOTHING = object()
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return a is b or (type(a) is type(b) and bool(a == b))
-    except Exception:
-        return False
-
-
-def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
-    """A function of the main script with ``shared`` as its globals; a class of it
-    with its methods so."""
-    import types
-
-    if isinstance(fn, type):
-        for key, member in list(vars(fn).items()):
-            inner = getattr(member, "__func__", member)
-            if (isinstance(inner, types.FunctionType) and inner.__module__ == "__main__"
-                    and inner.__globals__ is not shared):
-                rebound = _rebound(inner, shared)
-                setattr(fn, key, rebound if inner is member else type(member)(rebound))
-        return fn
-    if not isinstance(fn, types.FunctionType) or fn.__globals__ is shared:
-        return fn
-    rebound = types.FunctionType(fn.__code__, shared, fn.__name__, fn.__defaults__,
-                                 fn.__closure__)
-    rebound.__kwdefaults__ = fn.__kwdefaults__
-    rebound.__qualname__ = fn.__qualname__
-    rebound.__dict__.update(fn.__dict__)
-    return rebound
-
-
-#: Values that are replaced, not shared, when a newer pickle brings them.
-_PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None), tuple, frozenset,
-                    range})
 
 
 def loads(data: Any, buffers: Any = ()) -> Any:

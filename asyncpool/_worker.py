@@ -30,8 +30,8 @@ from ._execute import (
     leave_if_forked,
     loads,
     portable,
-    share_main,
 )
+from ._share import share_main
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ _space: tuple[int, str] | None = None
 
 def client_space() -> str:
     """Names this client process to Dask workers, which keep the globals of each
-    client's main script apart (see :func:`~asyncpool._execute.share_main`)."""
+    client's main script apart (see :func:`~asyncpool._share.share_main`)."""
     global _space
     if _space is None or _space[0] != os.getpid():
         _space = (os.getpid(), f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")

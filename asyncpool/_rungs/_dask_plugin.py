@@ -11,7 +11,8 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .._execute import loads, share_main
+from .._execute import loads
+from .._share import share_main
 
 
 class InitializerPlugin(WorkerPlugin):
