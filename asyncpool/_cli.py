@@ -50,7 +50,7 @@ def load_function(spec: str) -> Callable[[Any], Any]:
     if fn is None:
         raise UsageError(f"{module_name} has no function {attr!r}")
     if not callable(fn):
-        raise UsageError(f"{module_name}.{attr} is not a function (it is a "
+        raise UsageError(f"{module_name}.{attr} is not a function (its type is "
                          f"{type(fn).__name__})")
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         raise UsageError(f"{module_name}.{attr} is an async function: give a plain one")

@@ -341,7 +341,9 @@ class ResilientPool:
         self._engine_now()
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {fn!r}")
-        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or (
+                not inspect.isroutine(fn)
+                and inspect.iscoroutinefunction(type(fn).__call__)):
             raise TypeError(f"{name_of(fn)} is an async function: the pool runs plain "
                             "functions; await it on your own loop, or pass a plain one")
         shipped = self._functions.ship(fn) if self._pickles else _LOCAL

@@ -144,8 +144,12 @@ async def test_an_async_function_is_refused_at_once(pool: ResilientPool) -> None
     async def twice(x: int) -> int:
         return 2 * x
 
-    for fn in (twice, functools.partial(twice)):
-        with pytest.raises(TypeError, match="twice is an async function"):
+    class Twice:
+        async def __call__(self, x: int) -> int:
+            return 2 * x
+
+    for fn in (twice, functools.partial(twice), Twice()):
+        with pytest.raises(TypeError, match="is an async function"):
             await pool.map(fn, [1])
     assert await pool.run(tasks.square, 3) == 9
 

@@ -90,7 +90,7 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["map", "no_such_module:fn", "IN", "-o", "OUT"], "cannot import 'no_such_module'"),
     (["map", "tests.tasks:missing", "IN", "-o", "OUT"], "has no function 'missing'"),
-    (["map", "tests.tasks:STATE", "IN", "-o", "OUT"], "is not a function (it is a dict)"),
+    (["map", "tests.tasks:STATE", "IN", "-o", "OUT"], "is not a function (its type is dict)"),
     (["map", "tests.tasks:async_square", "IN", "-o", "OUT"], "is an async function"),
     (["map", "tests.tasks", "IN", "-o", "OUT"], "expected MODULE:FUNCTION"),
     (["map", "tests.tasks:square", "MISSING", "-o", "OUT"], "no such input file"),
