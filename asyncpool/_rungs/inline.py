@@ -97,6 +97,8 @@ class InlineRung(Rung):
             self.in_flight -= 1
             self.listener.chunk_done(chunk, position, time.perf_counter() - started,
                                      self._retried)
+            # A task's error holds this frame (its caller's caller) while it lives.
+            del results, errors
 
     async def _call(self, fn: Any, item: Any, star: bool) -> Any:
         retries = self.config.task_retries
