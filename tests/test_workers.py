@@ -102,6 +102,24 @@ async def test_a_replacement_killed_in_its_initializer_is_replaced(
             await wait_until(lambda: len(os.listdir(tmp_path)) == 6)  # and replaced
 
 
+async def test_a_live_worker_serves_while_replacements_initializer_raises(
+        tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
+    # A replacement's initializer that raised could give the process rung up at once
+    # (1 run in 14, by the order its error and its exit were heard), beside a live
+    # worker: the pool fell to threads, where it raised too, and calls failed.
+    with anyio.fail_after(30):
+        async with ResilientPool(max_workers=2, initializer=tasks.start_then_fail,
+                                 initargs=(str(tmp_path), 2, False),
+                                 backoff_initial=0.05) as pool:
+            victim = next(iter(set(await pool.map(tasks.pid_of, range(20), chunk_size=1))))
+            os.kill(victim, 9)
+            tries = 2 + pool.config.creation_attempts
+            await wait_until(lambda: len(os.listdir(tmp_path)) >= tries)
+            pids = await pool.map(tasks.nap_then_pid, [0.01] * 20, chunk_size=1)
+            assert os.getpid() not in pids and victim not in pids
+            assert pool.backend == "process" and pool.statistics().fallbacks == 0
+
+
 @pytest.mark.parametrize("initializer, initargs, match", [
     (tasks.exit_with, (1,), "raised: SystemExit"),
     (tasks.nap, (0.3,), "did not return within start_timeout=0.1"),

@@ -381,18 +381,15 @@ class ProcessRung(Rung, Events):
                     proc.kill()
                     error = RungUnavailable("a new worker did not start in time")
                     continue
-                failure = self._initializer_failure(proc)
-                if failure is not None and not isinstance(failure.__cause__, RungUnavailable):
-                    self._broke(failure, failure.__cause__)  # it raised: it will again
-                    return
-                if proc.init_error is not None:  # a fork failed, or died in the initializer
-                    error = failure or proc.init_error
+                if proc.init_error is not None:  # a fork failed, or the initializer did
+                    error = self._initializer_failure(proc) or proc.init_error
             if error is None:
                 delays, failures = fresh(), 0
                 continue
             failures += 1
+            # While a worker lives, it serves, and replacements are tried again.
             if self._live() == 0 and failures >= config.creation_attempts:
-                if isinstance(error, InitializerFailed):  # died in it time after time
+                if isinstance(error, InitializerFailed):
                     self._broke(error, error.__cause__)
                 else:
                     self._broke(RungUnavailable(f"no worker process could be started "
