@@ -54,6 +54,12 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
         if owner.__module__ == "__main__":
             _rebound(owner, inner.__globals__)
         return types.MethodType(inner, fn.__self__)
+    if not isinstance(fn, types.FunctionType) and type(fn).__module__ == "__main__":
+        # An object of a script class with a __call__: its class shares them too.
+        call = share_main(type(fn).__call__, space, version)
+        if isinstance(call, types.FunctionType):
+            _rebound(type(fn), call.__globals__)
+        return fn
     if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
         return fn
     if space is None:
@@ -74,7 +80,7 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
             # A function or class of the script follows the caller's latest (one
             # redefined in a notebook cell), and sees the shared globals.
             shared[name] = _rebound(value, shared)
-        elif name not in shared or (type(value) in _PLAIN and not _same(value, brought)):
+        elif name not in shared or (_plain(value) and not _same(value, brought)):
             shared[name] = value
     return _rebound(fn, shared)
 
@@ -83,10 +89,25 @@ _NOTHING = object()
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Whether the caller's value is the one its previous pickle brought (NaN too)."""
+    if a is b:
+        return True
     try:
-        return a is b or (type(a) is type(b) and bool(a == b))
+        if type(a) is type(b) and bool(a == b):
+            return True
+        import pickle
+
+        return pickle.dumps(a, 5) == pickle.dumps(b, 5)
     except Exception:
         return False
+
+
+def _plain(value: Any) -> bool:
+    """An immutable value: a number, string, tuple, date, path, enum member..."""
+    kind = type(value)
+    return kind in _PLAIN or isinstance(value, int | float | complex | str | bytes | tuple
+                                        | frozenset) or (
+        kind.__module__ in _PLAIN_MODULES or hasattr(kind, "_member_map_"))
 
 
 def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
@@ -95,12 +116,24 @@ def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
     import types
 
     if isinstance(fn, type):
-        for key, member in list(vars(fn).items()):
-            inner = getattr(member, "__func__", member)
-            if (isinstance(inner, types.FunctionType) and inner.__module__ == "__main__"
-                    and inner.__globals__ is not shared):
-                rebound = _rebound(inner, shared)
-                setattr(fn, key, rebound if inner is member else type(member)(rebound))
+        # Its own methods (plain, static, class, properties), and its script bases'.
+        for cls in fn.__mro__:
+            if cls.__module__ != "__main__":
+                continue
+            for key, member in list(vars(cls).items()):
+                if isinstance(member, property):
+                    parts = [_rebound(f, shared) for f in (member.fget, member.fset,
+                                                           member.fdel)]
+                    if any(a is not b for a, b in zip(parts, (member.fget, member.fset,
+                                                              member.fdel), strict=True)):
+                        setattr(cls, key, property(parts[0], parts[1], parts[2],
+                                                   member.__doc__))
+                    continue
+                inner = getattr(member, "__func__", member)
+                if (isinstance(inner, types.FunctionType) and inner.__module__ == "__main__"
+                        and inner.__globals__ is not shared):
+                    rebound = _rebound(inner, shared)
+                    setattr(cls, key, rebound if inner is member else type(member)(rebound))
         return fn
     if not isinstance(fn, types.FunctionType) or fn.__globals__ is shared:
         return fn
@@ -115,3 +148,5 @@ def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
 #: Values that are replaced, not shared, when a newer pickle brings them.
 _PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None), tuple, frozenset,
                     range})
+_PLAIN_MODULES = frozenset({"datetime", "decimal", "fractions", "pathlib", "uuid",
+                            "ipaddress"})

@@ -5,6 +5,7 @@ check)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sys
 import time
@@ -18,12 +19,14 @@ from tests import tasks  # noqa: E402
 SCALE = 1
 STATE: dict[str, str] = {}
 MODEL: int | None = None
+RATE = math.nan
 
 
 def init() -> None:
-    global MODEL
+    global MODEL, RATE
     STATE["tag"] = "hello"
     MODEL = 42
+    RATE = 0.5
 
 
 def model(_: int) -> int | None:
@@ -37,6 +40,17 @@ class Reader:
 
 def read_through_a_class(x: int) -> str:
     return Reader().read(x)
+
+
+class Child(Reader):
+    @property
+    def model(self) -> int | None:
+        return MODEL
+
+
+class Caller:
+    def __call__(self, x: int) -> str:
+        return f"{Child().read(x)}-{Child().model}-{RATE}"
 
 
 def scaled(_: int) -> int:
@@ -82,6 +96,9 @@ async def main() -> None:
         # shared globals too: they saw their own copy, without the initializer's tag.
         print(*set(await pool.map(read_through_a_class, range(12), chunk_size=1)))
         print(*set(await pool.map(Reader().read, range(12), chunk_size=1)))
+        # An inherited method, a property, a callable object, a NaN (never equal to
+        # the one the previous pickle brought, it was taken for a change).
+        print(*set(await pool.map(Caller(), range(12), chunk_size=1)))
         print(await pool.run(via_helper, 0))
 
         def helper(x: int) -> int:  # redefined, as in a notebook: it follows too

@@ -246,8 +246,8 @@ async def test_reused_workers_run_each_pools_own_functions(anyio_backend: str) -
 async def test_main_script_globals_follow_the_caller() -> None:
     proc = run_script("_main_globals.py")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["1", "10", "10", "hello", "42", "hello", "hello", "1",
-                                   "100", "tagged", "100", "1000"], proc.stdout
+    assert proc.stdout.split() == ["1", "10", "10", "hello", "42", "hello", "hello",
+                                   "hello-42-0.5", "1", "100", "tagged", "100", "1000"], proc.stdout
 
 
 @pytest.mark.parametrize("size", [10, 100_000, 3_000_000])  # in one frame; out of band; own buffer
