@@ -341,9 +341,7 @@ class ResilientPool:
         self._engine_now()
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {fn!r}")
-        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or (
-                not inspect.isroutine(fn)
-                and inspect.iscoroutinefunction(type(fn).__call__)):
+        if _is_async(fn):
             raise TypeError(f"{name_of(fn)} is an async function: the pool runs plain "
                             "functions; await it on your own loop, or pass a plain one")
         shipped = self._functions.ship(fn) if self._pickles else _LOCAL
@@ -356,6 +354,14 @@ class ResilientPool:
         assert self._loop is not None
         return Call(fn, shipped, star, Source(items, limits), options,
                     self._functions.timing(fn), mode, self._loop.event)
+
+
+def _is_async(fn: Any) -> bool:
+    """Whether ``fn`` (through partials) is an async function or object."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or (
+        not inspect.isroutine(fn) and inspect.iscoroutinefunction(type(fn).__call__))
 
 
 def _backend_of(pool: weakref.ref[ResilientPool]) -> str | None:

@@ -148,7 +148,7 @@ async def test_an_async_function_is_refused_at_once(pool: ResilientPool) -> None
         async def __call__(self, x: int) -> int:
             return 2 * x
 
-    for fn in (twice, functools.partial(twice), Twice()):
+    for fn in (twice, functools.partial(twice), Twice(), functools.partial(Twice())):
         with pytest.raises(TypeError, match="is an async function"):
             await pool.map(fn, [1])
     assert await pool.run(tasks.square, 3) == 9
