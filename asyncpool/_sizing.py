@@ -28,13 +28,14 @@ class Timing:
     ``target`` seconds of work and :data:`TARGET_CHUNK_BYTES` of pickled data.
     """
 
-    __slots__ = ("per_item", "bytes_per_item", "send_per_item", "ramp")
+    __slots__ = ("per_item", "bytes_per_item", "send_per_item", "_sent", "ramp")
 
     def __init__(self) -> None:
         self.per_item: float | None = None
         self.bytes_per_item: float | None = None
-        #: Seconds the loop spent sending an item, once a chunk took 1 ms or more.
+        #: Seconds the loop spent sending an item, while chunks take 1 ms or more.
         self.send_per_item: float | None = None
+        self._sent: float | None = None
         #: Items of the next chunk while nothing is measured yet.
         self.ramp = 1
 
@@ -53,13 +54,13 @@ class Timing:
         return cap
 
     def observe_send(self, items: int, seconds: float) -> None:
-        """A chunk of ``items`` took ``seconds`` of the loop to send."""
-        if items > 0 and (seconds >= 0.001 or self.send_per_item is not None):
-            per_item = seconds / items
-            if self.send_per_item is None or per_item > self.send_per_item:
-                self.send_per_item = per_item
-            else:
-                self.send_per_item = 0.7 * self.send_per_item + 0.3 * per_item
+        """A chunk of ``items`` took ``seconds`` of the loop to send. Two chunks in a
+        row must have taken 1 ms or more: one alone may have met a pause of the loop
+        (a garbage collection), not costly items."""
+        if items > 0:
+            last, self._sent = self._sent, seconds / items if seconds >= 0.001 else None
+            self.send_per_item = None if last is None or self._sent is None else min(
+                last, self._sent)
 
     def observe(self, items: int, seconds: float) -> None:
         if items <= 0:

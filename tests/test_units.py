@@ -64,11 +64,12 @@ def test_timing_caps_items_by_what_sending_them_costs_the_loop() -> None:
     timing = Timing()
     timing.observe_send(50, 0.0004)  # quick: not looked at
     assert timing.send_per_item is None and timing.bytes_cap() == 1 << 30
-    timing.observe_send(2, 0.002)  # 1 ms an item
+    timing.observe_send(1, 0.003)  # one slow chunk may be a pause of the loop
+    assert timing.bytes_cap() == 1 << 30
+    timing.observe_send(2, 0.002)  # a second: 1 ms an item
     assert timing.bytes_cap() == int(SEND_SECONDS / 0.001)
-    for _ in range(20):
-        timing.observe_send(5, 0.00005)  # they became quick
-    assert timing.bytes_cap() > 400  # near 5 ms / 10 us
+    timing.observe_send(5, 0.00005)  # they became quick
+    assert timing.bytes_cap() == 1 << 30
 
 
 def test_timing_caps_items_by_bytes() -> None:
