@@ -293,6 +293,7 @@ def _kill_midway(src: Path, dst: Path, how: int) -> subprocess.Popen[bytes]:
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
 def test_resume_after_a_killed_or_interrupted_run(tmp_path: Path, how: int) -> None:
     src = tmp_path / "in.jsonl"

@@ -180,6 +180,7 @@ async def test_a_deadline_keeps_what_finished_just_before_an_item_that_hangs(
         assert info.value.partial[10] is MISSING
 
 
+@pytest.mark.slow
 async def test_after_a_crash_nothing_queues_behind_a_worker_stuck_in_a_long_item(
         anyio_backend: str) -> None:
     # One worker hangs early in its chunk; the other dies at item 150 later on. What
@@ -516,6 +517,7 @@ async def test_an_input_raising_a_base_exception_fails_its_call_alone(
         await idle(pool)
 
 
+@pytest.mark.slow
 async def test_an_instant_call_does_not_wait_behind_another_callers_long_item(
         anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
@@ -578,6 +580,7 @@ async def test_a_chain_of_sessions_a_killed_item_started_dies_while_the_pool_ser
         assert await pool.run(tasks.square, 3) == 9
 
 
+@pytest.mark.slow
 async def test_a_workers_daemon_is_left_alone_when_another_worker_leaves(
         anyio_backend: str) -> None:
     # The fork server adopts a double-forked daemon at once; when any worker left, it
