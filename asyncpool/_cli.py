@@ -161,7 +161,7 @@ def progress_for(wanted: bool) -> bool | Callable[[int, int | None], None]:
             now = time.monotonic()
             if now - last[0] >= 2.0 or done == total:
                 last[0] = now
-                print(f"{done:,}{f' of {total:,}' if total else ''} done", file=sys.stderr)
+                sys.stderr.write(f"{done:,}{f' of {total:,}' if total else ''} done\n")
         return count
     return True
 

@@ -116,7 +116,7 @@ def leave_if_forked(error: BaseException | None = None) -> None:
         atexit._run_exitfuncs()
         code = error.code if isinstance(error.code, int) else 0 if error.code is None else 1
         if not isinstance(error.code, int | None):
-            print(error.code, file=sys.stderr)
+            sys.stderr.write(f"{error.code}\n")  # as the interpreter's own exit does
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
