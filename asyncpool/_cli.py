@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from ._errors import AsyncPoolError
+from ._functions import is_async
 from ._pool import ResilientPool
 
 #: How the pool's own errors name an item (at the start of their message).
@@ -52,7 +52,7 @@ def load_function(spec: str) -> Callable[[Any], Any]:
     if not callable(fn):
         raise UsageError(f"{module_name}.{attr} is not a function (its type is "
                          f"{type(fn).__name__})")
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+    if is_async(fn):
         raise UsageError(f"{module_name}.{attr} is an async function: give a plain one")
     return fn  # type: ignore[no-any-return]
 

@@ -135,6 +135,16 @@ def _with_big_bytes_marked(fn: Any) -> functools.partial[Any] | None:
     return wrapped
 
 
+def is_async(fn: Any) -> bool:
+    """Whether ``fn`` (through partials) is an async function or object."""
+    import inspect
+
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or (
+        not inspect.isroutine(fn) and inspect.iscoroutinefunction(type(fn).__call__))
+
+
 def name_of(fn: Any) -> str:
     """A readable name: the function's own, through partials and bound methods."""
     root = fn

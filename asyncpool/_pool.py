@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import inspect
 import logging
 import os
 import weakref
@@ -18,7 +17,7 @@ from ._consume import ResultStream, collect
 from ._engine import Engine
 from ._errors import PoolClosed
 from ._events import Counters, Emitter, EventHook, PoolStatistics
-from ._functions import FunctionBook, Shipped, name_of
+from ._functions import FunctionBook, Shipped, is_async, name_of
 from ._ladder import Ladder
 from ._loop import Loop, current_loop
 from ._options import CallKwargs, CallOptions
@@ -341,7 +340,7 @@ class ResilientPool:
         self._engine_now()
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {fn!r}")
-        if _is_async(fn):
+        if is_async(fn):
             raise TypeError(f"{name_of(fn)} is an async function: the pool runs plain "
                             "functions; await it on your own loop, or pass a plain one")
         shipped = self._functions.ship(fn) if self._pickles else _LOCAL
@@ -354,14 +353,6 @@ class ResilientPool:
         assert self._loop is not None
         return Call(fn, shipped, star, Source(items, limits), options,
                     self._functions.timing(fn), mode, self._loop.event)
-
-
-def _is_async(fn: Any) -> bool:
-    """Whether ``fn`` (through partials) is an async function or object."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or (
-        not inspect.isroutine(fn) and inspect.iscoroutinefunction(type(fn).__call__))
 
 
 def _backend_of(pool: weakref.ref[ResilientPool]) -> str | None:
