@@ -57,8 +57,8 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
     if not isinstance(fn, types.FunctionType) and type(fn).__module__ == "__main__":
         # An object of a script class with a __call__: its class shares them too.
         call = share_main(type(fn).__call__, space, version)
-        if isinstance(call, types.FunctionType):
-            _rebound(type(fn), call.__globals__)
+        if isinstance(call, types.FunctionType) and call.__module__ == "__main__":
+            _rebound(type(fn), call.__globals__)  # the shared ones, not a library's
         return fn
     if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
         return fn

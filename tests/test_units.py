@@ -581,3 +581,20 @@ def test_the_last_results_of_a_chunk_travel_with_its_end() -> None:
     execute([(tasks.burn, False, 1, [0.002] * 4)], 0, tick, flush=0.001)
     assert ticks[-1][2] and ticks[-1][1] == 4 and ticks[-1][0] < 4
     assert all(upto < 4 for _, upto, end in ticks[:-1])
+
+
+def test_a_script_object_whose_call_comes_from_a_library_keeps_its_globals() -> None:
+    # Its class was rebound to the globals of the library's __call__ (contextlib's):
+    # its own methods then read another module's names.
+    import contextlib
+
+    from asyncpool._share import share_main
+
+    space: dict[str, Any] = {"__name__": "__main__"}
+    exec("import contextlib\nSTATE = {'tag': 'own'}\n"
+         "class Guard(contextlib.ContextDecorator):\n"
+         "    def read(self):\n        return STATE['tag']\n", space)
+    guard = space["Guard"]()
+    assert share_main(guard, "a test", 1) is guard
+    assert guard.read.__func__.__globals__ is not contextlib.__dict__
+    assert guard.read() == "own"

@@ -121,7 +121,7 @@ class ProcessRung(Rung, Events):
 
     def _initializer_failure(self, proc: Proc) -> InitializerFailed | None:
         """The initializer's fault in a worker that did not start: it raised, or the
-        worker died while running it (which must not be retried in this process)."""
+        worker died while running it."""
         error = proc.init_error
         if error is None or self.config.initializer is None or (
                 isinstance(error, OSError) and proc.pid is None):
