@@ -43,7 +43,7 @@ class Timing:
         """A chunk went out before any came back: the next may be twice as big."""
         self.ramp = min(self.ramp * 2, 1 << 14)
 
-    def bytes_cap(self) -> int:
+    def send_cap(self) -> int:
         """Items that fit in :data:`TARGET_CHUNK_BYTES` and :data:`SEND_SECONDS`, from
         what chunks weighed and took to send."""
         cap = 1 << 30

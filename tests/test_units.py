@@ -63,22 +63,22 @@ def test_timing_caps_items_by_what_sending_them_costs_the_loop() -> None:
     # loop stood still for a second while the chunk was pickled.
     timing = Timing()
     timing.observe_send(50, 0.0004)  # quick: not looked at
-    assert timing.send_per_item is None and timing.bytes_cap() == 1 << 30
+    assert timing.send_per_item is None and timing.send_cap() == 1 << 30
     timing.observe_send(1, 0.003)  # one slow chunk may be a pause of the loop
-    assert timing.bytes_cap() == 1 << 30
+    assert timing.send_cap() == 1 << 30
     timing.observe_send(2, 0.002)  # a second: 1 ms an item
-    assert timing.bytes_cap() == int(SEND_SECONDS / 0.001)
+    assert timing.send_cap() == int(SEND_SECONDS / 0.001)
     timing.observe_send(5, 0.00005)  # they became quick
-    assert timing.bytes_cap() == 1 << 30
+    assert timing.send_cap() == 1 << 30
 
 
 def test_timing_caps_items_by_bytes() -> None:
     timing = Timing()
-    assert timing.bytes_cap() > 1 << 20
+    assert timing.send_cap() > 1 << 20
     timing.observe_bytes(10, 10 * 100_000)
-    assert timing.bytes_cap() == TARGET_CHUNK_BYTES // 100_000
+    assert timing.send_cap() == TARGET_CHUNK_BYTES // 100_000
     timing.observe_bytes(10, 10 * 10_000_000)  # a bigger item raises the estimate at once
-    assert timing.bytes_cap() == 1
+    assert timing.send_cap() == 1
 
 
 def test_guided_cap_shrinks_with_what_is_left() -> None:
