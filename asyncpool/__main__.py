@@ -35,8 +35,6 @@ def _number(low: int, high: int, what: str) -> Any:
     return parse
 
 
-
-
 def _demo(args: argparse.Namespace) -> int:
     import asyncio
 

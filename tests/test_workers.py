@@ -334,7 +334,6 @@ def test_the_first_call_does_not_import_anyios_backend_on_the_loop() -> None:
     assert proc.stdout.strip() == "asyncpool-import"
 
 
-
 NO_SEQPACKET = """
 import asyncio, socket
 pair = socket.socketpair
