@@ -114,10 +114,16 @@ class Engine:
         held = list(call.chunks)
         if held and call.state is CallState.ABANDONED:
             for rung in {chunk.rung for chunk in held}:
-                rung.cancel([call.id])
-                if kill and not rung.kill([c for c in held if c.rung is rung], {call.id}):
-                    logger.warning("the %s rung cannot stop running tasks; they finish "
-                                   "in the background", rung.name)
+                try:
+                    rung.cancel([call.id])
+                    if kill and not rung.kill([c for c in held if c.rung is rung],
+                                              {call.id}):
+                        logger.warning("the %s rung cannot stop running tasks; they "
+                                       "finish in the background", rung.name)
+                except Exception:
+                    # The caller's own outcome (a deadline, a cancel) still goes first.
+                    logger.exception("the %s rung failed to stop a call's chunks",
+                                     rung.name)
         if self.outcomes.closing:
             self.outcomes.stop(self.outcomes.orphans())
         if not call.shipped.lasting:
@@ -147,7 +153,7 @@ class Engine:
                 self.stalled.discard(call)
                 self.ready.append(call)
         stop = time.perf_counter() + FLUSH_SLICE
-        while self.outcomes.again or self.ready:
+        while self._work_waits():
             if time.perf_counter() > stop:
                 self.kick()  # the rest next turn: timers and readers go first
                 return
@@ -167,6 +173,16 @@ class Engine:
                 self.outcomes.unpicklable(chunk, exc.errors, exc.__cause__)
                 continue
             self.outcomes.sent(chunk, time.perf_counter() - started)
+
+    def _work_waits(self) -> bool:
+        """Whether a chunk could be sent now: calls that ended leave the queues here,
+        so that no rung is (re)built for them."""
+        ready, again = self.ready, self.outcomes.again
+        while ready and not ready[0].wants_input:
+            ready.popleft()
+        while again and all(p.call.state is not CallState.ACTIVE for p in again[0].pieces):
+            again.popleft()
+        return bool(ready or again)
 
     def _next(self, rung: Rung, room: int | None) -> Chunk | None:
         limit = self.config.max_chunk_size if room is None else room

@@ -62,12 +62,15 @@ class Ladder:
         """Start the first rung that can start (or, with warm_start, threads at once
         while processes start in the background)."""
         ladder = self.config.ladder
-        if self.config.warm_start and "process" in ladder and "thread" in ladder:
-            index = ladder.index("thread")
-            self._install(await create_rung("thread", self.config, self.listener, self.loop),
-                          index, promote_after=0.0)
-            return
         async with self._lock:
+            if self.config.warm_start and "process" in ladder and "thread" in ladder:
+                # Threads at once, with the same retries as any rung; if they cannot
+                # start either, the ladder is climbed down as without warm_start.
+                index = ladder.index("thread")
+                rung = await self._create("thread", self.config.creation_attempts)
+                if rung is not None:
+                    self._install(rung, index, promote_after=0.0)
+                    return
             await self._climb_down()
 
     def serving_rung(self) -> Rung | None:

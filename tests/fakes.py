@@ -79,7 +79,7 @@ class FakeRung(Rung):
     def cancel(self, calls: Any) -> None:
         self.cancelled.update(calls)
 
-    def kill(self, chunks: Any) -> bool:
+    def kill(self, chunks: Any, calls: Any = None) -> bool:
         for chunk in list(chunks):
             if chunk in self.held:
                 self.held.remove(chunk)

@@ -143,3 +143,36 @@ async def test_a_rung_the_platform_cannot_run_is_skipped_for_good(
             await anyio.sleep(0.2)
             assert process.starts == 1 and pool.backend == "thread"
             assert pool.statistics().fallbacks == 1
+
+
+async def test_no_rung_is_started_for_calls_that_ended(monkeypatch: pytest.MonkeyPatch,
+                                                       anyio_backend: str) -> None:
+    # A call that failed because no rung could start stayed queued, and the ladder
+    # went on starting rungs for it, one after another, with nobody waiting.
+    process = Script()
+    with fake_rungs(monkeypatch, process=process):
+        async with ResilientPool(max_workers=2, rungs=("process",), creation_attempts=2,
+                                 **FAST) as pool:
+            assert await pool.map(tasks.square, range(3)) == [0, 1, 4]
+            process.failing_starts = 10**9
+            rung = process.rungs[0]
+            rung.state = RungState.CRASHED  # as a lost cluster does
+            rung.listener.rung_changed()
+            with pytest.raises(BlockingIOError):
+                await pool.map(tasks.square, range(3), timeout=5)
+            starts = process.starts
+            # Not a wait for something to happen: a window in which the ladder (backing
+            # off 1-10 ms here) would have started rungs again, had it been asked.
+            await anyio.sleep(0.2)
+            assert process.starts == starts
+
+
+async def test_warm_start_rides_out_a_thread_shortage(thread_starts: ThreadStarts,
+                                                      anyio_backend: str) -> None:
+    # Warm start opened threads once, without the ladder's retries or fallback: a
+    # machine out of threads failed the open instead of serving on processes.
+    thread_starts.blocked = True
+    async with ResilientPool(max_workers=2, warm_start=True, **FAST) as pool:
+        assert pool.backend == "process"
+        assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
+        assert pool.statistics().creation_failures >= 1
