@@ -50,6 +50,11 @@ class _Worker:
         self.max_memory: int | None = settings["max_memory"]
         self.functions: dict[int, Callable[..., Any]] = {}
         self.cancelled: set[int] = set()
+        #: The last chunk read when each call was cancelled: chunks come in order, so
+        #: once a later one ends, none of that call is left and its id goes (a
+        #: service's timeouts must not pile up in a long-lived worker).
+        self.cancelled_upto: dict[int, int] = {}
+        self.last_seq = 0
         self.inbox: list[tuple[int, _wire.Parts]] = []
         #: What chunks handed back unrun shipped (functions, ids to forget): later
         #: chunks count on it.
@@ -70,7 +75,23 @@ class _Worker:
         with self.reading:
             if self.inbox:
                 return self.inbox.pop(0)
-            return _wire.recv_frame(self.sock)
+            got = _wire.recv_frame(self.sock)
+            if got is not None and got[0] == _wire.CHUNK:
+                self.last_seq = _wire.CHUNK_HEAD.unpack(got[1][0])[0]
+            return got
+
+    def note_cancelled(self, parts: _wire.Parts) -> None:
+        calls: list[int] = _wire.loads(parts)
+        self.cancelled.update(calls)
+        for call in calls:
+            self.cancelled_upto[call] = self.last_seq
+
+    def chunk_ended(self, seq: int) -> None:
+        """Forget the cancelled calls that no chunk left here can hold."""
+        if self.cancelled_upto:
+            for call in [c for c, upto in self.cancelled_upto.items() if upto <= seq]:
+                del self.cancelled_upto[call]
+                self.cancelled.discard(call)
 
     def poll(self, wait: bool = True) -> bool:
         """Take in what the parent sent meanwhile: cancellations act at once, and
@@ -85,7 +106,7 @@ class _Worker:
                 if got is None:
                     self.closed = True
                 elif got[0] == _wire.CANCEL:
-                    self.cancelled.update(_wire.loads(got[1]))
+                    self.note_cancelled(got[1])
                     self.cancel_seen = True
                 elif got[0] == _wire.WITHDRAW:
                     wanted = set(_wire.loads(got[1]))
@@ -103,6 +124,8 @@ class _Worker:
                     if self.running is not None and self.running[0] in wanted:
                         self._cut_running()
                 else:
+                    if got[0] == _wire.CHUNK:
+                        self.last_seq = _wire.CHUNK_HEAD.unpack(got[1][0])[0]
                     self.inbox.append(got)
         finally:
             self.reading.release()
@@ -309,6 +332,7 @@ def serve(sock: socket.socket, progress: Any) -> int:
                 worker.run_chunk(parts)
             except OSError:
                 return 0  # the parent is gone (or closed us) mid-chunk
+            worker.chunk_ended(_wire.CHUNK_HEAD.unpack(parts[0])[0])
         elif kind == _wire.CANCEL:
-            worker.cancelled.update(_wire.loads(parts))
+            worker.note_cancelled(parts)
     return 0

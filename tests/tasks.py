@@ -562,3 +562,12 @@ def fail_outside(parent: int) -> None:
     """An initializer that works in the parent's threads, fails in worker processes."""
     if os.getpid() != parent:
         raise RuntimeError("this initializer fails in worker processes")
+
+
+def cancelled_kept(_: object) -> int:
+    """How many cancelled calls the worker process running this still remembers."""
+    import gc
+
+    from asyncpool._worker import _Worker
+
+    return sum(len(w.cancelled) for w in gc.get_objects() if isinstance(w, _Worker))

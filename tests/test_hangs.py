@@ -908,3 +908,28 @@ async def test_a_pool_dropped_unclosed_takes_its_workers_along(
     await wait_until(lambda: not any(alive(pid) for pid in set(pids) - {os.getpid()}))
     # Nothing of it is left: a task of it waited for good, holding it all.
     await wait_until(lambda: gc.collect() >= 0 and engine() is None)
+
+
+@pytest.mark.parametrize("rungs", [("process",), ("thread",), ("inline",)])
+async def test_timed_out_calls_leave_no_trace_where_they_ran(
+        rungs: tuple[str, ...], anyio_backend: str) -> None:
+    # A service whose calls time out now and then: each left its id behind, in the
+    # rung and in every worker it reached, for as long as the pool lived.
+    async with ResilientPool(max_workers=2, rungs=rungs) as pool:  # type: ignore[arg-type]
+        for _ in range(40):
+            with pytest.raises(DeadlineExceeded):
+                await pool.map(tasks.nap, [0.005] * 8, timeout=0.002)
+        await idle(pool)
+        rung = pool._engine.ladder.serving
+        assert rung is not None
+        if rungs == ("process",):
+            # A worker forgets them once it ran a later chunk: until both have, some
+            # remain (before, all 40 did, for good).
+            kept = [40]
+            for _ in range(50):
+                kept = await pool.map(tasks.cancelled_kept, range(4), chunk_size=1)
+                if max(kept) == 0:
+                    break
+            assert max(kept) == 0
+        else:
+            assert len(rung._cancelled) == 0  # type: ignore[attr-defined]

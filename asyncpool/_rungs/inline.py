@@ -95,6 +95,8 @@ class InlineRung(Rung):
             if position > first:
                 self.listener.chunk_progress(chunk, first, position, results, errors)
             self.in_flight -= 1
+            # One chunk at a time: no chunk of a cancelled call is left to skip.
+            self._cancelled.clear()
             self.listener.chunk_done(chunk, position, time.perf_counter() - started,
                                      self._retried)
             # A task's error holds this frame (its caller's caller) while it lives.

@@ -7,6 +7,7 @@ it twice. Starting every thread here means ``submit`` never starts one.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import queue
@@ -35,8 +36,11 @@ class ThreadRung(Rung):
         super().__init__()
         self.config, self.listener, self.loop = config, listener, loop
         self._queue: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
-        #: Calls whose items are no longer wanted (read by the threads).
+        #: Calls whose items are no longer wanted (read by the threads). A call leaves
+        #: with its last chunk here, so that a service's timeouts do not pile up.
         self._cancelled: set[int] = set()
+        #: How many chunks held here (queued or running) carry each call.
+        self._holding: collections.Counter[int] = collections.Counter()
         self.threads: list[threading.Thread] = []
         self._init_errors: list[BaseException] = []
 
@@ -90,10 +94,11 @@ class ThreadRung(Rung):
     def submit(self, chunk: Chunk) -> None:
         chunk.rung = self
         self.in_flight += 1
+        self._holding.update({piece.call.id for piece in chunk.pieces})
         self._queue.put(chunk)
 
     def cancel(self, calls: Iterable[int]) -> None:
-        self._cancelled.update(calls)
+        self._cancelled.update(call for call in calls if call in self._holding)
 
     def _work(self, ready: threading.Semaphore) -> None:
         config = self.config
@@ -132,6 +137,12 @@ class ThreadRung(Rung):
             self.listener.chunk_progress(chunk, first, upto, results, errors)
         if end is not None:
             self.in_flight -= 1
+            holding = self._holding
+            for call in {piece.call.id for piece in chunk.pieces}:
+                holding[call] -= 1
+                if holding[call] <= 0:
+                    del holding[call]
+                    self._cancelled.discard(call)
             self.listener.chunk_done(chunk, upto, *end)
 
     def abandon(self) -> None:
