@@ -36,6 +36,30 @@ class Mode(enum.Enum):
     UNORDERED = "unordered"  # imap(ordered=False): streamed as they finish
 
 
+class Resend(enum.Enum):
+    """Why items of a chunk are sent again (the ``reason`` of a resubmit event)."""
+
+    #: Taken back unstarted (from a busy worker, or cut short behind a long item):
+    #: not a rerun.
+    MOVED = "moved"
+    #: The item that may have killed its worker, alone and last.
+    SUSPECT = "suspect"
+    #: A part of a chunk that crashed, not knowing which item did it.
+    SPLIT = "split"
+    #: Ran before the item that crashed its worker.
+    INNOCENT = "innocent"
+    #: Came after the item that crashed its worker.
+    NOT_RUN = "not run"
+    #: Their worker was killed, retired or shut down, or their rung stopped serving.
+    LOST = "lost"
+    #: A half of a chunk whose pickle failed, to find the item at fault.
+    BISECT = "bisect"
+    #: Their results would not unpickle in the parent: each runs alone.
+    UNDECODABLE = "undecodable"
+    #: The items of a chunk that pickle, without those that did not.
+    PICKLABLE = "picklable"
+
+
 class CallState(enum.Enum):
     ACTIVE = "active"
     FINISHED = "finished"

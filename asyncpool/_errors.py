@@ -85,6 +85,9 @@ class WorkerCrashed(AsyncPoolError):
 class SerializationError(AsyncPoolError, TypeError):
     """An argument, function or result could not be pickled or unpickled."""
 
+    #: The input index of the item at fault, when the error is one item's.
+    index: int | None = None
+
 
 class FunctionUnavailable(SerializationError):
     """The workers cannot load the call's function (its module is not importable

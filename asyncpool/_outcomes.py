@@ -19,10 +19,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._call import Call, CallState, Chunk
+from ._call import Call, CallState, Chunk, Resend
 from ._config import PoolConfig
 from ._errors import FunctionUnavailable, PoolClosed, SerializationError, WorkerCrashed
-from ._events import Counters, Emitter
+from ._events import Counters, Emitter, EventKind
 from ._execute import SKIPPED
 from ._rungs import Rung
 from ._sizing import Timing
@@ -102,7 +102,7 @@ class Outcomes:
         if upto < chunk.size:
             # The worker stopped early (it retires, or was asked to for an idle worker):
             # the rest goes elsewhere.
-            self._again(chunk, max(upto, chunk.reported), chunk.size, "moved")
+            self._again(chunk, max(upto, chunk.reported), chunk.size, Resend.MOVED)
         self._settle(chunk)
 
     def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None,
@@ -116,7 +116,7 @@ class Outcomes:
         if culprit is None or culprit < first:
             if chunk.size - first == 1 and deaths > 1 and not chunk.suspect:
                 # Dask lost it with every task on its worker: alone, it may well run.
-                self._again(chunk, first, chunk.size, "suspect", 0)
+                self._again(chunk, first, chunk.size, Resend.SUSPECT, 0)
                 self._settle(chunk)
                 return
             if chunk.size - first > 1:
@@ -128,14 +128,14 @@ class Outcomes:
                 rest = chunk.size - first
                 bounds = [first + rest * i // min(parts, rest) for i in range(min(parts, rest))]
                 for lo, hi in zip(bounds, [*bounds[1:], chunk.size], strict=True):
-                    self._again(chunk, lo, hi, "split", 0, suspect=True)
+                    self._again(chunk, lo, hi, Resend.SPLIT, 0, suspect=True)
                 self._settle(chunk)
                 return
             culprit = first
         # Items before the culprit ran but their results died with the worker; those
         # after it never ran. Neither is to blame.
-        self._again(chunk, first, culprit, "innocent", 0)
-        self._again(chunk, culprit + 1, chunk.size, "not run", 0)
+        self._again(chunk, first, culprit, Resend.INNOCENT, 0)
+        self._again(chunk, culprit + 1, chunk.size, Resend.NOT_RUN, 0)
         alone = chunk.size - first == 1
         crashes = (chunk.crashes if alone else 0) + deaths
         piece, index = chunk.locate(culprit)
@@ -149,7 +149,7 @@ class Outcomes:
                 piece.call.deliver(index, [None], {0: error})
                 self.counters.tasks_failed += 1
         else:
-            self._again(chunk, culprit, culprit + 1, "suspect", crashes)
+            self._again(chunk, culprit, culprit + 1, Resend.SUSPECT, crashes)
         self._settle(chunk)
 
     def _function_crashed(self, chunk: Chunk, function: int, exitcode: int | None) -> None:
@@ -169,11 +169,11 @@ class Outcomes:
         position = 0
         for piece in chunk.pieces:
             end = position + len(piece.items)
-            self._again(chunk, max(position, chunk.reported), end, "lost", 0)
+            self._again(chunk, max(position, chunk.reported), end, Resend.LOST, 0)
             position = end
         self._settle(chunk)
 
-    def chunk_lost(self, chunk: Chunk, why: str = "lost") -> None:
+    def chunk_lost(self, chunk: Chunk, why: Resend = Resend.LOST) -> None:
         if self.closing:
             self._closed_under(chunk)
         else:
@@ -181,7 +181,7 @@ class Outcomes:
         self._settle(chunk)
 
     def chunk_cut(self, chunk: Chunk, keep: int) -> None:
-        self._again(chunk, max(keep, chunk.reported), chunk.size, "moved")
+        self._again(chunk, max(keep, chunk.reported), chunk.size, Resend.MOVED)
         kept = chunk.pieces_between(0, keep)
         _let_go(chunk, chunk.calls() - {p.call for p in kept})
         chunk.pieces, chunk.size = kept, keep
@@ -191,8 +191,8 @@ class Outcomes:
         first = chunk.reported
         if chunk.size - first > 1:
             middle = first + (chunk.size - first) // 2
-            self._again(chunk, first, middle, "bisect")
-            self._again(chunk, middle, chunk.size, "bisect")
+            self._again(chunk, first, middle, Resend.BISECT)
+            self._again(chunk, middle, chunk.size, Resend.BISECT)
         else:
             self._item_error(chunk, first, Crossing.ARGUMENT_LOAD,
                              error)
@@ -208,14 +208,14 @@ class Outcomes:
                              error)
             return
         for position in range(first, upto):
-            self._again(chunk, position, position + 1, "undecodable")
+            self._again(chunk, position, position + 1, Resend.UNDECODABLE)
 
-    def worker_event(self, kind: str, message: str, **details: Any) -> None:
+    def worker_event(self, kind: EventKind, message: str, **details: Any) -> None:
         if kind == "worker_crash":
             self.counters.worker_crashes += details.get("deaths", 1)
         elif kind == "worker_recycled":
             self.counters.workers_recycled += 1
-        self.emit(kind, message, **details)  # type: ignore[arg-type]
+        self.emit(kind, message, **details)
 
     # -- helpers -------------------------------------------------------------------
 
@@ -231,7 +231,7 @@ class Outcomes:
             self._drained.set()
         self.kick()
 
-    def _again(self, chunk: Chunk, first: int, upto: int, why: str,
+    def _again(self, chunk: Chunk, first: int, upto: int, why: Resend,
                crashes: int | None = None, suspect: bool = False) -> None:
         """Send positions [first, upto) of ``chunk`` again. Unless told otherwise, they
         keep the chunk's crash count when they are all of it (a suspect item that was
@@ -244,12 +244,12 @@ class Outcomes:
             return
         if crashes is None:
             crashes = chunk.crashes if (first, upto) == (0, chunk.size) else 0
-        if why != "moved":  # taken back unstarted from a busy worker: not a rerun
+        if why is not Resend.MOVED:  # taken back unstarted from a busy worker: not a rerun
             self.counters.resubmitted_chunks += 1
-        again = Chunk(pieces, crashes, suspect or why == "suspect")
-        self.emit("resubmit", f"resubmitting {again.size} item(s) ({why})",
-                  size=again.size, reason=why)
-        if why == "suspect":
+        again = Chunk(pieces, crashes, suspect or why is Resend.SUSPECT)
+        self.emit("resubmit", f"resubmitting {again.size} item(s) ({why.value})",
+                  size=again.size, reason=why.value)
+        if why is Resend.SUSPECT:
             self.again.append(again)  # the suspect goes last, alone
         else:
             self.again.appendleft(again)
@@ -269,6 +269,7 @@ class Outcomes:
             fix = ("pass plain, picklable data (no locks, sockets or generators; classes "
                    "importable by the workers)")
         error = SerializationError(f"item {index}: {described} {where.value}: {cause!r}; {fix}")
+        error.index = index
         error.__cause__ = cause
         piece.call.deliver(index, [None], {0: error})
         self.counters.tasks_failed += 1
@@ -282,15 +283,15 @@ class Outcomes:
             first = chunk.reported
             if chunk.size - first > 1:
                 middle = first + (chunk.size - first) // 2
-                self._again(chunk, first, middle, "split", 0)
-                self._again(chunk, middle, chunk.size, "split", 0)
+                self._again(chunk, first, middle, Resend.SPLIT, 0)
+                self._again(chunk, middle, chunk.size, Resend.SPLIT, 0)
                 return
             errors = {first: cause or SerializationError("the chunk could not be pickled")}
         for position, cause in sorted(errors.items()):
             self._item_error(chunk, position, Crossing.ARGUMENT_DUMP, cause)
         start = 0
         for position in [*sorted(errors), chunk.size]:
-            self._again(chunk, start, position, "picklable")
+            self._again(chunk, start, position, Resend.PICKLABLE)
             start = position + 1
 
     def _closed_under(self, chunk: Chunk) -> None:
@@ -336,8 +337,9 @@ def _let_go(chunk: Chunk, calls: set[Call]) -> None:
 def _named(error: BaseException, index: int) -> BaseException:
     """A serialization error found in a worker knows only its place in the chunk: name
     the item by its index in the input."""
-    if type(error) is SerializationError and not str(error).startswith("item "):
+    if type(error) is SerializationError and error.index is None:
         named = SerializationError(f"item {index}: {error}")
+        named.index = index
         named.__cause__ = error.__cause__
         return named
     return error

@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 
 from ._puller import Batch, Outbox, Puller, pull_batch
+from ._retry import is_transient
 from ._sizing import rough_size
 
 
@@ -232,7 +233,7 @@ class Source:
                 self._puller = Puller.take()
             return await self._puller.pull(self._it, count, sink, self._pace)
         except RuntimeError as exc:
-            if "can't start new thread" not in str(exc):
+            if not is_transient(exc):
                 raise
         # No thread to pull in: one item at a time on the loop, with a turn between.
         await anyio.lowlevel.checkpoint()

@@ -13,8 +13,11 @@ import enum
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from .._call import Resend
+
 if TYPE_CHECKING:
     from .._call import Chunk
+    from .._events import EventKind
 
 
 class RungState(enum.Enum):
@@ -49,10 +52,10 @@ class Listener(Protocol):
         nothing unreported came back. ``deaths`` is how many worker deaths the report
         stands for (Dask reports one for several)."""
 
-    def chunk_lost(self, chunk: Chunk, why: str = "lost") -> None:
+    def chunk_lost(self, chunk: Chunk, why: Resend = Resend.LOST) -> None:
         """Final: the unreported items did not run through any fault of theirs (a
         worker that was killed, retired or shut down, or a chunk the rung took back
-        before it ran, ``why="moved"``): send them again."""
+        before it ran, ``why=Resend.MOVED``): send them again."""
 
     def chunk_cut(self, chunk: Chunk, keep: int) -> None:
         """Only the first ``keep`` items of ``chunk`` will run where it is (the rest
@@ -68,7 +71,7 @@ class Listener(Protocol):
     def rung_changed(self) -> None:
         """The rung has room again, or broke: look at the ladder again."""
 
-    def worker_event(self, kind: str, message: str, **details: Any) -> None:
+    def worker_event(self, kind: EventKind, message: str, **details: Any) -> None:
         """A worker crashed, was recycled or replaced (for events and statistics)."""
 
 

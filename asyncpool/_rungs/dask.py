@@ -232,7 +232,7 @@ class DaskRung(Rung):
         relay.add_done_callback(functools.partial(self._relay_ended, chunk))
 
     def _relay_ended(self, chunk: Chunk, _: object) -> None:
-        self._final(chunk, "lost")
+        self._lost(chunk)
 
     async def _function(self, shipped: Any) -> Any:
         """The function's pickle, or for a big one its data scattered to every worker."""
@@ -264,7 +264,7 @@ class DaskRung(Rung):
                 # where what this rung set up (the initializer, scattered functions) is
                 # gone; a task sent meanwhile would wait, then run there.
                 self._broke(RungUnavailable("the Dask scheduler connection was lost"))
-                self._final(chunk, "lost")
+                self._lost(chunk)
                 return
             self._count += 1
             name = re.sub(r"[^\w.]+", "_", chunk.pieces[0].call.shipped.name)
@@ -285,18 +285,18 @@ class DaskRung(Rung):
                 # Ours (the call was cancelled, or the rung is closing).
                 if future is not None:
                     await cancel_quietly(self.client, future)
-                self._final(chunk, "lost")
+                self._lost(chunk)
                 raise
             if self._connected():
                 # Something in the client cancelled the wait, not the cluster's answer.
-                self._final(chunk, "lost")
+                self._lost(chunk)
                 return
             # Dask cancelled the future under us: the client lost its scheduler.
             self._broke(RungUnavailable("Dask cancelled a task: its scheduler is gone"))
-            self._final(chunk, "lost")
+            self._lost(chunk)
             return
         except KilledWorker:
-            self._final(chunk, "crashed")
+            self._crashed(chunk)
             return
         except Exception as exc:
             from distributed.client import FutureCancelledError
@@ -306,24 +306,25 @@ class DaskRung(Rung):
                 # on the task): scattered again, and counted as a crash of the chunk.
                 for piece in chunk.pieces:
                     self.forget(piece.call.shipped.id)
-                self._final(chunk, "crashed", deaths=1)
+                self._crashed(chunk, deaths=1)
                 return
             if lost_connection(exc, self.client):
                 self._broke(exc)
-                self._final(chunk, "lost")
+                self._lost(chunk)
                 return
             if self.state is not RungState.SERVING:
-                self._final(chunk, "lost")
+                self._lost(chunk)
                 return
             # The cluster could not run the task at all (a function or argument that
             # will not load there): every item of the chunk fails the same way.
             error = FunctionUnavailable(f"the Dask cluster could not run this task: {exc!r}")
             error.__cause__ = exc
-            self._final(chunk, "progress", [None] * chunk.size,
-                        dict.fromkeys(range(chunk.size), error))
+            self._finished(chunk, [None] * chunk.size,
+                           dict.fromkeys(range(chunk.size), error))
             return
         if bad_arguments is not None:
-            self._final(chunk, "unloadable", error=SerializationError(bad_arguments))
+            if self._end(chunk):
+                self.listener.chunk_unloadable(chunk, SerializationError(bad_arguments))
             return
         if unloadable is not None:
             error = FunctionUnavailable(f"the function could not be loaded on the Dask "
@@ -338,47 +339,48 @@ class DaskRung(Rung):
             try:
                 results, bad = load_results(blob)
             except BaseException as exc:  # the results' own code ran: SystemExit too
-                self.listener.chunk_undecodable(chunk, 0, chunk.size, exc)
-                self._final(chunk, "done")
+                if self._end(chunk):
+                    self.listener.chunk_undecodable(chunk, 0, chunk.size, exc)
+                    self.listener.chunk_done(chunk, chunk.size, seconds)
                 return
             errors.update(bad)
-        self._final(chunk, "progress", results, errors, seconds, retried)
+        self._finished(chunk, results, errors, seconds, retried)
 
-    def _final(self, chunk: Chunk, how: str, results: list[Any] | None = None,
-               errors: dict[int, BaseException] | None = None,
-               seconds: float | list[float] = 0.0,
-               retried: int = 0, deaths: int | None = None,
-               error: BaseException | None = None) -> None:
+    def _end(self, chunk: Chunk) -> bool:
+        """The chunk's relay ends: True the first time (the caller reports it), False
+        if it was reported already."""
         if self._relays.pop(chunk, None) is None:
-            return
+            return False
         self.in_flight -= 1
         if chunk is self._suspect:
             self._suspect = None
         elif self._alone is not None and len(self._relays) == 1:
             self._alone.set()  # the suspect is alone now
             self._alone = None
-        if how == "unloadable":
-            assert error is not None
-            self.listener.chunk_unloadable(chunk, error)
-        elif how == "progress":
-            assert results is not None and errors is not None
+        return True
+
+    def _lost(self, chunk: Chunk) -> None:
+        if self._end(chunk):
+            self.listener.chunk_lost(chunk)
+
+    def _finished(self, chunk: Chunk, results: list[Any], errors: dict[int, BaseException],
+                  seconds: float | list[float] = 0.0, retried: int = 0) -> None:
+        if self._end(chunk):
             self.listener.chunk_progress(chunk, 0, chunk.size, results, errors)
             self.listener.chunk_done(chunk, chunk.size, seconds, retried)
-        elif how == "done":
-            self.listener.chunk_done(chunk, chunk.size, seconds)
-        elif how == "crashed":
-            import dask
 
-            if deaths is None:
-                # Dask gives up on a task after it was on workers that died this often.
-                deaths = int(dask.config.get("distributed.scheduler.allowed-failures",
-                                             3)) + 1
-            self.listener.worker_event("worker_crash", f"Dask lost a chunk of {chunk.size} "
-                                       f"item(s) to {deaths} worker death(s); splitting it "
-                                       "to find the item at fault", deaths=deaths)
-            self.listener.chunk_crashed(chunk, None, None, deaths)
-        else:
-            self.listener.chunk_lost(chunk)
+    def _crashed(self, chunk: Chunk, deaths: int | None = None) -> None:
+        if not self._end(chunk):
+            return
+        import dask
+
+        if deaths is None:
+            # Dask gives up on a task after it was on workers that died this often.
+            deaths = int(dask.config.get("distributed.scheduler.allowed-failures", 3)) + 1
+        self.listener.worker_event("worker_crash", f"Dask lost a chunk of {chunk.size} "
+                                   f"item(s) to {deaths} worker death(s); splitting it "
+                                   "to find the item at fault", deaths=deaths)
+        self.listener.chunk_crashed(chunk, None, None, deaths)
 
     def _connected(self) -> bool:
         return bool(getattr(self.client, "status", "running") == "running")

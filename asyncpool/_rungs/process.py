@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .. import _wire
+from .._call import Resend
 from .._errors import InitializerFailed
 from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
@@ -284,7 +285,7 @@ class ProcessRung(Rung, Events):
     def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None:
         proc.tasks -= chunk.size
         self.in_flight -= 1
-        self.listener.chunk_lost(chunk, "moved")
+        self.listener.chunk_lost(chunk, Resend.MOVED)
 
     def _take_back(self) -> None:
         """While a worker is idle, ask for the chunks that wait behind an item running
