@@ -57,10 +57,10 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
     if not isinstance(fn, types.FunctionType) and type(fn).__module__ == "__main__":
         # An object of a script class with a __call__: its class shares them too.
         call = share_main(type(fn).__call__, space, version)
-        if isinstance(call, types.FunctionType) and call.__module__ == "__main__":
+        if _of_script(call):
             _rebound(type(fn), call.__globals__)  # the shared ones, not a library's
         return fn
-    if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
+    if not _of_script(fn):
         return fn
     if space is None:
         shared = _main_globals
@@ -75,8 +75,7 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
         if name in shared and last > version:
             continue  # set by a later call's pickle
         seen[name] = version, value
-        if getattr(value, "__module__", None) == "__main__" and isinstance(
-                value, types.FunctionType | type):
+        if _of_script(value) or (isinstance(value, type) and value.__module__ == "__main__"):
             # A function or class of the script follows the caller's latest (one
             # redefined in a notebook cell), and sees the shared globals.
             shared[name] = _rebound(value, shared)
@@ -110,6 +109,17 @@ def _plain(value: Any) -> bool:
         kind.__module__ in _PLAIN_MODULES or hasattr(kind, "_member_map_"))
 
 
+def _of_script(fn: Any) -> bool:
+    """Whether ``fn`` is a function the main script defined. A library's wrapper
+    (``functools.wraps``: a dataclass's ``__repr__``, a ``contextmanager``) says it is
+    of ``__main__`` too, but its globals are its module's: given the script's, it
+    would not find its own names."""
+    import types
+
+    return (isinstance(fn, types.FunctionType) and fn.__module__ == "__main__"
+            and fn.__globals__.get("__name__") == "__main__")
+
+
 def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
     """A function of the main script with ``shared`` as its globals; a class of it
     with its methods so."""
@@ -130,12 +140,11 @@ def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
                                                    member.__doc__))
                     continue
                 inner = getattr(member, "__func__", member)
-                if (isinstance(inner, types.FunctionType) and inner.__module__ == "__main__"
-                        and inner.__globals__ is not shared):
+                if _of_script(inner) and inner.__globals__ is not shared:
                     rebound = _rebound(inner, shared)
                     setattr(cls, key, rebound if inner is member else type(member)(rebound))
         return fn
-    if not isinstance(fn, types.FunctionType) or fn.__globals__ is shared:
+    if not _of_script(fn) or fn.__globals__ is shared:
         return fn
     rebound = types.FunctionType(fn.__code__, shared, fn.__name__, fn.__defaults__,
                                  fn.__closure__)

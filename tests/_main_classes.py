@@ -6,9 +6,11 @@ Run as a script (so these classes live in ``__main__``); prints one line per cas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import sys
+from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,6 +35,19 @@ def make_point(x: int) -> Point:
     return Point(x)
 
 
+class Session:
+    @contextlib.contextmanager
+    def opened(self, x: int) -> Iterator[int]:
+        yield 2 * x
+
+
+def library_wrapped(x: int) -> str:
+    # Methods the dataclass and contextlib modules wrote (functools.wraps gives them
+    # this script's name) need their own modules' globals in a worker too.
+    with Session().opened(x) as doubled:
+        return f"{Point(doubled)!r}"
+
+
 def oops(x: int) -> int:
     raise Oops(f"oops {x}")
 
@@ -46,6 +61,9 @@ async def main() -> None:
         points = await pool.map(make_point, range(3))
         assert points == [Point(0), Point(1), Point(2)] and type(points[0]) is Point
         print("dataclass:Point")
+        assert await pool.map(library_wrapped, range(2)) == ["Point(x=0)", "Point(x=2)"]
+        assert repr(points[1]) == "Point(x=1)"
+        print("library-wrapped:ok")
         try:
             await pool.run(oops, 1)
         except Oops as exc:
