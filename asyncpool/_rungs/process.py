@@ -333,10 +333,11 @@ class ProcessRung(Rung, Events):
     def _live(self) -> int:
         """Workers that will take chunks: starting or ready, and not about to leave
         (one that reached max_tasks_per_worker leaves after its chunk, one killed for
-        not starting in time is gone)."""
+        not starting in time or whose initializer failed is gone)."""
         limit = self.config.max_tasks_per_worker
         return sum(1 for p in self.procs if p.state in (ProcState.STARTING, ProcState.READY)
-                   and not p.killed and (limit is None or p.tasks < limit))
+                   and not p.killed and p.init_error is None
+                   and (limit is None or p.tasks < limit))
 
     def _grow(self) -> None:
         """A worker left (or will): the supervisor forks its replacement."""
@@ -378,12 +379,11 @@ class ProcessRung(Rung, Events):
                 for proc in started:
                     await proc.started.wait()
             for proc in started:
-                if proc.state is ProcState.STARTING:
-                    proc.kill()
-                    error = RungUnavailable("a new worker did not start in time")
-                    continue
                 if proc.init_error is not None:  # a fork failed, or the initializer did
                     error = self._initializer_failure(proc) or proc.init_error
+                elif proc.state is ProcState.STARTING:
+                    proc.kill()
+                    error = RungUnavailable("a new worker did not start in time")
             if error is None:
                 delays, failures = fresh(), 0
                 continue
