@@ -79,7 +79,11 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
             # A function or class of the script follows the caller's latest (one
             # redefined in a notebook cell), and sees the shared globals.
             shared[name] = _rebound(value, shared)
-        elif name not in shared or (_plain(value) and not _same(value, brought)):
+        elif name not in shared or (not _same(value, brought) and (
+                _plain(value) or _plain(shared[name]))):
+            # The caller changed it: a plain value is replaced, and so is anything that
+            # replaces a plain one (CFG = None, then a dict); a mutable value the
+            # worker holds (a dict an initializer filled) stays.
             shared[name] = value
     return _rebound(fn, shared)
 
@@ -102,8 +106,18 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _plain(value: Any) -> bool:
-    """An immutable value: a number, string, tuple, date, path, enum member..."""
+    """An immutable value (a number, string, tuple, date, path, enum member, compiled
+    pattern...), or a module, class or function of a library: a name for it."""
+    import functools
+    import types
+
     kind = type(value)
+    if isinstance(value, types.ModuleType | types.BuiltinFunctionType | types.FunctionType
+                  | type):
+        return not _of_script(value) and getattr(value, "__module__", None) != "__main__"
+    if kind is functools.partial:  # of plain parts: int with base=2
+        return all(_plain(part) for part in (value.func, *value.args,
+                                             *value.keywords.values()))
     return kind in _PLAIN or isinstance(value, int | float | complex | str | bytes | tuple
                                         | frozenset) or (
         kind.__module__ in _PLAIN_MODULES or hasattr(kind, "_member_map_"))
@@ -158,4 +172,4 @@ def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
 _PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None), tuple, frozenset,
                     range})
 _PLAIN_MODULES = frozenset({"datetime", "decimal", "fractions", "pathlib", "uuid",
-                            "ipaddress"})
+                            "ipaddress", "re"})

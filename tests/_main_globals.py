@@ -5,7 +5,10 @@ check)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import operator
+import pickle
 import os
 import sys
 import time
@@ -20,6 +23,9 @@ SCALE = 1
 STATE: dict[str, str] = {}
 MODEL: int | None = None
 RATE = math.nan
+COMBINE = operator.add
+CODEC = json
+CONFIG: dict[str, str] | None = None
 
 
 def init() -> None:
@@ -65,6 +71,10 @@ def helper(x: int) -> int:
     return x + 1
 
 
+def names(_: int) -> str:
+    return f"{COMBINE(2, 3)}-{CODEC.__name__}-{CONFIG}"
+
+
 def via_helper(x: int) -> int:
     return helper(x)
 
@@ -80,7 +90,7 @@ async def slow_input() -> AsyncIterator[int]:
 
 
 async def main() -> None:
-    global SCALE, helper
+    global SCALE, helper, COMBINE, CODEC, CONFIG
     async with ResilientPool(max_workers=2, initializer=init) as pool:
         print(await pool.run(scaled, 0))
         SCALE = 10
@@ -108,6 +118,11 @@ async def main() -> None:
         # A partial's subclass around a function of the script: it became a plain
         # partial, without its own __call__.
         print(*await pool.run(tasks.Tagged(via_helper), 0))
+        # A library's function or module, or anything in place of a None, follows the
+        # caller's changes as a number does (they stayed as the worker first got them).
+        print(*set(await pool.map(names, range(12), chunk_size=1)))
+        COMBINE, CODEC, CONFIG = operator.mul, pickle, {"mode": "fast"}
+        print(*{s.replace(" ", "") for s in await pool.map(names, range(12), chunk_size=1)})
     async with ResilientPool(max_workers=1) as pool:
         older = asyncio.ensure_future(pool.map(slowly_via_helper, slow_input()))
         await asyncio.sleep(0.05)
