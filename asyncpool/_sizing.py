@@ -18,6 +18,8 @@ TARGET_CHUNK_BYTES = 4 << 20
 #: And sending a chunk (pickling its items, on the loop) aims at taking no longer than
 #: this (s): items whose own pickling code is slow held the loop for a second.
 SEND_SECONDS = 0.005
+#: A guess of what sending costs that would allow chunks this big is dropped.
+_NO_SEND_CAP = 1 << 15
 
 
 class Timing:
@@ -28,14 +30,18 @@ class Timing:
     ``target`` seconds of work and :data:`TARGET_CHUNK_BYTES` of pickled data.
     """
 
-    __slots__ = ("per_item", "bytes_per_item", "send_per_item", "_sent", "ramp")
+    __slots__ = ("per_item", "bytes_per_item", "send_per_item", "send_ramp", "ramp")
 
     def __init__(self) -> None:
         self.per_item: float | None = None
         self.bytes_per_item: float | None = None
-        #: Seconds the loop spent sending an item, while chunks take 1 ms or more.
+        #: Seconds the loop spends sending an item, guessed while chunks of them take
+        #: 1 ms or more (see observe_send).
         self.send_per_item: float | None = None
-        self._sent: float | None = None
+        #: Items a chunk may hold until sending is known to be quick: twice the
+        #: biggest chunk sent in under 1 ms (the first chunk of items slow to pickle
+        #: held the loop for 0.4 s).
+        self.send_ramp = 64
         #: Items of the next chunk while nothing is measured yet.
         self.ramp = 1
 
@@ -51,16 +57,28 @@ class Timing:
             cap = max(1, int(TARGET_CHUNK_BYTES / self.bytes_per_item))
         if self.send_per_item:
             cap = min(cap, max(1, int(SEND_SECONDS / self.send_per_item)))
+        elif self.send_ramp < _NO_SEND_CAP:
+            cap = min(cap, self.send_ramp)
         return cap
 
     def observe_send(self, items: int, seconds: float) -> None:
-        """A chunk of ``items`` took ``seconds`` of the loop to send. Two chunks in a
-        row must have taken 1 ms or more: one alone may have met a pause of the loop
-        (a garbage collection), not costly items."""
-        if items > 0:
-            last, self._sent = self._sent, seconds / items if seconds >= 0.001 else None
-            self.send_per_item = None if last is None or self._sent is None else min(
-                last, self._sent)
+        """A chunk of ``items`` took ``seconds`` of the loop to send. One of 1 ms or
+        more sets what an item costs (or keeps half the previous guess, if that is
+        more: where one item in fifty is slow to pickle, the next chunk may hold two);
+        a quicker one halves the guess. A pause of the loop (a garbage collection) is
+        forgotten in a few chunks, while items that are slow, if only now and then,
+        keep chunks small."""
+        if items <= 0:
+            return
+        guess = self.send_per_item
+        if seconds >= 0.001:
+            per_item = seconds / items
+            self.send_per_item = per_item if guess is None else max(per_item, guess / 2)
+        else:
+            self.send_ramp = max(self.send_ramp, 2 * items)
+            if guess is not None:
+                guess /= 2
+                self.send_per_item = guess if SEND_SECONDS / guess < _NO_SEND_CAP else None
 
     def observe(self, items: int, seconds: float) -> None:
         if items <= 0:

@@ -62,19 +62,35 @@ def test_timing_caps_items_by_what_sending_them_costs_the_loop() -> None:
     # Items whose own pickling is slow (1 ms each) went out 2,000 to a chunk, and the
     # loop stood still for a second while the chunk was pickled.
     timing = Timing()
-    timing.observe_send(50, 0.0004)  # quick: not looked at
-    assert timing.send_per_item is None and timing.send_cap() == 1 << 30
-    timing.observe_send(1, 0.003)  # one slow chunk may be a pause of the loop
+    # Until sending is known to be quick, chunks grow from 64 items.
+    assert timing.send_cap() == 64
+    timing.observe_send(50, 0.0004)
+    assert timing.send_per_item is None and timing.send_cap() == 100
+    for _ in range(12):
+        timing.observe_send(timing.send_cap(), 0.0004)
     assert timing.send_cap() == 1 << 30
-    timing.observe_send(2, 0.002)  # a second: 1 ms an item
+    timing.observe_send(2, 0.002)  # 1 ms an item
     assert timing.send_cap() == int(SEND_SECONDS / 0.001)
-    timing.observe_send(5, 0.00005)  # they became quick
+    # One slow item in fifty: a chunk without one halves the guess, one with two keeps
+    # it (the guess followed the last chunk, and a quick one lifted the cap: chunks of
+    # thousands of items held the loop for half a second).
+    timing = Timing()
+    for chunk in range(40):
+        slow = 1 if chunk % 3 else 0
+        items = timing.send_cap() if chunk else 50
+        items = min(items, 16384)
+        timing.observe_send(items, slow * 0.005 * max(1, items // 50) + items * 1e-7)
+        assert chunk < 2 or timing.send_cap() <= 200
+    # Items that became quick (or a pause of the loop): forgotten in a few chunks.
+    for _ in range(16):
+        timing.observe_send(min(timing.send_cap(), 16384), 0.00005)
     assert timing.send_cap() == 1 << 30
 
 
 def test_timing_caps_items_by_bytes() -> None:
     timing = Timing()
-    assert timing.send_cap() > 1 << 20
+    while timing.send_cap() < 1 << 20:  # sending is quick
+        timing.observe_send(timing.send_cap(), 0.0001)
     timing.observe_bytes(10, 10 * 100_000)
     assert timing.send_cap() == TARGET_CHUNK_BYTES // 100_000
     timing.observe_bytes(10, 10 * 10_000_000)  # a bigger item raises the estimate at once
