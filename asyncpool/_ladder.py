@@ -11,6 +11,7 @@ chunks it holds finish there, and it is closed once it holds none.
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,9 @@ class Ladder:
         self._rebuild: Background | None = None
         self._promoter: Background | None = None
         self._closers: set[Background] = set()
+        #: The initializer failed when a rung (re)started, and when: until
+        #: ``promote_after`` later, calls fail with it at once rather than fork again.
+        self._init_failure: tuple[InitializerFailed, float] | None = None
 
     def rungs(self) -> list[Rung]:
         return [r for r in [self.serving, *self.draining] if r is not None]
@@ -88,17 +92,27 @@ class Ladder:
                 rung = self.serving
                 if rung is not None and rung.usable:
                     return
+                failed = self._init_failure
+                if failed is not None and time.monotonic() < failed[1] + (
+                        self.config.promote_after):
+                    raise failed[0]
                 start = 0
                 crashed = rung is not None and rung.state is RungState.CRASHED
                 was = self.index
                 if rung is not None:
-                    # A rung that crashed (a lost cluster, no worker can be forked)
-                    # is not tried again now: the promoter climbs back to it later.
-                    if crashed and self.index + 1 < len(self.config.ladder):
+                    if crashed and isinstance(rung.failure, InitializerFailed):
+                        # Its initializer kills or fails its workers: run here instead
+                        # (threads, inline) it could take this process down. Calls
+                        # fail with its error until the rung starts again.
+                        start = self.index
+                    elif crashed and self.index + 1 < len(self.config.ladder):
+                        # A rung that crashed (a lost cluster, no worker can be forked)
+                        # is not tried again now: the promoter climbs back to it later.
                         start = self.index + 1
                     self._retire(rung)
                     self.serving = None
                 await self._climb_down(start)
+                self._init_failure = None
                 if crashed and self.index > was:
                     ladder = self.config.ladder
                     self.counters.fallbacks += 1
@@ -107,6 +121,9 @@ class Ladder:
                               failed=ladder[was], to=ladder[self.index])
         except Exception as error:
             # Nothing can serve: every waiting call learns why.
+            if isinstance(error, InitializerFailed) and (
+                    self._init_failure is None or self._init_failure[0] is not error):
+                self._init_failure = error, time.monotonic()
             self.fail_all(error)
         finally:
             self._rebuild = None
@@ -150,6 +167,9 @@ class Ladder:
                 return None
             except Exception as exc:
                 if not is_transient(exc):
+                    self.counters.creation_failures += 1
+                    self.emit("creation_failed", f"starting the {name} rung failed: "
+                              f"{exc!r}", rung=name, attempt=attempt, error=exc)
                     raise
                 self.last_error = exc
                 self.counters.creation_failures += 1
@@ -218,7 +238,6 @@ class Ladder:
                 # Warm started on threads: the initializer fails (or hangs) only in
                 # worker processes. Trying again would fail the same way.
                 self.unsupported.add(name)
-                self.counters.creation_failures += 1
                 self.counters.fallbacks += 1
                 self.emit("fallback", f"the {name} rung cannot start, its initializer "
                           f"fails there ({exc}); the pool stays on the "

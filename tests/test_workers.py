@@ -84,6 +84,24 @@ async def test_replacements_whose_initializer_fails_end_the_call(
                 await pool.map(tasks.square, range(40), chunk_size=1)
 
 
+async def test_an_initializer_failing_in_replacements_never_runs_in_this_process(
+        tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
+    # The process rung gave up and the ladder stepped down to threads, which ran the
+    # initializer here: one that crashed its workers (a segfault) killed the service.
+    with anyio.fail_after(60):
+        async with ResilientPool(max_workers=2, max_tasks_per_worker=5,
+                                 initializer=tasks.start_then_fail,
+                                 initargs=(str(tmp_path), 2, False),
+                                 creation_attempts=1, promote_after=30) as pool:
+            with pytest.raises(InitializerFailed, match="a replacement's initializer"):
+                await pool.map(tasks.square, range(40), chunk_size=1)
+            # Until the rung may be tried again, calls fail at once with its error.
+            with pytest.raises(InitializerFailed, match="a replacement's initializer"):
+                await pool.run(tasks.square, 3)
+            assert not (tmp_path / str(os.getpid())).exists()
+            assert pool.statistics().fallbacks == 0 and pool.backend is None
+
+
 async def test_a_replacement_killed_in_its_initializer_is_replaced(
         tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
     # Killed from outside (OOM killer, operator) while initialising: a crash to

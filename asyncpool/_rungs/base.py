@@ -84,6 +84,8 @@ class Rung:
         self.state = RungState.SERVING
         #: Chunks submitted and not yet finally reported.
         self.in_flight = 0
+        #: Why the rung stopped serving, once it CRASHED (if it knows).
+        self.failure: BaseException | None = None
 
     def offer(self) -> int | None:
         """0 if no chunk can go now; else the most items the next chunk may hold

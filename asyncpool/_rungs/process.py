@@ -401,6 +401,7 @@ class ProcessRung(Rung, Events):
     def _broke(self, error: BaseException, cause: BaseException | None) -> None:
         error.__cause__ = cause
         logger.warning("the process rung cannot run any worker: %r", error)
+        self.failure = error
         self.state = RungState.CRASHED
         self.listener.rung_changed()
 
