@@ -188,10 +188,12 @@ class ProcessRung(Rung, Events):
                  _wire.wrap_big(p.items, 3 if p.call.star else 2) if _big(p) else p.items)
                 for p in chunk.pieces]
         self._seq += 1
-        # After a crash among a call's items, each result goes back as it is made.
+        # After a crash among a call's items, results go back ten times as often (a
+        # crash loses at most 0.5 ms of work). Each on its own, tiny items ran 30 times
+        # slower for the rest of the call.
         careful = chunk.crashes > 0 or any(p.call.crashed for p in chunk.pieces)
         shipping = _wire.dumps((functions, proc.forget))
-        head = _wire.CHUNK_HEAD.pack(self._seq, 0.0 if careful else FLUSH_SECONDS,
+        head = _wire.CHUNK_HEAD.pack(self._seq, FLUSH_SECONDS / (10 if careful else 1),
                                      len(shipping))
         try:
             parts = [head, *shipping, *_wire.dumps_any(runs)]
