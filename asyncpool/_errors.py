@@ -144,3 +144,17 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+def exit_described(exitcode: int | None) -> str:
+    """A worker's exit code, with the signal that ended it: "exit code -9, SIGKILL"."""
+    import signal
+
+    if exitcode is None:
+        return "exit code unknown"
+    if exitcode < 0:
+        try:
+            return f"exit code {exitcode}, {signal.Signals(-exitcode).name}"
+        except ValueError:
+            pass
+    return f"exit code {exitcode}"

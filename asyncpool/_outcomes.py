@@ -21,7 +21,8 @@ from typing import Any
 
 from ._call import Call, CallState, Chunk, Resend
 from ._config import PoolConfig
-from ._errors import FunctionUnavailable, PoolClosed, SerializationError, WorkerCrashed
+from ._errors import (FunctionUnavailable, PoolClosed, SerializationError, WorkerCrashed,
+                      exit_described)
 from ._events import Counters, Emitter, EventKind
 from ._execute import SKIPPED
 from ._rungs import Rung
@@ -140,7 +141,7 @@ class Outcomes:
         crashes = (chunk.crashes if alone else 0) + deaths
         piece, index = chunk.locate(culprit)
         if crashes >= self.config.max_crashes_per_item:
-            how = _describe(exitcode)
+            how = exit_described(exitcode)
             error = WorkerCrashed(
                 f"item {index} crashed its worker process {crashes} time(s) (last: {how}); "
                 "it was not retried again. Run it alone to debug, or catch WorkerCrashed",
@@ -164,7 +165,7 @@ class Outcomes:
             if call.function_crashes >= limit:
                 call.fail(FunctionUnavailable(
                     f"loading the function {call.shipped.name} killed its worker process "
-                    f"{call.function_crashes} time(s) (last: {_describe(exitcode)}); check "
+                    f"{call.function_crashes} time(s) (last: {exit_described(exitcode)}); check "
                     "what unpickling it runs"))
         position = 0
         for piece in chunk.pieces:
@@ -362,17 +363,3 @@ def by_timing(chunk: Chunk, upto: int | None = None,
         count, total = found.get(piece.call.timing, (0, 0.0))
         found[piece.call.timing] = (count + hi - lo, total + spent)
     return found
-
-
-def _describe(exitcode: int | None) -> str:
-    import signal
-
-    if exitcode is None:
-        return "exit code unknown"
-    if exitcode < 0:
-        try:
-            return f"exit code {exitcode}, {signal.Signals(-exitcode).name}"
-        except ValueError:
-            pass
-    return f"exit code {exitcode}"
-

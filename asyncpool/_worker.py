@@ -319,7 +319,8 @@ def serve(sock: socket.socket, progress: Any) -> int:
                 pass
             return 0
     try:
-        worker.send(_wire.READY, [pickle.dumps(os.getpid(), 5)])
+        # Its memory once initialised: the parent warns if that is over the ceiling.
+        worker.send(_wire.READY, [pickle.dumps(_rss() if worker.max_memory else 0, 5)])
     except OSError:
         return 0  # the parent closed us before we were ready: nothing to do
     while worker.retiring is None and not worker.closed:

@@ -4,6 +4,7 @@ cancelled call's waiting chunks never started."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import functools
 import gc
 import os
@@ -183,6 +184,20 @@ async def test_workers_stay_under_the_memory_ceiling(anyio_backend: str) -> None
         assert max(rss for _, rss in seen) < ceiling + (50 << 20)
         assert max(await pool.map(tasks.rss, range(20))) < ceiling
         assert pool.statistics().worker_crashes == 0
+
+
+async def test_a_ceiling_below_what_the_initializer_holds_is_said_once(
+        caplog: pytest.LogCaptureFixture, anyio_backend: str) -> None:
+    # Every worker was replaced after its first chunk, silently (2,000 tiny items took
+    # 25 s instead of 0.02).
+    caplog.set_level(logging.WARNING, logger="asyncpool")
+    async with ResilientPool(max_workers=2, max_worker_memory=60 << 20,
+                             initializer=tasks.leak, initargs=(80,)) as pool:
+        assert await pool.map(tasks.square, range(40), chunk_size=5) == [
+            i * i for i in range(40)]
+        assert pool.statistics().workers_recycled >= 2
+    said = [r.getMessage() for r in caplog.records if "max_worker_memory" in r.getMessage()]
+    assert len(said) == 1 and "once initialised" in said[0], said
 
 
 @pytest.mark.parametrize("rung", ["process", "thread", "inline"])

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 
 from .. import _wire
-from .._errors import RemoteError, RemoteTraceback, SerializationError
+from .._errors import (InitializerFailed, RemoteError, RemoteTraceback, SerializationError,
+                       exit_described)
 from .._forkserver import Spawned
 from .._retry import RungUnavailable
 from .._salvage import load_results
@@ -104,6 +105,8 @@ class Proc:
         self.doomed_since = 0.0
         self.killed = False
         self.init_error: BaseException | None = None
+        #: Its memory (bytes) once initialised, when there is a ceiling.
+        self.ready_rss = 0
         self.started = loop.event()
         self._reader = _wire.FrameReader()
         self._outbox: deque[memoryview] = deque()
@@ -220,6 +223,7 @@ class Proc:
         if kind == _wire.RESULTS:
             self._on_results(parts)
         elif kind == _wire.READY:
+            self.ready_rss = pickle.loads(parts[0])
             if self.state is ProcState.STARTING:
                 self.state = ProcState.READY
             self.started.set()
@@ -313,7 +317,7 @@ class Proc:
         if was_starting:
             if self.init_error is None:
                 self.init_error = RungUnavailable(
-                    f"the worker died before it was ready ({_described(exitcode)})")
+                    f"the worker died before it was ready ({exit_described(exitcode)})")
             self.started.set()
         self.events.proc_dead(self, death)
 
@@ -358,6 +362,22 @@ class Proc:
                     return
                 chunk.killed = True
                 self.kill()
+
+    def initializer_failure(self, initializer: Any) -> InitializerFailed | None:
+        """The initializer's fault, if this worker did not start: it raised, or the
+        worker died while running it."""
+        error = self.init_error
+        if error is None or initializer is None or (
+                isinstance(error, OSError) and self.pid is None):
+            return None  # no error, or the fork itself failed (out of processes)
+        if isinstance(error, RungUnavailable):
+            failure = InitializerFailed(f"a worker died while running the initializer "
+                                        f"{initializer!r}: {error}")
+        else:
+            failure = InitializerFailed(f"the initializer {initializer!r} raised in a "
+                                        f"worker: {error!r}")
+        failure.__cause__ = error
+        return failure
 
     def kill(self) -> None:
         """SIGKILL the worker's process group: the worker and whatever it started.
@@ -414,17 +434,6 @@ def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | 
     key = None if initializer else (config.task_retries, config.max_tasks_per_worker,
                                     config.max_worker_memory, tuple(sys.path))
     return settings, key
-
-
-def _described(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "exit code unknown"
-    if exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            pass
-    return f"exit code {exitcode}"
 
 
 def _decode_error(blob: bytes, text: str) -> BaseException:

@@ -60,6 +60,7 @@ class ProcessRung(Rung, Events):
         self.loop = loop
         self.procs: list[Proc] = []
         self._seq = 0
+        self._memory_warned = False
         #: The task keeping the number of workers (see _supervise), and its wake-up.
         self._supervisor: Background | None = None
         self._nudge: Any = None
@@ -108,7 +109,7 @@ class ProcessRung(Rung, Events):
             raise RungUnavailable(f"the worker processes did not start within "
                                   f"{self.config.start_timeout} s") from None
         for proc in starting:
-            failure = self._initializer_failure(proc)
+            failure = proc.initializer_failure(self.config.initializer)
             if failure is not None:
                 raise failure
         ready = [p for p in self.procs if p.state is ProcState.READY]
@@ -119,22 +120,6 @@ class ProcessRung(Rung, Events):
             logger.warning("process rung started %d of %d workers; starting the rest in "
                            "the background", len(ready), self.config.max_workers)
         self._supervisor = self.loop.spawn(self._supervise)
-
-    def _initializer_failure(self, proc: Proc) -> InitializerFailed | None:
-        """The initializer's fault in a worker that did not start: it raised, or the
-        worker died while running it."""
-        error = proc.init_error
-        if error is None or self.config.initializer is None or (
-                isinstance(error, OSError) and proc.pid is None):
-            return None  # no error, or the fork itself failed (out of processes)
-        if isinstance(error, RungUnavailable):
-            failure = InitializerFailed(f"a worker died while running the initializer "
-                                        f"{self.config.initializer!r}: {error}")
-        else:
-            failure = InitializerFailed(f"the initializer {self.config.initializer!r} "
-                                        f"raised in a worker: {error!r}")
-        failure.__cause__ = error
-        return failure
 
     def _fork(self) -> Proc:
         proc = Proc(ForkServer.spawn(), self, self.loop)
@@ -255,6 +240,12 @@ class ProcessRung(Rung, Events):
     # -- what workers report -------------------------------------------------------
 
     def proc_ready(self, proc: Proc) -> None:
+        limit = self.config.max_worker_memory
+        if limit and proc.ready_rss > limit and not self._memory_warned:
+            self._memory_warned = True
+            logger.warning("a worker holds %d MB once initialised, over max_worker_memory="
+                           "%d MB: each is replaced after its first chunk; raise the "
+                           "ceiling", proc.ready_rss >> 20, limit >> 20)
         self.listener.rung_changed()
 
     def proc_results(self, proc: Proc, chunk: Chunk, meta: tuple[Any, ...],
@@ -382,7 +373,8 @@ class ProcessRung(Rung, Events):
                     await proc.started.wait()
             for proc in started:
                 if proc.init_error is not None:  # a fork failed, or the initializer did
-                    error = self._initializer_failure(proc) or proc.init_error
+                    error = (proc.initializer_failure(self.config.initializer)
+                             or proc.init_error)
                 elif proc.state is ProcState.STARTING:
                     proc.kill()
                     error = RungUnavailable("a new worker did not start in time")
