@@ -3,14 +3,16 @@
 A worker sends the results of a stretch of items as one pickle. When that pickle does
 not load in the parent (a result's class is not importable here, or its pickle calls a
 function that raises), :func:`load_results` loads it again with each failing class or
-call replaced by a stand-in, and makes only the items that hold a stand-in fail: the
-others keep their results and run no second time. Where a failure cannot be pinned on
-items that way (a class whose constructor or ``__setstate__`` raises), the original
-error is raised and the caller runs each item again alone.
+call (a constructor, a ``__setstate__``) replaced by a stand-in, and makes only the
+items that hold a stand-in fail: the others keep their results and run no second time.
+Where a failure cannot be pinned on items that way (a stand-in hidden where the search
+cannot see, such as inside a deque or an object with slots), the original error is
+raised and the caller runs each item again alone.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import types
@@ -29,6 +31,8 @@ class _StandIn:
 
     failure: str = ""
     made: list[object]
+    #: For a call that failed: what it was given.
+    given: Any = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> _StandIn:
         instance = object.__new__(cls)
@@ -100,9 +104,20 @@ class _Exact(_Loading, pickle._Unpickler):
             stack[-1] = fn(*args)
         except (Exception, SystemExit) as exc:
             name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
-            stack[-1] = self.stand_in(name, exc)()
+            stack[-1] = made = self.stand_in(name, exc)()
+            made.given = fn, args  # stand-ins among them are this item's too
 
     dispatch[pickle.REDUCE[0]] = load_reduce  # type: ignore[assignment]
+
+    def load_build(self) -> None:
+        stack: list[Any] = self.stack  # type: ignore[attr-defined]
+        try:
+            pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+        except (Exception, SystemExit) as exc:  # a __setstate__ that raises here
+            kind = type(stack[-1])
+            stack[-1] = self.stand_in(f"{kind.__module__}.{kind.__qualname__}", exc)()
+
+    dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]
 
 
 class _Guard:
@@ -117,7 +132,9 @@ class _Guard:
         try:
             return self.fn(*args, **kwargs)
         except (Exception, SystemExit) as exc:
-            return self.loader.stand_in(self.name, exc)()
+            made = self.loader.stand_in(self.name, exc)()
+            made.given = args, kwargs  # stand-ins among them are this item's too
+            return made
 
 
 def load_results(parts: Sequence[Any]) -> tuple[list[Any], dict[int, BaseException]]:
@@ -134,17 +151,18 @@ def load_results(parts: Sequence[Any]) -> tuple[list[Any], dict[int, BaseExcepti
         pinned = _pin(loader(parts[0], parts[1:]), error)
         if pinned is not None:
             return pinned
-    raise error
+    raise error  # not even the exact loader could load them
 
 
 def _pin(loader: _Loading, error: BaseException
          ) -> tuple[list[Any], dict[int, BaseException]] | None:
     """Results loaded with stand-ins, and an error for each one that holds one; None
-    if a guarded function is among the results (load them again exactly)."""
+    if they did not load, or a guarded function is among them (load them again
+    exactly)."""
     try:
         results = loader.load()  # type: ignore[attr-defined]
     except Exception:
-        raise error from None
+        return None  # a constructor or __setstate__ raised: the exact loader sees it
     if not isinstance(results, list):
         raise error
     wanted = {id(o) for o in loader.made} | {id(c) for c in loader.stand_ins}
@@ -199,10 +217,17 @@ def _stand_ins(value: Any, budget: int) -> tuple[list[Any] | None, int]:
         if isinstance(value, (_StandIn, _Guard)) or (isinstance(value, type)
                                                      and issubclass(value, _StandIn)):
             held.append(value)
-        elif kind in (types.MethodType, types.BuiltinMethodType):
-            stack.append(value.__self__)  # its function came in by reference
+            if isinstance(value, _StandIn):
+                stack.append(value.__dict__)  # what a call that failed was given
+        elif kind is types.MethodType:
+            # Its function (a stand-in, when cloudpickle named one the parent lacks).
+            stack.extend((value.__self__, value.__func__))
+        elif kind is types.BuiltinMethodType:
+            stack.append(value.__self__)
         elif kind in (list, tuple, set, frozenset):
             stack.extend(value)
+        elif kind is functools.partial:
+            stack.extend((value.func, *value.args, *value.keywords.values()))
         elif kind is dict:
             stack.extend(value.keys())
             stack.extend(value.values())

@@ -15,6 +15,7 @@ import threading
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
+import cloudpickle
 import pytest
 
 import asyncpool
@@ -385,13 +386,16 @@ class RefusesState:
         raise ValueError("no state for me")
 
 
-def _pickled_with_a_class_gone(build: Any, base: str = "") -> bytes:
-    """The pickle of ``build(Gone)`` made where class Gone exists, which then goes."""
+def _pickled_with_a_class_gone(build: Any, base: str = "", dumps: Any = pickle.dumps
+                               ) -> bytes:
+    """The pickle of ``build(Gone)`` made where class Gone (and function gone_fn)
+    exists, which then goes."""
     module = ModuleType("gone_after_pickling")
-    exec(f"class Gone({base}):\n    pass\n", module.__dict__)
+    exec(f"class Gone({base}):\n    def meth(self): pass\n\ndef gone_fn(x): pass\n",
+         module.__dict__)
     sys.modules[module.__name__] = module
     try:
-        return pickle.dumps(build(module.Gone), 5)
+        return bytes(dumps(build(module.Gone), 5))
     finally:
         del sys.modules[module.__name__]
 
@@ -415,6 +419,25 @@ def test_results_that_do_not_load_are_pinned_on_their_items() -> None:
         assert sorted(errors) == [1] and [results[0], results[2]] == [0, "x"]
 
 
+@pytest.mark.parametrize("make", [
+    lambda gone: gone().meth,  # a bound method: MethodType(a stand-in, a stand-in)
+    lambda gone: functools.partial(sys.modules[gone.__module__].gone_fn, 1),
+    lambda gone: RefusesState(),  # its __setstate__ raises here
+    lambda gone: CalledAtLoad(),  # the call that rebuilds it raises here
+])
+@pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps])
+def test_a_result_that_fails_inside_is_pinned_on_its_item(make: Any, dumps: Any) -> None:
+    # The failure was not found on its item, and every item of the stretch ran again.
+    blob = _pickled_with_a_class_gone(lambda gone: [0, make(gone), "x", make(gone)],
+                                      dumps=dumps)
+    LOADING_FAILS[0] = True
+    try:
+        results, errors = load_results([blob])
+    finally:
+        LOADING_FAILS[0] = False
+    assert sorted(errors) == [1, 3] and [results[0], results[2]] == [0, "x"]
+
+
 LOADING_FAILS = [False]
 
 
@@ -427,6 +450,11 @@ def _load_or_fail(value: object) -> object:
 class FailsToLoad:
     def __reduce__(self) -> tuple[Any, ...]:
         return _load_or_fail, (1,)
+
+
+class CalledAtLoad:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _load_or_fail, (2,)
 
 
 def test_functions_among_results_beside_one_that_does_not_load_stay_themselves() -> None:
@@ -446,7 +474,6 @@ def test_functions_among_results_beside_one_that_does_not_load_stay_themselves()
 
 @pytest.mark.parametrize("build", [
     lambda gone: [1, Slotted(gone())],
-    lambda gone: [1, RefusesState()],
     # One stand-in found in the first item and hidden in the second (a deque): the
     # second was delivered, with the stand-in inside, as a success.
     lambda gone: (lambda one: [[one], collections.deque([one])])(gone()),
