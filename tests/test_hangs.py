@@ -108,7 +108,7 @@ async def test_calls_that_left_keep_no_place_in_the_rate_limit(anyio_backend: st
             async with anyio.create_task_group() as tg:
                 for _ in range(10):
                     tg.start_soon(pool.run, tasks.square, 1)
-                await anyio.sleep(0.2)
+                await wait_until(lambda: pool.statistics().active_calls == 10)
                 scope.cancel()
         assert await pool.run(tasks.square, 3, timeout=3.0) == 9
 
@@ -741,7 +741,8 @@ async def test_a_chunk_waiting_behind_an_item_that_hangs_goes_to_the_worker_that
             tg.start_soon(call, "long", 0.5)
             tg.start_soon(call, "hangs", 60.0)
             for name in ("first", "second"):
-                await anyio.sleep(0.01)
+                calls = pool.statistics().active_calls
+                await wait_until(lambda c=calls: pool.statistics().chunks_in_flight >= c)
                 tg.start_soon(call, name, 0.01)
             await wait_until(lambda: len(finished) == 3, timeout=9)
             assert sorted(finished) == ["first", "long", "second"]
@@ -877,7 +878,9 @@ async def test_a_stopped_calls_hung_item_is_killed_when_it_started_unheard(
             at = long - 0.005 + step * 0.00025
             async with anyio.create_task_group() as calls:
                 calls.start_soon(pool.run, tasks.nap, long)
-                await anyio.sleep(0.005)  # a chunk of its own, queued behind
+                # Not a wait: the offset the window below is swept from (the nap goes
+                # out first, in a chunk of its own, and the hung item queues behind).
+                await anyio.sleep(0.005)
                 with anyio.move_on_after(at) if stop == "cancel" else contextlib.nullcontext():
                     with contextlib.suppress(DeadlineExceeded):
                         await pool.run(tasks.hang_forever, **(

@@ -402,7 +402,7 @@ async def test_a_chunk_taken_back_still_brings_its_function(anyio_backend: str) 
         await pool.map(tasks.square, range(10))
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.run, tasks.nap, 1.0)
-            await anyio.sleep(0.01)
+            await wait_until(lambda: pool.statistics().chunks_in_flight == 1)
             assert await pool.map(tasks.add_one_each, [(i, 1) for i in range(40)]) == [
                 i + 1 for i in range(40)]
         assert await pool.map(tasks.add_one_each, [(i, 1) for i in range(400)]) == [
