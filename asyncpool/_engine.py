@@ -203,7 +203,7 @@ class Engine:
         return self._new_chunk(limit, self._lanes(rung))
 
     def _lanes(self, rung: Rung) -> int:
-        return max(1, getattr(rung, "lanes", self.config.max_workers))
+        return max(1, rung.lanes or self.config.max_workers)
 
     def _new_chunk(self, limit: int, lanes: int) -> Chunk | None:
         target = self.config.target_chunk_seconds

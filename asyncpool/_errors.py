@@ -13,7 +13,8 @@
      +-- DeadlineExceeded      the call ran past `timeout` (also TimeoutError); `.partial`
      +-- RemoteError           a task's exception that cannot be rebuilt in the caller,
      |                         or a SystemExit / KeyboardInterrupt raised by a task
-     +-- InitializerFailed     the worker initializer raised; the cause is its error
+     +-- InitializerFailed     the worker initializer raised (the cause is its error),
+                               killed its worker, or outlasted start_timeout
 
 A task's own exception reaches the caller as itself, with the worker's traceback as its
 ``__cause__`` (a [`RemoteTraceback`][asyncpool.RemoteTraceback]). Cancellation

@@ -113,6 +113,8 @@ def leave_if_forked(error: BaseException | None = None) -> None:
     if isinstance(error, SystemExit):
         import atexit
 
+        # Private, but the only way to run the exit handlers here: the process leaves
+        # with os._exit, since a SystemExit would unwind into the worker's loop.
         atexit._run_exitfuncs()
         code = error.code if isinstance(error.code, int) else 0 if error.code is None else 1
         if not isinstance(error.code, int | None):

@@ -9,7 +9,8 @@ retired early) wait in :attr:`Outcomes.again`, which the engine sends before new
 After a crash the rung names the item that was running; the items before it ran but
 their results died with the worker, the items after it never ran, and none of them is
 to blame: they go out again, and only the suspect's crash count grows. Where the rung
-cannot name the item (Dask), the chunk is split in halves instead.
+cannot name the item (Dask), the chunk is split instead: in halves, or in up to 32
+parts where one try cost several worker deaths (a Dask ``KilledWorker``).
 """
 
 from __future__ import annotations

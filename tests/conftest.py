@@ -2,9 +2,9 @@
 
 Async tests are marked ``anyio`` and run once on asyncio and once on trio (anyio's
 pytest plugin, through the ``anyio_backend`` fixture below; ``ASYNCPOOL_TEST_BACKENDS=
-asyncio`` runs one of them, as CI does on its second and third Python); a test of an
-asyncio-only feature asks for :func:`asyncio_only`. pytest-asyncio is installed but in strict mode
-(pyproject.toml), so it claims no test that anyio runs.
+asyncio`` runs one of them, as CI does on its second and third Python). Tests of
+asyncio-only features (Dask) ask for the asyncio backend themselves. No other async
+plugin is installed.
 """
 
 from __future__ import annotations
@@ -22,13 +22,6 @@ from .helpers import PidsCgroup, ThreadStarts, children, settle
 @pytest.fixture(params=os.environ.get("ASYNCPOOL_TEST_BACKENDS", "asyncio,trio").split(","))
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture
-def asyncio_only(anyio_backend: str) -> None:
-    """For features that need an asyncio loop (Dask, uvloop)."""
-    if anyio_backend != "asyncio":
-        pytest.skip("this feature runs on asyncio only")
 
 
 def ours() -> set[int | None]:

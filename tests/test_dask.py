@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +16,7 @@ import pytest
 from asyncpool import ResilientPool, SerializationError, WorkerCrashed
 
 from . import tasks
-from .helpers import wait_until
+from .helpers import free_port, wait_until
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 import dask  # noqa: E402  (installed with distributed)
@@ -42,12 +41,6 @@ async def cluster() -> AsyncIterator[Any]:
         async with distributed.Client(c, asynchronous=True, set_as_default=False) as client:
             with contextlib.suppress(Exception):
                 await client.wait_for_workers(2, timeout=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_map_on_the_cluster(cluster: Any, tmp_path: Path) -> None:
@@ -146,7 +139,7 @@ async def test_existing_client_and_poison_item(cluster: Any) -> None:
 
 
 async def test_unreachable_scheduler_falls_back_within_timeout() -> None:
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     started = time.monotonic()
     async with ResilientPool(max_workers=2, dask_address=address,
                              dask_connect_timeout=2.0, promote_after=60) as pool:
@@ -160,7 +153,7 @@ async def test_unreachable_scheduler_falls_back_within_timeout() -> None:
 
 
 async def test_climbs_back_to_the_cluster() -> None:
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     async with ResilientPool(max_workers=2, dask_address=address, dask_connect_timeout=1.0,
                              promote_after=0.2, promote_max=1.0) as pool:

@@ -242,7 +242,7 @@ class Proc:
                 self.events.proc_cut(self, chunk, keep)
         elif kind == _wire.INIT_FAILED:
             blob, text = pickle.loads(parts[0])
-            self.init_error = _decode_error(blob, text)
+            self.init_error = decode_error(blob, text)
             self.started.set()
 
     def _on_results(self, parts: list[Any]) -> None:
@@ -251,7 +251,7 @@ class Proc:
         if not self.chunks:  # pragma: no cover - a worker never answers unasked
             return
         chunk = self.chunks[0]
-        errors = {position: _decode_error(blob, text) for position, blob, text in encoded}
+        errors = {position: decode_error(blob, text) for position, blob, text in encoded}
         results: list[Any] | BaseException
         if unloadable:
             results = errors.pop(0)
@@ -436,7 +436,7 @@ def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | 
     return settings, key
 
 
-def _decode_error(blob: bytes, text: str) -> BaseException:
+def decode_error(blob: bytes, text: str) -> BaseException:
     try:
         exc: BaseException = pickle.loads(blob)
         if not isinstance(exc, BaseException):  # its __reduce__ rebuilt something else

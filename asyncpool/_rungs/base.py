@@ -80,6 +80,9 @@ class Rung:
 
     name: ClassVar[str] = ""
 
+    #: How many items run at once where this rung runs them (None: max_workers).
+    lanes: int | None = None
+
     def __init__(self) -> None:
         self.state = RungState.SERVING
         #: Chunks submitted and not yet finally reported.

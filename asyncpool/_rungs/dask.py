@@ -74,7 +74,7 @@ class DaskRung(Rung):
         self.config, self.listener, self.loop = config, listener, loop
         self.client = client
         self.owned = owned
-        self.lanes = 1
+        self.lanes: int = 1
         self._token = secrets.token_hex(4)
         self._count = 0
         #: The scheduler this rung set up (see _resize).
@@ -333,9 +333,9 @@ class DaskRung(Rung):
             errors = dict.fromkeys(range(chunk.size), error)
             results: list[Any] = [None] * chunk.size
         else:
-            from ._proc import _decode_error
+            from ._proc import decode_error
 
-            errors = {position: _decode_error(b, text) for position, b, text in errors}
+            errors = {position: decode_error(b, text) for position, b, text in errors}
             try:
                 results, bad = load_results(blob)
             except BaseException as exc:  # the results' own code ran: SystemExit too
