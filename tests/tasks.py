@@ -571,3 +571,12 @@ def cancelled_kept(_: object) -> int:
     from asyncpool._worker import _Worker
 
     return sum(len(w.cancelled) for w in gc.get_objects() if isinstance(w, _Worker))
+
+
+#: Releases the threads held by :func:`held` (thread and inline rungs only).
+RELEASE = threading.Event()
+
+
+def held(_: object) -> None:
+    """Waits (in this process) until RELEASE is set, or a minute."""
+    RELEASE.wait(60)

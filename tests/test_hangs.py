@@ -936,3 +936,28 @@ async def test_timed_out_calls_leave_no_trace_where_they_ran(
             assert max(kept) == 0
         else:
             assert len(rung._cancelled) == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("stop", ["timeout", "cancel"])
+async def test_a_thread_stuck_on_a_killed_item_is_replaced(stop: str,
+                                                           anyio_backend: str) -> None:
+    # Threads cannot be killed: the thread stayed on its hung item, and once each had
+    # one, every later call waited out its deadline with nothing done.
+    tasks.RELEASE.clear()
+    try:
+        async with ResilientPool(max_workers=2, rungs=("thread",)) as pool:
+            for _ in range(3):
+                with anyio.move_on_after(0.2) if stop == "cancel" else (
+                        contextlib.nullcontext()):
+                    with contextlib.suppress(DeadlineExceeded):
+                        await pool.run(tasks.held, None, **(
+                            {"timeout": 0.2, "kill_on_timeout": True} if stop == "timeout"
+                            else {"cancel_running": "kill"}))
+            assert await pool.map(tasks.square, range(20), chunk_size=1, timeout=5) == [
+                i * i for i in range(20)]
+            assert pool.statistics().workers == 2
+            tasks.RELEASE.set()  # the stuck threads end, and leave
+            await wait_until(lambda: len(pool._engine.ladder.serving.threads) == 2)  # type: ignore[union-attr, attr-defined]
+    finally:
+        tasks.RELEASE.set()
+

@@ -43,23 +43,25 @@ class ThreadRung(Rung):
         self._holding: collections.Counter[int] = collections.Counter()
         self.threads: list[threading.Thread] = []
         self._init_errors: list[BaseException] = []
+        #: The chunk each thread runs, and the threads left running an item that was
+        #: to be killed: a new thread serves in place of each (see kill).
+        self._running: dict[threading.Thread, Chunk] = {}
+        self._stuck: set[threading.Thread] = set()
+        self._started = 0
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ThreadRung:
         rung = cls(config, listener, loop)
         ready = threading.Semaphore(0)
         for index in range(config.max_workers):
-            thread = threading.Thread(target=rung._work, args=(ready,), daemon=True,
-                                      name=f"asyncpool-thread-{index}")
             try:
-                thread.start()
+                rung._start(ready)
             except RuntimeError:
                 if not rung.threads:
                     raise
                 logger.warning("thread rung started %d of %d threads", index,
                                config.max_workers)
                 break
-            rung.threads.append(thread)
         if config.initializer is not None:
             # Each thread runs the initializer before it takes a chunk.
             try:
@@ -79,9 +81,16 @@ class ThreadRung(Rung):
                                         f"a thread: {error!r}") from error
         return rung
 
+    def _start(self, ready: threading.Semaphore | None = None) -> None:
+        thread = threading.Thread(target=self._work, args=(ready,), daemon=True,
+                                  name=f"asyncpool-thread-{self._started}")
+        thread.start()
+        self._started += 1
+        self.threads.append(thread)
+
     @property
     def workers(self) -> int:
-        return len(self.threads)
+        return len(self.threads) - len(self._stuck)
 
     @property
     def capacity(self) -> int:
@@ -100,18 +109,21 @@ class ThreadRung(Rung):
     def cancel(self, calls: Iterable[int]) -> None:
         self._cancelled.update(call for call in calls if call in self._holding)
 
-    def _work(self, ready: threading.Semaphore) -> None:
+    def _work(self, ready: threading.Semaphore | None) -> None:
         config = self.config
+        me = threading.current_thread()
         if config.initializer is not None:
             try:
                 config.initializer(*config.initargs)
             except BaseException as exc:
                 self._init_errors.append(exc)
-            ready.release()
+            if ready is not None:
+                ready.release()
         while True:
             chunk = self._queue.get()
             if chunk is None:
                 return
+            self._running[me] = chunk
             runs = [(p.call.fn, p.call.star, p.call.id, p.items) for p in chunk.pieces]
             report = functools.partial(self._tick, chunk)
             try:
@@ -120,6 +132,33 @@ class ThreadRung(Rung):
             except BaseException:  # pragma: no cover - execute catches what items raise
                 logger.exception("a thread of the thread rung failed")
             del chunk, runs, report
+            self._running.pop(me, None)
+            if me in self._stuck:
+                # Its stuck item ended: the thread that took its place stays.
+                self.loop.call_soon_threadsafe(functools.partial(self._left, me))
+                return
+
+    def _left(self, thread: threading.Thread) -> None:
+        self._stuck.discard(thread)
+        if thread in self.threads:
+            self.threads.remove(thread)
+
+    def kill(self, chunks: Iterable[Chunk], calls: set[int] | None = None) -> bool:
+        """Threads cannot be stopped: each running one of these chunks is left to
+        finish it (what else it holds of those calls is skipped), and a new thread
+        serves in its place meanwhile, so a hung item does not take a thread for good.
+        False: the items run on."""
+        wanted = set(chunks)
+        for thread, chunk in list(self._running.items()):
+            if chunk in wanted and thread not in self._stuck and (
+                    self.state is RungState.SERVING):
+                self._stuck.add(thread)
+                try:
+                    self._start()
+                except RuntimeError as exc:
+                    logger.warning("the thread rung could not start a thread in place of "
+                                   "one stuck on a stopped call's item: %r", exc)
+        return False
 
     def _tick(self, chunk: Chunk, first: int, upto: int, results: list[Any],
               errors: dict[int, BaseException],
@@ -147,16 +186,16 @@ class ThreadRung(Rung):
 
     def abandon(self) -> None:
         super().abandon()
-        for _ in self.threads:
+        for _ in list(self.threads):
             self._queue.put(None)
 
     async def aclose(self, kill: bool) -> None:
         # Threads cannot be killed; they finish what they run and exit (they are
         # daemons, so a stuck task does not hold the interpreter at exit).
         self.state = RungState.CLOSED
-        for _ in self.threads:
+        for _ in list(self.threads):
             self._queue.put(None)
         if not kill:
-            for thread in self.threads:
+            for thread in [t for t in self.threads if t not in self._stuck]:
                 while thread.is_alive():
                     await anyio.sleep(0.005)
