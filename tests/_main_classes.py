@@ -35,6 +35,10 @@ def make_point(x: int) -> Point:
     return Point(x)
 
 
+def shift(point: Point) -> Point:
+    return Point(point.x + 1)
+
+
 class Session:
     @contextlib.contextmanager
     def opened(self, x: int) -> Iterator[int]:
@@ -64,6 +68,10 @@ async def main() -> None:
         assert await pool.map(library_wrapped, range(2)) == ["Point(x=0)", "Point(x=2)"]
         assert repr(points[1]) == "Point(x=1)"
         print("library-wrapped:ok")
+        # As arguments too: the workers have no such class (it went by reference).
+        moved = await pool.map(shift, [Point(i) for i in range(500)])
+        assert moved == [Point(i + 1) for i in range(500)] and type(moved[0]) is Point
+        print("argument:Point")
         try:
             await pool.run(oops, 1)
         except Oops as exc:

@@ -242,7 +242,7 @@ async def test_exit_and_interrupt_in_a_task_are_its_errors(anyio_backend: str) -
 async def test_main_script_classes_come_back_as_themselves() -> None:
     proc = run_script("_main_classes.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["dataclass:Point", "library-wrapped:ok",
+    assert proc.stdout.split() == ["dataclass:Point", "library-wrapped:ok", "argument:Point",
                                    "exception:Oops", "two-args:RemoteError"], proc.stdout
 
 

@@ -217,7 +217,7 @@ class DaskRung(Rung):
         runs = [(index[p.call.shipped.id], p.call.star, p.call.id, p.items)
                 for p in chunk.pieces]
         try:
-            arguments = _wire.dumps_any(runs)
+            arguments = _wire.dumps_any(runs, for_workers=True)
         except (Exception, SystemExit) as exc:  # an argument's own code ran
             raise ChunkUnpicklable(unpicklable_items(chunk)) from exc
         chunk.payload_bytes = sum(memoryview(p).nbytes for p in arguments)

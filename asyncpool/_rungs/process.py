@@ -181,7 +181,7 @@ class ProcessRung(Rung, Events):
         head = _wire.CHUNK_HEAD.pack(self._seq, FLUSH_SECONDS / (10 if careful else 1),
                                      len(shipping))
         try:
-            parts = [head, *shipping, *_wire.dumps_any(runs)]
+            parts = [head, *shipping, *_wire.dumps_any(runs, for_workers=True)]
         except (Exception, SystemExit) as exc:  # an argument's own code ran
             raise ChunkUnpicklable(unpicklable_items(chunk)) from exc
         chunk.seq = self._seq
