@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._errors import SerializationError
+from ._execute import Unsendable
 
 #: How many objects the search for stand-ins looks at, at most, before it gives up.
 SEARCH_LIMIT = 200_000
@@ -142,16 +143,25 @@ def load_results(parts: Sequence[Any]) -> tuple[list[Any], dict[int, BaseExcepti
     position whose result will not load here. Raises the pickle's own error when it
     cannot tell which results are at fault."""
     try:
-        return pickle.loads(parts[0], buffers=parts[1:]), {}
+        results = pickle.loads(parts[0], buffers=parts[1:])
     except BaseException as exc:
         error = exc
+    else:
+        return results, _unsendable(results)
     if isinstance(error, KeyboardInterrupt):
         raise error  # perhaps the user's Ctrl-C, not a result's doing
     for loader in (_Tolerant, _Exact):
         pinned = _pin(loader(parts[0], parts[1:]), error)
         if pinned is not None:
-            return pinned
+            results, errors = pinned
+            return results, {**_unsendable(results), **errors}
     raise error  # not even the exact loader could load them
+
+
+def _unsendable(results: list[Any]) -> dict[int, BaseException]:
+    """A result the worker could not pickle came as a note of why: its item's error."""
+    return {position: SerializationError(value.reason)
+            for position, value in enumerate(results) if type(value) is Unsendable}
 
 
 def _pin(loader: _Loading, error: BaseException

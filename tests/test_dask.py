@@ -95,6 +95,20 @@ async def test_an_argument_the_cluster_cannot_unpickle_fails_alone(cluster: Any)
         assert pool.backend == "dask"
 
 
+async def test_a_result_the_cluster_cannot_send_back_is_its_items_error(
+        cluster: Any) -> None:
+    # On the cluster it came back as the note that stands for it, delivered as the
+    # item's result, with no error at all.
+    async with ResilientPool(max_workers=2, dask_address=cluster.scheduler_address) as pool:
+        results = await pool.map(tasks.lock_at_five, range(10), return_exceptions=True)
+        assert isinstance(results[5], SerializationError) and "lock" in str(results[5])
+        assert [r for i, r in enumerate(results) if i != 5] == [
+            i for i in range(10) if i != 5]
+        with pytest.raises(SerializationError, match="item 0: .*lock"):
+            await pool.run(tasks.lock_at_five, 5)
+        assert pool.backend == "dask"
+
+
 async def test_the_only_worker_dying_is_a_crash_not_a_lost_scheduler(tmp_path: Path) -> None:
     # The cluster's one worker dies with everything it held (the function's pickle too)
     # and its nanny starts another: the call goes on there, on the cluster.

@@ -27,7 +27,6 @@ from .._errors import (InitializerFailed, RemoteError, RemoteTraceback, Serializ
 from .._forkserver import Spawned
 from .._retry import RungUnavailable
 from .._salvage import load_results
-from .._execute import Unsendable
 
 if TYPE_CHECKING:
     from .._call import Chunk
@@ -263,9 +262,6 @@ class Proc:
             else:
                 results = decoded
                 errors.update((first + p, e) for p, e in errors_here.items())
-                for offset, value in enumerate(decoded):
-                    if type(value) is Unsendable:
-                        errors[first + offset] = SerializationError(value.reason)
         self.heard = time.monotonic()
         if done:
             self.chunks.popleft()
