@@ -302,6 +302,17 @@ def encode_errors(errors: dict[int, BaseException]) -> list[tuple[int, bytes, st
 # unpickled once per worker process, not once per chunk (at most 64 of them, or 64 MB
 # of pickles).
 _cluster_functions: dict[tuple[str, bytes], Any] = {}
+#: Calls each client process stopped: a Dask worker's running chunks skip their items
+#: not started (Dask cannot stop a task that runs). At most 4,096 for each.
+_cluster_cancelled: dict[str, set[int]] = {}
+
+
+def cancel_on_cluster(space: str, calls: list[int]) -> None:
+    """Run on each Dask worker (``client.run``) when the client process stops calls."""
+    found = _cluster_cancelled.setdefault(space, set())
+    if len(found) + len(calls) > 4096:
+        found.clear()
+    found.update(calls)
 
 
 def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, space: str,
@@ -339,6 +350,7 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
     results: list[Any] = []
     errors: dict[int, BaseException] = {}
     spent: list[tuple[list[float], int]] = [([], 0)]
+    cancelled = _cluster_cancelled.setdefault(space, set())
 
     def tick(first: int, upto: int, done: list[Any], failed: dict[int, BaseException],
              end: tuple[list[float], int] | None) -> tuple[set[int], bool]:
@@ -346,10 +358,10 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
         errors.update(failed)
         if end is not None:
             spent[0] = end
-        return set(), False
+        return cancelled, False
 
     execute([(functions[f], star, call, items) for f, star, call, items in runs],
-            retries, tick)
+            retries, tick, skip=cancelled)
     # As the wire does: a writable buffer (a NumPy array's data) comes back writable.
     parts = [bytes(part) if memoryview(part).readonly else bytearray(part)
              for part in dump_results(results)]

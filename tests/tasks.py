@@ -585,3 +585,11 @@ def held(_: object) -> None:
 def lock_at_five(x: int) -> object:
     """Item 5's result is a lock, which does not pickle."""
     return threading.Lock() if x == 5 else x
+
+
+def note_then_nap(args: tuple[str, int, float]) -> int:
+    """Notes item ``i`` as started in ``directory``, then sleeps."""
+    directory, i, seconds = args
+    Path(directory, str(i)).touch()
+    time.sleep(seconds)
+    return i

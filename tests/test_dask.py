@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from asyncpool import ResilientPool, SerializationError, WorkerCrashed
+from asyncpool import DeadlineExceeded, ResilientPool, SerializationError, WorkerCrashed
 
 from . import tasks
 from .helpers import free_port, wait_until
@@ -107,6 +108,23 @@ async def test_a_result_the_cluster_cannot_send_back_is_its_items_error(
         with pytest.raises(SerializationError, match="item 0: .*lock"):
             await pool.run(tasks.lock_at_five, 5)
         assert pool.backend == "dask"
+
+
+@pytest.mark.parametrize("stop", ["cancel", "deadline"])
+async def test_a_stopped_calls_items_not_started_do_not_run_on_the_cluster(
+        stop: str, cluster: Any, tmp_path: Path) -> None:
+    # Dask cannot stop a task that runs, and each task runs a chunk: its items that had
+    # not started ran on for seconds after the call was gone (476 of 2,000 in a trial).
+    items = [(str(tmp_path), i, 0.02) for i in range(400)]
+    async with ResilientPool(max_workers=2, dask_address=cluster.scheduler_address) as pool:
+        with anyio.move_on_after(0.5) if stop == "cancel" else contextlib.nullcontext():
+            with contextlib.suppress(DeadlineExceeded):
+                await pool.map(tasks.note_then_nap, items, chunk_size=200,
+                               **({"timeout": 0.5} if stop == "deadline" else {}))
+        stopped = len(list(tmp_path.iterdir()))
+        await anyio.sleep(1.0)  # not a wait: a window in which they would have run
+        assert len(list(tmp_path.iterdir())) - stopped <= 6
+        assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
 
 
 async def test_the_only_worker_dying_is_a_crash_not_a_lost_scheduler(tmp_path: Path) -> None:

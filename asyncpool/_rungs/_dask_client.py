@@ -5,6 +5,7 @@ client process to the workers. Imports ``distributed`` only when used."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -51,6 +52,15 @@ async def cancel_quietly(client: Any, future: Any) -> None:
         await asyncio.wait_for(client.cancel(future), 2)
     except BaseException:
         pass
+
+
+async def cancel_on_workers(client: Any, space: str, calls: list[int]) -> None:
+    """Tell every worker that these calls stopped: their chunks that run there skip
+    the items not started yet."""
+    from .._execute import cancel_on_cluster
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.run(cancel_on_cluster, space, calls), 10)
 
 
 async def close_quietly(client: Any) -> None:

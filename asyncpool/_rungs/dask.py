@@ -34,6 +34,7 @@ from .._execute import run_on_cluster
 from .._retry import RungUnavailable
 from .._salvage import load_results
 from ._dask_client import (
+    cancel_on_workers,
     cancel_quietly,
     client_space,
     close_quietly,
@@ -75,6 +76,9 @@ class DaskRung(Rung):
         self.client = client
         self.owned = owned
         self.lanes: int = 1
+        #: Calls stopped, to tell the workers (see cancel).
+        self._stopping: set[int] = set()
+        self._teller: asyncio.Task[None] | None = None
         self._token = secrets.token_hex(4)
         self._count = 0
         #: The scheduler this rung set up (see _resize).
@@ -400,6 +404,17 @@ class DaskRung(Rung):
         for chunk, relay in list(self._relays.items()):
             if all(p.call.id in wanted for p in chunk.pieces):
                 relay.cancel()
+        # A task already running goes on: its items not started are skipped (told in
+        # one message for the calls stopped within 20 ms).
+        if self._connected():
+            if not self._stopping:
+                self._teller = asyncio.ensure_future(self._tell_stopped())
+            self._stopping |= wanted
+
+    async def _tell_stopped(self) -> None:
+        await asyncio.sleep(0.02)
+        calls, self._stopping = self._stopping, set()
+        await cancel_on_workers(self.client, client_space(), sorted(calls))
 
     def kill(self, chunks: Iterable[Chunk], calls: set[int] | None = None) -> bool:
         # Dask cannot stop a running task (False says so); cancelling forgets it and
@@ -415,8 +430,9 @@ class DaskRung(Rung):
 
     async def aclose(self, kill: bool) -> None:
         self.state = RungState.CLOSED
-        if self._sizer is not None:
-            self._sizer.cancel()
+        for task in (self._sizer, self._teller):
+            if task is not None:
+                task.cancel()
         relays = list(self._relays.values())
         for relay in relays:
             relay.cancel()
