@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -125,6 +126,32 @@ async def test_a_stopped_calls_items_not_started_do_not_run_on_the_cluster(
         await anyio.sleep(1.0)  # not a wait: a window in which they would have run
         assert len(list(tmp_path.iterdir())) - stopped <= 6
         assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
+
+
+def _clients(dask_scheduler: Any = None) -> int:
+    return len(dask_scheduler.clients)
+
+
+async def test_a_pool_dropped_unclosed_closes_its_client(cluster: Any) -> None:
+    # Its workers were killed, but its client stayed connected, and warned at exit
+    # ("coroutine 'Client._close' was never awaited").
+    async with distributed.Client(cluster, asynchronous=True,
+                                  set_as_default=False) as client:
+        before = await client.run_on_scheduler(_clients)
+
+        async def open_and_drop() -> None:
+            pool = ResilientPool(max_workers=2, dask_address=cluster.scheduler_address)
+            await pool.__aenter__()
+            assert await pool.map(tasks.square, range(3)) == [0, 1, 4]
+            assert await client.run_on_scheduler(_clients) == before + 1
+
+        await open_and_drop()
+        gc.collect()
+        for _ in range(100):
+            if await client.run_on_scheduler(_clients) == before:
+                break
+            await anyio.sleep(0.05)
+        assert await client.run_on_scheduler(_clients) == before
 
 
 async def test_the_only_worker_dying_is_a_crash_not_a_lost_scheduler(tmp_path: Path) -> None:

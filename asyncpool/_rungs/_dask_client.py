@@ -9,6 +9,7 @@ import contextlib
 import os
 import secrets
 import socket
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 
@@ -54,13 +55,42 @@ async def cancel_quietly(client: Any, future: Any) -> None:
         pass
 
 
-async def cancel_on_workers(client: Any, space: str, calls: list[int]) -> None:
-    """Tell every worker that these calls stopped: their chunks that run there skip
-    the items not started yet."""
-    from .._execute import cancel_on_cluster
+class StoppedCalls:
+    """Tells every worker which calls stopped (one message for those stopped within
+    20 ms): their chunks that run there skip the items not started yet."""
 
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(client.run(cancel_on_cluster, space, calls), 10)
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls: set[int] = set()
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, calls: set[int]) -> None:
+        if not self.calls:
+            self.task = asyncio.ensure_future(self._tell())
+        self.calls |= calls
+
+    async def _tell(self) -> None:
+        from .._execute import cancel_on_cluster
+
+        await asyncio.sleep(0.02)
+        calls, self.calls = sorted(self.calls), set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.run(cancel_on_cluster, client_space(),
+                                                   calls), 10)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
+def close_later(close: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``close()`` on this loop, held until it ends (a dropped pool's rung)."""
+    task = asyncio.ensure_future(close())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Future[None]] = set()
 
 
 async def close_quietly(client: Any) -> None:

@@ -20,6 +20,7 @@ climbs back with a new client once the scheduler answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -34,9 +35,10 @@ from .._execute import run_on_cluster
 from .._retry import RungUnavailable
 from .._salvage import load_results
 from ._dask_client import (
-    cancel_on_workers,
+    StoppedCalls,
     cancel_quietly,
     client_space,
+    close_later,
     close_quietly,
     lost_connection,
     outcome,
@@ -76,9 +78,8 @@ class DaskRung(Rung):
         self.client = client
         self.owned = owned
         self.lanes: int = 1
-        #: Calls stopped, to tell the workers (see cancel).
-        self._stopping: set[int] = set()
-        self._teller: asyncio.Task[None] | None = None
+        #: Tells the workers which calls stopped (see cancel).
+        self._stopped = StoppedCalls(client)
         self._token = secrets.token_hex(4)
         self._count = 0
         #: The scheduler this rung set up (see _resize).
@@ -404,17 +405,9 @@ class DaskRung(Rung):
         for chunk, relay in list(self._relays.items()):
             if all(p.call.id in wanted for p in chunk.pieces):
                 relay.cancel()
-        # A task already running goes on: its items not started are skipped (told in
-        # one message for the calls stopped within 20 ms).
+        # A task already running goes on: its items not started are skipped.
         if self._connected():
-            if not self._stopping:
-                self._teller = asyncio.ensure_future(self._tell_stopped())
-            self._stopping |= wanted
-
-    async def _tell_stopped(self) -> None:
-        await asyncio.sleep(0.02)
-        calls, self._stopping = self._stopping, set()
-        await cancel_on_workers(self.client, client_space(), sorted(calls))
+            self._stopped.add(wanted)
 
     def kill(self, chunks: Iterable[Chunk], calls: set[int] | None = None) -> bool:
         # Dask cannot stop a running task (False says so); cancelling forgets it and
@@ -428,11 +421,18 @@ class DaskRung(Rung):
                 relay.cancel()
         return False
 
+    def abandon(self) -> None:
+        # Its client (and the tasks sent) must go too: closed on the loop, if it runs.
+        super().abandon()
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            self.loop.call_soon_threadsafe(
+                functools.partial(close_later, functools.partial(self.aclose, True)))
+
     async def aclose(self, kill: bool) -> None:
         self.state = RungState.CLOSED
-        for task in (self._sizer, self._teller):
-            if task is not None:
-                task.cancel()
+        self._stopped.close()
+        if self._sizer is not None:
+            self._sizer.cancel()
         relays = list(self._relays.values())
         for relay in relays:
             relay.cancel()
