@@ -170,7 +170,10 @@ def record(number: int, result: Any) -> tuple[str, bool]:
     """One output line, and whether it holds an error (the item's, or a result that
     is not JSON: NaN and infinities are not)."""
     if isinstance(result, BaseException):
-        message = str(result)
+        try:
+            message = str(result)
+        except Exception:  # the task's own __str__
+            message = f"<its message could not be shown: {type(result).__name__}.__str__ raised>"
         if isinstance(result, AsyncPoolError):
             # The pool names an item by its index among the lines sent: say the line
             # (and leave the task's own words alone).

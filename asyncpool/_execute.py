@@ -255,9 +255,10 @@ def portable(exc: BaseException) -> BaseException:
     name, message, text = describe(exc)
     if isinstance(exc, (SystemExit, KeyboardInterrupt)) or not isinstance(exc, Exception):
         code = exc.code if isinstance(exc, SystemExit) else None
-        return RemoteError(f"the task raised {name}" + (f"({code!r})" if code is not None
-                                                          else ""),
-                           type_name=name, traceback=text, exitcode=code)
+        said = f"({code!r})" if code is not None else f": {message}" if (
+            message and not isinstance(exc, SystemExit)) else ""
+        return RemoteError(f"the task raised {name}{said}", type_name=name,
+                           traceback=text, exitcode=code)
     try:
         # A class whose __init__ needs more than ``args`` pickles but does not load (or
         # loads as something that is no exception at all).

@@ -593,3 +593,11 @@ def note_then_nap(args: tuple[str, int, float]) -> int:
     Path(directory, str(i)).touch()
     time.sleep(seconds)
     return i
+
+
+class Halt(BaseException):
+    """A task's own BaseException (not an Exception)."""
+
+
+def halt(x: int) -> int:
+    raise Halt(f"halted at {x}")

@@ -237,6 +237,27 @@ def test_a_tasks_own_words_are_left_alone(tmp_path: Path) -> None:
     assert "order item 42 of batch 1" in json.loads(dst.read_text())["error"]
 
 
+def test_an_error_whose_message_cannot_be_shown_is_that_lines_error(tmp_path: Path) -> None:
+    # str() of it raised in the command line itself: a traceback, and the lines after
+    # it were never written.
+    (tmp_path / "mute.py").write_text(
+        "class Mute(Exception):\n"
+        "    def __str__(self):\n"
+        "        raise RuntimeError('no words')\n"
+        "def fn(x):\n"
+        "    if x == 2:\n"
+        "        raise Mute()\n"
+        "    return x\n")
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("1\n2\n3\n")
+    out = _cli("map", "mute:fn", str(src), "-o", str(dst), "--no-progress",
+               cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    records = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [r.get("result") for r in records] == [1, None, 3]
+    assert records[1]["error"].startswith("Mute: ")
+
+
 def test_options_go_before_or_after_the_subcommand(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text("1\n2\n")

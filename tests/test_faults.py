@@ -236,6 +236,9 @@ async def test_exit_and_interrupt_in_a_task_are_its_errors(anyio_backend: str) -
         assert results[2].type_name == "KeyboardInterrupt"
         with pytest.raises(RemoteError, match="SystemExit"):
             await pool.run(tasks.exit_with, 1)
+        # A BaseException of the task's own keeps its words (they were dropped).
+        with pytest.raises(RemoteError, match="tests.tasks.Halt: halted at 5"):
+            await pool.run(tasks.halt, 5)
         assert await pool.run(tasks.pid_of) == pid  # the worker survived
 
 
