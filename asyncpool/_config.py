@@ -17,7 +17,7 @@ RUNGS: tuple[str, ...] = ("process", "thread", "inline")
 MAX_WORKERS = 1024
 
 
-def _cpu_count() -> int:
+def usable_cores() -> int:
     try:
         count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
@@ -32,9 +32,16 @@ class PoolConfig:
     A value of the wrong type raises ``TypeError`` and a value out of range
     ``ValueError``, each naming the field. Where a limit may be lifted, ``None`` lifts it
     (``math.inf`` means the same for the time limits and ``rate_limit``).
+
+    Examples:
+        ```python
+        config = PoolConfig(max_workers=4, max_tasks_per_worker=1000)
+        async with ResilientPool(config=config) as pool:  # or the fields as keywords
+            ...
+        ```
     """
 
-    max_workers: int = dataclasses.field(default_factory=_cpu_count)
+    max_workers: int = dataclasses.field(default_factory=usable_cores)
     """Worker processes (and threads on the thread rung). Default: usable cores."""
     rungs: tuple[RungName, ...] = ("process", "thread", "inline")
     """The ladder, highest first. The pool never climbs above the first entry."""
@@ -188,7 +195,18 @@ setattr(PoolConfig, "__init__", _say_unknown_fields(PoolConfig.__init__))  # noq
 
 
 class PoolOptions(TypedDict, total=False):
-    """The keyword options of [`ResilientPool`][asyncpool.ResilientPool] (PoolConfig's fields)."""
+    """The keyword options of [`ResilientPool`][asyncpool.ResilientPool]: the fields of
+    [`PoolConfig`][asyncpool.PoolConfig], each with the same type and meaning. A type
+    checker reports a misspelt or mistyped one; at run time it raises ``TypeError``
+    (with "did you mean") or ``ValueError``.
+
+    Examples:
+        ```python
+        options: PoolOptions = {"max_workers": 4, "start_timeout": 30.0}
+        async with ResilientPool(**options) as pool:
+            ...
+        ```
+    """
 
     rungs: tuple[RungName, ...]
     creation_attempts: int

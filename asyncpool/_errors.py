@@ -47,11 +47,30 @@ class _Missing:
 
 
 MISSING: Final = _Missing()
-"""Stands in `DeadlineExceeded.partial` for every item that had not finished."""
+"""Stands in `DeadlineExceeded.partial` for every item that had not finished.
+
+Examples:
+    ```python
+    try:
+        results = await pool.map(fn, items, timeout=5)
+    except DeadlineExceeded as exc:
+        done = [r for r in exc.partial if r is not MISSING]
+    ```
+"""
 
 
 class AsyncPoolError(Exception):
-    """Base class of every error asyncpool raises itself."""
+    """Base class of every error asyncpool raises itself (a task's own exceptions
+    reach the caller as themselves, not as this).
+
+    Examples:
+        ```python
+        try:
+            result = await pool.run(fn, x)
+        except AsyncPoolError as exc:  # the pool's doing, not fn's
+            log.warning("offloading failed: %s", exc)
+        ```
+    """
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only attributes survive pickling (the default keeps only ``args``).
@@ -66,14 +85,32 @@ def _rebuild(cls: type[AsyncPoolError], message: str, state: dict[str, Any]) -> 
 
 class PoolClosed(AsyncPoolError, RuntimeError):
     """The pool is closed, was never entered with ``async with``, or belongs to
-    another event loop."""
+    another event loop (or to the process that forked this one).
+
+    Raised by `run`, `map`, `starmap` and `imap` when called so, and by calls still
+    waiting when `aclose()` ends them.
+
+    Examples:
+        ```python
+        pool = ResilientPool()
+        await pool.run(abs, -1)  # PoolClosed: enter it with `async with` first
+        ```
+    """
 
 
 class WorkerCrashed(AsyncPoolError):
     """An item killed the worker process that ran it, each time it was tried.
 
     ``index`` is the item's position in the input and ``exitcode`` the worker's exit
-    code (negative: the signal that killed it), where known.
+    code (negative: the signal that killed it), where known. Raised by `run`, `map`,
+    `starmap` and `imap` for that item (or put in its place with
+    ``return_exceptions=True``); the other items are not affected.
+
+    Examples:
+        ```python
+        results = await pool.map(parse, files, return_exceptions=True)
+        crashed = [r.index for r in results if isinstance(r, WorkerCrashed)]
+        ```
     """
 
     def __init__(self, message: str = "", *, index: int | None = None,
@@ -84,7 +121,19 @@ class WorkerCrashed(AsyncPoolError):
 
 
 class SerializationError(AsyncPoolError, TypeError):
-    """An argument, function or result could not be pickled or unpickled."""
+    """An argument, function or result could not be pickled or unpickled.
+
+    Raised by `run`, `map`, `starmap` and `imap` for the item at fault (its message
+    says which item, which side and why; the other items are not affected), or for
+    the whole call when its function cannot be pickled.
+
+    Examples:
+        ```python
+        import threading
+
+        await pool.run(len, threading.Lock())  # SerializationError: item 0 ...
+        ```
+    """
 
     #: The input index of the item at fault, when the error is one item's.
     index: int | None = None
@@ -93,7 +142,18 @@ class SerializationError(AsyncPoolError, TypeError):
 class FunctionUnavailable(SerializationError):
     """The workers cannot load the call's function (its module is not importable
     there, or unpickling it fails or kills the worker): the whole call fails with this,
-    once, even with ``return_exceptions``."""
+    once, even with ``return_exceptions``. Raised by `run`, `map`, `starmap` and
+    `imap`; install the function's module where the workers run (a Dask cluster's
+    workers), or define it at module level.
+
+    Examples:
+        ```python
+        try:
+            await pool.map(mylib.work, items)
+        except FunctionUnavailable as exc:
+            print("the cluster lacks mylib:", exc)
+        ```
+    """
 
 
 class DeadlineExceeded(AsyncPoolError, TimeoutError):
@@ -102,7 +162,16 @@ class DeadlineExceeded(AsyncPoolError, TimeoutError):
     ``partial`` lists, in input order, every result that had finished (exceptions in
     place with ``return_exceptions``) and [`MISSING`][asyncpool.MISSING] for the rest.
     For ``imap`` it starts at input index ``start``, the first item not yet yielded; for ``map`` and
-    ``run``, ``start`` is 0.
+    ``run``, ``start`` is 0. Raised by `run`, `map`, `starmap` and `imap` given a
+    ``timeout``, at the deadline, whatever the call was waiting for.
+
+    Examples:
+        ```python
+        try:
+            results = await pool.map(fn, items, timeout=2.0, kill_on_timeout=True)
+        except DeadlineExceeded as exc:
+            results = exc.partial  # MISSING where an item had not finished
+        ```
     """
 
     def __init__(self, message: str = "", partial: list[Any] | None = None,
@@ -121,6 +190,15 @@ class RemoteError(AsyncPoolError):
     task, which must not end the caller. ``type_name`` is the original class's
     qualified name, ``traceback`` the worker's traceback as text, and ``exitcode``
     the code of a ``SystemExit`` (as ``WorkerCrashed.exitcode`` is a process's).
+    Raised by `run`, `map`, `starmap` and `imap` in place of such an exception.
+
+    Examples:
+        ```python
+        try:
+            await pool.run(sys.exit, 3)
+        except RemoteError as exc:
+            assert exc.type_name == "SystemExit" and exc.exitcode == 3
+        ```
     """
 
     def __init__(self, message: str = "", *, type_name: str = "", traceback: str = "",
@@ -133,11 +211,35 @@ class RemoteError(AsyncPoolError):
 
 class InitializerFailed(AsyncPoolError):
     """The ``initializer`` raised in a worker (its exception is the ``__cause__``),
-    killed the worker, or did not return within ``start_timeout`` (no cause)."""
+    killed the worker, or did not return within ``start_timeout`` (no cause).
+
+    Raised by ``async with ResilientPool(...)`` when opening the pool, and by calls
+    when it starts failing in replacement workers.
+
+    Examples:
+        ```python
+        try:
+            async with ResilientPool(initializer=load_model, start_timeout=30) as pool:
+                ...
+        except InitializerFailed as exc:
+            print("workers could not start:", exc.__cause__)
+        ```
+    """
 
 
 class RemoteTraceback(Exception):
-    """The formatted traceback of an exception raised in a worker."""
+    """The formatted traceback of an exception raised in a worker: the ``__cause__``
+    of a task's own exception, so that the caller's traceback shows where in the
+    worker it was raised. Never raised by itself.
+
+    Examples:
+        ```python
+        try:
+            await pool.run(int, "x")
+        except ValueError as exc:
+            print(exc.__cause__)  # RemoteTraceback: the worker's traceback
+        ```
+    """
 
     def __init__(self, tb: str = "") -> None:
         super().__init__(tb)

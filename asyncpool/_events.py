@@ -39,7 +39,18 @@ LEVELS: dict[str, int] = {
 
 @dataclass(frozen=True, slots=True)
 class PoolEvent:
-    """One moment in a pool's life, given to the `on_event` hook and logged."""
+    """One moment in a pool's life, given to the `on_event` hook and logged.
+
+    Examples:
+        ```python
+        def on_event(event: PoolEvent) -> None:
+            if event.kind == "fallback":
+                metrics.increment("pool.fallback", tags={"to": event.details["to"]})
+
+        async with ResilientPool(on_event=on_event) as pool:
+            ...
+        ```
+    """
 
     kind: EventKind
     """`creation_failed` (a rung did not start; it is tried again), `fallback` (the
@@ -61,7 +72,15 @@ class PoolEvent:
 class EventHook(Protocol):
     """What `on_event` takes: a callable of one [`PoolEvent`][asyncpool.PoolEvent].
     It runs on the event loop and must not block; an exception it raises is logged
-    and ignored."""
+    and ignored. Events are also logged on the ``asyncpool`` logger either way.
+
+    Examples:
+        ```python
+        seen: list[PoolEvent] = []
+        async with ResilientPool(on_event=seen.append) as pool:
+            ...
+        ```
+    """
 
     def __call__(self, event: PoolEvent, /) -> object: ...
 
@@ -89,7 +108,14 @@ class Emitter:
 
 @dataclass(frozen=True, slots=True)
 class PoolStatistics:
-    """A snapshot of a pool's counters, from [`statistics`][asyncpool.ResilientPool.statistics]."""
+    """A snapshot of a pool's counters, from [`statistics`][asyncpool.ResilientPool.statistics].
+
+    Examples:
+        ```python
+        stats = pool.statistics()
+        print(stats.backend, stats.tasks_completed, stats.worker_crashes)
+        ```
+    """
 
     backend: str | None
     """The rung serving now (None when closed or between rungs)."""

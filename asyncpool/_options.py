@@ -22,8 +22,16 @@ Progress = bool | ProgressCallback | None
 
 
 class CallKwargs(TypedDict, total=False):
-    """The per-call options of `run`, `map`, `starmap` and `imap`, as keywords:
-    `await pool.map(fn, items, timeout=10, chunk_size=100)`. Each may be left out."""
+    """The per-call options of `run`, `map`, `starmap` and `imap`, as keywords. Each
+    may be left out. A misspelt one raises ``TypeError`` (with "did you mean"), a
+    value out of range ``ValueError``.
+
+    Examples:
+        ```python
+        results = await pool.map(fn, items, timeout=10, chunk_size=100,
+                                 return_exceptions=True)
+        ```
+    """
 
     timeout: float | None
     """Seconds for the whole call: waiting for a worker, a rate limit, the input or a
