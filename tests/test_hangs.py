@@ -960,4 +960,3 @@ async def test_a_thread_stuck_on_a_killed_item_is_replaced(stop: str,
             await wait_until(lambda: len(pool._engine.ladder.serving.threads) == 2)  # type: ignore[union-attr, attr-defined]
     finally:
         tasks.RELEASE.set()
-
