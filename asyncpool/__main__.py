@@ -110,7 +110,8 @@ def parser() -> argparse.ArgumentParser:
     mapper.add_argument("-o", "--output", required=True,
                         help='output JSONL file: {"line": N, "result": ...} or '
                              '{"line": N, "error": "..."} per input line, in order; - '
-                             "writes standard output")
+                             "writes standard output (what the function prints then "
+                             "goes to standard error)")
     mapper.add_argument("--resume", action="store_true",
                         help="skip lines already in OUTPUT (after a killed run)")
     return main

@@ -166,6 +166,14 @@ def progress_for(wanted: bool) -> bool | Callable[[int, int | None], None]:
     return True
 
 
+def stdout_to_stderr(parent: int) -> None:
+    """In a worker process (not in the command line's own, on threads): its standard
+    output is standard error."""
+    if os.getpid() != parent:
+        sys.stdout.flush()
+        os.dup2(2, 1)
+
+
 def record(number: int, result: Any) -> tuple[str, bool]:
     """One output line, and whether it holds an error (the item's, or a result that
     is not JSON: NaN and infinities are not)."""
@@ -232,7 +240,11 @@ async def map_file(args: argparse.Namespace) -> Counts:
     numbers: deque[int] = deque()
     out: IO[str] | None = None
     try:
-        async with ResilientPool(max_workers=args.workers) as pool:
+        # Records alone on standard output: what the function prints goes to stderr.
+        quiet = args.output == "-"
+        async with ResilientPool(max_workers=args.workers,
+                                 initializer=stdout_to_stderr if quiet else None,
+                                 initargs=(os.getpid(),)) as pool:
             lines = read_lines(args.input, done, numbers, counts)
             async with pool.imap(Apply(fn), lines, return_exceptions=True,
                                  progress=progress_for(not args.no_progress)) as results:

@@ -258,6 +258,19 @@ def test_an_error_whose_message_cannot_be_shown_is_that_lines_error(tmp_path: Pa
     assert records[1]["error"].startswith("Mute: ")
 
 
+def test_what_the_function_prints_stays_out_of_records_on_standard_output(
+        tmp_path: Path) -> None:
+    # The workers wrote to the same standard output: "debug 2" lines among the records.
+    (tmp_path / "noisy.py").write_text("def fn(x):\n    print('debug', x)\n    return x\n")
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(f"{i}\n" for i in range(50)))
+    out = _cli("map", "noisy:fn", str(src), "-o", "-", "--no-progress", cwd=tmp_path,
+               env={"PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["result"] for line in out.stdout.splitlines()] == list(range(50))
+    assert "debug 7" in out.stderr
+
+
 def test_options_go_before_or_after_the_subcommand(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text("1\n2\n")
