@@ -15,7 +15,8 @@ import sys
 import time
 
 from . import _wire
-from ._errors import FunctionUnavailable, RemoteError
+from ._errors import (FunctionUnavailable, RemoteError, RemoteTraceback,
+                      SerializationError)
 from ._handover import Running, unwatch, watch
 from ._retry import backoff_delays, is_transient
 from ._share import share_main
@@ -297,6 +298,21 @@ def encode_errors(errors: dict[int, BaseException]) -> list[tuple[int, bytes, st
                                             traceback=text), 5)
         encoded.append((position, blob, text))
     return encoded
+
+
+def decode_error(blob: bytes, text: str) -> BaseException:
+    """In the parent: an error :func:`encode_errors` made, as faithful as it loads."""
+    try:
+        exc: BaseException = pickle.loads(blob)
+        if not isinstance(exc, BaseException):  # its __reduce__ rebuilt something else
+            raise TypeError(f"it unpickled as {type(exc).__qualname__}")
+    except BaseException as problem:  # its own code ran: a SystemExit is not ours
+        # Rebuilt in the worker but not here (its class is not importable here).
+        first = text.strip().splitlines()[-1] if text.strip() else repr(problem)
+        exc = RemoteError(first, type_name=first.split(":", 1)[0], traceback=text)
+    if text and not isinstance(exc, SerializationError):
+        exc.__cause__ = RemoteTraceback(text)
+    return exc
 
 
 # Functions a Dask worker loaded, by their client process and pickle, so each is

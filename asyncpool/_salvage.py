@@ -115,10 +115,39 @@ class _Exact(_Loading, pickle._Unpickler):
         try:
             pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
         except (Exception, SystemExit) as exc:  # a __setstate__ that raises here
-            kind = type(stack[-1])
-            stack[-1] = self.stand_in(f"{kind.__module__}.{kind.__qualname__}", exc)()
+            half = stack[-1]
+            kind = type(half)
+            stack[-1] = made = self.stand_in(f"{kind.__module__}.{kind.__qualname__}", exc)()
+            # The half-built object is in the memo too: a later reference to it (the
+            # same object in another result) must find the stand-in as well.
+            memo: dict[int, Any] = self.memo  # type: ignore[attr-defined]
+            for key in [k for k, v in memo.items() if v is half]:
+                memo[key] = made
 
     dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]
+
+    def _new(self, cls: Any, args: Any, kwargs: Any) -> None:
+        try:
+            obj = cls.__new__(cls, *args, **kwargs)
+        except (Exception, SystemExit) as exc:  # a __new__ that raises here
+            name = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)}"
+            obj = self.stand_in(name, exc)()
+            obj.given = cls, args
+        self.append(obj)  # type: ignore[attr-defined]
+
+    def load_newobj(self) -> None:
+        stack: list[Any] = self.stack  # type: ignore[attr-defined]
+        args = stack.pop()
+        self._new(stack.pop(), args, {})
+
+    def load_newobj_ex(self) -> None:
+        stack: list[Any] = self.stack  # type: ignore[attr-defined]
+        kwargs = stack.pop()
+        args = stack.pop()
+        self._new(stack.pop(), args, kwargs)
+
+    dispatch[pickle.NEWOBJ[0]] = load_newobj  # type: ignore[assignment]
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex  # type: ignore[assignment]
 
 
 class _Guard:

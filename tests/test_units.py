@@ -457,6 +457,38 @@ class CalledAtLoad:
         return _load_or_fail, (2,)
 
 
+class RefusesNew:
+    def __new__(cls) -> RefusesNew:
+        if LOADING_FAILS[0]:
+            raise ValueError("no new one here")
+        return super().__new__(cls)
+
+
+class RefusesStateHere:
+    def __init__(self) -> None:
+        self.state = 1
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        if LOADING_FAILS[0]:
+            raise ValueError("no state here")
+        self.__dict__.update(state)
+
+
+@pytest.mark.parametrize("make", [RefusesNew, RefusesStateHere])
+def test_one_object_in_two_results_that_fails_to_load_fails_both(make: Any) -> None:
+    # The second reference came from the pickle's memo: the half-built object, with
+    # none of its state, delivered as a success (or a __new__ that raised ran every
+    # item of the stretch again).
+    shared = make()
+    blob = pickle.dumps([0, shared, "x", shared], 5)
+    LOADING_FAILS[0] = True
+    try:
+        results, errors = load_results([blob])
+    finally:
+        LOADING_FAILS[0] = False
+    assert sorted(errors) == [1, 3] and [results[0], results[2]] == [0, "x"]
+
+
 def test_functions_among_results_beside_one_that_does_not_load_stay_themselves() -> None:
     # The search for failing calls wrapped every function it loaded: a function that
     # was itself a result came back as that wrapper, delivered as a success.

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 
 from .. import _wire
-from .._errors import (InitializerFailed, RemoteError, RemoteTraceback, SerializationError,
-                       exit_described)
+from .._errors import InitializerFailed, SerializationError, exit_described
+from .._execute import decode_error
 from .._forkserver import Spawned
 from .._retry import RungUnavailable
 from .._salvage import load_results
@@ -250,6 +250,14 @@ class Proc:
         if not self.chunks:  # pragma: no cover - a worker never answers unasked
             return
         chunk = self.chunks[0]
+        if chunk.seq != seq:  # never seen: a worker answers for the chunk it runs
+            found = next((c for c in self.chunks if c.seq == seq), None)
+            logger.warning("worker %s sent results of chunk %s, not of %s at the head of "
+                           "its queue (%s)", self.pid, seq, chunk.seq,
+                           "found further back" if found else "not held")
+            if found is None:
+                return
+            chunk = found
         errors = {position: decode_error(blob, text) for position, blob, text in encoded}
         results: list[Any] | BaseException
         if unloadable:
@@ -264,7 +272,7 @@ class Proc:
                 errors.update((first + p, e) for p, e in errors_here.items())
         self.heard = time.monotonic()
         if done:
-            self.chunks.popleft()
+            self.chunks.remove(chunk)
             self.withdrawing.discard(chunk.seq)
             if self.doomed:
                 self.doomed &= {p.call.id for c in self.chunks for p in c.pieces}
@@ -430,17 +438,3 @@ def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | 
     key = None if initializer else (config.task_retries, config.max_tasks_per_worker,
                                     config.max_worker_memory, tuple(sys.path))
     return settings, key
-
-
-def decode_error(blob: bytes, text: str) -> BaseException:
-    try:
-        exc: BaseException = pickle.loads(blob)
-        if not isinstance(exc, BaseException):  # its __reduce__ rebuilt something else
-            raise TypeError(f"it unpickled as {type(exc).__qualname__}")
-    except BaseException as problem:  # its own code ran: a SystemExit is not ours
-        # Rebuilt in the worker but not here (its class is not importable here).
-        first = text.strip().splitlines()[-1] if text.strip() else repr(problem)
-        exc = RemoteError(first, type_name=first.split(":", 1)[0], traceback=text)
-    if text and not isinstance(exc, SerializationError):
-        exc.__cause__ = RemoteTraceback(text)
-    return exc

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _wire
 from .._call import CallState
 from .._errors import FunctionUnavailable, InitializerFailed, SerializationError
-from .._execute import run_on_cluster
+from .._execute import decode_error, run_on_cluster
 from .._retry import RungUnavailable
 from .._salvage import load_results
 from ._dask_client import (
@@ -338,8 +338,6 @@ class DaskRung(Rung):
             errors = dict.fromkeys(range(chunk.size), error)
             results: list[Any] = [None] * chunk.size
         else:
-            from ._proc import decode_error
-
             errors = {position: decode_error(b, text) for position, b, text in errors}
             try:
                 results, bad = load_results(blob)
