@@ -245,7 +245,8 @@ class Engine:
             timing = call.timing
             cost = timing.per_item if timing.per_item is not None else target / timing.ramp
             want = fixed or max(1, int(budget / max(cost, 1e-9)))
-            want = min(want, limit - count, timing.send_cap(), max(1, self.window_items(call)))
+            want = min(want, limit - count, timing.send_cap(ramp=not fixed),
+                       max(1, self.window_items(call)))
             # The biggest of a sample, not its mean: a chunk may come out small, but
             # not many times over its bytes (the mean of a sample of small and big
             # items in turn misjudged it 2.5x one time in fifty). Items that differ

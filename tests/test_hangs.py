@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncpool import MISSING, DeadlineExceeded, ResilientPool
+from asyncpool import MISSING, DeadlineExceeded, InitializerFailed, ResilientPool
 from asyncpool._rungs import RungState
 
 from . import tasks
@@ -946,7 +946,9 @@ async def test_a_thread_stuck_on_a_killed_item_is_replaced(stop: str,
     tasks.RELEASE.clear()
     try:
         async with ResilientPool(max_workers=2, rungs=("thread",)) as pool:
-            for _ in range(3):
+            # More of them than the rung has slots (3 x max_workers): each kept its
+            # slot until its item ended.
+            for _ in range(8):
                 with anyio.move_on_after(0.2) if stop == "cancel" else (
                         contextlib.nullcontext()):
                     with contextlib.suppress(DeadlineExceeded):
@@ -958,5 +960,28 @@ async def test_a_thread_stuck_on_a_killed_item_is_replaced(stop: str,
             assert pool.statistics().workers == 2
             tasks.RELEASE.set()  # the stuck threads end, and leave
             await wait_until(lambda: len(pool._engine.ladder.serving.threads) == 2)  # type: ignore[union-attr, attr-defined]
+    finally:
+        tasks.RELEASE.set()
+
+
+async def test_a_thread_in_place_of_a_stuck_one_whose_initializer_fails_does_not_serve(
+        anyio_backend: str) -> None:
+    # It served without what the initializer sets, silently.
+    tasks.RELEASE.clear()
+    starts = [0]
+
+    def init() -> None:
+        starts[0] += 1
+        if starts[0] > 2:
+            raise LookupError("no model any more")
+
+    try:
+        async with ResilientPool(max_workers=2, rungs=("thread",), initializer=init,
+                                 promote_after=30) as pool:
+            for _ in range(2):
+                with contextlib.suppress(DeadlineExceeded):
+                    await pool.run(tasks.held, None, timeout=0.2, kill_on_timeout=True)
+            with pytest.raises(InitializerFailed, match="no model any more"):
+                await pool.map(tasks.square, range(4), timeout=10)
     finally:
         tasks.RELEASE.set()

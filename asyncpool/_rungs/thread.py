@@ -47,6 +47,8 @@ class ThreadRung(Rung):
         #: to be killed: a new thread serves in place of each (see kill).
         self._running: dict[threading.Thread, Chunk] = {}
         self._stuck: set[threading.Thread] = set()
+        #: Their chunks: already reported lost (their slots free), never reported again.
+        self._detached: set[Chunk] = set()
         self._started = 0
 
     @classmethod
@@ -116,6 +118,11 @@ class ThreadRung(Rung):
             try:
                 config.initializer(*config.initargs)
             except BaseException as exc:
+                if ready is None:  # in place of a stuck thread: it does not serve
+                    logger.warning("a thread started in place of a stuck one leaves: the "
+                                   "initializer raised %r", exc)
+                    self.loop.call_soon_threadsafe(functools.partial(self._left, me, exc))
+                    return
                 self._init_errors.append(exc)
             if ready is not None:
                 ready.release()
@@ -138,10 +145,27 @@ class ThreadRung(Rung):
                 self.loop.call_soon_threadsafe(functools.partial(self._left, me))
                 return
 
-    def _left(self, thread: threading.Thread) -> None:
+    def _left(self, thread: threading.Thread, error: BaseException | None = None) -> None:
         self._stuck.discard(thread)
         if thread in self.threads:
             self.threads.remove(thread)
+        if error is not None and self.state is RungState.SERVING and all(
+                t in self._stuck for t in self.threads):
+            # No thread serves, and no new one can: the ladder decides what next.
+            failure = InitializerFailed(f"the initializer {self.config.initializer!r} "
+                                        f"raised in a new thread: {error!r}")
+            failure.__cause__ = error
+            self.failure = failure
+            self.state = RungState.CRASHED
+            while True:  # what waits for a thread goes elsewhere
+                try:
+                    chunk = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if chunk is not None:
+                    self._release(chunk)
+                    self.listener.chunk_lost(chunk)
+            self.listener.rung_changed()
 
     def kill(self, chunks: Iterable[Chunk], calls: set[int] | None = None) -> bool:
         """Threads cannot be stopped: each running one of these chunks is left to
@@ -153,6 +177,11 @@ class ThreadRung(Rung):
             if chunk in wanted and thread not in self._stuck and (
                     self.state is RungState.SERVING):
                 self._stuck.add(thread)
+                # Its slot is freed and what it holds of live calls goes elsewhere;
+                # the thread stops after the item it runs, reporting nothing more.
+                self._detached.add(chunk)
+                self._release(chunk)
+                self.listener.chunk_lost(chunk)
                 try:
                     self._start()
                 except RuntimeError as exc:
@@ -163,6 +192,11 @@ class ThreadRung(Rung):
     def _tick(self, chunk: Chunk, first: int, upto: int, results: list[Any],
               errors: dict[int, BaseException],
               end: tuple[list[float], int] | None) -> tuple[set[int], bool]:
+        if chunk in self._detached:
+            if end is not None:
+                self.loop.call_soon_threadsafe(
+                    functools.partial(self._detached.discard, chunk))
+            return self._cancelled, True
         results = list(results)
         errors = {position: portable(exc) if not isinstance(exc, Exception) else exc
                   for position, exc in errors.items()}
@@ -172,17 +206,23 @@ class ThreadRung(Rung):
 
     def _report(self, chunk: Chunk, first: int, upto: int, results: list[Any],
                 errors: dict[int, BaseException], end: tuple[list[float], int] | None) -> None:
+        if chunk in self._detached:
+            return  # reported lost already (see kill)
         if upto > first:
             self.listener.chunk_progress(chunk, first, upto, results, errors)
         if end is not None:
-            self.in_flight -= 1
-            holding = self._holding
-            for call in {piece.call.id for piece in chunk.pieces}:
-                holding[call] -= 1
-                if holding[call] <= 0:
-                    del holding[call]
-                    self._cancelled.discard(call)
+            self._release(chunk)
             self.listener.chunk_done(chunk, upto, *end)
+
+    def _release(self, chunk: Chunk) -> None:
+        """The chunk no longer holds a slot here (nor a place for its calls)."""
+        self.in_flight -= 1
+        holding = self._holding
+        for call in {piece.call.id for piece in chunk.pieces}:
+            holding[call] -= 1
+            if holding[call] <= 0:
+                del holding[call]
+                self._cancelled.discard(call)
 
     def abandon(self) -> None:
         super().abandon()
