@@ -465,3 +465,15 @@ async def test_an_initializer_that_kills_its_worker_fails_the_open() -> None:
     proc = run_script("_initializer_dies.py")
     assert proc.returncode == 0, proc.stderr[-2000:]  # the parent was killed before
     assert "InitializerFailed" in proc.stdout and "exit code 7" in proc.stdout
+
+
+@pytest.mark.parametrize("rungs", [("process",), ("thread",), ("inline",)])
+async def test_a_tasks_own_base_exception_is_its_items_error_on_every_rung(
+        rungs: tuple[str, ...], anyio_backend: str) -> None:
+    # On the inline rung it ended the chunk, which went out again, for good: the call
+    # never returned and the loop spun.
+    async with ResilientPool(max_workers=1, rungs=rungs) as pool:  # type: ignore[arg-type]
+        with anyio.fail_after(10):
+            results = await pool.map(tasks.halt, [1, 2], return_exceptions=True)
+        assert all(isinstance(r, RemoteError) and "halted at" in str(r) for r in results)
+        assert await pool.run(tasks.square, 3) == 9

@@ -81,8 +81,14 @@ class InlineRung(Rung):
                     else:
                         try:
                             results.append(await self._call(fn, item, star))
-                        except (Exception, SystemExit) as exc:
-                            # KeyboardInterrupt is the loop's: it propagates.
+                        except BaseException as exc:
+                            # KeyboardInterrupt is the loop's, and so is a
+                            # cancellation: they propagate. A task's own
+                            # BaseException is its item's error (it ended the chunk,
+                            # which went out again, for good).
+                            if isinstance(exc, KeyboardInterrupt | GeneratorExit) or (
+                                    isinstance(exc, anyio.get_cancelled_exc_class())):
+                                raise
                             results.append(None)
                             errors[position] = portable(own_frames_dropped(exc))
                     position += 1
