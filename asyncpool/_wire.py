@@ -12,7 +12,6 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
-import sys
 import time
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
@@ -125,27 +124,19 @@ def dumps(obj: Any, *, by_value: bool = False) -> Parts:
 
 def dumps_any(obj: Any, for_workers: bool = False) -> Parts:
     """Pickle with the standard pickler, or cloudpickle where that refuses. What goes
-    to workers (``for_workers``) also goes by cloudpickle where it names a class of the
-    caller's main script (a dataclass item): the workers have no such class."""
+    to workers (``for_workers``) also goes by cloudpickle where it names something of
+    the caller's main script (a dataclass item, a function): the workers have none."""
     try:
         parts = dumps(obj)
     except Exception:
         return dumps(obj, by_value=True)
-    if for_workers and _MAIN in parts[0] and main_has_classes():
+    if for_workers and _MAIN in parts[0]:
         return dumps(obj, by_value=True)
     return parts
 
 
 #: How a pickle names the module ``__main__`` (protocol 4 and up).
 _MAIN = b"\x8c\x08__main__"
-
-
-def main_has_classes() -> bool:
-    """Whether the main script defines a class (whose instances may be items)."""
-    main = sys.modules.get("__main__")
-    return main is not None and any(
-        isinstance(v, type) and v.__module__ == "__main__"
-        for v in list(vars(main).values()))
 
 
 def loads(parts: Sequence[Any]) -> Any:
