@@ -151,7 +151,7 @@ class FunctionUnavailable(SerializationError):
         try:
             await pool.map(mylib.work, items)
         except FunctionUnavailable as exc:
-            print("the cluster lacks mylib:", exc)
+            log.error("the cluster lacks mylib: %s", exc)
         ```
     """
 
@@ -222,7 +222,7 @@ class InitializerFailed(AsyncPoolError):
             async with ResilientPool(initializer=load_model, start_timeout=30) as pool:
                 ...
         except InitializerFailed as exc:
-            print("workers could not start:", exc.__cause__)
+            log.error("workers could not start: %s", exc.__cause__)
         ```
     """
 
@@ -237,7 +237,7 @@ class RemoteTraceback(Exception):
         try:
             await pool.run(int, "x")
         except ValueError as exc:
-            print(exc.__cause__)  # RemoteTraceback: the worker's traceback
+            log.error("failed in the worker:\n%s", exc.__cause__)  # its traceback
         ```
     """
 

@@ -113,7 +113,8 @@ class PoolStatistics:
     Examples:
         ```python
         stats = pool.statistics()
-        print(stats.backend, stats.tasks_completed, stats.worker_crashes)
+        log.info("%s: %d done, %d crashes", stats.backend, stats.tasks_completed,
+                 stats.worker_crashes)
         ```
     """
 

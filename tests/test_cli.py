@@ -28,6 +28,17 @@ def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
                           env={**os.environ, **(env or {})})
 
 
+def _map_own_module(tmp_path: Path, source: str, lines: str, output: str = "out.jsonl"
+                    ) -> subprocess.CompletedProcess[str]:
+    """``map own:fn`` over ``lines``, module ``own`` being ``source``; the output goes
+    to ``tmp_path/output`` (or standard output for ``-``)."""
+    (tmp_path / "own.py").write_text(source)
+    (tmp_path / "in.jsonl").write_text(lines)
+    dst = output if output == "-" else str(tmp_path / output)
+    return _cli("map", "own:fn", str(tmp_path / "in.jsonl"), "-o", dst, "--no-progress",
+                cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+
+
 @pytest.fixture
 def no_tqdm(tmp_path: Path) -> dict[str, str]:
     """An environment where importing tqdm fails, as in a plain install."""
@@ -223,36 +234,28 @@ def test_map_writes_standard_output_and_stops_quietly_when_its_reader_goes(
 def test_a_tasks_own_words_are_left_alone(tmp_path: Path) -> None:
     # Only the pool's own "item N" becomes "line N": an error of the task that said
     # "order item 42" was rewritten to "order line 1".
-    (tmp_path / "orders.py").write_text(
-        "class Odd(Exception):\n"
-        "    def __init__(self, a, b):\n"
-        "        super().__init__(f'order item {a} of batch {b}')\n"
-        "def fn(x):\n"
-        "    raise Odd(42, x)\n")
-    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_text("1\n")
-    out = _cli("map", "orders:fn", str(src), "-o", str(dst), "--no-progress",
-               cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+    out = _map_own_module(tmp_path, "class Odd(Exception):\n"
+                                    "    def __init__(self, a, b):\n"
+                                    "        super().__init__(f'order item {a} of batch {b}')\n"
+                                    "def fn(x):\n"
+                                    "    raise Odd(42, x)\n", "1\n")
     assert out.returncode == 1, out.stderr
+    dst = tmp_path / "out.jsonl"
     assert "order item 42 of batch 1" in json.loads(dst.read_text())["error"]
 
 
 def test_an_error_whose_message_cannot_be_shown_is_that_lines_error(tmp_path: Path) -> None:
     # str() of it raised in the command line itself: a traceback, and the lines after
     # it were never written.
-    (tmp_path / "mute.py").write_text(
-        "class Mute(Exception):\n"
-        "    def __str__(self):\n"
-        "        raise RuntimeError('no words')\n"
-        "def fn(x):\n"
-        "    if x == 2:\n"
-        "        raise Mute()\n"
-        "    return x\n")
-    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_text("1\n2\n3\n")
-    out = _cli("map", "mute:fn", str(src), "-o", str(dst), "--no-progress",
-               cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+    out = _map_own_module(tmp_path, "class Mute(Exception):\n"
+                                    "    def __str__(self):\n"
+                                    "        raise RuntimeError('no words')\n"
+                                    "def fn(x):\n"
+                                    "    if x == 2:\n"
+                                    "        raise Mute()\n"
+                                    "    return x\n", "1\n2\n3\n")
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    dst = tmp_path / "out.jsonl"
     records = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [r.get("result") for r in records] == [1, None, 3]
     assert records[1]["error"].startswith("Mute: ")
@@ -261,11 +264,8 @@ def test_an_error_whose_message_cannot_be_shown_is_that_lines_error(tmp_path: Pa
 def test_what_the_function_prints_stays_out_of_records_on_standard_output(
         tmp_path: Path) -> None:
     # The workers wrote to the same standard output: "debug 2" lines among the records.
-    (tmp_path / "noisy.py").write_text("def fn(x):\n    print('debug', x)\n    return x\n")
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(f"{i}\n" for i in range(50)))
-    out = _cli("map", "noisy:fn", str(src), "-o", "-", "--no-progress", cwd=tmp_path,
-               env={"PYTHONPATH": str(ROOT)})
+    out = _map_own_module(tmp_path, "def fn(x):\n    print('debug', x)\n    return x\n",
+                          "".join(f"{i}\n" for i in range(50)), output="-")
     assert out.returncode == 0, out.stderr
     assert [json.loads(line)["result"] for line in out.stdout.splitlines()] == list(range(50))
     assert "debug 7" in out.stderr

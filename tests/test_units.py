@@ -430,15 +430,20 @@ def test_a_result_that_fails_inside_is_pinned_on_its_item(make: Any, dumps: Any)
     # The failure was not found on its item, and every item of the stretch ran again.
     blob = _pickled_with_a_class_gone(lambda gone: [0, make(gone), "x", make(gone)],
                                       dumps=dumps)
-    LOADING_FAILS[0] = True
-    try:
-        results, errors = load_results([blob])
-    finally:
-        LOADING_FAILS[0] = False
+    results, errors = _loaded_where_loading_fails(blob)
     assert sorted(errors) == [1, 3] and [results[0], results[2]] == [0, "x"]
 
 
 LOADING_FAILS = [False]
+
+
+def _loaded_where_loading_fails(blob: bytes) -> tuple[list[Any], dict[int, BaseException]]:
+    """``load_results`` of ``blob`` while the classes below refuse to load."""
+    LOADING_FAILS[0] = True
+    try:
+        return load_results([blob])
+    finally:
+        LOADING_FAILS[0] = False
 
 
 def _load_or_fail(value: object) -> object:
@@ -480,12 +485,7 @@ def test_one_object_in_two_results_that_fails_to_load_fails_both(make: Any) -> N
     # none of its state, delivered as a success (or a __new__ that raised ran every
     # item of the stretch again).
     shared = make()
-    blob = pickle.dumps([0, shared, "x", shared], 5)
-    LOADING_FAILS[0] = True
-    try:
-        results, errors = load_results([blob])
-    finally:
-        LOADING_FAILS[0] = False
+    results, errors = _loaded_where_loading_fails(pickle.dumps([0, shared, "x", shared], 5))
     assert sorted(errors) == [1, 3] and [results[0], results[2]] == [0, "x"]
 
 
@@ -494,11 +494,7 @@ def test_functions_among_results_beside_one_that_does_not_load_stay_themselves()
     # was itself a result came back as that wrapper, delivered as a success.
     blob = pickle.dumps([FailsToLoad(), [math.sqrt, 3], functools.partial(math.pow, 2),
                          _load_or_fail, "abc".upper, FailsToLoad()], 5)
-    LOADING_FAILS[0] = True
-    try:
-        results, errors = load_results([blob])
-    finally:
-        LOADING_FAILS[0] = False
+    results, errors = _loaded_where_loading_fails(blob)
     assert sorted(errors) == [0, 5] and "_load_or_fail" in str(errors[0])
     assert results[1][0] is math.sqrt and results[2].func is math.pow
     assert results[3] is _load_or_fail and results[4]() == "ABC"
