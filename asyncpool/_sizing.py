@@ -30,7 +30,8 @@ class Timing:
     ``target`` seconds of work and :data:`TARGET_CHUNK_BYTES` of pickled data.
     """
 
-    __slots__ = ("per_item", "bytes_per_item", "send_per_item", "send_ramp", "ramp")
+    __slots__ = ("per_item", "bytes_per_item", "send_per_item", "send_ramp", "_slow",
+                 "ramp")
 
     def __init__(self) -> None:
         self.per_item: float | None = None
@@ -42,6 +43,8 @@ class Timing:
         #: biggest chunk sent in under 1 ms (the first chunk of items slow to pickle
         #: held the loop for 0.4 s).
         self.send_ramp = 64
+        #: Which of the last four chunks took 1 ms or more to send (a bit each).
+        self._slow = 0
         #: Items of the next chunk while nothing is measured yet.
         self.ramp = 1
 
@@ -56,7 +59,7 @@ class Timing:
         cap = 1 << 30
         if self.bytes_per_item:
             cap = max(1, int(TARGET_CHUNK_BYTES / self.bytes_per_item))
-        if self.send_per_item:
+        if self.send_per_item and self._slow & (self._slow - 1):  # two of four were slow
             cap = min(cap, max(1, int(SEND_SECONDS / self.send_per_item)))
         elif ramp and self.send_ramp < _NO_SEND_CAP:
             cap = min(cap, self.send_ramp)
@@ -66,12 +69,14 @@ class Timing:
         """A chunk of ``items`` took ``seconds`` of the loop to send. One of 1 ms or
         more sets what an item costs (or keeps half the previous guess, if that is
         more: where one item in fifty is slow to pickle, the next chunk may hold two);
-        a quicker one halves the guess. A pause of the loop (a garbage collection) is
-        forgotten in a few chunks, while items that are slow, if only now and then,
-        keep chunks small."""
+        a quicker one halves the guess. The guess caps chunks once two of the last four
+        were slow: a pause of the loop (a garbage collection) in one chunk does not
+        shrink the next ones, while items that are slow, if only now and then, keep
+        chunks small."""
         if items <= 0:
             return
         guess = self.send_per_item
+        self._slow = ((self._slow << 1) | (seconds >= 0.001)) & 0b1111
         if seconds >= 0.001:
             per_item = seconds / items
             self.send_per_item = per_item if guess is None else max(per_item, guess / 2)
