@@ -103,15 +103,6 @@ class Engine:
             self.ready.append(call)
         self.kick()
 
-    def nudge(self, call: Call) -> None:
-        """The waiting caller's periodic look (see _consume._wait): a call with input
-        at hand must be queued, and its input read."""
-        if call.state is CallState.ACTIVE and call.source.available() and (
-                call not in self.ready and call not in self.stalled):
-            logger.debug("call %s had input at hand and was not queued: it is now",
-                         call.id)
-        self.resume(call)
-
     def finish(self, call: Call, *, kill: bool = False) -> None:
         """The call is over (done, failed, timed out or cancelled): forget it."""
         if call.state is CallState.ACTIVE:

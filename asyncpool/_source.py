@@ -192,11 +192,8 @@ class Source:
         try:
             while not self.ended:
                 while len(self._buffer) >= max(1, want()):
-                    # Until items are taken, or (what is wanted may grow meanwhile,
-                    # as the caller catches up) a tenth of a second passed.
                     self._room = room = anyio.Event()
-                    with anyio.move_on_after(0.1):
-                        await room.wait()
+                    await room.wait()
                 for limit in self.limits:
                     await limit.acquire()
                 def sink(items: list[Any]) -> None:
