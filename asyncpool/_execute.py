@@ -24,6 +24,7 @@ from ._share import share_main
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from collections.abc import Set as AbstractSet
     from typing import Any
 
     #: One run of a chunk: (function, star, call id, items).
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     #: position, and with the last slice only: (seconds spent on each run, retries
     #: made)).
     Tick = Callable[[int, int, list[Any], dict[int, BaseException],
-                     tuple[list[float], int] | None], tuple[set[int], bool]]
+                     tuple[list[float], int] | None], tuple[AbstractSet[int], bool]]
 
     from ._handover import Late
 
@@ -129,7 +130,7 @@ def leave_if_forked(error: BaseException | None = None) -> None:
 
 
 def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
-            skip: set[int] | frozenset[int] = frozenset(),
+            skip: AbstractSet[int] = frozenset(),
             flush: float = FLUSH_SECONDS, late: Late | None = None) -> tuple[int, float]:
     """Run every item of ``runs``; returns (where it stopped, seconds spent).
 
@@ -206,7 +207,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
 
 def _hand(running: Running | None, tick: Tick, position: int, results: list[Any],
           errors: dict[int, BaseException], end: tuple[list[float], int] | None
-          ) -> tuple[set[int], bool]:
+          ) -> tuple[AbstractSet[int], bool]:
     """Hand over every result not handed over yet (some the watcher may have)."""
     if running is None:
         answer = tick(position - len(results), position, results, errors, end)
@@ -370,7 +371,7 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
     cancelled = _cluster_cancelled.setdefault(space, set())
 
     def tick(first: int, upto: int, done: list[Any], failed: dict[int, BaseException],
-             end: tuple[list[float], int] | None) -> tuple[set[int], bool]:
+             end: tuple[list[float], int] | None) -> tuple[AbstractSet[int], bool]:
         results.extend(done)
         errors.update(failed)
         if end is not None:

@@ -36,6 +36,7 @@ from ._share import share_main
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from collections.abc import Set as AbstractSet
     from typing import Any
 
 
@@ -49,11 +50,10 @@ class _Worker:
         self.max_tasks: int | None = settings["max_tasks"]
         self.max_memory: int | None = settings["max_memory"]
         self.functions: dict[int, Callable[..., Any]] = {}
-        self.cancelled: set[int] = set()
-        #: The last chunk read when each call was cancelled: chunks come in order, so
-        #: once a later one ends, none of that call is left and its id goes (a
+        #: Calls cancelled, each with the last chunk read when it was: chunks come in
+        #: order, so once a later one ends, none of that call is left and it goes (a
         #: service's timeouts must not pile up in a long-lived worker).
-        self.cancelled_upto: dict[int, int] = {}
+        self.cancelled: dict[int, int] = {}
         self.last_seq = 0
         self.inbox: list[tuple[int, _wire.Parts]] = []
         #: What chunks handed back unrun shipped (functions, ids to forget): later
@@ -81,17 +81,13 @@ class _Worker:
             return got
 
     def note_cancelled(self, parts: _wire.Parts) -> None:
-        calls: list[int] = _wire.loads(parts)
-        self.cancelled.update(calls)
-        for call in calls:
-            self.cancelled_upto[call] = self.last_seq
+        self.cancelled.update(dict.fromkeys(_wire.loads(parts), self.last_seq))
 
     def chunk_ended(self, seq: int) -> None:
         """Forget the cancelled calls that no chunk left here can hold."""
-        if self.cancelled_upto:
-            for call in [c for c, upto in self.cancelled_upto.items() if upto <= seq]:
-                del self.cancelled_upto[call]
-                self.cancelled.discard(call)
+        if self.cancelled:
+            for call in [c for c, upto in self.cancelled.items() if upto <= seq]:
+                del self.cancelled[call]
 
     def poll(self, wait: bool = True) -> bool:
         """Take in what the parent sent meanwhile: cancellations act at once, and
@@ -211,7 +207,7 @@ class _Worker:
         calls = [(self.functions[f], star, call, items) for f, star, call, items in runs]
 
         def tick(first: int, upto: int, results: list[Any], errors: dict[int, BaseException],
-                 end: tuple[list[float], int] | None) -> tuple[set[int], bool]:
+                 end: tuple[list[float], int] | None) -> tuple[AbstractSet[int], bool]:
             self.tasks += upto - first
             if end is None:
                 self.poll()
@@ -225,7 +221,7 @@ class _Worker:
             stop = end is None and (self.closed or self.retiring is not None)
             self.send_results(seq, first, upto, results, errors,
                               done=stop or end is not None, end=end or ([], 0))
-            return self.cancelled, stop
+            return self.cancelled.keys(), stop
 
         def late(first: int, upto: int, results: list[Any],
                  errors: dict[int, BaseException]) -> None:
@@ -235,7 +231,8 @@ class _Worker:
 
         self.running = (seq, calls)
         try:
-            execute(calls, self.retries, tick, self.progress, self.cancelled, flush, late)
+            execute(calls, self.retries, tick, self.progress, self.cancelled.keys(), flush,
+                    late)
         finally:
             self.running = None
 

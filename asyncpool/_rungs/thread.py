@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -191,7 +192,7 @@ class ThreadRung(Rung):
 
     def _tick(self, chunk: Chunk, first: int, upto: int, results: list[Any],
               errors: dict[int, BaseException],
-              end: tuple[list[float], int] | None) -> tuple[set[int], bool]:
+              end: tuple[list[float], int] | None) -> tuple[AbstractSet[int], bool]:
         if chunk in self._detached:
             if end is not None:
                 self.loop.call_soon_threadsafe(
