@@ -321,7 +321,10 @@ def serve(sock: socket.socket, progress: Any) -> int:
     except OSError:
         return 0  # the parent closed us before we were ready: nothing to do
     while worker.retiring is None and not worker.closed:
-        got = worker.next_frame()
+        try:
+            got = worker.next_frame()
+        except OSError:
+            return 0  # the parent is gone: its end reset with our results unread
         if got is None:
             break
         kind, parts = got
