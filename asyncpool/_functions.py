@@ -19,6 +19,7 @@ from typing import Any
 from ._sizing import Timing
 from ._wire import wrap_big
 from ._errors import SerializationError
+from ._share import portable
 
 #: Functions (and their timings) remembered per pool; the oldest go first.
 _REMEMBERED = 512
@@ -86,6 +87,7 @@ class FunctionBook:
         try:
             import cloudpickle
 
+            fn = portable(fn)
             wrapped = _with_big_bytes_marked(fn)
             if wrapped is not None:
                 # Its large bytes travel out of band: copied into the pickle, a 200 MB

@@ -54,6 +54,12 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
         if owner.__module__ == "__main__":
             _rebound(owner, inner.__globals__)
         return types.MethodType(inner, fn.__self__)
+    if isinstance(fn, _LRU_WRAPPER) and _of_script(getattr(fn, "__wrapped__", None)):
+        # Cached (functools.lru_cache, functools.cache): the function it caches shares
+        # them, under a cache of this worker's own.
+        params = fn.cache_parameters()
+        return cached(share_main(fn.__wrapped__, space, version), params["maxsize"],
+                      params["typed"])
     if not isinstance(fn, types.FunctionType) and type(fn).__module__ == "__main__":
         # An object of a script class with a __call__: its class shares them too.
         call = share_main(type(fn).__call__, space, version)
@@ -70,7 +76,13 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
         while len(_spaces) > SPACES:
             _seen.pop(id(_spaces.pop(next(iter(_spaces)))), None)
     seen = _seen.setdefault(id(shared), {})
-    for name, value in [*fn.__globals__.items(), (fn.__name__, fn)]:
+    named = fn.__globals__.items()
+    if fn.__code__.co_qualname == fn.__name__:
+        # Defined at the top of the script under its name (its other functions may call
+        # it by that name); not one made in a function, nor a wrapper (``wraps``) that
+        # took the name of what it wraps: neither is what the name holds.
+        named = [*named, (fn.__name__, fn)]
+    for name, value in named:
         last, brought = seen.get(name, (0, _NOTHING))
         if name in shared and last > version:
             continue  # set by a later call's pickle
@@ -89,6 +101,52 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
 
 
 _NOTHING = object()
+
+
+def _lru_wrapper_type() -> Any:
+    import functools
+
+    return type(functools.lru_cache(None)(_lru_wrapper_type))
+
+
+_LRU_WRAPPER: Any = _lru_wrapper_type()
+
+
+def portable(fn: Any) -> Any:
+    """``fn`` as it can travel to a process that does not run the main script: a
+    function of the script cached with ``functools.lru_cache`` (or ``cache``) pickles
+    by its name, which the workers' ``__main__`` lacks; it travels as the function it
+    caches and is cached anew where it lands."""
+    import functools
+
+    if type(fn) is functools.partial and isinstance(fn.func, _LRU_WRAPPER):
+        clone = functools.partial(portable(fn.func), *fn.args, **fn.keywords)
+        clone.__dict__.update(fn.__dict__)
+        return clone
+    if isinstance(fn, _LRU_WRAPPER) and _of_script(getattr(fn, "__wrapped__", None)):
+        params = fn.cache_parameters()
+        return _Cached(fn.__wrapped__, params["maxsize"], params["typed"])
+    return fn
+
+
+class _Cached:
+    __slots__ = ("fn", "maxsize", "typed")
+
+    def __init__(self, fn: Any, maxsize: int | None, typed: bool) -> None:
+        self.fn, self.maxsize, self.typed = fn, maxsize, typed
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # (a partial requires it)
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return cached, (self.fn, self.maxsize, self.typed)
+
+
+def cached(fn: Any, maxsize: int | None, typed: bool) -> Any:
+    """``fn`` under an ``lru_cache`` of its own (see :func:`portable`)."""
+    import functools
+
+    return functools.update_wrapper(functools.lru_cache(maxsize, typed)(fn), fn)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -13,6 +13,8 @@ import pickle
 import socket
 import struct
 import time
+from typing import NamedTuple
+
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -45,6 +47,20 @@ SMALL_FRAME = 1 << 20
 TURN_BYTES = 4 << 20
 #: The longest (s) one turn spends reading one socket and decoding what it read.
 TURN_SECONDS = 0.001
+
+class ResultMeta(NamedTuple):
+    """What a RESULTS frame says about the results it carries (it travels as a plain
+    tuple)."""
+
+    seq: int                   # the chunk
+    first: int                 # positions [first, upto) in it
+    upto: int
+    errors: list[Any]          # (position, pickled error, traceback text) each
+    done: bool                 # the chunk ended (at upto: the rest runs elsewhere)
+    end: tuple[list[float], int]  # at its end: seconds spent per run, retries made
+    retiring: str | None       # the worker leaves after this chunk, and why
+    unloadable: bool           # the chunk's items did not unpickle (errors[0] says)
+
 
 class BigBytes:
     """Marks a large ``bytes`` or ``bytearray`` to be pickled out of band (rebuilt as

@@ -243,10 +243,10 @@ class _Worker:
             return
         if unloadable:
             errors = {p: SerializationError(f"{exc!r}") for p, exc in errors.items()}
-        meta = (seq, first, upto, encode_errors(errors), done, end, self.retiring,
-                unloadable)
+        meta = _wire.ResultMeta(seq, first, upto, encode_errors(errors), done, end,
+                                self.retiring, unloadable)
         try:
-            self.send(_wire.RESULTS, [pickle.dumps(meta, 5), *dump_results(results)])
+            self.send(_wire.RESULTS, [pickle.dumps(tuple(meta), 5), *dump_results(results)])
         except OSError:
             self.closed = True
 

@@ -5,6 +5,7 @@ check)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import operator
@@ -12,7 +13,7 @@ import pickle
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -84,6 +85,18 @@ def slowly_via_helper(x: int) -> int:
     return helper(x)
 
 
+@functools.lru_cache(maxsize=64)
+def cached_square(x: int) -> int:
+    return x * x * SCALE
+
+
+def make_helper() -> Callable[[int], int]:
+    def helper(x: int) -> int:  # named as the script's global, and not it
+        return -1
+
+    return helper
+
+
 async def slow_input() -> AsyncIterator[int]:
     await asyncio.sleep(0.3)
     yield 0
@@ -123,6 +136,9 @@ async def main() -> None:
         print(*set(await pool.map(names, range(12), chunk_size=1)))
         COMBINE, CODEC, CONFIG = operator.mul, pickle, {"mode": "fast"}
         print(*{s.replace(" ", "") for s in await pool.map(names, range(12), chunk_size=1)})
+        # A cached function of the script (its pickle named it in the workers' main).
+        print(sum(await pool.map(cached_square, range(4))),
+              await pool.run(functools.partial(cached_square), 3))
     async with ResilientPool(max_workers=1) as pool:
         older = asyncio.ensure_future(pool.map(slowly_via_helper, slow_input()))
         await asyncio.sleep(0.05)
@@ -134,6 +150,12 @@ async def main() -> None:
         # brought its own helper back.
         print(*set(await pool.map(slowly_via_helper, [0] * 20)))
         await older
+        # A function made elsewhere under the name of a script global is not that
+        # global: the items of a call running meanwhile called it instead.
+        running = asyncio.ensure_future(pool.map(slowly_via_helper, [0] * 20, chunk_size=2))
+        await asyncio.sleep(0.1)
+        print(await pool.run(make_helper(), 0))
+        print(*set(await running))
 
 
 if __name__ == "__main__":

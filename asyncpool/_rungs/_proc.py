@@ -53,7 +53,7 @@ class Events:
     """What a worker tells its rung (the rung implements these)."""
 
     def proc_ready(self, proc: Proc) -> None: ...
-    def proc_results(self, proc: Proc, chunk: Chunk, meta: tuple[Any, ...],
+    def proc_results(self, proc: Proc, chunk: Chunk, meta: _wire.ResultMeta,
                      results: list[Any] | BaseException,
                      errors: dict[int, BaseException]) -> None: ...
     def proc_retiring(self, proc: Proc) -> None: ...
@@ -245,8 +245,8 @@ class Proc:
             self.started.set()
 
     def _on_results(self, parts: list[Any]) -> None:
-        meta = pickle.loads(parts[0])
-        seq, first, upto, encoded, done, seconds, retiring, unloadable = meta
+        meta = _wire.ResultMeta._make(pickle.loads(parts[0]))
+        seq, first, done = meta.seq, meta.first, meta.done
         if not self.chunks:  # pragma: no cover - a worker never answers unasked
             return
         chunk = self.chunks[0]
@@ -258,9 +258,9 @@ class Proc:
             if found is None:
                 return
             chunk = found
-        errors = {position: decode_error(blob, text) for position, blob, text in encoded}
+        errors = {position: decode_error(blob, text) for position, blob, text in meta.errors}
         results: list[Any] | BaseException
-        if unloadable:
+        if meta.unloadable:
             results = errors.pop(0)
         else:
             try:
@@ -276,7 +276,7 @@ class Proc:
             self.withdrawing.discard(chunk.seq)
             if self.doomed:
                 self.doomed &= {p.call.id for c in self.chunks for p in c.pieces}
-        if retiring and self.state is not ProcState.DEAD:
+        if meta.retiring and self.state is not ProcState.DEAD:
             self.state = ProcState.RETIRING
             self.events.proc_retiring(self)
         self.events.proc_results(self, chunk, meta, results, errors)

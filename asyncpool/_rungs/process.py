@@ -248,11 +248,12 @@ class ProcessRung(Rung, Events):
                            "ceiling", proc.ready_rss >> 20, limit >> 20)
         self.listener.rung_changed()
 
-    def proc_results(self, proc: Proc, chunk: Chunk, meta: tuple[Any, ...],
+    def proc_results(self, proc: Proc, chunk: Chunk, meta: _wire.ResultMeta,
                      results: list[Any] | BaseException,
                      errors: dict[int, BaseException]) -> None:
-        seq, first, upto, _, done, (seconds, retried), _, unloadable = meta
-        if unloadable:
+        first, upto, done = meta.first, meta.upto, meta.done
+        seconds, retried = meta.end
+        if meta.unloadable:
             assert isinstance(results, BaseException)
             proc.tasks -= chunk.size  # none of them ran there
             self.in_flight -= 1
