@@ -255,7 +255,7 @@ class Chunk:
     """
 
     __slots__ = ("pieces", "size", "crashes", "reported", "rung", "worker", "seq",
-                 "payload_bytes", "killed", "born", "suspect")
+                 "payload_bytes", "killed", "born", "suspect", "blind", "expected")
     #: Chunks made so far in this process: each is numbered (``born``) in order.
     made = 0
 
@@ -275,6 +275,11 @@ class Chunk:
         #: Part of a chunk whose worker died, culprit unknown: a rung whose workers
         #: run several chunks in one process (Dask) runs it alone.
         self.suspect = suspect
+        #: The timings of its functions whose cost was unknown when it was made (see
+        #: Timing.blind): it counts among their chunks out blind until it settles.
+        self.blind: tuple[Any, ...] = ()
+        #: Seconds its items are expected to take, where known (set by its rung).
+        self.expected = 0.0
         Chunk.made += 1
         self.born = Chunk.made
 

@@ -234,6 +234,9 @@ class Engine:
                 self.ready.appendleft(call)
                 break
             timing = call.timing
+            if timing.per_item is None and timing.blind >= lanes and timing not in unknown:
+                self.ready.append(call)  # until a chunk of its function comes back
+                continue
             cost = timing.per_item if timing.per_item is not None else target / timing.ramp
             want = fixed or max(1, int(budget / max(cost, 1e-9)))
             want = min(want, limit - count, timing.send_cap(ramp=not fixed),
@@ -282,7 +285,11 @@ class Engine:
                 break
         for timing in unknown:
             timing.grow()
-        return Chunk(pieces) if pieces else None
+        if not pieces:
+            return None
+        chunk = Chunk(pieces)
+        chunk.blind = tuple(unknown)
+        return chunk
 
     def window_items(self, call: Call) -> int:
         """How many more items ``call`` may take from its input now.

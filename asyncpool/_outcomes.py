@@ -61,6 +61,8 @@ class Outcomes:
         """``chunk`` was submitted (which took ``seconds`` of the loop): it holds a
         slot of its rung until it settles."""
         self.in_flight.add(chunk)
+        for timing in chunk.blind:
+            timing.blind += 1
         self.counters.chunks_submitted += 1
         for piece in chunk.pieces:
             piece.call.chunks.add(chunk)
@@ -224,6 +226,9 @@ class Outcomes:
     def _settle(self, chunk: Chunk) -> None:
         """The one place a chunk leaves: after its rung's final report."""
         self.in_flight.discard(chunk)
+        for timing in chunk.blind:
+            timing.blind -= 1
+        chunk.blind = ()
         _let_go(chunk, chunk.calls())
         rung = chunk.rung
         # Break the links a finished chunk holds, so no cycle keeps it alive.

@@ -551,11 +551,15 @@ def test_a_cut_whose_position_held_is_exact() -> None:
     sys.setswitchinterval(1e-6)
     exact = 0
     try:
-        for _ in range(300):
+        # A claimed cut comes about once in a hundred tries (fewer on a loaded
+        # machine): try until a few came.
+        for _ in range(5000):
             ran, claimed = _cut_while_running()
             if claimed:
                 exact += 1
                 assert ran == list(range(claimed[0]))
+                if exact == 3:
+                    break
     finally:
         sys.setswitchinterval(switch)
     assert exact > 0

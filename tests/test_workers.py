@@ -297,15 +297,46 @@ async def test_calls_complete_in_the_order_their_work_completes(anyio_backend: s
     assert done[0] < done[-1] / 2, (done[0], done[-1])
 
 
+async def test_a_call_arriving_behind_a_long_map_waits_for_few_of_its_items(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # A fresh map of 100 ms items: before its first result, chunks went out blind (2,
+    # 4, 8... items), and busy workers were given two more chunks each. A call that
+    # came 0.3 s later waited behind 30 of the map's items.
+    log = tmp_path / "starts"
+    log.write_text("")
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        await pool.map(tasks.square, range(4))  # workers up
+
+        async def long_map() -> None:
+            await pool.map(tasks.note_start, [(i, str(log), 0.1) for i in range(40)])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long_map)
+            await wait_until(lambda: len(log.read_text().split()) >= 3, 10)
+            ahead = len(log.read_text().split())
+            await pool.run(tasks.note_start, (-1, str(log), 0.0))
+            order = [int(x) for x in log.read_text().split()]
+            tg.cancel_scope.cancel()
+    # What ran after the call arrived and before it: at most what each worker held.
+    assert order.index(-1) - ahead <= 4, order
+
+
 async def test_a_calls_own_chunk_size_holds_for_slow_items(anyio_backend: str) -> None:
     # Once its items were known to take 10 ms, a call's chunk_size=100 gave way to
     # chunks of the call's window (a few times the slots, by time): 48 items or fewer.
-    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+    moved: list[object] = []
+
+    def hook(event: Any) -> None:
+        if event.kind == "resubmit":
+            moved.append(event)
+
+    async with ResilientPool(max_workers=2, rungs=("process",), on_event=hook) as pool:
         await pool.map(tasks.burn, [0.01] * 20)
         before = pool.statistics().chunks_submitted
         assert await pool.map(tasks.burn, [0.01] * 200, chunk_size=100) == [0.01] * 200
-        # Two, or three if a worker stalled and an idle one took the rest of its chunk.
-        assert pool.statistics().chunks_submitted - before <= 3
+        # Two, and one more for each time a worker stalled (a loaded machine) and an
+        # idle one took the rest of its chunk.
+        assert pool.statistics().chunks_submitted - before - len(moved) <= 2
 
 
 async def test_calls_packed_behind_a_long_item_go_to_an_idle_worker(
@@ -467,13 +498,13 @@ async def test_a_call_stopped_with_kill_does_not_kill_another_callers_item(
         async def call_a() -> None:
             with stop_a:
                 try:
-                    await call(2, 0.0, timeout=0.8, kill_on_timeout=True,
+                    await call(2, 0.0, timeout=1.8, kill_on_timeout=True,
                                cancel_running="kill")
                 except TimeoutError:
                     results[2] = "timed out"
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.run, tasks.nap, 0.3)  # holds the only slot
+            tg.start_soon(pool.run, tasks.nap, 1.0)  # holds the only slot
             for x, start in enumerate([call, call_a, *[call] * 17], 1):
                 calls = pool.statistics().active_calls
                 if start is call_a:

@@ -336,6 +336,11 @@ class Proc:
                 self.withdrawing.update(seqs)
                 self.send(_wire.WITHDRAW, _wire.dumps(seqs))
 
+    def work_held(self) -> float:
+        """Seconds its chunks are expected to take still (what is known of them)."""
+        return sum(c.expected * (c.size - c.reported) / c.size for c in self.chunks
+                   if c.size)
+
     def has_waiting(self) -> bool:
         """Whether items wait here behind the one running."""
         if len(self.chunks) != 1:

@@ -67,6 +67,11 @@ class ProcessRung(Rung, Events):
         #: Whether the supervisor looks for stuck workers (else waiting chunks wake it).
         self._looking = False
         self._settings, self._park_key = worker_settings(config)
+        #: A busy worker is given more only while what it holds is expected to take
+        #: no longer than this (s): DEPTH chunks of the target size. Behind one long
+        #: item, the next waits here for the first free worker (a call arriving
+        #: meanwhile waited behind two 200 ms items queued on each worker).
+        self._depth = DEPTH * config.target_chunk_seconds
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ProcessRung:
@@ -143,7 +148,8 @@ class ProcessRung(Rung, Events):
             if proc.state is not ProcState.READY or len(proc.chunks) >= DEPTH or (
                     limit is not None and proc.tasks >= limit):
                 continue
-            if wait_on_stuck and proc.chunks and (replacing or proc.heard < stuck):
+            if wait_on_stuck and proc.chunks and (
+                    replacing or proc.heard < stuck or proc.work_held() > self._depth):
                 continue
             if best is None or len(proc.chunks) < len(best.chunks):
                 best = proc
@@ -186,6 +192,8 @@ class ProcessRung(Rung, Events):
             raise ChunkUnpicklable(unpicklable_items(chunk)) from exc
         chunk.seq = self._seq
         chunk.rung, chunk.worker = self, proc
+        chunk.expected = sum(len(p.items) * (p.call.timing.per_item or 0.0)
+                             for p in chunk.pieces)
         # What the items weigh (for chunk sizing): the message, less the functions.
         chunk.payload_bytes = sum(memoryview(p).nbytes for p in parts) - sum(
             b.raw().nbytes for _, blob, buffers in functions for b in (blob, *buffers))
