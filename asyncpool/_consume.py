@@ -17,7 +17,7 @@ import anyio
 import anyio.lowlevel
 
 from ._call import Call, Mode
-from ._errors import DeadlineExceeded, PoolClosed
+from ._errors import DeadlineExceeded, PoolClosed, RemoteError
 from ._progress import Reporter
 
 if TYPE_CHECKING:
@@ -93,6 +93,21 @@ def _scope(deadline: float) -> Any:
     return anyio.move_on_after(deadline - anyio.current_time())
 
 
+def _raisable(error: BaseException) -> BaseException:
+    """An item's error as the caller can be given it: a StopIteration raised from a
+    coroutine becomes a RuntimeError, and a StopAsyncIteration from ``__anext__``
+    ends the caller's ``async for`` as if every result had come. Those come as a
+    RemoteError (the original is its cause, and stays as is in a list of results)."""
+    if not isinstance(error, StopIteration | StopAsyncIteration):
+        return error
+    name = type(error).__qualname__
+    text = str(error)
+    wrapped = RemoteError(f"the task raised {name}{': ' + text if text else ''}",
+                          type_name=name, traceback=str(error.__cause__ or ""))
+    wrapped.__cause__ = error
+    return wrapped
+
+
 def _exceeded(call: Call, partial: list[Any], start: int = 0) -> DeadlineExceeded:
     return DeadlineExceeded(
         f"the deadline of {call.options.timeout} s passed with {call.pulled - call.finished} "
@@ -116,7 +131,7 @@ async def collect(engine: Engine, call: Call) -> list[Any]:
                     late = False
                     # Not through a local: this frame, in its traceback, would
                     # hold it (a cycle, its arguments in it, until the cyclic GC).
-                    raise call.error or call.first_error  # type: ignore[misc]
+                    raise _raisable(call.error or call.first_error)  # type: ignore[arg-type]
                 if call.complete:
                     late = False
                     return call.results()
@@ -217,7 +232,7 @@ class ResultStream(Generic[T]):
         if at in self._failed_at and not self._call.options.return_exceptions:
             await self.aclose(kill=False)
             try:
-                raise value
+                raise _raisable(value)
             finally:
                 del value  # this frame, in its traceback, must not hold it (a cycle)
         return value  # type: ignore[no-any-return]
@@ -239,7 +254,7 @@ class ResultStream(Generic[T]):
                     engine.resume(call)
                     return
                 if call.error is not None:
-                    raise call.error
+                    raise _raisable(call.error)
                 if call.complete:
                     return
                 await call.wait()

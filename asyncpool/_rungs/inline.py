@@ -79,18 +79,20 @@ class InlineRung(Rung):
                     if call in self._cancelled:
                         results.append(SKIPPED)
                     else:
-                        try:
-                            results.append(await self._call(fn, item, star))
-                        except BaseException as exc:
-                            # KeyboardInterrupt is the loop's, and so is a
-                            # cancellation: they propagate. A task's own
-                            # BaseException is its item's error (it ended the chunk,
-                            # which went out again, for good).
-                            if isinstance(exc, KeyboardInterrupt | GeneratorExit) or (
-                                    isinstance(exc, anyio.get_cancelled_exc_class())):
-                                raise
+                        # What the task raises, whatever it is (a KeyboardInterrupt, a
+                        # CancelledError of its own), is its item's error; only the
+                        # waits between tries are the loop's, and cancelled with it.
+                        value = await self._call(fn, item, star)
+                        if type(value) is _Raised:
                             results.append(None)
-                            errors[position] = portable(own_frames_dropped(exc))
+                            # Nothing crosses: an Exception comes as it is (as on
+                            # the thread rung), a BaseException as a RemoteError.
+                            error = own_frames_dropped(value.error)
+                            errors[position] = error if isinstance(error, Exception) else (
+                                portable(error))
+                        else:
+                            results.append(value)
+                        del value
                     position += 1
                     if time.perf_counter() - last >= SLICE:
                         self.listener.chunk_progress(chunk, first, position, results, errors)
@@ -114,11 +116,12 @@ class InlineRung(Rung):
         for attempt in range(retries + 1):
             try:
                 return fn(*item) if star else fn(item)
-            except Exception as exc:
-                if attempt == retries or not is_transient(exc):
-                    raise
-                self._retried += 1
-                await anyio.sleep(next(delays))
+            except BaseException as exc:
+                if attempt == retries or not isinstance(exc, Exception) or (
+                        not is_transient(exc)):
+                    return _Raised(exc)
+            self._retried += 1
+            await anyio.sleep(next(delays))
 
     async def aclose(self, kill: bool) -> None:
         self.state = RungState.CLOSED
@@ -126,3 +129,12 @@ class InlineRung(Rung):
             if kill:
                 self._running.cancel()
             await self._running.wait()
+
+
+class _Raised:
+    """What a task raised (a result of its own may be any object, an exception too)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
