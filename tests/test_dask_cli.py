@@ -271,3 +271,66 @@ async def test_a_scheduler_restarted_while_idle_is_set_up_again(
         await wait_until(lambda: pool.backend == "dask", 60)
         assert {tag for tag, _, _ in await pool.map(tasks.recall, range(40), chunk_size=1)
                 } == {"dask"}
+
+
+async def test_losing_the_scheduler_while_the_initializer_registers_is_no_init_failure(
+        cluster: CliCluster, tmp_path: Path) -> None:
+    # It was taken for the initializer's own failure: opening raised InitializerFailed
+    # (and on a climb back, the pool never tried the cluster again).
+    started = tmp_path / "started"
+    async with anyio.create_task_group() as tg:
+        async def close_when_registering() -> None:
+            await wait_until(lambda: started.exists(), 60)
+            cluster.kill_scheduler()
+
+        tg.start_soon(close_when_registering)
+        async with ResilientPool(max_workers=1, dask_address=cluster.address,
+                                 dask_connect_timeout=2.0, promote_after=0.5,
+                                 promote_max=1.0, initializer=tasks.note_start,
+                                 initargs=((0, str(started), 3.0),)) as pool:
+            assert pool.backend == "process"
+            cluster.workers.clear()
+            cluster.start_scheduler()
+            cluster.start_workers()
+            await wait_until(lambda: pool.backend == "dask", 90)
+            assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
+
+
+async def test_a_server_that_is_no_scheduler_is_left_for_local_workers() -> None:
+    # A web server's answer, read as the length of a Dask frame, made a MemoryError
+    # that opening the pool raised.
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" * 64)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        async with ResilientPool(max_workers=1, dask_address=f"tcp://127.0.0.1:{port}",
+                                 dask_connect_timeout=2.0, promote_after=60) as pool:
+            assert pool.backend == "process"
+            assert await pool.run(tasks.square, 3) == 9
+    finally:
+        server.close()
+
+
+async def test_a_synchronous_client_is_refused_with_what_to_pass(cluster: CliCluster) -> None:
+    import distributed
+
+    client = distributed.Client(cluster.address, set_as_default=False)
+    try:
+        with pytest.raises(TypeError, match="asynchronous=True"):
+            async with ResilientPool(max_workers=1, dask_client=client):
+                pass
+    finally:
+        client.close()

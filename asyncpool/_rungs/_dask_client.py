@@ -10,7 +10,13 @@ import os
 import secrets
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .._errors import InitializerFailed
+from .._retry import RungUnavailable
+
+if TYPE_CHECKING:
+    from .._config import PoolConfig
 
 
 def lost_connection(exc: BaseException, client: Any) -> bool:
@@ -105,3 +111,65 @@ async def unregister_quietly(client: Any, name: str) -> None:
         await asyncio.wait_for(client.unregister_worker_plugin(name), 5)
     except BaseException:
         pass
+
+
+async def connect(address: str, timeout: float) -> Any:
+    """An asynchronous client of the scheduler at ``address``, not made the
+    process's default; RungUnavailable if none answers there within ``timeout``."""
+    from distributed import Client
+
+    client = Client(address, asynchronous=True,  # type: ignore[no-untyped-call]
+                    timeout=f"{timeout}s", set_as_default=False)
+    try:
+        await asyncio.wait_for(client, timeout + 1)
+    except BaseException as exc:
+        # A client that failed to start is still closed, off the caller's time.
+        await close_quietly(client)
+        if isinstance(exc, OSError | TimeoutError):
+            raise RungUnavailable(f"the Dask scheduler at {address} did not answer "
+                                  f"within {timeout} s: {exc}") from exc
+        if isinstance(exc, Exception):
+            # Something else answers there (a web server's banner, read as a frame's
+            # length, made a MemoryError).
+            raise RungUnavailable(f"no Dask scheduler could be reached at {address}: "
+                                  f"{exc!r}") from exc
+        raise
+    return client
+
+
+async def register_initializer(client: Any, config: PoolConfig, name: str) -> None:
+    """Run the config's initializer on every worker (and each that joins), as a
+    worker plugin. InitializerFailed if it raised or hung there; RungUnavailable if
+    the scheduler went away meanwhile (not the initializer's fault: that would keep
+    the pool off the cluster for good)."""
+    import cloudpickle
+
+    from ._dask_plugin import InitializerPlugin
+
+    blob = cloudpickle.dumps((config.initializer, config.initargs), 5)
+    timeout = config.start_timeout
+    try:
+        await asyncio.wait_for(client.register_plugin(
+            InitializerPlugin(blob, client_space()), name=name), timeout)
+    except TimeoutError:
+        if not await answers(client, config.dask_connect_timeout):
+            raise RungUnavailable("the Dask scheduler stopped answering while the "
+                                  "initializer was registered") from None
+        raise InitializerFailed(f"the initializer {config.initializer!r} did not return "
+                                f"within start_timeout={timeout} s on a Dask worker") from None
+    except Exception as exc:
+        if lost_connection(exc, client) or not await answers(client,
+                                                             config.dask_connect_timeout):
+            raise RungUnavailable(f"the Dask scheduler was lost while the initializer "
+                                  f"was registered: {exc!r}") from exc
+        raise InitializerFailed(f"the initializer {config.initializer!r} raised on a Dask "
+                                f"worker: {exc!r}") from exc
+
+
+async def answers(client: Any, timeout: float) -> bool:
+    """Whether the scheduler answers within ``timeout``."""
+    try:
+        await asyncio.wait_for(client.scheduler.identity(), timeout)
+    except Exception:
+        return False
+    return True

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _wire
 from .._call import CallState
-from .._errors import FunctionUnavailable, InitializerFailed, SerializationError
+from .._errors import FunctionUnavailable, SerializationError
 from .._execute import decode_error, run_on_cluster
 from .._retry import RungUnavailable
 from .._salvage import load_results
@@ -40,8 +40,10 @@ from ._dask_client import (
     client_space,
     close_later,
     close_quietly,
+    connect,
     lost_connection,
     outcome,
+    register_initializer,
     retrieved,
     unregister_quietly,
 )
@@ -100,25 +102,20 @@ class DaskRung(Rung):
             raise NotImplementedError("the dask rung runs on asyncio only (distributed's "
                                       "asynchronous Client needs an asyncio loop)")
         try:
-            from distributed import Client
+            import distributed  # noqa: F401
         except ImportError:
             raise ImportError("a Dask cluster needs the 'distributed' package: "
                               "pip install 'resilient-asyncpool[dask]'") from None
         timeout = config.dask_connect_timeout
         if config.dask_client is not None:
+            if not getattr(config.dask_client, "asynchronous", False):
+                raise TypeError(f"dask_client={config.dask_client!r} is a synchronous "
+                                "Client: the pool needs one made with "
+                                "Client(..., asynchronous=True) (or pass dask_address)")
             rung = cls(config, listener, loop, config.dask_client, owned=False)
         else:
-            client = Client(config.dask_address, asynchronous=True,  # type: ignore[no-untyped-call]
-                            timeout=f"{timeout}s", set_as_default=False)
-            try:
-                await asyncio.wait_for(client, timeout + 1)
-            except BaseException as exc:
-                # A client that failed to start is still closed, off the caller's time.
-                await close_quietly(client)
-                if isinstance(exc, OSError | TimeoutError):
-                    raise RungUnavailable(f"the Dask scheduler at {config.dask_address} "
-                                          f"did not answer within {timeout} s: {exc}") from exc
-                raise
+            assert config.dask_address is not None  # else no dask rung
+            client = await connect(config.dask_address, timeout)
             rung = cls(config, listener, loop, client, owned=True)
         try:
             # A scheduler with no worker would take chunks and never run them.
@@ -141,23 +138,8 @@ class DaskRung(Rung):
 
     async def _initialize(self) -> None:
         """The initializer on every worker (and each that joins), as a worker plugin."""
-        import cloudpickle
-
-        from ._dask_plugin import InitializerPlugin
-
-        blob = cloudpickle.dumps((self.config.initializer, self.config.initargs), 5)
-        timeout = self.config.start_timeout
-        try:
-            await asyncio.wait_for(self.client.register_plugin(
-                InitializerPlugin(blob, client_space()),
-                name=f"asyncpool-initializer-{self._token}"), timeout)
-        except TimeoutError:
-            raise InitializerFailed(f"the initializer {self.config.initializer!r} did not "
-                                    f"return within start_timeout={timeout} s on a Dask "
-                                    "worker") from None
-        except Exception as exc:
-            raise InitializerFailed(f"the initializer {self.config.initializer!r} raised "
-                                    f"on a Dask worker: {exc!r}") from exc
+        await register_initializer(self.client, self.config,
+                                   f"asyncpool-initializer-{self._token}")
 
     async def _resize(self) -> int:
         """Follow the cluster's threads; returns how many it has now. A scheduler
