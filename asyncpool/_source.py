@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from types import GeneratorType
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -92,7 +93,12 @@ class Source:
                     self._length = len(items)
                 except Exception:
                     pass
-            self._it = iter(items)
+            # A generator is its own iterator; anything else's __iter__ is the caller's
+            # code, which may block (open a file, a cursor): called in the thread too.
+            kind = type(items)
+            self._it = items if isinstance(items, GeneratorType) else (
+                _iterate(items) if hasattr(kind, "__iter__") or hasattr(kind, "__getitem__")
+                else iter(items))  # not iterable: the TypeError says so, now
             self.fed = True
 
     @property
@@ -262,6 +268,11 @@ class Source:
                     await closer()
                 except Exception:
                     pass
+
+
+def _iterate(items: Iterable[Any]) -> Iterator[Any]:
+    """``items``' iterator, made where the first item is pulled."""
+    yield from items
 
 
 def _cancelled() -> type[BaseException]:

@@ -229,6 +229,37 @@ async def test_a_slow_sync_input_neither_blocks_the_loop_nor_stalls(
     assert heartbeat.worst < 0.5, f"loop blocked for {heartbeat.worst:.3f} s"
 
 
+class OpensSlowly:
+    """An iterable whose ``__iter__`` blocks (it opens a file on a slow disk, a
+    cursor) until ``opened`` is set."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+
+    def __iter__(self) -> Iterator[int]:
+        self.opened.wait(30)
+        return iter(range(3))
+
+
+async def test_an_input_slow_to_open_holds_neither_the_loop_nor_the_deadline(
+        anyio_backend: str) -> None:
+    # Its __iter__ was called on the loop, as the call began: the loop stood still,
+    # and the deadline with it, for as long as it blocked.
+    heartbeat = Heartbeat()
+    source = OpensSlowly()
+    try:
+        async with ResilientPool(max_workers=2) as pool, heartbeat.running():
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                await pool.map(tasks.square, source, timeout=0.5)
+            assert time.monotonic() - started < 5.0  # 10x margin; it blocked 30 s
+            source.opened.set()
+            assert await pool.map(tasks.square, source) == [0, 1, 4]
+        assert heartbeat.worst < 0.5, f"loop blocked for {heartbeat.worst:.3f} s"
+    finally:
+        source.opened.set()
+
+
 def pulled_where(n: int, delay: float, threads: list[int]) -> Iterator[int]:
     for i in range(n):
         threads.append(threading.get_ident())
