@@ -342,11 +342,20 @@ class Engine:
         self.stalled.clear()
         outcomes.again.clear()
         outcomes.stop(list(outcomes.in_flight) if kill else outcomes.orphans())
-        with anyio.CancelScope(shield=True):
+        try:
             if not kill:
-                await outcomes.drained()
-            # Killed chunks are reported as their workers die; a thread cannot be
-            # killed, so one still running an orphan is left to finish on its own.
-            await self.ladder.aclose(kill or bool(outcomes.in_flight))
-        for call in list(self.calls):
-            call.fail(PoolClosed("the pool was closed"))
+                try:
+                    # The caller's own deadline (a server's shutdown timeout) or
+                    # cancellation ends this wait: what still runs is then killed.
+                    await outcomes.drained()
+                except BaseException:
+                    kill = True
+                    outcomes.stop(list(outcomes.in_flight))
+                    raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                # Killed chunks are reported as their workers die; a thread cannot be
+                # killed, so one still running an orphan is left to finish on its own.
+                await self.ladder.aclose(kill or bool(outcomes.in_flight))
+            for call in list(self.calls):
+                call.fail(PoolClosed("the pool was closed"))

@@ -338,6 +338,38 @@ async def test_cancellation_is_prompt(cancel_running: str, anyio_backend: str) -
             assert await pool.map(tasks.square, range(3)) == [0, 1, 4]
 
 
+@pytest.mark.parametrize("rung", ["process", "thread"])
+async def test_a_graceful_close_ends_at_the_callers_own_deadline(
+        rung: str, anyio_backend: str) -> None:
+    # Waiting for running items was shielded from the caller: a shutdown with a
+    # deadline waited for a 30 s item (for good, for a hung one) and said nothing.
+    pool = ResilientPool(max_workers=1, rungs=(rung,))
+    await pool.__aenter__()
+    pid = await pool.run(tasks.pid_of)
+    outcome: list[object] = []
+
+    async def caller() -> None:
+        try:
+            outcome.append(await pool.run(tasks.nap, 30.0))
+        except PoolClosed as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(caller)
+        await wait_until(lambda: pool.statistics().chunks_in_flight == 1)
+        started = time.monotonic()
+        with anyio.move_on_after(0.5) as scope:
+            await pool.aclose()
+        assert scope.cancelled_caught
+        assert time.monotonic() - started < 5.0  # 10x margin; it waited 30 s
+        await wait_until(lambda: bool(outcome))
+    assert isinstance(outcome[0], PoolClosed)
+    if rung == "process":
+        await wait_until(lambda: not alive(pid), 5)  # killed, with its item
+    with pytest.raises(PoolClosed):
+        await pool.run(tasks.square, 2)
+
+
 async def test_aclose_kill_stops_at_once_and_pool_refuses_after(anyio_backend: str) -> None:
     pool = ResilientPool(max_workers=2, chunk_size=1)
     await pool.__aenter__()
