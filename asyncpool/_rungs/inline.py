@@ -15,6 +15,7 @@ import anyio
 from .._errors import InitializerFailed
 from .._retry import backoff_delays, is_transient
 from .._execute import SKIPPED, own_frames_dropped, portable
+from .._loop import preload_backend
 from .base import Listener, Rung, RungState
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class InlineRung(Rung):
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> InlineRung:
+        preload_backend(loop)  # else the first call with a deadline imports it on the loop
         if config.initializer is not None:
             # On the loop itself (this rung has no thread to run it in): it cannot be
             # interrupted, so start_timeout is checked when it returns.

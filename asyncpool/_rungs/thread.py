@@ -20,6 +20,7 @@ import anyio
 
 from .._errors import InitializerFailed
 from .._execute import execute, portable
+from .._loop import preload_backend
 from .base import Listener, Rung, RungState
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class ThreadRung(Rung):
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ThreadRung:
         rung = cls(config, listener, loop)
+        preload_backend(loop)  # else the first call with a deadline imports it on the loop
         ready = threading.Semaphore(0)
         for index in range(config.max_workers):
             try:
