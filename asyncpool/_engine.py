@@ -239,7 +239,9 @@ class Engine:
                 continue
             cost = timing.per_item if timing.per_item is not None else target / timing.ramp
             want = fixed or max(1, int(budget / max(cost, 1e-9)))
-            want = min(want, limit - count, timing.send_cap(ramp=not fixed),
+            # A chunk size the caller chose is kept as it is, however long its items
+            # take to send (its chunks of 100 went out as 78 to 134 chunks in 3,000).
+            want = min(want, limit - count, limit if fixed else timing.send_cap(),
                        max(1, self.window_items(call)))
             # The biggest of a sample, not its mean: a chunk may come out small, but
             # not many times over its bytes (the mean of a sample of small and big

@@ -57,16 +57,16 @@ class Timing:
         """A chunk went out before any came back: the next may be twice as big."""
         self.ramp = min(self.ramp * 2, 1 << 14)
 
-    def send_cap(self, ramp: bool = True) -> int:
+    def send_cap(self) -> int:
         """Items that fit in :data:`TARGET_CHUNK_BYTES` and :data:`SEND_SECONDS`, from
-        what chunks weighed and took to send (and, with ``ramp``, no more than
-        ``send_ramp`` while that is not known: not for a size the caller chose)."""
+        what chunks weighed and took to send (and no more than ``send_ramp`` while
+        that is not known). Not for a chunk size the caller chose."""
         cap = 1 << 30
         if self.bytes_per_item:
             cap = max(1, int(TARGET_CHUNK_BYTES / self.bytes_per_item))
         if self.send_per_item and self._slow & (self._slow - 1):  # two of four were slow
             cap = min(cap, max(1, int(SEND_SECONDS / self.send_per_item)))
-        elif ramp and self.send_ramp < _NO_SEND_CAP:
+        elif self.send_ramp < _NO_SEND_CAP:
             cap = min(cap, self.send_ramp)
         return cap
 

@@ -517,6 +517,17 @@ def exit_on_after(args: tuple[int, int, float]) -> int:
     return x
 
 
+class SlowToPickle:
+    """An item that takes ``seconds`` to pickle, and arrives as the number it holds."""
+
+    def __init__(self, value: int, seconds: float) -> None:
+        self.value, self.seconds = value, seconds
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        time.sleep(self.seconds)
+        return (int, (self.value,))
+
+
 class LoadsAsNumber(Exception):
     """An exception whose pickle rebuilds an int, not an exception."""
 
