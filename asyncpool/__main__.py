@@ -85,7 +85,8 @@ def _common(defaults: bool) -> _Parser:
                         default=unset(None),
                         help="worker processes (default: the usable cores)")
     common.add_argument("--no-progress", action="store_true", default=unset(False),
-                        help="no progress bar (or, without tqdm, counter on stderr)")
+                        help="show no progress on stderr (by default a tqdm bar, or "
+                             "without tqdm a count every few seconds)")
     return common
 
 
@@ -126,24 +127,29 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     # Everything that takes a while (imports too) runs inside: Ctrl-C at any time
     # after start is one line, not a traceback.
+    resumable: list[bool] = []
     try:
-        return _main(argv)
+        return _main(argv, resumable)
     except BrokenPipeError:
         # The reader of our output left (`| head`): stop quietly, as tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        print("interrupted; what was written is kept: run again with --resume",
-              file=sys.stderr)
+        print("interrupted" + ("; what was written is kept: run again with --resume"
+                               if resumable else ""), file=sys.stderr)
         return 130
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, resumable: list[bool]) -> int:
+    """Run the command line; ``resumable`` gets an entry if an interrupted run can be
+    continued with --resume (a map into a file)."""
     import logging
 
     command = parser()
     args = command.parse_args(argv)
+    if args.command == "map" and args.output not in (None, "-"):
+        resumable.append(True)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from ._cli import UsageError

@@ -166,14 +166,6 @@ def progress_for(wanted: bool) -> bool | Callable[[int, int | None], None]:
     return True
 
 
-def stdout_to_stderr(parent: int) -> None:
-    """In a worker process (not in the command line's own, on threads): its standard
-    output is standard error."""
-    if os.getpid() != parent:
-        sys.stdout.flush()
-        os.dup2(2, 1)
-
-
 def record(number: int, result: Any) -> tuple[str, bool]:
     """One output line, and whether it holds an error (the item's, or a result that
     is not JSON: NaN and infinities are not)."""
@@ -230,6 +222,24 @@ def check_files(args: argparse.Namespace) -> None:
 
 async def map_file(args: argparse.Namespace) -> Counts:
     """Map ARGS.function over ARGS.input into ARGS.output; returns what it did."""
+    if args.output != "-":
+        return await _map_file(args, None)
+    # Records alone on standard output: whatever else writes there (the function's
+    # module as it is imported, the function on threads or on the loop, worker
+    # processes and what they start) writes to standard error meanwhile.
+    check_files(args)  # standard output may be closed
+    sys.stdout.flush()
+    records = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        return await _map_file(args, records)
+    finally:
+        sys.stdout.flush()
+        os.dup2(records, 1)
+        os.close(records)
+
+
+async def _map_file(args: argparse.Namespace, records: int | None) -> Counts:
     fn = load_function(args.function)
     check_files(args)
     counts = Counts()
@@ -240,11 +250,7 @@ async def map_file(args: argparse.Namespace) -> Counts:
     numbers: deque[int] = deque()
     out: IO[str] | None = None
     try:
-        # Records alone on standard output: what the function prints goes to stderr.
-        quiet = args.output == "-"
-        async with ResilientPool(max_workers=args.workers,
-                                 initializer=stdout_to_stderr if quiet else None,
-                                 initargs=(os.getpid(),)) as pool:
+        async with ResilientPool(max_workers=args.workers) as pool:
             lines = read_lines(args.input, done, numbers, counts)
             async with pool.imap(Apply(fn), lines, return_exceptions=True,
                                  progress=progress_for(not args.no_progress)) as results:
@@ -254,9 +260,9 @@ async def map_file(args: argparse.Namespace) -> Counts:
                         if out is None:
                             # Opened at the first result: a run that fails to start
                             # leaves the output as it was.
-                            out = sys.stdout if args.output == "-" else open(
-                                args.output, "a" if args.resume else "w",
-                                encoding="utf-8")
+                            out = open(args.output if records is None else records,
+                                       "a" if args.resume else "w", encoding="utf-8",
+                                       closefd=records is None)
                         out.write(line + "\n")
                         out.flush()
                     except BrokenPipeError:
@@ -268,7 +274,7 @@ async def map_file(args: argparse.Namespace) -> Counts:
                     counts.failed += failed
                     counts.written += 1
     finally:
-        if out is not None and out is not sys.stdout:
+        if out is not None:
             try:
                 out.close()
             except OSError:

@@ -264,11 +264,15 @@ def test_an_error_whose_message_cannot_be_shown_is_that_lines_error(tmp_path: Pa
 def test_what_the_function_prints_stays_out_of_records_on_standard_output(
         tmp_path: Path) -> None:
     # The workers wrote to the same standard output: "debug 2" lines among the records.
-    out = _map_own_module(tmp_path, "def fn(x):\n    print('debug', x)\n    return x\n",
+    # Then only workers were kept off it: the module, imported by the command line
+    # itself, still printed there (as the function did on threads, or on the loop).
+    out = _map_own_module(tmp_path, "print('loading')\n"
+                                    "def fn(x):\n    print('debug', x)\n    return x\n",
                           "".join(f"{i}\n" for i in range(50)), output="-")
     assert out.returncode == 0, out.stderr
     assert [json.loads(line)["result"] for line in out.stdout.splitlines()] == list(range(50))
     assert out.stderr.count("debug") == 50  # two workers may interleave their lines
+    assert "loading" in out.stderr
 
 
 def test_options_go_before_or_after_the_subcommand(tmp_path: Path) -> None:
@@ -380,3 +384,20 @@ def test_a_big_file_streams_in_flat_memory(tmp_path: Path) -> None:
     assert peak_kb < 120 * 1024, f"peak RSS {peak_kb // 1024} MB with --resume"
     with dst.open() as f:
         assert sum(1 for _ in f) == 1_000_000
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_says_resume_only_where_it_can(tmp_path: Path) -> None:
+    # Interrupted while writing to standard output, it said "run again with --resume",
+    # which refuses standard output.
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(f"{i}\n" for i in range(300)))
+    proc = subprocess.Popen([sys.executable, "-m", "asyncpool", "map", "tests.tasks:slow_echo",
+                             str(src), "-o", "-", "--no-progress"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["line"] == 1
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=30) == 130
+    assert "interrupted" in err and "--resume" not in err and "Traceback" not in err, err
