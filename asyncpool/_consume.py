@@ -167,6 +167,12 @@ class ResultStream(Generic[T]):
     Leaving the block (or `await results.aclose()`) finishes the call: items not
     started never run, and running ones finish unseen, or are killed with
     `cancel_running="kill"`.
+
+    Raises:
+        Exception: (from `async for`) what [`imap`][asyncpool.ResilientPool.imap]
+            raises: a failed item's exception (unless `return_exceptions`),
+            `DeadlineExceeded`, `WorkerCrashed`, `SerializationError`, `RemoteError`;
+            `PoolClosed` if iterated from another event loop or after the pool closed.
     """
 
     def __init__(self, engine: Engine, call: Call, pool: object = None) -> None:
@@ -266,7 +272,21 @@ class ResultStream(Generic[T]):
         """Finish the call now: what has not started never runs, and what runs
         finishes unseen, or with ``cancel_running="kill"`` (the default for ``kill``
         here) is stopped. An async generator input is closed before this returns
-        (given a second or so)."""
+        (given a second or so). Idempotent; never raises.
+
+        Args:
+            kill: Stop its running items now (True), or let them finish unseen
+                (False); by default as the call's ``cancel_running`` says.
+
+        Example:
+            ```python
+            results = pool.imap(search, candidates, ordered=False)
+            async for hit in results:
+                if hit.good:
+                    break
+            await results.aclose(kill=True)  # the rest stops now, not at collection
+            ```
+        """
         await self._finish(kill, wait=True)
 
     async def _finish(self, kill: bool | None, wait: bool) -> None:

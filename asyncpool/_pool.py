@@ -40,14 +40,30 @@ class PoolState(enum.IntEnum):
 class ResilientPool:
     """A pool of worker processes that degrades to threads, then inline, and climbs back.
 
-    Use it as ``async with ResilientPool() as pool:``. Settings are the fields of
-    [`PoolConfig`][asyncpool.PoolConfig], given as keywords or as ``config=``; an unknown
-    keyword raises ``TypeError`` with the nearest valid name. ``on_event`` receives a
-    [`PoolEvent`][asyncpool.PoolEvent] for each fault and recovery (they are also logged on
-    the ``asyncpool`` logger).
+    Use it as ``async with ResilientPool() as pool:``.
+
+    Args:
+        max_workers: Worker processes (threads on the thread rung); by default the
+            cores this process may use.
+        config: A [`PoolConfig`][asyncpool.PoolConfig] to start from.
+        on_event: Called on the loop with a [`PoolEvent`][asyncpool.PoolEvent] for each
+            fault and recovery (they are also logged on the ``asyncpool`` logger).
+        **options: Any other field of [`PoolConfig`][asyncpool.PoolConfig]
+            (``initializer``, ``max_tasks_per_worker``, ``rungs``, ``dask_address``...).
+
+    Raises:
+        TypeError: an unknown option (the message names the nearest valid one), or a
+            value of the wrong type.
+        ValueError: a value out of range.
+        InitializerFailed: (on entering) the ``initializer`` raised, killed its worker or
+            did not return within ``start_timeout``.
+        PoolClosed: (on entering) the pool was entered before; make a new one.
 
     Example:
         ```python
+        def square(x: int) -> int:
+            return x * x
+
         async with ResilientPool(max_workers=4) as pool:
             total = await pool.run(sum, [1, 2, 3])
             squares = await pool.map(square, range(1000))
@@ -110,9 +126,21 @@ class ResilientPool:
 
         Items of waiting calls that were never sent fail with ``PoolClosed``. Idempotent.
 
+        A caller's deadline or cancellation ends the wait: what still runs is then
+        killed.
+
         Raises:
             PoolClosed: called from another event loop (or thread) than the one that
                 entered the pool; the pool stays open for its own loop.
+
+        Example:
+            ```python
+            pool = ResilientPool()
+            await pool.__aenter__()       # an application's startup
+            ...
+            with anyio.move_on_after(10):  # its shutdown, with a deadline
+                await pool.aclose()
+            ```
         """
         if self._state in (PoolState.CLOSING, PoolState.CLOSED):
             return
@@ -137,7 +165,15 @@ class ResilientPool:
     @staticmethod
     async def close_idle_workers() -> int:
         """Stop the idle workers that pools with ``reuse_workers=True`` left parked;
-        returns how many there were."""
+        returns how many there were. Never raises.
+
+        Example:
+            ```python
+            async with ResilientPool(reuse_workers=True) as pool:
+                await pool.map(square, range(100))
+            stopped = await ResilientPool.close_idle_workers()
+            ```
+        """
         from ._rungs._parking import close_parked
 
         return close_parked()
@@ -145,7 +181,14 @@ class ResilientPool:
     @property
     def backend(self) -> str | None:
         """The rung serving now: "process", "thread", "inline" or "dask" (None when
-        closed or between rungs)."""
+        closed or between rungs).
+
+        Example:
+            ```python
+            if pool.backend != "process":
+                log.warning("degraded: serving on %s", pool.backend)
+            ```
+        """
         engine = self._engine
         if engine is None or self._state is not PoolState.OPEN:
             return None
@@ -153,7 +196,14 @@ class ResilientPool:
         return rung.name if rung is not None and rung.usable else None
 
     def statistics(self) -> PoolStatistics:
-        """A frozen snapshot of the pool's counters; never blocks, never raises."""
+        """A frozen snapshot of the pool's counters; never blocks, never raises.
+
+        Example:
+            ```python
+            stats = pool.statistics()
+            log.info("%s: %d done", stats.backend, stats.tasks_completed)
+            ```
+        """
         engine = self._engine
         rung = engine.ladder.serving if engine is not None else None
         return self._counters.snapshot(
@@ -194,6 +244,14 @@ class ResilientPool:
             RemoteError: the exception cannot be rebuilt here, or the task raised
                 ``SystemExit``/``KeyboardInterrupt``.
             PoolClosed: the pool is not open, or belongs to another event loop.
+
+        Example:
+            ```python
+            # One call per request, from many tasks at once.
+            score = await pool.run(model_score, features, timeout=2.0)
+            # Keyword arguments through a partial.
+            text = await pool.run(functools.partial(render, page, lang="fr"))
+            ```
         """
         if "return_exceptions" in options:
             raise TypeError("run() takes no return_exceptions: it returns one result; "
@@ -237,6 +295,13 @@ class ResilientPool:
             WorkerCrashed, SerializationError, RemoteError: for an item, as for
                 [`run`][asyncpool.ResilientPool.run] (in place with ``return_exceptions``).
             PoolClosed: the pool is not open, or belongs to another event loop.
+
+        Example:
+            ```python
+            sizes = await pool.map(len, ["a", "bb", "ccc"])           # [1, 2, 3]
+            outcomes = await pool.map(parse, lines, return_exceptions=True)
+            failed = [o for o in outcomes if isinstance(o, BaseException)]
+            ```
         """
         call = self._call(fn, items, False, Mode.LIST,
                           CallOptions.build(return_exceptions, **options))
@@ -272,6 +337,11 @@ class ResilientPool:
             Exception: As for [`map`][asyncpool.ResilientPool.map]; also
                 ``DeadlineExceeded``, ``WorkerCrashed``, ``SerializationError``,
                 ``RemoteError`` and ``PoolClosed``.
+
+        Example:
+            ```python
+            powers = await pool.starmap(pow, [(2, 5), (3, 2)])  # [32, 9]
+            ```
         """
         call = self._call(fn, items, True, Mode.LIST,
                           CallOptions.build(return_exceptions, **options))
@@ -311,6 +381,13 @@ class ResilientPool:
                 yielded and ``.partial`` what finished from there.
             WorkerCrashed, SerializationError, RemoteError, PoolClosed: as for
                 [`map`][asyncpool.ResilientPool.map].
+
+        Example:
+            ```python
+            async with pool.imap(parse, open("huge.jsonl"), ordered=False) as results:
+                async for record in results:
+                    await store(record)
+            ```
         """
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered={ordered!r} is invalid: it must be True or False")

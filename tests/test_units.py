@@ -675,3 +675,18 @@ def test_a_script_object_whose_call_comes_from_a_library_keeps_its_globals() -> 
     assert share_main(guard, "a test", 1) is guard
     assert guard.read.__func__.__globals__ is not contextlib.__dict__
     assert guard.read() == "own"
+
+
+def test_every_public_name_has_an_example() -> None:
+    import inspect
+
+    import asyncpool
+    from asyncpool import ResilientPool, ResultStream
+
+    documented = [(name, getattr(asyncpool, name)) for name in asyncpool.__all__
+                  if name != "MISSING"]  # a constant: its docstring is the module's text
+    for cls in (ResilientPool, ResultStream):
+        documented += [(f"{cls.__name__}.{name}", getattr(cls, name))
+                       for name in vars(cls) if not name.startswith("_")]
+    lacking = [name for name, obj in documented if "```python" not in (inspect.getdoc(obj) or "")]
+    assert not lacking, f"no example in the docstring of {lacking}"
