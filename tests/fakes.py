@@ -57,13 +57,18 @@ class FakeRung(Rung):
         self.held: list[Any] = []
         self.cancelled: set[int] = set()
 
+    def crash(self) -> None:
+        """It stops serving, as a lost cluster or a rung with no worker left does (the
+        test tells the listener when it likes)."""
+        self._out_of_service()
+
     def offer(self) -> int | None:
         ok = self.state is RungState.SERVING and self.in_flight < self.script.capacity
         return None if ok else 0
 
     def submit(self, chunk: Any) -> None:
         chunk.rung = self
-        self.in_flight += 1
+        self._in_flight += 1
         self.script.chunk_sizes.append(chunk.size)
         self.script.chunk_calls.append(len(chunk.calls()))
         if self.script.holding:
@@ -83,7 +88,7 @@ class FakeRung(Rung):
         for chunk in list(chunks):
             if chunk in self.held:
                 self.held.remove(chunk)
-                self.in_flight -= 1
+                self._in_flight -= 1
                 self.listener.chunk_lost(chunk)
         return True
 
@@ -96,7 +101,7 @@ class FakeRung(Rung):
                 if self.script.crashes(item):
                     if position:
                         self.listener.chunk_progress(chunk, 0, position, results, errors)
-                    self.in_flight -= 1
+                    self._in_flight -= 1
                     self.listener.worker_event("worker_crash", "fake worker died")
                     self.listener.chunk_crashed(chunk, position, -9)
                     return
@@ -109,13 +114,13 @@ class FakeRung(Rung):
                     errors[position] = exc
                 position += 1
         self.listener.chunk_progress(chunk, 0, position, results, errors)
-        self.in_flight -= 1
+        self._in_flight -= 1
         self.listener.chunk_done(chunk, position, 0.0001 * position)
 
     async def aclose(self, kill: bool) -> None:
-        self.state = RungState.CLOSED
+        self._state = RungState.CLOSED
         for chunk in self.held:
-            self.in_flight -= 1
+            self._in_flight -= 1
             self.listener.chunk_lost(chunk)
         self.held = []
 

@@ -18,7 +18,6 @@ import anyio
 import pytest
 
 from asyncpool import MISSING, DeadlineExceeded, InitializerFailed, ResilientPool
-from asyncpool._rungs import RungState
 
 from . import tasks
 from .fakes import Script, fake_rungs
@@ -206,7 +205,7 @@ async def test_deadline_covers_a_rung_starting(monkeypatch: pytest.MonkeyPatch,
         async with ResilientPool(max_workers=2, rungs=("process", "inline"),
                                  promote_after=60) as pool:
             rung = process.rungs[0]
-            rung.state = RungState.CRASHED  # the next rung takes 5 s to start
+            rung.crash()  # the next rung takes 5 s to start
             rung.listener.rung_changed()
             started = time.monotonic()
             with pytest.raises(DeadlineExceeded):

@@ -10,7 +10,6 @@ import anyio
 import pytest
 
 from asyncpool import InitializerFailed, PoolEvent, ResilientPool
-from asyncpool._rungs import RungState
 
 from . import tasks
 from .fakes import Script, fake_rungs
@@ -100,7 +99,7 @@ async def test_a_rung_that_stops_serving_is_replaced(monkeypatch: pytest.MonkeyP
                 await wait_until(lambda: bool(process.rungs[0].held))
                 rung = process.rungs[0]
                 # The rung breaks (as a lost cluster does): what it held goes elsewhere.
-                rung.state = RungState.CRASHED
+                rung.crash()
                 rung.kill(list(rung.held))
                 rung.listener.rung_changed()
             assert outcome == [[i * i for i in range(100)]]
@@ -156,7 +155,7 @@ async def test_no_rung_is_started_for_calls_that_ended(monkeypatch: pytest.Monke
             assert await pool.map(tasks.square, range(3)) == [0, 1, 4]
             process.failing_starts = 10**9
             rung = process.rungs[0]
-            rung.state = RungState.CRASHED  # as a lost cluster does
+            rung.crash()  # as a lost cluster does
             rung.listener.rung_changed()
             with pytest.raises(BlockingIOError):
                 await pool.map(tasks.square, range(3), timeout=5)

@@ -3,8 +3,10 @@
 A rung owns its capacity. ``offer()`` says whether a chunk can go now (and how many
 items it may hold), ``submit()`` sends it, and from then on the rung reports exactly
 one final outcome for it to the :class:`Listener` (done, crashed, lost or unloadable),
-after any number of partial results. That final report is the one place where the
-chunk's slot is given back.
+after any number of partial results. ``in_flight`` counts the chunks a rung holds: a
+chunk leaves it just before its final report, in one place per rung (the process
+rung's count is what its workers hold), and the engine's slot for it is given back
+on that report.
 """
 
 from __future__ import annotations
@@ -84,11 +86,27 @@ class Rung:
     lanes: int | None = None
 
     def __init__(self) -> None:
-        self.state = RungState.SERVING
-        #: Chunks submitted and not yet finally reported.
-        self.in_flight = 0
+        self._state = RungState.SERVING
+        self._in_flight = 0
         #: Why the rung stopped serving, once it CRASHED (if it knows).
         self.failure: BaseException | None = None
+
+    @property
+    def state(self) -> RungState:
+        """Where it is in its life (changed by its own methods only)."""
+        return self._state
+
+    @property
+    def in_flight(self) -> int:
+        """Chunks submitted and not yet finally reported."""
+        return self._in_flight
+
+    def _out_of_service(self, error: BaseException | None = None) -> None:
+        """It can run nothing more (``error`` says why, if known); the caller tells the
+        listener once what it held has been handed on."""
+        if error is not None:
+            self.failure = error
+        self._state = RungState.CRASHED
 
     def offer(self) -> int | None:
         """0 if no chunk can go now; else the most items the next chunk may hold
@@ -113,8 +131,8 @@ class Rung:
 
     def retire(self) -> None:
         """Take no new chunks; close once the held ones are reported."""
-        if self.state is RungState.SERVING:
-            self.state = RungState.DRAINING
+        if self._state is RungState.SERVING:
+            self._state = RungState.DRAINING
 
     @property
     def workers(self) -> int:
@@ -138,7 +156,7 @@ class Rung:
     def abandon(self) -> None:
         """Its pool was dropped unclosed: stop now, with no await (from a finalizer,
         perhaps on another thread), killing what runs."""
-        self.state = RungState.CLOSED
+        self._state = RungState.CLOSED
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.state.value} in_flight={self.in_flight}>"

@@ -209,7 +209,7 @@ class DaskRung(Rung):
             raise ChunkUnpicklable(unpicklable_items(chunk)) from exc
         chunk.payload_bytes = sum(memoryview(p).nbytes for p in arguments)
         chunk.rung = self
-        self.in_flight += 1
+        self._in_flight += 1
         if chunk.suspect:
             self._suspect = chunk
         relay = self._relays[chunk] = asyncio.ensure_future(
@@ -336,7 +336,7 @@ class DaskRung(Rung):
         if it was reported already."""
         if self._relays.pop(chunk, None) is None:
             return False
-        self.in_flight -= 1
+        self._in_flight -= 1
         if chunk is self._suspect:
             self._suspect = None
         elif self._alone is not None and len(self._relays) == 1:
@@ -375,7 +375,7 @@ class DaskRung(Rung):
             return
         logger.warning("the Dask cluster stops serving (%s); serving locally until it "
                        "answers again", error)
-        self.state = RungState.CRASHED
+        self._out_of_service()
         for relay in list(self._relays.values()):
             relay.cancel()
         self.listener.rung_changed()
@@ -409,7 +409,7 @@ class DaskRung(Rung):
                 functools.partial(close_later, functools.partial(self.aclose, True)))
 
     async def aclose(self, kill: bool) -> None:
-        self.state = RungState.CLOSED
+        self._state = RungState.CLOSED
         self._stopped.close()
         if self._sizer is not None:
             self._sizer.cancel()

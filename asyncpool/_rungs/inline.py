@@ -62,7 +62,7 @@ class InlineRung(Rung):
 
     def submit(self, chunk: Chunk) -> None:
         chunk.rung = self
-        self.in_flight += 1
+        self._in_flight += 1
         self._running = self.loop.spawn(self._run, chunk)
 
     def cancel(self, calls: Any) -> None:
@@ -104,7 +104,7 @@ class InlineRung(Rung):
         finally:
             if position > first:
                 self.listener.chunk_progress(chunk, first, position, results, errors)
-            self.in_flight -= 1
+            self._in_flight -= 1
             # One chunk at a time: no chunk of a cancelled call is left to skip.
             self._cancelled.clear()
             self.listener.chunk_done(chunk, position, time.perf_counter() - started,
@@ -126,7 +126,7 @@ class InlineRung(Rung):
             await anyio.sleep(next(delays))
 
     async def aclose(self, kill: bool) -> None:
-        self.state = RungState.CLOSED
+        self._state = RungState.CLOSED
         if self._running is not None:
             if kill:
                 self._running.cancel()

@@ -203,7 +203,6 @@ class ProcessRung(Rung, Events):
             proc.heard = time.monotonic()
         proc.chunks.append(chunk)
         proc.tasks += chunk.size
-        self.in_flight += 1
         proc.send(_wire.CHUNK, parts)
         limit = self.config.max_tasks_per_worker
         # It leaves after this chunk: start its replacement now, so no call waits. Or
@@ -264,7 +263,6 @@ class ProcessRung(Rung, Events):
         if meta.unloadable:
             assert isinstance(results, BaseException)
             proc.tasks -= chunk.size  # none of them ran there
-            self.in_flight -= 1
             self.listener.chunk_unloadable(chunk, results)
             return
         if isinstance(results, BaseException):
@@ -274,7 +272,6 @@ class ProcessRung(Rung, Events):
             if proc.doomed:
                 proc.kill_doomed()  # what it was waiting for may have come
         if done:
-            self.in_flight -= 1
             proc.tasks -= chunk.size - upto  # cut short: the rest runs elsewhere
             self.listener.chunk_done(chunk, upto, seconds, retried)
             if not proc.chunks:
@@ -286,7 +283,6 @@ class ProcessRung(Rung, Events):
 
     def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None:
         proc.tasks -= chunk.size
-        self.in_flight -= 1
         self.listener.chunk_lost(chunk, Resend.MOVED)
 
     def _take_back(self) -> None:
@@ -313,7 +309,6 @@ class ProcessRung(Rung, Events):
                 "while running a chunk; resending what had not come back",
                 pid=proc.pid, exitcode=death.exitcode)
         for index, chunk in enumerate(death.chunks):
-            self.in_flight -= 1
             if death.crashed and index == 0:
                 self.listener.chunk_crashed(chunk, death.culprit, death.exitcode,
                                             function=death.loading)
@@ -323,6 +318,12 @@ class ProcessRung(Rung, Events):
             self._grow()
 
     # -- keeping the number of workers ---------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """The chunks its workers hold: a chunk leaves its worker's list (in
+        :class:`Proc`) just before the final report on it."""
+        return sum(len(proc.chunks) for proc in self.procs)
 
     @property
     def workers(self) -> int:
@@ -404,8 +405,7 @@ class ProcessRung(Rung, Events):
     def _broke(self, error: BaseException, cause: BaseException | None) -> None:
         error.__cause__ = cause
         logger.warning("the process rung cannot run any worker: %r", error)
-        self.failure = error
-        self.state = RungState.CRASHED
+        self._out_of_service(error)
         self.listener.rung_changed()
 
     # -- closing -------------------------------------------------------------------
@@ -418,7 +418,7 @@ class ProcessRung(Rung, Events):
             self.loop.call_soon_threadsafe(self._supervisor.cancel)
 
     async def aclose(self, kill: bool) -> None:
-        self.state = RungState.CLOSED
+        self._state = RungState.CLOSED
         if self._supervisor is not None:
             self._supervisor.cancel()
         for proc in list(self.procs):

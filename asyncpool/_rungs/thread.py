@@ -107,7 +107,7 @@ class ThreadRung(Rung):
 
     def submit(self, chunk: Chunk) -> None:
         chunk.rung = self
-        self.in_flight += 1
+        self._in_flight += 1
         self._holding.update({piece.call.id for piece in chunk.pieces})
         self._queue.put(chunk)
 
@@ -158,8 +158,7 @@ class ThreadRung(Rung):
             failure = InitializerFailed(f"the initializer {self.config.initializer!r} "
                                         f"raised in a new thread: {error!r}")
             failure.__cause__ = error
-            self.failure = failure
-            self.state = RungState.CRASHED
+            self._out_of_service(failure)
             while True:  # what waits for a thread goes elsewhere
                 try:
                     chunk = self._queue.get_nowait()
@@ -219,7 +218,7 @@ class ThreadRung(Rung):
 
     def _release(self, chunk: Chunk) -> None:
         """The chunk no longer holds a slot here (nor a place for its calls)."""
-        self.in_flight -= 1
+        self._in_flight -= 1
         holding = self._holding
         for call in {piece.call.id for piece in chunk.pieces}:
             holding[call] -= 1
@@ -235,7 +234,7 @@ class ThreadRung(Rung):
     async def aclose(self, kill: bool) -> None:
         # Threads cannot be killed; they finish what they run and exit (they are
         # daemons, so a stuck task does not hold the interpreter at exit).
-        self.state = RungState.CLOSED
+        self._state = RungState.CLOSED
         for _ in list(self.threads):
             self._queue.put(None)
         if not kill:
