@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import functools
 import errno
+import importlib
 import math
 import pickle
 import select
@@ -305,10 +306,22 @@ def test_call_options_are_built_once_when_none_are_given() -> None:
 
 
 def test_all_matches_exports() -> None:
-    exported = {n for n in dir(asyncpool) if not n.startswith("_")}
-    assert set(asyncpool.__all__) == exported
+    # The names are written three times: for type checkers (under TYPE_CHECKING), for
+    # loading on first use (_WHERE), and in __all__. They must agree, and each must
+    # load from where it says.
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(asyncpool))
+    checked = {alias.asname or alias.name: node.module for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+               for alias in node.names}
+    where = asyncpool._WHERE
+    assert set(checked) == set(where) == set(asyncpool.__all__)
+    assert {name: f".{module}" for name, module in checked.items()} == where
     for name in asyncpool.__all__:
-        assert getattr(asyncpool, name).__module__.startswith("asyncpool")
+        value = getattr(asyncpool, name)
+        assert value is getattr(importlib.import_module(where[name], "asyncpool"), name)
 
 
 # -- the wire ------------------------------------------------------------------------
