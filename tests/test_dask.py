@@ -23,13 +23,7 @@ from .helpers import free_port, wait_until
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 import dask  # noqa: E402  (installed with distributed)
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    """Dask's asynchronous client needs asyncio: these tests run on asyncio only."""
-    return "asyncio"
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.asyncio_only]
 
 
 @pytest.fixture

@@ -24,13 +24,7 @@ from . import tasks
 from .helpers import ROOT, CliCluster, wait_until
 
 pytest.importorskip("distributed", reason="the dask extra is not installed")
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    """Dask's asynchronous client needs asyncio: these tests run on asyncio only."""
-    return "asyncio"
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.asyncio_only]
 
 
 @pytest.fixture
