@@ -18,7 +18,8 @@ async def main(how: str) -> None:
     task = asyncio.ensure_future(pool.map(nap, [30.0] * 6))
     # Whatever the task ends with (PoolClosed when the pool is killed), it is read.
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
-    await asyncio.sleep(0.5)
+    while pool.statistics().chunks_in_flight < 2:  # both workers busy
+        await asyncio.sleep(0.01)
     print("in flight", flush=True)
     if how == "closed":
         # As leaving `async with pool:` on SystemExit does: the work in flight stops.

@@ -556,14 +556,17 @@ time.sleep(60)
 """
 
 
-def daemon_outlives_neighbours(seconds: float) -> tuple[int, bool]:
-    """Start a double-forked daemon (adopted at once by the fork server), wait while
-    other workers come and go, and say whether it is still alive."""
+def daemon_outlives_neighbours(args: tuple[float, str]) -> tuple[int, bool]:
+    """Start a double-forked daemon (adopted at once by the fork server), note its pid
+    in a file, wait while other workers come and go, and say whether it is still
+    alive."""
     import subprocess
 
+    seconds, path = args
     out = subprocess.run([sys.executable, "-c", _DAEMON], capture_output=True, text=True,
                          check=True).stdout
     pid = int(out.split()[0])
+    Path(path).write_text(str(pid))
     time.sleep(seconds)
     try:
         os.kill(pid, 0)

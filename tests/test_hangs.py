@@ -392,10 +392,7 @@ async def test_workers_leave_when_the_parent_dies(how: str) -> None:
     # server used to wait for, instead of killing it, and so stayed too).
     assert len(pids) == 4
     # About 2 s is the promise; 10 s of margin for a loaded machine.
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        await anyio.sleep(0.05)
-    assert not [pid for pid in pids if alive(pid)]
+    await wait_until(lambda: not any(alive(pid) for pid in pids), 10)
 
 
 @pytest.mark.slow
@@ -624,7 +621,7 @@ async def test_a_chain_of_sessions_a_killed_item_started_dies_while_the_pool_ser
 
 @pytest.mark.slow
 async def test_a_workers_daemon_is_left_alone_when_another_worker_leaves(
-        anyio_backend: str) -> None:
+        tmp_path: Path, anyio_backend: str) -> None:
     # The fork server adopts a double-forked daemon at once; when any worker left, it
     # killed every process it had adopted, this one too, while its task still ran.
     async with ResilientPool(max_workers=2, rungs=("process",),
@@ -632,11 +629,14 @@ async def test_a_workers_daemon_is_left_alone_when_another_worker_leaves(
         async with anyio.create_task_group() as tg:
             outcome: list[tuple[int, bool]] = []
 
+            started = tmp_path / "daemon"
+
             async def owner() -> None:
-                outcome.append(await pool.run(tasks.daemon_outlives_neighbours, 2.0))
+                outcome.append(await pool.run(tasks.daemon_outlives_neighbours,
+                                              (2.0, str(started))))
 
             tg.start_soon(owner)
-            await anyio.sleep(0.5)
+            await wait_until(lambda: started.exists() and bool(started.read_text()), 30)
             await pool.map(tasks.square, range(12), chunk_size=1)  # recycles the other
         assert pool.statistics().workers_recycled >= 1
         pid, survived = outcome[0]
