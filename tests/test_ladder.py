@@ -13,7 +13,7 @@ from asyncpool import InitializerFailed, PoolEvent, ResilientPool
 
 from . import tasks
 from .fakes import Script, fake_rungs
-from .helpers import ThreadStarts, wait_until
+from .helpers import ThreadStarts, run_script, wait_until
 
 pytestmark = pytest.mark.anyio
 FAST = {"backoff_initial": 0.001, "backoff_max": 0.01, "promote_after": 0.01,
@@ -175,3 +175,15 @@ async def test_warm_start_rides_out_a_thread_shortage(thread_starts: ThreadStart
         assert pool.backend == "process"
         assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
         assert pool.statistics().creation_failures >= 1
+
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_thread_rung_whose_threads_all_hang_on_stopped_items_steps_down(
+        backend: str) -> None:
+    # Its only thread ran a timed-out call's item and no thread could start in its
+    # place: the rung kept serving, and took chunks no thread would run until that
+    # item ended (for good, for a hung one).
+    proc = run_script("_threads_all_stuck.py", backend, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[0,", "1,", "4]", "inline"], proc.stdout

@@ -21,6 +21,7 @@ import anyio
 from .._errors import InitializerFailed
 from .._execute import execute, portable
 from .._loop import preload_backend
+from .._retry import RungUnavailable
 from .base import Listener, Rung, RungState
 
 if TYPE_CHECKING:
@@ -152,14 +153,19 @@ class ThreadRung(Rung):
         self._stuck.discard(thread)
         if thread in self.threads:
             self.threads.remove(thread)
-        if error is not None and self.state is RungState.SERVING and all(
-                t in self._stuck for t in self.threads):
-            # No thread serves, and no new one can: the ladder decides what next.
+        if error is not None:
             failure = InitializerFailed(f"the initializer {self.config.initializer!r} "
                                         f"raised in a new thread: {error!r}")
             failure.__cause__ = error
+            self._unless_served(failure)
+
+    def _unless_served(self, failure: BaseException) -> None:
+        """If no thread serves (each runs a stopped call's item) and no new one could
+        start, stop serving: what waits for a thread goes elsewhere, and the ladder
+        decides what next."""
+        if self.state is RungState.SERVING and all(t in self._stuck for t in self.threads):
             self._out_of_service(failure)
-            while True:  # what waits for a thread goes elsewhere
+            while True:
                 try:
                     chunk = self._queue.get_nowait()
                 except queue.Empty:
@@ -189,6 +195,9 @@ class ThreadRung(Rung):
                 except RuntimeError as exc:
                     logger.warning("the thread rung could not start a thread in place of "
                                    "one stuck on a stopped call's item: %r", exc)
+                    self._unless_served(RungUnavailable(
+                        f"every thread runs a stopped call's item and no new one can "
+                        f"start ({exc})"))
         return False
 
     def _tick(self, chunk: Chunk, first: int, upto: int, results: list[Any],
