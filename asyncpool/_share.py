@@ -76,13 +76,11 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
         while len(_spaces) > SPACES:
             _seen.pop(id(_spaces.pop(next(iter(_spaces)))), None)
     seen = _seen.setdefault(id(shared), {})
-    named = fn.__globals__.items()
-    if fn.__code__.co_qualname == fn.__name__:
-        # Defined at the top of the script under its name (its other functions may call
-        # it by that name); not one made in a function, nor a wrapper (``wraps``) that
-        # took the name of what it wraps: neither is what the name holds.
-        named = [*named, (fn.__name__, fn)]
-    for name, value in named:
+    # Only the names it uses, as its pickle brought them: not its own name, unless it
+    # calls itself. A function is not always what the script's global of its name
+    # holds (one made in another function, a wraps() wrapper, one whose name a
+    # decorator rebound), and set there it replaced that global for other calls.
+    for name, value in fn.__globals__.items():
         last, brought = seen.get(name, (0, _NOTHING))
         if name in shared and last > version:
             continue  # set by a later call's pickle

@@ -96,8 +96,10 @@ class Source:
             # A generator is its own iterator; anything else's __iter__ is the caller's
             # code, which may block (open a file, a cursor): called in the thread too.
             kind = type(items)
+            iterable = getattr(kind, "__iter__", None) is not None or (
+                getattr(kind, "__getitem__", None) is not None)
             self._it = items if isinstance(items, GeneratorType) else (
-                _iterate(items) if hasattr(kind, "__iter__") or hasattr(kind, "__getitem__")
+                _iterate(items) if iterable
                 else iter(items))  # not iterable: the TypeError says so, now
             self.fed = True
 

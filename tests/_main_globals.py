@@ -90,6 +90,26 @@ def cached_square(x: int) -> int:
     return x * x * SCALE
 
 
+def labelled(x: int) -> tuple[str, object]:
+    return ("plain", x)
+
+
+def decorate(fn: Callable[[int], object]) -> Callable[[int], tuple[str, object]]:
+    def wrapper(x: int) -> tuple[str, object]:  # no functools.wraps
+        return ("decorated", fn(x))
+
+    return wrapper
+
+
+undecorated = labelled
+labelled = decorate(labelled)  # type: ignore[assignment]
+
+
+def slowly_labelled(x: int) -> object:
+    time.sleep(0.01)
+    return labelled(x)
+
+
 def make_helper() -> Callable[[int], int]:
     def helper(x: int) -> int:  # named as the script's global, and not it
         return -1
@@ -156,6 +176,11 @@ async def main() -> None:
         await asyncio.sleep(0.1)
         print(await pool.run(make_helper(), 0))
         print(*set(await running))
+        # Nor is one kept under another name once a decorator rebound its own.
+        running = asyncio.ensure_future(pool.map(slowly_labelled, range(20), chunk_size=2))
+        await asyncio.sleep(0.1)
+        await pool.run(undecorated, 0)
+        print(sum(value[0] != "decorated" for value in await running))  # type: ignore[index]
 
 
 if __name__ == "__main__":

@@ -249,7 +249,7 @@ async def test_main_script_globals_follow_the_caller() -> None:
     assert proc.stdout.split() == ["1", "10", "10", "hello", "42", "hello", "hello",
                                    "hello-42-0.5", "1", "100", "tagged", "100",
                                    "5-json-None", "6-pickle-{'mode':'fast'}", "140", "90",
-                                   "1000", "-1", "1000"], proc.stdout
+                                   "1000", "-1", "1000", "0"], proc.stdout
 
 
 @pytest.mark.parametrize("size", [10, 100_000, 3_000_000])  # in one frame; out of band; own buffer
