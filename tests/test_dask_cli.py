@@ -232,6 +232,22 @@ async def test_an_initializer_that_hangs_on_the_cluster_fails_at_start_timeout(
     assert time.monotonic() - started < 20
 
 
+async def test_an_initializer_raising_an_oserror_on_the_cluster_fails_the_pool() -> None:
+    # Any OSError was taken for a lost connection: the pool went local, and climbed
+    # back to run the failing initializer there every few seconds.
+    cluster = CliCluster(workers=1, env={"ON_CLUSTER": "1"})
+    try:
+        cluster.start_scheduler()
+        cluster.start_workers()
+        await cluster.wait_ready()
+        with pytest.raises(InitializerFailed, match="model.bin"):
+            async with ResilientPool(max_workers=1, dask_address=cluster.address,
+                                     initializer=tasks.fail_on_cluster):
+                pass
+    finally:
+        cluster.stop()
+
+
 def _worker_plugins(dask_scheduler: object) -> list[str]:
     return list(dask_scheduler.worker_plugins)  # type: ignore[attr-defined]
 

@@ -148,20 +148,21 @@ async def register_initializer(client: Any, config: PoolConfig, name: str) -> No
 
     blob = cloudpickle.dumps((config.initializer, config.initargs), 5)
     timeout = config.start_timeout
+    started = asyncio.get_running_loop().time()
     try:
         await asyncio.wait_for(client.register_plugin(
             InitializerPlugin(blob, client_space()), name=name), timeout)
-    except TimeoutError:
-        if not await answers(client, config.dask_connect_timeout):
-            raise RungUnavailable("the Dask scheduler stopped answering while the "
-                                  "initializer was registered") from None
-        raise InitializerFailed(f"the initializer {config.initializer!r} did not return "
-                                f"within start_timeout={timeout} s on a Dask worker") from None
     except Exception as exc:
-        if lost_connection(exc, client) or not await answers(client,
-                                                             config.dask_connect_timeout):
+        # Whatever it raised (an OSError of its own too), it is the initializer's
+        # fault only if the scheduler still answers.
+        if not await answers(client, config.dask_connect_timeout):
             raise RungUnavailable(f"the Dask scheduler was lost while the initializer "
                                   f"was registered: {exc!r}") from exc
+        elapsed = asyncio.get_running_loop().time() - started
+        if isinstance(exc, TimeoutError) and timeout is not None and elapsed >= timeout:
+            raise InitializerFailed(f"the initializer {config.initializer!r} did not "
+                                    f"return within start_timeout={timeout} s on a Dask "
+                                    "worker") from None
         raise InitializerFailed(f"the initializer {config.initializer!r} raised on a Dask "
                                 f"worker: {exc!r}") from exc
 
