@@ -148,6 +148,8 @@ def _main(argv: list[str] | None, resumable: list[bool]) -> int:
 
     command = parser()
     args = command.parse_args(argv)
+    if getattr(args, "output", None) in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
+        args.output = "-"  # standard output by another name: records alone on it
     if args.command == "map" and args.output not in (None, "-"):
         resumable.append(True)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

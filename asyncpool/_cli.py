@@ -129,6 +129,15 @@ def read_lines(path: str, done: int, numbers: deque[int],
     """(line number, text) of each line after line ``done``, noting the numbers in
     order ("-" reads standard input). A line that is not UTF-8 goes through marked
     (see :data:`NOT_UTF8`): it is that line's error. A byte order mark is skipped."""
+    try:
+        yield from _numbered(path, done, numbers, counts)
+    except OSError as exc:  # a disk error, no descriptor left...
+        where = "standard input" if path == "-" else path
+        raise UsageError(f"cannot read {where}: {exc.strerror or exc}") from None
+
+
+def _numbered(path: str, done: int, numbers: deque[int],
+              counts: Counts) -> Iterator[tuple[int, str]]:
     with (open(sys.stdin.fileno(), "rb", closefd=False) if path == "-"
           else open(path, "rb")) as f:
         for number, raw in enumerate(f, 1):

@@ -34,7 +34,7 @@ def _map_own_module(tmp_path: Path, source: str, lines: str, output: str = "out.
     to ``tmp_path/output`` (or standard output for ``-``)."""
     (tmp_path / "own.py").write_text(source)
     (tmp_path / "in.jsonl").write_text(lines)
-    dst = output if output == "-" else str(tmp_path / output)
+    dst = output if output.startswith(("-", "/")) else str(tmp_path / output)
     return _cli("map", "own:fn", str(tmp_path / "in.jsonl"), "-o", dst, "--no-progress",
                 cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
 
@@ -123,6 +123,8 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
     (["map", "tests/tasks.py:square", "IN", "-o", "OUT"], "tasks:square"),
     (["map", "tests.tasks:square", "IN", "-o", "-", "--resume"], "give a file, not -"),
     (["map", "tests.tasks:square", "IN", "-o", "-", "CLOSED"], "standard output: it is"),
+    (["map", "tests.tasks:square", "/proc/self/mem", "-o", "OUT", "--no-progress"],
+     "cannot read /proc/self/mem: Input/output error"),
 ])
 def test_bad_command_lines_are_one_line_and_exit_code_2(args: list[str], message: str,
                                                        tmp_path: Path) -> None:
@@ -261,14 +263,15 @@ def test_an_error_whose_message_cannot_be_shown_is_that_lines_error(tmp_path: Pa
     assert records[1]["error"].startswith("Mute: ")
 
 
+@pytest.mark.parametrize("stdout", ["-", "/dev/stdout"])
 def test_what_the_function_prints_stays_out_of_records_on_standard_output(
-        tmp_path: Path) -> None:
+        tmp_path: Path, stdout: str) -> None:
     # The workers wrote to the same standard output: "debug 2" lines among the records.
     # Then only workers were kept off it: the module, imported by the command line
     # itself, still printed there (as the function did on threads, or on the loop).
     out = _map_own_module(tmp_path, "print('loading')\n"
                                     "def fn(x):\n    print('debug', x)\n    return x\n",
-                          "".join(f"{i}\n" for i in range(50)), output="-")
+                          "".join(f"{i}\n" for i in range(50)), output=stdout)
     assert out.returncode == 0, out.stderr
     assert [json.loads(line)["result"] for line in out.stdout.splitlines()] == list(range(50))
     assert out.stderr.count("debug") == 50  # two workers may interleave their lines
