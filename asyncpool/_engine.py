@@ -155,7 +155,11 @@ class Engine:
         stop = time.perf_counter() + FLUSH_SLICE
         while self._work_waits():
             if time.perf_counter() > stop:
-                self.kick()  # the rest next turn: timers and readers go first
+                # The rest next turn: timers and readers go first (a chunk size the
+                # caller chose, of items slow to pickle, sent three chunks of 0.1 s
+                # back to back, each turn's continuation going before due timers).
+                self._scheduled = True
+                self.loop.call_after_timers(self._flush)
                 return
             rung = self.ladder.serving_rung()
             if rung is None:

@@ -32,6 +32,11 @@ class Loop:
         """Like :meth:`call_soon`, from any thread; dropped if the loop has closed."""
         raise NotImplementedError
 
+    def call_after_timers(self, callback: Callback) -> None:
+        """Like :meth:`call_soon`, but after the timers already due, and the tasks they
+        wake, have run."""
+        self.call_soon(callback)
+
     def watch_readable(self, fd: int, callback: Callback) -> Callback:
         """Call ``callback`` whenever ``fd`` is readable; returns the function that stops."""
         raise NotImplementedError
@@ -136,6 +141,12 @@ class _Asyncio(Loop):
 
     def call_soon(self, callback: Callback) -> None:
         self._loop.call_soon(callback)
+
+    def call_after_timers(self, callback: Callback) -> None:
+        # A timer due now goes after the timers due before it, and the hop through
+        # call_soon after the tasks they wake (a sleep's timer wakes its task with a
+        # call_soon of its own).
+        self._loop.call_later(0, self._loop.call_soon, callback)
 
     def call_soon_threadsafe(self, callback: Callback) -> None:
         try:

@@ -31,7 +31,7 @@ class Timing:
     """
 
     __slots__ = ("per_item", "bytes_per_item", "send_per_item", "send_ramp", "_slow",
-                 "ramp", "blind")
+                 "_sends", "ramp", "blind")
 
     def __init__(self) -> None:
         self.per_item: float | None = None
@@ -43,8 +43,10 @@ class Timing:
         #: biggest chunk sent in under 1 ms (the first chunk of items slow to pickle
         #: held the loop for 0.4 s).
         self.send_ramp = 64
-        #: Which of the last four chunks took 1 ms or more to send (a bit each).
+        #: Which of the last four chunks took 1 ms or more to send (a bit each), and
+        #: how many were sent (up to four).
         self._slow = 0
+        self._sends = 0
         #: Items of the next chunk while nothing is measured yet.
         self.ramp = 1
         #: Chunks out while nothing is measured yet: one per lane (worker) at most, the
@@ -64,7 +66,11 @@ class Timing:
         cap = 1 << 30
         if self.bytes_per_item:
             cap = max(1, int(TARGET_CHUNK_BYTES / self.bytes_per_item))
-        if self.send_per_item and self._slow & (self._slow - 1):  # two of four were slow
+        # Two of the last four were slow; or, among the first few, any was (one chunk
+        # per worker goes out before a function's cost is known: the next must not
+        # hold the loop for 64 items).
+        slow = self._slow & (self._slow - 1) or (self._sends < 4 and self._slow)
+        if self.send_per_item and slow:
             cap = min(cap, max(1, int(SEND_SECONDS / self.send_per_item)))
         elif self.send_ramp < _NO_SEND_CAP:
             cap = min(cap, self.send_ramp)
@@ -82,6 +88,7 @@ class Timing:
             return
         guess = self.send_per_item
         self._slow = ((self._slow << 1) | (seconds >= 0.001)) & 0b1111
+        self._sends = min(self._sends + 1, 4)
         if seconds >= 0.001:
             per_item = seconds / items
             self.send_per_item = per_item if guess is None else max(per_item, guess / 2)

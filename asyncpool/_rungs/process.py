@@ -67,10 +67,11 @@ class ProcessRung(Rung, Events):
         #: Whether the supervisor looks for stuck workers (else waiting chunks wake it).
         self._looking = False
         self._settings, self._park_key = worker_settings(config)
-        #: A busy worker is given more only while what it holds is expected to take
-        #: no longer than this (s): DEPTH chunks of the target size. Behind one long
-        #: item, the next waits here for the first free worker (a call arriving
-        #: meanwhile waited behind two 200 ms items queued on each worker).
+        #: A busy worker is given a third chunk only while what it holds is expected
+        #: to take no longer than this (s): DEPTH chunks of the target size. Behind
+        #: long items, one chunk waits there (the worker never idles while the loop is
+        #: busy), the next here for the first free worker (a call arriving meanwhile
+        #: waited behind two 200 ms items queued on each worker).
         self._depth = DEPTH * config.target_chunk_seconds
 
     @classmethod
@@ -148,8 +149,8 @@ class ProcessRung(Rung, Events):
             if proc.state is not ProcState.READY or len(proc.chunks) >= DEPTH or (
                     limit is not None and proc.tasks >= limit):
                 continue
-            if wait_on_stuck and proc.chunks and (
-                    replacing or proc.heard < stuck or proc.work_held() > self._depth):
+            if wait_on_stuck and proc.chunks and (replacing or proc.heard < stuck or (
+                    len(proc.chunks) > 1 and proc.work_held() > self._depth)):
                 continue
             if best is None or len(proc.chunks) < len(best.chunks):
                 best = proc
