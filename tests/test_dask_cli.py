@@ -344,3 +344,27 @@ async def test_a_synchronous_client_is_refused_with_what_to_pass(cluster: CliClu
                 pass
     finally:
         client.close()
+
+
+async def test_a_scheduler_hung_while_the_initializer_registers_leaves_the_pool_local(
+        cluster: CliCluster, tmp_path: Path) -> None:
+    # The registration waited for the whole start_timeout (a minute by default).
+    started = tmp_path / "started"
+    opened = 0.0
+    try:
+        async with anyio.create_task_group() as tg:
+            async def pause_when_registering() -> None:
+                await wait_until(lambda: started.exists(), 60)
+                cluster.pause_scheduler()
+
+            tg.start_soon(pause_when_registering)
+            begun = time.monotonic()
+            async with ResilientPool(max_workers=1, dask_address=cluster.address,
+                                     dask_connect_timeout=2.0, promote_after=60,
+                                     initializer=tasks.note_start,
+                                     initargs=((0, str(started), 3.0),)) as pool:
+                opened = time.monotonic() - begun
+                assert pool.backend == "process"
+    finally:
+        cluster.pause_scheduler(False)
+    assert opened < 30  # dask_connect_timeout a few times over, not start_timeout

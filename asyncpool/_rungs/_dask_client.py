@@ -150,8 +150,11 @@ async def register_initializer(client: Any, config: PoolConfig, name: str) -> No
     timeout = config.start_timeout
     started = asyncio.get_running_loop().time()
     try:
-        await asyncio.wait_for(client.register_plugin(
-            InitializerPlugin(blob, client_space()), name=name), timeout)
+        await _while_answering(client.register_plugin(
+            InitializerPlugin(blob, client_space()), name=name), client, timeout,
+            config.dask_connect_timeout)
+    except RungUnavailable:
+        raise
     except Exception as exc:
         # Whatever it raised (an OSError of its own too), it is the initializer's
         # fault only if the scheduler still answers.
@@ -165,6 +168,31 @@ async def register_initializer(client: Any, config: PoolConfig, name: str) -> No
                                     "worker") from None
         raise InitializerFailed(f"the initializer {config.initializer!r} raised on a Dask "
                                 f"worker: {exc!r}") from exc
+
+
+async def _while_answering(work: Coroutine[Any, Any, Any], client: Any,
+                           timeout: float | None, every: float) -> None:
+    """Await ``work`` for up to ``timeout`` (TimeoutError), giving up as soon as the
+    scheduler stops answering, as it is asked every ``every`` seconds (a hung one kept
+    a pool opening for the whole start_timeout, a minute by default)."""
+    loop = asyncio.get_running_loop()
+    end = None if timeout is None else loop.time() + timeout
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            left = None if end is None else end - loop.time()
+            if left is not None and left <= 0:
+                raise TimeoutError
+            step = every if left is None else min(every, left)
+            done, _ = await asyncio.wait({task}, timeout=step)
+            if done:
+                task.result()
+                return
+            if not await answers(client, every):
+                raise RungUnavailable("the Dask scheduler stopped answering")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 async def answers(client: Any, timeout: float) -> bool:
