@@ -92,6 +92,9 @@ class InlineRung(Rung):
                             error = own_frames_dropped(value.error)
                             errors[position] = error if isinstance(error, Exception) else (
                                 portable(error))
+                            # Its traceback leads back to this frame (through the
+                            # frames it was raised in): no local of it may stay here.
+                            del error
                         else:
                             results.append(value)
                         del value
