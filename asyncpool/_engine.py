@@ -51,6 +51,8 @@ WINDOW_BYTES = 32 << 20
 #: The longest (s) one flush spends building and sending chunks before it lets the
 #: loop run (and continues on the next turn).
 FLUSH_SLICE = 0.002
+#: A flush that ran this much (s) past its slice lets due timers go before it goes on.
+LONG_FLUSH = 0.005
 
 
 class Engine:
@@ -154,12 +156,17 @@ class Engine:
                 self.ready.append(call)
         stop = time.perf_counter() + FLUSH_SLICE
         while self._work_waits():
-            if time.perf_counter() > stop:
-                # The rest next turn: timers and readers go first (a chunk size the
-                # caller chose, of items slow to pickle, sent three chunks of 0.1 s
-                # back to back, each turn's continuation going before due timers).
-                self._scheduled = True
-                self.loop.call_after_timers(self._flush)
+            now = time.perf_counter()
+            if now > stop:
+                # The rest next turn: readers go first, and after a long chunk timers
+                # too (a chunk size the caller chose, of items slow to pickle, sent
+                # three chunks of 0.1 s back to back, each turn's continuation going
+                # before due timers).
+                if now > stop + LONG_FLUSH:
+                    self._scheduled = True
+                    self.loop.call_after_timers(self._flush)
+                else:
+                    self.kick()
                 return
             rung = self.ladder.serving_rung()
             if rung is None:
