@@ -19,7 +19,7 @@ from typing import Any
 from ._sizing import Timing
 from ._wire import wrap_big
 from ._errors import SerializationError
-from ._share import portable
+from ._share import for_workers
 
 #: Functions (and their timings) remembered per pool; the oldest go first.
 _REMEMBERED = 512
@@ -87,7 +87,7 @@ class FunctionBook:
         try:
             import cloudpickle
 
-            fn = portable(fn)
+            fn = for_workers(fn)
             wrapped = _with_big_bytes_marked(fn)
             if wrapped is not None:
                 # Its large bytes travel out of band: copied into the pickle, a 200 MB

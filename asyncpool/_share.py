@@ -110,7 +110,7 @@ def _lru_wrapper_type() -> Any:
 _LRU_WRAPPER: Any = _lru_wrapper_type()
 
 
-def portable(fn: Any) -> Any:
+def for_workers(fn: Any) -> Any:
     """``fn`` as it can travel to a process that does not run the main script: a
     function of the script cached with ``functools.lru_cache`` (or ``cache``) pickles
     by its name, which the workers' ``__main__`` lacks; it travels as the function it
@@ -118,7 +118,7 @@ def portable(fn: Any) -> Any:
     import functools
 
     if type(fn) is functools.partial and isinstance(fn.func, _LRU_WRAPPER):
-        clone = functools.partial(portable(fn.func), *fn.args, **fn.keywords)
+        clone = functools.partial(for_workers(fn.func), *fn.args, **fn.keywords)
         clone.__dict__.update(fn.__dict__)
         return clone
     if isinstance(fn, _LRU_WRAPPER) and _of_script(getattr(fn, "__wrapped__", None)):
@@ -141,7 +141,7 @@ class _Cached:
 
 
 def cached(fn: Any, maxsize: int | None, typed: bool) -> Any:
-    """``fn`` under an ``lru_cache`` of its own (see :func:`portable`)."""
+    """``fn`` under an ``lru_cache`` of its own (see :func:`for_workers`)."""
     import functools
 
     return functools.update_wrapper(functools.lru_cache(maxsize, typed)(fn), fn)
