@@ -54,7 +54,7 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
         if owner.__module__ == "__main__":
             _rebound(owner, inner.__globals__)
         return types.MethodType(inner, fn.__self__)
-    if isinstance(fn, _LRU_WRAPPER) and _of_script(getattr(fn, "__wrapped__", None)):
+    if _cached_of_script(fn):
         # Cached (functools.lru_cache, functools.cache): the function it caches shares
         # them, under a cache of this worker's own.
         params = fn.cache_parameters()
@@ -110,6 +110,11 @@ def _lru_wrapper_type() -> Any:
 _LRU_WRAPPER: Any = _lru_wrapper_type()
 
 
+def _cached_of_script(fn: Any) -> bool:
+    """Whether ``fn`` is a function of the main script under ``functools.lru_cache``."""
+    return isinstance(fn, _LRU_WRAPPER) and _of_script(getattr(fn, "__wrapped__", None))
+
+
 def for_workers(fn: Any) -> Any:
     """``fn`` as it can travel to a process that does not run the main script: a
     function of the script cached with ``functools.lru_cache`` (or ``cache``) pickles
@@ -121,7 +126,7 @@ def for_workers(fn: Any) -> Any:
         clone = functools.partial(for_workers(fn.func), *fn.args, **fn.keywords)
         clone.__dict__.update(fn.__dict__)
         return clone
-    if isinstance(fn, _LRU_WRAPPER) and _of_script(getattr(fn, "__wrapped__", None)):
+    if _cached_of_script(fn):
         params = fn.cache_parameters()
         return _Cached(fn.__wrapped__, params["maxsize"], params["typed"])
     return fn

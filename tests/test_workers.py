@@ -321,16 +321,19 @@ async def test_a_call_arriving_behind_a_long_map_waits_for_few_of_its_items(
     assert order.index(-1) - ahead <= 4, order
 
 
+def _note_resubmits(into: list[object], event: Any) -> None:
+    """An event hook: notes chunks sent again (moved off a stalled worker, say)."""
+    if event.kind == "resubmit":
+        into.append(event)
+
+
 async def test_a_calls_own_chunk_size_holds_for_items_slow_to_send(
         anyio_backend: str) -> None:
     # Sending caps chunks to a few ms of pickling on the loop, but not a size the caller
     # chose: with one item in fifty slow to pickle, chunks of 100 went out as 26 to 45
     # chunks per 1,000 items.
     moved: list[object] = []
-
-    def hook(event: Any) -> None:
-        if event.kind == "resubmit":
-            moved.append(event)
+    hook = functools.partial(_note_resubmits, moved)
 
     async with ResilientPool(max_workers=2, rungs=("process",), on_event=hook) as pool:
         items = [tasks.SlowToPickle(i, 0.002 if i % 50 == 0 else 0.0) for i in range(1000)]
@@ -344,10 +347,7 @@ async def test_a_calls_own_chunk_size_holds_for_slow_items(anyio_backend: str) -
     # Once its items were known to take 10 ms, a call's chunk_size=100 gave way to
     # chunks of the call's window (a few times the slots, by time): 48 items or fewer.
     moved: list[object] = []
-
-    def hook(event: Any) -> None:
-        if event.kind == "resubmit":
-            moved.append(event)
+    hook = functools.partial(_note_resubmits, moved)
 
     async with ResilientPool(max_workers=2, rungs=("process",), on_event=hook) as pool:
         await pool.map(tasks.burn, [0.01] * 20)
