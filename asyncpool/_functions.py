@@ -19,7 +19,7 @@ from typing import Any
 from ._sizing import Timing
 from ._wire import wrap_big
 from ._errors import SerializationError
-from ._share import for_workers
+from ._share import dumps_for_workers
 
 #: Functions (and their timings) remembered per pool; the oldest go first.
 _REMEMBERED = 512
@@ -45,9 +45,7 @@ class Shipped:
         """The pickle with every buffer inside it (for Dask, which pickles its own)."""
         if not self.buffers:
             return self.blob
-        import cloudpickle
-
-        self.blob, self.buffers = cloudpickle.dumps(self.fn, 5), []
+        self.blob, self.buffers = dumps_for_workers(self.fn), []
         return self.blob
 
     def __repr__(self) -> str:
@@ -85,18 +83,15 @@ class FunctionBook:
                     self._lasting.popitem(last=False)
                 return shipped
         try:
-            import cloudpickle
-
-            fn = for_workers(fn)
             wrapped = _with_big_bytes_marked(fn)
             if wrapped is not None:
                 # Its large bytes travel out of band: copied into the pickle, a 200 MB
                 # table held the loop 130 to 270 ms.
                 buffers: list[pickle.PickleBuffer] = []
-                blob = cloudpickle.dumps(wrapped, 5, buffer_callback=buffers.append)
+                blob = dumps_for_workers(wrapped, buffers.append)
                 return Shipped(next(_ids), blob, name, False, [b.raw() for b in buffers],
                                fn)
-            blob = cloudpickle.dumps(fn, 5)
+            blob = dumps_for_workers(fn)
         except Exception as exc:
             raise SerializationError(
                 f"the function {fn!r} cannot be pickled for the worker processes ({exc!r}); "

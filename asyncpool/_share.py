@@ -115,38 +115,41 @@ def _cached_of_script(fn: Any) -> bool:
     return isinstance(fn, _LRU_WRAPPER) and _of_script(getattr(fn, "__wrapped__", None))
 
 
-def for_workers(fn: Any) -> Any:
-    """``fn`` as it can travel to a process that does not run the main script: a
-    function of the script cached with ``functools.lru_cache`` (or ``cache``) pickles
-    by its name, which the workers' ``__main__`` lacks; it travels as the function it
-    caches and is cached anew where it lands."""
-    import functools
+def dumps_for_workers(obj: Any, buffer_callback: Any = None) -> bytes:
+    """``obj`` pickled by cloudpickle for processes that do not run the main script.
 
-    if type(fn) is functools.partial and isinstance(fn.func, _LRU_WRAPPER):
-        clone = functools.partial(for_workers(fn.func), *fn.args, **fn.keywords)
-        clone.__dict__.update(fn.__dict__)
-        return clone
-    if _cached_of_script(fn):
-        params = fn.cache_parameters()
-        return _Cached(fn.__wrapped__, params["maxsize"], params["typed"])
-    return fn
+    A function of the script cached with ``functools.lru_cache`` (or ``cache``) pickles
+    by its name, which the workers' ``__main__`` lacks. Wherever it is (the function
+    shipped, a partial's, a global a function calls: a recursive one calls itself), it
+    travels as the function it caches and is cached anew where it lands."""
+    import io
+
+    global _pickler
+    if _pickler is None:
+        _pickler = _cached_by_value()
+    out = io.BytesIO()
+    _pickler(out, 5, buffer_callback=buffer_callback).dump(obj)
+    return out.getvalue()
 
 
-class _Cached:
-    __slots__ = ("fn", "maxsize", "typed")
+_pickler: Any = None
 
-    def __init__(self, fn: Any, maxsize: int | None, typed: bool) -> None:
-        self.fn, self.maxsize, self.typed = fn, maxsize, typed
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # (a partial requires it)
-        return self.fn(*args, **kwargs)
+def _cached_by_value() -> Any:
+    import cloudpickle
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return cached, (self.fn, self.maxsize, self.typed)
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        def reducer_override(self, obj: Any) -> Any:
+            if _cached_of_script(obj):
+                params = obj.cache_parameters()
+                return cached, (obj.__wrapped__, params["maxsize"], params["typed"])
+            return super().reducer_override(obj)
+
+    return Pickler
 
 
 def cached(fn: Any, maxsize: int | None, typed: bool) -> Any:
-    """``fn`` under an ``lru_cache`` of its own (see :func:`for_workers`)."""
+    """``fn`` under an ``lru_cache`` of its own (see :func:`dumps_for_workers`)."""
     import functools
 
     return functools.update_wrapper(functools.lru_cache(maxsize, typed)(fn), fn)

@@ -90,6 +90,11 @@ def cached_square(x: int) -> int:
     return x * x * SCALE
 
 
+@functools.cache
+def fib(n: int) -> int:  # reaches itself, cached, through the script's globals
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
 def labelled(x: int) -> tuple[str, object]:
     return ("plain", x)
 
@@ -159,6 +164,7 @@ async def main() -> None:
         # A cached function of the script (its pickle named it in the workers' main).
         print(sum(await pool.map(cached_square, range(4))),
               await pool.run(functools.partial(cached_square), 3))
+        print(await pool.run(fib, 90), await pool.run(functools.partial(fib), 91))
     async with ResilientPool(max_workers=1) as pool:
         older = asyncio.ensure_future(pool.map(slowly_via_helper, slow_input()))
         await asyncio.sleep(0.05)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import InitializerFailed
 from .._retry import RungUnavailable
+from .._share import dumps_for_workers
 
 if TYPE_CHECKING:
     from .._config import PoolConfig
@@ -142,11 +143,9 @@ async def register_initializer(client: Any, config: PoolConfig, name: str) -> No
     worker plugin. InitializerFailed if it raised or hung there; RungUnavailable if
     the scheduler went away meanwhile (not the initializer's fault: that would keep
     the pool off the cluster for good)."""
-    import cloudpickle
-
     from ._dask_plugin import InitializerPlugin
 
-    blob = cloudpickle.dumps((config.initializer, config.initargs), 5)
+    blob = dumps_for_workers((config.initializer, config.initargs))
     timeout = config.start_timeout
     started = asyncio.get_running_loop().time()
     try:

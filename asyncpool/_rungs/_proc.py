@@ -27,6 +27,7 @@ from .._execute import decode_error
 from .._forkserver import Spawned
 from .._retry import RungUnavailable
 from .._salvage import load_results
+from .._share import dumps_for_workers
 
 if TYPE_CHECKING:
     from .._call import Chunk
@@ -427,10 +428,8 @@ def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | 
     pool's own)."""
     initializer = None
     if config.initializer is not None:
-        import cloudpickle
-
         try:
-            initializer = cloudpickle.dumps((config.initializer, config.initargs), 5)
+            initializer = dumps_for_workers((config.initializer, config.initargs))
         except Exception as exc:
             raise SerializationError(
                 f"the initializer {config.initializer!r} or its initargs cannot be "
