@@ -162,10 +162,15 @@ class PoolConfig:
         return self.max_chunks_in_flight or 3 * self.max_workers
 
     @classmethod
-    def build(cls, config: PoolConfig | None, options: dict[str, Any]) -> PoolConfig:
-        """``config`` with ``options`` applied; an unknown option says what it meant."""
+    def build(cls, config: PoolConfig | None, options: dict[str, Any],
+              per_call: frozenset[str] = frozenset()) -> PoolConfig:
+        """``config`` with ``options`` applied; an unknown option says what it meant,
+        one of ``per_call`` (a call's options) where it goes."""
         names = {f.name for f in dataclasses.fields(cls)}
         for name in options:
+            if name in per_call and name not in names:
+                raise TypeError(f"{name} is an option of each call, not of the pool: "
+                                f"pool.map(fn, items, {name}=...)")
             if name not in names:
                 close = difflib.get_close_matches(
                     name, sorted(names | {"config", "on_event"}), n=1)

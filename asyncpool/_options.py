@@ -164,5 +164,7 @@ class CallOptions:
 
 
 _DEFAULT = CallOptions()
+#: The options a call takes (a pool given one is told so).
+PER_CALL = frozenset(f.name for f in dataclasses.fields(CallOptions))
 #: Settings of the pool that a call does not take (said so, not "did you mean").
 _POOL_FIELDS = frozenset(f.name for f in dataclasses.fields(PoolConfig)) | {"on_event"}

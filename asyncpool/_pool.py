@@ -20,7 +20,7 @@ from ._events import Counters, Emitter, EventHook, PoolStatistics
 from ._functions import FunctionBook, Shipped, is_async, name_of
 from ._ladder import Ladder
 from ._loop import Loop, current_loop
-from ._options import CallKwargs, CallOptions
+from ._options import PER_CALL, CallKwargs, CallOptions
 from ._source import RateLimit, Source
 
 logger = logging.getLogger("asyncpool")
@@ -75,7 +75,7 @@ class ResilientPool:
         settings: dict[str, Any] = dict(options)
         if max_workers is not None:
             settings["max_workers"] = max_workers
-        self.config = PoolConfig.build(config, settings)
+        self.config = PoolConfig.build(config, settings, PER_CALL)
         """The pool's settings (a frozen [`PoolConfig`][asyncpool.PoolConfig])."""
         self._state = PoolState.NEW
         self._counters = Counters()
