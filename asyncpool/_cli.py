@@ -46,9 +46,11 @@ def load_function(spec: str) -> Callable[[Any], Any]:
         # exiting as it loads (a script that parses its command line, say)
         raise UsageError(f"cannot import {module_name!r}: "
                          f"{type(exc).__name__}: {exc}") from None
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise UsageError(f"{module_name} has no function {attr!r}")
+    fn: Any = module
+    for part in attr.split("."):  # MODULE:Class.method too
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise UsageError(f"{module_name} has no function {attr!r}")
     if not callable(fn):
         raise UsageError(f"{module_name}.{attr} is not a function (its type is "
                          f"{type(fn).__name__})")

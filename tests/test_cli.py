@@ -86,6 +86,16 @@ def test_map_writes_in_order_and_reports_bad_lines(tmp_path: Path) -> None:
     assert "1 blank line(s) skipped" in out.stderr
 
 
+def test_a_function_may_be_a_class_attribute(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('"ab"\n"cd"\n')
+    dst = tmp_path / "out.jsonl"
+    out = _cli("map", "builtins:str.upper", str(src), "-o", str(dst), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["result"] for line in dst.read_text().splitlines()] == [
+        "AB", "CD"]
+
+
 def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text("1\n2\n3\n")
@@ -101,6 +111,7 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["map", "no_such_module:fn", "IN", "-o", "OUT"], "cannot import 'no_such_module'"),
     (["map", "tests.tasks:missing", "IN", "-o", "OUT"], "has no function 'missing'"),
+    (["map", "tests.tasks:Grid.nothing", "IN", "-o", "OUT"], "has no function 'Grid.nothing'"),
     (["map", "tests.tasks:STATE", "IN", "-o", "OUT"], "is not a function (its type is dict)"),
     (["map", "tests.tasks:async_square", "IN", "-o", "OUT"], "is an async function"),
     (["map", "tests.tasks", "IN", "-o", "OUT"], "expected MODULE:FUNCTION"),
