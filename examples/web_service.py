@@ -20,7 +20,11 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+try:
+    from fastapi import FastAPI, Request
+except ModuleNotFoundError as missing:
+    raise SystemExit(f"this example needs {missing.name}: pip install -e '.[examples]'"
+                     ) from None
 
 from asyncpool import DeadlineExceeded, ResilientPool
 
