@@ -620,17 +620,16 @@ def test_a_partial_without_large_bytes_is_pickled_once_and_as_it_is(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # Each call's partial was pickled twice (once to look for large bytes), and a
     # subclass of partial would have travelled as a plain one.
-    import cloudpickle
-
+    from asyncpool import _functions
     from asyncpool._functions import FunctionBook
 
     class Tagged(functools.partial):  # type: ignore[type-arg]
         pass
 
     pickles: list[object] = []
-    dumps = cloudpickle.dumps
-    monkeypatch.setattr(cloudpickle, "dumps", lambda *a, **k: pickles.append(a[0]) or dumps(
-        *a, **k))
+    dumps = _functions.dumps_for_workers
+    monkeypatch.setattr(_functions, "dumps_for_workers",
+                        lambda *a, **k: pickles.append(a[0]) or dumps(*a, **k))
     FunctionBook().ship(functools.partial(divmod, 7))
     assert len(pickles) == 1
     shipped = FunctionBook().ship(Tagged(tasks.with_table, b"t" * (1 << 20)))
