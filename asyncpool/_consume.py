@@ -142,7 +142,7 @@ async def collect(engine: Engine, call: Call) -> list[Any]:
         raise _exceeded(call, call.partial()) from None
     except BaseException as exc:
         if not isinstance(exc, Exception):  # cancelled (or interrupted)
-            kill = call.options.cancel_running == "kill"
+            kill = call.options.kill_on_cancel
         raise
     finally:
         engine.finish(call, kill=kill)
@@ -221,7 +221,7 @@ class ResultStream(Generic[T]):
                 elif isinstance(exc, Exception):
                     kill = False
                 else:  # cancelled
-                    kill = options.cancel_running == "kill"
+                    kill = options.kill_on_cancel
                 late = isinstance(exc, DeadlineExceeded) or not isinstance(exc, Exception)
                 with anyio.CancelScope(shield=True):
                     await self._finish(kill, wait=not late)
@@ -291,7 +291,7 @@ class ResultStream(Generic[T]):
 
     async def _finish(self, kill: bool | None, wait: bool) -> None:
         if kill is None:
-            kill = self._call.options.cancel_running == "kill"
+            kill = self._call.options.kill_on_cancel
         if self._closed:
             return
         self._closed = True
@@ -309,7 +309,7 @@ class ResultStream(Generic[T]):
             self._closed = True
             try:
                 self._engine.finish(self._call,
-                                    kill=self._call.options.cancel_running == "kill")
+                                    kill=self._call.options.kill_on_cancel)
                 if self._feeder.task is not None:
                     self._feeder.task.cancel()
                 self._call.source.close()

@@ -150,6 +150,11 @@ class CallOptions:
                             "or name, a list of them, or None")
 
     @property
+    def kill_on_cancel(self) -> bool:
+        """Whether cancelling the call kills the workers running its items."""
+        return self.cancel_running == "kill"
+
+    @property
     def dask(self) -> dict[str, Any]:
         """The options passed to Dask's ``submit`` on the dask rung."""
         found: dict[str, Any] = {}
