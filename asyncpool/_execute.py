@@ -18,7 +18,7 @@ from . import _wire
 from ._errors import (FunctionUnavailable, RemoteError, RemoteTraceback,
                       SerializationError)
 from ._handover import Running, unwatch, watch
-from ._retry import backoff_delays, is_transient
+from ._retry import is_transient, task_retry_delays
 from ._share import share_main
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
@@ -75,7 +75,7 @@ def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int,
         if not (retries and is_transient(exc)):
             raise
         error: Exception = exc
-    delays = backoff_delays(0.05, 2.0, 1.0, 0.1)
+    delays = task_retry_delays()
     for _ in range(retries):
         time.sleep(next(delays))
         retried[0] += 1

@@ -43,3 +43,10 @@ def backoff_delays(
     while True:
         yield min(maximum, delay) * random.uniform(1 - jitter, 1 + jitter)
         delay *= factor
+
+
+def task_retry_delays() -> Iterator[float]:
+    """The waits before a task's retries (``task_retries``) after a transient error:
+    50 ms, doubling up to 1 s, 10% jitter. Short: the machine ran out of threads or
+    processes for a moment, and the item is waited for meanwhile."""
+    return backoff_delays(0.05, 2.0, 1.0, 0.1)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._errors import InitializerFailed
-from .._retry import backoff_delays, is_transient
+from .._retry import is_transient, task_retry_delays
 from .._execute import SKIPPED, own_frames_dropped, portable
 from .._loop import preload_backend
 from .base import Listener, Rung, RungState
@@ -117,7 +117,7 @@ class InlineRung(Rung):
 
     async def _call(self, fn: Any, item: Any, star: bool) -> Any:
         retries = self.config.task_retries
-        delays = backoff_delays(0.05, 2.0, 1.0, 0.1)
+        delays = task_retry_delays()
         for attempt in range(retries + 1):
             try:
                 return fn(*item) if star else fn(item)
