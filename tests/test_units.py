@@ -303,6 +303,14 @@ def test_the_option_lists_agree() -> None:
     assert set(CallKwargs.__annotations__) | {"return_exceptions"} == call_fields
     pool_fields = {f.name for f in dataclasses.fields(PoolConfig)}
     assert set(PoolOptions.__annotations__) | {"max_workers"} == pool_fields
+    # A statistic is a counter or a figure taken at the moment: one added to the public
+    # class alone read 0 for ever.
+    from asyncpool._events import Counters, PoolStatistics
+
+    now = {"workers", "chunks_in_flight", "max_chunks_in_flight", "active_calls"}
+    counted = {f.name for f in dataclasses.fields(Counters)}
+    assert {f.name for f in dataclasses.fields(PoolStatistics)} == counted | now | {"backend"}
+    assert not counted & now
 
 
 def test_call_options_are_built_once_when_none_are_given() -> None:
