@@ -132,6 +132,15 @@ def _with_big_bytes_marked(fn: Any) -> functools.partial[Any] | None:
     return wrapped
 
 
+def check_function(fn: Any) -> None:
+    """TypeError unless the pool can run ``fn``."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, not {fn!r}")
+    if is_async(fn):
+        raise TypeError(f"{name_of(fn)} is an async function: the pool runs plain "
+                        "functions; await it on your own loop, or pass a plain one")
+
+
 def is_async(fn: Any) -> bool:
     """Whether ``fn`` (through partials) is an async function or object."""
     import inspect

@@ -20,7 +20,7 @@ import anyio
 from ._errors import InitializerFailed, PoolClosed
 from ._events import Counters, Emitter
 from ._retry import RungUnsupported, backoff_delays, is_transient
-from ._rungs import Listener, Rung, RungState, create_rung
+from ._rungs import ONE_ATTEMPT, Listener, Rung, RungState, create_rung
 
 if TYPE_CHECKING:
     from ._config import PoolConfig
@@ -134,8 +134,7 @@ class Ladder:
         for index, name in enumerate(ladder):
             if index < start or name in self.unsupported:
                 continue
-            # A cluster that does not answer costs one connect timeout, not three.
-            attempts = 1 if name == "dask" else self.config.creation_attempts
+            attempts = 1 if name in ONE_ATTEMPT else self.config.creation_attempts
             rung = await self._create(name, attempts)
             if rung is not None:
                 self._install(rung, index)

@@ -17,10 +17,11 @@ from ._consume import ResultStream, collect
 from ._engine import Engine
 from ._errors import PoolClosed
 from ._events import Counters, Emitter, EventHook, PoolStatistics
-from ._functions import FunctionBook, Shipped, is_async, name_of
+from ._functions import FunctionBook, Shipped, check_function
 from ._ladder import Ladder
 from ._loop import Loop, current_loop
 from ._options import PER_CALL, CallKwargs, CallOptions
+from ._rungs import OUT_OF_PROCESS
 from ._source import RateLimit, Source
 
 logger = logging.getLogger("asyncpool")
@@ -84,7 +85,7 @@ class ResilientPool:
         self._functions = FunctionBook()
         self._limit = RateLimit(self.config.rate_limit) if self.config.rate_limit else None
         #: Functions travel to worker processes only if the ladder has any.
-        self._pickles = any(r in ("process", "dask") for r in self.config.ladder)
+        self._pickles = not OUT_OF_PROCESS.isdisjoint(self.config.ladder)
         self._loop: Loop | None = None
         self._engine: Engine | None = None
         #: The process that opened the pool: a forked child may not touch its workers.
@@ -244,6 +245,8 @@ class ResilientPool:
             RemoteError: the exception cannot be rebuilt here, or the task raised
                 ``SystemExit``/``KeyboardInterrupt``.
             PoolClosed: the pool is not open, or belongs to another event loop.
+            TypeError, ValueError: an unknown or invalid option (named, with the
+                nearest valid one), or ``fn`` is not callable or is async.
 
         Example:
             ```python
@@ -295,6 +298,7 @@ class ResilientPool:
             WorkerCrashed, SerializationError, RemoteError: for an item, as for
                 [`run`][asyncpool.ResilientPool.run] (in place with ``return_exceptions``).
             PoolClosed: the pool is not open, or belongs to another event loop.
+            TypeError, ValueError: as for ``run``; also an input that is not iterable.
 
         Example:
             ```python
@@ -336,7 +340,7 @@ class ResilientPool:
         Raises:
             Exception: As for [`map`][asyncpool.ResilientPool.map]; also
                 ``DeadlineExceeded``, ``WorkerCrashed``, ``SerializationError``,
-                ``RemoteError`` and ``PoolClosed``.
+                ``RemoteError``, ``PoolClosed``, ``TypeError`` and ``ValueError``.
 
         Example:
             ```python
@@ -379,8 +383,8 @@ class ResilientPool:
                 ``return_exceptions``; or the exception the input raised.
             DeadlineExceeded: ``timeout`` passed; ``.start`` is the first index not
                 yielded and ``.partial`` what finished from there.
-            WorkerCrashed, SerializationError, RemoteError, PoolClosed: as for
-                [`map`][asyncpool.ResilientPool.map].
+            WorkerCrashed, SerializationError, RemoteError, PoolClosed, TypeError,
+                ValueError: as for [`map`][asyncpool.ResilientPool.map].
 
         Example:
             ```python
@@ -415,11 +419,7 @@ class ResilientPool:
     def _call(self, fn: Any, items: Any, star: bool, mode: Mode,
               options: CallOptions) -> Call:
         self._engine_now()
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {fn!r}")
-        if is_async(fn):
-            raise TypeError(f"{name_of(fn)} is an async function: the pool runs plain "
-                            "functions; await it on your own loop, or pass a plain one")
+        check_function(fn)
         shipped = self._functions.ship(fn) if self._pickles else _LOCAL
         if options.dask and "dask" not in self.config.ladder:
             logger.debug("Dask options %s ignored: this pool has no Dask cluster",

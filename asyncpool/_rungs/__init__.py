@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from .._config import PoolConfig
     from .._loop import Loop
 
-__all__ = ("FACTORIES", "ChunkUnpicklable", "Listener", "Rung", "RungState", "create_rung")
+__all__ = ("FACTORIES", "ONE_ATTEMPT", "OUT_OF_PROCESS", "ChunkUnpicklable", "Listener", "Rung",
+           "RungState", "create_rung")
 
 Factory = Callable[["PoolConfig", Listener, "Loop"], Awaitable[Rung]]
 
@@ -48,6 +49,11 @@ async def _dask(config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
 
 FACTORIES: dict[str, Factory] = {
     "process": _process, "thread": _thread, "inline": _inline, "dask": _dask}
+#: Rungs whose workers are other processes: functions are pickled for them.
+OUT_OF_PROCESS = frozenset({"process", "dask"})
+#: Rungs given one attempt to start: a cluster that does not answer costs one connect
+#: timeout, not three.
+ONE_ATTEMPT = frozenset({"dask"})
 
 
 async def create_rung(name: str, config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
