@@ -136,6 +136,87 @@ def test_chunk_positions_map_to_pieces() -> None:
         chunk.locate(9)
 
 
+# -- crash splitting -----------------------------------------------------------------
+
+
+class _Caller:
+    """What the listener needs of a call: its state, chunks and delivered outcomes."""
+
+    def __init__(self, id: int) -> None:
+        from asyncpool._call import CallState
+
+        self.id, self.state, self.crashed = id, CallState.ACTIVE, False
+        self.timing = Timing()
+        self.chunks: set[Chunk] = set()
+        self.delivered: dict[int, BaseException] = {}
+        self.woken = 0
+
+    def deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
+        self.delivered.update({start + i: e for i, e in errors.items()})
+
+    def wake(self) -> None:
+        self.woken += 1
+
+
+def _crash(lengths: list[int], culprit: int | None, *, deaths: int = 1, reported: int = 0,
+           crashes: int = 0) -> tuple[Any, list[_Caller], list[Any], list[str]]:
+    """Crash a chunk of calls with ``lengths`` items: the listener, its calls, each
+    resend in sending order as (first input index, size, crash count), and the
+    reasons given, in the order given."""
+    from asyncpool._events import Counters
+    from asyncpool._outcomes import Outcomes
+
+    reasons: list[str] = []
+    outcomes = Outcomes(PoolConfig(max_crashes_per_item=3), Counters(),
+                        lambda kind, message, **fields: reasons.append(fields["reason"]),
+                        lambda: None)
+    callers = [_Caller(i) for i in range(len(lengths))]
+    chunk = Chunk([Piece(c, 100 * c.id, list(range(n)))  # type: ignore[arg-type]
+                   for c, n in zip(callers, lengths, strict=True)], crashes)
+    chunk.reported = reported
+    outcomes.sent(chunk)
+    outcomes.chunk_crashed(chunk, culprit, -9, deaths)
+    assert chunk not in outcomes.in_flight and all(c.chunks == set() for c in callers)
+    resent = [(again.pieces[0].start, again.size, again.crashes) for again in outcomes.again]
+    assert outcomes.counters.resubmitted_chunks == len(resent) == len(reasons)
+    return outcomes, callers, resent, reasons
+
+
+def test_a_crash_with_no_culprit_splits_the_rest_in_halves() -> None:
+    outcomes, callers, resent, reasons = _crash([6, 4], None, reported=2)
+    # Items 0-1 had reported; 2-9 go out again in two suspect parts, counts afresh.
+    assert sorted(resent) == [(2, 4, 0), (100, 4, 0)] and reasons == ["split"] * 2
+    assert all(again.suspect for again in outcomes.again)
+    assert callers[0].crashed and callers[1].crashed
+
+
+def test_a_crash_costing_several_deaths_splits_in_up_to_32_parts() -> None:
+    _, _, resent, _ = _crash([100], None, deaths=3)
+    assert len(resent) == 32 and sum(size for _, size, _ in resent) == 100
+    assert {size for _, size, _ in resent} == {3, 4}
+    # One item left, lost with its whole worker: it runs alone, not yet blamed.
+    _, _, resent, reasons = _crash([1], None, deaths=3)
+    assert resent == [(0, 1, 0)] and reasons == ["suspect"]
+
+
+def test_a_known_culprit_goes_last_alone_and_its_neighbours_are_not_blamed() -> None:
+    outcomes, callers, resent, reasons = _crash([3, 5], 4, reported=1)
+    # Before it (ran, results lost), after it (never ran), then itself with one crash.
+    assert reasons == ["innocent", "not run", "suspect"]
+    assert resent == [(102, 3, 0), (1, 3, 0), (101, 1, 1)]
+    assert [again.suspect for again in outcomes.again] == [False, False, True]
+    assert callers[1].delivered == {}
+
+
+def test_an_item_that_crashed_its_worker_max_times_fails_alone() -> None:
+    outcomes, callers, resent, _ = _crash([1], 0, crashes=2)
+    assert resent == []
+    error = callers[0].delivered[0]
+    assert isinstance(error, WorkerCrashed) and error.index == 0
+    assert "3 time(s)" in str(error) and "SIGKILL" in str(error)
+    assert outcomes.counters.tasks_failed == 1
+
+
 # -- backoff and transient errors ----------------------------------------------------
 
 
