@@ -9,7 +9,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NoReturn, TypedDict
 
 RungName = Literal["process", "thread", "inline"]
 RUNGS: tuple[str, ...] = ("process", "thread", "inline")
@@ -108,7 +108,8 @@ class PoolConfig:
     pool serves locally."""
 
     def __post_init__(self) -> None:
-        rungs = (self.rungs,) if isinstance(self.rungs, str) else self.rungs
+        given: object = self.rungs  # any type: a caller's mistake is named below
+        rungs = (given,) if isinstance(given, str) else given
         if not isinstance(rungs, tuple | list):
             _type_error("rungs", self.rungs, "a tuple of rung names")
         object.__setattr__(self, "rungs", tuple(rungs))
@@ -133,11 +134,14 @@ class PoolConfig:
         for name in ("warm_start", "reuse_workers"):
             if not isinstance(getattr(self, name), bool):
                 _type_error(name, getattr(self, name), "True or False")
-        if self.initializer is not None and not callable(self.initializer):
-            _type_error("initializer", self.initializer, "a callable or None")
-        if not isinstance(self.initargs, tuple):
-            _type_error("initargs", self.initargs, "a tuple")
-        if self.dask_address is not None and not isinstance(self.dask_address, str):
+        initializer: object = self.initializer
+        if initializer is not None and not callable(initializer):
+            _type_error("initializer", initializer, "a callable or None")
+        initargs: object = self.initargs
+        if not isinstance(initargs, tuple):
+            _type_error("initargs", initargs, "a tuple")
+        address: object = self.dask_address
+        if address is not None and not isinstance(address, str):
             _type_error("dask_address", self.dask_address,
                         'a scheduler address such as "tcp://host:8786"')
         ladder_ok = (
@@ -240,7 +244,7 @@ class PoolOptions(TypedDict, total=False):
     dask_connect_timeout: float
 
 
-def _type_error(name: str, value: object, wanted: str) -> None:
+def _type_error(name: str, value: object, wanted: str) -> NoReturn:
     raise TypeError(f"PoolConfig.{name}={value!r} is invalid: it must be {wanted}")
 
 

@@ -80,14 +80,14 @@ class _Unbounded:
     def __enter__(self) -> _Unbounded:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def __exit__(self, *exc: object) -> bool:
+        return self.cancelled_caught  # (False: typed as a cancel scope's, for mypy)
 
 
 _UNBOUNDED = _Unbounded()
 
 
-def _scope(deadline: float) -> Any:
+def _scope(deadline: float) -> anyio.CancelScope | _Unbounded:
     if deadline == math.inf:
         return _UNBOUNDED
     return anyio.move_on_after(deadline - anyio.current_time())
