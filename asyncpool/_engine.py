@@ -55,24 +55,35 @@ FLUSH_SLICE = 0.002
 LONG_FLUSH = 0.005
 
 
+def build_engine(config: PoolConfig, counters: Counters, emit: Emitter,
+                 loop: Loop) -> Engine:
+    """An engine with its ladder and the listener its rungs report to."""
+    outcomes = Outcomes(config, counters, emit)
+    return Engine(config, Ladder(config, outcomes, counters, emit, loop), outcomes, emit,
+                  loop)
+
+
 class Engine:
     """Takes every call's items to the serving rung, in chunks.
 
-    Its collaborators: the :class:`~asyncpool._ladder.Ladder` (which rung serves),
-    the :class:`~asyncpool._outcomes.Outcomes` that rungs report to (chunks in flight,
-    resends), the counters and the event emitter.
+    Its collaborators, given: the :class:`~asyncpool._ladder.Ladder` (which rung
+    serves), the :class:`~asyncpool._outcomes.Outcomes` that its rungs report to
+    (chunks in flight, resends) and the event emitter. The ladder and the listener
+    ask the engine for a flush (``kick``), the ladder fails every call when no rung
+    can serve, and the listener tells the ladder when a chunk settles (it closes
+    drained rungs).
     """
 
-    def __init__(self, config: PoolConfig, counters: Counters, emit: Emitter,
-                 loop: Loop) -> None:
+    def __init__(self, config: PoolConfig, ladder: Ladder, outcomes: Outcomes,
+                 emit: Emitter, loop: Loop) -> None:
         self.config = config
-        self.counters = counters
         self.emit = emit
         self.loop = loop
-        self.outcomes = Outcomes(config, counters, emit, self.kick)
-        self.ladder = Ladder(config, self.outcomes, self.kick, self.fail_all, counters,
-                             emit, loop)
-        self.outcomes.settled = self.ladder.settled
+        self.outcomes = outcomes
+        self.ladder = ladder
+        outcomes.kick = ladder.kick = self.kick
+        ladder.fail_all = self.fail_all
+        outcomes.settled = ladder.settled
         #: Calls that may have input to send, served in turn.
         self.ready: deque[Call] = deque()
         #: Calls held back until their caller catches up (see window_items).

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -28,16 +28,16 @@ if TYPE_CHECKING:
 
 
 class Ladder:
-    """The serving rung and its lock; rungs it starts report to ``listener``. ``kick``
-    is called when a rung serves again, ``fail_all`` when none can."""
+    """The serving rung and its lock; rungs it starts report to ``listener``."""
 
-    def __init__(self, config: PoolConfig, listener: Listener, kick: Callable[[], None],
-                 fail_all: Callable[[BaseException], None], counters: Counters,
+    def __init__(self, config: PoolConfig, listener: Listener, counters: Counters,
                  emit: Emitter, loop: Loop) -> None:
         self.config = config
         self.listener = listener
-        self.kick = kick
-        self.fail_all = fail_all
+        #: Called when a rung serves again, and with the error when none can (the
+        #: engine sets them: see Engine.__init__).
+        self.kick: Callable[[], None] = _nothing
+        self.fail_all: Callable[[BaseException], None] = _nothing
         self.counters = counters
         self.emit = emit
         self.loop = loop
@@ -284,3 +284,7 @@ class Ladder:
                 await task.wait()
             while self._closers:
                 await self._closers.pop().wait()
+
+
+def _nothing(*args: Any) -> None:
+    pass

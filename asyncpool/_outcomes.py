@@ -41,12 +41,12 @@ class Crossing(enum.Enum):
 class Outcomes:
     """The rungs' listener: chunks in flight, their outcomes, and what to send again."""
 
-    def __init__(self, config: PoolConfig, counters: Counters, emit: Emitter,
-                 kick: Callable[[], None]) -> None:
+    def __init__(self, config: PoolConfig, counters: Counters, emit: Emitter) -> None:
         self.config = config
         self.counters = counters
         self.emit = emit
-        self.kick = kick
+        #: Asks for a flush (the engine sets it: see Engine.__init__).
+        self.kick: Callable[[], None] = lambda: None
         #: Told when a chunk of a rung settles (the ladder closes drained rungs).
         self.settled: Callable[[Rung | None], None] = lambda rung: None
         #: Chunks submitted and not finally reported.

@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar, TypeVarTuple, Unpack, overload
 from ._call import Call, Mode
 from ._config import PoolConfig, PoolOptions
 from ._consume import ResultStream, collect
-from ._engine import Engine
+from ._engine import Engine, build_engine
 from ._errors import PoolClosed
 from ._events import Counters, Emitter, EventHook, PoolStatistics
 from ._functions import FunctionBook, Shipped, check_function
@@ -99,7 +99,7 @@ class ResilientPool:
             raise PoolClosed("a ResilientPool can be entered once; create a new one")
         self._loop = current_loop()
         self._pid = os.getpid()
-        self._engine = Engine(self.config, self._counters, self._emit, self._loop)
+        self._engine = build_engine(self.config, self._counters, self._emit, self._loop)
         self._finalizer = weakref.finalize(self, _abandoned, self._engine.ladder, self._pid)
         self._finalizer.atexit = False  # at exit the fork server stops every worker
         self._state = PoolState.OPEN

@@ -168,8 +168,7 @@ def _crash(lengths: list[int], culprit: int | None, *, deaths: int = 1, reported
 
     reasons: list[str] = []
     outcomes = Outcomes(PoolConfig(max_crashes_per_item=3), Counters(),
-                        lambda kind, message, **fields: reasons.append(fields["reason"]),
-                        lambda: None)
+                        lambda kind, message, **fields: reasons.append(fields["reason"]))
     callers = [_Caller(i) for i in range(len(lengths))]
     chunk = Chunk([Piece(c, 100 * c.id, list(range(n)))  # type: ignore[arg-type]
                    for c, n in zip(callers, lengths, strict=True)], crashes)
