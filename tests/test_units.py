@@ -216,6 +216,103 @@ def test_an_item_that_crashed_its_worker_max_times_fails_alone() -> None:
     assert outcomes.counters.tasks_failed == 1
 
 
+# -- the chunk packer ----------------------------------------------------------------
+
+
+def _packer(target: float = 0.1, workers: int = 2) -> Any:
+    """An engine with no rung serving (nothing is sent: chunks are only made)."""
+    from asyncpool._engine import Engine
+    from asyncpool._events import Counters
+    from asyncpool._outcomes import Outcomes
+
+    config = PoolConfig(max_workers=workers, target_chunk_seconds=target)
+    ladder = SimpleNamespace(serving=None, settled=lambda rung: None)
+    loop = SimpleNamespace(call_soon=lambda fn: None)
+    return Engine(config, ladder, Outcomes(config, Counters(), lambda *a, **k: None),  # type: ignore[arg-type]
+                  lambda *a, **k: None, loop)  # type: ignore[arg-type]
+
+
+def _call(items: list[Any], per_item: float | None, **options: Any) -> Any:
+    from asyncpool._call import Call, Mode
+    from asyncpool._functions import Shipped
+    from asyncpool._source import Source
+
+    timing = Timing()
+    timing.per_item = per_item
+    return Call(abs, Shipped(0, b"", "abs", True), False, Source(items),
+                CallOptions.build(**options), timing, Mode.LIST, lambda: None)
+
+
+def _contents(chunk: Chunk) -> list[tuple[int, int]]:
+    return [(piece.call.id, len(piece.items)) for piece in chunk.pieces]
+
+
+def test_the_packer_fills_a_chunk_with_target_seconds_of_measured_work() -> None:
+    engine = _packer(target=0.1)
+    slow, quick = _call(list(range(1000)), 0.004), _call(list(range(1000)), 0.0005)
+    engine.add(slow)
+    engine.add(quick)
+    # 0.1 s of work a chunk: 25 slow items; then as many quick ones as may go before
+    # sending them is measured (64), and the rest of the 0.1 s in slow ones.
+    made = [_contents(engine._new_chunk(10_000, 2)) for _ in range(3)]
+    assert made == [[(slow.id, 25)], [(quick.id, 64), (slow.id, 17)],
+                    [(quick.id, 64), (slow.id, 17)]]
+    # Calls share one: what a burst of run() calls brings goes out together, in turn
+    # and within the guided share (50 items left on 2 lanes: 13 to a chunk first).
+    engine = _packer(target=0.1)
+    burst = [_call([i], 0.001) for i in range(50)]
+    for call in burst:
+        engine.add(call)
+    chunk = engine._new_chunk(10_000, 2)
+    assert _contents(chunk) == [(call.id, 1) for call in burst[:13]]
+
+
+def test_the_packer_shrinks_chunks_as_known_input_runs_out() -> None:
+    engine = _packer(target=10.0)
+    call = _call(list(range(100)), 0.0001)
+    engine.add(call)
+    sizes = []
+    while (chunk := engine._new_chunk(10_000, 2)) is not None:
+        sizes.append(chunk.size)
+    # Guided: a quarter of what is left each time (two lanes), down to single items.
+    assert sizes[:4] == [25, 19, 14, 11] and sizes[-1] == 1 and sum(sizes) == 100
+
+
+def test_a_chosen_chunk_size_or_dask_options_get_chunks_of_their_own() -> None:
+    engine = _packer()
+    plain, fixed = _call(list(range(40)), 0.001), _call(list(range(40)), 0.001, chunk_size=7)
+    placed = _call(list(range(40)), 0.001, resources={"GPU": 1})
+    for call in (plain, fixed, placed):
+        engine.add(call)
+    made = [_contents(engine._new_chunk(10_000, 2)) for _ in range(3)]
+    # Each its own; the others within their guided share (120 items left on 2 lanes:
+    # 30, then 83: 21).
+    assert made == [[(plain.id, 30)], [(fixed.id, 7)], [(placed.id, 21)]]
+
+
+def test_a_function_of_unknown_cost_has_one_chunk_per_lane_out_blind() -> None:
+    engine = _packer()
+    call = _call(list(range(100)), None)
+    engine.add(call)
+    first, second = engine._new_chunk(10_000, 2), engine._new_chunk(10_000, 2)
+    assert (first.size, second.size) == (1, 2)  # doubling from one item
+    engine.outcomes.sent(first)
+    engine.outcomes.sent(second)
+    assert engine._new_chunk(10_000, 2) is None  # both lanes hold one: wait for a result
+    engine.outcomes.chunk_done(first, 1, 0.01)  # its cost is now known: 10 ms an item
+    assert engine._new_chunk(10_000, 2).size == 10
+
+
+def test_big_items_make_small_chunks() -> None:
+    from asyncpool._sizing import TARGET_CHUNK_BYTES
+
+    engine = _packer(target=10.0)
+    call = _call([b"x" * (1 << 20)] * 20, 0.0001)
+    engine.add(call)
+    chunk = engine._new_chunk(10_000, 2)
+    assert chunk.size == TARGET_CHUNK_BYTES // (1 << 20)
+
+
 # -- backoff and transient errors ----------------------------------------------------
 
 
