@@ -277,7 +277,7 @@ class Chunk:
         self.suspect = suspect
         #: The timings of its functions whose cost was unknown when it was made (see
         #: Timing.blind): it counts among their chunks out blind until it settles.
-        self.blind: tuple[Any, ...] = ()
+        self.blind: tuple[Timing, ...] = ()
         #: Seconds its items are expected to take, where known (set by its rung).
         self.expected = 0.0
         Chunk.made += 1
@@ -308,6 +308,13 @@ class Chunk:
 
     def calls(self) -> set[Call]:
         return {piece.call for piece in self.pieces}
+
+    def cut(self, keep: int) -> set[Call]:
+        """Only positions [0, keep) are its own now (its worker runs no more of it);
+        the calls it no longer holds items of."""
+        before = self.calls()
+        self.pieces, self.size = self.pieces_between(0, keep), keep
+        return before - self.calls()
 
     def __repr__(self) -> str:
         return f"<Chunk seq={self.seq} size={self.size} pieces={self.pieces}>"

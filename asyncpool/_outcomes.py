@@ -186,9 +186,7 @@ class Outcomes:
 
     def chunk_cut(self, chunk: Chunk, keep: int) -> None:
         self._again(chunk, max(keep, chunk.reported), chunk.size, Resend.MOVED)
-        kept = chunk.pieces_between(0, keep)
-        _let_go(chunk, chunk.calls() - {p.call for p in kept})
-        chunk.pieces, chunk.size = kept, keep
+        _let_go(chunk, chunk.cut(keep))
         self.kick()
 
     def chunk_unloadable(self, chunk: Chunk, error: BaseException) -> None:

@@ -122,6 +122,15 @@ def _chunk(*lengths: int) -> Chunk:
     return Chunk(pieces)  # type: ignore[arg-type]
 
 
+def test_a_cut_chunk_keeps_its_head_and_names_the_calls_it_let_go() -> None:
+    calls = [_Caller(i) for i in range(3)]
+    chunk = Chunk([Piece(c, 100 * c.id, list(range(100 * c.id, 100 * c.id + n)))  # type: ignore[arg-type]
+                   for c, n in zip(calls, (3, 2, 4), strict=True)])
+    assert chunk.cut(4) == {calls[2]}
+    assert chunk.size == 4 and [(p.start, p.items) for p in chunk.pieces] == [
+        (0, [0, 1, 2]), (100, [100])]
+
+
 def test_chunk_positions_map_to_pieces() -> None:
     chunk = _chunk(3, 2, 4)
     assert chunk.size == 9
