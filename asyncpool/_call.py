@@ -164,6 +164,11 @@ class Call:
         self.finished += len(values)
         self.wake()
 
+    def end(self) -> None:
+        """Its caller is gone: finished if every outcome came, else abandoned."""
+        if self.state is CallState.ACTIVE:
+            self.state = CallState.FINISHED if self.complete else CallState.ABANDONED
+
     def fail(self, error: BaseException) -> None:
         """The whole call fails with ``error`` (a function the workers cannot load)."""
         if self.error is None:

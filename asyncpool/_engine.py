@@ -118,8 +118,7 @@ class Engine:
 
     def finish(self, call: Call, *, kill: bool = False) -> None:
         """The call is over (done, failed, timed out or cancelled): forget it."""
-        if call.state is CallState.ACTIVE:
-            call.state = CallState.FINISHED if call.complete else CallState.ABANDONED
+        call.end()
         if call in self.calls:
             self.pending -= call.source.remaining or 0
         self.calls.discard(call)
