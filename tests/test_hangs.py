@@ -822,6 +822,8 @@ async def test_chunks_taken_back_run_exactly_once(tmp_path: Path, anyio_backend:
                 tg.start_soon(call, 4 * wave, 0.1)
                 tg.start_soon(call, 4 * wave + 1, 0.1 + later)
                 for i in (4 * wave + 2, 4 * wave + 3):
+                    # The short calls come once the long items have gone out (each
+                    # in a chunk of its own), not packed with them.
                     await anyio.sleep(0.01)
                     tg.start_soon(call, i, 0.0)
     assert results == {i: i for i in range(40)}

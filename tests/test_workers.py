@@ -533,6 +533,8 @@ async def test_a_call_stopped_with_kill_does_not_kill_another_callers_item(
                 await wait_until(lambda c=calls: pool.statistics().active_calls > c)
             if how == "cancel":
                 await wait_until(lambda: starts.exists() and "1" in starts.read_text())
+                # A moment into B's long item (which the kill must spare), as the
+                # timeout case stops A well into it too.
                 await anyio.sleep(0.1)
                 stop_a.cancel()
     assert results.pop(2, "cancelled") == ("timed out" if how == "timeout" else "cancelled")
