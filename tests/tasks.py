@@ -308,6 +308,13 @@ def note_start_or_die(args: tuple[int, str, float, bool]) -> int:
     return x
 
 
+def closes_descriptors_then_naps(seconds: float) -> float:
+    """Closes every descriptor it inherited, as a daemon does, then runs on."""
+    os.closerange(3, 1 << 16)
+    time.sleep(seconds)
+    return seconds
+
+
 def nap_then_pid(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()

@@ -40,6 +40,18 @@ async def test_sigkilled_worker_loses_nothing(tmp_path: Path, anyio_backend: str
         assert pool.backend == "process"
 
 
+async def test_a_task_that_closes_its_descriptors_crashes_its_item_not_the_call(
+        anyio_backend: str) -> None:
+    # Its worker, alive with its end of the connection closed, could report nothing
+    # more: the call waited for good (or until its deadline).
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        results = await pool.map(tasks.closes_descriptors_then_naps, [60.0, 0.0],
+                                 return_exceptions=True, timeout=20)
+        assert isinstance(results[0], WorkerCrashed) and results[0].index == 0
+        assert isinstance(results[1], WorkerCrashed)  # it closes them too, then ends
+        assert await pool.map(tasks.square, range(4)) == [0, 1, 4, 9]
+
+
 @pytest.mark.parametrize("fn", [tasks.exit_on, tasks.segfault_on])
 async def test_poison_item_is_isolated(fn: object, anyio_backend: str) -> None:
     poison = 1234

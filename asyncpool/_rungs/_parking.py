@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
+from .. import _wire
+from .._errors import SerializationError
+from .._share import dumps_for_workers
 from ._proc import Proc
+
+if TYPE_CHECKING:
+    from .._config import PoolConfig
 
 # By the settings they were started with.
 _parked: dict[tuple[Any, ...], list[Proc]] = {}
@@ -58,3 +65,25 @@ def close_parked() -> int:
             except OSError:
                 pass
     return len(procs)
+
+
+def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | None]:
+    """What a new worker is told first, and the key of the parked workers that a
+    pool with ``config`` may take over (none with an initializer: its state is the
+    pool's own)."""
+    initializer = None
+    if config.initializer is not None:
+        try:
+            initializer = dumps_for_workers((config.initializer, config.initargs))
+        except Exception as exc:
+            raise SerializationError(
+                f"the initializer {config.initializer!r} or its initargs cannot be "
+                f"pickled for the worker processes ({exc}); pass picklable initargs, "
+                "or make the object in the initializer") from exc
+    settings = _wire.dumps({
+        "sys_path": list(sys.path), "initializer": initializer,
+        "task_retries": config.task_retries, "max_tasks": config.max_tasks_per_worker,
+        "max_memory": config.max_worker_memory})
+    key = None if initializer else (config.task_retries, config.max_tasks_per_worker,
+                                    config.max_worker_memory, tuple(sys.path))
+    return settings, key

@@ -14,7 +14,6 @@ import os
 import pickle
 import signal
 import struct
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,16 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 
 from .. import _wire
-from .._errors import InitializerFailed, SerializationError, exit_described
+from .._errors import InitializerFailed, exit_described
 from .._execute import decode_error
 from .._forkserver import Spawned
 from .._retry import RungUnavailable
 from .._salvage import load_results
-from .._share import dumps_for_workers
 
 if TYPE_CHECKING:
     from .._call import Chunk
-    from .._config import PoolConfig
     from .._loop import Loop
 
 logger = logging.getLogger("asyncpool")
@@ -175,6 +172,15 @@ class Proc:
                 self._orphaned = True
             if self._exit_status is not None or self._orphaned:
                 self._dead()
+            elif self.pid is not None:
+                self._on_status()  # its exit, if already said
+                if self.state is not ProcState.DEAD:
+                    # Alive, it closed its end (a task closed the descriptors it
+                    # inherited, as a daemon does): it can report nothing more. Stopped
+                    # (not as a kill: as a crash of what it runs), its exit follows.
+                    logger.warning("worker %s closed its connection to the pool while "
+                                   "running: stopped", self.pid)
+                    self._sigkill()
 
     def _stop_reading(self) -> None:
         if self._stops:
@@ -393,6 +399,9 @@ class Proc:
         """SIGKILL the worker's process group: the worker and whatever it started.
         Before the fork server has said its pid, it is killed as soon as it does."""
         self.killed = True
+        self._sigkill()
+
+    def _sigkill(self) -> None:
         if self.pid is not None and self.state is not ProcState.DEAD:
             # The worker itself too: just forked, it may not lead its group yet. Its
             # pid cannot be reused before the fork server has reaped it and said so.
@@ -421,24 +430,3 @@ class Proc:
     def __repr__(self) -> str:
         return f"<Proc {self.pid} {self.state.value} chunks={len(self.chunks)}>"
 
-
-def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | None]:
-    """What a new worker is told first, and the key of the parked workers that a
-    pool with ``config`` may take over (none with an initializer: its state is the
-    pool's own)."""
-    initializer = None
-    if config.initializer is not None:
-        try:
-            initializer = dumps_for_workers((config.initializer, config.initargs))
-        except Exception as exc:
-            raise SerializationError(
-                f"the initializer {config.initializer!r} or its initargs cannot be "
-                f"pickled for the worker processes ({exc}); pass picklable initargs, "
-                "or make the object in the initializer") from exc
-    settings = _wire.dumps({
-        "sys_path": list(sys.path), "initializer": initializer,
-        "task_retries": config.task_retries, "max_tasks": config.max_tasks_per_worker,
-        "max_memory": config.max_worker_memory})
-    key = None if initializer else (config.task_retries, config.max_tasks_per_worker,
-                                    config.max_worker_memory, tuple(sys.path))
-    return settings, key

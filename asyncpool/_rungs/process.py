@@ -29,8 +29,8 @@ from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
 from .._loop import preload_backend
 from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
-from ._parking import park, take_parked
-from ._proc import Death, Events, Proc, ProcState, worker_settings
+from ._parking import park, take_parked, worker_settings
+from ._proc import Death, Events, Proc, ProcState
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
 if TYPE_CHECKING:
