@@ -96,8 +96,13 @@ class CallOptions:
                 if name in _POOL_FIELDS:
                     raise TypeError(f"{name} is a setting of the pool, not of a call: "
                                     f"ResilientPool({name}=...)")
+                if name == "ordered":
+                    raise TypeError("ordered is an option of imap (map and starmap keep "
+                                    "input order)")
                 close = difflib.get_close_matches(name, [*names, *_own], n=1, cutoff=0.7)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = f"; did you mean {close[0]!r}?" if close else (
+                    f"; keyword arguments for the function go through "
+                    f"functools.partial(fn, {name}=...)")
                 raise TypeError(f"unknown option {name!r}{hint}")
         made = cls(return_exceptions=return_exceptions, **options)
         made._check()

@@ -269,8 +269,11 @@ class Outcomes:
             fix = "return plain data (built-in types, or classes importable in both processes)"
         else:
             item = piece.items[index - piece.start]
-            shown = type(tuple(item) if piece.call.star else item).__qualname__
-            described = f"its argument (a {shown})"
+            if piece.call.star:  # run(fn, *args), starmap
+                described = "its arguments ({})".format(
+                    ", ".join(f"a {type(arg).__qualname__}" for arg in item))
+            else:
+                described = f"its argument (a {type(item).__qualname__})"
             fix = ("pass plain, picklable data (no locks, sockets or generators; classes "
                    "importable by the workers)")
         error = SerializationError(f"item {index}: {described} {where.value}: {cause!r}; {fix}")

@@ -477,6 +477,10 @@ def test_did_you_mean_names_the_methods_own_keywords_and_no_far_guess() -> None:
         with pytest.raises(TypeError) as info:
             CallOptions.build(**{name: 1})
         assert "did you mean" not in str(info.value)
+        # A keyword meant for the function says how to pass one.
+        assert f"functools.partial(fn, {name}=...)" in str(info.value)
+    with pytest.raises(TypeError, match="ordered is an option of imap"):
+        CallOptions.build(ordered=False)
 
 
 def test_the_option_lists_agree() -> None:
