@@ -142,9 +142,10 @@ class Ladder:
             if index + 1 < len(ladder):
                 following = ladder[index + 1]
                 self.counters.fallbacks += 1
-                self.emit("fallback", f"the {name} rung could not start after {attempts} "
-                          f"attempt(s); falling back to the {following} rung",
-                          failed=name, to=following)
+                why = ("cannot run here" if name in self.unsupported else
+                       f"could not start after {attempts} attempt(s)")
+                self.emit("fallback", f"the {name} rung {why}; falling back to the "
+                          f"{following} rung", failed=name, to=following)
         raise self.last_error or RuntimeError("no rung of the ladder could start")
 
     async def _create(self, name: str, attempts: int) -> Rung | None:

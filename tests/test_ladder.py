@@ -134,9 +134,14 @@ async def test_a_rung_the_platform_cannot_run_is_skipped_for_good(
     from asyncpool._retry import RungUnsupported
 
     process = Script(start_error=RungUnsupported("no fork on this platform"))
+    events: list[PoolEvent] = []
     with fake_rungs(monkeypatch, process=process):
-        async with ResilientPool(max_workers=2, rungs=("process", "thread"), **FAST) as pool:
+        async with ResilientPool(max_workers=2, rungs=("process", "thread"),
+                                 on_event=events.append, **FAST) as pool:
             assert pool.backend == "thread"
+            # Said as it is (it said "could not start after 3 attempt(s)", after one).
+            assert [e.message for e in events if e.kind == "fallback"] == [
+                "the process rung cannot run here; falling back to the thread rung"]
             # Not a wait for something to happen: a window in which the promoter (every
             # 10-50 ms here) would have tried the process rung again, had it been allowed.
             await anyio.sleep(0.2)
