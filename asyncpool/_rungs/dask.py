@@ -104,8 +104,9 @@ class DaskRung(Rung):
         try:
             import distributed  # noqa: F401
         except ImportError:
-            raise ImportError("a Dask cluster needs the 'distributed' package: "
-                              "pip install 'resilient-asyncpool[dask]'") from None
+            raise ImportError("a Dask cluster needs the 'distributed' package: pip "
+                              "install distributed (or this project's [dask] extra)"
+                              ) from None
         timeout = config.dask_connect_timeout
         if config.dask_client is not None:
             if not getattr(config.dask_client, "asynchronous", False):
