@@ -155,17 +155,9 @@ class ResultStream(Generic[T]):
     """The results of [`imap`][asyncpool.ResilientPool.imap], as they come.
 
     Use `async for value in pool.imap(...)`. To leave early and have the call finished
-    at a known point (on trio, or when other work follows), use it as a context:
-
-    ```python
-    async with pool.imap(fn, items) as results:
-        async for value in results:
-            if done(value):
-                break
-    ```
-
-    Leaving the block (or `await results.aclose()`) finishes the call: items not
-    started never run, and running ones finish unseen, or are killed with
+    at a known point (on trio, or when other work follows), use it as a context (see
+    the example). Leaving the block (or `await results.aclose()`) finishes the call:
+    items not started never run, and running ones finish unseen, or are killed with
     `cancel_running="kill"`.
 
     Raises:
@@ -173,6 +165,14 @@ class ResultStream(Generic[T]):
             raises: a failed item's exception (unless `return_exceptions`),
             `DeadlineExceeded`, `WorkerCrashed`, `SerializationError`, `RemoteError`;
             `PoolClosed` if iterated from another event loop or after the pool closed.
+
+    Example:
+        ```python
+        async with pool.imap(fn, items) as results:
+            async for value in results:
+                if done(value):
+                    break
+        ```
     """
 
     def __init__(self, engine: Engine, call: Call, pool: object = None) -> None:
