@@ -383,8 +383,8 @@ class ResilientPool:
                 ``return_exceptions``; or the exception the input raised.
             DeadlineExceeded: ``timeout`` passed; ``.start`` is the first index not
                 yielded and ``.partial`` what finished from there.
-            WorkerCrashed, SerializationError, RemoteError, PoolClosed, TypeError,
-                ValueError: as for [`map`][asyncpool.ResilientPool.map].
+            WorkerCrashed, SerializationError, RemoteError, PoolClosed, ValueError: as
+                for [`map`][asyncpool.ResilientPool.map], and so is ``TypeError``.
 
         Example:
             ```python
