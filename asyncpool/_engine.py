@@ -121,6 +121,9 @@ class Engine:
         call.end()
         if call in self.calls:
             self.pending -= call.source.remaining or 0
+            if call.state is CallState.ABANDONED:
+                self.outcomes.counters.tasks_abandoned += (
+                    call.pulled - call.finished + (call.source.remaining or 0))
         self.calls.discard(call)
         self.stalled.discard(call)
         held = list(call.chunks)

@@ -132,6 +132,10 @@ class PoolStatistics:
     """Items that returned a result."""
     tasks_failed: int = 0
     """Items that ended with an exception (their own, or the pool's)."""
+    tasks_abandoned: int = 0
+    """Items of calls that ended first (a deadline, a cancellation, an error raised to
+    the caller): not run, or run unseen. Of an input of unknown length (a generator),
+    those taken from it."""
     chunks_submitted: int = 0
     """Chunks sent to rungs."""
     worker_crashes: int = 0
@@ -161,6 +165,7 @@ class Counters:
     promotions: int = 0
     tasks_completed: int = 0
     tasks_failed: int = 0
+    tasks_abandoned: int = 0
     chunks_submitted: int = 0
     worker_crashes: int = 0
     workers_recycled: int = 0

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 import asyncpool
-from asyncpool import PoolClosed, RemoteTraceback, ResilientPool
+from asyncpool import DeadlineExceeded, PoolClosed, RemoteTraceback, ResilientPool
 
 from . import tasks
 from .helpers import run_script, wait_until
@@ -104,6 +104,26 @@ async def test_statistics_is_frozen(pool: ResilientPool) -> None:
     assert stats.max_chunks_in_flight == 6 and stats.active_calls == 0  # 3 per worker
     with pytest.raises(AttributeError):
         stats.tasks_completed = 0  # type: ignore[misc]
+
+
+async def test_every_item_taken_is_counted_once_however_its_call_ended(
+        anyio_backend: str) -> None:
+    # A timed-out or cancelled call's items, and those after a map's first error, were
+    # counted nowhere: completed and failed did not add up to the items taken.
+    async with ResilientPool(max_workers=2) as pool:
+        with pytest.raises(DeadlineExceeded):
+            await pool.run(tasks.nap, 5.0, timeout=0.2, kill_on_timeout=True)
+        with anyio.move_on_after(0.2):
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(functools.partial(pool.run, tasks.nap, 5.0,
+                                                    cancel_running="kill"))
+        with pytest.raises(ValueError):
+            await pool.map(tasks.fail_on, [3] * 10 + list(range(3)), chunk_size=1)
+        await pool.map(tasks.square, range(7))
+        stats = pool.statistics()
+        assert stats.tasks_completed + stats.tasks_failed + stats.tasks_abandoned == 31
+        assert stats.tasks_abandoned >= 11 and stats.tasks_completed >= 7
 
 
 async def test_private_workers_per_pool(anyio_backend: str) -> None:
