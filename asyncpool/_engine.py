@@ -263,9 +263,11 @@ class Engine:
                 continue
             cost = timing.per_item if timing.per_item is not None else target / timing.ramp
             want = fixed or max(1, int(budget / max(cost, 1e-9)))
-            # A chunk size the caller chose is kept as it is, however long its items
-            # take to send (its chunks of 100 went out as 78 to 134 chunks in 3,000).
-            want = min(want, limit - count, limit if fixed else timing.send_cap(),
+            # A chunk size the caller chose is kept as it is, unless sending it would
+            # hold the loop long (its chunks of 100 went out as 78 to 134 chunks in
+            # 3,000 where one item in fifty was slow to pickle).
+            want = min(want, limit - count,
+                       timing.held_cap() if fixed else timing.send_cap(),
                        max(1, self.window_items(call)))
             # The biggest of a sample, not its mean: a chunk may come out small, but
             # not many times over its bytes (the mean of a sample of small and big

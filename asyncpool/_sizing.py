@@ -18,6 +18,9 @@ TARGET_CHUNK_BYTES = 4 << 20
 #: And sending a chunk (pickling its items, on the loop) aims at taking no longer than
 #: this (s): items whose own pickling code is slow held the loop for a second.
 SEND_SECONDS = 0.005
+#: A chunk size the caller chose is kept, unless sending a chunk of it would hold the
+#: loop longer than this (s).
+HELD_SECONDS = 0.02
 #: A guess of what sending costs that would allow chunks this big is dropped.
 _NO_SEND_CAP = 1 << 15
 
@@ -58,6 +61,14 @@ class Timing:
     def grow(self) -> None:
         """A chunk went out before any came back: the next may be twice as big."""
         self.ramp = min(self.ramp * 2, 1 << 14)
+
+    def held_cap(self) -> int:
+        """For a chunk size the caller chose: no cap, until sending is known slow; then
+        what takes :data:`HELD_SECONDS` (its 100 items of 1 ms held the loop 0.1 s a
+        chunk; one slow item in fifty keeps it whole)."""
+        if self.send_per_item and self._slow:
+            return max(1, int(HELD_SECONDS / self.send_per_item))
+        return 1 << 30
 
     def send_cap(self) -> int:
         """Items that fit in :data:`TARGET_CHUNK_BYTES` and :data:`SEND_SECONDS`, from

@@ -344,6 +344,17 @@ async def test_a_calls_own_chunk_size_holds_for_items_slow_to_send(
             assert pool.statistics().chunks_submitted - before - len(moved) == 10
 
 
+async def test_a_calls_own_chunk_size_gives_way_where_sending_it_would_hold_the_loop(
+        anyio_backend: str) -> None:
+    # Chunks of 100 items that each take 1 ms to pickle held the loop 0.1 s each: once
+    # that is known, they go out a few ms at a time (at most 20 items).
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        items = [tasks.SlowToPickle(i, 0.001) for i in range(600)]
+        before = pool.statistics().chunks_submitted
+        assert await pool.map(tasks.echo, items, chunk_size=100) == list(range(600))
+        assert pool.statistics().chunks_submitted - before >= 1 + 500 // 20
+
+
 async def test_a_calls_own_chunk_size_holds_for_slow_items(anyio_backend: str) -> None:
     # Once its items were known to take 10 ms, a call's chunk_size=100 gave way to
     # chunks of the call's window (a few times the slots, by time): 48 items or fewer.
