@@ -125,11 +125,25 @@ def _version() -> str:
     return __version__
 
 
+def hold_standard_descriptors() -> None:
+    """Open /dev/null on a closed standard descriptor (0, 1 or 2), so that no file the
+    run opens takes its number (the event loop's, where output went). Messages for a
+    closed standard error go there (with none, print() wrote them to the output)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Everything that takes a while (imports too) runs inside: Ctrl-C at any time
     # after start is one line, not a traceback.
     resumable: list[bool] = []
     try:
+        hold_standard_descriptors()
         return _main(argv, resumable)
     except BrokenPipeError:
         # The reader of our output left (`| head`): stop quietly, as tools do.

@@ -200,6 +200,8 @@ def record(number: int, result: Any) -> tuple[str, bool]:
 
 def check_files(args: argparse.Namespace) -> None:
     """Before any work: the input can be read and the output written."""
+    if args.input == "-" and sys.stdin is None:
+        raise UsageError("cannot read standard input: it is closed")
     if args.input != "-":
         if not os.path.exists(args.input):
             raise UsageError(f"no such input file: {args.input}")

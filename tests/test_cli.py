@@ -96,6 +96,27 @@ def test_a_function_may_be_a_class_attribute(tmp_path: Path) -> None:
         "AB", "CD"]
 
 
+def test_closed_standard_error_or_input(tmp_path: Path) -> None:
+    # Standard error closed: the event loop's file took its number, and with `-o -`
+    # the function module's output went there (OSError: exit 2, no record); the
+    # summary line went to the records. Standard input closed: a traceback.
+    (tmp_path / "own.py").write_text("print('importing')\n"
+                                     "def fn(x):\n    print('running', x)\n    return 2 * x\n")
+    (tmp_path / "in.jsonl").write_text("1\n2\n3\n")
+    command = [sys.executable, "-m", "asyncpool", "map", "own:fn"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([*command, str(tmp_path / "in.jsonl"), "-o", "-", "--no-progress"],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True,
+                         timeout=120, preexec_fn=lambda: os.close(2))
+    assert run.returncode == 0
+    assert [json.loads(line)["result"] for line in run.stdout.splitlines()] == [2, 4, 6]
+    run = subprocess.run([*command, "-", "-o", str(tmp_path / "out.jsonl")], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: os.close(0))
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "python -m asyncpool: error: cannot read standard input: it is closed"]
+
+
 def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text("1\n2\n3\n")
