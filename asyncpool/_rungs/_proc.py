@@ -8,7 +8,6 @@ holds is the one its messages are about.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import pickle
@@ -16,7 +15,7 @@ import signal
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 
@@ -26,6 +25,7 @@ from .._execute import decode_error
 from .._forkserver import Spawned
 from .._retry import RungUnavailable
 from .._salvage import load_results
+from ._death import Death, ProcState
 
 if TYPE_CHECKING:
     from .._call import Chunk
@@ -40,13 +40,6 @@ HAND_OVER_SECONDS = 0.25
 STATUS = struct.Struct("<ii")
 
 
-class ProcState(enum.Enum):
-    STARTING = "starting"  # forked, initialising
-    READY = "ready"        # takes chunks
-    RETIRING = "retiring"  # told us it leaves after its chunk: takes nothing more
-    DEAD = "dead"
-
-
 class Events:
     """What a worker tells its rung (the rung implements these)."""
 
@@ -58,20 +51,6 @@ class Events:
     def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None: ...
     def proc_cut(self, proc: Proc, chunk: Chunk, keep: int) -> None: ...
     def proc_dead(self, proc: Proc, death: Death) -> None: ...
-
-
-class Death:
-    """How a worker died: its chunks (the running one first), whether it crashed on
-    the first of them (not killed, not retiring, not idle), the item it was running or
-    the function it was loading, and its exit code."""
-
-    __slots__ = ("chunks", "exitcode", "crashed", "culprit", "loading")
-
-    def __init__(self, chunks: list[Chunk], exitcode: int | None) -> None:
-        self.chunks, self.exitcode = chunks, exitcode
-        self.crashed = False
-        self.culprit: int | None = None
-        self.loading = 0
 
 
 class Proc:
@@ -240,11 +219,13 @@ class Proc:
                 self.withdrawing.discard(seq)
                 if chunk is not None:
                     self.chunks.remove(chunk)
+                    self.tasks -= chunk.size
                     self.events.proc_withdrawn(self, chunk)
         elif kind == _wire.CUT:
             seq, keep = _wire.loads(parts)
             chunk = next((c for c in self.chunks if c.seq == seq), None)
             if chunk is not None and keep < chunk.size:
+                self.tasks -= chunk.size - keep
                 self.events.proc_cut(self, chunk, keep)
         elif kind == _wire.INIT_FAILED:
             blob, text = pickle.loads(parts[0])
@@ -283,6 +264,10 @@ class Proc:
             self.withdrawing.discard(chunk.seq)
             if self.doomed:
                 self.doomed &= {p.call.id for c in self.chunks for p in c.pieces}
+        if meta.unloadable:
+            self.tasks -= chunk.size  # none of them ran here
+        elif done:
+            self.tasks -= chunk.size - meta.upto  # cut short: the rest runs elsewhere
         if meta.retiring and self.state is not ProcState.DEAD:
             self.state = ProcState.RETIRING
             self.events.proc_retiring(self)
@@ -331,6 +316,30 @@ class Proc:
                     f"the worker died before it was ready ({exit_described(exitcode)})")
             self.started.set()
         self.events.proc_dead(self, death)
+
+    def take(self, chunk: Chunk, parts: _wire.Parts, functions: Iterable[int]) -> None:
+        """Send it ``chunk``, as ``parts``, which ship ``functions`` (and tell it to
+        drop those it was to forget)."""
+        self.functions.update(functions)
+        self.forget = []
+        if not self.chunks:
+            self.heard = time.monotonic()
+        self.chunks.append(chunk)
+        self.tasks += chunk.size
+        self.send(_wire.CHUNK, parts)
+
+    def drop_function(self, fn_id: int) -> None:
+        """No call needs the function any more: the next chunk says so."""
+        if fn_id in self.functions:
+            self.functions.discard(fn_id)
+            self.forget.append(fn_id)
+
+    def doom(self, calls: set[int]) -> None:
+        """Kill it should it run an item of ``calls`` (see kill_doomed)."""
+        if not self.doomed:
+            self.doomed_since = time.monotonic()
+        self.doomed.update(calls)
+        self.kill_doomed()
 
     def take_back(self, stuck: float) -> None:
         """Ask for the items waiting here if nothing was heard since ``stuck``: the

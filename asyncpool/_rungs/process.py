@@ -30,7 +30,8 @@ from .._forkserver import ForkServer
 from .._loop import preload_backend
 from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
 from ._parking import park, take_parked, worker_settings
-from ._proc import Death, Events, Proc, ProcState
+from ._death import Death, ProcState
+from ._proc import Events, Proc
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
 if TYPE_CHECKING:
@@ -198,13 +199,7 @@ class ProcessRung(Rung, Events):
         # What the items weigh (for chunk sizing): the message, less the functions.
         chunk.payload_bytes = sum(memoryview(p).nbytes for p in parts) - sum(
             b.raw().nbytes for _, blob, buffers in functions for b in (blob, *buffers))
-        proc.functions.update(f[0] for f in functions)
-        proc.forget = []
-        if not proc.chunks:
-            proc.heard = time.monotonic()
-        proc.chunks.append(chunk)
-        proc.tasks += chunk.size
-        proc.send(_wire.CHUNK, parts)
+        proc.take(chunk, parts, [f[0] for f in functions])
         limit = self.config.max_tasks_per_worker
         # It leaves after this chunk: start its replacement now, so no call waits. Or
         # items wait behind others: the supervisor looks for a worker stuck on one.
@@ -215,9 +210,7 @@ class ProcessRung(Rung, Events):
     def forget(self, fn_id: int) -> None:
         """A call's function is no longer needed in the workers."""
         for proc in self.procs:
-            if fn_id in proc.functions:
-                proc.functions.discard(fn_id)
-                proc.forget.append(fn_id)
+            proc.drop_function(fn_id)
 
     def cancel(self, calls: Iterable[int]) -> None:
         wanted = set(calls)
@@ -238,10 +231,7 @@ class ProcessRung(Rung, Events):
                 continue
             # Killed now if one of their items runs, or if one starts before the
             # worker reads that they are cancelled (a waiting chunk it just took up).
-            if not proc.doomed:
-                proc.doomed_since = time.monotonic()
-            proc.doomed.update({p.call.id for p in chunk.pieces} if calls is None else calls)
-            proc.kill_doomed()
+            proc.doom({p.call.id for p in chunk.pieces} if calls is None else calls)
             self._grow()  # the supervisor looks again while they are there
         return True
 
@@ -263,7 +253,6 @@ class ProcessRung(Rung, Events):
         seconds, retried = meta.end
         if meta.unloadable:
             assert isinstance(results, BaseException)
-            proc.tasks -= chunk.size  # none of them ran there
             self.listener.chunk_unloadable(chunk, results)
             return
         if isinstance(results, BaseException):
@@ -273,17 +262,14 @@ class ProcessRung(Rung, Events):
             if proc.doomed:
                 proc.kill_doomed()  # what it was waiting for may have come
         if done:
-            proc.tasks -= chunk.size - upto  # cut short: the rest runs elsewhere
             self.listener.chunk_done(chunk, upto, seconds, retried)
             if not proc.chunks:
                 self._take_back()
 
     def proc_cut(self, proc: Proc, chunk: Chunk, keep: int) -> None:
-        proc.tasks -= chunk.size - keep
         self.listener.chunk_cut(chunk, keep)
 
     def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None:
-        proc.tasks -= chunk.size
         self.listener.chunk_lost(chunk, Resend.MOVED)
 
     def _take_back(self) -> None:
