@@ -259,7 +259,7 @@ class Chunk:
     that cover positions in order, so ``reported`` is where the next slice starts.
     """
 
-    __slots__ = ("pieces", "size", "crashes", "reported", "rung", "worker", "seq",
+    __slots__ = ("pieces", "size", "crashes", "reported", "rung", "seq",
                  "payload_bytes", "killed", "born", "suspect", "blind", "expected")
     #: Chunks made so far in this process: each is numbered (``born``) in order.
     made = 0
@@ -270,9 +270,9 @@ class Chunk:
         #: Crashes of this very set of items (meaningful for a single item).
         self.crashes = crashes
         self.reported = 0
-        #: The rung (and the worker on it) holding the chunk, set by the rung.
+        #: The rung holding the chunk, set by the rung (a Rung: not imported here,
+        #: the rungs import this module).
         self.rung: Any = None
-        self.worker: Any = None
         self.seq = 0
         self.payload_bytes = 0
         #: Stopped on purpose (timeout, cancellation, close): not a crash.

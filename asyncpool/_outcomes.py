@@ -230,7 +230,7 @@ class Outcomes:
         _let_go(chunk, chunk.calls())
         rung = chunk.rung
         # Break the links a finished chunk holds, so no cycle keeps it alive.
-        chunk.rung = chunk.worker = None
+        chunk.rung = None
         self.settled(rung)
         if self._drained is not None:
             self._drained.set()

@@ -193,7 +193,7 @@ class ProcessRung(Rung, Events):
         except (Exception, SystemExit) as exc:  # an argument's own code ran
             raise ChunkUnpicklable(unpicklable_items(chunk)) from exc
         chunk.seq = self._seq
-        chunk.rung, chunk.worker = self, proc
+        chunk.rung = self
         chunk.expected = sum(len(p.items) * (p.call.timing.per_item or 0.0)
                              for p in chunk.pieces)
         # What the items weigh (for chunk sizing): the message, less the functions.
@@ -222,8 +222,8 @@ class ProcessRung(Rung, Events):
 
     def kill(self, chunks: Iterable[Chunk], calls: set[int] | None = None) -> bool:
         for chunk in chunks:
-            proc = chunk.worker
-            if proc is None or chunk not in proc.chunks:
+            proc = next((p for p in self.procs if chunk in p.chunks), None)
+            if proc is None:
                 continue
             if calls is None and proc.chunks[0] is chunk:
                 chunk.killed = True
