@@ -25,7 +25,7 @@ EventKind = Literal[
 ]
 
 #: The level each event is logged at by the default hook.
-LEVELS: dict[str, int] = {
+LEVELS: dict[EventKind, int] = {
     "creation_failed": logging.INFO,
     "fallback": logging.WARNING,
     "promotion": logging.INFO,

@@ -24,7 +24,7 @@ from ._call import Call, CallState, Chunk, Resend
 from ._config import PoolConfig
 from ._errors import (FunctionUnavailable, PoolClosed, SerializationError, WorkerCrashed,
                       exit_described)
-from ._events import Counters, Emitter, EventKind
+from ._events import Counters, Emitter
 from ._execute import SKIPPED
 from ._rungs import Rung
 from ._sizing import Timing
@@ -212,12 +212,13 @@ class Outcomes:
         for position in range(first, upto):
             self._again(chunk, position, position + 1, Resend.UNDECODABLE)
 
-    def worker_event(self, kind: EventKind, message: str, **details: Any) -> None:
-        if kind == "worker_crash":
-            self.counters.worker_crashes += details.get("deaths", 1)
-        elif kind == "worker_recycled":
-            self.counters.workers_recycled += 1
-        self.emit(kind, message, **details)
+    def worker_crashed(self, message: str, deaths: int = 1, **details: Any) -> None:
+        self.counters.worker_crashes += deaths
+        self.emit("worker_crash", message, deaths=deaths, **details)
+
+    def worker_recycled(self, message: str, **details: Any) -> None:
+        self.counters.workers_recycled += 1
+        self.emit("worker_recycled", message, **details)
 
     # -- helpers -------------------------------------------------------------------
 

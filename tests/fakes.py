@@ -102,7 +102,7 @@ class FakeRung(Rung):
                     if position:
                         self.listener.chunk_progress(chunk, 0, position, results, errors)
                     self._in_flight -= 1
-                    self.listener.worker_event("worker_crash", "fake worker died")
+                    self.listener.worker_crashed("fake worker died")
                     self.listener.chunk_crashed(chunk, position, -9)
                     return
                 self.script.ran.append(item)

@@ -19,7 +19,6 @@ from .._call import Resend
 
 if TYPE_CHECKING:
     from .._call import Chunk
-    from .._events import EventKind
 
 
 class RungState(enum.Enum):
@@ -73,8 +72,11 @@ class Listener(Protocol):
     def rung_changed(self) -> None:
         """The rung has room again, or broke: look at the ladder again."""
 
-    def worker_event(self, kind: EventKind, message: str, **details: Any) -> None:
-        """A worker crashed, was recycled or replaced (for events and statistics)."""
+    def worker_crashed(self, message: str, deaths: int = 1, **details: Any) -> None:
+        """Workers died (``deaths`` of them) running chunks (an event, statistics)."""
+
+    def worker_recycled(self, message: str, **details: Any) -> None:
+        """A worker leaves after max_tasks_per_worker or max_worker_memory."""
 
 
 class Rung:

@@ -283,18 +283,18 @@ class ProcessRung(Rung, Events):
                 proc.take_back(stuck)
 
     def proc_retiring(self, proc: Proc) -> None:
-        self.listener.worker_event("worker_recycled", f"worker {proc.pid} retires after "
-                                   f"{proc.tasks} item(s); a new one replaces it", pid=proc.pid)
+        self.listener.worker_recycled(f"worker {proc.pid} retires after {proc.tasks} "
+                                      "item(s); a new one replaces it", pid=proc.pid)
         self._grow()
 
     def proc_dead(self, proc: Proc, death: Death) -> None:
         if proc in self.procs:
             self.procs.remove(proc)
         if death.crashed:
-            self.listener.worker_event(
-                "worker_crash", f"worker {proc.pid} died (exit code {death.exitcode}) "
-                "while running a chunk; resending what had not come back",
-                pid=proc.pid, exitcode=death.exitcode)
+            self.listener.worker_crashed(
+                f"worker {proc.pid} died (exit code {death.exitcode}) while running a "
+                "chunk; resending what had not come back", pid=proc.pid,
+                exitcode=death.exitcode)
         for index, chunk in enumerate(death.chunks):
             if death.crashed and index == 0:
                 self.listener.chunk_crashed(chunk, death.culprit, death.exitcode,
