@@ -63,10 +63,11 @@ class Timing:
         self.ramp = min(self.ramp * 2, 1 << 14)
 
     def held_cap(self) -> int:
-        """For a chunk size the caller chose: no cap, until sending is known slow; then
-        what takes :data:`HELD_SECONDS` (its 100 items of 1 ms held the loop 0.1 s a
-        chunk; one slow item in fifty keeps it whole)."""
-        if self.send_per_item and self._slow:
+        """For a chunk size the caller chose: no cap, until sending is known slow (two
+        of the last four chunks: not one paused by a garbage collection); then what
+        takes :data:`HELD_SECONDS` (its 100 items of 1 ms held the loop 0.1 s a chunk;
+        one slow item in fifty keeps it whole)."""
+        if self.send_per_item and self._slow & (self._slow - 1):
             return max(1, int(HELD_SECONDS / self.send_per_item))
         return 1 << 30
 

@@ -146,17 +146,16 @@ class Proc:
         if not self._reader.read(self.sock, self._on_frame):
             self._eof = True
             self._stop_reading()
-            # The exit status follows at once, unless the fork server itself died.
-            if not self.server.alive():
+            if not self.server.alive():  # else its exit status follows at once
                 self._orphaned = True
             if self._exit_status is not None or self._orphaned:
                 self._dead()
-            elif self.pid is not None:
+            elif self.pid is not None and not self.killed and (
+                    self.state is not ProcState.RETIRING):
                 self._on_status()  # its exit, if already said
-                if self.state is not ProcState.DEAD:
+                if self.state is not ProcState.DEAD and _running(self.pid):
                     # Alive, it closed its end (a task closed the descriptors it
-                    # inherited, as a daemon does): it can report nothing more. Stopped
-                    # (not as a kill: as a crash of what it runs), its exit follows.
+                    # inherited, as daemons do): stopped, as a crash of what it runs.
                     logger.warning("worker %s closed its connection to the pool while "
                                    "running: stopped", self.pid)
                     self._sigkill()
@@ -439,3 +438,13 @@ class Proc:
     def __repr__(self) -> str:
         return f"<Proc {self.pid} {self.state.value} chunks={len(self.chunks)}>"
 
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (not exited, waiting to be reaped); unknown is yes."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        return True

@@ -14,7 +14,6 @@ import functools
 import logging
 import math
 import os
-import pickle
 import socket
 import time
 from collections.abc import Iterable
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .. import _wire
-from .._call import Resend
+from .._call import Chunk, Resend
 from .._errors import InitializerFailed
 from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
@@ -31,12 +30,13 @@ from .._loop import preload_backend
 from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
 from ._parking import park, take_parked, worker_settings
 from ._death import Death, ProcState
+from ._frames import chunk_frame, runs_of
 from ._proc import Events, Proc
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
 if TYPE_CHECKING:
-    from .._call import Chunk
     from .._config import PoolConfig
+    from .._functions import Shipped
     from .._loop import Background, Loop
 
 logger = logging.getLogger("asyncpool")
@@ -49,6 +49,8 @@ DEPTH = 3
 #: it goes to the next free worker instead; what waits already (in its socket, or
 #: in the chunk it runs) is taken back for an idle one.
 STUCK_SECONDS = 0.025
+#: A new worker loads up to this many of the functions lately shipped (see _warm).
+WARM_FUNCTIONS = 8
 
 
 class ProcessRung(Rung, Events):
@@ -74,6 +76,8 @@ class ProcessRung(Rung, Events):
         #: busy), the next here for the first free worker (a call arriving meanwhile
         #: waited behind two 200 ms items queued on each worker).
         self._depth = DEPTH * config.target_chunk_seconds
+        #: Functions lately shipped, by id (see _warm).
+        self._recent: dict[int, Shipped] = {}
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ProcessRung:
@@ -132,6 +136,8 @@ class ProcessRung(Rung, Events):
         proc = Proc(ForkServer.spawn(), self, self.loop)
         proc.attach(self, self.loop)
         proc.send(_wire.INIT, self._settings)
+        if self._recent:
+            self._warm(proc)
         self.procs.append(proc)
         return proc
 
@@ -170,26 +176,19 @@ class ProcessRung(Rung, Events):
         # As offer() found it (a head chunk may have turned stuck since).
         proc = self._pick() or self._pick(wait_on_stuck=False)
         assert proc is not None, "submit() without offer()"
-        functions: list[tuple[int, pickle.PickleBuffer, list[pickle.PickleBuffer]]] = []
-        for piece in chunk.pieces:
-            shipped = piece.call.shipped
-            if shipped.id not in proc.functions and all(f[0] != shipped.id for f in functions):
-                functions.append((shipped.id, pickle.PickleBuffer(shipped.blob),
-                                  [pickle.PickleBuffer(b) for b in shipped.buffers]))
-        runs = [(p.call.shipped.id, p.call.star, p.call.id,
-                 # A call's arguments (starmap, run) are one level more.
-                 _wire.wrap_big(p.items, 3 if p.call.star else 2) if _big(p) else p.items)
-                for p in chunk.pieces]
+        functions = {p.call.shipped.id: p.call.shipped for p in chunk.pieces
+                     if p.call.shipped.id not in proc.functions}
+        self._recent.update(functions)
+        while len(self._recent) > WARM_FUNCTIONS:
+            del self._recent[next(iter(self._recent))]
         self._seq += 1
         # After a crash among a call's items, results go back ten times as often (a
         # crash loses at most 0.5 ms of work). Each on its own, tiny items ran 30 times
         # slower for the rest of the call.
         careful = chunk.crashes > 0 or any(p.call.crashed for p in chunk.pieces)
-        shipping = _wire.dumps((functions, proc.forget))
-        head = _wire.CHUNK_HEAD.pack(self._seq, FLUSH_SECONDS / (10 if careful else 1),
-                                     len(shipping))
         try:
-            parts = [head, *shipping, *_wire.dumps_any(runs, for_workers=True)]
+            parts = chunk_frame(self._seq, FLUSH_SECONDS / (10 if careful else 1),
+                                functions.values(), proc.forget, runs_of(chunk))
         except (Exception, SystemExit) as exc:  # an argument's own code ran
             raise ChunkUnpicklable(unpicklable_items(chunk)) from exc
         chunk.seq = self._seq
@@ -198,8 +197,9 @@ class ProcessRung(Rung, Events):
                              for p in chunk.pieces)
         # What the items weigh (for chunk sizing): the message, less the functions.
         chunk.payload_bytes = sum(memoryview(p).nbytes for p in parts) - sum(
-            b.raw().nbytes for _, blob, buffers in functions for b in (blob, *buffers))
-        proc.take(chunk, parts, [f[0] for f in functions])
+            len(f.blob) + sum(memoryview(b).nbytes for b in f.buffers)
+            for f in functions.values())
+        proc.take(chunk, parts, functions)
         limit = self.config.max_tasks_per_worker
         # It leaves after this chunk: start its replacement now, so no call waits. Or
         # items wait behind others: the supervisor looks for a worker stuck on one.
@@ -207,8 +207,19 @@ class ProcessRung(Rung, Events):
                 chunk.size > 1 or len(proc.chunks) > 1):
             self._grow()
 
+    def _warm(self, proc: Proc) -> None:
+        """Have a new worker load the functions lately shipped before its first chunk
+        (a recycled worker's first call took 4 ms more, 13 for a function of the
+        caller's own module: its import)."""
+        self._seq += 1
+        warm = Chunk([])
+        warm.seq = self._seq
+        proc.take(warm, chunk_frame(self._seq, FLUSH_SECONDS, self._recent.values(), [], []),
+                  self._recent)
+
     def forget(self, fn_id: int) -> None:
         """A call's function is no longer needed in the workers."""
+        self._recent.pop(fn_id, None)
         for proc in self.procs:
             proc.drop_function(fn_id)
 
@@ -249,6 +260,9 @@ class ProcessRung(Rung, Events):
     def proc_results(self, proc: Proc, chunk: Chunk, meta: _wire.ResultMeta,
                      results: list[Any] | BaseException,
                      errors: dict[int, BaseException]) -> None:
+        if not chunk.pieces:  # a new worker's functions, loaded (see _warm): it is free
+            self.listener.rung_changed()
+            return
         first, upto, done = meta.first, meta.upto, meta.done
         seconds, retried = meta.end
         if meta.unloadable:
@@ -270,7 +284,8 @@ class ProcessRung(Rung, Events):
         self.listener.chunk_cut(chunk, keep)
 
     def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None:
-        self.listener.chunk_lost(chunk, Resend.MOVED)
+        if chunk.pieces:
+            self.listener.chunk_lost(chunk, Resend.MOVED)
 
     def _take_back(self) -> None:
         """While a worker is idle, ask for the chunks that wait behind an item running
@@ -290,12 +305,15 @@ class ProcessRung(Rung, Events):
     def proc_dead(self, proc: Proc, death: Death) -> None:
         if proc in self.procs:
             self.procs.remove(proc)
-        if death.crashed:
+        if death.crashed and death.chunks[0].pieces:
             self.listener.worker_crashed(
                 f"worker {proc.pid} died (exit code {death.exitcode}) while running a "
                 "chunk; resending what had not come back", pid=proc.pid,
                 exitcode=death.exitcode)
         for index, chunk in enumerate(death.chunks):
+            if not chunk.pieces:  # loading a function killed it: no more warming with it
+                self._recent.pop(death.loading, None)
+                continue
             if death.crashed and index == 0:
                 self.listener.chunk_crashed(chunk, death.culprit, death.exitcode,
                                             function=death.loading)
@@ -427,9 +445,3 @@ class ProcessRung(Rung, Events):
                 proc.kill()
         if self._supervisor is not None:
             await self._supervisor.wait()
-
-
-def _big(piece: Any) -> bool:
-    # Small chunks are checked item by item (cheap); big ones only if items were big.
-    per_item = piece.call.timing.bytes_per_item
-    return len(piece.items) <= 64 or (per_item is not None and per_item >= _wire.BIG // 2)
