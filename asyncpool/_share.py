@@ -56,21 +56,10 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
         return types.MethodType(inner, fn.__self__)
     if _cached_of_script(fn):
         # Cached (functools.lru_cache, functools.cache): the function it caches shares
-        # them, under a cache of this worker's own, which lasts from call to call
-        # while the caller's function stays the same (each call's pickle brings it
-        # anew: a cache per call missed every time).
-        params, inner = fn.cache_parameters(), fn.__wrapped__
-        key = (space, inner.__qualname__)
-        found = _caches.pop(key, None)
-        shared = share_main(inner, space, version)
-        if found is None or found.__wrapped__.__code__ != inner.__code__ or (
-                found.cache_parameters() != params
-                or found.__wrapped__.__globals__ is not shared.__globals__):
-            found = cached(shared, params["maxsize"], params["typed"])
-        _caches[key] = found
-        while len(_caches) > _CACHES:
-            _caches.pop(next(iter(_caches)))
-        return found
+        # them, under a cache of this worker's own.
+        params = fn.cache_parameters()
+        return cached(share_main(fn.__wrapped__, space, version), params["maxsize"],
+                      params["typed"])
     if not isinstance(fn, types.FunctionType) and type(fn).__module__ == "__main__":
         # An object of a script class with a __call__: its class shares them too.
         call = share_main(type(fn).__call__, space, version)
@@ -110,10 +99,6 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
 
 
 _NOTHING = object()
-#: The cached functions of the script made here, by namespace and name (the latest
-#: _CACHES of them).
-_caches: dict[tuple[str | None, str], Any] = {}
-_CACHES = 256
 
 
 def _lru_wrapper_type() -> Any:

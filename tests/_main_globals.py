@@ -95,11 +95,6 @@ def fib(n: int) -> int:  # reaches itself, cached, through the script's globals
     return n if n < 2 else fib(n - 1) + fib(n - 2)
 
 
-@functools.lru_cache(maxsize=8)
-def first_seen(x: int) -> float:  # when this worker first computed it
-    return time.monotonic()
-
-
 def labelled(x: int) -> tuple[str, object]:
     return ("plain", x)
 
@@ -170,9 +165,6 @@ async def main() -> None:
         print(sum(await pool.map(cached_square, range(4))),
               await pool.run(functools.partial(cached_square), 3))
         print(await pool.run(fib, 90), await pool.run(functools.partial(fib), 91))
-    async with ResilientPool(max_workers=1) as pool:
-        # Its cache lasts from call to call in a worker (each call's pickle made one).
-        print(len({await pool.run(first_seen, 1) for _ in range(5)}))
     async with ResilientPool(max_workers=1) as pool:
         older = asyncio.ensure_future(pool.map(slowly_via_helper, slow_input()))
         await asyncio.sleep(0.05)
