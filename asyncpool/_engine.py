@@ -122,8 +122,11 @@ class Engine:
         if call in self.calls:
             self.pending -= call.source.remaining or 0
             if call.state is CallState.ABANDONED:
-                self.outcomes.counters.tasks_abandoned += (
-                    call.pulled - call.finished + (call.source.remaining or 0))
+                # Items taken and unfinished, and those still to come (of an input of
+                # unknown length, those read from it and not taken).
+                total = call.source.total
+                ahead = call.source.buffered if total is None else total - call.pulled
+                self.outcomes.counters.tasks_abandoned += call.pulled - call.finished + ahead
         self.calls.discard(call)
         self.stalled.discard(call)
         held = list(call.chunks)

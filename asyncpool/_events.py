@@ -134,8 +134,9 @@ class PoolStatistics:
     """Items that ended with an exception (their own, or the pool's)."""
     tasks_abandoned: int = 0
     """Items of calls that ended first (a deadline, a cancellation, an error raised to
-    the caller): not run, or run unseen. Of an input of unknown length (a generator),
-    those taken from it."""
+    the caller): not run, or run unseen. Completed, failed and abandoned add up to
+    every item given; of an input of unknown length (a generator), to those read from
+    it when the call ended (a few more may be read, and dropped, as it stops)."""
     chunks_submitted: int = 0
     """Chunks sent to rungs."""
     worker_crashes: int = 0
