@@ -272,7 +272,7 @@ class Outcomes:
             item = piece.items[index - piece.start]
             if piece.call.star:  # run(fn, *args), starmap
                 described = "its arguments ({})".format(
-                    ", ".join(f"a {type(arg).__qualname__}" for arg in item))
+                    ", ".join(type(arg).__qualname__ for arg in item))
             else:
                 described = f"its argument (a {type(item).__qualname__})"
             fix = ("pass plain, picklable data (no locks, sockets or generators; classes "

@@ -110,7 +110,7 @@ async def test_unpicklable_argument_stays_with_its_item(rungs: tuple[str, ...],
         assert "item 5" in str(results[5]) and "Unpicklable" in str(results[5])
         assert all(isinstance(r, int) for i, r in enumerate(results) if i != 5)
         # run()'s arguments are named one by one (it said "its argument (a tuple)").
-        with pytest.raises(SerializationError, match=r"its arguments \(a int, a Unpicklable\)"):
+        with pytest.raises(SerializationError, match=r"its arguments \(int, Unpicklable\)"):
             await pool.run(divmod, 1, tasks.Unpicklable())
 
 
