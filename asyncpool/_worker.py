@@ -211,9 +211,7 @@ class _Worker:
             self.tasks += upto - first
             if end is None:
                 self.poll()
-            if not calls:
-                pass  # only functions to load, as a new worker starts: it stays
-            elif self.over_memory():
+            if self.over_memory():
                 self.retiring = "memory"
             elif end is not None and self.max_tasks is not None and (
                     self.tasks >= self.max_tasks):

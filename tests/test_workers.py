@@ -175,8 +175,7 @@ async def test_workers_are_recycled_after_max_tasks(caplog: pytest.LogCaptureFix
         assert pool.statistics().workers_recycled >= 8
         assert pool.statistics().worker_crashes == 0
     # A worker leaving as told, or closed, is no fault (its end-of-file was taken for
-    # one and said so at WARNING; a replacement closed while it loaded functions was
-    # said to have crashed).
+    # one and said so at WARNING).
     assert not caplog.records, [r.getMessage() for r in caplog.records]
 
 
@@ -359,29 +358,6 @@ async def test_a_calls_own_chunk_size_gives_way_where_sending_it_would_hold_the_
         before = pool.statistics().chunks_submitted
         assert await pool.map(tasks.echo, items, chunk_size=100) == list(range(600))
         assert pool.statistics().chunks_submitted - before >= 2 + 400 // 20
-
-
-async def test_a_new_worker_loads_the_functions_in_use_before_its_first_chunk(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
-    # A recycled worker's first call imported the function's module then (26 ms of a
-    # 27 ms call for a module with a few imports): a replacement now loads the
-    # functions lately shipped as it starts.
-    import importlib
-
-    log = tmp_path / "imports"
-    name = f"warmed_{anyio_backend}"
-    (tmp_path / f"{name}.py").write_text(
-        f"import os\nwith open({str(log)!r}, 'a') as f:\n    f.write(f'{{os.getpid()}}\\n')\n"
-        "def pid(x):\n    return os.getpid()\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    module = importlib.import_module(name)
-    log.write_text("")
-    async with ResilientPool(max_workers=1, max_tasks_per_worker=1, rungs=("process",)) as pool:
-        first = await pool.run(module.pid, 0)
-        # Its replacement imports the module with no call waiting.
-        await wait_until(lambda: len(set(log.read_text().split()) - {str(first)}) > 0)
-        second = await pool.run(module.pid, 0)
-        assert second != first and log.read_text().split() == [str(first), str(second)]
 
 
 async def test_a_calls_own_chunk_size_holds_for_slow_items(anyio_backend: str) -> None:

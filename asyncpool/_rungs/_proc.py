@@ -156,8 +156,8 @@ class Proc:
                 if self.state is not ProcState.DEAD and _running(self.pid):
                     # Alive, it closed its end (a task closed the descriptors it
                     # inherited, as daemons do): stopped, as a crash of what it runs.
-                    logger.warning("worker %s closed its connection to the pool while "
-                                   "running: stopped", self.pid)
+                    logger.debug("worker %s closed its connection to the pool while "
+                                 "running: stopped", self.pid)
                     self._sigkill()
 
     def _stop_reading(self) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .. import _wire
-from .._call import Chunk, Resend
+from .._call import Resend
 from .._errors import InitializerFailed
 from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
@@ -35,8 +35,8 @@ from ._proc import Events, Proc
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
 if TYPE_CHECKING:
+    from .._call import Chunk
     from .._config import PoolConfig
-    from .._functions import Shipped
     from .._loop import Background, Loop
 
 logger = logging.getLogger("asyncpool")
@@ -49,8 +49,6 @@ DEPTH = 3
 #: it goes to the next free worker instead; what waits already (in its socket, or
 #: in the chunk it runs) is taken back for an idle one.
 STUCK_SECONDS = 0.025
-#: A new worker loads up to this many of the functions lately shipped (see _warm).
-WARM_FUNCTIONS = 8
 
 
 class ProcessRung(Rung, Events):
@@ -76,8 +74,6 @@ class ProcessRung(Rung, Events):
         #: busy), the next here for the first free worker (a call arriving meanwhile
         #: waited behind two 200 ms items queued on each worker).
         self._depth = DEPTH * config.target_chunk_seconds
-        #: Functions lately shipped, by id (see _warm).
-        self._recent: dict[int, Shipped] = {}
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ProcessRung:
@@ -136,8 +132,6 @@ class ProcessRung(Rung, Events):
         proc = Proc(ForkServer.spawn(), self, self.loop)
         proc.attach(self, self.loop)
         proc.send(_wire.INIT, self._settings)
-        if self._recent:
-            self._warm(proc)
         self.procs.append(proc)
         return proc
 
@@ -178,9 +172,6 @@ class ProcessRung(Rung, Events):
         assert proc is not None, "submit() without offer()"
         functions = {p.call.shipped.id: p.call.shipped for p in chunk.pieces
                      if p.call.shipped.id not in proc.functions}
-        self._recent.update(functions)
-        while len(self._recent) > WARM_FUNCTIONS:
-            del self._recent[next(iter(self._recent))]
         self._seq += 1
         # After a crash among a call's items, results go back ten times as often (a
         # crash loses at most 0.5 ms of work). Each on its own, tiny items ran 30 times
@@ -207,19 +198,8 @@ class ProcessRung(Rung, Events):
                 chunk.size > 1 or len(proc.chunks) > 1):
             self._grow()
 
-    def _warm(self, proc: Proc) -> None:
-        """Have a new worker load the functions lately shipped before its first chunk
-        (a recycled worker's first call took 4 ms more, 13 for a function of the
-        caller's own module: its import)."""
-        self._seq += 1
-        warm = Chunk([])
-        warm.seq = self._seq
-        proc.take(warm, chunk_frame(self._seq, FLUSH_SECONDS, self._recent.values(), [], []),
-                  self._recent)
-
     def forget(self, fn_id: int) -> None:
         """A call's function is no longer needed in the workers."""
-        self._recent.pop(fn_id, None)
         for proc in self.procs:
             proc.drop_function(fn_id)
 
@@ -260,9 +240,6 @@ class ProcessRung(Rung, Events):
     def proc_results(self, proc: Proc, chunk: Chunk, meta: _wire.ResultMeta,
                      results: list[Any] | BaseException,
                      errors: dict[int, BaseException]) -> None:
-        if not chunk.pieces:  # a new worker's functions, loaded (see _warm): it is free
-            self.listener.rung_changed()
-            return
         first, upto, done = meta.first, meta.upto, meta.done
         seconds, retried = meta.end
         if meta.unloadable:
@@ -284,8 +261,7 @@ class ProcessRung(Rung, Events):
         self.listener.chunk_cut(chunk, keep)
 
     def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None:
-        if chunk.pieces:
-            self.listener.chunk_lost(chunk, Resend.MOVED)
+        self.listener.chunk_lost(chunk, Resend.MOVED)
 
     def _take_back(self) -> None:
         """While a worker is idle, ask for the chunks that wait behind an item running
@@ -305,15 +281,12 @@ class ProcessRung(Rung, Events):
     def proc_dead(self, proc: Proc, death: Death) -> None:
         if proc in self.procs:
             self.procs.remove(proc)
-        if death.crashed and death.chunks[0].pieces:
+        if death.crashed:
             self.listener.worker_crashed(
                 f"worker {proc.pid} died (exit code {death.exitcode}) while running a "
                 "chunk; resending what had not come back", pid=proc.pid,
                 exitcode=death.exitcode)
         for index, chunk in enumerate(death.chunks):
-            if not chunk.pieces:  # loading a function killed it: no more warming with it
-                self._recent.pop(death.loading, None)
-                continue
             if death.crashed and index == 0:
                 self.listener.chunk_crashed(chunk, death.culprit, death.exitcode,
                                             function=death.loading)
