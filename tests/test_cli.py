@@ -256,7 +256,8 @@ def test_map_writes_standard_output_and_stops_quietly_when_its_reader_goes(
     src.write_text("7\n" * 200_000)
     proc = subprocess.Popen([sys.executable, "-m", "asyncpool", "map", "tests.tasks:square",
                              str(src), "-o", "-", "--no-progress"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            preexec_fn=_interruptible, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     assert json.loads(proc.stdout.readline())["result"] == 49
     proc.stdout.close()
@@ -348,10 +349,16 @@ def test_map_without_tqdm(tmp_path: Path, no_tqdm: dict[str, str]) -> None:
     assert re.search(r"^[\d,]+ done$", out.stderr, re.MULTILINE), out.stderr
 
 
+def _interruptible() -> None:
+    """In the child: Ctrl-C as a terminal's finds it, even where this run ignores SIGINT
+    (a job started in the background inherits that, and Python keeps it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _kill_midway(src: Path, dst: Path, how: int) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "asyncpool", "map", "tests.tasks:slow_echo", str(src),
            "-o", str(dst), "--no-progress", "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, preexec_fn=_interruptible,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -429,7 +436,8 @@ def test_an_interrupted_run_says_resume_only_where_it_can(tmp_path: Path) -> Non
     src.write_text("".join(f"{i}\n" for i in range(300)))
     proc = subprocess.Popen([sys.executable, "-m", "asyncpool", "map", "tests.tasks:slow_echo",
                              str(src), "-o", "-", "--no-progress"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            preexec_fn=_interruptible, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     assert json.loads(proc.stdout.readline())["line"] == 1
     proc.send_signal(signal.SIGINT)
