@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import os
 import signal
@@ -88,13 +89,20 @@ class Cluster:
             self.scheduler = None
 
     def stop(self) -> None:
-        self.kill_scheduler()
-        for proc in self.procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        # Asked to stop, workers remove their semaphores from /dev/shm (SIGKILLed, they
+        # left them there); what is left after 10 s is killed. Workers first.
+        for group in (self.procs, [self.scheduler] if self.scheduler else []):
+            for proc in group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            for proc in group:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.scheduler = None
 
 
 async def wide(cluster: Cluster) -> dict[str, float]:
