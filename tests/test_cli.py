@@ -254,10 +254,7 @@ def test_map_writes_standard_output_and_stops_quietly_when_its_reader_goes(
     # The reader takes one line and leaves (`| head -1`): the write error said "cannot
     # write" and exited 2.
     src.write_text("7\n" * 200_000)
-    proc = subprocess.Popen([sys.executable, "-m", "asyncpool", "map", "tests.tasks:square",
-                             str(src), "-o", "-", "--no-progress"], cwd=ROOT,
-                            preexec_fn=_interruptible, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = _map_to_stdout("tests.tasks:square", src)
     assert proc.stdout is not None and proc.stderr is not None
     assert json.loads(proc.stdout.readline())["result"] == 49
     proc.stdout.close()
@@ -355,6 +352,13 @@ def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _map_to_stdout(function: str, src: Path) -> subprocess.Popen[bytes]:
+    """``map FUNCTION SRC -o -``, its output and errors piped here."""
+    return subprocess.Popen([sys.executable, "-m", "asyncpool", "map", function, str(src),
+                             "-o", "-", "--no-progress"], cwd=ROOT, preexec_fn=_interruptible,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def _kill_midway(src: Path, dst: Path, how: int) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "asyncpool", "map", "tests.tasks:slow_echo", str(src),
            "-o", str(dst), "--no-progress", "--workers", "2"]
@@ -434,10 +438,7 @@ def test_an_interrupted_run_says_resume_only_where_it_can(tmp_path: Path) -> Non
     # which refuses standard output.
     src = tmp_path / "in.jsonl"
     src.write_text("".join(f"{i}\n" for i in range(300)))
-    proc = subprocess.Popen([sys.executable, "-m", "asyncpool", "map", "tests.tasks:slow_echo",
-                             str(src), "-o", "-", "--no-progress"], cwd=ROOT,
-                            preexec_fn=_interruptible, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = _map_to_stdout("tests.tasks:slow_echo", src)
     assert proc.stdout is not None and proc.stderr is not None
     assert json.loads(proc.stdout.readline())["line"] == 1
     proc.send_signal(signal.SIGINT)
