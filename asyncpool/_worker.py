@@ -123,13 +123,16 @@ class _Worker:
                     if got[0] == _wire.CHUNK:
                         self.last_seq = _wire.CHUNK_HEAD.unpack(got[1][0])[0]
                     self.inbox.append(got)
+            if taken and not self.closed:
+                # Said before the next chunk can be read: told after it had run (by
+                # the chunk's thread meanwhile), the parent took that chunk's results
+                # for those of one skipped.
+                try:
+                    self.send(_wire.WITHDRAWN, _wire.dumps(taken))
+                except OSError:
+                    self.closed = True
         finally:
             self.reading.release()
-        if taken and not self.closed:
-            try:
-                self.send(_wire.WITHDRAWN, _wire.dumps(taken))
-            except OSError:
-                self.closed = True
         return True
 
     def _cut_running(self) -> None:

@@ -175,9 +175,11 @@ async def test_workers_are_recycled_after_max_tasks(caplog: pytest.LogCaptureFix
         assert pool.statistics().workers_recycled >= 8
         assert pool.statistics().worker_crashes == 0
     # A worker leaving as told, or closed, is no fault (its end-of-file was taken for
-    # one and said so at WARNING).
+    # one and said so at WARNING). Nor do a worker's results come for a chunk behind
+    # one it handed back and had not yet said so (seen in about one map in ten).
     said = [r.getMessage() for r in caplog.records]
-    assert not [m for m in said if "connection" in m or "crash" in m], said
+    assert not [m for m in said if "connection" in m or "crash" in m
+                or "head of its queue" in m], said
 
 
 async def test_workers_stay_under_the_memory_ceiling(anyio_backend: str) -> None:
