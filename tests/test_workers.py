@@ -176,7 +176,8 @@ async def test_workers_are_recycled_after_max_tasks(caplog: pytest.LogCaptureFix
         assert pool.statistics().worker_crashes == 0
     # A worker leaving as told, or closed, is no fault (its end-of-file was taken for
     # one and said so at WARNING). Nor do a worker's results come for a chunk behind
-    # one it handed back and had not yet said so (seen in about one map in ten).
+    # one it handed back and had not yet said so (a race: rare here, see
+    # test_units.test_a_worker_says_it_handed_chunks_back_before_it_reads_another).
     said = [r.getMessage() for r in caplog.records]
     assert not [m for m in said if "connection" in m or "crash" in m
                 or "head of its queue" in m], said
