@@ -8,6 +8,7 @@ an error, the deadline, cancellation) the call is finished with the engine at on
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from types import TracebackType
@@ -303,15 +304,24 @@ class ResultStream(Generic[T]):
         self._call.let_go()
 
     def __del__(self) -> None:
-        # Left without aclose (a `break` in `async for`): finish the call here, which
-        # needs no await; the feeder task, if any, is cancelled.
+        # Left without aclose (a `break` in `async for`): finish the call, which needs
+        # no await, on the loop (the garbage collector may run this on any thread).
         if not self._closed and self._started:
             self._closed = True
+            finish = functools.partial(_abandon, self._engine, self._call,
+                                       self._feeder.task)
             try:
-                self._engine.finish(self._call,
-                                    kill=self._call.options.kill_on_cancel)
-                if self._feeder.task is not None:
-                    self._feeder.task.cancel()
-                self._call.source.close()
+                if self._engine.loop.is_current():
+                    finish()
+                else:
+                    self._engine.loop.call_soon_threadsafe(finish)
             except Exception:
                 pass
+
+
+def _abandon(engine: Engine, call: Call, feeder: Background | None) -> None:
+    """A stream left without aclose: its call ends, its feeder task is cancelled."""
+    engine.finish(call, kill=call.options.kill_on_cancel)
+    if feeder is not None:
+        feeder.cancel()
+    call.source.close()

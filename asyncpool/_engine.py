@@ -57,10 +57,15 @@ LONG_FLUSH = 0.005
 
 def build_engine(config: PoolConfig, counters: Counters, emit: Emitter,
                  loop: Loop) -> Engine:
-    """An engine with its ladder and the listener its rungs report to."""
-    outcomes = Outcomes(config, counters, emit)
-    return Engine(config, Ladder(config, outcomes, counters, emit, loop), outcomes, emit,
-                  loop)
+    """An engine with its ladder and the listener its rungs report to. Each is given,
+    when made, what it calls on the others (the engine, made last, through closures)."""
+    engine: Engine
+    outcomes = Outcomes(config, counters, emit, kick=lambda: engine.kick(),
+                        settled=lambda rung: ladder.settled(rung))
+    ladder = Ladder(config, outcomes, counters, emit, loop, kick=lambda: engine.kick(),
+                    fail_all=lambda error: engine.fail_all(error))
+    engine = Engine(config, ladder, outcomes, emit, loop)
+    return engine
 
 
 class Engine:
@@ -81,9 +86,6 @@ class Engine:
         self.loop = loop
         self.outcomes = outcomes
         self.ladder = ladder
-        outcomes.kick = ladder.kick = self.kick
-        ladder.fail_all = self.fail_all
-        outcomes.settled = ladder.settled
         #: Calls that may have input to send, served in turn.
         self.ready: deque[Call] = deque()
         #: Calls held back until their caller catches up (see window_items).
@@ -126,7 +128,7 @@ class Engine:
                 # unknown length, those read from it and not taken).
                 total = call.source.total
                 ahead = call.source.buffered if total is None else total - call.pulled
-                self.outcomes.counters.tasks_abandoned += call.pulled - call.finished + ahead
+                self.outcomes.abandoned(call.pulled - call.finished + ahead)
         self.calls.discard(call)
         self.stalled.discard(call)
         held = list(call.chunks)
@@ -204,30 +206,14 @@ class Engine:
     def _work_waits(self) -> bool:
         """Whether a chunk could be sent now: calls that ended leave the queues here,
         so that no rung is (re)built for them."""
-        ready, again = self.ready, self.outcomes.again
+        ready = self.ready
         while ready and not ready[0].wants_input:
             ready.popleft()
-        while again and all(p.call.state is not CallState.ACTIVE for p in again[0].pieces):
-            again.popleft()
-        return bool(ready or again)
+        return self.outcomes.resend_waits() or bool(ready)
 
     def _next(self, rung: Rung, room: int | None) -> Chunk | None:
         limit = self.config.max_chunk_size if room is None else room
-        again = self.outcomes.again
-        while again:
-            chunk = again.popleft()
-            pieces = [p for p in chunk.pieces if p.call.state is CallState.ACTIVE]
-            if not pieces:
-                continue
-            size = sum(len(p.items) for p in pieces)
-            if size > limit:
-                # Too big for this worker's remaining tasks: send the head now.
-                head = Chunk(pieces).pieces_between(0, limit)
-                rest = Chunk(pieces).pieces_between(limit, size)
-                again.appendleft(Chunk(rest, chunk.crashes, chunk.suspect))
-                pieces = head
-            return Chunk(pieces, chunk.crashes, chunk.suspect)
-        return self._new_chunk(limit, self._lanes(rung))
+        return self.outcomes.next_resend(limit) or self._new_chunk(limit, self._lanes(rung))
 
     def _lanes(self, rung: Rung) -> int:
         return max(1, rung.lanes or self.config.max_workers)
@@ -368,10 +354,9 @@ class Engine:
         import anyio
 
         outcomes = self.outcomes
-        outcomes.closing = True
+        outcomes.close()
         self.ready.clear()
         self.stalled.clear()
-        outcomes.again.clear()
         outcomes.stop(list(outcomes.in_flight) if kill else outcomes.orphans())
         try:
             if not kill:

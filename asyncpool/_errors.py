@@ -226,6 +226,21 @@ class InitializerFailed(AsyncPoolError):
         ```
     """
 
+    @classmethod
+    def raised(cls, initializer: object, error: BaseException,
+               where: str = "in a worker") -> InitializerFailed:
+        """It raised ``error`` (the ``__cause__``) ``where``."""
+        failure = cls(f"the initializer {initializer!r} raised {where}: {error!r}")
+        failure.__cause__ = error
+        return failure
+
+    @classmethod
+    def timed_out(cls, initializer: object, start_timeout: float | None,
+                  where: str = "") -> InitializerFailed:
+        """It did not return within ``start_timeout`` (``where``: how it ran)."""
+        return cls(f"the initializer {initializer!r} did not return within "
+                   f"start_timeout={start_timeout} s{where}")
+
 
 class RemoteTraceback(Exception):
     """The formatted traceback of an exception raised in a worker: the ``__cause__``

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -31,13 +31,14 @@ class Ladder:
     """The serving rung and its lock; rungs it starts report to ``listener``."""
 
     def __init__(self, config: PoolConfig, listener: Listener, counters: Counters,
-                 emit: Emitter, loop: Loop) -> None:
+                 emit: Emitter, loop: Loop, *, kick: Callable[[], None],
+                 fail_all: Callable[[BaseException], None]) -> None:
         self.config = config
         self.listener = listener
-        #: Called when a rung serves again, and with the error when none can (the
-        #: engine sets them: see Engine.__init__).
-        self.kick: Callable[[], None] = _nothing
-        self.fail_all: Callable[[BaseException], None] = _nothing
+        #: The engine's: called when a rung serves again, and with the error when
+        #: none can.
+        self.kick = kick
+        self.fail_all = fail_all
         self.counters = counters
         self.emit = emit
         self.loop = loop
@@ -285,7 +286,3 @@ class Ladder:
                 await task.wait()
             while self._closers:
                 await self._closers.pop().wait()
-
-
-def _nothing(*args: Any) -> None:
-    pass

@@ -81,10 +81,10 @@ class CallOptions:
     return_exceptions: bool = False
 
     @classmethod
-    def build(cls, return_exceptions: bool = False, _own: tuple[str, ...] = (),
+    def build(cls, return_exceptions: bool = False, own: tuple[str, ...] = (), /,
               **options: Any) -> CallOptions:
-        """The options of one call; ``_own`` names the method's other keywords (for
-        "did you mean")."""
+        """The options of one call; ``own`` names the method's other keywords (for
+        "did you mean"). Only the caller's options are keywords."""
         if not options and not return_exceptions:
             return _DEFAULT
         if not isinstance(return_exceptions, bool):
@@ -99,7 +99,7 @@ class CallOptions:
                 if name == "ordered":
                     raise TypeError("ordered is an option of imap (map and starmap keep "
                                     "input order)")
-                close = difflib.get_close_matches(name, [*names, *_own], n=1, cutoff=0.7)
+                close = difflib.get_close_matches(name, [*names, *own], n=1, cutoff=0.7)
                 hint = f"; did you mean {close[0]!r}?" if close else (
                     f"; keyword arguments for the function go through "
                     f"functools.partial(fn, {name}=...)")

@@ -41,14 +41,15 @@ class Crossing(enum.Enum):
 class Outcomes:
     """The rungs' listener: chunks in flight, their outcomes, and what to send again."""
 
-    def __init__(self, config: PoolConfig, counters: Counters, emit: Emitter) -> None:
+    def __init__(self, config: PoolConfig, counters: Counters, emit: Emitter, *,
+                 kick: Callable[[], None], settled: Callable[[Rung | None], None]) -> None:
         self.config = config
         self.counters = counters
         self.emit = emit
-        #: Asks for a flush (the engine sets it: see Engine.__init__).
-        self.kick: Callable[[], None] = lambda: None
+        #: Asks the engine for a flush.
+        self.kick = kick
         #: Told when a chunk of a rung settles (the ladder closes drained rungs).
-        self.settled: Callable[[Rung | None], None] = lambda rung: None
+        self.settled = settled
         #: Chunks submitted and not finally reported.
         self.in_flight: set[Chunk] = set()
         #: Items to send again (a crash, a lost worker) go before new ones.
@@ -310,7 +311,41 @@ class Outcomes:
                 piece.call.deliver(piece.start + lo, [None] * (hi - lo),
                                    dict.fromkeys(range(hi - lo), closed))
 
+    def resend_waits(self) -> bool:
+        """Whether items wait to go out again (those of calls that ended are dropped)."""
+        again = self.again
+        while again and all(p.call.state is not CallState.ACTIVE for p in again[0].pieces):
+            again.popleft()
+        return bool(again)
+
+    def next_resend(self, limit: int) -> Chunk | None:
+        """The next items to send again, at most ``limit`` of them, if any wait."""
+        again = self.again
+        while again:
+            chunk = again.popleft()
+            pieces = [p for p in chunk.pieces if p.call.state is CallState.ACTIVE]
+            if not pieces:
+                continue
+            size = sum(len(p.items) for p in pieces)
+            if size > limit:
+                # Too big for this worker's remaining tasks: send the head now.
+                head = Chunk(pieces).pieces_between(0, limit)
+                rest = Chunk(pieces).pieces_between(limit, size)
+                again.appendleft(Chunk(rest, chunk.crashes, chunk.suspect))
+                pieces = head
+            return Chunk(pieces, chunk.crashes, chunk.suspect)
+        return None
+
+    def abandoned(self, count: int) -> None:
+        """A call ended leaving ``count`` of its items unfinished."""
+        self.counters.tasks_abandoned += count
+
     # -- closing -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """The pool closes: nothing goes out again, lost items fail."""
+        self.closing = True
+        self.again.clear()
 
     def orphans(self) -> list[Chunk]:
         """Chunks still running items that nobody waits for (their calls timed out, were

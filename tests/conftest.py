@@ -3,8 +3,8 @@
 Async tests are marked ``anyio`` and run once on asyncio and once on trio (anyio's
 pytest plugin, through the ``anyio_backend`` fixture below; ``ASYNCPOOL_TEST_BACKENDS=
 asyncio`` runs one of them, as CI does on its second and third Python). Tests of
-asyncio-only features (Dask) are marked ``asyncio_only``: on trio they skip, saying
-why. No other async plugin is installed.
+asyncio-only features (Dask) are marked ``asyncio_only`` (a ``reason=`` of their own,
+or Dask's): on trio they skip, saying why. No other async plugin is installed.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from .helpers import PidsCgroup, ThreadStarts, children, settle
 
 @pytest.fixture(params=os.environ.get("ASYNCPOOL_TEST_BACKENDS", "asyncio,trio").split(","))
 def anyio_backend(request: pytest.FixtureRequest) -> str:
-    if request.param != "asyncio" and request.node.get_closest_marker("asyncio_only"):
-        pytest.skip("Dask's asynchronous client needs an asyncio loop: the dask rung "
-                    "refuses trio (NotImplementedError)")
+    marker = request.node.get_closest_marker("asyncio_only")
+    if request.param != "asyncio" and marker is not None:
+        pytest.skip(marker.kwargs.get("reason", "Dask's asynchronous client needs an "
+                                      "asyncio loop: the dask rung refuses trio "
+                                      "(NotImplementedError)"))
     return str(request.param)
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import pytest
@@ -191,6 +192,35 @@ async def test_imap_as_a_context_closes_at_once(pool: ResilientPool) -> None:
     assert pool.statistics().active_calls == 0
     with anyio.fail_after(10):  # a nap would take 30 s
         assert await pool.run(tasks.square, 4) == 16
+
+
+@pytest.mark.asyncio_only(reason="asyncio's debug mode is what refuses a loop call "
+                                  "from another thread")
+async def test_a_stream_dropped_on_another_thread_ends_its_call_on_the_loop(
+        anyio_backend: str) -> None:
+    # A stream left without aclose is finished when it is collected, which may happen
+    # on any thread: its call must still end on the loop.
+    asyncio.get_running_loop().set_debug(True)
+    closed: list[bool] = []
+
+    def items() -> Iterator[int]:
+        try:
+            yield from range(1_000_000)
+        finally:
+            closed.append(True)
+
+    async with ResilientPool(max_workers=1) as pool:
+        stream = pool.imap(tasks.square, items(), chunk_size=10)
+        held = [stream]
+        async for _ in stream:
+            break
+        del stream
+        dropper = threading.Thread(target=held.clear)  # the last reference goes there
+        dropper.start()
+        dropper.join()
+        await wait_until(lambda: pool.statistics().active_calls == 0 and bool(closed), 5)
+        assert pool.statistics().tasks_abandoned > 0
+        assert await pool.run(tasks.square, 3) == 9
 
 
 async def test_reuse_workers_across_pools(anyio_backend: str, no_leaks: None) -> None:

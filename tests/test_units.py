@@ -13,6 +13,7 @@ import select
 import socket
 import sys
 import threading
+import typing
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -177,7 +178,8 @@ def _crash(lengths: list[int], culprit: int | None, *, deaths: int = 1, reported
 
     reasons: list[str] = []
     outcomes = Outcomes(PoolConfig(max_crashes_per_item=3), Counters(),
-                        lambda kind, message, **fields: reasons.append(fields["reason"]))
+                        lambda kind, message, **fields: reasons.append(fields["reason"]),
+                        kick=lambda: None, settled=lambda rung: None)
     callers = [_Caller(i) for i in range(len(lengths))]
     chunk = Chunk([Piece(c, 100 * c.id, list(range(n)))  # type: ignore[arg-type]
                    for c, n in zip(callers, lengths, strict=True)], crashes)
@@ -237,8 +239,9 @@ def _packer(target: float = 0.1, workers: int = 2) -> Any:
     config = PoolConfig(max_workers=workers, target_chunk_seconds=target)
     ladder = SimpleNamespace(serving=None, settled=lambda rung: None)
     loop = SimpleNamespace(call_soon=lambda fn: None)
-    return Engine(config, ladder, Outcomes(config, Counters(), lambda *a, **k: None),  # type: ignore[arg-type]
-                  lambda *a, **k: None, loop)  # type: ignore[arg-type]
+    outcomes = Outcomes(config, Counters(), lambda *a, **k: None, kick=lambda: None,
+                        settled=lambda rung: None)
+    return Engine(config, ladder, outcomes, lambda *a, **k: None, loop)  # type: ignore[arg-type]
 
 
 def _call(items: list[Any], per_item: float | None, **options: Any) -> Any:
@@ -489,10 +492,14 @@ def test_the_option_lists_agree() -> None:
     from asyncpool._config import PoolOptions
     from asyncpool._options import CallKwargs
 
-    call_fields = {f.name for f in dataclasses.fields(CallOptions)}
-    assert set(CallKwargs.__annotations__) | {"return_exceptions"} == call_fields
-    pool_fields = {f.name for f in dataclasses.fields(PoolConfig)}
-    assert set(PoolOptions.__annotations__) | {"max_workers"} == pool_fields
+    for typed, runtime, beside in [(CallKwargs, CallOptions, {"return_exceptions"}),
+                                   (PoolOptions, PoolConfig, {"max_workers"})]:
+        hints, fields = typing.get_type_hints(typed), typing.get_type_hints(runtime)
+        assert set(hints) | beside == {f.name for f in dataclasses.fields(runtime)}
+        assert {name: fields[name] for name in hints} == hints  # the same types too
+    # The builder's own parameters are not options a caller can pass.
+    with pytest.raises(TypeError, match="unknown option '_own'"):
+        CallOptions.build(_own=("x",))
     # A statistic is a counter or a figure taken at the moment: one added to the public
     # class alone read 0 for ever.
     from asyncpool._events import Counters, PoolStatistics

@@ -162,11 +162,9 @@ async def register_initializer(client: Any, config: PoolConfig, name: str) -> No
                                   f"was registered: {exc!r}") from exc
         elapsed = asyncio.get_running_loop().time() - started
         if isinstance(exc, TimeoutError) and timeout is not None and elapsed >= timeout:
-            raise InitializerFailed(f"the initializer {config.initializer!r} did not "
-                                    f"return within start_timeout={timeout} s on a Dask "
-                                    "worker") from None
-        raise InitializerFailed(f"the initializer {config.initializer!r} raised on a Dask "
-                                f"worker: {exc!r}") from exc
+            raise InitializerFailed.timed_out(config.initializer, timeout,
+                                              " on a Dask worker") from None
+        raise InitializerFailed.raised(config.initializer, exc, "on a Dask worker") from exc
 
 
 async def _while_answering(work: Coroutine[Any, Any, Any], client: Any,

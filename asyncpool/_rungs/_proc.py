@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-
 from .. import _wire
 from .._errors import InitializerFailed, exit_described
 from .._execute import decode_error
@@ -217,8 +216,7 @@ class Proc:
                 chunk = next((c for c in self.chunks if c.seq == seq), None)
                 self.withdrawing.discard(seq)
                 if chunk is not None:
-                    self.chunks.remove(chunk)
-                    self.tasks -= chunk.size
+                    self._release(chunk, ran=0)
                     self.events.proc_withdrawn(self, chunk)
         elif kind == _wire.CUT:
             seq, keep = _wire.loads(parts)
@@ -258,15 +256,8 @@ class Proc:
                 results = decoded
                 errors.update((first + p, e) for p, e in errors_here.items())
         self.heard = time.monotonic()
-        if done:
-            self.chunks.remove(chunk)
-            self.withdrawing.discard(chunk.seq)
-            if self.doomed:
-                self.doomed &= {p.call.id for c in self.chunks for p in c.pieces}
-        if meta.unloadable:
-            self.tasks -= chunk.size  # none of them ran here
-        elif done:
-            self.tasks -= chunk.size - meta.upto  # cut short: the rest runs elsewhere
+        if done:  # cut short at upto (the rest runs elsewhere); unloadable: at 0
+            self._release(chunk, ran=meta.upto)
         if meta.retiring and self.state is not ProcState.DEAD:
             self.state = ProcState.RETIRING
             self.events.proc_retiring(self)
@@ -299,7 +290,8 @@ class Proc:
         if status is not None and status >= 0:
             exitcode = os.waitstatus_to_exitcode(status)
         chunks = list(self.chunks)
-        self.chunks.clear()
+        for chunk in chunks:
+            self._release(chunk, ran=chunk.size)
         death = Death(chunks, exitcode)
         seq, position, loading = (int(self.progress[i]) for i in range(3))
         if chunks and not self.killed and not retiring and seq == chunks[0].seq:
@@ -315,6 +307,16 @@ class Proc:
                     f"the worker died before it was ready ({exit_described(exitcode)})")
             self.started.set()
         self.events.proc_dead(self, death)
+
+    def _release(self, chunk: Chunk, ran: int) -> None:
+        """``chunk`` leaves the worker, the one way out: finished (perhaps cut short),
+        handed back, or with the worker's death. ``ran``: how many of its items ran
+        here (the others come off its task count)."""
+        self.chunks.remove(chunk)
+        self.withdrawing.discard(chunk.seq)
+        self.tasks -= chunk.size - ran
+        if self.doomed:
+            self.doomed &= {p.call.id for c in self.chunks for p in c.pieces}
 
     def take(self, chunk: Chunk, parts: _wire.Parts, functions: Iterable[int]) -> None:
         """Send it ``chunk``, as ``parts``, which ship ``functions`` (and tell it to
@@ -397,11 +399,9 @@ class Proc:
         if isinstance(error, RungUnavailable):
             failure = InitializerFailed(f"a worker died while running the initializer "
                                         f"{initializer!r}: {error}")
-        else:
-            failure = InitializerFailed(f"the initializer {initializer!r} raised in a "
-                                        f"worker: {error!r}")
-        failure.__cause__ = error
-        return failure
+            failure.__cause__ = error
+            return failure
+        return InitializerFailed.raised(initializer, error)
 
     def kill(self) -> None:
         """SIGKILL the worker's process group: the worker and whatever it started.

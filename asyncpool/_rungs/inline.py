@@ -47,14 +47,14 @@ class InlineRung(Rung):
             try:
                 config.initializer(*config.initargs)
             except (Exception, SystemExit) as exc:
-                raise InitializerFailed(f"the initializer {config.initializer!r} raised: "
-                                        f"{exc!r}") from exc
+                raise InitializerFailed.raised(config.initializer, exc,
+                                               "on the event loop") from exc
             spent = time.monotonic() - started
             if config.start_timeout is not None and spent > config.start_timeout:
-                raise InitializerFailed(
-                    f"the initializer {config.initializer!r} did not return within "
-                    f"start_timeout={config.start_timeout} s (it ran {spent:.1f} s on the "
-                    "event loop, where the inline rung runs it)")
+                raise InitializerFailed.timed_out(
+                    config.initializer, config.start_timeout,
+                    f" (it ran {spent:.1f} s on the event loop, where the inline rung "
+                    "runs it)")
         return cls(config, listener, loop)
 
     def offer(self) -> int | None:

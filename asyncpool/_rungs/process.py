@@ -110,9 +110,8 @@ class ProcessRung(Rung, Events):
         except TimeoutError:
             if self.config.initializer is not None:
                 # Workers start in milliseconds: the initializer is what hangs.
-                raise InitializerFailed(f"the initializer {self.config.initializer!r} did "
-                                        f"not return within start_timeout="
-                                        f"{self.config.start_timeout} s") from None
+                raise InitializerFailed.timed_out(self.config.initializer,
+                                                  self.config.start_timeout) from None
             raise RungUnavailable(f"the worker processes did not start within "
                                   f"{self.config.start_timeout} s") from None
         for proc in starting:

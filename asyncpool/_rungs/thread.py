@@ -77,14 +77,13 @@ class ThreadRung(Rung):
                             await anyio.sleep(0.001)
             except TimeoutError:
                 await rung.aclose(kill=True)
-                raise InitializerFailed(f"the initializer {config.initializer!r} did not "
-                                        f"return within start_timeout="
-                                        f"{config.start_timeout} s") from None
+                raise InitializerFailed.timed_out(config.initializer,
+                                                  config.start_timeout) from None
             if rung._init_errors:
                 await rung.aclose(kill=False)
                 error = rung._init_errors[0]
-                raise InitializerFailed(f"the initializer {config.initializer!r} raised in "
-                                        f"a thread: {error!r}") from error
+                raise InitializerFailed.raised(config.initializer, error,
+                                               "in a thread") from error
         return rung
 
     def _start(self, ready: threading.Semaphore | None = None) -> None:
@@ -154,10 +153,8 @@ class ThreadRung(Rung):
         if thread in self.threads:
             self.threads.remove(thread)
         if error is not None:
-            failure = InitializerFailed(f"the initializer {self.config.initializer!r} "
-                                        f"raised in a new thread: {error!r}")
-            failure.__cause__ = error
-            self._unless_served(failure)
+            self._unless_served(InitializerFailed.raised(self.config.initializer, error,
+                                                         "in a new thread"))
 
     def _unless_served(self, failure: BaseException) -> None:
         """If no thread serves (each runs a stopped call's item) and no new one could
