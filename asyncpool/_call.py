@@ -15,8 +15,8 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import FunctionUnavailable
 from ._options import CallOptions
@@ -252,6 +252,16 @@ class Piece:
         return f"<Piece call={self.call.id} [{self.start}, {self.start + len(self.items)})>"
 
 
+class Holder(Protocol):
+    """What a chunk knows of the rung holding it (a :class:`~asyncpool._rungs.Rung`,
+    which imports this module)."""
+
+    @property
+    def name(self) -> str: ...
+    def cancel(self, calls: Iterable[int]) -> None: ...
+    def kill(self, chunks: Iterable[Chunk], calls: set[int] | None = None) -> bool: ...
+
+
 class Chunk:
     """Pieces of one or more calls that travel and run together.
 
@@ -270,9 +280,8 @@ class Chunk:
         #: Crashes of this very set of items (meaningful for a single item).
         self.crashes = crashes
         self.reported = 0
-        #: The rung holding the chunk, set by the rung (a Rung: not imported here,
-        #: the rungs import this module).
-        self.rung: Any = None
+        #: The rung holding the chunk, set by the rung.
+        self.rung: Holder | None = None
         self.seq = 0
         self.payload_bytes = 0
         #: Stopped on purpose (timeout, cancellation, close): not a crash.

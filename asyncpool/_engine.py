@@ -133,7 +133,7 @@ class Engine:
         self.stalled.discard(call)
         held = list(call.chunks)
         if held and call.state is CallState.ABANDONED:
-            for rung in {chunk.rung for chunk in held}:
+            for rung in {chunk.rung for chunk in held if chunk.rung is not None}:
                 try:
                     rung.cancel([call.id])
                     if kill and not rung.kill([c for c in held if c.rung is rung],

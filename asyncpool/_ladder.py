@@ -20,7 +20,7 @@ import anyio
 from ._errors import InitializerFailed, PoolClosed
 from ._events import Counters, Emitter
 from ._retry import RungUnsupported, backoff_delays, is_transient
-from ._rungs import ONE_ATTEMPT, Listener, Rung, RungState, create_rung
+from ._rungs import ONE_ATTEMPT, STAND_IN, Listener, Rung, RungState, create_rung
 
 if TYPE_CHECKING:
     from ._config import PoolConfig
@@ -68,13 +68,15 @@ class Ladder:
         while processes start in the background)."""
         ladder = self.config.ladder
         async with self._lock:
-            if self.config.warm_start and "process" in ladder and "thread" in ladder:
-                # Threads at once, with the same retries as any rung; if they cannot
+            stand_in = next((STAND_IN[name] for name in ladder if name in STAND_IN),
+                            None) if self.config.warm_start else None
+            if stand_in in ladder:
+                # The stand-in at once, with the same retries as any rung; if it cannot
                 # start either, the ladder is climbed down as without warm_start.
-                index = ladder.index("thread")
-                rung = await self._create("thread", self.config.creation_attempts)
+                assert stand_in is not None
+                rung = await self._create(stand_in, self.config.creation_attempts)
                 if rung is not None:
-                    self._install(rung, index, promote_after=0.0)
+                    self._install(rung, ladder.index(stand_in), promote_after=0.0)
                     return
             await self._climb_down()
 
@@ -199,11 +201,14 @@ class Ladder:
         else:
             self.draining.append(rung)
 
-    def settled(self, rung: Rung | None) -> None:
-        """A chunk of ``rung`` got its final report: close the rung if it drained."""
-        if rung in self.draining and rung is not None and rung.in_flight == 0:
-            self.draining.remove(rung)
-            self._close_later(rung, False)
+    def settled(self, holder: object) -> None:
+        """A chunk of the rung ``holder`` got its final report: close the rung if it
+        drained."""
+        for rung in self.draining:
+            if rung is holder and rung.in_flight == 0:
+                self.draining.remove(rung)
+                self._close_later(rung, False)
+                return
 
     def _close_later(self, rung: Rung, kill: bool) -> None:
         async def close() -> None:

@@ -26,7 +26,6 @@ from ._errors import (FunctionUnavailable, PoolClosed, SerializationError, Worke
                       exit_described)
 from ._events import Counters, Emitter
 from ._execute import SKIPPED
-from ._rungs import Rung
 from ._sizing import Timing
 
 
@@ -42,7 +41,7 @@ class Outcomes:
     """The rungs' listener: chunks in flight, their outcomes, and what to send again."""
 
     def __init__(self, config: PoolConfig, counters: Counters, emit: Emitter, *,
-                 kick: Callable[[], None], settled: Callable[[Rung | None], None]) -> None:
+                 kick: Callable[[], None], settled: Callable[[object], None]) -> None:
         self.config = config
         self.counters = counters
         self.emit = emit

@@ -21,7 +21,7 @@ from ._functions import FunctionBook, Shipped, check_function
 from ._ladder import Ladder
 from ._loop import Loop, current_loop
 from ._options import PER_CALL, CallKwargs, CallOptions
-from ._rungs import OUT_OF_PROCESS
+from ._rungs import CLUSTER, OUT_OF_PROCESS
 from ._source import RateLimit, Source
 
 logger = logging.getLogger("asyncpool")
@@ -421,7 +421,7 @@ class ResilientPool:
         self._engine_now()
         check_function(fn)
         shipped = self._functions.ship(fn) if self._pickles else _LOCAL
-        if options.dask and "dask" not in self.config.ladder:
+        if options.dask and CLUSTER.isdisjoint(self.config.ladder):
             logger.debug("Dask options %s ignored: this pool has no Dask cluster",
                          sorted(options.dask))
         limits = [RateLimit(options.rate_limit)] if options.rate_limit else []

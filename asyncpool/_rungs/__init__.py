@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from .._config import PoolConfig
     from .._loop import Loop
 
-__all__ = ("FACTORIES", "ONE_ATTEMPT", "OUT_OF_PROCESS", "ChunkUnpicklable", "Listener", "Rung",
-           "RungState", "create_rung")
+__all__ = ("CLUSTER", "FACTORIES", "ONE_ATTEMPT", "OUT_OF_PROCESS", "STAND_IN",
+           "ChunkUnpicklable", "Listener", "Rung", "RungState", "create_rung")
 
 Factory = Callable[["PoolConfig", Listener, "Loop"], Awaitable[Rung]]
 
@@ -54,6 +54,11 @@ OUT_OF_PROCESS = frozenset({"process", "dask"})
 #: Rungs given one attempt to start: a cluster that does not answer costs one connect
 #: timeout, not three.
 ONE_ATTEMPT = frozenset({"dask"})
+#: Rungs that place work on a cluster: the per-call cluster options apply to them.
+CLUSTER = frozenset({"dask"})
+#: With warm_start, the rung that serves at once while the one it stands in for
+#: starts in the background (then takes over).
+STAND_IN = {"process": "thread"}
 
 
 async def create_rung(name: str, config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
