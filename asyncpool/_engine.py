@@ -197,9 +197,17 @@ class Engine:
                 return
             started = time.perf_counter()
             try:
-                rung.submit(chunk)
-            except ChunkUnpicklable as exc:
-                self.outcomes.unpicklable(chunk, exc.errors, exc.__cause__)
+                try:
+                    rung.submit(chunk)
+                except ChunkUnpicklable as exc:
+                    self.outcomes.unpicklable(chunk, exc.errors, exc.__cause__)
+                    continue
+            except Exception as exc:
+                # A fault of ours: the chunk's calls fail with it rather than wait
+                # for items that went nowhere.
+                logger.exception("asyncpool failed to send a chunk; its calls fail")
+                for call in chunk.calls():
+                    call.fail(exc)
                 continue
             self.outcomes.sent(chunk, time.perf_counter() - started)
 

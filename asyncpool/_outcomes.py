@@ -270,9 +270,11 @@ class Outcomes:
             fix = "return plain data (built-in types, or classes importable in both processes)"
         else:
             item = piece.items[index - piece.start]
-            if piece.call.star:  # run(fn, *args), starmap
+            if piece.call.star and isinstance(item, tuple | list):  # run(fn, *args)
                 described = "its arguments ({})".format(
                     ", ".join(type(arg).__qualname__ for arg in item))
+            elif piece.call.star:  # starmap: the item itself is not iterated here
+                described = f"its arguments (a {type(item).__qualname__}, not a tuple)"
             else:
                 described = f"its argument (a {type(item).__qualname__})"
             fix = ("pass plain, picklable data (no locks, sockets or generators; classes "

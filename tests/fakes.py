@@ -35,6 +35,8 @@ class Script:
     crashes: Callable[[Any], bool] = lambda item: False
     #: While set, chunks wait until released (to hold slots busy).
     holding: bool = False
+    #: Raised by submit (a fault of the engine's own code, not of an item).
+    submit_error: Exception | None = None
     # What happened:
     starts: int = 0
     chunk_sizes: list[int] = field(default_factory=list)
@@ -67,6 +69,8 @@ class FakeRung(Rung):
         return None if ok else 0
 
     def submit(self, chunk: Any) -> None:
+        if self.script.submit_error is not None:
+            raise self.script.submit_error
         chunk.rung = self
         self._in_flight += 1
         self.script.chunk_sizes.append(chunk.size)

@@ -112,6 +112,13 @@ async def test_unpicklable_argument_stays_with_its_item(rungs: tuple[str, ...],
         # run()'s arguments are named one by one (it said "its argument (a tuple)").
         with pytest.raises(SerializationError, match=r"its arguments \(int, Unpicklable\)"):
             await pool.run(divmod, 1, tasks.Unpicklable())
+        # A starmap item that is no tuple is named, not iterated (iterating it raised
+        # while the chunk was being sent, and the call waited for ever).
+        with anyio.fail_after(10):
+            results = await pool.starmap(divmod, [(7, 2), tasks.Unpicklable()],
+                                         return_exceptions=True)
+        assert results[0] == (3, 1) and isinstance(results[1], SerializationError)
+        assert "(a Unpicklable, not a tuple)" in str(results[1])
 
 
 async def test_pickling_error_of_any_type_stays_with_its_item(anyio_backend: str) -> None:

@@ -32,6 +32,19 @@ async def test_failed_starts_back_off_then_serve(monkeypatch: pytest.MonkeyPatch
             assert stats.fallbacks == 0
 
 
+async def test_a_fault_in_sending_fails_the_calls_it_touched(
+        monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
+    # Whatever goes wrong while a chunk is sent, its callers hear of it: they never
+    # wait for items that went nowhere.
+    script = Script(submit_error=RuntimeError("the send broke"))
+    with fake_rungs(monkeypatch, process=script):
+        async with ResilientPool(max_workers=2, **FAST) as pool:
+            with anyio.fail_after(10), pytest.raises(RuntimeError, match="the send broke"):
+                await pool.map(tasks.square, range(10))
+            script.submit_error = None
+            assert await pool.run(tasks.square, 3) == 9
+
+
 async def test_falls_back_and_climbs_back_with_events(monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture,
                                                       anyio_backend: str) -> None:
