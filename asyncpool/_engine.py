@@ -259,6 +259,12 @@ class Engine:
                 self.ready.append(call)  # until a chunk of its function comes back
                 continue
             cost = timing.per_item if timing.per_item is not None else target / timing.ramp
+            if pieces and budget < cost:
+                # Less than one of its items fits: it heads the next chunk rather than
+                # go to the back of the queue for one item (calls then took turns in
+                # pairs, the second of each pair getting an item a chunk).
+                self.ready.appendleft(call)
+                break
             want = fixed or max(1, int(budget / max(cost, 1e-9)))
             # A chunk size the caller chose is kept as it is, unless sending it would
             # hold the loop long (its chunks of 100 went out as 78 to 134 chunks in

@@ -279,6 +279,19 @@ def test_the_packer_fills_a_chunk_with_target_seconds_of_measured_work() -> None
     assert _contents(chunk) == [(call.id, 1) for call in burst[:13]]
 
 
+def test_calls_take_turns_heading_chunks() -> None:
+    # Four maps of 2.2 ms items, 9 to a chunk of 20 ms: each heads a chunk in turn.
+    # (A call that took the one item the rest of a chunk had room for went to the back
+    # of the queue: calls then went in pairs, and the second of each pair got an item
+    # a chunk, a map of 20 small items arriving during big ones waiting 20 chunks.)
+    engine = _packer(target=0.02)
+    calls = [_call(list(range(1000)), 0.0022) for _ in range(4)]
+    for call in calls:
+        engine.add(call)
+    made = [_contents(engine._new_chunk(10_000, 2)) for _ in range(8)]
+    assert made == [[(call.id, 9)] for call in calls] * 2
+
+
 def test_the_packer_shrinks_chunks_as_known_input_runs_out() -> None:
     engine = _packer(target=10.0)
     call = _call(list(range(100)), 0.0001)
