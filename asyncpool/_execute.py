@@ -15,8 +15,8 @@ import sys
 import time
 
 from . import _wire
-from ._errors import (FunctionUnavailable, RemoteError, RemoteTraceback,
-                      SerializationError)
+from ._errors import (FunctionUnavailable, InitializerFailed, RemoteError,
+                      RemoteTraceback, SerializationError)
 from ._handover import Running, unwatch, watch
 from ._retry import is_transient, task_retry_delays
 from ._share import share_main
@@ -323,6 +323,9 @@ _cluster_functions: dict[tuple[str, bytes], Any] = {}
 #: Calls each client process stopped: a Dask worker's running chunks skip their items
 #: not started (Dask cannot stop a task that runs). At most 4,096 for each.
 _cluster_cancelled: dict[str, set[int]] = {}
+#: Initializers that raised on this Dask worker (one that joined, or restarted), by
+#: their plugin's name: the pool's tasks must not run here uninitialised.
+cluster_init_failures: dict[str, str] = {}
 
 
 def cancel_on_cluster(space: str, calls: list[int]) -> None:
@@ -334,7 +337,7 @@ def cancel_on_cluster(space: str, calls: list[int]) -> None:
 
 
 def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, space: str,
-                   versions: Sequence[int] = ()
+                   versions: Sequence[int] = (), initializer: str | None = None
                    ) -> tuple[list[bytes | bytearray], list[tuple[int, bytes, str]],
                               tuple[list[float], int], str | None, str | None]:
     """What the dask rung runs on a Dask worker: (the results' pickle and its
@@ -344,8 +347,12 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
     ``arguments`` is the runs' pickle (function index, star, call id, items) and its
     buffers, made by the rung: an item that does not unpickle here fails its chunk
     (which the rung splits), not the task. ``space`` names the client process,
-    ``versions`` orders the functions' pickles (see :func:`share_main`).
+    ``versions`` orders the functions' pickles (see :func:`share_main`). Raises
+    InitializerFailed if the pool's ``initializer`` (its plugin's name) failed here.
     """
+    if initializer in cluster_init_failures:
+        raise InitializerFailed(f"the initializer raised on this Dask worker (which "
+                                f"joined or restarted): {cluster_init_failures[initializer]}")
     functions = []
     for index, blob in enumerate(blobs):
         # Each task carries its function's pickle: loaded once per worker process.

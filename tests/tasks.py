@@ -272,6 +272,13 @@ def remember(tag: str) -> None:
     STATE["runs"] = int(STATE.get("runs", 0)) + 1  # type: ignore[call-overload]
 
 
+def remember_unless(tag: str, refuse: str) -> None:
+    """An initializer that raises once the file ``refuse`` exists."""
+    if os.path.exists(refuse):
+        raise LookupError(f"{refuse} says no")
+    remember(tag)
+
+
 def recall(_: object = None) -> tuple[object, object, int]:
     return STATE.get("tag"), STATE.get("runs"), os.getpid()
 

@@ -5,6 +5,8 @@ workers, a poison item, a function the cluster cannot import."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -244,6 +246,46 @@ async def test_an_initializer_raising_an_oserror_on_the_cluster_fails_the_pool()
             async with ResilientPool(max_workers=1, dask_address=cluster.address,
                                      initializer=tasks.fail_on_cluster):
                 pass
+    finally:
+        cluster.stop()
+
+
+async def test_a_restarted_worker_whose_initializer_fails_runs_no_task(
+        tmp_path: Path) -> None:
+    # Dask only logs a worker plugin that raised on a worker that joined or was
+    # restarted: the pool's tasks ran there uninitialised, and returned wrong results.
+    import distributed
+
+    refuse = tmp_path / "refuse"
+    cluster = CliCluster(workers=1)
+    try:
+        cluster.start_scheduler()
+        cluster.start_workers()
+        await cluster.wait_ready()
+        async with ResilientPool(max_workers=1, dask_address=cluster.address,
+                                 initializer=tasks.remember_unless,
+                                 initargs=("dask", str(refuse))) as pool:
+            assert pool.backend == "dask"
+            assert {tag for tag, _, _ in await pool.map(tasks.recall, range(4))} == {"dask"}
+            refuse.touch()
+            async with distributed.Client(cluster.address, asynchronous=True,
+                                          set_as_default=False) as client:
+                [pid] = (await client.run(os.getpid)).values()
+                os.kill(pid, signal.SIGKILL)  # its nanny starts it again
+
+                async def restarted() -> bool:
+                    try:
+                        return pid not in (await client.run(os.getpid)).values()
+                    except Exception:
+                        return False
+
+                with anyio.fail_after(60):
+                    while not await restarted():
+                        await anyio.sleep(0.2)
+            results = await pool.map(tasks.recall, range(10), chunk_size=1,
+                                     return_exceptions=True)
+            assert all(isinstance(r, InitializerFailed) for r in results), results
+            assert "says no" in str(results[0])
     finally:
         cluster.stop()
 

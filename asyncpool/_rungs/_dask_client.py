@@ -150,7 +150,7 @@ async def register_initializer(client: Any, config: PoolConfig, name: str) -> No
     started = asyncio.get_running_loop().time()
     try:
         await _while_answering(client.register_plugin(
-            InitializerPlugin(blob, client_space()), name=name), client, timeout,
+            InitializerPlugin(blob, client_space(), name), name=name), client, timeout,
             config.dask_connect_timeout)
     except RungUnavailable:
         raise

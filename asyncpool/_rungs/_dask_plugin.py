@@ -11,17 +11,25 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .._execute import loads
+from .._execute import cluster_init_failures, loads
 from .._share import share_main
 
 
 class InitializerPlugin(WorkerPlugin):
-    """Runs ``initializer(*initargs)`` once on each worker, now and as workers join."""
+    """Runs ``initializer(*initargs)`` once on each worker, now and as workers join.
+    Where it raises, the worker runs none of the pool's tasks (Dask itself only logs
+    a plugin that failed on a worker that joined)."""
 
-    def __init__(self, blob: bytes, space: str) -> None:
+    def __init__(self, blob: bytes, space: str, name: str) -> None:
         self.blob = blob
         self.space = space
+        self.name = name
 
     def setup(self, worker: Any) -> None:
-        initializer, initargs = loads(self.blob)
-        share_main(initializer, self.space)(*initargs)
+        cluster_init_failures.pop(self.name, None)
+        try:
+            initializer, initargs = loads(self.blob)
+            share_main(initializer, self.space)(*initargs)
+        except BaseException as exc:
+            cluster_init_failures[self.name] = repr(exc)
+            raise

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _wire
 from .._call import CallState
-from .._errors import FunctionUnavailable, SerializationError
+from .._errors import FunctionUnavailable, InitializerFailed, SerializationError
 from .._execute import decode_error, run_on_cluster
 from .._retry import RungUnavailable
 from .._salvage import load_results
@@ -83,6 +83,9 @@ class DaskRung(Rung):
         #: Tells the workers which calls stopped (see cancel).
         self._stopped = StoppedCalls(client)
         self._token = secrets.token_hex(4)
+        #: The name of its initializer's worker plugin, if it has an initializer.
+        self._initializer = (f"asyncpool-initializer-{self._token}"
+                             if config.initializer is not None else None)
         self._count = 0
         #: The scheduler this rung set up (see _resize).
         self._scheduler_id: str | None = None
@@ -122,8 +125,8 @@ class DaskRung(Rung):
             # A scheduler with no worker would take chunks and never run them.
             await asyncio.wait_for(rung.client.wait_for_workers(1), timeout)
             await rung._resize()
-            if config.initializer is not None:
-                await rung._initialize()
+            if rung._initializer is not None:
+                await register_initializer(rung.client, config, rung._initializer)
         except BaseException as exc:
             await rung.aclose(kill=True)
             if isinstance(exc, OSError | TimeoutError):
@@ -136,11 +139,6 @@ class DaskRung(Rung):
                     f"; dashboard: {link}" if link else "")
         rung._sizer = asyncio.ensure_future(rung._keep_sized())
         return rung
-
-    async def _initialize(self) -> None:
-        """The initializer on every worker (and each that joins), as a worker plugin."""
-        await register_initializer(self.client, self.config,
-                                   f"asyncpool-initializer-{self._token}")
 
     async def _resize(self) -> int:
         """Follow the cluster's threads; returns how many it has now. A scheduler
@@ -258,7 +256,7 @@ class DaskRung(Rung):
             name = re.sub(r"[^\w.]+", "_", chunk.pieces[0].call.shipped.name)
             future = self.client.submit(run_on_cluster, blobs, arguments,
                                         self.config.task_retries, client_space(),
-                                        [s.id for s in shipped],
+                                        [s.id for s in shipped], self._initializer,
                                         key=f"{name}-{self._token}-{self._count}", pure=False,
                                         **chunk.pieces[0].call.options.dask)
             # Shielded: the client gathers many futures' results in one shared request,
@@ -305,8 +303,11 @@ class DaskRung(Rung):
                 return
             # The cluster could not run the task at all (a function or argument that
             # will not load there): every item of the chunk fails the same way.
-            error = FunctionUnavailable(f"the Dask cluster could not run this task: {exc!r}")
-            error.__cause__ = exc
+            error: Exception = exc  # the initializer failed where it ran
+            if not isinstance(exc, InitializerFailed):
+                error = FunctionUnavailable(f"the Dask cluster could not run this task: "
+                                            f"{exc!r}")
+                error.__cause__ = exc
             self._finished(chunk, [None] * chunk.size,
                            dict.fromkeys(range(chunk.size), error))
             return
