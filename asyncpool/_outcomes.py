@@ -311,6 +311,7 @@ class Outcomes:
             if piece.call.state is CallState.ACTIVE:
                 piece.call.deliver(piece.start + lo, [None] * (hi - lo),
                                    dict.fromkeys(range(hi - lo), closed))
+                self.counters.tasks_failed += hi - lo
 
     def resend_waits(self) -> bool:
         """Whether items wait to go out again (those of calls that ended are dropped)."""

@@ -127,6 +127,37 @@ async def test_every_item_taken_is_counted_once_however_its_call_ended(
         assert stats.tasks_abandoned >= 11 and stats.tasks_completed >= 7
 
 
+async def test_items_read_from_a_generator_and_killed_by_a_close_are_counted(
+        anyio_backend: str) -> None:
+    # The items a generator input had yielded when its call timed out were counted
+    # only as far as they had gone out (9 to 22 of 200 added up), and the items a
+    # killing close stopped mid-run were counted nowhere.
+    read = 0
+
+    def naps() -> Iterator[float]:
+        nonlocal read
+        for _ in range(200):
+            read += 1
+            yield 0.05
+
+    pool = ResilientPool(max_workers=2)
+    async with pool:
+        with pytest.raises(DeadlineExceeded):
+            await pool.map(tasks.nap, naps(), timeout=0.3)
+        stats = pool.statistics()
+        assert stats.tasks_completed + stats.tasks_failed + stats.tasks_abandoned == read
+        async with anyio.create_task_group() as tg:
+            async def doomed() -> None:
+                with pytest.raises(PoolClosed):
+                    await pool.map(tasks.nap, [0.05] * 200)
+
+            tg.start_soon(doomed)
+            await wait_until(lambda: pool.statistics().tasks_completed > stats.tasks_completed)
+            await pool.aclose(kill=True)
+    stats = pool.statistics()
+    assert stats.tasks_completed + stats.tasks_failed + stats.tasks_abandoned == read + 200
+
+
 async def test_private_workers_per_pool(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=1) as a, ResilientPool(max_workers=2) as b:
         pids_a = set(await a.map(tasks.pid_of, range(20)))
