@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, TypedDict
 
+from ._functions import is_async, name_of
+
 RungName = Literal["process", "thread", "inline"]
 RUNGS: tuple[str, ...] = ("process", "thread", "inline")
 #: The most workers a pool may have.
@@ -137,6 +139,11 @@ class PoolConfig:
         initializer: object = self.initializer
         if initializer is not None and not callable(initializer):
             _type_error("initializer", initializer, "a callable or None")
+        if initializer is not None and is_async(initializer):
+            raise TypeError(f"PoolConfig.initializer={name_of(initializer)} is an async "
+                            "function: "
+                            "nothing would await it in the workers; pass a plain "
+                            "function (one may call asyncio.run inside)")
         initargs: object = self.initargs
         if not isinstance(initargs, tuple):
             _type_error("initargs", initargs, "a tuple")
@@ -170,8 +177,15 @@ class PoolConfig:
               per_call: frozenset[str] = frozenset()) -> PoolConfig:
         """``config`` with ``options`` applied; an unknown option says what it meant,
         one of ``per_call`` (a call's options) where it goes."""
+        if config is not None and not isinstance(config, PoolConfig):
+            raise TypeError(f"config= takes a PoolConfig, not a {type(config).__name__}: "
+                            "PoolConfig(**settings) makes one, or pass the settings as "
+                            "keywords: ResilientPool(max_workers=2, ...)")
         names = {f.name for f in dataclasses.fields(cls)}
         for name in options:
+            if name == "ordered":
+                raise TypeError("ordered is an option of imap, not of the pool: "
+                                "pool.imap(fn, items, ordered=False)")
             if name in per_call and name not in names:
                 raise TypeError(f"{name} is an option of each call, not of the pool: "
                                 f"pool.map(fn, items, {name}=...)")

@@ -402,6 +402,10 @@ def test_portable_keeps_what_unpickles_and_describes_the_rest() -> None:
 
 # -- configuration -------------------------------------------------------------------
 
+async def tasks_async_init() -> None:
+    """An async function given as an initializer."""
+
+
 BAD_VALUES = [
     ("max_workers", 0, ValueError), ("max_workers", -1, ValueError),
     ("max_workers", 1.5, TypeError), ("max_workers", True, TypeError),
@@ -416,6 +420,8 @@ BAD_VALUES = [
     ("warm_start", "no", TypeError), ("reuse_workers", "false", TypeError),
     ("max_tasks_per_worker", 0, ValueError), ("max_worker_memory", 1.5, TypeError),
     ("initializer", 3, TypeError), ("initargs", [1], TypeError),
+    # An async initializer would never be awaited (each worker warned, and ran on).
+    ("initializer", tasks_async_init, TypeError),
     ("rungs", ("process", "gpu"), ValueError), ("rungs", (), ValueError),
     ("rungs", ("inline", "process"), ValueError), ("rungs", ("thread", "thread"), ValueError),
     ("dask_connect_timeout", math.inf, ValueError),
@@ -456,6 +462,10 @@ def test_both_ways_to_configure_and_a_typo_says_what_was_meant() -> None:
     for name in ("timeout", "return_exceptions", "cancel_running"):
         with pytest.raises(TypeError, match=f"{name} is an option of each call"):
             ResilientPool(**{name: 1})  # type: ignore[misc]
+    with pytest.raises(TypeError, match="ordered is an option of imap"):
+        ResilientPool(ordered=False)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="config= takes a PoolConfig, not a dict"):
+        ResilientPool(config={"max_workers": 2})  # type: ignore[arg-type]
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.config.max_workers = 5  # type: ignore[misc]
     assert "new" in repr(a)
