@@ -45,6 +45,32 @@ def nap(seconds: float) -> float:
     return seconds
 
 
+def note_ready(path: str, seconds: float) -> None:
+    """An initializer that takes ``seconds``, then notes when its worker was ready."""
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {time.monotonic()}\n")
+
+
+def nap_until(seconds: float) -> tuple[int, float]:
+    """Sleep; this worker's pid and when it finished (clocks agree across processes)."""
+    time.sleep(seconds)
+    return os.getpid(), time.monotonic()
+
+
+def alone(path: str) -> int | str:
+    """Whether no other process ran this meanwhile: each holds a lock on ``path``."""
+    import fcntl
+
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "overlap"
+        time.sleep(0.02)
+    return os.getpid()
+
+
 def kill_self_once(args: tuple[int, str]) -> int:
     """SIGKILL this worker the first time item 0 runs; the retry succeeds."""
     x, marker = args

@@ -3,10 +3,12 @@ cancelled call's waiting chunks never started."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import functools
 import gc
+import itertools
 import os
 import subprocess
 import sys
@@ -142,7 +144,7 @@ async def test_a_live_worker_serves_while_replacements_initializer_raises(
 
 
 @pytest.mark.parametrize("initializer, initargs, match", [
-    (tasks.exit_with, (1,), "raised: SystemExit"),
+    (tasks.exit_with, (1,), "raised on the event loop: SystemExit"),
     (tasks.nap, (0.3,), "did not return within start_timeout=0.1"),
 ])
 async def test_the_inline_initializer_fails_the_open_as_the_others_do(
@@ -181,6 +183,44 @@ async def test_workers_are_recycled_after_max_tasks(caplog: pytest.LogCaptureFix
     said = [r.getMessage() for r in caplog.records]
     assert not [m for m in said if "connection" in m or "crash" in m
                 or "head of its queue" in m], said
+
+
+async def test_a_recycled_worker_s_replacement_is_ready_before_it_leaves(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # The replacement was forked when the leaving worker took its last chunk: with an
+    # initializer slower than that chunk, a call waited for the initializer at every
+    # recycling (3 calls of 300 ms in 160 of 10 ms). It starts early enough now.
+    ready = tmp_path / "ready"
+    async with ResilientPool(max_workers=1, max_tasks_per_worker=50,
+                             initializer=tasks.note_ready,
+                             initargs=(str(ready), 0.2)) as pool:
+        ends = [await pool.run(tasks.nap_until, 0.01) for _ in range(120)]
+    became_ready = {int(pid): float(at) for pid, at in
+                    (line.split() for line in ready.read_text().splitlines())}
+    last_item = {pid: at for pid, at in ends}  # the last end of each worker's items
+    order = list(dict.fromkeys(pid for pid, _ in ends))
+    assert len(order) >= 3
+    assert max(collections.Counter(pid for pid, _ in ends).values()) <= 50
+    for leaving, successor in itertools.pairwise(order):
+        assert became_ready[successor] < last_item[leaving]
+
+
+async def test_a_worker_and_its_replacement_never_run_at_once(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # The replacement of a worker at max_tasks_per_worker took items while the leaving
+    # worker still ran its last chunk: max_workers=1 ran two items at once.
+    lock = str(tmp_path / "lock")
+    async with ResilientPool(max_workers=1, max_tasks_per_worker=10) as pool:
+        seen = [*await pool.map(tasks.alone, [lock] * 40, chunk_size=3),
+                *await pool.map(tasks.alone, [lock] * 40)]
+        async with anyio.create_task_group() as tg:
+            for _ in range(40):
+                tg.start_soon(lambda: _append(seen, pool.run(tasks.alone, lock)))
+    assert "overlap" not in seen and len(set(seen)) >= 12
+
+
+async def _append(into: list[Any], result: Any) -> None:
+    into.append(await result)
 
 
 async def test_workers_stay_under_the_memory_ceiling(anyio_backend: str) -> None:

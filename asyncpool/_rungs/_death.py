@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from .._errors import InitializerFailed
+from .._retry import RungUnavailable
 
 if TYPE_CHECKING:
     from .._call import Chunk
@@ -28,3 +31,17 @@ class Death:
         self.crashed = False
         self.culprit: int | None = None
         self.loading = 0
+
+
+def initializer_failure(error: BaseException | None, forked: bool,
+                        initializer: Any) -> InitializerFailed | None:
+    """The initializer's fault, if a worker did not start with ``error``: it raised,
+    or the worker died while running it (``forked``: the fork itself worked)."""
+    if error is None or initializer is None or (isinstance(error, OSError) and not forked):
+        return None  # no error, or the fork itself failed (out of processes)
+    if isinstance(error, RungUnavailable):
+        failure = InitializerFailed(f"a worker died while running the initializer "
+                                    f"{initializer!r}: {error}")
+        failure.__cause__ = error
+        return failure
+    return InitializerFailed.raised(initializer, error)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .. import _wire
-from .._errors import InitializerFailed, exit_described
+from .._errors import exit_described
 from .._execute import decode_error
 from .._forkserver import Spawned
 from .._retry import RungUnavailable
@@ -389,19 +389,11 @@ class Proc:
                 chunk.killed = True
                 self.kill()
 
-    def initializer_failure(self, initializer: Any) -> InitializerFailed | None:
-        """The initializer's fault, if this worker did not start: it raised, or the
-        worker died while running it."""
-        error = self.init_error
-        if error is None or initializer is None or (
-                isinstance(error, OSError) and self.pid is None):
-            return None  # no error, or the fork itself failed (out of processes)
-        if isinstance(error, RungUnavailable):
-            failure = InitializerFailed(f"a worker died while running the initializer "
-                                        f"{initializer!r}: {error}")
-            failure.__cause__ = error
-            return failure
-        return InitializerFailed.raised(initializer, error)
+    def retire(self) -> None:
+        """Leave now, idle, as after max_tasks_per_worker (its replacement is ready)."""
+        if self.state is ProcState.READY and not self.chunks:
+            self.state = ProcState.RETIRING
+            self.close()
 
     def kill(self) -> None:
         """SIGKILL the worker's process group: the worker and whatever it started.

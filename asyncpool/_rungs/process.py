@@ -29,9 +29,10 @@ from .._forkserver import ForkServer
 from .._loop import preload_backend
 from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
 from ._parking import park, take_parked, worker_settings
-from ._death import Death, ProcState
+from ._death import Death, ProcState, initializer_failure
 from ._frames import chunk_frame, runs_of
 from ._proc import Events, Proc
+from ._recycling import Recycling
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class ProcessRung(Rung, Events):
         #: busy), the next here for the first free worker (a call arriving meanwhile
         #: waited behind two 200 ms items queued on each worker).
         self._depth = DEPTH * config.target_chunk_seconds
+        self._recycling = Recycling(config)
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ProcessRung:
@@ -115,7 +117,8 @@ class ProcessRung(Rung, Events):
             raise RungUnavailable(f"the worker processes did not start within "
                                   f"{self.config.start_timeout} s") from None
         for proc in starting:
-            failure = proc.initializer_failure(self.config.initializer)
+            failure = initializer_failure(proc.init_error, proc.pid is not None,
+                                          self.config.initializer)
             if failure is not None:
                 raise failure
         ready = [p for p in self.procs if p.state is ProcState.READY]
@@ -129,6 +132,7 @@ class ProcessRung(Rung, Events):
 
     def _fork(self) -> Proc:
         proc = Proc(ForkServer.spawn(), self, self.loop)
+        self._recycling.forked(proc)
         proc.attach(self, self.loop)
         proc.send(_wire.INIT, self._settings)
         self.procs.append(proc)
@@ -138,16 +142,21 @@ class ProcessRung(Rung, Events):
 
     def _pick(self, wait_on_stuck: bool = True) -> Proc | None:
         best = None
-        limit = self.config.max_tasks_per_worker
         stuck = time.monotonic() - STUCK_SECONDS
         # While a worker is replaced (after a crash), what would wait behind a busy one
         # waits a few ms for the replacement instead.
         replacing = wait_on_stuck and self._supervisor is not None and (
             self._live() < self.config.max_workers or any(
                 p.state is ProcState.STARTING and not p.killed for p in self.procs))
+        # At most max_workers workers run items (see Recycling.room).
+        room = self._recycling.room(self.procs)
         for proc in self.procs:
-            if proc.state is not ProcState.READY or len(proc.chunks) >= DEPTH or (
-                    limit is not None and proc.tasks >= limit):
+            if not self._recycling.serves(proc):
+                continue
+            room -= 1
+            if room < 0:
+                break
+            if len(proc.chunks) >= DEPTH:
                 continue
             if wait_on_stuck and proc.chunks and (replacing or proc.heard < stuck or (
                     len(proc.chunks) > 1 and proc.work_held() > self._depth)):
@@ -190,11 +199,11 @@ class ProcessRung(Rung, Events):
             len(f.blob) + sum(memoryview(b).nbytes for b in f.buffers)
             for f in functions.values())
         proc.take(chunk, parts, functions)
-        limit = self.config.max_tasks_per_worker
-        # It leaves after this chunk: start its replacement now, so no call waits. Or
-        # items wait behind others: the supervisor looks for a worker stuck on one.
-        if (limit is not None and proc.tasks >= limit) or not self._looking and (
-                chunk.size > 1 or len(proc.chunks) > 1):
+        # It leaves soon (or after this chunk): its replacement starts now, so that no
+        # call waits for it. Or items wait behind others: the supervisor looks for a
+        # worker stuck on one.
+        if self._recycling.replace_early(proc, chunk) or self._recycling.spent(proc) or (
+                not self._looking and (chunk.size > 1 or len(proc.chunks) > 1)):
             self._grow()
 
     def forget(self, fn_id: int) -> None:
@@ -228,6 +237,8 @@ class ProcessRung(Rung, Events):
     # -- what workers report -------------------------------------------------------
 
     def proc_ready(self, proc: Proc) -> None:
+        self._recycling.ready(proc)
+        self._retire_idle()
         limit = self.config.max_worker_memory
         if limit and proc.ready_rss > limit and not self._memory_warned:
             self._memory_warned = True
@@ -254,6 +265,7 @@ class ProcessRung(Rung, Events):
         if done:
             self.listener.chunk_done(chunk, upto, seconds, retried)
             if not proc.chunks:
+                self._retire_idle()
                 self._take_back()
 
     def proc_cut(self, proc: Proc, chunk: Chunk, keep: int) -> None:
@@ -272,12 +284,21 @@ class ProcessRung(Rung, Events):
             for proc in self.procs:
                 proc.take_back(stuck)
 
+    def _retire_idle(self) -> None:
+        """Workers near max_tasks_per_worker leave once idle if their replacements are
+        ready: no more than max_workers stay (a pool gone quiet kept both)."""
+        for proc in self._recycling.idle_leavers(self.procs):
+            proc.retire()
+            self.listener.worker_recycled(f"worker {proc.pid} retires after {proc.tasks} "
+                                          "item(s), its replacement ready", pid=proc.pid)
+
     def proc_retiring(self, proc: Proc) -> None:
         self.listener.worker_recycled(f"worker {proc.pid} retires after {proc.tasks} "
                                       "item(s); a new one replaces it", pid=proc.pid)
         self._grow()
 
     def proc_dead(self, proc: Proc, death: Death) -> None:
+        self._recycling.gone(proc)
         if proc in self.procs:
             self.procs.remove(proc)
         if death.crashed:
@@ -314,10 +335,9 @@ class ProcessRung(Rung, Events):
         """Workers that will take chunks: starting or ready, and not about to leave
         (one that reached max_tasks_per_worker leaves after its chunk, one killed for
         not starting in time or whose initializer failed is gone)."""
-        limit = self.config.max_tasks_per_worker
         return sum(1 for p in self.procs if p.state in (ProcState.STARTING, ProcState.READY)
                    and not p.killed and p.init_error is None
-                   and (limit is None or p.tasks < limit))
+                   and p not in self._recycling.leaving and not self._recycling.spent(p))
 
     def _grow(self) -> None:
         """A worker left (or will): the supervisor forks its replacement."""
@@ -360,8 +380,8 @@ class ProcessRung(Rung, Events):
                     await proc.started.wait()
             for proc in started:
                 if proc.init_error is not None:  # a fork failed, or the initializer did
-                    error = (proc.initializer_failure(self.config.initializer)
-                             or proc.init_error)
+                    error = initializer_failure(proc.init_error, proc.pid is not None,
+                                                self.config.initializer) or proc.init_error
                 elif proc.state is ProcState.STARTING:
                     proc.kill()
                     error = RungUnavailable("a new worker did not start in time")
