@@ -11,6 +11,7 @@ a chunk to fill.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
 import random
@@ -83,11 +84,12 @@ class Source:
         if isinstance(items, AsyncIterable):
             self._ait = items.__aiter__()
             self.fed = True
-        elif isinstance(items, (list, tuple, range)):
+        elif isinstance(items, list | tuple | range) and type(items) in (list, tuple, range):
             self._seq = items
         else:
             # Any other sequence is the caller's code too (a dataset reading from
-            # disk, say): it is pulled in a thread, and only its length known here.
+            # disk, say, or a list subclass's __getitem__): it is pulled in a thread,
+            # and only its length known here.
             if isinstance(items, Sequence) and not isinstance(items, (str, bytes)):
                 try:
                     self._length = len(items)
@@ -184,9 +186,7 @@ class Source:
         assert self._seq is not None
         try:
             taken = list(self._seq[self._pos:self._pos + count])
-        except BaseException as exc:  # a Sequence of the caller's whose items raise
-            if isinstance(exc, _cancelled()):
-                raise
+        except BaseException as exc:  # (no await here: never a cancellation of ours)
             self.error, self.ended = exc, True
             return []
         self._pos += len(taken)
@@ -217,8 +217,9 @@ class Source:
                 arrived()
         except BaseException as exc:
             # Whatever the input raised (a KeyboardInterrupt, an exception class of
-            # its own) is the call's error; only this task's cancellation is not.
-            if isinstance(exc, _cancelled()):
+            # its own, a CancelledError of something it awaited) is the call's error;
+            # only this task's own cancellation is not.
+            if _own_cancellation(exc):
                 raise
             self.error, self.ended = exc, True
             arrived()
@@ -277,6 +278,13 @@ def _iterate(items: Iterable[Any]) -> Iterator[Any]:
     yield from items
 
 
-def _cancelled() -> type[BaseException]:
-    """The running loop's cancellation exception (a task's own, never an input's)."""
-    return anyio.get_cancelled_exc_class()
+def _own_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` cancels the running task (on asyncio, a CancelledError raised by
+    something the input awaited, cancelled elsewhere, does not)."""
+    if not isinstance(exc, anyio.get_cancelled_exc_class()):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # trio: a Cancelled is always its scope's
+        return True
+    return task is None or task.cancelling() > 0

@@ -902,6 +902,47 @@ async def test_a_sequence_of_the_callers_is_read_off_the_loop(anyio_backend: str
     assert heartbeat.worst < 0.5, f"loop blocked for {heartbeat.worst:.3f} s"
 
 
+class SlowList(list[float]):
+    """A list whose slices are read from somewhere slow (its iteration is a list's)."""
+
+    def __getitem__(self, index: Any) -> Any:
+        time.sleep(0.3)
+        return super().__getitem__(index)
+
+
+async def test_a_list_subclass_is_read_off_the_loop(anyio_backend: str) -> None:
+    # Only lists, tuples and ranges are sliced on the loop: a subclass's __getitem__
+    # is the caller's code (it held the loop 0.3 s a chunk).
+    heartbeat = Heartbeat()
+    async with ResilientPool(max_workers=2) as pool, heartbeat.running():
+        assert await pool.map(tasks.nap, SlowList([0.0] * 50)) == [0.0] * 50
+    assert heartbeat.worst < 0.2, f"loop blocked for {heartbeat.worst:.3f} s"
+
+
+@pytest.mark.asyncio_only(reason="only asyncio has cancellations that are not the "
+                                 "task's own")
+async def test_an_async_input_raising_a_cancellation_not_its_callers_fails_the_call(
+        anyio_backend: str) -> None:
+    # A CancelledError from something the input awaited (a connection's reader that
+    # its producer cancelled) was taken for the feeder's own: the input ended there,
+    # and the call returned its first items as if complete.
+    import asyncio
+
+    waited = asyncio.get_running_loop().create_future()
+
+    async def source() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+        await waited
+        yield 3
+
+    asyncio.get_running_loop().call_later(0.05, waited.cancel)
+    async with ResilientPool(max_workers=2) as pool:
+        with pytest.raises(asyncio.CancelledError):
+            await pool.map(tasks.square, source(), timeout=5)
+        assert await pool.run(tasks.square, 3) == 9
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["timeout", "cancel"])
 async def test_a_stopped_calls_hung_item_is_killed_when_it_started_unheard(
