@@ -105,8 +105,8 @@ def parser() -> argparse.ArgumentParser:
                       default=2_000_000, help="count primes below this")
     mapper = sub.add_parser("map", parents=[common], epilog=EPILOG,
                             help="run MODULE:FUNCTION over each line of a JSONL file")
-    mapper.add_argument("function", help="MODULE:FUNCTION (or MODULE:Class.method), "
-                        "importable from here")
+    mapper.add_argument("function", help="MODULE:FUNCTION (or MODULE:Class.method, a "
+                        "static or class method), importable from here")
     mapper.add_argument("input", help="input file, one JSON value per line (blank lines "
                                       "are skipped); - reads standard input")
     mapper.add_argument("-o", "--output", required=True,

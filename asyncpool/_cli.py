@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import re
 import stat
 import sys
 import time
+import types
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -47,10 +49,16 @@ def load_function(spec: str) -> Callable[[Any], Any]:
         raise UsageError(f"cannot import {module_name!r}: "
                          f"{type(exc).__name__}: {exc}") from None
     fn: Any = module
+    owner: Any = None
     for part in attr.split("."):  # MODULE:Class.method too
-        fn = getattr(fn, part, None)
+        owner, fn = fn, getattr(fn, part, None)
         if fn is None:
             raise UsageError(f"{module_name} has no function {attr!r}")
+    if isinstance(owner, type) and isinstance(
+            inspect.getattr_static(owner, attr.rpartition(".")[2]), types.FunctionType):
+        raise UsageError(f"{module_name}.{attr} is a method of instances: each line would "
+                         "be passed as self; make it a staticmethod or classmethod, or "
+                         "give a function")
     if not callable(fn):
         raise UsageError(f"{module_name}.{attr} is not a function (its type is "
                          f"{type(fn).__name__})")

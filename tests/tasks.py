@@ -424,6 +424,17 @@ def spawn_session_chain(path: str) -> None:
     time.sleep(1000)
 
 
+class Scale:
+    """Methods for the command line's MODULE:Class.method."""
+
+    @staticmethod
+    def triple(x: int) -> int:
+        return 3 * x
+
+    def of_instances(self, x: int) -> int:
+        return x
+
+
 class Grid:
     """Holds its data in a buffer pickled out of band, writable or not, as NumPy arrays
     do: it must come back as writable as it left."""

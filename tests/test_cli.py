@@ -133,6 +133,9 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
     (["map", "no_such_module:fn", "IN", "-o", "OUT"], "cannot import 'no_such_module'"),
     (["map", "tests.tasks:missing", "IN", "-o", "OUT"], "has no function 'missing'"),
     (["map", "tests.tasks:Grid.nothing", "IN", "-o", "OUT"], "has no function 'Grid.nothing'"),
+    # Each line was passed as self: every line failed.
+    (["map", "tests.tasks:Scale.of_instances", "IN", "-o", "OUT"],
+     "is a method of instances"),
     (["map", "tests.tasks:STATE", "IN", "-o", "OUT"], "is not a function (its type is dict)"),
     (["map", "tests.tasks:async_square", "IN", "-o", "OUT"], "is an async function"),
     (["map", "tests.tasks", "IN", "-o", "OUT"], "expected MODULE:FUNCTION"),
@@ -178,6 +181,14 @@ def test_bad_command_lines_are_one_line_and_exit_code_2(args: list[str], message
     assert "Traceback" not in out.stderr
     assert dst.read_text() == '{"line": 1, "result": 1}\n'  # never truncated
     assert src.read_text() == "1\n" and other.read_text() == '"a line of some other file"\n'
+
+
+def test_a_static_method_is_a_function_to_map(tmp_path: Path) -> None:
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("1\n2\n")
+    out = _cli("map", "tests.tasks:Scale.triple", str(src), "-o", str(dst), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["result"] for line in dst.read_text().splitlines()] == [3, 6]
 
 
 def test_nan_and_infinity_are_not_json(tmp_path: Path) -> None:
