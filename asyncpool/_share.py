@@ -52,7 +52,10 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
             return fn
         owner = fn.__self__ if isinstance(fn.__self__, type) else type(fn.__self__)
         if owner.__module__ == "__main__":
-            _rebound(owner, inner.__globals__)
+            base = inner
+            while not hasattr(base, "__globals__"):  # under a cache
+                base = base.__wrapped__
+            _rebound(owner, base.__globals__)
         return types.MethodType(inner, fn.__self__)
     if _cached_of_script(fn):
         # Cached (functools.lru_cache, functools.cache): the function it caches shares

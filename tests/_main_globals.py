@@ -95,6 +95,12 @@ def fib(n: int) -> int:  # reaches itself, cached, through the script's globals
     return n if n < 2 else fib(n - 1) + fib(n - 2)
 
 
+class Fib:
+    @functools.lru_cache(maxsize=128)  # noqa: B019 - a script's, as users write them
+    def of(self, n: int) -> int:
+        return n if n < 2 else self.of(n - 1) + self.of(n - 2)
+
+
 def labelled(x: int) -> tuple[str, object]:
     return ("plain", x)
 
@@ -165,6 +171,9 @@ async def main() -> None:
         print(sum(await pool.map(cached_square, range(4))),
               await pool.run(functools.partial(cached_square), 3))
         print(await pool.run(fib, 90), await pool.run(functools.partial(fib), 91))
+        # A cached method of a script class (its class was rebound to the globals of
+        # the cache, which has none: FunctionUnavailable).
+        print(await pool.run(Fib().of, 30))
     async with ResilientPool(max_workers=1) as pool:
         older = asyncio.ensure_future(pool.map(slowly_via_helper, slow_input()))
         await asyncio.sleep(0.05)

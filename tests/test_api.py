@@ -330,7 +330,7 @@ async def test_main_script_globals_follow_the_caller() -> None:
     assert proc.stdout.split() == ["1", "10", "10", "hello", "42", "hello", "hello",
                                    "hello-42-0.5", "1", "100", "tagged", "100",
                                    "5-json-None", "6-pickle-{'mode':'fast'}", "140", "90",
-                                   "2880067194370816120", "4660046610375530309",
+                                   "2880067194370816120", "4660046610375530309", "832040",
                                    "1000", "-1", "1000", "0"], proc.stdout
 
 
