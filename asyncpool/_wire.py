@@ -15,6 +15,8 @@ import struct
 import time
 from typing import NamedTuple
 
+from ._share import dumps_for_workers
+
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -122,14 +124,17 @@ def _wrap(value: Any, depth: int, memo: dict[int, Any]) -> Any:
     return wrapped
 
 
-def dumps(obj: Any, *, by_value: bool = False) -> Parts:
+def dumps(obj: Any, *, by_value: bool = False, for_workers: bool = False) -> Parts:
     """Pickle ``obj`` into parts: the pickle, then its out-of-band buffers.
 
     ``by_value`` uses cloudpickle, which also takes lambdas, closures and classes
-    defined in ``__main__``.
+    defined in ``__main__``; ``for_workers``, as the workers need the script's cached
+    functions too (see :func:`asyncpool._share.dumps_for_workers`).
     """
     buffers: list[pickle.PickleBuffer] = []
-    if by_value:
+    if by_value and for_workers:
+        data = dumps_for_workers(obj, buffer_callback=buffers.append)
+    elif by_value:
         import cloudpickle
 
         data = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
@@ -145,9 +150,9 @@ def dumps_any(obj: Any, for_workers: bool = False) -> Parts:
     try:
         parts = dumps(obj)
     except Exception:
-        return dumps(obj, by_value=True)
+        return dumps(obj, by_value=True, for_workers=for_workers)
     if for_workers and _MAIN in parts[0]:
-        return dumps(obj, by_value=True)
+        return dumps(obj, by_value=True, for_workers=True)
     return parts
 
 

@@ -174,6 +174,8 @@ async def main() -> None:
         # A cached method of a script class (its class was rebound to the globals of
         # the cache, which has none: FunctionUnavailable).
         print(await pool.run(Fib().of, 30))
+        # A cached function of the script as an argument (it pickled by name).
+        print(await pool.run(operator.call, fib, 80))
     async with ResilientPool(max_workers=1) as pool:
         older = asyncio.ensure_future(pool.map(slowly_via_helper, slow_input()))
         await asyncio.sleep(0.05)
