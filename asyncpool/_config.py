@@ -295,3 +295,4 @@ def _number(config: PoolConfig, name: str, *, low: float, high: float | None = N
         bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high else "")
         raise ValueError(f"PoolConfig.{name}={value!r} is invalid: it must be a "
                          f"{'finite ' if finite else ''}number {bound}")
+

@@ -18,7 +18,7 @@ import anyio
 import anyio.lowlevel
 
 from ._call import Call, Mode
-from ._errors import DeadlineExceeded, PoolClosed, RemoteError
+from ._errors import DeadlineExceeded, PoolClosed, RemoteError, public
 from ._progress import Reporter
 
 if TYPE_CHECKING:
@@ -325,3 +325,6 @@ def _abandon(engine: Engine, call: Call, feeder: Background | None) -> None:
     if feeder is not None:
         feeder.cancel()
     call.source.close()
+
+
+public(ResultStream)

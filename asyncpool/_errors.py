@@ -276,3 +276,16 @@ def exit_described(exitcode: int | None) -> str:
         except ValueError:
             pass
     return f"exit code {exitcode}"
+
+
+def public(*objects: Any) -> None:
+    """Name these as the package's own: ``asyncpool.RemoteError`` in tracebacks and
+    reprs, not the module that defines them (pickles name them so too; the package
+    loads each on first use). Not for a class whose annotations name private types:
+    ``typing.get_type_hints`` looks them up in the module it names."""
+    for obj in objects:
+        obj.__module__ = "asyncpool"
+
+
+public(AsyncPoolError, PoolClosed, WorkerCrashed, SerializationError, FunctionUnavailable,
+       DeadlineExceeded, RemoteError, InitializerFailed, RemoteTraceback)

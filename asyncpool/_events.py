@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from ._errors import public
+
 logger = logging.getLogger("asyncpool")
 # A library does not decide where its logs go: without this, Python's last-resort
 # handler would print our WARNINGs to stderr in applications that configure no logging.
@@ -174,3 +176,6 @@ class Counters:
 
     def snapshot(self, backend: str | None, **now: int) -> PoolStatistics:
         return PoolStatistics(backend=backend, **dataclasses.asdict(self), **now)
+
+
+public(EventHook, PoolStatistics)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
 from ._config import PoolConfig
+from ._errors import public
 
 CancelRunning = Literal["finish", "kill"]
 ProgressCallback = Callable[[int, int | None], object]
@@ -178,3 +179,6 @@ _DEFAULT = CallOptions()
 PER_CALL = frozenset(f.name for f in dataclasses.fields(CallOptions))
 #: Settings of the pool that a call does not take (said so, not "did you mean").
 _POOL_FIELDS = frozenset(f.name for f in dataclasses.fields(PoolConfig)) | {"on_event"}
+
+
+public(CallKwargs)

@@ -15,7 +15,7 @@ from ._call import Call, Mode
 from ._config import PoolConfig, PoolOptions
 from ._consume import ResultStream, collect
 from ._engine import Engine, build_engine
-from ._errors import PoolClosed
+from ._errors import PoolClosed, public
 from ._events import Counters, Emitter, EventHook, PoolStatistics
 from ._functions import FunctionBook, Shipped, check_function
 from ._ladder import Ladder
@@ -447,3 +447,4 @@ def _abandoned(ladder: Ladder, pid: int) -> None:
 
 #: Functions that never leave this process (a ladder of threads and inline) ship as this.
 _LOCAL = Shipped(0, b"", "local", True)
+public(ResilientPool)

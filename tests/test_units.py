@@ -509,6 +509,17 @@ def test_did_you_mean_names_the_methods_own_keywords_and_no_far_guess() -> None:
         CallOptions.build(ordered=False)
 
 
+def test_public_names_are_the_package_s_and_their_type_hints_resolve() -> None:
+    # Tracebacks said asyncpool._errors.RemoteError; and a class named as the
+    # package's whose annotations name private types fails get_type_hints.
+    for name in asyncpool.__all__:
+        value = getattr(asyncpool, name)
+        if isinstance(value, type):
+            typing.get_type_hints(value)
+    assert repr(asyncpool.RemoteError) == "<class 'asyncpool.RemoteError'>"
+    assert repr(asyncpool.ResilientPool) == "<class 'asyncpool.ResilientPool'>"
+
+
 def test_the_option_lists_agree() -> None:
     # Each list is written once for mypy (a TypedDict) and once for the runtime (a
     # dataclass): they must not drift apart.
