@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Any, NoReturn
 
 EPILOG = """exit codes: 0 every line done, 1 some lines failed (their errors are in the
-output), 2 a usage, input or output error, 130 interrupted (run again with --resume),
+output), 2 a usage, input or output error (a line that is not JSON is that line's error),
+130 interrupted (Ctrl-C) and 143 terminated (SIGTERM): run again with --resume,
 141 the reader of standard output went away."""
 
 
@@ -141,8 +143,21 @@ def hold_standard_descriptors() -> None:
 def main(argv: list[str] | None = None) -> int:
     # Everything that takes a while (imports too) runs inside: Ctrl-C at any time
     # after start is one line, not a traceback.
-    resumable: list[bool] = []
+    resumable: list[str] = []
+    terminated: list[bool] = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        # As Ctrl-C stops it (`docker stop`, `timeout` and service managers send
+        # SIGTERM): through asyncio's own handler when it runs, else at once.
+        terminated.append(True)
+        interrupt = signal.getsignal(signal.SIGINT)
+        if callable(interrupt) and interrupt is not signal.default_int_handler:
+            interrupt(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
     try:
+        signal.signal(signal.SIGTERM, on_sigterm)
         hold_standard_descriptors()
         return _main(argv, resumable)
     except BrokenPipeError:
@@ -151,14 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        print("interrupted" + ("; what was written is kept: run again with --resume"
-                               if resumable else ""), file=sys.stderr)
-        return 130
+        print(("terminated" if terminated else "interrupted")
+              + ("; what was written is kept: run again with --resume"
+                 if resumable and os.path.exists(resumable[0]) else ""), file=sys.stderr)
+        return 143 if terminated else 130
 
 
-def _main(argv: list[str] | None, resumable: list[bool]) -> int:
-    """Run the command line; ``resumable`` gets an entry if an interrupted run can be
-    continued with --resume (a map into a file)."""
+def _main(argv: list[str] | None, resumable: list[str]) -> int:
+    """Run the command line; ``resumable`` gets the output file of a map into one
+    (an interrupted run that wrote it can be continued with --resume)."""
     import logging
 
     command = parser()
@@ -166,7 +182,7 @@ def _main(argv: list[str] | None, resumable: list[bool]) -> int:
     if getattr(args, "output", None) in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
         args.output = "-"  # standard output by another name: records alone on it
     if args.command == "map" and args.output not in (None, "-"):
-        resumable.append(True)
+        resumable.append(args.output)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from ._cli import UsageError

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -370,10 +371,16 @@ def _map_to_stdout(function: str, src: Path) -> subprocess.Popen[bytes]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _kill_midway(src: Path, dst: Path, how: int) -> subprocess.Popen[bytes]:
+def _deaf() -> None:
+    """In the child: SIGINT ignored, as in a job started in the background."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _kill_midway(src: Path, dst: Path, how: int,
+                 preexec: Any = _interruptible) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "asyncpool", "map", "tests.tasks:slow_echo", str(src),
            "-o", str(dst), "--no-progress", "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, preexec_fn=_interruptible,
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, preexec_fn=preexec,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -389,17 +396,23 @@ def _kill_midway(src: Path, dst: Path, how: int) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
-def test_resume_after_a_killed_or_interrupted_run(tmp_path: Path, how: int) -> None:
+@pytest.mark.parametrize(("how", "preexec"), [
+    (signal.SIGKILL, _interruptible), (signal.SIGINT, _interruptible),
+    # SIGTERM (`docker stop`, `timeout`) ended it with no word (exit -15); where
+    # SIGINT is ignored too, as in a background job.
+    (signal.SIGTERM, _interruptible), (signal.SIGTERM, _deaf)])
+def test_resume_after_a_killed_or_interrupted_run(tmp_path: Path, how: int,
+                                                  preexec: Any) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text("".join(f"{i}\n" for i in range(300)))
     dst = tmp_path / "out.jsonl"
-    proc = _kill_midway(src, dst, how)
-    if how == signal.SIGINT:
-        assert proc.returncode == 130
+    proc = _kill_midway(src, dst, how, preexec)
+    if how != signal.SIGKILL:
+        assert proc.returncode == (130 if how == signal.SIGINT else 143)
         assert proc.stderr is not None
         err = proc.stderr.read().decode()
         assert "--resume" in err and "Traceback" not in err and "leaked" not in err, err
+        assert ("interrupted" if how == signal.SIGINT else "terminated") in err, err
     written = dst.read_text().count("\n")
     assert 40 <= written < 300
     out = _cli("map", "tests.tasks:slow_echo", str(src), "-o", str(dst), "--resume",
@@ -456,3 +469,15 @@ def test_an_interrupted_run_says_resume_only_where_it_can(tmp_path: Path) -> Non
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=30) == 130
     assert "interrupted" in err and "--resume" not in err and "Traceback" not in err, err
+    # Nor where no output was written yet (the first item takes 30 s).
+    src.write_text("30\n")
+    dst = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "asyncpool", "map", "tests.tasks:nap",
+                             str(src), "-o", str(dst), "--no-progress"], cwd=ROOT,
+                            preexec_fn=_interruptible, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # (any moment before the first result does)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130 and not dst.exists()
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    assert "interrupted" in err and "--resume" not in err, err

@@ -92,6 +92,8 @@ class DaskRung(Rung):
         self._relays: dict[Chunk, asyncio.Task[None]] = {}
         self._scattered: dict[int, asyncio.Future[Any]] = {}
         self._sizer: asyncio.Task[None] | None = None
+        #: When (loop time) a chunk last came back from the cluster, or crashed there.
+        self._heard = 0.0
         #: A chunk under suspicion (its worker died, the culprit is not known yet):
         #: it runs alone on the cluster once the others are done, and nothing else is
         #: sent meanwhile. On a worker with several threads, a poison item takes the
@@ -116,6 +118,12 @@ class DaskRung(Rung):
                 raise TypeError(f"dask_client={config.dask_client!r} is a synchronous "
                                 "Client: the pool needs one made with "
                                 "Client(..., asynchronous=True) (or pass dask_address)")
+            status = getattr(config.dask_client, "status", "running")
+            if status != "running":
+                # Reconnecting (its scheduler restarted): promoted now, the rung would
+                # find the connection lost at once, and fall back again.
+                raise RungUnavailable(f"the given Dask client is not connected (its "
+                                      f"status is {status!r})")
             rung = cls(config, listener, loop, config.dask_client, owned=False)
         else:
             assert config.dask_address is not None  # else no dask rung
@@ -173,7 +181,9 @@ class DaskRung(Rung):
                     self._broke(exc)
                 return
             now = asyncio.get_running_loop().time()
-            if threads:
+            if threads or (empty_since is not None and self._heard > empty_since):
+                # (Workers a poison item kills come back between two looks: the
+                # crashes they report say the cluster still runs things.)
                 empty_since = None
             elif empty_since is None:
                 empty_since = now
@@ -352,11 +362,13 @@ class DaskRung(Rung):
 
     def _finished(self, chunk: Chunk, results: list[Any], errors: dict[int, BaseException],
                   seconds: float | list[float] = 0.0, retried: int = 0) -> None:
+        self._heard = asyncio.get_running_loop().time()
         if self._end(chunk):
             self.listener.chunk_progress(chunk, 0, chunk.size, results, errors)
             self.listener.chunk_done(chunk, chunk.size, seconds, retried)
 
     def _crashed(self, chunk: Chunk, deaths: int | None = None) -> None:
+        self._heard = asyncio.get_running_loop().time()
         if not self._end(chunk):
             return
         import dask
