@@ -169,7 +169,9 @@ class DaskRung(Rung):
         timeout = self.config.dask_connect_timeout
         empty_since: float | None = None
         while self.state is RungState.SERVING:
-            await asyncio.sleep(RESIZE_EVERY)
+            # While it has no worker, look often: one that a poison item kills comes
+            # back for a moment every second or so.
+            await asyncio.sleep(RESIZE_EVERY if empty_since is None else RESIZE_EVERY / 8)
             try:
                 threads = await asyncio.wait_for(self._resize(), timeout)
             except TimeoutError:
