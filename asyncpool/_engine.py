@@ -138,8 +138,9 @@ class Engine:
                     rung.cancel([call.id])
                     if kill and not rung.kill([c for c in held if c.rung is rung],
                                               {call.id}):
-                        logger.warning("the %s rung cannot stop running tasks; they "
-                                       "finish in the background", rung.name)
+                        self.emit("rung_warning", f"the {rung.name} rung cannot stop "
+                                  "running tasks; they finish in the background",
+                                  rung=rung.name)
                 except Exception:
                     # The caller's own outcome (a deadline, a cancel) still goes first.
                     logger.exception("the %s rung failed to stop a call's chunks",

@@ -24,6 +24,7 @@ EventKind = Literal[
     "resubmit",
     "task_retry",
     "deadline",
+    "rung_warning",
 ]
 
 #: The level each event is logged at by the default hook.
@@ -36,6 +37,7 @@ LEVELS: dict[EventKind, int] = {
     "resubmit": logging.DEBUG,
     "task_retry": logging.INFO,
     "deadline": logging.WARNING,
+    "rung_warning": logging.WARNING,
 }
 
 
@@ -59,7 +61,9 @@ class PoolEvent:
     pool steps down a rung), `promotion` (it climbs back), `worker_crash` (a worker
     died running items), `worker_recycled` (a worker left after max_tasks_per_worker
     or max_worker_memory), `resubmit` (items sent again), `task_retry` (transient
-    errors retried in a worker), `deadline` (a call's timeout passed)."""
+    errors retried in a worker), `deadline` (a call's timeout passed), `rung_warning`
+    (a rung runs below strength or cannot do what was asked: start every worker,
+    replace a stuck thread, stop a running task, keep serving from its cluster)."""
     backend: str | None
     """The rung serving when it happened."""
     message: str
@@ -68,7 +72,7 @@ class PoolEvent:
     """What is known of it, by kind: `rung`, `attempt`, `error` (creation_failed);
     `failed`, `to` (fallback); `previous`, `to` (promotion); `pid`, `exitcode` or
     `deaths` (worker_crash); `pid` (worker_recycled); `size`, `reason` (resubmit);
-    `retries` (task_retry); `unfinished` (deadline)."""
+    `retries` (task_retry); `unfinished` (deadline); `rung` (rung_warning)."""
 
 
 class EventHook(Protocol):

@@ -220,6 +220,9 @@ class Outcomes:
         self.counters.workers_recycled += 1
         self.emit("worker_recycled", message, **details)
 
+    def rung_warning(self, message: str, **details: Any) -> None:
+        self.emit("rung_warning", message, **details)
+
     # -- helpers -------------------------------------------------------------------
 
     def _settle(self, chunk: Chunk) -> None:

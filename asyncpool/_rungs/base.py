@@ -78,6 +78,9 @@ class Listener(Protocol):
     def worker_recycled(self, message: str, **details: Any) -> None:
         """A worker leaves after max_tasks_per_worker or max_worker_memory."""
 
+    def rung_warning(self, message: str, **details: Any) -> None:
+        """The rung runs below strength, or cannot do what was asked (an event)."""
+
 
 class Rung:
     """One rung of the ladder."""

@@ -94,6 +94,7 @@ class DaskRung(Rung):
         self._sizer: asyncio.Task[None] | None = None
         #: When (loop time) a chunk last came back from the cluster, or crashed there.
         self._heard = 0.0
+        self._born = asyncio.get_running_loop().time()
         #: A chunk under suspicion (its worker died, the culprit is not known yet):
         #: it runs alone on the cluster once the others are done, and nothing else is
         #: sent meanwhile. On a worker with several threads, a poison item takes the
@@ -133,6 +134,13 @@ class DaskRung(Rung):
             # A scheduler with no worker would take chunks and never run them.
             await asyncio.wait_for(rung.client.wait_for_workers(1), timeout)
             await rung._resize()
+            # A client that reconnected to a restarted scheduler names the old one
+            # for a moment (what each task checks): until it catches up.
+            while rung.client.scheduler_info().get("id") not in (None, rung._scheduler_id):
+                if asyncio.get_running_loop().time() > rung._born + timeout:
+                    raise RungUnavailable("the Dask client is not yet in step with its "
+                                          "restarted scheduler")
+                await asyncio.sleep(0.1)
             if rung._initializer is not None:
                 await register_initializer(rung.client, config, rung._initializer)
         except BaseException as exc:
@@ -389,8 +397,8 @@ class DaskRung(Rung):
     def _broke(self, error: BaseException) -> None:
         if self.state is not RungState.SERVING:
             return
-        logger.warning("the Dask cluster stops serving (%s); serving locally until it "
-                       "answers again", error)
+        self.listener.rung_warning(f"the Dask cluster stops serving ({error}); serving "
+                                   "locally until it answers again", rung=self.name)
         self._out_of_service()
         for relay in list(self._relays.values()):
             relay.cancel()

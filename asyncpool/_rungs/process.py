@@ -76,6 +76,8 @@ class ProcessRung(Rung, Events):
         #: waited behind two 200 ms items queued on each worker).
         self._depth = DEPTH * config.target_chunk_seconds
         self._recycling = Recycling(config)
+        #: Set when a worker dies (what closing waits for).
+        self._death: Any = None
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ProcessRung:
@@ -126,8 +128,9 @@ class ProcessRung(Rung, Events):
             error = next((p.init_error for p in starting if p.init_error), None)
             raise RungUnavailable(f"no worker process could start ({error!r})") from error
         if len(ready) < self.config.max_workers:
-            logger.warning("process rung started %d of %d workers; starting the rest in "
-                           "the background", len(ready), self.config.max_workers)
+            self.listener.rung_warning(f"process rung started {len(ready)} of "
+                                       f"{self.config.max_workers} workers; starting the "
+                                       "rest in the background", rung=self.name)
         self._supervisor = self.loop.spawn(self._supervise)
 
     def _fork(self) -> Proc:
@@ -242,9 +245,10 @@ class ProcessRung(Rung, Events):
         limit = self.config.max_worker_memory
         if limit and proc.ready_rss > limit and not self._memory_warned:
             self._memory_warned = True
-            logger.warning("a worker holds %d MB once initialised, over max_worker_memory="
-                           "%d MB: each is replaced after its first chunk; raise the "
-                           "ceiling", proc.ready_rss >> 20, limit >> 20)
+            self.listener.rung_warning(f"a worker holds {proc.ready_rss >> 20} MB once "
+                                       f"initialised, over max_worker_memory={limit >> 20} "
+                                       "MB: each is replaced after its first chunk; raise "
+                                       "the ceiling", rung=self.name)
         self.listener.rung_changed()
 
     def proc_results(self, proc: Proc, chunk: Chunk, meta: _wire.ResultMeta,
@@ -298,6 +302,8 @@ class ProcessRung(Rung, Events):
         self._grow()
 
     def proc_dead(self, proc: Proc, death: Death) -> None:
+        if self._death is not None:
+            self._death.set()
         self._recycling.gone(proc)
         if proc in self.procs:
             self.procs.remove(proc)
@@ -401,7 +407,8 @@ class ProcessRung(Rung, Events):
 
     def _broke(self, error: BaseException, cause: BaseException | None) -> None:
         error.__cause__ = cause
-        logger.warning("the process rung cannot run any worker: %r", error)
+        self.listener.rung_warning(f"the process rung cannot run any worker: {error!r}",
+                                   rung=self.name)
         self._out_of_service(error)
         self.listener.rung_changed()
 
@@ -431,8 +438,11 @@ class ProcessRung(Rung, Events):
         # Workers leave at once on end-of-file; one that does not is killed.
         for then_kill in (True, False):
             with anyio.move_on_after(5):
-                while any(not p.exited() for p in self.procs):
-                    await anyio.sleep(0.01)
+                while True:
+                    self._death = self.loop.event()
+                    if all(p.exited() for p in self.procs):
+                        break
+                    await self._death.wait()
             for proc in [p for p in self.procs if then_kill and not p.exited()]:
                 proc.kill()
         if self._supervisor is not None:

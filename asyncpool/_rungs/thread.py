@@ -50,6 +50,9 @@ class ThreadRung(Rung):
         #: to be killed: a new thread serves in place of each (see kill).
         self._running: dict[threading.Thread, Chunk] = {}
         self._stuck: set[threading.Thread] = set()
+        #: Threads that left when told to (see aclose), and the closer's wake-up.
+        self._done: set[threading.Thread] = set()
+        self._exits: Any = None
         #: Their chunks: already reported lost (their slots free), never reported again.
         self._detached: set[Chunk] = set()
         self._started = 0
@@ -65,8 +68,8 @@ class ThreadRung(Rung):
             except RuntimeError:
                 if not rung.threads:
                     raise
-                logger.warning("thread rung started %d of %d threads", index,
-                               config.max_workers)
+                listener.rung_warning(f"thread rung started {index} of "
+                                      f"{config.max_workers} threads", rung=cls.name)
                 break
         if config.initializer is not None:
             # Each thread runs the initializer before it takes a chunk.
@@ -122,8 +125,9 @@ class ThreadRung(Rung):
                 config.initializer(*config.initargs)
             except BaseException as exc:
                 if ready is None:  # in place of a stuck thread: it does not serve
-                    logger.warning("a thread started in place of a stuck one leaves: the "
-                                   "initializer raised %r", exc)
+                    self.loop.call_soon_threadsafe(functools.partial(
+                        self.listener.rung_warning, f"a thread started in place of a "
+                        f"stuck one leaves: the initializer raised {exc!r}", rung=self.name))
                     self.loop.call_soon_threadsafe(functools.partial(self._left, me, exc))
                     return
                 self._init_errors.append(exc)
@@ -132,6 +136,8 @@ class ThreadRung(Rung):
         while True:
             chunk = self._queue.get()
             if chunk is None:
+                self._done.add(me)
+                self.loop.call_soon_threadsafe(self._exited)
                 return
             self._running[me] = chunk
             runs = [(p.call.fn, p.call.star, p.call.id, p.items) for p in chunk.pieces]
@@ -147,6 +153,10 @@ class ThreadRung(Rung):
                 # Its stuck item ended: the thread that took its place stays.
                 self.loop.call_soon_threadsafe(functools.partial(self._left, me))
                 return
+
+    def _exited(self) -> None:
+        if self._exits is not None:
+            self._exits.set()
 
     def _left(self, thread: threading.Thread, error: BaseException | None = None) -> None:
         self._stuck.discard(thread)
@@ -190,8 +200,9 @@ class ThreadRung(Rung):
                 try:
                     self._start()
                 except RuntimeError as exc:
-                    logger.warning("the thread rung could not start a thread in place of "
-                                   "one stuck on a stopped call's item: %r", exc)
+                    self.listener.rung_warning(f"the thread rung could not start a thread in "
+                                               f"place of one stuck on a stopped call's "
+                                               f"item: {exc!r}", rung=self.name)
                     self._unless_served(RungUnavailable(
                         f"every thread runs a stopped call's item and no new one can "
                         f"start ({exc})"))
@@ -243,7 +254,10 @@ class ThreadRung(Rung):
         self._state = RungState.CLOSED
         for _ in list(self.threads):
             self._queue.put(None)
-        if not kill:
-            for thread in [t for t in self.threads if t not in self._stuck]:
-                while thread.is_alive():
-                    await anyio.sleep(0.005)
+        if not kill:  # each finishes its chunk, then says it left
+            leaving = [t for t in self.threads if t not in self._stuck]
+            while True:
+                self._exits = self.loop.event()
+                if all(t in self._done or not t.is_alive() for t in leaving):
+                    break
+                await self._exits.wait()
