@@ -141,11 +141,21 @@ _pickler: Any = None
 def _cached_by_value() -> Any:
     import cloudpickle
 
+    import types
+
+    code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
+
     class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         def reducer_override(self, obj: Any) -> Any:
             if _cached_of_script(obj):
                 params = obj.cache_parameters()
                 return cached, (obj.__wrapped__, params["maxsize"], params["typed"])
+            if type(obj) is types.CodeType and code_reduce is not None:
+                # Its file kept (cloudpickle names it "<dynamic-code>"): a worker's
+                # traceback then shows the script's file, line and source.
+                make, args = code_reduce(obj)
+                return make, tuple(obj.co_filename if isinstance(a, str) and
+                                   a == "<dynamic-code>" else a for a in args)
             return super().reducer_override(obj)
 
     return Pickler

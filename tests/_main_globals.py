@@ -95,6 +95,10 @@ def fib(n: int) -> int:  # reaches itself, cached, through the script's globals
     return n if n < 2 else fib(n - 1) + fib(n - 2)
 
 
+def refuse(x: int) -> int:
+    raise LookupError(x)
+
+
 class Fib:
     @functools.lru_cache(maxsize=128)  # noqa: B019 - a script's, as users write them
     def of(self, n: int) -> int:
@@ -176,6 +180,12 @@ async def main() -> None:
         print(await pool.run(Fib().of, 30))
         # A cached function of the script as an argument (it pickled by name).
         print(await pool.run(operator.call, fib, 80))
+        # The worker's traceback names this file and line (cloudpickle names a
+        # script's code "<dynamic-code>").
+        try:
+            await pool.run(refuse, 1)
+        except LookupError as exc:
+            print("_main_globals.py\", line" in str(exc.__cause__))
     async with ResilientPool(max_workers=1) as pool:
         older = asyncio.ensure_future(pool.map(slowly_via_helper, slow_input()))
         await asyncio.sleep(0.05)

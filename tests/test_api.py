@@ -331,7 +331,7 @@ async def test_main_script_globals_follow_the_caller() -> None:
                                    "hello-42-0.5", "1", "100", "tagged", "100",
                                    "5-json-None", "6-pickle-{'mode':'fast'}", "140", "90",
                                    "2880067194370816120", "4660046610375530309", "832040",
-                                   "23416728348467685",
+                                   "23416728348467685", "True",
                                    "1000", "-1", "1000", "0"], proc.stdout
 
 
