@@ -80,6 +80,10 @@ class FakeRung(Rung):
         else:
             self.loop.call_soon(lambda: self._run(chunk))
 
+    def _release(self) -> None:
+        """A chunk leaves (the one place): before its final report, as a real rung."""
+        self._in_flight -= 1
+
     def run_held(self) -> None:
         held, self.held = self.held, []
         for chunk in held:
@@ -92,7 +96,7 @@ class FakeRung(Rung):
         for chunk in list(chunks):
             if chunk in self.held:
                 self.held.remove(chunk)
-                self._in_flight -= 1
+                self._release()
                 self.listener.chunk_lost(chunk)
         return True
 
@@ -105,7 +109,7 @@ class FakeRung(Rung):
                 if self.script.crashes(item):
                     if position:
                         self.listener.chunk_progress(chunk, 0, position, results, errors)
-                    self._in_flight -= 1
+                    self._release()
                     self.listener.worker_crashed("fake worker died")
                     self.listener.chunk_crashed(chunk, position, -9)
                     return
@@ -118,13 +122,13 @@ class FakeRung(Rung):
                     errors[position] = exc
                 position += 1
         self.listener.chunk_progress(chunk, 0, position, results, errors)
-        self._in_flight -= 1
+        self._release()
         self.listener.chunk_done(chunk, position, 0.0001 * position)
 
     async def aclose(self, kill: bool) -> None:
         self._state = RungState.CLOSED
         for chunk in self.held:
-            self._in_flight -= 1
+            self._release()
             self.listener.chunk_lost(chunk)
         self.held = []
 

@@ -174,6 +174,14 @@ def run_script(name: str, *args: str, timeout: float = 120,
                           env={**os.environ, **(env or {})})
 
 
+def run_code(code: str, *args: str, timeout: float = 60,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c code *args`` in a fresh interpreter, from the checkout."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
 def alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import ROOT, run_code
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
@@ -434,9 +434,8 @@ def test_a_big_file_streams_in_flat_memory(tmp_path: Path) -> None:
     code = ("import resource, sys; from asyncpool.__main__ import main; "
             "rc = main(sys.argv[1:]); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
-    out = subprocess.run([sys.executable, "-c", code, "map", "tests.tasks:echo", str(src),
-                          "-o", str(dst), "--no-progress"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    out = run_code(code, "map", "tests.tasks:echo", str(src), "-o", str(dst),
+                   "--no-progress", timeout=300)
     assert out.returncode == 0, out.stderr
     peak_kb = int(out.stdout.split()[-1])
     assert peak_kb < 200 * 1024, f"peak RSS {peak_kb // 1024} MB"  # was 500-580 MB
@@ -446,9 +445,8 @@ def test_a_big_file_streams_in_flat_memory(tmp_path: Path) -> None:
     # Resuming reads the output a line at a time too (it read it whole: 240 MB).
     with dst.open("rb+") as f:
         f.truncate(dst.stat().st_size * 3 // 4)
-    out = subprocess.run([sys.executable, "-c", code, "map", "tests.tasks:echo", str(src),
-                          "-o", str(dst), "--no-progress", "--resume"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = run_code(code, "map", "tests.tasks:echo", str(src), "-o", str(dst),
+                   "--no-progress", "--resume", timeout=300)
     assert out.returncode == 0, out.stderr
     peak_kb = int(out.stdout.split()[-1])
     assert peak_kb < 120 * 1024, f"peak RSS {peak_kb // 1024} MB with --resume"

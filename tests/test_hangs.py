@@ -21,7 +21,7 @@ from asyncpool import MISSING, DeadlineExceeded, InitializerFailed, ResilientPoo
 
 from . import tasks
 from .fakes import Script, fake_rungs
-from .helpers import Heartbeat, alive, idle, run_script, wait_until
+from .helpers import Heartbeat, alive, idle, run_code, run_script, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -684,11 +684,8 @@ os.waitpid(pid, 0)
 def test_a_forked_child_pulls_its_inputs_in_threads_of_its_own() -> None:
     # The parent keeps idle input threads; a child forked from it has none of them,
     # and must not hand its input to one (it waited until its deadline).
-    import subprocess
-    import sys
 
-    proc = subprocess.run([sys.executable, "-c", FORKED_CHILD], capture_output=True,
-                          text=True, timeout=60)
+    proc = run_code(FORKED_CHILD)
     assert proc.stdout.strip() == "child [0, 1, 2, 3, 4]", proc.stderr[-2000:]
 
 
@@ -715,11 +712,8 @@ print("parent reused:", asyncio.run(pids()) == first, flush=True)
 
 def test_a_forked_child_leaves_its_parents_parked_workers_alone() -> None:
     # It took them for dead (they are not its children) and killed them.
-    import subprocess
-    import sys
 
-    proc = subprocess.run([sys.executable, "-c", FORKED_WITH_PARKED], capture_output=True,
-                          text=True, timeout=60)
+    proc = run_code(FORKED_WITH_PARKED)
     assert proc.stdout.split("\n")[:2] == ["child shared: False", "parent reused: True"], (
         proc.stdout + proc.stderr[-2000:])
 
@@ -756,11 +750,8 @@ asyncio.run(main())
 def test_a_forked_child_cannot_use_or_close_its_parents_pool() -> None:
     # Closing the pool it inherited killed the parent's workers and took their exit
     # statuses: the parent's next map hung.
-    import subprocess
-    import sys
 
-    proc = subprocess.run([sys.executable, "-c", FORKED_POOL], capture_output=True,
-                          text=True, timeout=60)
+    proc = run_code(FORKED_POOL)
     assert proc.stdout.split("\n")[:2] == ["child refused: True",
                                            "parent kept its workers: True"], (
         proc.stdout + proc.stderr[-2000:])
@@ -819,12 +810,14 @@ async def test_chunks_taken_back_run_exactly_once(tmp_path: Path, anyio_backend:
             await pool.map(tasks.note_start, [(-1, str(tmp_path / "warm"), 0.0)] * 20,
                            chunk_size=1)
             async with anyio.create_task_group() as tg:
+                sent = pool.statistics().chunks_submitted
                 tg.start_soon(call, 4 * wave, 0.1)
                 tg.start_soon(call, 4 * wave + 1, 0.1 + later)
                 for i in (4 * wave + 2, 4 * wave + 3):
                     # The short calls come once the long items have gone out (each
-                    # in a chunk of its own), not packed with them.
-                    await anyio.sleep(0.01)
+                    # in a chunk of its own), not packed with them, one at a time.
+                    await wait_until(lambda s=sent, i=i: pool.statistics().chunks_submitted
+                                     >= s + 2 + i % 4 - 2)
                     tg.start_soon(call, i, 0.0)
     assert results == {i: i for i in range(40)}
     assert sorted(int(line) for line in starts.read_text().split()) == list(range(40))

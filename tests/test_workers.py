@@ -10,8 +10,6 @@ import functools
 import gc
 import itertools
 import os
-import subprocess
-import sys
 import threading
 import time
 import weakref
@@ -25,7 +23,7 @@ from asyncpool import (DeadlineExceeded, InitializerFailed, PoolEvent, Resilient
                        SerializationError)
 
 from . import tasks
-from .helpers import idle, wait_until
+from .helpers import idle, run_code, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -476,8 +474,7 @@ print(importers[0] if importers else "none")
 def test_the_first_call_does_not_import_anyios_backend_on_the_loop() -> None:
     # Importing it takes 20-30 ms: a thread does it while the workers start, so a
     # cold pool's first call does not wait for it on the loop.
-    proc = subprocess.run([sys.executable, "-c", FIRST_CALL], capture_output=True,
-                          text=True, timeout=60)
+    proc = run_code(FIRST_CALL)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "asyncpool-import"
 
@@ -501,8 +498,7 @@ asyncio.run(main())
 def test_a_system_without_seqpacket_sockets_serves_on_threads() -> None:
     # As macOS has none (this system has: the socket call is replaced): opening the
     # pool raised OSError instead of stepping down to the thread rung.
-    proc = subprocess.run([sys.executable, "-c", NO_SEQPACKET], capture_output=True,
-                          text=True, timeout=60)
+    proc = run_code(NO_SEQPACKET)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["thread", "3"]
 
