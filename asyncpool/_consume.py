@@ -109,10 +109,15 @@ def _raisable(error: BaseException) -> BaseException:
     return wrapped
 
 
-def _exceeded(call: Call, partial: list[Any], start: int = 0) -> DeadlineExceeded:
+def _exceeded(engine: Engine, call: Call, start: int = 0) -> DeadlineExceeded:
+    """The call's deadline passed: said (a ``deadline`` event), and the error to raise
+    (``.partial`` from input index ``start``)."""
+    unfinished = call.pulled - call.finished
+    engine.emit("deadline", f"deadline of {call.options.timeout} s passed",
+                unfinished=unfinished)
     return DeadlineExceeded(
-        f"the deadline of {call.options.timeout} s passed with {call.pulled - call.finished} "
-        f"item(s) taken and unfinished; `.partial` holds what finished", partial, start)
+        f"the deadline of {call.options.timeout} s passed with {unfinished} item(s) "
+        "taken and unfinished; `.partial` holds what finished", call.partial(start), start)
 
 
 async def collect(engine: Engine, call: Call) -> list[Any]:
@@ -138,18 +143,25 @@ async def collect(engine: Engine, call: Call) -> list[Any]:
                     return call.results()
                 await call.wait()
         kill = call.options.kill_on_timeout
-        engine.emit("deadline", f"deadline of {call.options.timeout} s passed",
-                    unfinished=call.pulled - call.finished)
-        raise _exceeded(call, call.partial()) from None
+        raise _exceeded(engine, call) from None
     except BaseException as exc:
         if not isinstance(exc, Exception):  # cancelled (or interrupted)
             kill = call.options.kill_on_cancel
         raise
     finally:
+        await _end(engine, call, reporter, feeder, kill, wait=not late)
+
+
+async def _end(engine: Engine | None, call: Call, reporter: Reporter, feeder: _Feeder,
+               kill: bool, wait: bool) -> None:
+    """The call is over: the engine (if it was given the call) forgets it, killing its
+    running items with ``kill``; its progress closes, its feeder stops (``wait``: for
+    the input's own cleanup), and it lets go of what it holds."""
+    if engine is not None:
         engine.finish(call, kill=kill)
-        reporter.close()
-        await feeder.stop(wait=not late)
-        call.let_go()
+    reporter.close()
+    await feeder.stop(wait)
+    call.let_go()
 
 
 class ResultStream(Generic[T]):
@@ -265,9 +277,7 @@ class ResultStream(Generic[T]):
                 if call.complete:
                     return
                 await call.wait()
-        engine.emit("deadline", f"deadline of {call.options.timeout} s passed",
-                    unfinished=call.pulled - call.finished)
-        raise _exceeded(call, call.partial(call.consumed), call.consumed) from None
+        raise _exceeded(engine, call, call.consumed) from None
 
     async def aclose(self, kill: bool | None = None) -> None:
         """Finish the call now: what has not started never runs, and what runs
@@ -297,11 +307,8 @@ class ResultStream(Generic[T]):
             return
         self._closed = True
         self._values, self._at = [], 0
-        if self._started:
-            self._engine.finish(self._call, kill=kill)
-        self._reporter.close()
-        await self._feeder.stop(wait)
-        self._call.let_go()
+        await _end(self._engine if self._started else None, self._call, self._reporter,
+                   self._feeder, kill, wait)
 
     def __del__(self) -> None:
         # Left without aclose (a `break` in `async for`): finish the call, which needs
