@@ -109,6 +109,10 @@ class Call:
         self.function_crashes = 0
         self.function_crash_seen = 0
         self.failed = 0
+        #: Seconds an item of this very call took, once measured (its function's
+        #: timing serves all its calls: a call of tiny items among calls of big ones,
+        #: judged by theirs, went one item a chunk).
+        self.own_per_item: float | None = None
         self._make_event = event
         self._event: Any = None
 
@@ -174,6 +178,12 @@ class Call:
         if self.error is None:
             self.error = error
         self.wake()
+
+    @property
+    def per_item(self) -> float | None:
+        """Seconds an item takes: this call's own, else its function's, if measured."""
+        own = self.own_per_item
+        return own if own is not None else self.timing.per_item
 
     @property
     def complete(self) -> bool:

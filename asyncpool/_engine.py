@@ -259,7 +259,8 @@ class Engine:
             if timing.per_item is None and timing.blind >= lanes and timing not in unknown:
                 self.ready.append(call)  # until a chunk of its function comes back
                 continue
-            cost = timing.per_item if timing.per_item is not None else target / timing.ramp
+            per_item = call.per_item
+            cost = per_item if per_item is not None else target / timing.ramp
             if pieces and budget < cost:
                 # Less than one of its items fits: it heads the next chunk rather than
                 # go to the back of the queue for one item (calls then took turns in
@@ -353,9 +354,9 @@ class Engine:
         if fixed:
             return fixed  # the caller's own (items of 20 ms went 24 to a chunk, not 100)
         per_chunk = self.config.max_chunk_size
-        if call.timing.per_item is not None:
+        if call.per_item is not None:
             per_chunk = max(1, min(per_chunk, int(self.config.target_chunk_seconds
-                                                  / max(call.timing.per_item, 1e-9))))
+                                                  / max(call.per_item, 1e-9))))
         return per_chunk
 
     def _over_window(self, call: Call) -> bool:

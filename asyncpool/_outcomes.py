@@ -18,15 +18,18 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from ._call import Call, CallState, Chunk, Resend
+from ._call import Call, CallState, Chunk, Piece, Resend
 from ._config import PoolConfig
 from ._errors import (FunctionUnavailable, PoolClosed, SerializationError, WorkerCrashed,
                       exit_described)
 from ._events import Counters, Emitter
 from ._execute import SKIPPED
-from ._sizing import Timing
+from ._sizing import Timing, blend
+
+
+K = TypeVar("K")
 
 
 class Crossing(enum.Enum):
@@ -103,6 +106,9 @@ class Outcomes:
         if upto > 0 and seconds:
             for timing, (count, spent) in by_timing(chunk, upto, seconds).items():
                 timing.observe(count, spent)
+            for call, (count, spent) in measured(chunk, upto, seconds,
+                                                 lambda piece: piece.call).items():
+                call.own_per_item = blend(call.own_per_item, spent / count)
         if upto < chunk.size:
             # The worker stopped early (it retires, or was asked to for an idle worker):
             # the rest goes elsewhere.
@@ -399,8 +405,14 @@ def by_timing(chunk: Chunk, upto: int | None = None,
     """Items of the chunk's first ``upto`` positions by the timing of their function,
     with the seconds they took: ``seconds`` given for each piece (each run of the
     worker), or in all (then shared by count)."""
+    return measured(chunk, upto, seconds, lambda piece: piece.call.timing)
+
+
+def measured(chunk: Chunk, upto: int | None, seconds: float | Sequence[float],
+             key: Callable[[Piece], K]) -> dict[K, tuple[int, float]]:
+    """As :func:`by_timing`, by ``key(piece)``."""
     upto = chunk.size if upto is None else upto
-    found: dict[Timing, tuple[int, float]] = {}
+    found: dict[K, tuple[int, float]] = {}
     for index, (piece, lo, hi, _) in enumerate(chunk.between(0, upto)):
         if isinstance(seconds, float | int):
             spent = seconds * (hi - lo) / upto
@@ -408,6 +420,6 @@ def by_timing(chunk: Chunk, upto: int | None = None,
             spent = seconds[index]
         else:
             break  # not measured
-        count, total = found.get(piece.call.timing, (0, 0.0))
-        found[piece.call.timing] = (count + hi - lo, total + spent)
+        count, total = found.get(key(piece), (0, 0.0))
+        found[key(piece)] = (count + hi - lo, total + spent)
     return found

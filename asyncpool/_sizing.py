@@ -25,6 +25,17 @@ HELD_SECONDS = 0.02
 _NO_SEND_CAP = 1 << 15
 
 
+def blend(known: float | None, measured: float) -> float:
+    """A per-item cost, updated by a new measure: items that got slower are followed
+    at once (a chunk too big delays its callers and unbalances the workers more than
+    one too small costs), faster ones gradually."""
+    if known is None:
+        return measured
+    if measured > known:
+        return 0.3 * known + 0.7 * measured
+    return 0.7 * known + 0.3 * measured
+
+
 class Timing:
     """What one function's items cost, measured, and shared by every call of it.
 
@@ -113,15 +124,7 @@ class Timing:
     def observe(self, items: int, seconds: float) -> None:
         if items <= 0:
             return
-        per_item = seconds / items
-        if self.per_item is None:
-            self.per_item = per_item
-        elif per_item > self.per_item:
-            # Items got slower: follow at once (a chunk too big delays its callers and
-            # unbalances the workers more than one too small costs).
-            self.per_item = 0.3 * self.per_item + 0.7 * per_item
-        else:
-            self.per_item = 0.7 * self.per_item + 0.3 * per_item
+        self.per_item = blend(self.per_item, seconds / items)
 
     def observe_bytes(self, items: int, size: int) -> None:
         """A chunk of ``items`` pickled to ``size`` bytes (arguments or results)."""

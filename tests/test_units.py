@@ -292,6 +292,23 @@ def test_calls_take_turns_heading_chunks() -> None:
     assert made == [[(call.id, 9)] for call in calls] * 2
 
 
+def test_a_call_is_sized_by_its_own_items_once_measured() -> None:
+    # One function, items of 50 ms in one call and of 1 ms in another: sized by the
+    # function's timing alone, the small call went one item a chunk, and a map of 20
+    # such items waited 1.6 s behind three big ones on 2 workers.
+    engine = _packer(target=0.02)
+    big = _call(list(range(100)), 0.05)
+    small = _call(list(range(1000)), None)
+    small.timing = big.timing
+    engine.add(small)
+    first = engine._new_chunk(10_000, 2)
+    assert _contents(first) == [(small.id, 1)]
+    engine.outcomes.sent(first)
+    engine.outcomes.chunk_done(first, 1, 0.001)  # its one item took 1 ms
+    assert small.own_per_item == 0.001 and big.timing.per_item > 0.01
+    assert _contents(engine._new_chunk(10_000, 2)) == [(small.id, 20)]
+
+
 def test_the_packer_shrinks_chunks_as_known_input_runs_out() -> None:
     engine = _packer(target=10.0)
     call = _call(list(range(100)), 0.0001)
