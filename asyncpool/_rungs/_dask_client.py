@@ -114,6 +114,34 @@ async def unregister_quietly(client: Any, name: str) -> None:
         pass
 
 
+def given(client: Any) -> Any:
+    """The caller's own client, if the pool can serve from it now."""
+    if not getattr(client, "asynchronous", False):
+        raise TypeError(f"dask_client={client!r} is a synchronous Client: the pool needs "
+                        "one made with Client(..., asynchronous=True) (or pass "
+                        "dask_address)")
+    status = getattr(client, "status", "running")
+    if status != "running":
+        # Reconnecting (its scheduler restarted): served from now, it would be found
+        # lost at once, and fallen back from again.
+        raise RungUnavailable(f"the given Dask client is not connected (its status is "
+                              f"{status!r})")
+    return client
+
+
+async def in_step(client: Any, scheduler_id: str | None, timeout: float) -> None:
+    """Until the client's view names the scheduler ``scheduler_id`` (one that
+    reconnected to a restarted scheduler names the old one for a moment, and each task
+    checks it); RungUnavailable after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while client.scheduler_info().get("id") not in (None, scheduler_id):
+        if loop.time() > deadline:
+            raise RungUnavailable("the Dask client is not yet in step with its restarted "
+                                  "scheduler")
+        await asyncio.sleep(0.1)
+
+
 async def connect(address: str, timeout: float) -> Any:
     """An asynchronous client of the scheduler at ``address``, not made the
     process's default; RungUnavailable if none answers there within ``timeout``."""

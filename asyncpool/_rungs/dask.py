@@ -41,6 +41,8 @@ from ._dask_client import (
     close_later,
     close_quietly,
     connect,
+    given,
+    in_step,
     lost_connection,
     outcome,
     register_initializer,
@@ -94,7 +96,6 @@ class DaskRung(Rung):
         self._sizer: asyncio.Task[None] | None = None
         #: When (loop time) a chunk last came back from the cluster, or crashed there.
         self._heard = 0.0
-        self._born = asyncio.get_running_loop().time()
         #: A chunk under suspicion (its worker died, the culprit is not known yet):
         #: it runs alone on the cluster once the others are done, and nothing else is
         #: sent meanwhile. On a worker with several threads, a poison item takes the
@@ -115,17 +116,7 @@ class DaskRung(Rung):
                               ) from None
         timeout = config.dask_connect_timeout
         if config.dask_client is not None:
-            if not getattr(config.dask_client, "asynchronous", False):
-                raise TypeError(f"dask_client={config.dask_client!r} is a synchronous "
-                                "Client: the pool needs one made with "
-                                "Client(..., asynchronous=True) (or pass dask_address)")
-            status = getattr(config.dask_client, "status", "running")
-            if status != "running":
-                # Reconnecting (its scheduler restarted): promoted now, the rung would
-                # find the connection lost at once, and fall back again.
-                raise RungUnavailable(f"the given Dask client is not connected (its "
-                                      f"status is {status!r})")
-            rung = cls(config, listener, loop, config.dask_client, owned=False)
+            rung = cls(config, listener, loop, given(config.dask_client), owned=False)
         else:
             assert config.dask_address is not None  # else no dask rung
             client = await connect(config.dask_address, timeout)
@@ -134,13 +125,7 @@ class DaskRung(Rung):
             # A scheduler with no worker would take chunks and never run them.
             await asyncio.wait_for(rung.client.wait_for_workers(1), timeout)
             await rung._resize()
-            # A client that reconnected to a restarted scheduler names the old one
-            # for a moment (what each task checks): until it catches up.
-            while rung.client.scheduler_info().get("id") not in (None, rung._scheduler_id):
-                if asyncio.get_running_loop().time() > rung._born + timeout:
-                    raise RungUnavailable("the Dask client is not yet in step with its "
-                                          "restarted scheduler")
-                await asyncio.sleep(0.1)
+            await in_step(rung.client, rung._scheduler_id, timeout)
             if rung._initializer is not None:
                 await register_initializer(rung.client, config, rung._initializer)
         except BaseException as exc:
@@ -283,8 +268,7 @@ class DaskRung(Rung):
             # which cancelling this relay would cancel for every other chunk too.
             waiting = asyncio.ensure_future(outcome(future))
             waiting.add_done_callback(retrieved)
-            blob, errors, (seconds, retried), unloadable, bad_arguments = (
-                await asyncio.shield(waiting))
+            answer = await asyncio.shield(waiting)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -305,22 +289,26 @@ class DaskRung(Rung):
             self._crashed(chunk)
             return
         except Exception as exc:
-            from distributed.client import FutureCancelledError
+            self._failed(chunk, exc)
+            return
+        self._answered(chunk, *answer)
 
-            if isinstance(exc, FutureCancelledError) and self._connected():
-                # A worker died with the scattered function (or the scheduler gave up
-                # on the task): scattered again, and counted as a crash of the chunk.
-                for piece in chunk.pieces:
-                    self.forget(piece.call.shipped.id)
-                self._crashed(chunk, deaths=1)
-                return
-            if lost_connection(exc, self.client):
-                self._broke(exc)
-                self._lost(chunk)
-                return
-            if self.state is not RungState.SERVING:
-                self._lost(chunk)
-                return
+    def _failed(self, chunk: Chunk, exc: Exception) -> None:
+        """The task did not answer: ``exc`` says why."""
+        from distributed.client import FutureCancelledError
+
+        if isinstance(exc, FutureCancelledError) and self._connected():
+            # A worker died with the scattered function (or the scheduler gave up on
+            # the task): scattered again, and counted as a crash of the chunk.
+            for piece in chunk.pieces:
+                self.forget(piece.call.shipped.id)
+            self._crashed(chunk, deaths=1)
+        elif lost_connection(exc, self.client):
+            self._broke(exc)
+            self._lost(chunk)
+        elif self.state is not RungState.SERVING:
+            self._lost(chunk)
+        else:
             # The cluster could not run the task at all (a function or argument that
             # will not load there): every item of the chunk fails the same way.
             error: Exception = exc  # the initializer failed where it ran
@@ -330,7 +318,12 @@ class DaskRung(Rung):
                 error.__cause__ = exc
             self._finished(chunk, [None] * chunk.size,
                            dict.fromkeys(range(chunk.size), error))
-            return
+
+    def _answered(self, chunk: Chunk, blob: list[Any], errors: Any,
+                  spent: tuple[list[float], int], unloadable: str | None,
+                  bad_arguments: str | None) -> None:
+        """The task's answer (see :func:`asyncpool._execute.run_on_cluster`)."""
+        seconds, retried = spent
         if bad_arguments is not None:
             if self._end(chunk):
                 self.listener.chunk_unloadable(chunk, SerializationError(bad_arguments))
