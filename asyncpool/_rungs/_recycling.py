@@ -56,7 +56,7 @@ class Recycling:
         if self.limit is None or proc in self.leaving or not chunk.expected:
             return False
         left = (self.limit - proc.tasks) * chunk.expected / chunk.size
-        if left > 1.5 * self.start_seconds:
+        if left > 2 * self.start_seconds:  # (a start may take longer under load)
             return False
         self.leaving.add(proc)
         return True
