@@ -267,10 +267,10 @@ def _integer(config: PoolConfig, name: str, *, low: int, high: int | None = None
     value = getattr(config, name)
     if value is None and optional:
         return
+    bound = f">= {low}" + (f" and <= {high}" if high is not None else "")
     if not isinstance(value, int) or isinstance(value, bool):
-        _type_error(name, value, f"an integer >= {low}" + (" or None" if optional else ""))
+        _type_error(name, value, f"an integer {bound}" + (" or None" if optional else ""))
     if value < low or (high is not None and value > high):
-        bound = f">= {low}" + (f" and <= {high}" if high is not None else "")
         raise ValueError(f"PoolConfig.{name}={value!r} is invalid: it must be an integer "
                          f"{bound}")
 

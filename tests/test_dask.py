@@ -203,6 +203,12 @@ async def test_unreachable_scheduler_falls_back_within_timeout() -> None:
         assert stats.fallbacks == 1 and stats.creation_failures == 1
     # The connect timeout bounds the cost; 10x margin for a loaded machine.
     assert took < 20, took
+    # Refused at once, it does not wait for the timeout (the client retries until it).
+    started = time.monotonic()
+    async with ResilientPool(max_workers=2, dask_address=address,
+                             dask_connect_timeout=60.0, promote_after=60) as pool:
+        assert pool.backend == "process"
+    assert time.monotonic() - started < 30
 
 
 async def test_climbs_back_to_the_cluster() -> None:

@@ -147,6 +147,11 @@ async def connect(address: str, timeout: float) -> Any:
     process's default; RungUnavailable if none answers there within ``timeout``."""
     from distributed import Client
 
+    if await _refused(address):
+        # The client would retry until the timeout: nothing listens there now (the
+        # promoter tries again later).
+        raise RungUnavailable(f"no Dask scheduler listens at {address} (connection "
+                              "refused)")
     client = Client(address, asynchronous=True,  # type: ignore[no-untyped-call]
                     timeout=f"{timeout}s", set_as_default=False)
     try:
@@ -164,6 +169,22 @@ async def connect(address: str, timeout: float) -> Any:
                                   f"{exc!r}") from exc
         raise
     return client
+
+
+async def _refused(address: str) -> bool:
+    """Whether a TCP scheduler address refuses connections at once."""
+    if not address.startswith("tcp://"):
+        return False
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), 1)
+    except ConnectionRefusedError:
+        return True
+    except (OSError, ValueError, TimeoutError):
+        return False
+    writer.close()
+    return False
 
 
 async def register_initializer(client: Any, config: PoolConfig, name: str) -> None:
