@@ -2,8 +2,9 @@
 
 A replacement starts early enough that no call waits for it (its initializer may take
 longer than the leaving worker's last chunks), yet never more than ``max_workers``
-workers run items: the replacement waits for the worker it replaces, which leaves as
-soon as it is idle once its replacement is ready.
+workers run items: the replacement waits for the worker it replaces, which runs on to
+its limit, or leaves once it has been idle for :data:`IDLE_SECONDS` (a pool gone quiet
+keeps no more than ``max_workers``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ._death import ProcState
+
+#: A worker near its limit, with its replacement ready, leaves after this long idle.
+IDLE_SECONDS = 1.0
 
 if TYPE_CHECKING:
     from .._call import Chunk
@@ -69,8 +73,11 @@ class Recycling:
                 p.state is ProcState.RETIRING or self.spent(p)))
 
     def idle_leavers(self, procs: list[Proc]) -> list[Proc]:
-        """Workers to retire now: idle, and their replacements ready."""
+        """Workers to retire now: idle for :data:`IDLE_SECONDS`, their replacements
+        ready (one idle between two calls runs on: its quota is not cut short)."""
         ready = sum(1 for p in procs if self.serves(p) and p not in self.leaving)
         if ready < self.workers:
             return []
-        return [p for p in self.leaving if p.state is ProcState.READY and not p.chunks]
+        idle_since = time.monotonic() - IDLE_SECONDS
+        return [p for p in self.leaving if p.state is ProcState.READY and not p.chunks
+                and p.heard <= idle_since]

@@ -32,7 +32,7 @@ from ._parking import park, take_parked, worker_settings
 from ._death import Death, ProcState, initializer_failure
 from ._frames import chunk_frame, runs_of
 from ._proc import Events, Proc
-from ._recycling import Recycling
+from ._recycling import IDLE_SECONDS, Recycling
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
 if TYPE_CHECKING:
@@ -241,7 +241,6 @@ class ProcessRung(Rung, Events):
 
     def proc_ready(self, proc: Proc) -> None:
         self._recycling.ready(proc)
-        self._retire_idle()
         limit = self.config.max_worker_memory
         if limit and proc.ready_rss > limit and not self._memory_warned:
             self._memory_warned = True
@@ -269,7 +268,6 @@ class ProcessRung(Rung, Events):
         if done:
             self.listener.chunk_done(chunk, upto, seconds, retried)
             if not proc.chunks:
-                self._retire_idle()
                 self._take_back()
 
     def proc_cut(self, proc: Proc, chunk: Chunk, keep: int) -> None:
@@ -289,8 +287,7 @@ class ProcessRung(Rung, Events):
                 proc.take_back(stuck)
 
     def _retire_idle(self) -> None:
-        """Workers near max_tasks_per_worker leave once idle if their replacements are
-        ready: no more than max_workers stay (a pool gone quiet kept both)."""
+        """Idle workers near their limit leave, once replaced (see Recycling)."""
         for proc in self._recycling.idle_leavers(self.procs):
             proc.retire()
             self.listener.worker_recycled(f"worker {proc.pid} retires after {proc.tasks} "
@@ -367,8 +364,12 @@ class ProcessRung(Rung, Events):
                 # doomed calls have items in a running chunk, for one starting.
                 self._looking = any(p.doomed or p.has_waiting() for p in self.procs
                                     if p.chunks)
-                with anyio.move_on_after(STUCK_SECONDS if self._looking else math.inf):
+                # (And for leaving workers to go idle: see _retire_idle.)
+                with anyio.move_on_after(STUCK_SECONDS if self._looking else
+                                         IDLE_SECONDS if self._recycling.leaving
+                                         else math.inf):
                     await self._nudge.wait()
+                self._retire_idle()
                 self._take_back()
                 for proc in self.procs:
                     proc.kill_doomed()
