@@ -16,7 +16,6 @@ import re
 import stat
 import sys
 import time
-import types
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -54,8 +53,9 @@ def load_function(spec: str) -> Callable[[Any], Any]:
         owner, fn = fn, getattr(fn, part, None)
         if fn is None:
             raise UsageError(f"{module_name} has no function {attr!r}")
-    if isinstance(owner, type) and isinstance(
-            inspect.getattr_static(owner, attr.rpartition(".")[2]), types.FunctionType):
+    static = inspect.getattr_static(owner, attr.rpartition(".")[2], None)
+    if isinstance(owner, type) and hasattr(type(static), "__get__") and not isinstance(
+            static, staticmethod | classmethod | type):  # bound to instances (cached too)
         raise UsageError(f"{module_name}.{attr} is a method of instances: each line would "
                          "be passed as self; make it a staticmethod or classmethod, or "
                          "give a function")

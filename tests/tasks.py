@@ -434,6 +434,10 @@ class Scale:
     def of_instances(self, x: int) -> int:
         return x
 
+    @functools.lru_cache(maxsize=8)  # noqa: B019 - a method of instances, cached
+    def cached_of_instances(self, x: int) -> int:
+        return x
+
 
 class Grid:
     """Holds its data in a buffer pickled out of band, writable or not, as NumPy arrays

@@ -137,6 +137,8 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
     # Each line was passed as self: every line failed.
     (["map", "tests.tasks:Scale.of_instances", "IN", "-o", "OUT"],
      "is a method of instances"),
+    (["map", "tests.tasks:Scale.cached_of_instances", "IN", "-o", "OUT"],
+     "is a method of instances"),
     (["map", "tests.tasks:STATE", "IN", "-o", "OUT"], "is not a function (its type is dict)"),
     (["map", "tests.tasks:async_square", "IN", "-o", "OUT"], "is an async function"),
     (["map", "tests.tasks", "IN", "-o", "OUT"], "expected MODULE:FUNCTION"),
