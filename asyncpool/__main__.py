@@ -148,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_sigterm(signum: int, frame: Any) -> None:
         # As Ctrl-C stops it (`docker stop`, `timeout` and service managers send
-        # SIGTERM): through asyncio's own handler when it runs, else at once.
+        # SIGTERM): through asyncio's own handler when it runs, else at once. A second
+        # one ends it now (the fork server then stops every worker).
+        if terminated:
+            os._exit(143)
         terminated.append(True)
         interrupt = signal.getsignal(signal.SIGINT)
         if callable(interrupt) and interrupt is not signal.default_int_handler:
@@ -169,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         print(("terminated" if terminated else "interrupted")
               + ("; what was written is kept: run again with --resume"
                  if resumable and os.path.exists(resumable[0]) else ""), file=sys.stderr)
+        if terminated:  # stopping already: a later SIGTERM must not end it by signal
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return 143 if terminated else 130
 
 
