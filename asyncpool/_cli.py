@@ -32,6 +32,10 @@ class UsageError(Exception):
     """A mistake in the command line or its files: one line on stderr, exit code 2."""
 
 
+#: What a JSON line's value may be: a method of these takes the value as its self.
+_JSON_TYPES = (dict, list, str, int, float, bool, type(None))
+
+
 def load_function(spec: str) -> Callable[[Any], Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -55,7 +59,8 @@ def load_function(spec: str) -> Callable[[Any], Any]:
             raise UsageError(f"{module_name} has no function {attr!r}")
     static = inspect.getattr_static(owner, attr.rpartition(".")[2], None)
     if isinstance(owner, type) and hasattr(type(static), "__get__") and not isinstance(
-            static, staticmethod | classmethod | type):  # bound to instances (cached too)
+            static, staticmethod | classmethod | type) and not any(  # bound to instances
+            issubclass(json_type, owner) for json_type in _JSON_TYPES):  # (str.upper is)
         raise UsageError(f"{module_name}.{attr} is a method of instances: each line would "
                          "be passed as self; make it a staticmethod or classmethod, or "
                          "give a function")
