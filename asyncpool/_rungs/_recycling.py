@@ -56,8 +56,11 @@ class Recycling:
 
     def replace_early(self, proc: Proc, chunk: Chunk) -> bool:
         """``proc`` took ``chunk``: True if its replacement should start now, as it will
-        leave sooner than a worker takes to start."""
-        if self.limit is None or proc in self.leaving or not chunk.expected:
+        leave sooner than a worker takes to start (twice over), and it ran half its
+        quota (one whose whole quota is that short, under bursts with pauses, went
+        after each burst, its quota not used: 2.5x the forks)."""
+        if self.limit is None or proc in self.leaving or not chunk.expected or (
+                2 * proc.tasks < self.limit):
             return False
         left = (self.limit - proc.tasks) * chunk.expected / chunk.size
         if left > 2 * self.start_seconds:  # (a start may take longer under load)

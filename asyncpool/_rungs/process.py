@@ -71,13 +71,12 @@ class ProcessRung(Rung, Events):
         self._settings, self._park_key = worker_settings(config)
         #: A busy worker is given a third chunk only while what it holds is expected
         #: to take no longer than this (s): DEPTH chunks of the target size. Behind
-        #: long items, one chunk waits there (the worker never idles while the loop is
-        #: busy), the next here for the first free worker (a call arriving meanwhile
-        #: waited behind two 200 ms items queued on each worker).
+        #: long items, one chunk waits there, the next here for the first free worker
+        #: (a call arriving meanwhile waited behind two 200 ms items on each worker).
         self._depth = DEPTH * config.target_chunk_seconds
         self._recycling = Recycling(config)
         #: Set when a worker dies (what closing waits for).
-        self._death: Any = None
+        self._death = loop.event()
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ProcessRung:
@@ -299,8 +298,7 @@ class ProcessRung(Rung, Events):
         self._grow()
 
     def proc_dead(self, proc: Proc, death: Death) -> None:
-        if self._death is not None:
-            self._death.set()
+        self._death.set()
         self._recycling.gone(proc)
         if proc in self.procs:
             self.procs.remove(proc)
@@ -364,7 +362,6 @@ class ProcessRung(Rung, Events):
                 # doomed calls have items in a running chunk, for one starting.
                 self._looking = any(p.doomed or p.has_waiting() for p in self.procs
                                     if p.chunks)
-                # (And for leaving workers to go idle: see _retire_idle.)
                 with anyio.move_on_after(STUCK_SECONDS if self._looking else
                                          IDLE_SECONDS if self._recycling.leaving
                                          else math.inf):
@@ -426,11 +423,14 @@ class ProcessRung(Rung, Events):
         self._state = RungState.CLOSED
         if self._supervisor is not None:
             self._supervisor.cancel()
+        parking = self.config.max_workers  # (not a worker that leaves when replaced)
         for proc in list(self.procs):
             if kill or proc.state is ProcState.STARTING:  # one initialising reads nothing
                 proc.kill()
-            elif (self.config.reuse_workers and self._park_key is not None
-                  and proc.state is ProcState.READY and not proc.chunks):
+            elif (self.config.reuse_workers and self._park_key is not None and parking
+                  and proc.state is ProcState.READY and not proc.chunks
+                  and proc not in self._recycling.leaving):
+                parking -= 1
                 self.procs.remove(proc)
                 proc.detach()
                 park(self._park_key, proc)
