@@ -17,7 +17,7 @@ import math
 import random
 from types import GeneratorType
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -84,8 +84,8 @@ class Source:
         if isinstance(items, AsyncIterable):
             self._ait = items.__aiter__()
             self.fed = True
-        elif isinstance(items, list | tuple | range) and type(items) in (list, tuple, range):
-            self._seq = items
+        elif type(items) in (list, tuple, range):  # (not a subclass: its code is the caller's)
+            self._seq = cast("Sequence[Any]", items)
         else:
             # Any other sequence is the caller's code too (a dataset reading from
             # disk, say, or a list subclass's __getitem__): it is pulled in a thread,

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 from ._death import ProcState
 
-#: A worker near its limit, with its replacement ready, leaves after this long idle.
-IDLE_SECONDS = 1.0
-
 if TYPE_CHECKING:
     from .._call import Chunk
     from .._config import PoolConfig
     from ._proc import Proc
+
+#: A worker near its limit, with its replacement ready, leaves after this long idle.
+IDLE_SECONDS = 1.0
 
 
 class Recycling:
@@ -53,6 +53,13 @@ class Recycling:
     def serves(self, proc: Proc) -> bool:
         """It is ready and will take chunks."""
         return proc.state is ProcState.READY and not proc.killed and not self.spent(proc)
+
+    def live(self, procs: Iterable[Proc]) -> int:
+        """Workers that will take chunks: starting or ready, and not about to leave
+        (at its limit, replaced early, killed, or its initializer failed)."""
+        return sum(1 for p in procs if p.state in (ProcState.STARTING, ProcState.READY)
+                   and not p.killed and p.init_error is None
+                   and p not in self.leaving and not self.spent(p))
 
     def replace_early(self, proc: Proc, chunk: Chunk) -> bool:
         """``proc`` took ``chunk``: True if its replacement should start now, as it will

@@ -148,7 +148,7 @@ class ProcessRung(Rung, Events):
         # While a worker is replaced (after a crash), what would wait behind a busy one
         # waits a few ms for the replacement instead.
         replacing = wait_on_stuck and self._supervisor is not None and (
-            self._live() < self.config.max_workers or any(
+            self._recycling.live(self.procs) < self.config.max_workers or any(
                 p.state is ProcState.STARTING and not p.killed for p in self.procs))
         # At most max_workers workers run items (see Recycling.room).
         room = self._recycling.room(self.procs)
@@ -332,14 +332,6 @@ class ProcessRung(Rung, Events):
     def capacity(self) -> int:
         return min(self.config.in_flight, DEPTH * self.config.max_workers)
 
-    def _live(self) -> int:
-        """Workers that will take chunks: starting or ready, and not about to leave
-        (one that reached max_tasks_per_worker leaves after its chunk, one killed for
-        not starting in time or whose initializer failed is gone)."""
-        return sum(1 for p in self.procs if p.state in (ProcState.STARTING, ProcState.READY)
-                   and not p.killed and p.init_error is None
-                   and p not in self._recycling.leaving and not self._recycling.spent(p))
-
     def _grow(self) -> None:
         """A worker left (or will): the supervisor forks its replacement."""
         if self._nudge is not None:
@@ -355,7 +347,7 @@ class ProcessRung(Rung, Events):
                                   config.backoff_jitter)
         delays, failures = fresh(), 0
         while self.state is RungState.SERVING:
-            missing = config.max_workers - self._live()
+            missing = config.max_workers - self._recycling.live(self.procs)
             if missing <= 0:
                 self._nudge = self.loop.event()
                 # While chunks wait behind busy workers, look for stuck ones; while
@@ -394,7 +386,7 @@ class ProcessRung(Rung, Events):
                 continue
             failures += 1
             # While a worker lives, it serves, and replacements are tried again.
-            if self._live() == 0 and failures >= config.creation_attempts:
+            if self._recycling.live(self.procs) == 0 and failures >= config.creation_attempts:
                 if isinstance(error, InitializerFailed):
                     self._broke(error, error.__cause__)
                 else:

@@ -125,9 +125,6 @@ class ThreadRung(Rung):
                 config.initializer(*config.initargs)
             except BaseException as exc:
                 if ready is None:  # in place of a stuck thread: it does not serve
-                    self.loop.call_soon_threadsafe(functools.partial(
-                        self.listener.rung_warning, f"a thread started in place of a "
-                        f"stuck one leaves: the initializer raised {exc!r}", rung=self.name))
                     self.loop.call_soon_threadsafe(functools.partial(self._left, me, exc))
                     return
                 self._init_errors.append(exc)
@@ -162,7 +159,9 @@ class ThreadRung(Rung):
         self._stuck.discard(thread)
         if thread in self.threads:
             self.threads.remove(thread)
-        if error is not None:
+        if error is not None:  # a thread started in place of a stuck one: it leaves
+            self.listener.rung_warning(f"a thread started in place of a stuck one leaves: "
+                                       f"the initializer raised {error!r}", rung=self.name)
             self._unless_served(InitializerFailed.raised(self.config.initializer, error,
                                                          "in a new thread"))
 
