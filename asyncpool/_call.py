@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._errors import FunctionUnavailable
+from ._errors import FunctionUnavailable, is_pool_made
 from ._options import CallOptions
 from ._sizing import Timing, assemble
 from ._source import Source
@@ -157,7 +157,8 @@ class Call:
                 self.first_error = first
             # A function the workers cannot load fails the whole call once, even with
             # return_exceptions: every item would fail the same way.
-            if self.error is None and isinstance(first, FunctionUnavailable):
+            if (self.error is None and isinstance(first, FunctionUnavailable)
+                    and is_pool_made(first)):
                 self.error = first
         failed_at = frozenset(errors) if errors else _NONE
         if self.mode is Mode.UNORDERED:

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
-    from typing import Any, Final
+    from typing import Any, Final, TypeVar
+
+    E = TypeVar("E", bound=BaseException)
 
 
 class _Missing:
@@ -276,6 +278,22 @@ def exit_described(exitcode: int | None) -> str:
         except ValueError:
             pass
     return f"exit code {exitcode}"
+
+
+#: Set on the serialization errors the pool itself makes (in a worker or here): one a
+#: task raised as its own error is that item's error, left as it is.
+_POOL_MADE = "asyncpool_made"
+
+
+def pool_made(exc: E) -> E:
+    """``exc``, marked as the pool's own (the mark travels with its pickle)."""
+    setattr(exc, _POOL_MADE, True)
+    return exc
+
+
+def is_pool_made(exc: BaseException) -> bool:
+    """Whether the pool made ``exc`` (not a task that raised one of its classes)."""
+    return getattr(exc, _POOL_MADE, False) is True
 
 
 def public(*objects: Any) -> None:

@@ -16,7 +16,7 @@ import time
 
 from . import _wire
 from ._errors import (FunctionUnavailable, InitializerFailed, RemoteError,
-                      RemoteTraceback, SerializationError)
+                      RemoteTraceback, SerializationError, is_pool_made, pool_made)
 from ._handover import Running, unwatch, watch
 from ._retry import is_transient, task_retry_delays
 from ._share import share_main
@@ -311,7 +311,7 @@ def decode_error(blob: bytes, text: str) -> BaseException:
         # Rebuilt in the worker but not here (its class is not importable here).
         first = text.strip().splitlines()[-1] if text.strip() else repr(problem)
         exc = RemoteError(first, type_name=first.split(":", 1)[0], traceback=text)
-    if text and not isinstance(exc, SerializationError):
+    if text and not (isinstance(exc, SerializationError) and is_pool_made(exc)):
         exc.__cause__ = RemoteTraceback(text)
     return exc
 
@@ -425,10 +425,10 @@ class Unloadable:
         self.exc = exc
 
     def __call__(self, *args: Any) -> Any:
-        raise FunctionUnavailable(
+        raise pool_made(FunctionUnavailable(
             f"the function could not be loaded in the worker ({self.exc!r}); define it "
             "in a module the workers can import, or at module level of the main script"
-        ) from self.exc
+        )) from self.exc
 
 
 class Unsendable:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from ._call import Call, CallState, Chunk, Piece, Resend
 from ._config import PoolConfig
 from ._errors import (FunctionUnavailable, PoolClosed, SerializationError, WorkerCrashed,
-                      exit_described)
+                      exit_described, is_pool_made, pool_made)
 from ._events import Counters, Emitter
 from ._execute import SKIPPED
 from ._sizing import Timing, blend
@@ -306,7 +306,8 @@ class Outcomes:
                 self._again(chunk, first, middle, Resend.SPLIT, 0)
                 self._again(chunk, middle, chunk.size, Resend.SPLIT, 0)
                 return
-            errors = {first: cause or SerializationError("the chunk could not be pickled")}
+            errors = {first: cause or pool_made(SerializationError("the chunk could not be "
+                                                                  "pickled"))}
         for position, cause in sorted(errors.items()):
             self._item_error(chunk, position, Crossing.ARGUMENT_DUMP, cause)
         start = 0
@@ -392,7 +393,7 @@ def _let_go(chunk: Chunk, calls: set[Call]) -> None:
 def _named(error: BaseException, index: int) -> BaseException:
     """A serialization error found in a worker knows only its place in the chunk: name
     the item by its index in the input."""
-    if type(error) is SerializationError and error.index is None:
+    if type(error) is SerializationError and error.index is None and is_pool_made(error):
         named = SerializationError(f"item {index}: {error}")
         named.index = index
         named.__cause__ = error.__cause__

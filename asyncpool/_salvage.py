@@ -19,7 +19,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._errors import SerializationError
+from ._errors import SerializationError, pool_made
 from ._execute import Unsendable
 
 #: How many objects the search for stand-ins looks at, at most, before it gives up.
@@ -189,7 +189,7 @@ def load_results(parts: Sequence[Any]) -> tuple[list[Any], dict[int, BaseExcepti
 
 def _unsendable(results: list[Any]) -> dict[int, BaseException]:
     """A result the worker could not pickle came as a note of why: its item's error."""
-    return {position: SerializationError(value.reason)
+    return {position: pool_made(SerializationError(value.reason))
             for position, value in enumerate(results) if type(value) is Unsendable}
 
 
@@ -219,8 +219,9 @@ def _pin(loader: _Loading, error: BaseException
                                              for s in held}
             found |= {id(s) for s in held} | {id(c) for c in classes}
             names = sorted({c.failure for c in classes})
-            failure = SerializationError(f"its result could not be unpickled in the parent "
-                                         f"({'; '.join(names)}); {FIX}")
+            failure = pool_made(SerializationError(
+                f"its result could not be unpickled in the parent ({'; '.join(names)}); "
+                f"{FIX}"))
             failure.__cause__ = error
             errors[position] = failure
             results[position] = None

@@ -19,7 +19,7 @@ import threading
 import time
 
 from . import _handover, _wire
-from ._errors import RemoteError, SerializationError
+from ._errors import RemoteError, SerializationError, pool_made
 from ._execute import (
     FORKED,
     Unloadable,
@@ -245,7 +245,7 @@ class _Worker:
         if self.closed:
             return
         if unloadable:
-            errors = {p: SerializationError(f"{exc!r}") for p, exc in errors.items()}
+            errors = {p: pool_made(SerializationError(f"{exc!r}")) for p, exc in errors.items()}
         meta = _wire.ResultMeta(seq, first, upto, encode_errors(errors), done, end,
                                 self.retiring, unloadable)
         try:

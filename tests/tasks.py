@@ -692,3 +692,15 @@ def fail_on_cluster() -> None:
     environment says ON_CLUSTER (a file they lack)."""
     if os.environ.get("ON_CLUSTER"):
         raise FileNotFoundError("no /data/model.bin on this machine")
+
+
+def raise_pool_errors(x: int) -> int:
+    """Item 1 raises the pool's SerializationError and item 2 its FunctionUnavailable,
+    as the task's own errors (a wrapper around another pool would)."""
+    from asyncpool import FunctionUnavailable, SerializationError
+
+    if x == 1:
+        raise SerializationError(f"my own words at {x}")
+    if x == 2:
+        raise FunctionUnavailable(f"my own unavailable at {x}")
+    return x

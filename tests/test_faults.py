@@ -265,6 +265,25 @@ async def test_exit_and_interrupt_in_a_task_are_its_errors(anyio_backend: str) -
 
 
 @pytest.mark.parametrize("rung", ["process", "thread", "inline"])
+async def test_the_pools_errors_raised_by_a_task_are_its_items_errors(
+        rung: str, anyio_backend: str) -> None:
+    # A task that raised SerializationError had its words prefixed "item 0:" as if the
+    # pool had failed to pickle it, and one that raised FunctionUnavailable failed the
+    # whole call (the pool's signal that no item can run).
+    async with ResilientPool(max_workers=2, rungs=(rung,)) as pool:
+        results = await pool.map(tasks.raise_pool_errors, range(4), return_exceptions=True)
+        assert results[0] == 0 and results[3] == 3
+        assert type(results[1]) is SerializationError
+        assert str(results[1]) == "my own words at 1"
+        assert type(results[2]) is FunctionUnavailable
+        assert str(results[2]) == "my own unavailable at 2"
+        if rung == "process":
+            assert "raise_pool_errors" in str(results[1].__cause__)
+        with pytest.raises(SerializationError, match="^my own words at 1$"):
+            await pool.run(tasks.raise_pool_errors, 1)
+
+
+@pytest.mark.parametrize("rung", ["process", "thread", "inline"])
 async def test_what_a_task_raises_is_its_items_error_on_every_rung(
         rung: str, anyio_backend: str) -> None:
     # On the inline rung a task's GeneratorExit or CancelledError was taken for the

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _wire
 from .._call import CallState
-from .._errors import FunctionUnavailable, InitializerFailed, SerializationError
+from .._errors import FunctionUnavailable, InitializerFailed, SerializationError, pool_made
 from .._execute import decode_error, run_on_cluster
 from .._retry import RungUnavailable
 from .._salvage import load_results
@@ -313,8 +313,8 @@ class DaskRung(Rung):
             # will not load there): every item of the chunk fails the same way.
             error: Exception = exc  # the initializer failed where it ran
             if not isinstance(exc, InitializerFailed):
-                error = FunctionUnavailable(f"the Dask cluster could not run this task: "
-                                            f"{exc!r}")
+                error = pool_made(FunctionUnavailable(
+                    f"the Dask cluster could not run this task: {exc!r}"))
                 error.__cause__ = exc
             self._finished(chunk, [None] * chunk.size,
                            dict.fromkeys(range(chunk.size), error))
@@ -326,12 +326,13 @@ class DaskRung(Rung):
         seconds, retried = spent
         if bad_arguments is not None:
             if self._end(chunk):
-                self.listener.chunk_unloadable(chunk, SerializationError(bad_arguments))
+                self.listener.chunk_unloadable(
+                    chunk, pool_made(SerializationError(bad_arguments)))
             return
         if unloadable is not None:
-            error = FunctionUnavailable(f"the function could not be loaded on the Dask "
-                                        f"cluster: {unloadable}; install its module on the "
-                                        "workers, or define it at module level")
+            error = pool_made(FunctionUnavailable(
+                f"the function could not be loaded on the Dask cluster: {unloadable}; "
+                "install its module on the workers, or define it at module level"))
             errors = dict.fromkeys(range(chunk.size), error)
             results: list[Any] = [None] * chunk.size
         else:
