@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ._errors import FunctionUnavailable as FunctionUnavailable
     from ._errors import InitializerFailed as InitializerFailed
     from ._errors import PoolClosed as PoolClosed
+    from ._errors import PoolUnavailable as PoolUnavailable
     from ._errors import RemoteError as RemoteError
     from ._errors import RemoteTraceback as RemoteTraceback
     from ._errors import SerializationError as SerializationError
@@ -48,6 +49,7 @@ _WHERE = {
     "PoolEvent": "._events",
     "PoolOptions": "._config",
     "PoolStatistics": "._events",
+    "PoolUnavailable": "._errors",
     "RemoteError": "._errors",
     "RemoteTraceback": "._errors",
     "ResilientPool": "._pool",
@@ -69,6 +71,7 @@ __all__ = (
     "PoolEvent",
     "PoolOptions",
     "PoolStatistics",
+    "PoolUnavailable",
     "RemoteError",
     "RemoteTraceback",
     "ResilientPool",

@@ -14,7 +14,9 @@
      +-- RemoteError           a task's exception that cannot be rebuilt in the caller,
      |                         or a SystemExit / KeyboardInterrupt raised by a task
      +-- InitializerFailed     the worker initializer raised (the cause is its error),
-                               killed its worker, or outlasted start_timeout
+     |                         killed its worker, or outlasted start_timeout
+     +-- PoolUnavailable       no rung of the ladder could start (the cause is the last
+                               rung's error; also RuntimeError)
 
 A task's own exception reaches the caller as itself, with the worker's traceback as its
 ``__cause__`` (a [`RemoteTraceback`][asyncpool.RemoteTraceback]). Cancellation
@@ -211,6 +213,34 @@ class RemoteError(AsyncPoolError):
         self.exitcode = exitcode
 
 
+class PoolUnavailable(AsyncPoolError, RuntimeError):
+    """No rung of the ladder could start: every try of each failed, or it cannot run
+    here. The ``__cause__`` is the last rung's error (``BlockingIOError`` when the
+    machine has no process or thread left, the Dask client's error for a cluster).
+
+    Raised by ``async with ResilientPool(...)`` when opening the pool, and by the calls
+    waiting while the pool starts its rungs again; the pool stays open and tries again
+    for the next call. With the default ladder (its last rung inline) it is not raised.
+
+    Examples:
+        ```python
+        try:
+            async with ResilientPool(rungs=("process",)) as pool:
+                ...
+        except PoolUnavailable as exc:
+            log.error("no worker could start: %r", exc.__cause__)
+        ```
+    """
+
+    @classmethod
+    def after(cls, error: BaseException | None) -> PoolUnavailable:
+        """No rung started; ``error`` stopped the last one (the ``__cause__``)."""
+        failure = cls("no rung of the ladder could start" + (
+            f" (the last: {error!r})" if error is not None else ""))
+        failure.__cause__ = error
+        return failure
+
+
 class InitializerFailed(AsyncPoolError):
     """The ``initializer`` raised in a worker (its exception is the ``__cause__``),
     killed the worker, or did not return within ``start_timeout`` (no cause).
@@ -306,4 +336,4 @@ def public(*objects: Any) -> None:
 
 
 public(AsyncPoolError, PoolClosed, WorkerCrashed, SerializationError, FunctionUnavailable,
-       DeadlineExceeded, RemoteError, InitializerFailed, RemoteTraceback)
+       DeadlineExceeded, RemoteError, InitializerFailed, PoolUnavailable, RemoteTraceback)

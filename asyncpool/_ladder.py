@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._errors import InitializerFailed, PoolClosed
+from ._errors import InitializerFailed, PoolClosed, PoolUnavailable
 from ._events import Counters, Emitter
 from ._retry import RungUnsupported, backoff_delays, is_transient
 from ._rungs import ONE_ATTEMPT, STAND_IN, Listener, Rung, RungState, create_rung
@@ -149,7 +149,7 @@ class Ladder:
                        f"could not start after {attempts} attempt(s)")
                 self.emit("fallback", f"the {name} rung {why}; falling back to the "
                           f"{following} rung", failed=name, to=following)
-        raise self.last_error or RuntimeError("no rung of the ladder could start")
+        raise PoolUnavailable.after(self.last_error)
 
     async def _create(self, name: str, attempts: int) -> Rung | None:
         """Try to start rung ``name`` up to ``attempts`` times; None if it could not."""

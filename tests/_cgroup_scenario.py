@@ -4,6 +4,8 @@
                                                    wait for the climb back
     python _cgroup_scenario.py memory CGROUP       a poison item that the OOM killer
                                                    kills, among good ones
+    python _cgroup_scenario.py only CGROUP         a ladder of processes only, with no
+                                                   pid left, then the limit lifted
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from asyncpool import ResilientPool, WorkerCrashed  # noqa: E402
+from asyncpool import PoolUnavailable, ResilientPool, WorkerCrashed  # noqa: E402
 from tests.tasks import hog_on, square  # noqa: E402
 
 
@@ -54,6 +56,28 @@ async def pids(cgroup: str, extra: int) -> dict[str, object]:
     return out
 
 
+async def only(cgroup: str) -> dict[str, object]:
+    enter(cgroup)
+    with open(os.path.join(cgroup, "pids.current")) as f:
+        current = int(f.read())
+    with open(os.path.join(cgroup, "pids.max"), "w") as f:
+        f.write(str(current))
+    out: dict[str, object] = {}
+    try:
+        async with ResilientPool(max_workers=2, rungs=("process",), backoff_initial=0.02,
+                                 creation_attempts=2):
+            out["error"] = None
+    except PoolUnavailable as exc:
+        out["error"] = type(exc).__name__
+        out["cause"] = type(exc.__cause__).__name__
+        out["message"] = str(exc)
+    with open(os.path.join(cgroup, "pids.max"), "w") as f:
+        f.write("max")
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        out["after"] = await pool.map(square, range(10)) == [i * i for i in range(10)]
+    return out
+
+
 async def memory(cgroup: str) -> dict[str, object]:
     enter(cgroup)
     poison = 37
@@ -72,6 +96,8 @@ if __name__ == "__main__":
     started = time.monotonic()
     if sys.argv[1] == "pids":
         result = asyncio.run(pids(sys.argv[2], int(sys.argv[3])))
+    elif sys.argv[1] == "only":
+        result = asyncio.run(only(sys.argv[2]))
     else:
         result = asyncio.run(memory(sys.argv[2]))
     result["seconds"] = round(time.monotonic() - started, 3)

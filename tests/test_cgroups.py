@@ -43,6 +43,16 @@ def test_map_survives_a_pids_limit_and_climbs_back(pids_cgroup: Path, extra: int
     assert outcome["correct_after"] is True
 
 
+def test_a_ladder_with_nothing_to_fall_back_to_says_the_pool_is_unavailable(
+        pids_cgroup: Path) -> None:
+    # The last rung's own error reached the caller: a bare BlockingIOError, or the
+    # pool's private RungUnavailable.
+    outcome = _run("only", str(pids_cgroup))
+    assert outcome["error"] == "PoolUnavailable", outcome
+    assert outcome["cause"] in ("BlockingIOError", "RuntimeError"), outcome
+    assert outcome["after"] is True
+
+
 @pytest.fixture
 def memory_cgroup() -> Iterator[Path]:
     root = Path("/sys/fs/cgroup/memory")

@@ -9,7 +9,7 @@ import logging
 import anyio
 import pytest
 
-from asyncpool import InitializerFailed, PoolEvent, ResilientPool
+from asyncpool import InitializerFailed, PoolEvent, PoolUnavailable, ResilientPool
 
 from . import tasks
 from .fakes import Script, fake_rungs
@@ -175,8 +175,9 @@ async def test_no_rung_is_started_for_calls_that_ended(monkeypatch: pytest.Monke
             rung = process.rungs[0]
             rung.crash()  # as a lost cluster does
             rung.listener.rung_changed()
-            with pytest.raises(BlockingIOError):
+            with pytest.raises(PoolUnavailable) as raised:
                 await pool.map(tasks.square, range(3), timeout=5)
+            assert isinstance(raised.value.__cause__, BlockingIOError)
             starts = process.starts
             # Not a wait for something to happen: a window in which the ladder (backing
             # off 1-10 ms here) would have started rungs again, had it been asked.
