@@ -113,32 +113,33 @@ class PoolConfig:
         given: object = self.rungs  # any type: a caller's mistake is named below
         rungs = (given,) if isinstance(given, str) else given
         if not isinstance(rungs, tuple | list):
-            _type_error("rungs", self.rungs, "a tuple of rung names")
+            _type_error("PoolConfig.rungs", self.rungs, "a tuple of rung names")
         object.__setattr__(self, "rungs", tuple(rungs))
         # Each worker holds a process (or a thread) and three descriptors: beyond this,
         # a pool would exhaust the machine before it opened.
-        _integer(self, "max_workers", low=1, high=MAX_WORKERS)
+        check_integer(self, "max_workers", low=1, high=MAX_WORKERS)
         for name in ("creation_attempts", "max_chunk_size", "max_crashes_per_item"):
-            _integer(self, name, low=1)
+            check_integer(self, name, low=1)
         for name in ("chunk_size", "max_chunks_in_flight", "max_tasks_per_worker",
                      "max_worker_memory"):
-            _integer(self, name, low=1, optional=True)
-        _integer(self, "task_retries", low=0)
+            check_integer(self, name, low=1, optional=True)
+        check_integer(self, "task_retries", low=0)
         # Waits: an infinite one would wait for good.
         for name in ("backoff_initial", "backoff_max", "promote_after", "promote_max"):
-            _number(self, name, low=0.0, finite=True)
-        _number(self, "backoff_factor", low=1.0, finite=True)
-        _number(self, "backoff_jitter", low=0.0, high=1.0)
-        _number(self, "target_chunk_seconds", low=0.0, high=3600.0, strict=True, finite=True)
-        _number(self, "dask_connect_timeout", low=0.0, strict=True, finite=True)
-        _number(self, "start_timeout", low=0.0, strict=True, optional=True, inf_is_none=True)
-        _number(self, "rate_limit", low=0.0, strict=True, optional=True, inf_is_none=True)
+            check_number(self, name, low=0.0, finite=True)
+        check_number(self, "backoff_factor", low=1.0, finite=True)
+        check_number(self, "backoff_jitter", low=0.0, high=1.0)
+        check_number(self, "target_chunk_seconds", low=0.0, high=3600.0, strict=True,
+                     finite=True)
+        check_number(self, "dask_connect_timeout", low=0.0, strict=True, finite=True)
+        for name in ("start_timeout", "rate_limit"):
+            check_number(self, name, low=0.0, strict=True, optional=True, inf_is_none=True)
         for name in ("warm_start", "reuse_workers"):
             if not isinstance(getattr(self, name), bool):
-                _type_error(name, getattr(self, name), "True or False")
+                _type_error(f"PoolConfig.{name}", getattr(self, name), "True or False")
         initializer: object = self.initializer
         if initializer is not None and not callable(initializer):
-            _type_error("initializer", initializer, "a callable or None")
+            _type_error("PoolConfig.initializer", initializer, "a callable or None")
         if initializer is not None and is_async(initializer):
             raise TypeError(f"PoolConfig.initializer={name_of(initializer)} is an async "
                             "function: "
@@ -146,10 +147,10 @@ class PoolConfig:
                             "function (one may call asyncio.run inside)")
         initargs: object = self.initargs
         if not isinstance(initargs, tuple):
-            _type_error("initargs", initargs, "a tuple")
+            _type_error("PoolConfig.initargs", initargs, "a tuple")
         address: object = self.dask_address
         if address is not None and not isinstance(address, str):
-            _type_error("dask_address", self.dask_address,
+            _type_error("PoolConfig.dask_address", self.dask_address,
                         'a scheduler address such as "tcp://host:8786"')
         ladder_ok = (
             len(self.rungs) > 0
@@ -258,41 +259,49 @@ class PoolOptions(TypedDict, total=False):
     dask_connect_timeout: float
 
 
-def _type_error(name: str, value: object, wanted: str) -> NoReturn:
-    raise TypeError(f"PoolConfig.{name}={value!r} is invalid: it must be {wanted}")
+def _label(obj: object, name: str) -> str:
+    """How an error names the field: ``PoolConfig.timeout``, or a call's ``timeout``."""
+    return f"PoolConfig.{name}" if isinstance(obj, PoolConfig) else name
 
 
-def _integer(config: PoolConfig, name: str, *, low: int, high: int | None = None,
-             optional: bool = False) -> None:
-    value = getattr(config, name)
+def _type_error(label: str, value: object, wanted: str) -> NoReturn:
+    raise TypeError(f"{label}={value!r} is invalid: it must be {wanted}")
+
+
+def check_integer(obj: object, name: str, *, low: int, high: int | None = None,
+                  optional: bool = False) -> None:
+    """``obj.name`` is an integer in bounds (or None, if ``optional``)."""
+    value = getattr(obj, name)
     if value is None and optional:
         return
+    label = _label(obj, name)
     bound = f">= {low}" + (f" and <= {high}" if high is not None else "")
     if not isinstance(value, int) or isinstance(value, bool):
-        _type_error(name, value, f"an integer {bound}" + (" or None" if optional else ""))
+        _type_error(label, value, f"an integer {bound}" + (" or None" if optional else ""))
     if value < low or (high is not None and value > high):
-        raise ValueError(f"PoolConfig.{name}={value!r} is invalid: it must be an integer "
-                         f"{bound}")
+        raise ValueError(f"{label}={value!r} is invalid: it must be an integer {bound}")
 
 
-def _number(config: PoolConfig, name: str, *, low: float, high: float | None = None,
-            strict: bool = False, optional: bool = False, finite: bool = False,
-            inf_is_none: bool = False) -> None:
-    value = getattr(config, name)
+def check_number(obj: object, name: str, *, low: float, high: float | None = None,
+                 strict: bool = False, optional: bool = False, finite: bool = False,
+                 inf_is_none: bool = False) -> None:
+    """``obj.name`` is a number in bounds (or None, if ``optional``; ``inf`` becomes
+    None if ``inf_is_none``)."""
+    value = getattr(obj, name)
     if value is None and optional:
         return
+    label = _label(obj, name)
     if not isinstance(value, int | float) or isinstance(value, bool):
-        _type_error(name, value, "a number" + (" or None" if optional else ""))
+        _type_error(label, value, "a number" + (" or None" if optional else ""))
     if inf_is_none and value == math.inf:
-        object.__setattr__(config, name, None)
+        object.__setattr__(obj, name, None)
         return
     if isinstance(value, int) and abs(value) > 1e300:  # beyond a float: math would overflow
-        raise ValueError(f"PoolConfig.{name}={value} is invalid: it is too large; use a "
-                         "number up to 1e300" + (" (or inf)" if inf_is_none else ""))
+        raise ValueError(f"{label}={value} is invalid: it is too large; use a number up "
+                         "to 1e300" + (" (or inf)" if inf_is_none else ""))
     ok = not math.isnan(value) and (value > low if strict else value >= low)
     ok = ok and (high is None or value <= high) and (not finite or math.isfinite(value))
     if not ok:
         bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high else "")
-        raise ValueError(f"PoolConfig.{name}={value!r} is invalid: it must be a "
+        raise ValueError(f"{label}={value!r} is invalid: it must be a "
                          f"{'finite ' if finite else ''}number {bound}")
-

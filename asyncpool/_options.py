@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
-from ._config import PoolConfig
+from ._config import PoolConfig, check_integer, check_number
 from ._errors import public
 
 CancelRunning = Literal["finish", "kill"]
@@ -86,7 +85,7 @@ class CallOptions:
               **options: Any) -> CallOptions:
         """The options of one call; ``own`` names the method's other keywords (for
         "did you mean"). Only the caller's options are keywords."""
-        if not options and not return_exceptions:
+        if not options and return_exceptions is False:
             return _DEFAULT
         if not isinstance(return_exceptions, bool):
             raise TypeError(f"return_exceptions={return_exceptions!r} is invalid: it "
@@ -111,19 +110,8 @@ class CallOptions:
 
     def _check(self) -> None:
         for name in ("timeout", "rate_limit"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise TypeError(f"{name}={value!r} is invalid: it must be a number or None")
-            if isinstance(value, int) and value > 1e300:
-                raise ValueError(f"{name}={value} is invalid: it must be a number up to "
-                                 "1e300, or inf or None for none")
-            if math.isnan(value) or value <= 0:
-                raise ValueError(f"{name}={value!r} is invalid: it must be > 0 or None")
-            if value == math.inf:
-                # No deadline, or no limit: the documented meaning of inf.
-                object.__setattr__(self, name, None)
+            # inf: no deadline, or no limit (its documented meaning).
+            check_number(self, name, low=0.0, strict=True, optional=True, inf_is_none=True)
         for name in ("kill_on_timeout", "allow_other_workers"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} is invalid: it must be "
@@ -131,11 +119,7 @@ class CallOptions:
         if self.cancel_running not in ("finish", "kill"):
             raise ValueError(f"cancel_running={self.cancel_running!r} is invalid: use "
                              "'finish' or 'kill'")
-        size = self.chunk_size
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
-            raise TypeError(f"chunk_size={size!r} is invalid: it must be an integer >= 1")
-        if size is not None and size < 1:
-            raise ValueError(f"chunk_size={size!r} is invalid: it must be an integer >= 1")
+        check_integer(self, "chunk_size", low=1, optional=True)
         progress = self.progress
         if progress not in (None, True, False) and not callable(progress):
             raise TypeError(f"progress={progress!r} is invalid: use True, False, None or "

@@ -515,6 +515,14 @@ def test_invalid_call_option_is_named(options: dict[str, Any], kind: type, match
         CallOptions.build(**options)
 
 
+@pytest.mark.parametrize("flag", [0, 1, "yes", None])
+def test_return_exceptions_must_be_a_bool_with_or_without_other_options(flag: object) -> None:
+    # return_exceptions=0 alone was taken as False; with a timeout it was refused.
+    for options in ({}, {"timeout": 1}):
+        with pytest.raises(TypeError, match=f"return_exceptions={flag!r} is invalid"):
+            CallOptions.build(flag, **options)  # type: ignore[arg-type]
+
+
 def test_did_you_mean_names_the_methods_own_keywords_and_no_far_guess() -> None:
     # `imap(..., orderd=False)` said "did you mean 'workers'?"; `retries=` said
     # 'resources'.
@@ -998,4 +1006,3 @@ def test_a_worker_says_it_handed_chunks_back_before_it_reads_another() -> None:
         assert [_wire.CHUNK_HEAD.unpack(parts[0])[0] for _, parts in worker.inbox] == [2]
         got = _wire.recv_frame(parent)
         assert got is not None and got[0] == _wire.WITHDRAWN and _wire.loads(got[1]) == [1]
-
