@@ -323,9 +323,10 @@ _cluster_functions: dict[tuple[str, bytes], Any] = {}
 #: Calls each client process stopped: a Dask worker's running chunks skip their items
 #: not started (Dask cannot stop a task that runs). At most 4,096 for each.
 _cluster_cancelled: dict[str, set[int]] = {}
-#: Initializers that raised on this Dask worker (one that joined, or restarted), by
-#: their plugin's name: the pool's tasks must not run here uninitialised.
-cluster_init_failures: dict[str, str] = {}
+#: Initializers that raised on a Dask worker of this process (one that joined, or
+#: restarted), by their plugin's name and the worker's address: the pool's tasks must
+#: not run there uninitialised.
+cluster_init_failures: dict[tuple[str, str], str] = {}
 
 
 def cancel_on_cluster(space: str, calls: list[int]) -> None:
@@ -350,9 +351,13 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
     ``versions`` orders the functions' pickles (see :func:`share_main`). Raises
     InitializerFailed if the pool's ``initializer`` (its plugin's name) failed here.
     """
-    if initializer in cluster_init_failures:
-        raise InitializerFailed(f"the initializer raised on this Dask worker (which "
-                                f"joined or restarted): {cluster_init_failures[initializer]}")
+    if initializer is not None and cluster_init_failures:
+        from distributed import get_worker
+
+        failed = cluster_init_failures.get((initializer, get_worker().address))
+        if failed is not None:
+            raise InitializerFailed(f"the initializer raised on this Dask worker (which "
+                                    f"joined or restarted): {failed}")
     functions = []
     for index, blob in enumerate(blobs):
         # Each task carries its function's pickle: loaded once per worker process.

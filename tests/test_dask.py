@@ -15,7 +15,8 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncpool import DeadlineExceeded, ResilientPool, SerializationError, WorkerCrashed
+from asyncpool import (DeadlineExceeded, InitializerFailed, ResilientPool, SerializationError,
+                       WorkerCrashed)
 
 from . import tasks
 from .helpers import free_port, wait_until
@@ -232,6 +233,32 @@ async def test_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(ImportError, match=r"\[dask\]"):
         async with ResilientPool(max_workers=1, dask_address="tcp://127.0.0.1:1"):
             pass
+
+
+async def test_a_failed_initializer_marks_only_its_own_worker(tmp_path: Path) -> None:
+    # Workers that share a process (threads of one LocalCluster) shared the mark of a
+    # joined worker whose initializer failed: tasks on the healthy worker failed too.
+    refuse = tmp_path / "refuse"
+    async with distributed.LocalCluster(n_workers=1, threads_per_worker=1,
+                                        processes=False, dashboard_address=None,
+                                        worker_dashboard_address=None,
+                                        asynchronous=True) as cluster:
+        async with ResilientPool(max_workers=1, dask_address=cluster.scheduler_address,
+                                 initializer=tasks.remember_unless,
+                                 initargs=("dask", str(refuse))) as pool:
+            assert pool.backend == "dask"
+            [healthy] = cluster.scheduler.workers
+            refuse.touch()
+            cluster.scale(2)
+            await cluster
+            await wait_until(lambda: len(cluster.scheduler.workers) == 2, timeout=30)
+            [joined] = set(cluster.scheduler.workers) - {healthy}
+            good = await pool.map(tasks.recall, range(6), chunk_size=1, workers=[healthy],
+                                  allow_other_workers=False)
+            assert {tag for tag, _, _ in good} == {"dask"}
+            bad = await pool.map(tasks.recall, range(6), chunk_size=1, workers=[joined],
+                                 allow_other_workers=False, return_exceptions=True)
+            assert all(isinstance(r, InitializerFailed) for r in bad), bad
 
 
 def test_the_dask_rung_needs_asyncio() -> None:

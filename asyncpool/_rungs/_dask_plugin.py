@@ -26,10 +26,12 @@ class InitializerPlugin(WorkerPlugin):
         self.name = name
 
     def setup(self, worker: Any) -> None:
-        cluster_init_failures.pop(self.name, None)
+        # Each worker's own mark: workers may share a process (a LocalCluster's threads).
+        mark = self.name, worker.address
+        cluster_init_failures.pop(mark, None)
         try:
             initializer, initargs = loads(self.blob)
             share_main(initializer, self.space)(*initargs)
         except BaseException as exc:
-            cluster_init_failures[self.name] = repr(exc)
+            cluster_init_failures[mark] = repr(exc)
             raise
