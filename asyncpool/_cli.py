@@ -57,10 +57,7 @@ def load_function(spec: str) -> Callable[[Any], Any]:
         owner, fn = fn, getattr(fn, part, None)
         if fn is None:
             raise UsageError(f"{module_name} has no function {attr!r}")
-    static = inspect.getattr_static(owner, attr.rpartition(".")[2], None)
-    if isinstance(owner, type) and hasattr(type(static), "__get__") and not isinstance(
-            static, staticmethod | classmethod | type) and not any(  # bound to instances
-            issubclass(json_type, owner) for json_type in _JSON_TYPES):  # (str.upper is)
+    if _of_instances(owner, fn, inspect.getattr_static(owner, attr.rpartition(".")[2], None)):
         raise UsageError(f"{module_name}.{attr} is a method of instances: each line would "
                          "be passed as self; make it a staticmethod or classmethod, or "
                          "give a function")
@@ -70,6 +67,24 @@ def load_function(spec: str) -> Callable[[Any], Any]:
     if is_async(fn):
         raise UsageError(f"{module_name}.{attr} is an async function: give a plain one")
     return fn  # type: ignore[no-any-return]
+
+
+def _of_instances(owner: Any, fn: Any, static: Any) -> bool:
+    """Whether ``fn``, found on ``owner``, is a method its instances are bound to: each
+    line would be passed as its self."""
+    if not isinstance(owner, type) or inspect.ismethod(fn):
+        return False  # a module's function, or bound already (to the class)
+    if isinstance(static, staticmethod | classmethod | type) or not hasattr(
+            type(static), "__get__"):
+        return False
+    if any(issubclass(json_type, owner) for json_type in _JSON_TYPES):
+        return False  # str.upper: each line is a str, its self
+    qualname = getattr(fn, "__qualname__", None)
+    if isinstance(qualname, str) and (inspect.isfunction(fn) or hasattr(fn, "__wrapped__")):
+        # Defined in a class body (cached or not), not a module's function kept there.
+        body = qualname.rpartition(".")[0]
+        return bool(body) and not body.endswith("<locals>")
+    return True  # a method of a built-in class
 
 
 def done_lines(path: str) -> tuple[int, int]:

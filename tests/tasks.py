@@ -438,6 +438,19 @@ class Scale:
     def cached_of_instances(self, x: int) -> int:
         return x
 
+    #: A module's function kept on the class: Scale.kept(x) is square(x).
+    kept = square
+
+
+class _Named(type):
+    def named(cls, x: object) -> str:
+        """A method of the metaclass: Metered.named is bound to the class."""
+        return f"{cls.__name__}:{x}"
+
+
+class Metered(metaclass=_Named):
+    """A class whose metaclass gives it a method."""
+
 
 class Grid:
     """Holds its data in a buffer pickled out of band, writable or not, as NumPy arrays

@@ -186,12 +186,20 @@ def test_bad_command_lines_are_one_line_and_exit_code_2(args: list[str], message
     assert src.read_text() == "1\n" and other.read_text() == '"a line of some other file"\n'
 
 
-def test_a_static_method_is_a_function_to_map(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("tests.tasks:Scale.triple", [3, 6]),
+    # Refused as methods of instances: a function kept as a class attribute, and a
+    # metaclass's method (bound to the class).
+    ("tests.tasks:Scale.kept", [1, 4]),
+    ("tests.tasks:Metered.named", ["Metered:1", "Metered:2"]),
+])
+def test_functions_found_on_a_class_are_functions_to_map(tmp_path: Path, spec: str,
+                                                         expected: list[object]) -> None:
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("1\n2\n")
-    out = _cli("map", "tests.tasks:Scale.triple", str(src), "-o", str(dst), "--no-progress")
+    out = _cli("map", spec, str(src), "-o", str(dst), "--no-progress")
     assert out.returncode == 0, out.stderr
-    assert [json.loads(line)["result"] for line in dst.read_text().splitlines()] == [3, 6]
+    assert [json.loads(line)["result"] for line in dst.read_text().splitlines()] == expected
 
 
 def test_nan_and_infinity_are_not_json(tmp_path: Path) -> None:
