@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None, resumable: list[str]) -> int:
-    """Run the command line; ``resumable`` gets the output file of a map into one
-    (an interrupted run that wrote it can be continued with --resume)."""
+    """Run the command line; ``resumable`` gets the output file of a map once this run
+    wrote to it, or kept it (--resume): an interrupted run can then be continued."""
     import logging
 
     command = parser()
@@ -187,7 +187,9 @@ def _main(argv: list[str] | None, resumable: list[str]) -> int:
     if getattr(args, "output", None) in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
         args.output = "-"  # standard output by another name: records alone on it
     if args.command == "map" and args.output not in (None, "-"):
-        resumable.append(args.output)
+        args.resumable = resumable  # the map adds its output when it opens it
+        if args.resume:
+            resumable.append(args.output)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from ._cli import UsageError

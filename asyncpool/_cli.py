@@ -304,6 +304,8 @@ async def _map_file(args: argparse.Namespace, records: int | None) -> Counts:
                             out = open(args.output if records is None else records,
                                        "a" if args.resume else "w", encoding="utf-8",
                                        closefd=records is None)
+                            if not args.resume and hasattr(args, "resumable"):
+                                args.resumable.append(args.output)
                         out.write(line + "\n")
                         out.flush()
                     except BrokenPipeError:

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
-from .helpers import ROOT, run_code
+from .helpers import ROOT, run_code, settle
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
@@ -477,15 +478,24 @@ def test_an_interrupted_run_says_resume_only_where_it_can(tmp_path: Path) -> Non
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=30) == 130
     assert "interrupted" in err and "--resume" not in err and "Traceback" not in err, err
-    # Nor where no output was written yet (the first item takes 30 s).
+    # Nor where no output was written yet (the first item takes 30 s), be there no
+    # output file or one another run left (resumed, it would keep that run's lines).
     src.write_text("30\n")
     dst = tmp_path / "out.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "asyncpool", "map", "tests.tasks:nap",
-                             str(src), "-o", str(dst), "--no-progress"], cwd=ROOT,
-                            preexec_fn=_interruptible, stderr=subprocess.PIPE)
-    time.sleep(1.0)  # (any moment before the first result does)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 130 and not dst.exists()
-    assert proc.stderr is not None
-    err = proc.stderr.read().decode()
-    assert "interrupted" in err and "--resume" not in err, err
+    for before in (None, '{"line": 1, "result": "another run"}\n'):
+        if before is not None:
+            dst.write_text(before)
+        proc = subprocess.Popen([sys.executable, "-m", "asyncpool", "map",
+                                 "tests.tasks:nap", str(src), "-o", str(dst),
+                                 "--no-progress"], cwd=ROOT, preexec_fn=_interruptible,
+                                stderr=subprocess.PIPE)
+        # Its workers run: it handles Ctrl-C by then (any moment before the first
+        # result does).
+        cli = psutil.Process(proc.pid)
+        assert settle(lambda cli=cli: len(cli.children(recursive=True)) >= 2, timeout=30)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        assert (dst.read_text() if dst.exists() else None) == before
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        assert "interrupted" in err and "--resume" not in err, err
