@@ -21,6 +21,20 @@ SPACES = 16
 _seen: dict[int, dict[str, tuple[int, Any]]] = {}
 
 
+def initialize(initializer: Any, initargs: tuple[Any, ...]) -> None:
+    """Run the pool's initializer. One that returns an awaitable (an async function
+    behind a wrapper: a cache, a plain function returning its coroutine) ran nothing:
+    it raises TypeError, as the pool refuses an async initializer itself."""
+    result = initializer(*initargs)
+    if hasattr(type(result), "__await__"):
+        close = getattr(result, "close", None)
+        if callable(close):
+            close()  # not "never awaited" at collection
+        raise TypeError(f"the initializer returned {type(result).__name__}, which nothing "
+                        "awaits here: pass a plain function (one may call asyncio.run "
+                        "inside)")
+
+
 def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
     """``fn`` with the globals of the caller's main script shared with its other
     functions loaded here; ``version`` orders the pickles (a later call's is higher).

@@ -31,7 +31,7 @@ from ._execute import (
     loads,
     portable,
 )
-from ._share import share_main
+from ._share import initialize, share_main
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
@@ -306,7 +306,7 @@ def serve(sock: socket.socket, progress: Any) -> int:
     if settings["initializer"] is not None:
         try:
             initializer, initargs = loads(settings["initializer"])
-            share_main(initializer)(*initargs)
+            initialize(share_main(initializer), initargs)
         except BaseException as exc:
             failure = portable(exc)
             try:

@@ -309,6 +309,16 @@ def recall(_: object = None) -> tuple[object, object, int]:
     return STATE.get("tag"), STATE.get("runs"), os.getpid()
 
 
+async def _remember_later(tag: str) -> None:
+    remember(tag)
+
+
+def remember_later(tag: str) -> object:
+    """A plain function that returns an async one's coroutine: nothing would await it
+    in a worker."""
+    return _remember_later(tag)
+
+
 def refuse_to_start() -> None:
     raise LookupError("the initializer refuses")
 

@@ -141,6 +141,20 @@ async def test_a_live_worker_serves_while_replacements_initializer_raises(
             assert pool.backend == "process" and pool.statistics().fallbacks == 0
 
 
+@pytest.mark.parametrize("rungs", [("process",), ("thread",), ("inline",)])
+async def test_an_initializer_that_returns_a_coroutine_fails_the_open(
+        rungs: tuple[str, ...], anyio_backend: str) -> None:
+    # An async initializer behind a wrapper was accepted: workers warned "coroutine was
+    # never awaited" and ran every task uninitialised.
+    cached = functools.lru_cache(tasks.remember_later)  # pickles on no rung but these
+    for initializer in (tasks.remember_later, *([cached] if rungs != ("process",) else [])):
+        with pytest.raises(InitializerFailed, match="returned coroutine") as info:
+            async with ResilientPool(max_workers=1, rungs=rungs,  # type: ignore[arg-type]
+                                     initializer=initializer, initargs=("later",)):
+                pass
+        assert isinstance(info.value.__cause__, TypeError)
+
+
 @pytest.mark.parametrize("initializer, initargs, match", [
     (tasks.exit_with, (1,), "raised on the event loop: SystemExit"),
     (tasks.nap, (0.3,), "did not return within start_timeout=0.1"),

@@ -12,7 +12,7 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .._execute import cluster_init_failures, loads
-from .._share import share_main
+from .._share import initialize, share_main
 
 
 class InitializerPlugin(WorkerPlugin):
@@ -31,7 +31,7 @@ class InitializerPlugin(WorkerPlugin):
         cluster_init_failures.pop(mark, None)
         try:
             initializer, initargs = loads(self.blob)
-            share_main(initializer, self.space)(*initargs)
+            initialize(share_main(initializer, self.space), initargs)
         except BaseException as exc:
             cluster_init_failures[mark] = repr(exc)
             raise

@@ -16,6 +16,7 @@ from .._errors import InitializerFailed
 from .._retry import is_transient, task_retry_delays
 from .._execute import SKIPPED, own_frames_dropped, portable
 from .._loop import preload_backend
+from .._share import initialize
 from .base import Listener, Rung, RungState
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class InlineRung(Rung):
             # interrupted, so start_timeout is checked when it returns.
             started = time.monotonic()
             try:
-                config.initializer(*config.initargs)
+                initialize(config.initializer, config.initargs)
             except (Exception, SystemExit) as exc:
                 raise InitializerFailed.raised(config.initializer, exc,
                                                "on the event loop") from exc

@@ -21,6 +21,7 @@ import anyio
 from .._errors import InitializerFailed
 from .._execute import execute, portable
 from .._loop import preload_backend
+from .._share import initialize
 from .._retry import RungUnavailable
 from .base import Listener, Rung, RungState
 
@@ -122,7 +123,7 @@ class ThreadRung(Rung):
         me = threading.current_thread()
         if config.initializer is not None:
             try:
-                config.initializer(*config.initargs)
+                initialize(config.initializer, config.initargs)
             except BaseException as exc:
                 if ready is None:  # in place of a stuck thread: it does not serve
                     self.loop.call_soon_threadsafe(functools.partial(self._left, me, exc))
