@@ -4,6 +4,7 @@ workers, a poison item, a function the cluster cannot import."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -288,6 +289,36 @@ async def test_a_restarted_worker_whose_initializer_fails_runs_no_task(
             assert "says no" in str(results[0])
     finally:
         cluster.stop()
+
+
+async def test_a_worker_killed_as_a_big_function_is_scattered_loses_nothing(
+        cluster: CliCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The scatter failed: the whole call with FunctionUnavailable (a KeyError naming
+    # the dead worker), or the pool dropped the healthy cluster for local processes, or
+    # it waited out Dask's 30 s connect timeout. The fault is real; only its moment is
+    # arranged (the worker dies as the client starts the scatter).
+    import distributed
+
+    scatter = distributed.Client._scatter
+    victims = [1]
+
+    async def scatter_after_a_death(self: object, *args: object, **kwargs: object) -> object:
+        if victims:  # the worker and its nanny, at once
+            os.killpg(cluster.workers[victims.pop()].pid, signal.SIGKILL)
+        return await scatter(self, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Client, "_scatter", scatter_after_a_death)
+    table = bytes(8 << 20)  # scattered, not carried by each task
+    done = tmp_path / "killed already"
+    done.touch()  # no item kills its worker here
+    items = [(i, str(done)) for i in range(200)]
+    async with ResilientPool(max_workers=1, dask_address=cluster.address) as pool:
+        with anyio.fail_after(25):
+            results = await pool.map(functools.partial(tasks.with_table, table), items,
+                                     return_exceptions=True)
+        assert results == [i * i + len(table) for i in range(200)]
+        assert not victims and pool.backend == "dask"
+        assert pool.statistics().fallbacks == 0
 
 
 def _worker_plugins(dask_scheduler: object) -> list[str]:

@@ -248,3 +248,52 @@ async def answers(client: Any, timeout: float) -> bool:
     except Exception:
         return False
     return True
+
+
+class ScatterFailed(Exception):
+    """Scattering a big function failed (a worker left as it was sent to it, or the
+    scheduler is gone): ``error`` says why, ``tries`` how many scatters of functions
+    failed in a row."""
+
+    def __init__(self, tries: int, error: Exception) -> None:
+        super().__init__(tries, error)
+        self.tries, self.error = tries, error
+
+
+class Scattered:
+    """Big functions' pickles scattered to every worker, once per call each. One whose
+    scatter failed is scattered again when next asked for. A scatter is bounded: one
+    waiting on a worker that died waited out Dask's connect timeout (30 s)."""
+
+    #: A scatter may take ``dask_connect_timeout`` twice (10 s at least), and a second
+    #: per this many bytes.
+    RATE = 4 << 20
+
+    def __init__(self, client: Any, connect_timeout: float) -> None:
+        self.client, self.connect_timeout = client, connect_timeout
+        self._futures: dict[int, asyncio.Future[Any]] = {}
+        self.failures = 0
+
+    async def get(self, shipped: Any) -> Any:
+        """The scattered data of ``shipped`` (a Shipped); ScatterFailed if it failed."""
+        found = self._futures.get(shipped.id)
+        if found is None:
+            timeout = max(10.0, 2 * self.connect_timeout) + len(shipped.blob) / self.RATE
+            found = self._futures[shipped.id] = asyncio.ensure_future(self.client.scatter(
+                shipped.blob, broadcast=True, hash=False, timeout=timeout))
+        try:
+            # Shielded: other chunks of the call wait for the same scatter.
+            data = await asyncio.shield(found)
+        except Exception as exc:
+            if self._futures.get(shipped.id) is found:
+                del self._futures[shipped.id]
+                self.failures += 1
+            raise ScatterFailed(self.failures, exc) from exc
+        self.failures = 0
+        return data
+
+    def forget(self, fn_id: int) -> None:
+        found = self._futures.pop(fn_id, None)
+        if found is not None and found.done() and not found.cancelled() and (
+                not found.exception()):
+            found.result().release()

@@ -35,6 +35,8 @@ from .._execute import decode_error, run_on_cluster
 from .._retry import RungUnavailable
 from .._salvage import load_results
 from ._dask_client import (
+    Scattered,
+    ScatterFailed,
     StoppedCalls,
     cancel_quietly,
     client_space,
@@ -92,7 +94,7 @@ class DaskRung(Rung):
         #: The scheduler this rung set up (see _resize).
         self._scheduler_id: str | None = None
         self._relays: dict[Chunk, asyncio.Task[None]] = {}
-        self._scattered: dict[int, asyncio.Future[Any]] = {}
+        self._scattered = Scattered(client, config.dask_connect_timeout)
         self._sizer: asyncio.Task[None] | None = None
         #: When (loop time) a chunk last came back from the cluster, or crashed there.
         self._heard = 0.0
@@ -229,16 +231,10 @@ class DaskRung(Rung):
         """The function's pickle, or for a big one its data scattered to every worker."""
         if len(shipped.whole()) < BIG_FUNCTION:
             return shipped.blob
-        found = self._scattered.get(shipped.id)
-        if found is None:
-            found = self._scattered[shipped.id] = asyncio.ensure_future(
-                self.client.scatter(shipped.blob, broadcast=True, hash=False))
-        return await found
+        return await self._scattered.get(shipped)
 
     def forget(self, fn_id: int) -> None:
-        found = self._scattered.pop(fn_id, None)
-        if found is not None and found.done() and not found.exception():
-            found.result().release()
+        self._scattered.forget(fn_id)
 
     async def _relay(self, chunk: Chunk, shipped: list[Any], arguments: _wire.Parts) -> None:
         from distributed import KilledWorker
@@ -287,6 +283,14 @@ class DaskRung(Rung):
             return
         except KilledWorker:
             self._crashed(chunk)
+            return
+        except ScatterFailed as failed:
+            # A worker that died as the function was sent to it failed the whole call
+            # (a KeyError), or dropped a healthy cluster: sent again, scattered anew.
+            if failed.tries < 3 and self._connected():
+                self._lost(chunk)
+            else:
+                self._failed(chunk, failed.error)
             return
         except Exception as exc:
             self._failed(chunk, exc)
