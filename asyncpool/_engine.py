@@ -35,7 +35,7 @@ from collections import deque
 
 from ._call import Call, CallState, Chunk, Piece
 from ._config import PoolConfig
-from ._errors import PoolClosed
+from ._errors import PoolClosed, fresh
 from ._events import Counters, Emitter
 from ._ladder import Ladder
 from ._loop import Loop
@@ -153,9 +153,10 @@ class Engine:
         self.kick()
 
     def fail_all(self, error: BaseException) -> None:
-        """No rung can run anything: every waiting call fails with ``error``."""
+        """No rung can run anything: every waiting call fails with ``error`` (a copy
+        each)."""
         for call in list(self.calls):
-            call.fail(error)
+            call.fail(fresh(error))
 
     # -- sending -------------------------------------------------------------------
 

@@ -326,6 +326,22 @@ def is_pool_made(exc: BaseException) -> bool:
     return getattr(exc, _POOL_MADE, False) is True
 
 
+def fresh(error: E) -> E:
+    """A copy of ``error`` for one more caller, with its cause: one object raised in
+    many calls gathers every caller's frames in its traceback (and keeps them alive).
+    ``error`` itself if it cannot be copied."""
+    import copy
+
+    try:
+        clone = copy.copy(error)
+    except Exception:
+        return error
+    if type(clone) is not type(error):
+        return error
+    clone.__cause__, clone.__suppress_context__ = error.__cause__, error.__suppress_context__
+    return clone
+
+
 def public(*objects: Any) -> None:
     """Name these as the package's own: ``asyncpool.RemoteError`` in tracebacks and
     reprs, not the module that defines them (pickles name them so too; the package

@@ -98,7 +98,9 @@ class Ladder:
                 failed = self._init_failure
                 if failed is not None and time.monotonic() < failed[1] + (
                         self.config.promote_after):
-                    raise failed[0]
+                    # The same one (its time is kept), its traceback not grown by
+                    # each raise; each call gets its own copy (see fail_all).
+                    raise failed[0].with_traceback(None)
                 start = 0
                 crashed = rung is not None and rung.state is RungState.CRASHED
                 was = self.index
