@@ -542,6 +542,14 @@ def start_then_fail(directory: str, allowed: int, hang: bool) -> None:
         raise LookupError("a replacement's initializer fails")
 
 
+def slow_at_start(directory: str, nth: int, seconds: float) -> None:
+    """An initializer whose ``nth`` start (counted in ``directory``) takes ``seconds``."""
+    starts = len(os.listdir(directory))
+    Path(directory, str(os.getpid())).touch()
+    if starts + 1 == nth:
+        time.sleep(seconds)
+
+
 def hang_at_start(directory: str, nth: int) -> None:
     """An initializer that notes each start as ``<n>-<pid>``; from the ``nth`` (from
     0) on they hang, so a test can kill those workers while they initialise."""

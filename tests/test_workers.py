@@ -11,6 +11,7 @@ import gc
 import itertools
 import os
 import threading
+import signal
 import time
 import traceback
 import weakref
@@ -111,6 +112,23 @@ async def test_an_initializer_failing_in_replacements_never_runs_in_this_process
             assert isinstance(seen[-1].__cause__, LookupError)
             assert not (tmp_path / str(os.getpid())).exists()
             assert pool.statistics().fallbacks == 0 and pool.backend is None
+
+
+async def test_a_worker_that_dies_while_another_starts_is_replaced_at_once(
+        tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
+    # The supervisor waited for every replacement under way to start before it forked
+    # the next: behind one slow initializer, a pool whose workers all died served
+    # nothing for as long (and recycling started one worker at a time).
+    async with ResilientPool(max_workers=2, initializer=tasks.slow_at_start,
+                             initargs=(str(tmp_path), 3, 30.0)) as pool:
+        first, second = sorted(set(await pool.map(tasks.nap_then_pid, [0.05] * 10,
+                                                   chunk_size=1)))
+        os.kill(first, signal.SIGKILL)  # its replacement, the third start, takes 30 s
+        await wait_until(lambda: len(os.listdir(tmp_path)) == 3)
+        os.kill(second, signal.SIGKILL)  # its replacement starts at once
+        with anyio.fail_after(10):
+            served_by = await pool.run(tasks.pid_of)
+        assert served_by not in (first, second) and len(os.listdir(tmp_path)) == 4
 
 
 async def test_a_replacement_killed_in_its_initializer_is_replaced(

@@ -240,6 +240,7 @@ class ProcessRung(Rung, Events):
 
     def proc_ready(self, proc: Proc) -> None:
         self._recycling.ready(proc)
+        self._grow()  # the supervisor counts it started
         limit = self.config.max_worker_memory
         if limit and proc.ready_rss > limit and not self._memory_warned:
             self._memory_warned = True
@@ -333,22 +334,24 @@ class ProcessRung(Rung, Events):
         return min(self.config.in_flight, DEPTH * self.config.max_workers)
 
     def _grow(self) -> None:
-        """A worker left (or will): the supervisor forks its replacement."""
+        """A worker left (or will), or started: the supervisor forks what is missing."""
         if self._nudge is not None:
             self._nudge.set()
 
     async def _supervise(self) -> None:
         """Keep ``max_workers`` workers: fork what is missing, backing off while forks
-        fail; give the rung up when none is left and none can be made. One task does
-        all replacing, so no count of replacements under way can drift."""
+        fail; give the rung up when none serves and none can be made (one task)."""
         config = self.config
         fresh = functools.partial(backoff_delays, config.backoff_initial,
                                   config.backoff_factor, config.backoff_max,
                                   config.backoff_jitter)
         delays, failures = fresh(), 0
+        # By when each starting worker must be ready (one dying meanwhile is replaced
+        # at once: a slow initializer held every replacement back).
+        starting: dict[Proc, float] = {}
         while self.state is RungState.SERVING:
             missing = config.max_workers - self._recycling.live(self.procs)
-            if missing <= 0:
+            if missing <= 0 and not starting:
                 self._nudge = self.loop.event()
                 # While chunks wait behind busy workers, look for stuck ones; while
                 # doomed calls have items in a running chunk, for one starting.
@@ -364,29 +367,34 @@ class ProcessRung(Rung, Events):
                     proc.kill_doomed()
                 continue
             error: BaseException | None = None
-            started: list[Proc] = []
             for _ in range(missing):
                 try:
-                    started.append(self._fork())
+                    starting[self._fork()] = time.monotonic() + (
+                        config.start_timeout or math.inf)
                 except OSError as exc:
                     error = exc
                     break
-            with anyio.move_on_after(config.start_timeout):
-                for proc in started:
-                    await proc.started.wait()
-            for proc in started:
+            if error is None and not any(p.started.is_set() for p in starting):
+                self._nudge = self.loop.event()  # set as one starts, or one leaves
+                with anyio.move_on_after(min(starting.values()) - time.monotonic()):
+                    await self._nudge.wait()
+            for proc, deadline in list(starting.items()):
                 if proc.init_error is not None:  # a fork failed, or the initializer did
                     error = initializer_failure(proc.init_error, proc.pid is not None,
                                                 self.config.initializer) or proc.init_error
-                elif proc.state is ProcState.STARTING:
+                elif proc.state is ProcState.STARTING and time.monotonic() >= deadline:
                     proc.kill()
                     error = RungUnavailable("a new worker did not start in time")
+                elif proc.state is ProcState.STARTING:
+                    continue
+                del starting[proc]
             if error is None:
-                delays, failures = fresh(), 0
+                delays, failures = (delays, failures) if starting else (fresh(), 0)
                 continue
             failures += 1
-            # While a worker lives, it serves, and replacements are tried again.
-            if self._recycling.live(self.procs) == 0 and failures >= config.creation_attempts:
+            # While a worker serves, replacements are tried again (not while one starts).
+            serving = (p for p in self.procs if p.state is ProcState.READY)
+            if self._recycling.live(serving) == 0 and failures >= config.creation_attempts:
                 if isinstance(error, InitializerFailed):
                     self._broke(error, error.__cause__)
                 else:
