@@ -15,6 +15,7 @@ socket.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import select
@@ -146,55 +147,65 @@ def main() -> None:
     # functions sent by value.
     preload: list[str] = ["site", "cloudpickle"]
     me = os.getpid()
-    while True:
-        ready = select.select([control.fileno(), wake_r], [], [],
-                              None if not preload else 0.05)[0]
-        if not ready and preload:
-            _import(preload.pop(0))
-            continue
-        if wake_r in ready:
-            os.read(wake_r, 4096)
-            _reap(children)
-        if control.fileno() not in ready:
-            continue
-        try:
-            message, fds, _, _ = socket.recv_fds(control, 4096, 4)
-        except OSError:
-            message, fds = b"", []
-        if not message:
-            # The parent is gone (or closed us): its workers go too.
-            _stop_all(children)
-            os._exit(0)
-        op, *names = message.decode().split("\0")
-        if op == "preload":
-            preload.extend(names)
-        elif op == "fork":
-            sock_fd, status_fd, progress_fd = (fds + [-1, -1, -1])[:3]
-            status = socket.socket(fileno=status_fd)
+    try:
+        while True:
+            ready = select.select([control.fileno(), wake_r], [], [],
+                                  None if not preload else 0.05)[0]
+            if not ready and preload:
+                _import(preload.pop(0))
+                continue
+            if wake_r in ready:
+                os.read(wake_r, 4096)
+                _reap(children)
+            if control.fileno() not in ready:
+                continue
             try:
-                pid = os.fork()
-            except OSError as exc:
-                status.send(STATUS.pack(-(exc.errno or 1), 0))
-                status.close()
+                message, fds, _, _ = socket.recv_fds(control, 4096, 4)
+            except OSError:
+                message, fds = b"", []
+            if not message:
+                # The parent is gone (or closed us): its workers go too.
+                _stop_all(children)
+                os._exit(0)
+            op, *names = message.decode().split("\0")
+            if op == "preload":
+                preload.extend(names)
+            elif op == "fork":
+                sock_fd, status_fd, progress_fd = (fds + [-1, -1, -1])[:3]
+                status = socket.socket(fileno=status_fd)
+                try:
+                    pid = os.fork()
+                except OSError as exc:
+                    with contextlib.suppress(OSError):  # the parent may be gone
+                        status.send(STATUS.pack(-(exc.errno or 1), 0))
+                    status.close()
+                    os.close(sock_fd)
+                    if progress_fd >= 0:
+                        os.close(progress_fd)
+                    continue
+                if pid == 0:
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    control.close()
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    status.close()
+                    for other in children.values():
+                        other.close()
+                    _worker(sock_fd, progress_fd, me)
                 os.close(sock_fd)
                 if progress_fd >= 0:
                     os.close(progress_fd)
-                continue
-            if pid == 0:
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                control.close()
-                os.close(wake_r)
-                os.close(wake_w)
-                status.close()
-                for other in children.values():
-                    other.close()
-                _worker(sock_fd, progress_fd, me)
-            os.close(sock_fd)
-            if progress_fd >= 0:
-                os.close(progress_fd)
-            status.send(STATUS.pack(pid, 0))
-            children[pid] = status
+                children[pid] = status  # stopped with the others, told or not
+                with contextlib.suppress(OSError):  # the parent may be gone
+                    status.send(STATUS.pack(pid, 0))
+    finally:
+        # Whatever went wrong here (a parent gone as it was told of a fork: a
+        # BrokenPipeError), the workers and what they started go too; never in a
+        # forked child.
+        if os.getpid() == me:
+            _stop_all(children)
+            os._exit(0)
 
 
 def _import(name: str) -> None:

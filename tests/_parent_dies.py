@@ -1,5 +1,6 @@
-"""Die mid-map (argument: SIGKILL or SIGTERM) and print the pids that must not outlive us:
-the workers, a grandchild and a grandchild in a session of its own."""
+"""Die mid-map (argument: SIGKILL or SIGTERM; then "forking" to die as another pool's
+workers are being forked) and print the pids that must not outlive us: the workers, a
+grandchild and a grandchild in a session of its own."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from asyncpool import ResilientPool  # noqa: E402
 from tests import tasks  # noqa: E402
 
 
-async def main(how: str) -> None:
+async def main(how: str, forking: bool) -> None:
     note = tempfile.mktemp()
     pool = ResilientPool(max_workers=2, chunk_size=1)
     await pool.__aenter__()
@@ -30,8 +31,16 @@ async def main(how: str) -> None:
         await asyncio.sleep(0.02)
     print(*pids, open(note).read(), flush=True)
     os.unlink(note)
+    if forking:
+        # Its fork requests queue at the fork server, which then tells a parent that
+        # is gone of each new worker (a BrokenPipeError killed it, before it stopped
+        # the workers' groups: the grandchildren stayed).
+        opening = asyncio.ensure_future(ResilientPool(max_workers=8).__aenter__())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not opening.done()
     os.kill(os.getpid(), getattr(signal, how))
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main(sys.argv[1], sys.argv[2:] == ["forking"]))

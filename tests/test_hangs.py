@@ -383,10 +383,11 @@ async def test_close_after_a_hung_item_timed_out(kill: bool, anyio_backend: str)
     await wait_until(lambda: not any(alive(pid) for pid in pids), 5)
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
-async def test_workers_leave_when_the_parent_dies(how: str) -> None:
-    proc = run_script("_parent_dies.py", how)
-    assert proc.returncode == -getattr(signal, how), proc.stderr[-2000:]
+@pytest.mark.parametrize("how", [["SIGKILL"], ["SIGTERM"], ["SIGKILL", "forking"],
+                                 ["SIGTERM", "forking"]])
+async def test_workers_leave_when_the_parent_dies(how: list[str]) -> None:
+    proc = run_script("_parent_dies.py", *how)
+    assert proc.returncode == -getattr(signal, how[0]), proc.stderr[-2000:]
     pids = [int(p) for p in proc.stdout.split()]
     # Two workers and two grandchildren, one in a session of its own (which the fork
     # server used to wait for, instead of killing it, and so stayed too).
