@@ -263,15 +263,15 @@ def portable(exc: BaseException) -> BaseException:
                            traceback=text, exitcode=code)
     try:
         # A class whose __init__ needs more than ``args`` pickles but does not load (or
-        # loads as something that is no exception at all).
-        if isinstance(pickle.loads(pickle.dumps(exc, 5)), BaseException):
+        # loads as no Exception: a SystemExit would end the caller).
+        if isinstance(pickle.loads(pickle.dumps(exc, 5)), Exception):
             return exc
     except BaseException:
         pass
     try:
         import cloudpickle
 
-        if isinstance(pickle.loads(cloudpickle.dumps(exc, 5)), BaseException):
+        if isinstance(pickle.loads(cloudpickle.dumps(exc, 5)), Exception):
             return exc
     except BaseException:
         pass
@@ -305,7 +305,8 @@ def decode_error(blob: bytes, text: str) -> BaseException:
     """In the parent: an error :func:`encode_errors` made, as faithful as it loads."""
     try:
         exc: BaseException = pickle.loads(blob)
-        if not isinstance(exc, BaseException):  # its __reduce__ rebuilt something else
+        if not isinstance(exc, Exception):  # its __reduce__ rebuilt something else (a
+            # SystemExit or CancelledError would end or cancel the caller)
             raise TypeError(f"it unpickled as {type(exc).__qualname__}")
     except BaseException as problem:  # its own code ran: a SystemExit is not ours
         # Rebuilt in the worker but not here (its class is not importable here).

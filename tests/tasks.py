@@ -627,6 +627,20 @@ def raise_loads_as_number(x: int) -> int:
     return x
 
 
+class LoadsAsExit(Exception):
+    """An exception whose pickle rebuilds a SystemExit, a CancelledError or a
+    KeyboardInterrupt (its argument says which)."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        kind = {"exit": SystemExit, "cancel": asyncio.CancelledError,
+                "interrupt": KeyboardInterrupt}[self.args[0]]
+        return (kind, (3,) if kind is SystemExit else ())
+
+
+def raise_loads_as_exit(kind: str) -> int:
+    raise LoadsAsExit(kind)
+
+
 _DAEMON = """
 import os, time
 if os.fork():

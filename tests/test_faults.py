@@ -191,6 +191,17 @@ async def test_an_exception_that_unpickles_as_no_exception_is_a_remote_error(
                 await pool.run(tasks.raise_loads_as_number, 1)
 
 
+@pytest.mark.parametrize("kind", ["exit", "cancel", "interrupt"])
+async def test_an_exception_that_unpickles_as_an_exit_is_a_remote_error(
+        kind: str, anyio_backend: str) -> None:
+    # An Exception whose pickle rebuilt a SystemExit ended the caller's program (exit
+    # code 3); a CancelledError cancelled a task nobody cancelled.
+    async with ResilientPool(max_workers=1) as pool:
+        with pytest.raises(RemoteError, match="LoadsAsExit"):
+            await pool.run(tasks.raise_loads_as_exit, kind)
+        assert await pool.run(tasks.square, 3) == 9
+
+
 @pytest.mark.parametrize("fn", [tasks.return_unpicklable, tasks.return_unloadable])
 async def test_bad_result_stays_with_its_item(fn: object, anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
