@@ -11,9 +11,10 @@ if TYPE_CHECKING:
 
 #: One namespace for every function of the caller's main script that a worker loads.
 _main_globals: dict[str, Any] = {}
-#: On a Dask worker, which serves many client processes: one such namespace per
-#: client process (the latest :data:`SPACES` of them), so that two programs whose
-#: main scripts both define ``TABLE`` or ``helper`` never see each other's.
+#: On a Dask worker, which serves many client processes: one such namespace per pool
+#: of a client process (the latest :data:`SPACES` of them), so that two programs whose
+#: main scripts both define ``TABLE`` or ``helper`` never see each other's, nor two
+#: pools the globals their initializers set.
 _spaces: dict[str, dict[str, Any]] = {}
 SPACES = 16
 #: For each namespace (by id): each name's latest pickle (its version, and the value

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import json
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -77,6 +78,17 @@ async def test_two_main_scripts_on_one_cluster_keep_their_globals_apart(
         outputs = [await asyncio.wait_for(p.communicate(), 120) for p in procs]
         assert [out.strip() for out, _ in outputs] == [b"0"] * len(offsets)
         assert [p.returncode for p in procs] == [0] * len(offsets)
+
+
+async def test_each_pool_has_its_own_globals_of_the_main_script(cluster: Any) -> None:
+    # One namespace per client process: pool A's tasks saw pool B's initializer's value,
+    # and a later pool with no initializer saw the last one's.
+    script = str(Path(__file__).with_name("_main_initializers.py"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, script, cluster.scheduler_address, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0
+    assert json.loads(out) == {"A": ["A"], "B": ["B"], "none": [None]}
 
 
 async def test_an_argument_the_cluster_cannot_unpickle_fails_alone(cluster: Any) -> None:

@@ -66,8 +66,8 @@ class StoppedCalls:
     """Tells every worker which calls stopped (one message for those stopped within
     20 ms): their chunks that run there skip the items not started yet."""
 
-    def __init__(self, client: Any) -> None:
-        self.client = client
+    def __init__(self, client: Any, space: str) -> None:
+        self.client, self.space = client, space
         self.calls: set[int] = set()
         self.task: asyncio.Task[None] | None = None
 
@@ -82,8 +82,8 @@ class StoppedCalls:
         await asyncio.sleep(0.02)
         calls, self.calls = sorted(self.calls), set()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.client.run(cancel_on_cluster, client_space(),
-                                                   calls), 10)
+            await asyncio.wait_for(self.client.run(cancel_on_cluster, self.space, calls),
+                                   10)
 
     def close(self) -> None:
         if self.task is not None:
@@ -187,7 +187,8 @@ async def _refused(address: str) -> bool:
     return False
 
 
-async def register_initializer(client: Any, config: PoolConfig, name: str) -> None:
+async def register_initializer(client: Any, config: PoolConfig, name: str,
+                               space: str) -> None:
     """Run the config's initializer on every worker (and each that joins), as a
     worker plugin. InitializerFailed if it raised or hung there; RungUnavailable if
     the scheduler went away meanwhile (not the initializer's fault: that would keep
@@ -199,7 +200,7 @@ async def register_initializer(client: Any, config: PoolConfig, name: str) -> No
     started = asyncio.get_running_loop().time()
     try:
         await _while_answering(client.register_plugin(
-            InitializerPlugin(blob, client_space(), name), name=name), client, timeout,
+            InitializerPlugin(blob, space, name), name=name), client, timeout,
             config.dask_connect_timeout)
     except RungUnavailable:
         raise

@@ -84,9 +84,11 @@ class DaskRung(Rung):
         self.client = client
         self.owned = owned
         self.lanes: int = 1
-        #: Tells the workers which calls stopped (see cancel).
-        self._stopped = StoppedCalls(client)
         self._token = secrets.token_hex(4)
+        #: Its own globals of the main script on the workers (each pool's initializer).
+        self.space = f"{client_space()}-{self._token}"
+        #: Tells the workers which calls stopped (see cancel).
+        self._stopped = StoppedCalls(client, self.space)
         #: The name of its initializer's worker plugin, if it has an initializer.
         self._initializer = (f"asyncpool-initializer-{self._token}"
                              if config.initializer is not None else None)
@@ -129,7 +131,8 @@ class DaskRung(Rung):
             await rung._resize()
             await in_step(rung.client, rung._scheduler_id, timeout)
             if rung._initializer is not None:
-                await register_initializer(rung.client, config, rung._initializer)
+                await register_initializer(rung.client, config, rung._initializer,
+                                           rung.space)
         except BaseException as exc:
             await rung.aclose(kill=True)
             if isinstance(exc, OSError | TimeoutError):
@@ -222,10 +225,7 @@ class DaskRung(Rung):
             self._relay(chunk, list(shipped.values()), arguments))
         # A relay cancelled before it first ran (its call was cancelled in the same
         # turn) never reports: this does, once, or nothing if it did.
-        relay.add_done_callback(functools.partial(self._relay_ended, chunk))
-
-    def _relay_ended(self, chunk: Chunk, _: object) -> None:
-        self._lost(chunk)
+        relay.add_done_callback(lambda _: self._lost(chunk))
 
     async def _function(self, shipped: Any) -> Any:
         """The function's pickle, or for a big one its data scattered to every worker."""
@@ -256,7 +256,7 @@ class DaskRung(Rung):
             self._count += 1
             name = re.sub(r"[^\w.]+", "_", chunk.pieces[0].call.shipped.name)
             future = self.client.submit(run_on_cluster, blobs, arguments,
-                                        self.config.task_retries, client_space(),
+                                        self.config.task_retries, self.space,
                                         [s.id for s in shipped], self._initializer,
                                         key=f"{name}-{self._token}-{self._count}", pure=False,
                                         **chunk.pieces[0].call.options.dask)
