@@ -80,7 +80,8 @@ class PoolConfig:
     start_timeout: float | None = 60.0
     """Seconds new workers (and their initializer) may take to start."""
     warm_start: bool = False
-    """Serve on threads the moment the pool opens while processes start."""
+    """Serve on threads the moment the pool opens while processes start (those threads
+    run ``initializer`` in this process)."""
     reuse_workers: bool = False
     """On close, park the idle process workers for the next pool with the same
     settings; ``ResilientPool.close_idle_workers()`` or interpreter exit stops them."""
