@@ -11,6 +11,8 @@ chunks it holds finish there, and it is closed once it holds none.
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -270,8 +272,14 @@ class Ladder:
             return True
         return False
 
-    def abandon(self) -> None:
-        """Its pool was dropped unclosed: every rung stops now (see Rung.abandon)."""
+    def abandon(self, pid: int) -> None:
+        """Its pool, opened in process ``pid``, was dropped unclosed: said, and every
+        rung stops now (see Rung.abandon); nothing in a child forked from there."""
+        if os.getpid() != pid:
+            return
+        logging.getLogger("asyncpool").warning(
+            "a ResilientPool was dropped without being closed: its workers are killed "
+            "(use `async with ResilientPool()`, or await aclose())")
         self.closed = True
         for rung in self.rungs():
             rung.abandon()

@@ -18,7 +18,6 @@ from ._engine import Engine, build_engine
 from ._errors import PoolClosed, public
 from ._events import Counters, Emitter, EventHook, PoolStatistics
 from ._functions import FunctionBook, Shipped, check_function
-from ._ladder import Ladder
 from ._loop import Loop, current_loop
 from ._options import PER_CALL, CallKwargs, CallOptions
 from ._rungs import CLUSTER, OUT_OF_PROCESS
@@ -80,7 +79,7 @@ class ResilientPool:
         """The pool's settings (a frozen [`PoolConfig`][asyncpool.PoolConfig])."""
         self._state = PoolState.NEW
         self._counters = Counters()
-        # Its background tasks must not keep the pool alive (see _abandoned).
+        # Its background tasks must not keep the pool alive (see Ladder.abandon).
         self._emit = Emitter(on_event, functools.partial(_backend_of, weakref.ref(self)))
         self._functions = FunctionBook()
         self._limit = RateLimit(self.config.rate_limit) if self.config.rate_limit else None
@@ -100,7 +99,7 @@ class ResilientPool:
         self._loop = current_loop()
         self._pid = os.getpid()
         self._engine = build_engine(self.config, self._counters, self._emit, self._loop)
-        self._finalizer = weakref.finalize(self, _abandoned, self._engine.ladder, self._pid)
+        self._finalizer = weakref.finalize(self, self._engine.ladder.abandon, self._pid)
         self._finalizer.atexit = False  # at exit the fork server stops every worker
         self._state = PoolState.OPEN
         try:
@@ -244,6 +243,9 @@ class ResilientPool:
             SerializationError: ``fn``, an argument or the result cannot be pickled.
             RemoteError: the exception cannot be rebuilt here, or the task raised
                 ``SystemExit``/``KeyboardInterrupt``.
+            FunctionUnavailable: the workers cannot load ``fn``.
+            InitializerFailed: the ``initializer`` fails in the replacement workers.
+            PoolUnavailable: no rung of the ladder can start (none ends inline).
             PoolClosed: the pool is not open, or belongs to another event loop.
             TypeError, ValueError: an unknown or invalid option (named, with the
                 nearest valid one), or ``fn`` is not callable or is async.
@@ -297,6 +299,8 @@ class ResilientPool:
                 result in place and ``MISSING`` for the rest.
             WorkerCrashed, SerializationError, RemoteError: for an item, as for
                 [`run`][asyncpool.ResilientPool.run] (in place with ``return_exceptions``).
+            FunctionUnavailable, InitializerFailed, PoolUnavailable: as for ``run``,
+                for the whole call even with ``return_exceptions``.
             PoolClosed: the pool is not open, or belongs to another event loop.
             TypeError, ValueError: as for ``run``; also an input that is not iterable.
 
@@ -338,9 +342,9 @@ class ResilientPool:
             **options: As for [`map`][asyncpool.ResilientPool.map].
 
         Raises:
-            Exception: As for [`map`][asyncpool.ResilientPool.map]; also
-                ``DeadlineExceeded``, ``WorkerCrashed``, ``SerializationError``,
-                ``RemoteError``, ``PoolClosed``, ``TypeError`` and ``ValueError``.
+            Exception: Each as for [`map`][asyncpool.ResilientPool.map]. An item that
+                is not a tuple (or does not pickle) fails alone, as its own
+                ``TypeError`` (or ``SerializationError``).
 
         Example:
             ```python
@@ -383,8 +387,11 @@ class ResilientPool:
                 ``return_exceptions``; or the exception the input raised.
             DeadlineExceeded: ``timeout`` passed; ``.start`` is the first index not
                 yielded and ``.partial`` what finished from there.
-            WorkerCrashed, SerializationError, RemoteError, PoolClosed, ValueError: as
-                for [`map`][asyncpool.ResilientPool.map], and so is ``TypeError``.
+            WorkerCrashed, SerializationError, RemoteError: (while iterating) as for
+                [`map`][asyncpool.ResilientPool.map]; so are ``FunctionUnavailable``,
+                ``InitializerFailed`` and ``PoolUnavailable``.
+            PoolClosed, TypeError, ValueError: raised by ``imap()`` itself, as for
+                ``map``.
 
         Example:
             ```python
@@ -435,14 +442,6 @@ class ResilientPool:
 def _backend_of(pool: weakref.ref[ResilientPool]) -> str | None:
     found = pool()
     return None if found is None else found.backend
-
-
-def _abandoned(ladder: Ladder, pid: int) -> None:
-    """A pool dropped while open (never closed): its workers go with it."""
-    if os.getpid() == pid:
-        logger.warning("a ResilientPool was dropped without being closed: its workers "
-                       "are killed (use `async with ResilientPool()`, or await aclose())")
-        ladder.abandon()
 
 
 #: Functions that never leave this process (a ladder of threads and inline) ship as this.
