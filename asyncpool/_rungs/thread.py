@@ -62,7 +62,7 @@ class ThreadRung(Rung):
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ThreadRung:
         rung = cls(config, listener, loop)
         preload_backend(loop)  # else the first call with a deadline imports it on the loop
-        ready = threading.Semaphore(0)
+        ready = _Ready(loop)
         for index in range(config.max_workers):
             try:
                 rung._start(ready)
@@ -76,9 +76,7 @@ class ThreadRung(Rung):
             # Each thread runs the initializer before it takes a chunk.
             try:
                 with anyio.fail_after(config.start_timeout):
-                    for _ in rung.threads:
-                        while not ready.acquire(blocking=False):
-                            await anyio.sleep(0.001)
+                    await ready.all(len(rung.threads))
             except TimeoutError:
                 await rung.aclose(kill=True)
                 raise InitializerFailed.timed_out(config.initializer,
@@ -90,7 +88,7 @@ class ThreadRung(Rung):
                                                "in a thread") from error
         return rung
 
-    def _start(self, ready: threading.Semaphore | None = None) -> None:
+    def _start(self, ready: _Ready | None = None) -> None:
         thread = threading.Thread(target=self._work, args=(ready,), daemon=True,
                                   name=f"asyncpool-thread-{self._started}")
         thread.start()
@@ -118,7 +116,7 @@ class ThreadRung(Rung):
     def cancel(self, calls: Iterable[int]) -> None:
         self._cancelled.update(call for call in calls if call in self._holding)
 
-    def _work(self, ready: threading.Semaphore | None) -> None:
+    def _work(self, ready: _Ready | None) -> None:
         config = self.config
         me = threading.current_thread()
         if config.initializer is not None:
@@ -130,7 +128,7 @@ class ThreadRung(Rung):
                     return
                 self._init_errors.append(exc)
             if ready is not None:
-                ready.release()
+                self.loop.call_soon_threadsafe(ready.one)
         while True:
             chunk = self._queue.get()
             if chunk is None:
@@ -226,6 +224,8 @@ class ThreadRung(Rung):
     def _report(self, chunk: Chunk, first: int, upto: int, results: list[Any],
                 errors: dict[int, BaseException], end: tuple[list[float], int] | None) -> None:
         if chunk in self._detached:
+            if end is not None:  # its end, told before kill() detached it
+                self._detached.discard(chunk)
             return  # reported lost already (see kill)
         if upto > first:
             self.listener.chunk_progress(chunk, first, upto, results, errors)
@@ -261,3 +261,20 @@ class ThreadRung(Rung):
                 if all(t in self._done or not t.is_alive() for t in leaving):
                     break
                 await self._exits.wait()
+
+
+class _Ready:
+    """Counts, on the loop, the threads through their initializer (without polling)."""
+
+    def __init__(self, loop: Loop) -> None:
+        self.count, self.expected, self.event = 0, 0, loop.event()
+
+    def one(self) -> None:
+        self.count += 1
+        if self.expected and self.count >= self.expected:
+            self.event.set()
+
+    async def all(self, expected: int) -> None:
+        self.expected = expected
+        if self.count < expected:
+            await self.event.wait()
