@@ -109,7 +109,6 @@ class Call:
         #: happened: their deaths are the same event, seen by several workers at once.
         self.function_crashes = 0
         self.function_crash_seen = 0
-        self.failed = 0
         #: Seconds an item of this very call took, once measured (its function's
         #: timing serves all its calls: a call of tiny items among calls of big ones,
         #: judged by theirs, went one item a chunk).
@@ -151,7 +150,6 @@ class Call:
             values = list(values)
             for offset, exc in errors.items():
                 values[offset] = exc
-            self.failed += len(errors)
             first = errors[min(errors)]
             if self.first_error is None and not self.options.return_exceptions:
                 self.first_error = first
@@ -287,7 +285,7 @@ class Chunk:
     """
 
     __slots__ = ("pieces", "size", "crashes", "reported", "rung", "seq",
-                 "payload_bytes", "killed", "born", "suspect", "blind", "expected")
+                 "payload_bytes", "born", "suspect", "blind", "expected")
     #: Chunks made so far in this process: each is numbered (``born``) in order.
     made = 0
 
@@ -302,7 +300,6 @@ class Chunk:
         self.seq = 0
         self.payload_bytes = 0
         #: Stopped on purpose (timeout, cancellation, close): not a crash.
-        self.killed = False
         #: Part of a chunk whose worker died, culprit unknown: a rung whose workers
         #: run several chunks in one process (Dask) runs it alone.
         self.suspect = suspect

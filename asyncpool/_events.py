@@ -93,7 +93,7 @@ class EventHook(Protocol):
 
 def log_event(event: PoolEvent) -> None:
     """The default hook: each event on the ``asyncpool`` logger as "<kind>: <message>"."""
-    logger.log(LEVELS.get(event.kind, logging.INFO), "%s: %s", event.kind, event.message)
+    logger.log(LEVELS[event.kind], "%s: %s", event.kind, event.message)
 
 
 class Emitter:

@@ -386,7 +386,6 @@ class Proc:
                 if chunk.reported < position and (
                         time.monotonic() < self.doomed_since + HAND_OVER_SECONDS):
                     return
-                chunk.killed = True
                 self.kill()
 
     def retire(self) -> None:

@@ -227,7 +227,6 @@ class ProcessRung(Rung, Events):
             if proc is None:
                 continue
             if calls is None and proc.chunks[0] is chunk:
-                chunk.killed = True
                 proc.kill()
                 continue
             # Killed now if one of their items runs, or if one starts before the
