@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -69,16 +70,17 @@ class Heartbeat:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Heartbeat]:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._beat)
-            await anyio.sleep(0.02)
-            self.lags.clear()
+            await tg.start(self._beat)
             yield self
             tg.cancel_scope.cancel()
 
-    async def _beat(self) -> None:
-        while True:
+    async def _beat(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        for beat in itertools.count():
             before = time.perf_counter()
             await anyio.sleep(0.005)
+            if beat == 0:
+                task_status.started()  # beating: what follows is measured
+                continue
             self.lags.append(time.perf_counter() - before - 0.005)
 
     @property
