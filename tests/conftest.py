@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import PidsCgroup, ThreadStarts, children, settle
+from .helpers import Cgroup, ThreadStarts, children, settle
 
 
 @pytest.fixture(params=os.environ.get("ASYNCPOOL_TEST_BACKENDS", "asyncio,trio").split(","))
@@ -64,5 +64,5 @@ def thread_starts(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadStarts]:
 @pytest.fixture
 def pids_cgroup() -> Iterator[Path]:
     """A fresh pids cgroup (root only); skips where none can be made."""
-    with PidsCgroup.create() as path:
+    with Cgroup.create() as path:
         yield path

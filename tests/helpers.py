@@ -119,34 +119,36 @@ def _for_trio_guest_run() -> bool:
     return frame is not None and frame.f_code.co_name == "guest_tick"
 
 
-class PidsCgroup:
-    """A pids cgroup under the v1 pids hierarchy or the v2 unified root."""
+class Cgroup:
+    """A cgroup of one controller (``pids``, ``memory``) under its v1 hierarchy or the
+    v2 unified root; the test skips, saying why, where none can be made."""
 
     @staticmethod
-    def root() -> Path | None:
-        v1, v2 = Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")
+    def root(controller: str) -> Path | None:
+        v1, v2 = Path("/sys/fs/cgroup", controller), Path("/sys/fs/cgroup")
         if (v1 / "cgroup.procs").exists():
             return v1
         controllers = v2 / "cgroup.controllers"
-        if controllers.exists() and "pids" in controllers.read_text().split():
+        if controllers.exists() and controller in controllers.read_text().split():
             return v2
         return None
 
     @classmethod
     @contextlib.contextmanager
-    def create(cls) -> Iterator[Path]:
-        root = cls.root()
+    def create(cls, controller: str = "pids", limit: str = "pids.max") -> Iterator[Path]:
+        """A new cgroup whose ``limit`` file (its controller's) can be written."""
+        root = cls.root(controller)
         if root is None:
-            pytest.skip("no pids cgroup controller is mounted on this machine")
+            pytest.skip(f"no {controller} cgroup controller is mounted on this machine")
         path = root / f"asyncpool-test-{uuid.uuid4().hex[:8]}"
         try:
             path.mkdir()
         except OSError as exc:
-            pytest.skip(f"cannot create a pids cgroup under {root} ({exc}); run as root "
-                        "on a machine with a writable cgroup hierarchy")
-        if not (path / "pids.max").exists():
+            pytest.skip(f"cannot create a {controller} cgroup under {root} ({exc}); run "
+                        "as root on a machine with a writable cgroup hierarchy")
+        if not (path / limit).exists():
             path.rmdir()
-            pytest.skip(f"{root} has no pids controller for new groups")
+            pytest.skip(f"{root} has no {limit} for new groups")
         try:
             yield path
         finally:

@@ -5,25 +5,20 @@ hierarchy; elsewhere they skip and say why."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, remove_cgroup
+from .helpers import Cgroup, run_script
 
-SCENARIO = ROOT / "tests" / "_cgroup_scenario.py"
+SCENARIO = "_cgroup_scenario.py"
 pytestmark = [pytest.mark.cgroup, pytest.mark.slow]
 
 
 def _run(*args: str) -> dict[str, object]:
-    proc = subprocess.run([sys.executable, str(SCENARIO), *args], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT,
-                          env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    """The scenario's outcome (its last line of output, JSON)."""
+    proc = run_script(SCENARIO, *args, env={"PYTHONFAULTHANDLER": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcome: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(outcome))
@@ -55,19 +50,9 @@ def test_a_ladder_with_nothing_to_fall_back_to_says_the_pool_is_unavailable(
 
 @pytest.fixture
 def memory_cgroup() -> Iterator[Path]:
-    root = Path("/sys/fs/cgroup/memory")
-    if not (root / "cgroup.procs").exists():
-        pytest.skip("no cgroup v1 memory controller is mounted on this machine")
-    path = root / f"asyncpool-test-{uuid.uuid4().hex[:8]}"
-    try:
-        path.mkdir()
+    with Cgroup.create("memory", "memory.limit_in_bytes") as path:
         (path / "memory.limit_in_bytes").write_text(str(400 << 20))
-    except OSError as exc:
-        pytest.skip(f"cannot create a memory cgroup under {root} ({exc}); run as root")
-    try:
         yield path
-    finally:
-        remove_cgroup(path, root)
 
 
 def test_an_item_the_oom_killer_stops_is_isolated(memory_cgroup: Path) -> None:
