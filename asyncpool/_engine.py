@@ -136,15 +136,10 @@ class Engine:
             for rung in {chunk.rung for chunk in held if chunk.rung is not None}:
                 try:
                     rung.cancel([call.id])
-                    if kill and not rung.kill([c for c in held if c.rung is rung],
-                                              {call.id}):
-                        self.emit("rung_warning", f"the {rung.name} rung cannot stop "
-                                  "running tasks; they finish in the background",
-                                  rung=rung.name)
                 except Exception:
-                    # The caller's own outcome (a deadline, a cancel) still goes first.
-                    logger.exception("the %s rung failed to stop a call's chunks",
-                                     rung.name)
+                    logger.exception("the %s rung failed to cancel a call", rung.name)
+            if kill:
+                self.outcomes.stop(held, {call.id})
         if self.outcomes.closing:
             self.outcomes.stop(self.outcomes.orphans())
         if not call.shipped.lasting:

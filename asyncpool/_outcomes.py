@@ -16,6 +16,7 @@ parts where one try cost several worker deaths (a Dask ``KilledWorker``).
 from __future__ import annotations
 
 import enum
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -28,7 +29,7 @@ from ._events import Counters, Emitter
 from ._execute import SKIPPED
 from ._sizing import Timing, blend
 
-
+logger = logging.getLogger("asyncpool")
 K = TypeVar("K")
 
 
@@ -367,10 +368,17 @@ class Outcomes:
                 if all(p.call.state is not CallState.ACTIVE for p in c.pieces)
                 and any(p.call.state is CallState.ABANDONED for p in c.pieces)]
 
-    def stop(self, chunks: list[Chunk]) -> None:
-        """Stop these chunks where they run (a rung that cannot lets them finish)."""
+    def stop(self, chunks: list[Chunk], calls: set[int] | None = None) -> None:
+        """Stop these chunks where they run (with ``calls``: only while an item of
+        those runs). A rung that cannot lets them finish, and it is said."""
         for rung in {c.rung for c in chunks if c.rung is not None}:
-            rung.kill([c for c in chunks if c.rung is rung])
+            try:
+                if not rung.kill([c for c in chunks if c.rung is rung], calls):
+                    self.emit("rung_warning", f"the {rung.name} rung cannot stop running "
+                              "tasks; they finish in the background", rung=rung.name)
+            except Exception:
+                # The caller's own outcome (a deadline, a cancel) still goes first.
+                logger.exception("the %s rung failed to stop chunks", rung.name)
 
     async def drained(self) -> None:
         """Until every chunk still in flight is an orphan."""
