@@ -33,6 +33,8 @@ import logging
 import time
 from collections import deque
 
+import anyio
+
 from ._call import Call, CallState, Chunk, Piece
 from ._config import PoolConfig
 from ._errors import PoolClosed, fresh
@@ -363,8 +365,6 @@ class Engine:
     async def aclose(self, kill: bool) -> None:
         """Stop. Without ``kill`` the running items of live calls finish; items nobody
         waits for any more are stopped; what was never sent fails with PoolClosed."""
-        import anyio
-
         outcomes = self.outcomes
         outcomes.close()
         self.ready.clear()

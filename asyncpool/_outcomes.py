@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import anyio
+
 from ._call import Call, CallState, Chunk, Piece, Resend
 from ._config import PoolConfig
 from ._errors import (FunctionUnavailable, PoolClosed, SerializationError, WorkerCrashed,
@@ -382,8 +384,6 @@ class Outcomes:
 
     async def drained(self) -> None:
         """Until every chunk still in flight is an orphan."""
-        import anyio
-
         while any(c not in self.orphans() for c in self.in_flight):
             self._drained = anyio.Event()
             await self._drained.wait()
