@@ -550,6 +550,12 @@ def slow_at_start(directory: str, nth: int, seconds: float) -> None:
         time.sleep(seconds)
 
 
+def note_and_nap(directory: str, seconds: float) -> None:
+    """An initializer that notes its worker's pid in ``directory``, then sleeps."""
+    Path(directory, str(os.getpid())).touch()
+    time.sleep(seconds)
+
+
 def hang_at_start(directory: str, nth: int) -> None:
     """An initializer that notes each start as ``<n>-<pid>``; from the ``nth`` (from
     0) on they hang, so a test can kill those workers while they initialise."""

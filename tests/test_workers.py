@@ -131,6 +131,26 @@ async def test_a_worker_that_dies_while_another_starts_is_replaced_at_once(
         assert served_by not in (first, second) and len(os.listdir(tmp_path)) == 4
 
 
+async def test_a_worker_killed_as_the_pool_opens_is_replaced(
+        tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
+    # Killed from outside in its initializer (the OOM killer, say) while the other
+    # worker started: the open failed with InitializerFailed.
+    killed: list[int] = []
+
+    async def kill_one() -> None:
+        await wait_until(lambda: len(os.listdir(tmp_path)) == 2)
+        killed.append(int(min(os.listdir(tmp_path))))
+        os.kill(killed[0], signal.SIGKILL)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(kill_one)
+        async with ResilientPool(max_workers=2, initializer=tasks.note_and_nap,
+                                 initargs=(str(tmp_path), 1.0)) as pool:
+            pids = set(await pool.map(tasks.nap_then_pid, [0.01] * 10, chunk_size=1))
+            assert killed and killed[0] not in pids
+            await wait_until(lambda: pool.statistics().workers == 2)  # replaced
+
+
 async def test_a_replacement_killed_in_its_initializer_is_replaced(
         tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
     # Killed from outside (OOM killer, operator) while initialising: a crash to

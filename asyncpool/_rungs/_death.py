@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._errors import InitializerFailed
 from .._retry import RungUnavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .._call import Chunk
 
 
@@ -45,3 +47,25 @@ def initializer_failure(error: BaseException | None, forked: bool,
         failure.__cause__ = error
         return failure
     return InitializerFailed.raised(initializer, error)
+
+
+class Started(Protocol):
+    """A worker through its start (a Proc)."""
+
+    pid: int | None
+    init_error: BaseException | None
+
+
+def opening_failure(starting: Sequence[Started], served: bool, initializer: Any) -> None:
+    """Raise what stops a process rung from opening, once ``starting`` workers are
+    through their start: an initializer that raised; a worker that died as it started
+    (the OOM killer, say), unless others serve (it is replaced, as it would be later);
+    no worker at all."""
+    for proc in starting:
+        failure = initializer_failure(proc.init_error, proc.pid is not None, initializer)
+        if failure is not None and not (served and isinstance(proc.init_error,
+                                                              RungUnavailable)):
+            raise failure
+    if not served:
+        error = next((p.init_error for p in starting if p.init_error), None)
+        raise RungUnavailable(f"no worker process could start ({error!r})") from error

@@ -29,7 +29,7 @@ from .._forkserver import ForkServer
 from .._loop import preload_backend
 from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
 from ._parking import park, take_parked, worker_settings
-from ._death import Death, ProcState, initializer_failure
+from ._death import Death, ProcState, initializer_failure, opening_failure
 from ._frames import chunk_frame, runs_of
 from ._proc import Events, Proc
 from ._recycling import IDLE_SECONDS, Recycling
@@ -117,15 +117,8 @@ class ProcessRung(Rung, Events):
                                                   self.config.start_timeout) from None
             raise RungUnavailable(f"the worker processes did not start within "
                                   f"{self.config.start_timeout} s") from None
-        for proc in starting:
-            failure = initializer_failure(proc.init_error, proc.pid is not None,
-                                          self.config.initializer)
-            if failure is not None:
-                raise failure
         ready = [p for p in self.procs if p.state is ProcState.READY]
-        if not ready:
-            error = next((p.init_error for p in starting if p.init_error), None)
-            raise RungUnavailable(f"no worker process could start ({error!r})") from error
+        opening_failure(starting, bool(ready), self.config.initializer)
         if len(ready) < self.config.max_workers:
             self.listener.rung_warning(f"process rung started {len(ready)} of "
                                        f"{self.config.max_workers} workers; starting the "
