@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import functools
+import itertools
 import os
 import pickle
 import signal
@@ -548,6 +549,28 @@ def slow_at_start(directory: str, nth: int, seconds: float) -> None:
     Path(directory, str(os.getpid())).touch()
     if starts + 1 == nth:
         time.sleep(seconds)
+
+
+def _claim(directory: str) -> int:
+    """The number of this start in ``directory``, claimed atomically."""
+    for number in itertools.count():
+        try:
+            os.close(os.open(os.path.join(directory, str(number)),
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return number
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def slow_then_failing(directory: str, seconds: float) -> None:
+    """An initializer: the first two starts are quick, the third takes ``seconds``,
+    every later one raises."""
+    number = _claim(directory)
+    if number == 2:
+        time.sleep(seconds)
+    elif number > 2:
+        raise LookupError(f"start {number} fails")
 
 
 def note_and_nap(directory: str, seconds: float) -> None:

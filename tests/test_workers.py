@@ -131,6 +131,21 @@ async def test_a_worker_that_dies_while_another_starts_is_replaced_at_once(
         assert served_by not in (first, second) and len(os.listdir(tmp_path)) == 4
 
 
+async def test_a_slow_replacement_is_awaited_while_the_others_fail(
+        tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
+    # Replacements failing at once spent creation_attempts while the first one still
+    # ran its (slow, working) initializer: the rung gave up and killed it.
+    async with ResilientPool(max_workers=2, initializer=tasks.slow_then_failing,
+                             initargs=(str(tmp_path), 1.0), rungs=("process",)) as pool:
+        pids = set(await pool.map(tasks.nap_then_pid, [0.2] * 4, chunk_size=1))
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        with anyio.fail_after(20):
+            assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
+        assert pool.backend == "process"
+
+
 async def test_a_worker_killed_as_the_pool_opens_is_replaced(
         tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
     # Killed from outside in its initializer (the OOM killer, say) while the other

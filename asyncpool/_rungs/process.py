@@ -342,24 +342,11 @@ class ProcessRung(Rung, Events):
         # at once: a slow initializer held every replacement back).
         starting: dict[Proc, float] = {}
         while self.state is RungState.SERVING:
-            missing = config.max_workers - self._recycling.live(self.procs)
-            if missing <= 0 and not starting:
-                self._nudge = self.loop.event()
-                # While chunks wait behind busy workers, look for stuck ones; while
-                # doomed calls have items in a running chunk, for one starting.
-                self._looking = any(p.doomed or p.has_waiting() for p in self.procs
-                                    if p.chunks)
-                with anyio.move_on_after(STUCK_SECONDS if self._looking else
-                                         IDLE_SECONDS if self._recycling.leaving
-                                         else math.inf):
-                    await self._nudge.wait()
-                self._retire_idle()
-                self._take_back()
-                for proc in self.procs:
-                    proc.kill_doomed()
-                continue
             error: BaseException | None = None
-            for _ in range(missing):
+            # Out of attempts with no worker serving: those starting are the last.
+            spent = failures >= config.creation_attempts and not self._serving()
+            for _ in range(0 if spent else config.max_workers - self._recycling.live(
+                    self.procs)):
                 try:
                     starting[self._fork()] = time.monotonic() + (
                         config.start_timeout or math.inf)
@@ -367,9 +354,21 @@ class ProcessRung(Rung, Events):
                     error = exc
                     break
             if error is None and not any(p.started.is_set() for p in starting):
-                self._nudge = self.loop.event()  # set as one starts, or one leaves
-                with anyio.move_on_after(min(starting.values()) - time.monotonic()):
+                # Woken as a worker starts, leaves or will; while chunks wait behind
+                # busy workers, to look for stuck ones; while doomed calls have items
+                # in a running chunk, for one starting.
+                self._nudge = self.loop.event()
+                self._looking = any(p.doomed or p.has_waiting() for p in self.procs
+                                    if p.chunks)
+                with anyio.move_on_after(min([
+                        STUCK_SECONDS if self._looking else IDLE_SECONDS
+                        if self._recycling.leaving else math.inf,
+                        *(deadline - time.monotonic() for deadline in starting.values())])):
                     await self._nudge.wait()
+            self._retire_idle()
+            self._take_back()
+            for proc in self.procs:
+                proc.kill_doomed()
             for proc, deadline in list(starting.items()):
                 if proc.init_error is not None:  # a fork failed, or the initializer did
                     error = initializer_failure(proc.init_error, proc.pid is not None,
@@ -379,14 +378,14 @@ class ProcessRung(Rung, Events):
                     error = RungUnavailable("a new worker did not start in time")
                 elif proc.state is ProcState.STARTING:
                     continue
+                else:  # it started: what failed before is behind us
+                    delays, failures = fresh(), 0
                 del starting[proc]
             if error is None:
-                delays, failures = (delays, failures) if starting else (fresh(), 0)
                 continue
             failures += 1
-            # While a worker serves, replacements are tried again (not while one starts).
-            serving = (p for p in self.procs if p.state is ProcState.READY)
-            if self._recycling.live(serving) == 0 and failures >= config.creation_attempts:
+            # While a worker serves, or one starts, replacements are tried (or awaited).
+            if not self._serving() and not starting and failures >= config.creation_attempts:
                 if isinstance(error, InitializerFailed):
                     self._broke(error, error.__cause__)
                 else:
@@ -394,6 +393,9 @@ class ProcessRung(Rung, Events):
                                                 f"({error!r})"), error)
                 return
             await anyio.sleep(next(delays))
+
+    def _serving(self) -> bool:
+        return self._recycling.live(p for p in self.procs if p.state is ProcState.READY) > 0
 
     def _broke(self, error: BaseException, cause: BaseException | None) -> None:
         error.__cause__ = cause
