@@ -28,6 +28,7 @@ def is_transient(exc: BaseException) -> bool:
     """True if ``exc`` means "the machine is short of threads, processes or memory now"."""
     if isinstance(exc, RungUnavailable):
         return True
+    # CPython raises a bare RuntimeError, told apart only by its words.
     if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
         return True
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS

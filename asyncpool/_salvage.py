@@ -89,7 +89,8 @@ class _Tolerant(_Loading, pickle.Unpickler):
 
 class _Exact(_Loading, pickle._Unpickler):
     """Slow (pure Python): catches a failing call where the pickle makes it, so a
-    function that is a result stays itself."""
+    function that is a result stays itself. (The stdlib's pure-Python unpickler is
+    private; the C one cannot be hooked per opcode.)"""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 

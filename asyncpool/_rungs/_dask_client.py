@@ -21,12 +21,10 @@ if TYPE_CHECKING:
 
 
 def lost_connection(exc: BaseException, client: Any) -> bool:
-    from distributed.client import FutureCancelledError
+    from distributed.client import ClosedClientError, FutureCancelledError
     from distributed.comm.core import CommClosedError
 
-    if isinstance(exc, CommClosedError | OSError):
-        return True
-    if type(exc).__name__ == "ClosedClientError":
+    if isinstance(exc, CommClosedError | OSError | ClosedClientError):
         return True
     # Futures are cancelled under us when the client loses its scheduler.
     return isinstance(exc, FutureCancelledError | asyncio.CancelledError) or (
