@@ -170,20 +170,25 @@ def remove_cgroup(path: Path, root: Path) -> None:
             time.sleep(0.1)
 
 
+def run_python(*args: str, timeout: float = 60, env: dict[str, str] | None = None,
+               cwd: Path = ROOT, **popen: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``python *args`` in a fresh interpreter (from the checkout), its output
+    captured as text (unless ``popen`` says otherwise)."""
+    captured: dict[str, Any] = {"capture_output": True} if not popen else {}
+    return subprocess.run([sys.executable, *args], text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, **(env or {})}, **captured, **popen)
+
+
 def run_script(name: str, *args: str, timeout: float = 120,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``tests/<name>`` in a fresh interpreter."""
-    return subprocess.run([sys.executable, str(ROOT / "tests" / name), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
+    return run_python(str(ROOT / "tests" / name), *args, timeout=timeout, env=env)
 
 
 def run_code(code: str, *args: str, timeout: float = 60,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -c code *args`` in a fresh interpreter, from the checkout."""
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
+    return run_python("-c", code, *args, timeout=timeout, env=env)
 
 
 def alive(pid: int) -> bool:

@@ -15,19 +15,15 @@ from typing import Any
 import psutil
 import pytest
 
-from .helpers import ROOT, run_code, settle
+from .helpers import ROOT, run_code, run_python, settle
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
          closed: bool = False) -> subprocess.CompletedProcess[str]:
     if closed:  # standard output closed, as `>&-` does
-        return subprocess.run([sys.executable, "-m", "asyncpool", *args], cwd=cwd,
-                              stderr=subprocess.PIPE, text=True, timeout=120,
-                              env={**os.environ, **(env or {})},
-                              preexec_fn=lambda: os.close(1))
-    return subprocess.run([sys.executable, "-m", "asyncpool", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+        return run_python("-m", "asyncpool", *args, cwd=cwd, timeout=120, env=env,
+                          stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1))
+    return run_python("-m", "asyncpool", *args, cwd=cwd, timeout=120, env=env)
 
 
 def _map_own_module(tmp_path: Path, source: str, lines: str, output: str = "out.jsonl"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from .helpers import ROOT, run_python
+
+EXAMPLES = ROOT / "examples"
 
 
 @pytest.mark.slow
@@ -19,8 +19,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
     ("faults.py", "all correct=True"),
 ])
 def test_example_runs(name: str, expect: str) -> None:
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True,
-                          text=True, timeout=180, cwd=EXAMPLES.parent)
+    proc = run_python(str(EXAMPLES / name), timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expect in proc.stdout, proc.stdout[-3000:]
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, (
@@ -33,7 +32,6 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     script = tmp_path / "readme_example.py"
     script.write_text(code)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=180, cwd=EXAMPLES.parent)
+    proc = run_python(str(script), timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("process PoolStatistics("), proc.stdout
