@@ -573,6 +573,13 @@ def slow_then_failing(directory: str, seconds: float) -> None:
         raise LookupError(f"start {number} fails")
 
 
+def raise_first_hang_next(directory: str) -> None:
+    """An initializer: the first start raises, every later one hangs."""
+    if _claim(directory) == 0:
+        raise LookupError("the first start fails")
+    time.sleep(3600)
+
+
 def note_and_nap(directory: str, seconds: float) -> None:
     """An initializer that notes its worker's pid in ``directory``, then sleeps."""
     Path(directory, str(os.getpid())).touch()

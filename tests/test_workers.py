@@ -131,6 +131,34 @@ async def test_a_worker_that_dies_while_another_starts_is_replaced_at_once(
         assert served_by not in (first, second) and len(os.listdir(tmp_path)) == 4
 
 
+async def test_an_initializer_raising_fails_the_open_while_another_hangs(
+        tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
+    # The open waited for the hanging one until start_timeout, then said only that.
+    started = time.monotonic()
+    with pytest.raises(InitializerFailed, match="the first start fails"):
+        async with ResilientPool(max_workers=2, rungs=("process",), start_timeout=30,
+                                 initializer=tasks.raise_first_hang_next,
+                                 initargs=(str(tmp_path),)):
+            pass
+    assert time.monotonic() - started < 10
+
+
+async def test_the_last_worker_dying_after_failed_replacements_breaks_the_rung(
+        tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
+    # Out of attempts while a worker served, then that worker died: the supervisor
+    # waited for good (nothing forked, nothing starting), and so did every call.
+    async with ResilientPool(max_workers=2, rungs=("process",), backoff_initial=0.3,
+                             initializer=tasks.start_then_fail,
+                             initargs=(str(tmp_path), 2, False)) as pool:
+        first, second = sorted(set(await pool.map(tasks.nap_then_pid, [0.2] * 4,
+                                                   chunk_size=1)))
+        os.kill(second, signal.SIGKILL)  # its replacements fail
+        await wait_until(lambda: len(os.listdir(tmp_path)) >= 2 + 3, timeout=20)
+        os.kill(first, signal.SIGKILL)  # in the backoff after the third
+        with anyio.fail_after(20), pytest.raises(InitializerFailed):
+            await pool.map(tasks.square, range(4))
+
+
 async def test_a_slow_replacement_is_awaited_while_the_others_fail(
         tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
     # Replacements failing at once spent creation_attempts while the first one still

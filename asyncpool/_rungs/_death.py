@@ -54,6 +54,22 @@ class Started(Protocol):
 
     pid: int | None
     init_error: BaseException | None
+    started: Any  # an event, set once it started or failed to
+
+
+async def until_started(starting: Sequence[Started]) -> None:
+    """Until each of ``starting`` started, or one's initializer raised: the open fails
+    at once (it waited for a sibling hanging in its own, then said only that)."""
+    import anyio
+
+    async def one(proc: Started) -> None:
+        await proc.started.wait()
+        if proc.init_error is not None and not isinstance(proc.init_error, RungUnavailable):
+            group.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        for proc in starting:
+            group.start_soon(one, proc)
 
 
 def opening_failure(starting: Sequence[Started], served: bool, initializer: Any) -> None:

@@ -29,7 +29,7 @@ from .._forkserver import ForkServer
 from .._loop import preload_backend
 from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
 from ._parking import park, take_parked, worker_settings
-from ._death import Death, ProcState, initializer_failure, opening_failure
+from ._death import Death, ProcState, initializer_failure, opening_failure, until_started
 from ._frames import chunk_frame, runs_of
 from ._proc import Events, Proc
 from ._recycling import IDLE_SECONDS, Recycling
@@ -108,8 +108,7 @@ class ProcessRung(Rung, Events):
         preload_backend(self.loop)  # while the workers start
         try:
             async with self.loop.fail_after(self.config.start_timeout):
-                for proc in starting:
-                    await proc.started.wait()
+                await until_started(starting)
         except TimeoutError:
             if self.config.initializer is not None:
                 # Workers start in milliseconds: the initializer is what hangs.
@@ -339,14 +338,17 @@ class ProcessRung(Rung, Events):
                                   config.backoff_jitter)
         delays, failures = fresh(), 0
         # By when each starting worker must be ready (one dying meanwhile is replaced
-        # at once: a slow initializer held every replacement back).
+        # at once: a slow initializer held every replacement back), and when a fork
+        # may be tried again after one failed (the backoff).
         starting: dict[Proc, float] = {}
+        retry_at = 0.0
         while self.state is RungState.SERVING:
             error: BaseException | None = None
-            # Out of attempts with no worker serving: those starting are the last.
-            spent = failures >= config.creation_attempts and not self._serving()
-            for _ in range(0 if spent else config.max_workers - self._recycling.live(
-                    self.procs)):
+            missing = config.max_workers - self._recycling.live(self.procs)
+            # Out of attempts with none serving, those starting are the last tries.
+            hold = time.monotonic() < retry_at or bool(
+                starting and failures >= config.creation_attempts and not self._serving())
+            for _ in range(0 if hold else missing):
                 try:
                     starting[self._fork()] = time.monotonic() + (
                         config.start_timeout or math.inf)
@@ -363,6 +365,7 @@ class ProcessRung(Rung, Events):
                 with anyio.move_on_after(min([
                         STUCK_SECONDS if self._looking else IDLE_SECONDS
                         if self._recycling.leaving else math.inf,
+                        retry_at - time.monotonic() if missing > 0 else math.inf,
                         *(deadline - time.monotonic() for deadline in starting.values())])):
                     await self._nudge.wait()
             self._retire_idle()
@@ -379,7 +382,7 @@ class ProcessRung(Rung, Events):
                 elif proc.state is ProcState.STARTING:
                     continue
                 else:  # it started: what failed before is behind us
-                    delays, failures = fresh(), 0
+                    delays, failures, retry_at = fresh(), 0, 0.0
                 del starting[proc]
             if error is None:
                 continue
@@ -392,10 +395,11 @@ class ProcessRung(Rung, Events):
                     self._broke(RungUnavailable(f"no worker process could be started "
                                                 f"({error!r})"), error)
                 return
-            await anyio.sleep(next(delays))
+            retry_at = time.monotonic() + next(delays)
 
     def _serving(self) -> bool:
-        return self._recycling.live(p for p in self.procs if p.state is ProcState.READY) > 0
+        """Whether a worker takes or runs chunks (one replaced early too)."""
+        return any(p.state is ProcState.READY and not p.killed for p in self.procs)
 
     def _broke(self, error: BaseException, cause: BaseException | None) -> None:
         error.__cause__ = cause
