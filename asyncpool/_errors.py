@@ -216,7 +216,7 @@ class RemoteError(AsyncPoolError):
 class PoolUnavailable(AsyncPoolError, RuntimeError):
     """No rung of the ladder could start: every try of each failed, or it cannot run
     here. The ``__cause__`` is the last rung's error (``BlockingIOError`` when the
-    machine has no process or thread left, the Dask client's error for a cluster).
+    machine has no process left, ``RuntimeError`` when no thread can start).
 
     Raised by ``async with ResilientPool(...)`` when opening the pool, and by the calls
     waiting while the pool starts its rungs again; the pool stays open and tries again
