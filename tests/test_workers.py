@@ -174,6 +174,23 @@ async def test_a_slow_replacement_is_awaited_while_the_others_fail(
         assert pool.backend == "process"
 
 
+async def test_awaiting_the_last_start_is_idle(tmp_path: Path, anyio_backend: str,
+                                               no_leaks: None) -> None:
+    # Out of attempts, the supervisor awaited the last slow start with a timeout of its
+    # backoff, long past: it spun, a whole core, until that start ended.
+    async with ResilientPool(max_workers=2, rungs=("process",), creation_attempts=2,
+                             backoff_initial=0.05, initializer=tasks.slow_then_failing,
+                             initargs=(str(tmp_path), 3.0)) as pool:
+        pids = set(await pool.map(tasks.nap_then_pid, [0.2] * 4, chunk_size=1))
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: len(os.listdir(tmp_path)) >= 5)  # the third start naps
+        spent = time.process_time()
+        await anyio.sleep(1.0)  # a window to measure, not a wait for something
+        assert time.process_time() - spent < 0.5  # a spinning loop takes the whole second
+        assert await pool.map(tasks.square, range(4)) == [0, 1, 4, 9]
+
+
 async def test_a_worker_killed_as_the_pool_opens_is_replaced(
         tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
     # Killed from outside in its initializer (the OOM killer, say) while the other

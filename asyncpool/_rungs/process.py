@@ -346,7 +346,8 @@ class ProcessRung(Rung, Events):
             error: BaseException | None = None
             missing = config.max_workers - self._recycling.live(self.procs)
             # Out of attempts with none serving, those starting are the last tries.
-            hold = time.monotonic() < retry_at or bool(
+            backoff = retry_at - time.monotonic() if missing > 0 else 0.0
+            hold = backoff > 0 or bool(
                 starting and failures >= config.creation_attempts and not self._serving())
             for _ in range(0 if hold else missing):
                 try:
@@ -365,7 +366,7 @@ class ProcessRung(Rung, Events):
                 with anyio.move_on_after(min([
                         STUCK_SECONDS if self._looking else IDLE_SECONDS
                         if self._recycling.leaving else math.inf,
-                        retry_at - time.monotonic() if missing > 0 else math.inf,
+                        backoff if backoff > 0 else math.inf,
                         *(deadline - time.monotonic() for deadline in starting.values())])):
                     await self._nudge.wait()
             self._retire_idle()
