@@ -57,19 +57,12 @@ class Started(Protocol):
     started: Any  # an event, set once it started or failed to
 
 
-async def until_started(starting: Sequence[Started]) -> None:
-    """Until each of ``starting`` started, or one's initializer raised: the open fails
-    at once (it waited for a sibling hanging in its own, then said only that)."""
-    import anyio
-
-    async def one(proc: Started) -> None:
-        await proc.started.wait()
-        if proc.init_error is not None and not isinstance(proc.init_error, RungUnavailable):
-            group.cancel_scope.cancel()
-
-    async with anyio.create_task_group() as group:
-        for proc in starting:
-            group.start_soon(one, proc)
+def opening_done(starting: Sequence[Started]) -> bool:
+    """Whether each of ``starting`` started, or one's initializer raised: the open
+    fails at once (it waited for a sibling hanging in its own, then said only that)."""
+    return all(p.started.is_set() for p in starting) or any(
+        p.init_error is not None and not isinstance(p.init_error, RungUnavailable)
+        for p in starting)
 
 
 def opening_failure(starting: Sequence[Started], served: bool, initializer: Any) -> None:

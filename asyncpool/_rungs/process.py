@@ -29,7 +29,7 @@ from .._forkserver import ForkServer
 from .._loop import preload_backend
 from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
 from ._parking import park, take_parked, worker_settings
-from ._death import Death, ProcState, initializer_failure, opening_failure, until_started
+from ._death import Death, ProcState, initializer_failure, opening_done, opening_failure
 from ._frames import chunk_frame, runs_of
 from ._proc import Events, Proc
 from ._recycling import IDLE_SECONDS, Recycling
@@ -108,7 +108,9 @@ class ProcessRung(Rung, Events):
         preload_backend(self.loop)  # while the workers start
         try:
             async with self.loop.fail_after(self.config.start_timeout):
-                await until_started(starting)
+                while not opening_done(starting):  # woken as one starts, or dies
+                    self._nudge = self.loop.event()
+                    await self._nudge.wait()
         except TimeoutError:
             if self.config.initializer is not None:
                 # Workers start in milliseconds: the initializer is what hangs.
@@ -116,10 +118,10 @@ class ProcessRung(Rung, Events):
                                                   self.config.start_timeout) from None
             raise RungUnavailable(f"the worker processes did not start within "
                                   f"{self.config.start_timeout} s") from None
-        ready = [p for p in self.procs if p.state is ProcState.READY]
-        opening_failure(starting, bool(ready), self.config.initializer)
-        if len(ready) < self.config.max_workers:
-            self.listener.rung_warning(f"process rung started {len(ready)} of "
+        ready = sum(p.state is ProcState.READY for p in self.procs)
+        opening_failure(starting, ready > 0, self.config.initializer)
+        if ready < self.config.max_workers:
+            self.listener.rung_warning(f"process rung started {ready} of "
                                        f"{self.config.max_workers} workers; starting the "
                                        "rest in the background", rung=self.name)
         self._supervisor = self.loop.spawn(self._supervise)
@@ -336,12 +338,10 @@ class ProcessRung(Rung, Events):
         fresh = functools.partial(backoff_delays, config.backoff_initial,
                                   config.backoff_factor, config.backoff_max,
                                   config.backoff_jitter)
-        delays, failures = fresh(), 0
+        delays, failures, retry_at = fresh(), 0, 0.0  # no fork before retry_at (backoff)
         # By when each starting worker must be ready (one dying meanwhile is replaced
-        # at once: a slow initializer held every replacement back), and when a fork
-        # may be tried again after one failed (the backoff).
+        # at once: a slow initializer held every replacement back).
         starting: dict[Proc, float] = {}
-        retry_at = 0.0
         while self.state is RungState.SERVING:
             error: BaseException | None = None
             missing = config.max_workers - self._recycling.live(self.procs)
