@@ -57,12 +57,13 @@ class Started(Protocol):
     started: Any  # an event, set once it started or failed to
 
 
-def opening_done(starting: Sequence[Started]) -> bool:
+def opening_done(starting: Sequence[Started], initializer: Any) -> bool:
     """Whether each of ``starting`` started, or one's initializer raised: the open
-    fails at once (it waited for a sibling hanging in its own, then said only that)."""
+    fails at once (it waited for a sibling hanging in its own, then said only that).
+    A fork that failed is not that: the others may still serve."""
     return all(p.started.is_set() for p in starting) or any(
-        p.init_error is not None and not isinstance(p.init_error, RungUnavailable)
-        for p in starting)
+        initializer_failure(p.init_error, p.pid is not None, initializer) is not None
+        and not isinstance(p.init_error, RungUnavailable) for p in starting)
 
 
 def opening_failure(starting: Sequence[Started], served: bool, initializer: Any) -> None:

@@ -108,8 +108,8 @@ class ProcessRung(Rung, Events):
         preload_backend(self.loop)  # while the workers start
         try:
             async with self.loop.fail_after(self.config.start_timeout):
-                while not opening_done(starting):  # woken as one starts, or dies
-                    self._nudge = self.loop.event()
+                while not opening_done(starting, self.config.initializer):
+                    self._nudge = self.loop.event()  # set as one starts, or dies
                     await self._nudge.wait()
         except TimeoutError:
             if self.config.initializer is not None:
