@@ -299,7 +299,6 @@ class Chunk:
         self.rung: Holder | None = None
         self.seq = 0
         self.payload_bytes = 0
-        #: Stopped on purpose (timeout, cancellation, close): not a crash.
         #: Part of a chunk whose worker died, culprit unknown: a rung whose workers
         #: run several chunks in one process (Dask) runs it alone.
         self.suspect = suspect

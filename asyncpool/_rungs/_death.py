@@ -57,13 +57,20 @@ class Started(Protocol):
     started: Any  # an event, set once it started or failed to
 
 
+def _raised(proc: Started, initializer: Any) -> bool:
+    """Whether ``proc``'s initializer raised (not a fork that failed, nor a worker that
+    died as it started)."""
+    return initializer_failure(proc.init_error, proc.pid is not None,
+                               initializer) is not None and not isinstance(
+        proc.init_error, RungUnavailable)
+
+
 def opening_done(starting: Sequence[Started], initializer: Any) -> bool:
     """Whether each of ``starting`` started, or one's initializer raised: the open
     fails at once (it waited for a sibling hanging in its own, then said only that).
     A fork that failed is not that: the others may still serve."""
     return all(p.started.is_set() for p in starting) or any(
-        initializer_failure(p.init_error, p.pid is not None, initializer) is not None
-        and not isinstance(p.init_error, RungUnavailable) for p in starting)
+        _raised(p, initializer) for p in starting)
 
 
 def opening_failure(starting: Sequence[Started], served: bool, initializer: Any) -> None:
@@ -73,8 +80,7 @@ def opening_failure(starting: Sequence[Started], served: bool, initializer: Any)
     no worker at all."""
     for proc in starting:
         failure = initializer_failure(proc.init_error, proc.pid is not None, initializer)
-        if failure is not None and not (served and isinstance(proc.init_error,
-                                                              RungUnavailable)):
+        if failure is not None and (not served or _raised(proc, initializer)):
             raise failure
     if not served:
         error = next((p.init_error for p in starting if p.init_error), None)
