@@ -122,10 +122,7 @@ class Ladder:
                 self._init_failure = None
                 if crashed and self.index > was:
                     ladder = self.config.ladder
-                    self.counters.fallbacks += 1
-                    self.emit("fallback", f"the {ladder[was]} rung stopped serving; "
-                              f"falling back to the {ladder[self.index]} rung",
-                              failed=ladder[was], to=ladder[self.index])
+                    self._fell(ladder[was], "stopped serving", ladder[self.index])
         except Exception as error:
             # Nothing can serve: every waiting call learns why.
             if isinstance(error, InitializerFailed) and (
@@ -135,6 +132,12 @@ class Ladder:
         finally:
             self._rebuild = None
             self.kick()
+
+    def _fell(self, name: str, why: str, to: str, *, stays: bool = False) -> None:
+        """Count and report that rung ``name`` gave way to rung ``to``."""
+        self.counters.fallbacks += 1
+        then = f"the pool stays on the {to} rung" if stays else f"falling back to the {to} rung"
+        self.emit("fallback", f"the {name} rung {why}; {then}", failed=name, to=to)
 
     async def _climb_down(self, start: int = 0) -> None:
         ladder = self.config.ladder
@@ -147,12 +150,9 @@ class Ladder:
                 self._install(rung, index)
                 return
             if index + 1 < len(ladder):
-                following = ladder[index + 1]
-                self.counters.fallbacks += 1
                 why = ("cannot run here" if name in self.unsupported else
                        f"could not start after {attempts} attempt(s)")
-                self.emit("fallback", f"the {name} rung {why}; falling back to the "
-                          f"{following} rung", failed=name, to=following)
+                self._fell(name, why, ladder[index + 1])
         raise PoolUnavailable.after(self.last_error)
 
     async def _create(self, name: str, attempts: int) -> Rung | None:
@@ -248,11 +248,8 @@ class Ladder:
                 # Warm started on threads: the initializer fails (or hangs) only in
                 # worker processes. Trying again would fail the same way.
                 self.unsupported.add(name)
-                self.counters.fallbacks += 1
-                self.emit("fallback", f"the {name} rung cannot start, its initializer "
-                          f"fails there ({exc}); the pool stays on the "
-                          f"{self.config.ladder[self.index]} rung", failed=name,
-                          to=self.config.ladder[self.index])
+                self._fell(name, f"cannot start, its initializer fails there ({exc})",
+                           self.config.ladder[self.index], stays=True)
                 rung = None
             except Exception as exc:
                 self.emit("creation_failed", f"climbing to the {name} rung failed: {exc!r}",
