@@ -137,11 +137,7 @@ class Outcomes:
                 # in up to 32 parts at once where each try costs several deaths (a
                 # Dask KilledWorker), in halves elsewhere. The parts start their count
                 # afresh: an innocent neighbour may have been blamed with the culprit.
-                parts = 32 if deaths > 1 else 2
-                rest = chunk.size - first
-                bounds = [first + rest * i // min(parts, rest) for i in range(min(parts, rest))]
-                for lo, hi in zip(bounds, [*bounds[1:], chunk.size], strict=True):
-                    self._again(chunk, lo, hi, Resend.SPLIT, 0, suspect=True)
+                self._split(chunk, Resend.SPLIT, 32 if deaths > 1 else 2, suspect=True)
                 self._settle(chunk)
                 return
             culprit = first
@@ -201,9 +197,7 @@ class Outcomes:
     def chunk_unloadable(self, chunk: Chunk, error: BaseException) -> None:
         first = chunk.reported
         if chunk.size - first > 1:
-            middle = first + (chunk.size - first) // 2
-            self._again(chunk, first, middle, Resend.BISECT)
-            self._again(chunk, middle, chunk.size, Resend.BISECT)
+            self._split(chunk, Resend.BISECT)
         else:
             self._item_error(chunk, first, Crossing.ARGUMENT_LOAD,
                              error)
@@ -272,6 +266,17 @@ class Outcomes:
         else:
             self.again.appendleft(again)
 
+    def _split(self, chunk: Chunk, why: Resend, parts: int = 2,
+               suspect: bool = False) -> None:
+        """Send the unreported rest of ``chunk`` again in up to ``parts`` parts (halves by
+        default), each starting its crash count afresh."""
+        first = chunk.reported
+        rest = chunk.size - first
+        count = min(parts, rest)
+        bounds = [first + rest * i // count for i in range(count)]
+        for lo, hi in zip(bounds, [*bounds[1:], chunk.size], strict=True):
+            self._again(chunk, lo, hi, why, 0, suspect=suspect)
+
     def _item_error(self, chunk: Chunk, position: int, where: Crossing,
                     cause: BaseException) -> None:
         piece, index = chunk.locate(position)
@@ -305,9 +310,7 @@ class Outcomes:
         if not errors:
             first = chunk.reported
             if chunk.size - first > 1:
-                middle = first + (chunk.size - first) // 2
-                self._again(chunk, first, middle, Resend.SPLIT, 0)
-                self._again(chunk, middle, chunk.size, Resend.SPLIT, 0)
+                self._split(chunk, Resend.SPLIT)
                 return
             errors = {first: cause or pool_made(SerializationError("the chunk could not be "
                                                                   "pickled"))}
