@@ -203,8 +203,11 @@ class Engine:
                     continue
             except Exception as exc:
                 # A fault of ours: the chunk's calls fail with it rather than wait
-                # for items that went nowhere.
+                # for items that went nowhere. A chunk the rung took before it failed
+                # is in flight all the same: it settles like any other.
                 logger.exception("asyncpool failed to send a chunk; its calls fail")
+                if chunk.rung is not None:
+                    self.outcomes.sent(chunk)
                 for call in chunk.calls():
                     call.fail(exc)
                 continue

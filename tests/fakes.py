@@ -37,6 +37,8 @@ class Script:
     holding: bool = False
     #: Raised by submit (a fault of the engine's own code, not of an item).
     submit_error: Exception | None = None
+    #: Whether submit raises it only after taking the chunk (which then runs).
+    submit_error_late: bool = False
     # What happened:
     starts: int = 0
     chunk_sizes: list[int] = field(default_factory=list)
@@ -69,7 +71,7 @@ class FakeRung(Rung):
         return None if ok else 0
 
     def submit(self, chunk: Any) -> None:
-        if self.script.submit_error is not None:
+        if self.script.submit_error is not None and not self.script.submit_error_late:
             raise self.script.submit_error
         chunk.rung = self
         self._in_flight += 1
@@ -79,6 +81,8 @@ class FakeRung(Rung):
             self.held.append(chunk)
         else:
             self.loop.call_soon(lambda: self._run(chunk))
+        if self.script.submit_error is not None:
+            raise self.script.submit_error
 
     def _release(self) -> None:
         """A chunk leaves (the one place): before its final report, as a real rung."""

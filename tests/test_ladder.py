@@ -45,6 +45,25 @@ async def test_a_fault_in_sending_fails_the_calls_it_touched(
             assert await pool.run(tasks.square, 3) == 9
 
 
+async def test_a_send_that_fails_after_the_rung_took_its_chunk_keeps_the_books(
+        monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
+    # The rung took the chunk, then its send raised: the chunk is the engine's to
+    # settle like any other (it was missing from the chunks in flight, which a close
+    # waits for, while it held the rung's slot).
+    script = Script(submit_error=RuntimeError("the send broke"), submit_error_late=True,
+                    holding=True)
+    with fake_rungs(monkeypatch, process=script):
+        async with ResilientPool(max_workers=2, **FAST) as pool:
+            with anyio.fail_after(10), pytest.raises(RuntimeError, match="the send broke"):
+                await pool.run(tasks.square, 3)
+            assert pool.statistics().chunks_in_flight == 1
+            script.submit_error = None
+            script.release()
+            await wait_until(lambda: pool.statistics().chunks_in_flight == 0)
+            assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
+            assert pool.statistics().chunks_in_flight == 0
+
+
 async def test_falls_back_and_climbs_back_with_events(monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture,
                                                       anyio_backend: str) -> None:

@@ -5,8 +5,8 @@ items it may hold), ``submit()`` sends it, and from then on the rung reports exa
 one final outcome for it to the :class:`Listener` (done, crashed, lost or unloadable),
 after any number of partial results. ``in_flight`` counts the chunks a rung holds: a
 chunk leaves it just before its final report, in one place per rung (the process
-rung's count is what its workers hold), and the engine's slot for it is given back
-on that report.
+rung's count is what its workers hold), and leaves the engine's chunks in flight on
+that report.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ class Rung:
 
     def submit(self, chunk: Chunk) -> None:
         """Send ``chunk``; never blocks. Raises ChunkUnpicklable if some item cannot
-        be pickled."""
+        be pickled, before taking it. Once it set ``chunk.rung`` it holds the chunk,
+        and owes its final report, even if it raises after that."""
         raise NotImplementedError
 
     def cancel(self, calls: Iterable[int]) -> None:
