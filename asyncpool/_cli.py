@@ -18,7 +18,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from ._errors import AsyncPoolError
 from ._functions import is_async
@@ -122,26 +122,26 @@ def done_lines(path: str) -> tuple[int, int]:
     return last, errors
 
 
-#: Starts a line that is not UTF-8 (its bad bytes replaced): no JSON starts so.
-NOT_UTF8 = "\ufffd"
-
-
 class Apply:
     """Runs in the workers: (line number, text) -> the function's result on its JSON."""
 
     def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
 
-    def __call__(self, line: tuple[int, str]) -> Any:
+    def __call__(self, line: tuple[int, str | bytes]) -> Any:
         number, text = line
+        if isinstance(text, bytes):
+            self._bad(number, "UTF-8 text")
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            what = "UTF-8 text" if text.startswith(NOT_UTF8) else f"valid JSON ({exc})"
-            raise ValueError(f"line {number} is not {what}; fix it and run the map "
-                             "again without --resume (which keeps this error as "
-                             "done)") from None
+            self._bad(number, f"valid JSON ({exc})")
         return self.fn(value)
+
+    @staticmethod
+    def _bad(number: int, what: str) -> NoReturn:
+        raise ValueError(f"line {number} is not {what}; fix it and run the map again "
+                         "without --resume (which keeps this error as done)") from None
 
 
 class Counts:
@@ -155,10 +155,10 @@ class Counts:
 
 
 def read_lines(path: str, done: int, numbers: deque[int],
-               counts: Counts) -> Iterator[tuple[int, str]]:
+               counts: Counts) -> Iterator[tuple[int, str | bytes]]:
     """(line number, text) of each line after line ``done``, noting the numbers in
-    order ("-" reads standard input). A line that is not UTF-8 goes through marked
-    (see :data:`NOT_UTF8`): it is that line's error. A byte order mark is skipped."""
+    order ("-" reads standard input). A line that is not UTF-8 goes through as its
+    bytes: it is that line's error. A byte order mark is skipped."""
     try:
         yield from _numbered(path, done, numbers, counts)
     except OSError as exc:  # a disk error, no descriptor left...
@@ -167,15 +167,16 @@ def read_lines(path: str, done: int, numbers: deque[int],
 
 
 def _numbered(path: str, done: int, numbers: deque[int],
-              counts: Counts) -> Iterator[tuple[int, str]]:
+              counts: Counts) -> Iterator[tuple[int, str | bytes]]:
     with (open(sys.stdin.fileno(), "rb", closefd=False) if path == "-"
           else open(path, "rb")) as f:
         for number, raw in enumerate(f, 1):
             counts.lines = number
+            text: str | bytes
             try:
                 text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError:
-                text = NOT_UTF8 + raw.decode("utf-8", errors="replace")
+                text = raw
             if not text.strip():
                 counts.blank += 1
             elif number <= done:

@@ -342,18 +342,20 @@ def test_a_line_that_is_not_utf8_is_that_lines_error(tmp_path: Path) -> None:
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     # A file that starts with a byte order mark (as Notepad writes) lost its first
     # line; bad bytes inside a JSON string went through replaced, as a result.
-    src.write_bytes(b'\xef\xbb\xbf1\n\xff\xfe\n"\xff\xfe"\n')
+    # A line of good UTF-8 that starts with U+FFFD is bad JSON, not bad UTF-8.
+    src.write_bytes(b'\xef\xbb\xbf1\n\xff\xfe\n"\xff\xfe"\n' + "\ufffd2\n".encode())
     out = _cli("map", "tests.tasks:echo", str(src), "-o", str(dst), "--no-progress")
     assert out.returncode == 1, out.stderr
     records = [json.loads(line) for line in dst.read_text().splitlines()]
     assert records[0]["result"] == 1
     assert "line 2 is not UTF-8 text" in records[1]["error"]
     assert "line 3 is not UTF-8 text" in records[2]["error"]
-    assert "2 error(s)" in out.stderr
+    assert "line 4 is not valid JSON" in records[3]["error"]
+    assert "3 error(s)" in out.stderr
     again = _cli("map", "tests.tasks:echo", str(src), "-o", str(dst), "--resume",
                  "--no-progress")  # nothing left to do, but the output still has an error
-    assert again.returncode == 1 and "3 skipped" in again.stderr, again.stderr
-    assert len(dst.read_text().splitlines()) == 3
+    assert again.returncode == 1 and "4 skipped" in again.stderr, again.stderr
+    assert len(dst.read_text().splitlines()) == 4
 
 
 def test_map_without_tqdm(tmp_path: Path, no_tqdm: dict[str, str]) -> None:
