@@ -7,7 +7,7 @@ import difflib
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, TypedDict
 
@@ -192,9 +192,7 @@ class PoolConfig:
                 raise TypeError(f"{name} is an option of each call, not of the pool: "
                                 f"pool.map(fn, items, {name}=...)")
             if name not in names:
-                close = difflib.get_close_matches(
-                    name, sorted(names | {"config", "on_event"}), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = did_you_mean(name, names | {"config", "on_event"})
                 raise TypeError(f"unknown option {name!r}{hint} (the options are "
                                 "PoolConfig's fields, config= and on_event=)")
         return dataclasses.replace(config, **options) if config else cls(**options)
@@ -209,9 +207,8 @@ def _say_unknown_fields(init: Any) -> Any:
     def checked(self: PoolConfig, *args: Any, **kwargs: Any) -> None:
         for name in kwargs:
             if name not in names:
-                close = difflib.get_close_matches(name, names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise TypeError(f"PoolConfig has no field {name!r}{hint}")
+                raise TypeError(f"PoolConfig has no field {name!r}"
+                                f"{did_you_mean(name, names)}")
         init(self, *args, **kwargs)
     return checked
 
@@ -267,6 +264,13 @@ def _label(obj: object, name: str) -> str:
 
 def _type_error(label: str, value: object, wanted: str) -> NoReturn:
     raise TypeError(f"{label}={value!r} is invalid: it must be {wanted}")
+
+
+def did_you_mean(name: str, names: Iterable[str], cutoff: float = 0.6) -> str:
+    """A hint naming the one of ``names`` closest to a misspelt ``name`` ("; did you
+    mean 'x'?"), or "" if none is close."""
+    close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=cutoff)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def check_integer(obj: object, name: str, *, low: int, high: int | None = None,

@@ -8,12 +8,11 @@ reads.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
-from ._config import PoolConfig, check_integer, check_number
+from ._config import PoolConfig, check_integer, check_number, did_you_mean
 from ._errors import public
 
 CancelRunning = Literal["finish", "kill"]
@@ -99,8 +98,7 @@ class CallOptions:
                 if name == "ordered":
                     raise TypeError("ordered is an option of imap (map and starmap keep "
                                     "input order)")
-                close = difflib.get_close_matches(name, [*names, *own], n=1, cutoff=0.7)
-                hint = f"; did you mean {close[0]!r}?" if close else (
+                hint = did_you_mean(name, [*names, *own], cutoff=0.7) or (
                     f"; keyword arguments for the function go through "
                     f"functools.partial(fn, {name}=...)")
                 raise TypeError(f"unknown option {name!r}{hint}")
