@@ -336,7 +336,7 @@ class Engine:
     def window_items(self, call: Call) -> int:
         """How many more items ``call`` may take from its input now.
 
-        A call holds at most enough items for every slot to be busy twice over (and at
+        A call holds at most enough items for every slot to be busy four times over (and at
         most :data:`WINDOW_BYTES` of them) between its input and its caller: taken and
         running, or finished and not yet handed over by ``imap``.
         """

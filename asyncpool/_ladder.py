@@ -108,9 +108,10 @@ class Ladder:
                 was = self.index
                 if rung is not None:
                     if crashed and isinstance(rung.failure, InitializerFailed):
-                        # Its initializer kills or fails its workers: run here instead
-                        # (threads, inline) it could take this process down. Calls
-                        # fail with its error until the rung starts again.
+                        # Its initializer kills or fails its workers: it is not run on
+                        # a lower rung instead (in this process it could take the
+                        # process down). Calls fail with its error until the rung
+                        # starts again.
                         start = self.index
                     elif crashed and self.index + 1 < len(self.config.ladder):
                         # A rung that crashed (a lost cluster, no worker can be forked)

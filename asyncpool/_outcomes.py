@@ -199,8 +199,7 @@ class Outcomes:
         if chunk.size - first > 1:
             self._split(chunk, Resend.BISECT)
         else:
-            self._item_error(chunk, first, Crossing.ARGUMENT_LOAD,
-                             error)
+            self._item_error(chunk, first, Crossing.ARGUMENT_LOAD, error)
         self._settle(chunk)
 
     def chunk_undecodable(self, chunk: Chunk, first: int, upto: int,
@@ -209,8 +208,7 @@ class Outcomes:
         again alone, so only the item whose result is at fault fails."""
         chunk.reported = upto
         if upto - first == 1:
-            self._item_error(chunk, first, Crossing.RESULT_LOAD,
-                             error)
+            self._item_error(chunk, first, Crossing.RESULT_LOAD, error)
             return
         for position in range(first, upto):
             self._again(chunk, position, position + 1, Resend.UNDECODABLE)

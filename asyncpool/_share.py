@@ -158,6 +158,8 @@ def _cached_by_value() -> Any:
 
     import types
 
+    # cloudpickle's private reducer of code objects (None where a release lacks it:
+    # code then pickles as cloudpickle does it).
     code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
 
     class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
@@ -200,6 +202,7 @@ def _same(a: Any, b: Any) -> bool:
 def _plain(value: Any) -> bool:
     """An immutable value (a number, string, tuple, date, path, enum member, compiled
     pattern...), or a module, class or function of a library: a name for it."""
+    import enum
     import functools
     import types
 
@@ -212,7 +215,7 @@ def _plain(value: Any) -> bool:
                                              *value.keywords.values()))
     return kind in _PLAIN or isinstance(value, int | float | complex | str | bytes | tuple
                                         | frozenset) or (
-        kind.__module__ in _PLAIN_MODULES or hasattr(kind, "_member_map_"))
+        kind.__module__ in _PLAIN_MODULES or isinstance(kind, enum.EnumMeta))
 
 
 def _of_script(fn: Any) -> bool:

@@ -36,7 +36,7 @@ READ_ONLY = 1 << 63
 CHUNK_HEAD = struct.Struct("<qdi")
 
 # Parent -> worker
-INIT, CHUNK, CANCEL, STOP, WITHDRAW = 1, 2, 3, 4, 5
+INIT, CHUNK, CANCEL, WITHDRAW = 1, 2, 3, 5  # 4 was a stop the worker never needed
 # Worker -> parent
 READY, INIT_FAILED, RESULTS, WITHDRAWN, CUT = 10, 11, 12, 13, 14
 
