@@ -9,6 +9,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from asyncpool import ResilientPool  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 from tests.tasks import nap  # noqa: E402
 
 
@@ -18,8 +19,7 @@ async def main(how: str) -> None:
     task = asyncio.ensure_future(pool.map(nap, [30.0] * 6))
     # Whatever the task ends with (PoolClosed when the pool is killed), it is read.
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
-    while pool.statistics().chunks_in_flight < 2:  # both workers busy
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: pool.statistics().chunks_in_flight >= 2)  # both busy
     print("in flight", flush=True)
     if how == "closed":
         # As leaving `async with pool:` on SystemExit does: the work in flight stops.

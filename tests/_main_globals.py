@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from asyncpool import ResilientPool  # noqa: E402
 from tests import tasks  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 
 SCALE = 1
 STATE: dict[str, str] = {}
@@ -132,15 +133,6 @@ def make_helper() -> Callable[[int], int]:
     return helper
 
 
-async def until(check: Callable[[], bool]) -> None:
-    """Poll ``check`` every 5 ms, for 10 s at most."""
-    for _ in range(2000):
-        if check():
-            return
-        await asyncio.sleep(0.005)
-    raise TimeoutError("the condition never held")
-
-
 async def slow_input() -> AsyncIterator[int]:
     await asyncio.sleep(0.3)
     yield 0
@@ -197,7 +189,7 @@ async def main() -> None:
             print("_main_globals.py\", line" in str(exc.__cause__))
     async with ResilientPool(max_workers=1) as pool:
         older = asyncio.ensure_future(pool.map(slowly_via_helper, slow_input()))
-        await until(lambda: pool.statistics().active_calls == 1)
+        await wait_until(lambda: pool.statistics().active_calls == 1)
 
         def helper(x: int) -> int:
             return x + 1000
@@ -210,13 +202,13 @@ async def main() -> None:
         # global: the items of a call running meanwhile called it instead.
         done = pool.statistics().tasks_completed
         running = asyncio.ensure_future(pool.map(slowly_via_helper, [0] * 20, chunk_size=2))
-        await until(lambda: pool.statistics().tasks_completed > done)  # it runs
+        await wait_until(lambda: pool.statistics().tasks_completed > done)  # it runs
         print(await pool.run(make_helper(), 0))
         print(*set(await running))
         # Nor is one kept under another name once a decorator rebound its own.
         done = pool.statistics().tasks_completed
         running = asyncio.ensure_future(pool.map(slowly_labelled, range(20), chunk_size=2))
-        await until(lambda: pool.statistics().tasks_completed > done)  # it runs
+        await wait_until(lambda: pool.statistics().tasks_completed > done)  # it runs
         await pool.run(undecorated, 0)
         print(sum(value[0] != "decorated" for value in await running))  # type: ignore[index]
 

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from asyncpool import ResilientPool  # noqa: E402
 from tests import tasks  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 
 
 async def main(how: str, forking: bool) -> None:
@@ -27,8 +28,7 @@ async def main(how: str, forking: bool) -> None:
     os.unlink(session)
     asyncio.ensure_future(pool.map(tasks.nap, [60.0] * 6))
     asyncio.ensure_future(pool.run(tasks.spawn_sleeper, (note, 60.0)))
-    while not os.path.exists(note) or not open(note).read():
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: os.path.exists(note) and bool(open(note).read()))
     print(*pids, open(note).read(), flush=True)
     os.unlink(note)
     if forking:

@@ -347,6 +347,8 @@ async def test_a_scheduler_restarted_while_idle_is_set_up_again(
         cluster.start_scheduler()
         cluster.start_workers()
         await cluster.wait_ready()
+        # Maps for about 3 s while the pool's client reconnects (a workload, not a
+        # wait): none may run anywhere but on the cluster.
         for _ in range(30):
             assert {tag for tag, _, _ in await pool.map(tasks.recall, range(8))} == {"dask"}
             await anyio.sleep(0.1)

@@ -959,12 +959,13 @@ async def test_a_stopped_calls_hung_item_is_killed_when_it_started_unheard(
         for _ in range(3):
             tg.start_soon(busy)
         for step in range(-20, 21):
-            at = long - 0.005 + step * 0.00025
             async with anyio.create_task_group() as calls:
+                began = time.monotonic()
                 calls.start_soon(pool.run, tasks.nap, long)
-                # Not a wait: the offset the window below is swept from (the nap goes
-                # out first, in a chunk of its own, and the hung item queues behind).
-                await anyio.sleep(0.005)
+                # The nap goes out first, in a chunk of its own, and the hung item
+                # queues behind; the window is swept across the nap's end.
+                await wait_until(lambda: pool.statistics().chunks_in_flight >= 1)
+                at = long - (time.monotonic() - began) + step * 0.00025
                 with anyio.move_on_after(at) if stop == "cancel" else contextlib.nullcontext():
                     with contextlib.suppress(DeadlineExceeded):
                         await pool.run(tasks.hang_forever, **(
