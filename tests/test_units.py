@@ -1006,3 +1006,31 @@ def test_a_worker_says_it_handed_chunks_back_before_it_reads_another() -> None:
         assert [_wire.CHUNK_HEAD.unpack(parts[0])[0] for _, parts in worker.inbox] == [2]
         got = _wire.recv_frame(parent)
         assert got is not None and got[0] == _wire.WITHDRAWN and _wire.loads(got[1]) == [1]
+
+
+def test_a_functions_scatter_failures_are_counted_apart_from_others() -> None:
+    # The Dask rung gives a function's chunks up after its third failed scatter in a
+    # row. One count for every function was reset by another's success: a function
+    # whose scatter always failed was resent for as long as other calls ran.
+    import asyncio
+
+    from asyncpool._rungs._dask_client import Scattered, ScatterFailed
+
+    class Client:
+        async def scatter(self, blob: bytes, **options: Any) -> Any:
+            if blob == b"bad":
+                raise OSError("the worker died as it was sent")
+            return SimpleNamespace(release=lambda: None)
+
+    async def main() -> list[int]:
+        scattered = Scattered(Client(), 5.0)
+        good, bad = SimpleNamespace(id=1, blob=b"good"), SimpleNamespace(id=2, blob=b"bad")
+        tries = []
+        for _ in range(3):
+            await scattered.get(good)
+            with pytest.raises(ScatterFailed) as failed:
+                await scattered.get(bad)
+            tries.append(failed.value.tries)
+        return tries
+
+    assert asyncio.run(main()) == [1, 2, 3]

@@ -271,7 +271,9 @@ class Scattered:
     def __init__(self, client: Any, connect_timeout: float) -> None:
         self.client, self.connect_timeout = client, connect_timeout
         self._futures: dict[int, asyncio.Future[Any]] = {}
-        self.failures = 0
+        #: Scatters of each function that failed in a row (another's success, or its
+        #: own already scattered, says nothing of its next try).
+        self._failures: dict[int, int] = {}
 
     async def get(self, shipped: Any) -> Any:
         """The scattered data of ``shipped`` (a Shipped); ScatterFailed if it failed."""
@@ -286,12 +288,13 @@ class Scattered:
         except Exception as exc:
             if self._futures.get(shipped.id) is found:
                 del self._futures[shipped.id]
-                self.failures += 1
-            raise ScatterFailed(self.failures, exc) from exc
-        self.failures = 0
+                self._failures[shipped.id] = self._failures.get(shipped.id, 0) + 1
+            raise ScatterFailed(self._failures.get(shipped.id, 1), exc) from exc
+        self._failures.pop(shipped.id, None)
         return data
 
     def forget(self, fn_id: int) -> None:
+        self._failures.pop(fn_id, None)
         found = self._futures.pop(fn_id, None)
         if found is not None and found.done() and not found.cancelled() and (
                 not found.exception()):
