@@ -21,7 +21,7 @@ import anyio
 
 from ._errors import InitializerFailed, PoolClosed, PoolUnavailable
 from ._events import Counters, Emitter
-from ._retry import RungUnsupported, backoff_delays, is_transient
+from ._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
 from ._rungs import ONE_ATTEMPT, STAND_IN, Listener, Rung, RungState, create_rung
 
 if TYPE_CHECKING:
@@ -179,7 +179,9 @@ class Ladder:
                     self.emit("creation_failed", f"starting the {name} rung failed: "
                               f"{exc!r}", rung=name, attempt=attempt, error=exc)
                     raise
-                self.last_error = exc
+                # The machine's own error, where the rung's says what it stopped.
+                self.last_error = exc.__cause__ if isinstance(
+                    exc, RungUnavailable) and exc.__cause__ is not None else exc
                 self.counters.creation_failures += 1
                 self.emit("creation_failed", f"starting the {name} rung failed (attempt "
                           f"{attempt} of {attempts}): {exc!r}", rung=name, attempt=attempt,

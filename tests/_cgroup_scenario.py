@@ -4,7 +4,7 @@
                                                    wait for the climb back
     python _cgroup_scenario.py memory CGROUP       a poison item that the OOM killer
                                                    kills, among good ones
-    python _cgroup_scenario.py only CGROUP         a ladder of processes only, with no
+    python _cgroup_scenario.py only CGROUP [warm]  a ladder of processes only, with no
                                                    pid left, then the limit lifted
 """
 
@@ -56,8 +56,11 @@ async def pids(cgroup: str, extra: int) -> dict[str, object]:
     return out
 
 
-async def only(cgroup: str) -> dict[str, object]:
+async def only(cgroup: str, warm: bool) -> dict[str, object]:
     enter(cgroup)
+    if warm:  # the fork server runs already: it is what fails to fork
+        async with ResilientPool(max_workers=1, rungs=("process",)) as pool:
+            await pool.run(square, 2)
     with open(os.path.join(cgroup, "pids.current")) as f:
         current = int(f.read())
     with open(os.path.join(cgroup, "pids.max"), "w") as f:
@@ -97,7 +100,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "pids":
         result = asyncio.run(pids(sys.argv[2], int(sys.argv[3])))
     elif sys.argv[1] == "only":
-        result = asyncio.run(only(sys.argv[2]))
+        result = asyncio.run(only(sys.argv[2], sys.argv[3:] == ["warm"]))
     else:
         result = asyncio.run(memory(sys.argv[2]))
     result["seconds"] = round(time.monotonic() - started, 3)
