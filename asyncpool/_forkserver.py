@@ -11,6 +11,7 @@ status, and a 32-byte shared memory area where the worker notes what it is runni
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import mmap
 import os
@@ -45,6 +46,12 @@ class Spawned:
         self.sock, self.status, self.progress, self.server = sock, status, progress, server
 
 
+#: What a system that lacks the fork server's sockets says (any other error, EMFILE
+#: say, passes: a process rung taken for unsupported was never tried again).
+_UNSUPPORTED = {errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT, errno.EOPNOTSUPP,
+                errno.EAFNOSUPPORT, errno.EPROTOTYPE, errno.EINVAL}
+
+
 class ForkServer:
     """A running fork server."""
 
@@ -56,6 +63,8 @@ class ForkServer:
         try:
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except (OSError, AttributeError) as exc:  # macOS has no SOCK_SEQPACKET
+            if isinstance(exc, OSError) and exc.errno not in _UNSUPPORTED:
+                raise  # out of descriptors or memory for now: tried again later
             raise RungUnsupported(f"this system has no AF_UNIX SOCK_SEQPACKET sockets, "
                                   f"which the fork server needs ({exc})") from exc
         try:
