@@ -10,7 +10,6 @@ replacement started before they leave.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -27,12 +26,13 @@ from .._errors import InitializerFailed
 from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
 from .._loop import preload_backend
-from .._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
+from .._retry import RungUnavailable, RungUnsupported, is_transient
 from ._parking import park, take_parked, worker_settings
-from ._death import Death, ProcState, initializer_failure, opening_done, opening_failure
+from ._death import Death, ProcState, opening_done, opening_failure
 from ._frames import chunk_frame, runs_of
 from ._proc import Events, Proc
 from ._recycling import IDLE_SECONDS, Recycling
+from ._starts import Starts
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
 if TYPE_CHECKING:
@@ -335,68 +335,47 @@ class ProcessRung(Rung, Events):
         """Keep ``max_workers`` workers: fork what is missing, backing off while forks
         fail; give the rung up when none serves and none can be made (one task)."""
         config = self.config
-        fresh = functools.partial(backoff_delays, config.backoff_initial,
-                                  config.backoff_factor, config.backoff_max,
-                                  config.backoff_jitter)
-        delays, failures, retry_at = fresh(), 0, 0.0  # no fork before retry_at (backoff)
-        # By when each starting worker must be ready (one dying meanwhile is replaced
-        # at once: a slow initializer held every replacement back).
-        starting: dict[Proc, float] = {}
+        starts = Starts(config)
         while self.state is RungState.SERVING:
             error: BaseException | None = None
             missing = config.max_workers - self._recycling.live(self.procs)
+            backoff = starts.backoff() if missing > 0 else 0.0
             # Out of attempts with none serving, those starting are the last tries.
-            backoff = retry_at - time.monotonic() if missing > 0 else 0.0
             hold = backoff > 0 or bool(
-                starting and failures >= config.creation_attempts and not self._serving())
+                starts.starting and starts.out_of_attempts() and not self._serving())
             for _ in range(0 if hold else missing):
                 try:
-                    starting[self._fork()] = time.monotonic() + (
-                        config.start_timeout or math.inf)
+                    starts.forked(self._fork())
                 except OSError as exc:
                     error = exc
+                    starts.failed()
                     break
-            if error is None and not any(p.started.is_set() for p in starting):
+            if error is None and not starts.any_started():
                 # Woken as a worker starts, leaves or will; while chunks wait behind
                 # busy workers, to look for stuck ones; while doomed calls have items
                 # in a running chunk, for one starting.
                 self._nudge = self.loop.event()
                 self._looking = any(p.doomed or p.has_waiting() for p in self.procs
                                     if p.chunks)
-                with anyio.move_on_after(min([
+                with anyio.move_on_after(min(
                         STUCK_SECONDS if self._looking else IDLE_SECONDS
                         if self._recycling.leaving else math.inf,
-                        backoff if backoff > 0 else math.inf,
-                        *(deadline - time.monotonic() for deadline in starting.values())])):
+                        backoff if backoff > 0 else math.inf, starts.next_deadline())):
                     await self._nudge.wait()
             self._retire_idle()
             self._take_back()
             for proc in self.procs:
                 proc.kill_doomed()
-            for proc, deadline in list(starting.items()):
-                if proc.init_error is not None:  # a fork failed, or the initializer did
-                    error = initializer_failure(proc.init_error, proc.pid is not None,
-                                                self.config.initializer) or proc.init_error
-                elif proc.state is ProcState.STARTING and time.monotonic() >= deadline:
-                    proc.kill()
-                    error = RungUnavailable("a new worker did not start in time")
-                elif proc.state is ProcState.STARTING:
-                    continue
-                else:  # it started: what failed before is behind us
-                    delays, failures, retry_at = fresh(), 0, 0.0
-                del starting[proc]
-            if error is None:
-                continue
-            failures += 1
+            error = starts.settle() or error
             # While a worker serves, or one starts, replacements are tried (or awaited).
-            if not self._serving() and not starting and failures >= config.creation_attempts:
+            if error is not None and not self._serving() and not starts.starting and (
+                    starts.out_of_attempts()):
                 if isinstance(error, InitializerFailed):
                     self._broke(error, error.__cause__)
                 else:
                     self._broke(RungUnavailable(f"no worker process could be started "
                                                 f"({error!r})"), error)
                 return
-            retry_at = time.monotonic() + next(delays)
 
     def _serving(self) -> bool:
         """Whether a worker takes or runs chunks (one replaced early too)."""
