@@ -563,6 +563,15 @@ def _claim(directory: str) -> int:
     raise AssertionError("unreachable")
 
 
+def dies_while_told(directory: str) -> None:
+    """An initializer: its worker kills itself while ``directory/until`` holds a time
+    still to come (the OOM killer over a bad moment)."""
+    _claim(directory)
+    until = os.path.join(directory, "until")
+    if os.path.exists(until) and time.time() < float(open(until).read() or 0):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def slow_then_failing(directory: str, seconds: float) -> None:
     """An initializer: the first two starts are quick, the third takes ``seconds``,
     every later one raises."""

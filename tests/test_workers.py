@@ -780,3 +780,87 @@ async def test_initargs_that_do_not_pickle_say_so(anyio_backend: str) -> None:
         async with ResilientPool(max_workers=1, initializer=tasks.remember,
                                  initargs=(threading.Lock(),)):
             pass
+
+
+async def test_workers_dying_together_as_they_start_are_one_failed_try(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # Every worker killed, then every one that starts for the next 0.6 s killed in its
+    # initializer: three tries with backoff between them ride it out. Each death of
+    # the round counted as a try of its own: three siblings spent every attempt at
+    # once and the rung gave up in 0.2 s, with no backoff at all.
+    async with ResilientPool(max_workers=3, rungs=("process",), creation_attempts=3,
+                             backoff_initial=0.2, backoff_factor=2.0, backoff_jitter=0.0,
+                             initializer=tasks.dies_while_told,
+                             initargs=(str(tmp_path),)) as pool:
+        pids = set(await pool.map(tasks.pid_of, range(30), chunk_size=1))
+        (tmp_path / "until").write_text(str(time.time() + 0.6))
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        with anyio.fail_after(20):
+            assert await pool.map(tasks.square, range(6)) == [i * i for i in range(6)]
+        assert pool.statistics().fallbacks == 0
+
+
+def test_a_fork_that_fails_at_once_with_no_backoff_never_holds_the_loop() -> None:
+    # With backoff_initial=0, a fork that failed at once (no descriptor left for its
+    # socket) was tried again in a loop that never awaited: the event loop froze.
+    code = """
+import asyncio, os, resource, signal, time
+from asyncpool import ResilientPool
+from tests import tasks
+from tests.helpers import Heartbeat
+
+async def main():
+    async with ResilientPool(rungs=("process",), max_workers=2, backoff_initial=0.0,
+                             backoff_max=0.0) as pool:
+        pids = set(await pool.map(tasks.pid_of, range(20), chunk_size=1))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+        async with Heartbeat().running() as beat:
+            os.kill(min(pids), signal.SIGKILL)
+            await asyncio.sleep(1.0)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert await pool.map(tasks.square, range(4)) == [0, 1, 4, 9]
+        print("lag", beat.worst)
+
+asyncio.run(main())
+"""
+    proc = run_code(code, timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split()[-1]) < 0.5, proc.stdout
+
+
+def test_a_process_rung_short_of_descriptors_is_tried_again_later() -> None:
+    # No descriptor left for the fork server's socket (EMFILE) was taken for "this
+    # system has no such sockets": the process rung was never tried again.
+    code = """
+import asyncio, os, resource
+from asyncpool import ResilientPool
+from tests import tasks
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+async def main():
+    held = []
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        os.close(held.pop())  # one for the loop's own needs
+    async with ResilientPool(max_workers=1, creation_attempts=2, backoff_initial=0.01,
+                             promote_after=0.2, promote_max=0.5) as pool:
+        opened_on = pool.backend
+        for fd in held:
+            os.close(fd)
+        for _ in range(200):
+            if pool.backend == "process":
+                break
+            await asyncio.sleep(0.05)
+        assert await pool.map(tasks.square, range(4)) == [0, 1, 4, 9]
+        print(opened_on, pool.backend)
+
+asyncio.run(main())
+"""
+    proc = run_code(code, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["thread", "process"], proc.stdout
