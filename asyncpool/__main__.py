@@ -117,7 +117,8 @@ def parser() -> argparse.ArgumentParser:
                              "writes standard output (what the function prints then "
                              "goes to standard error)")
     mapper.add_argument("--resume", action="store_true",
-                        help="skip lines already in OUTPUT (after a killed run)")
+                        help="skip lines already in OUTPUT (after a killed run of the "
+                             "same input and function: that is not checked)")
     return main
 
 
