@@ -198,7 +198,9 @@ class Source:
         """Pull into the buffer while it holds fewer than ``want()`` items (the feeder
         task of a fed source); ``arrived()`` is called after each new item."""
         try:
-            while not self.ended:
+            # Not after it closed: an input whose first wait is shielded kept this loop
+            # reading on trio, where being cancelled reaches only unshielded waits.
+            while not self.ended and not self._closed:
                 while len(self._buffer) >= max(1, want()):
                     self._room = room = anyio.Event()
                     await room.wait()

@@ -1070,3 +1070,32 @@ async def test_a_thread_in_place_of_a_stuck_one_whose_initializer_fails_does_not
                 await pool.map(tasks.square, range(4), timeout=10)
     finally:
         tasks.RELEASE.set()
+
+
+async def test_an_input_whose_wait_is_shielded_is_not_read_after_its_call(
+        anyio_backend: str) -> None:
+    # On trio, the input's reader is stopped by a cancelled scope, which reaches only
+    # unshielded waits: an input whose __anext__ waits shielded was read on and on
+    # after its call timed out, and the program never ended.
+    class Shielded:
+        calls = 0
+
+        def __aiter__(self) -> Shielded:
+            return self
+
+        async def __anext__(self) -> int:
+            self.calls += 1
+            if self.calls > 3:
+                with anyio.CancelScope(shield=True):
+                    await anyio.sleep(0.05)
+            return self.calls
+
+    source = Shielded()
+    async with ResilientPool(max_workers=2) as pool:
+        with pytest.raises(DeadlineExceeded):
+            await pool.map(tasks.square, source, timeout=0.5)
+        assert await pool.map(tasks.square, range(3)) == [0, 1, 4]
+    read = source.calls
+    # Not a wait for something to happen: a window in which nothing may.
+    await anyio.sleep(0.3)
+    assert source.calls <= read + 1, (read, source.calls)
