@@ -358,15 +358,24 @@ async def test_a_scheduler_restarted_while_idle_is_set_up_again(
                 } == {"dask"}
 
 
+@pytest.mark.parametrize("restarted", [False, True])
 async def test_losing_the_scheduler_while_the_initializer_registers_is_no_init_failure(
-        cluster: CliCluster, tmp_path: Path) -> None:
+        cluster: CliCluster, tmp_path: Path, restarted: bool) -> None:
     # It was taken for the initializer's own failure: opening raised InitializerFailed
-    # (and on a climb back, the pool never tried the cluster again).
+    # (and on a climb back, the pool never tried the cluster again). A scheduler
+    # restarted at once answers the question "is it still there?": the broken
+    # connection itself says it.
     started = tmp_path / "started"
     async with anyio.create_task_group() as tg:
         async def close_when_registering() -> None:
             await wait_until(lambda: started.exists(), 60)
             cluster.kill_scheduler()
+            if restarted:
+                for index in range(len(cluster.workers)):
+                    cluster.kill_worker(index)
+                cluster.workers.clear()
+                cluster.start_scheduler()
+                cluster.start_workers()
 
         tg.start_soon(close_when_registering)
         async with ResilientPool(max_workers=1, dask_address=cluster.address,
@@ -374,9 +383,10 @@ async def test_losing_the_scheduler_while_the_initializer_registers_is_no_init_f
                                  promote_max=1.0, initializer=tasks.note_start,
                                  initargs=((0, str(started), 3.0),)) as pool:
             assert pool.backend == "process"
-            cluster.workers.clear()
-            cluster.start_scheduler()
-            cluster.start_workers()
+            if not restarted:
+                cluster.workers.clear()
+                cluster.start_scheduler()
+                cluster.start_workers()
             await wait_until(lambda: pool.backend == "dask", 90)
             assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
 

@@ -20,6 +20,18 @@ if TYPE_CHECKING:
     from .._config import PoolConfig
 
 
+def can_serve_on(loop_name: str) -> None:
+    """Raise unless the Dask rung can serve here: on asyncio, with distributed."""
+    if loop_name != "asyncio":
+        raise NotImplementedError("the dask rung runs on asyncio only (distributed's "
+                                  "asynchronous Client needs an asyncio loop)")
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise ImportError("a Dask cluster needs the 'distributed' package: pip install "
+                          "distributed (or this project's [dask] extra)") from None
+
+
 def lost_connection(exc: BaseException, client: Any) -> bool:
     from distributed.client import ClosedClientError, FutureCancelledError
     from distributed.comm.core import CommClosedError
@@ -99,10 +111,18 @@ _closing: set[asyncio.Future[None]] = set()
 
 
 async def close_quietly(client: Any) -> None:
-    try:
-        await asyncio.wait_for(client.close(), 5)
-    except BaseException:
-        pass
+    """Close ``client``, whatever state its connection is in. One closed while it
+    reconnects raises ("ConnectionPool is closed") half-way: it is tried once more,
+    then marked closed (at garbage collection it would make a close coroutine that
+    nobody awaits, and a warning at exit)."""
+    for _ in range(2):
+        try:
+            await asyncio.wait_for(client.close(), 5)
+        except BaseException:
+            pass
+        if getattr(client, "status", "closed") == "closed":
+            return
+    client.status = "closed"  # a public attribute of Client (its __del__ reads it)
 
 
 async def unregister_quietly(client: Any, name: str) -> None:
@@ -204,8 +224,12 @@ async def register_initializer(client: Any, config: PoolConfig, name: str,
         raise
     except Exception as exc:
         # Whatever it raised (an OSError of its own too), it is the initializer's
-        # fault only if the scheduler still answers.
-        if not await answers(client, config.dask_connect_timeout):
+        # fault only if the client's own connection held and the scheduler still
+        # answers (one restarted at once answers: the broken connection says it).
+        from distributed.comm.core import CommClosedError
+
+        if isinstance(exc, CommClosedError) or getattr(client, "status", "running") != (
+                "running") or not await answers(client, config.dask_connect_timeout):
             raise RungUnavailable(f"the Dask scheduler was lost while the initializer "
                                   f"was registered: {exc!r}") from exc
         elapsed = asyncio.get_running_loop().time() - started

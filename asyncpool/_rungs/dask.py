@@ -38,6 +38,7 @@ from ._dask_client import (
     Scattered,
     ScatterFailed,
     StoppedCalls,
+    can_serve_on,
     cancel_quietly,
     client_space,
     close_later,
@@ -109,15 +110,7 @@ class DaskRung(Rung):
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> DaskRung:
-        if loop.name != "asyncio":
-            raise NotImplementedError("the dask rung runs on asyncio only (distributed's "
-                                      "asynchronous Client needs an asyncio loop)")
-        try:
-            import distributed  # noqa: F401
-        except ImportError:
-            raise ImportError("a Dask cluster needs the 'distributed' package: pip "
-                              "install distributed (or this project's [dask] extra)"
-                              ) from None
+        can_serve_on(loop.name)
         timeout = config.dask_connect_timeout
         if config.dask_client is not None:
             rung = cls(config, listener, loop, given(config.dask_client), owned=False)
@@ -134,6 +127,11 @@ class DaskRung(Rung):
                 await register_initializer(rung.client, config, rung._initializer,
                                            rung.space)
         except BaseException as exc:
+            if isinstance(exc, InitializerFailed):
+                # Its workers may be stuck in it: taking it off them waits (up to 5 s)
+                # beyond the start_timeout the caller chose.
+                close_later(functools.partial(rung.aclose, True))
+                raise
             await rung.aclose(kill=True)
             if isinstance(exc, OSError | TimeoutError):
                 raise RungUnavailable(f"the Dask cluster has no worker (waited {timeout} s)"
