@@ -108,7 +108,7 @@ class Emitter:
         for hook in self.hooks:
             try:
                 hook(event)
-            except Exception:
+            except BaseException:  # its own; it runs where the pool's books are kept
                 logger.exception("the on_event hook raised on a %s event; ignored", kind)
 
 
@@ -153,7 +153,9 @@ class PoolStatistics:
     """Chunks (or parts of chunks) sent again after a crash, a lost worker or a result
     that would not load (not those taken back unstarted from a busy worker)."""
     workers: int = 0
-    """Worker processes (threads, Dask threads) serving now."""
+    """Worker processes (threads, Dask threads) serving now: at most ``max_workers``
+    locally (a replacement started early, before the worker it replaces leaves, is
+    not counted twice)."""
     chunks_in_flight: int = 0
     """Chunks out on rungs now."""
     max_chunks_in_flight: int = 0

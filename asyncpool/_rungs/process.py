@@ -320,7 +320,10 @@ class ProcessRung(Rung, Events):
 
     @property
     def workers(self) -> int:
-        return sum(1 for p in self.procs if p.state is ProcState.READY)
+        # A replacement started early waits for the worker it replaces: never more
+        # than max_workers run items.
+        return min(self.config.max_workers,
+                   sum(1 for p in self.procs if p.state is ProcState.READY and not p.killed))
 
     @property
     def capacity(self) -> int:
