@@ -96,6 +96,8 @@ class Engine:
         #: Items of live calls whose input has a known length, not yet sent.
         self.pending = 0
         self._scheduled = False
+        #: Whether new items go before those that go again (see _next).
+        self._fresh_turn = False
 
     @property
     def in_flight(self) -> set[Chunk]:
@@ -222,8 +224,20 @@ class Engine:
         return self.outcomes.resend_waits() or bool(ready)
 
     def _next(self, rung: Rung, room: int | None) -> Chunk | None:
+        """Items that go again and new ones take turns: a request arriving behind a
+        map whose chunks were cut short (or lost with a worker) waited for every item
+        that went again first."""
         limit = self.config.max_chunk_size if room is None else room
-        return self.outcomes.next_resend(limit) or self._new_chunk(limit, self._lanes(rung))
+        if self._fresh_turn:
+            self._fresh_turn = False
+            chunk = self._new_chunk(limit, self._lanes(rung))
+            if chunk is not None:
+                return chunk
+        chunk = self.outcomes.next_resend(limit)
+        if chunk is not None:
+            self._fresh_turn = True
+            return chunk
+        return self._new_chunk(limit, self._lanes(rung))
 
     def _lanes(self, rung: Rung) -> int:
         return max(1, rung.lanes or self.config.max_workers)

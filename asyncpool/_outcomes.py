@@ -29,6 +29,7 @@ from ._errors import (FunctionUnavailable, PoolClosed, SerializationError, Worke
                       exit_described, is_pool_made, pool_made)
 from ._events import Counters, Emitter
 from ._execute import SKIPPED
+from ._rebalance import resend_parts
 from ._sizing import Timing, blend
 
 logger = logging.getLogger("asyncpool")
@@ -185,12 +186,15 @@ class Outcomes:
     def chunk_lost(self, chunk: Chunk, why: Resend = Resend.LOST) -> None:
         if self.closing:
             self._closed_under(chunk)
+        elif why is Resend.MOVED:  # taken back unstarted: sized on what is now known
+            self._split(chunk, why, resend_parts(chunk, chunk.reported, self.config))
         else:
             self._again(chunk, chunk.reported, chunk.size, why)
         self._settle(chunk)
 
     def chunk_cut(self, chunk: Chunk, keep: int) -> None:
-        self._again(chunk, max(keep, chunk.reported), chunk.size, Resend.MOVED)
+        first = max(keep, chunk.reported)
+        self._split(chunk, Resend.MOVED, resend_parts(chunk, first, self.config), first=first)
         _let_go(chunk, chunk.cut(keep))
         self.kick()
 
@@ -265,15 +269,20 @@ class Outcomes:
             self.again.appendleft(again)
 
     def _split(self, chunk: Chunk, why: Resend, parts: int = 2,
-               suspect: bool = False) -> None:
-        """Send the unreported rest of ``chunk`` again in up to ``parts`` parts (halves by
-        default), each starting its crash count afresh."""
-        first = chunk.reported
+               suspect: bool = False, first: int | None = None) -> None:
+        """Send positions [first, size) of ``chunk`` (its unreported rest by default)
+        again in up to ``parts`` parts (halves by default), in order. Parts start their
+        crash count afresh; a single part is as :meth:`_again` makes it (all of a
+        suspect chunk taken back unstarted is still a suspect)."""
+        first = chunk.reported if first is None else first
         rest = chunk.size - first
         count = min(parts, rest)
+        if count <= 0:
+            return
         bounds = [first + rest * i // count for i in range(count)]
-        for lo, hi in zip(bounds, [*bounds[1:], chunk.size], strict=True):
-            self._again(chunk, lo, hi, why, 0, suspect=suspect)
+        # Each goes to the head of the queue: the last first, so that they go in order.
+        for lo, hi in reversed(list(zip(bounds, [*bounds[1:], chunk.size], strict=True))):
+            self._again(chunk, lo, hi, why, None if count == 1 else 0, suspect=suspect)
 
     def _item_error(self, chunk: Chunk, position: int, where: Crossing,
                     cause: BaseException) -> None:

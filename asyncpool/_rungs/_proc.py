@@ -73,6 +73,8 @@ class Proc:
         self.forget: list[int] = []
         #: Items sent to it, for max_tasks_per_worker.
         self.tasks = 0
+        #: Since when its first chunk runs (sent to it idle, or the one before ended).
+        self.head_since = 0.0
         #: Chunks asked back (see ProcessRung._take_back), by their seq.
         self.withdrawing: set[int] = set()
         #: Calls whose items running here are to be killed (see kill_doomed).
@@ -312,6 +314,8 @@ class Proc:
         """``chunk`` leaves the worker, the one way out: finished (perhaps cut short),
         handed back, or with the worker's death. ``ran``: how many of its items ran
         here (the others come off its task count)."""
+        if self.chunks[0] is chunk:
+            self.head_since = time.monotonic()  # the next chunk starts
         self.chunks.remove(chunk)
         self.withdrawing.discard(chunk.seq)
         self.tasks -= chunk.size - ran
@@ -324,7 +328,7 @@ class Proc:
         self.functions.update(functions)
         self.forget = []
         if not self.chunks:
-            self.heard = time.monotonic()
+            self.heard = self.head_since = time.monotonic()
         self.chunks.append(chunk)
         self.tasks += chunk.size
         self.send(_wire.CHUNK, parts)
@@ -347,11 +351,16 @@ class Proc:
         worker hands back the chunks it has not started and cuts the running one short
         after its item (a chunk or an item it starts meanwhile simply runs here), and
         the rest goes to another worker."""
-        if self.state is ProcState.READY and self.has_waiting() and self.heard < stuck:
-            seqs = [c.seq for c in self.chunks if c.seq not in self.withdrawing]
-            if seqs:
-                self.withdrawing.update(seqs)
-                self.send(_wire.WITHDRAW, _wire.dumps(seqs))
+        if self.has_waiting() and self.heard < stuck:
+            self.withdraw(self.chunks)
+
+    def withdraw(self, chunks: Iterable[Chunk]) -> None:
+        """Ask the worker for ``chunks``: one not started comes back whole (WITHDRAWN),
+        the running one is cut short after the item it runs (CUT)."""
+        seqs = [c.seq for c in chunks if c.seq not in self.withdrawing]
+        if seqs and self.state is ProcState.READY:
+            self.withdrawing.update(seqs)
+            self.send(_wire.WITHDRAW, _wire.dumps(seqs))
 
     def work_held(self) -> float:
         """Seconds its chunks are expected to take still (what is known of them)."""

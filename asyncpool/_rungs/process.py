@@ -26,6 +26,7 @@ from .._errors import InitializerFailed
 from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
 from .._loop import preload_backend
+from .._rebalance import overlong
 from .._retry import RungUnavailable, RungUnsupported, is_transient
 from ._parking import park, take_parked, worker_settings
 from ._death import Death, ProcState, opening_done, opening_failure
@@ -258,6 +259,9 @@ class ProcessRung(Rung, Events):
             self.listener.chunk_progress(chunk, first, upto, results, errors)
             if proc.doomed:
                 proc.kill_doomed()  # what it was waiting for may have come
+            elif not done:  # sized on a cost far too low? (see _rebalance)
+                proc.withdraw(overlong(chunk, time.monotonic() - proc.head_since,
+                                       proc.chunks, self.config))
         if done:
             self.listener.chunk_done(chunk, upto, seconds, retried)
             if not proc.chunks:

@@ -1,0 +1,60 @@
+"""Work taken back from a worker because its chunks were sized on a cost far too low,
+and how what is taken back goes out again.
+
+A chunk is sized on what its function's items cost so far. That can be far off: a
+function timed on cheap calls, then given slow arguments; a call whose items turn slow
+after quick ones. Such a chunk holds a worker for many times the target, and a request
+behind it waited 1.9 s. Once the running chunk's first items report, what they took
+says what the rest will: a chunk far over is cut short after its item (with those
+behind it of the same functions), and the rest goes out again in chunks sized on what
+is now known. A chunk size the caller chose is kept as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._call import Chunk
+    from ._config import PoolConfig
+
+#: A chunk whose items left are seen to cost this many target chunks is taken back.
+OVERLONG = 10
+
+
+def chosen(chunk: Chunk, config: PoolConfig) -> bool:
+    """Whether the caller chose the size of ``chunk`` (the pool's, or a call's own)."""
+    return bool(config.chunk_size or any(p.call.options.chunk_size for p in chunk.pieces))
+
+
+def overlong(running: Chunk, ran: float, behind: Iterable[Chunk],
+             config: PoolConfig) -> list[Chunk]:
+    """What to take back from a worker that has run chunk ``running`` for ``ran``
+    seconds, with ``behind`` waiting there: nothing, or it with those of its functions
+    that are far over too. The functions' cost is updated first (the rest goes out
+    again sized on it)."""
+    left = running.size - running.reported
+    if left < 2 or chosen(running, config):
+        return []
+    per_item = ran / max(1, running.reported)
+    most = OVERLONG * config.target_chunk_seconds
+    if left * per_item <= most:
+        return []
+    timings = {p.call.timing for p in running.pieces}
+    for timing in timings:
+        timing.observe(running.reported, ran)
+    return [running, *(c for c in behind if c.size * per_item > most and not chosen(c, config)
+                       and {p.call.timing for p in c.pieces} <= timings)]
+
+
+def resend_parts(chunk: Chunk, first: int, config: PoolConfig) -> int:
+    """In how many chunks positions [first, size) of ``chunk``, taken back, go out
+    again: as many as what they are now known to cost fills."""
+    if chosen(chunk, config):
+        return 1
+    pieces = chunk.pieces_between(first, chunk.size)
+    per_item = max((p.call.timing.per_item or 0.0) for p in pieces)
+    rest = chunk.size - first
+    return max(1, min(rest, math.ceil(rest * per_item / config.target_chunk_seconds)))
