@@ -2,9 +2,8 @@
 
 Threads of the thread rung call :func:`execute` directly; worker processes
 (:mod:`asyncpool._worker`) and Dask workers (:func:`run_on_cluster`) call it on what
-they unpickled. Exceptions leave as themselves where they can be rebuilt on the other
-side, and as :class:`~asyncpool.RemoteError` where not. This module imports little:
-worker processes load it.
+they unpickled. What their errors become on the way back is :mod:`asyncpool._remote`'s.
+This module imports little: worker processes load it.
 """
 
 from __future__ import annotations
@@ -15,9 +14,9 @@ import sys
 import time
 
 from . import _wire
-from ._errors import (FunctionUnavailable, InitializerFailed, RemoteError,
-                      RemoteTraceback, SerializationError, is_pool_made, pool_made)
+from ._errors import FunctionUnavailable, InitializerFailed, pool_made
 from ._handover import Running, unwatch, watch
+from ._remote import encode_errors
 from ._retry import is_transient, task_retry_delays
 from ._share import share_main
 
@@ -231,90 +230,6 @@ class _Skipped:
 
 #: Stands for an item that was not run because its call was cancelled.
 SKIPPED = _Skipped()
-
-
-def describe(exc: BaseException) -> tuple[str, str, str]:
-    """(qualified type name, message, traceback text) of an exception."""
-    import traceback
-
-    cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ == "builtins" else (
-        f"{cls.__module__}.{cls.__qualname__}")
-    # The task's own code runs here (__str__, __repr__): it must not end the worker.
-    try:
-        message = str(exc)
-    except BaseException:
-        message = f"<{name}: its __str__ raised>"
-    try:
-        text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    except BaseException:
-        text = f"{name}: {message}\n"
-    return name, message, text
-
-
-def portable(exc: BaseException) -> BaseException:
-    """``exc`` if it can be rebuilt on the other side; else a :class:`RemoteError`."""
-    name, message, text = describe(exc)
-    if isinstance(exc, (SystemExit, KeyboardInterrupt)) or not isinstance(exc, Exception):
-        code = exc.code if isinstance(exc, SystemExit) else None
-        said = f"({code!r})" if code is not None else f": {message}" if (
-            message and not isinstance(exc, SystemExit)) else ""
-        return RemoteError(f"the task raised {name}{said}", type_name=name,
-                           traceback=text, exitcode=code)
-    try:
-        # A class whose __init__ needs more than ``args`` pickles but does not load (or
-        # loads as no Exception: a SystemExit would end the caller).
-        if isinstance(pickle.loads(pickle.dumps(exc, 5)), Exception):
-            return exc
-    except BaseException:
-        pass
-    try:
-        import cloudpickle
-
-        if isinstance(pickle.loads(cloudpickle.dumps(exc, 5)), Exception):
-            return exc
-    except BaseException:
-        pass
-    return RemoteError(f"{name}: {message}", type_name=name, traceback=text)
-
-
-# -- the worker process ---------------------------------------------------------------
-
-
-def encode_errors(errors: dict[int, BaseException]) -> list[tuple[int, bytes, str]]:
-    """(position, pickled exception, traceback text) for each failed item."""
-    encoded = []
-    for position, exc in errors.items():
-        name, message, text = describe(exc)
-        try:
-            exc = portable(exc)
-            try:
-                blob = pickle.dumps(exc, 5)
-            except BaseException:
-                import cloudpickle
-
-                blob = cloudpickle.dumps(exc, 5)
-        except BaseException:
-            blob = pickle.dumps(RemoteError(f"{name}: {message}", type_name=name,
-                                            traceback=text), 5)
-        encoded.append((position, blob, text))
-    return encoded
-
-
-def decode_error(blob: bytes, text: str) -> BaseException:
-    """In the parent: an error :func:`encode_errors` made, as faithful as it loads."""
-    try:
-        exc: BaseException = pickle.loads(blob)
-        if not isinstance(exc, Exception):  # its __reduce__ rebuilt something else (a
-            # SystemExit or CancelledError would end or cancel the caller)
-            raise TypeError(f"it unpickled as {type(exc).__qualname__}")
-    except BaseException as problem:  # its own code ran: a SystemExit is not ours
-        # Rebuilt in the worker but not here (its class is not importable here).
-        first = text.strip().splitlines()[-1] if text.strip() else repr(problem)
-        exc = RemoteError(first, type_name=first.split(":", 1)[0], traceback=text)
-    if text and not (isinstance(exc, SerializationError) and is_pool_made(exc)):
-        exc.__cause__ = RemoteTraceback(text)
-    return exc
 
 
 # Functions a Dask worker loaded, by their client process and pickle, so each is

@@ -20,17 +20,8 @@ import time
 
 from . import _handover, _wire
 from ._errors import RemoteError, SerializationError, pool_made
-from ._execute import (
-    FORKED,
-    Unloadable,
-    describe,
-    dump_results,
-    encode_errors,
-    execute,
-    leave_if_forked,
-    loads,
-    portable,
-)
+from ._execute import FORKED, Unloadable, dump_results, execute, leave_if_forked, loads
+from ._remote import describe, encode_errors, portable
 from ._share import initialize, share_main
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly

@@ -91,7 +91,8 @@ async def test_crash_storm_reruns_innocent_items_at_most_once(tmp_path: Path,
     # sends results every few ms, so most come back before the crash).
     assert max(innocent.count(i) for i in set(innocent)) <= 2, sorted(innocent)
     assert len(innocent) < 1.25 * 190
-    assert all(runs.count(i) == 2 for i in poison), {i: runs.count(i) for i in poison}  # max_crashes_per_item, no more
+    # max_crashes_per_item, no more
+    assert all(runs.count(i) == 2 for i in poison), {i: runs.count(i) for i in poison}
     for i in poison:
         assert "2 time(s)" in str(results[i])
 

@@ -33,7 +33,8 @@ from asyncpool import (
 )
 from asyncpool import _wire
 from asyncpool._call import Chunk, Piece
-from asyncpool._execute import execute, portable
+from asyncpool._execute import execute
+from asyncpool._remote import portable
 from asyncpool._options import CallOptions
 from asyncpool._retry import RungUnavailable, backoff_delays, is_transient
 from asyncpool._salvage import load_results

@@ -85,3 +85,14 @@ def opening_failure(starting: Sequence[Started], served: bool, initializer: Any)
     if not served:
         error = next((p.init_error for p in starting if p.init_error), None)
         raise RungUnavailable(f"no worker process could start ({error!r})") from error
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (not exited, waiting to be reaped); unknown is yes."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        return True

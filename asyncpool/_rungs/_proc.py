@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _wire
 from .._errors import exit_described
-from .._execute import decode_error
+from .._remote import decode_error
 from .._forkserver import Spawned
 from .._retry import RungUnavailable
 from .._salvage import load_results
-from ._death import Death, ProcState
+from ._death import Death, ProcState, running
 
 if TYPE_CHECKING:
     from .._call import Chunk
@@ -154,7 +154,7 @@ class Proc:
             elif self.pid is not None and not self.killed and (
                     self.state is not ProcState.RETIRING):
                 self._on_status()  # its exit, if already said
-                if self.state is not ProcState.DEAD and _running(self.pid):
+                if self.state is not ProcState.DEAD and running(self.pid):
                     # Alive, it closed its end (a task closed the descriptors it
                     # inherited, as daemons do): stopped, as a crash of what it runs.
                     logger.debug("worker %s closed its connection to the pool while "
@@ -438,13 +438,3 @@ class Proc:
     def __repr__(self) -> str:
         return f"<Proc {self.pid} {self.state.value} chunks={len(self.chunks)}>"
 
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` runs (not exited, waiting to be reaped); unknown is yes."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        return True

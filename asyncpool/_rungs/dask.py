@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 from .. import _wire
 from .._call import CallState
 from .._errors import FunctionUnavailable, InitializerFailed, SerializationError, pool_made
-from .._execute import decode_error, run_on_cluster
+from .._execute import run_on_cluster
+from .._remote import decode_error
 from .._retry import RungUnavailable
 from .._salvage import load_results
 from ._dask_client import (

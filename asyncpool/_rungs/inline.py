@@ -14,7 +14,8 @@ import anyio
 
 from .._errors import InitializerFailed
 from .._retry import is_transient, task_retry_delays
-from .._execute import SKIPPED, own_frames_dropped, portable
+from .._execute import SKIPPED, own_frames_dropped
+from .._remote import portable
 from .._loop import preload_backend
 from .._share import initialize
 from .base import Listener, Rung, RungState

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._errors import InitializerFailed
-from .._execute import execute, portable
+from .._execute import execute
+from .._remote import portable
 from .._loop import preload_backend
 from .._share import initialize
 from .._retry import RungUnavailable
