@@ -4,10 +4,11 @@ and how what is taken back goes out again.
 A chunk is sized on what its function's items cost so far. That can be far off: a
 function timed on cheap calls, then given slow arguments; a call whose items turn slow
 after quick ones. Such a chunk holds a worker for many times the target, and a request
-behind it waited 1.9 s. Once the running chunk's first items report, what they took
-says what the rest will: a chunk far over is cut short after its item (with those
-behind it of the same functions), and the rest goes out again in chunks sized on what
-is now known. A chunk size the caller chose is kept as it is.
+behind it waited 1.9 s. Once two reports in a row of the running chunk say that what
+is left of it will take far too long (one slow item among quick ones says it once:
+cutting there resent 200,000 quick items one by one), it is cut short after its item,
+with those behind it of the same functions, and the rest goes out again in a few
+chunks sized on what is now known. A chunk size the caller chose is kept as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +23,31 @@ if TYPE_CHECKING:
 
 #: A chunk whose items left are seen to cost this many target chunks is taken back.
 OVERLONG = 10
+
+
+class Pace:
+    """How a worker's running chunk goes, report by report."""
+
+    __slots__ = ("began", "last", "slow")
+
+    def __init__(self) -> None:
+        self.began = self.last = 0.0  # when it started; when it last reported
+        self.slow = 0  # reports in a row whose own pace says the rest is far over
+
+    def start(self, now: float) -> None:
+        """A chunk starts running (sent to an idle worker, or the one before ended)."""
+        self.began = self.last = now
+        self.slow = 0
+
+    def report(self, chunk: Chunk, first: int, upto: int, now: float,
+               config: PoolConfig) -> bool:
+        """Items [first, upto) of ``chunk``, running, reported at ``now``: whether it
+        looks far over (see :func:`overlong`)."""
+        pace = (now - self.last) / max(1, upto - first)
+        self.last = now
+        over = (chunk.size - upto) * pace > OVERLONG * config.target_chunk_seconds
+        self.slow = self.slow + 1 if over else 0
+        return self.slow >= 2
 
 
 def chosen(chunk: Chunk, config: PoolConfig) -> bool:
@@ -51,10 +77,13 @@ def overlong(running: Chunk, ran: float, behind: Iterable[Chunk],
 
 def resend_parts(chunk: Chunk, first: int, config: PoolConfig) -> int:
     """In how many chunks positions [first, size) of ``chunk``, taken back, go out
-    again: as many as what they are now known to cost fills."""
+    again: as many as what they are now known to cost fills, two per worker at most
+    (a part still far over is cut again in its turn; one part per item flooded the
+    loop)."""
     if chosen(chunk, config):
         return 1
     pieces = chunk.pieces_between(first, chunk.size)
     per_item = max((p.call.timing.per_item or 0.0) for p in pieces)
     rest = chunk.size - first
-    return max(1, min(rest, math.ceil(rest * per_item / config.target_chunk_seconds)))
+    return max(1, min(rest, 2 * config.max_workers,
+                      math.ceil(rest * per_item / config.target_chunk_seconds)))

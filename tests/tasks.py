@@ -53,6 +53,13 @@ def note_ready(path: str, seconds: float) -> None:
         f.write(f"{os.getpid()} {time.monotonic()}\n")
 
 
+def slow_if_negative(x: float) -> float:
+    """Quick, but sleep ``-x`` seconds for a negative ``x``."""
+    if x < 0:
+        time.sleep(-x)
+    return x
+
+
 def nap_until(seconds: float) -> tuple[int, float]:
     """Sleep; this worker's pid and when it finished (clocks agree across processes)."""
     time.sleep(seconds)

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _wire
 from .._errors import exit_described
-from .._remote import decode_error
 from .._forkserver import Spawned
+from .._rebalance import Pace
+from .._remote import decode_error
 from .._retry import RungUnavailable
 from .._salvage import load_results
 from ._death import Death, ProcState, running
@@ -73,8 +74,8 @@ class Proc:
         self.forget: list[int] = []
         #: Items sent to it, for max_tasks_per_worker.
         self.tasks = 0
-        #: Since when its first chunk runs (sent to it idle, or the one before ended).
-        self.head_since = 0.0
+        #: How its running chunk goes (see _rebalance).
+        self.pace = Pace()
         #: Chunks asked back (see ProcessRung._take_back), by their seq.
         self.withdrawing: set[int] = set()
         #: Calls whose items running here are to be killed (see kill_doomed).
@@ -315,7 +316,7 @@ class Proc:
         handed back, or with the worker's death. ``ran``: how many of its items ran
         here (the others come off its task count)."""
         if self.chunks[0] is chunk:
-            self.head_since = time.monotonic()  # the next chunk starts
+            self.pace.start(time.monotonic())  # the next chunk starts
         self.chunks.remove(chunk)
         self.withdrawing.discard(chunk.seq)
         self.tasks -= chunk.size - ran
@@ -328,7 +329,8 @@ class Proc:
         self.functions.update(functions)
         self.forget = []
         if not self.chunks:
-            self.heard = self.head_since = time.monotonic()
+            self.heard = time.monotonic()
+            self.pace.start(self.heard)
         self.chunks.append(chunk)
         self.tasks += chunk.size
         self.send(_wire.CHUNK, parts)

@@ -257,11 +257,14 @@ class ProcessRung(Rung, Events):
             self.listener.chunk_undecodable(chunk, first, upto, results)
         elif upto > first:
             self.listener.chunk_progress(chunk, first, upto, results, errors)
+            now = time.monotonic()
+            # Sized on a cost far too low? (see _rebalance)
+            over = not done and proc.pace.report(chunk, first, upto, now, self.config)
             if proc.doomed:
                 proc.kill_doomed()  # what it was waiting for may have come
-            elif not done:  # sized on a cost far too low? (see _rebalance)
-                proc.withdraw(overlong(chunk, time.monotonic() - proc.head_since,
-                                       proc.chunks, self.config))
+            elif over:
+                proc.withdraw(overlong(chunk, now - proc.pace.began, proc.chunks,
+                                       self.config))
         if done:
             self.listener.chunk_done(chunk, upto, seconds, retried)
             if not proc.chunks:
