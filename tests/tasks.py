@@ -791,6 +791,15 @@ def fail_on_cluster() -> None:
         raise FileNotFoundError("no /data/model.bin on this machine")
 
 
+def comm_error_on_cluster() -> None:
+    """An initializer that raises a connection error of its own (it talks to a
+    service through Dask's comms) where the environment says ON_CLUSTER."""
+    if os.environ.get("ON_CLUSTER"):
+        from distributed.comm.core import CommClosedError
+
+        raise CommClosedError("its own connection to the model store closed")
+
+
 def raise_pool_errors(x: int) -> int:
     """Item 1 raises the pool's SerializationError and item 2 its FunctionUnavailable,
     as the task's own errors (a wrapper around another pool would)."""

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -233,19 +234,32 @@ async def test_an_initializer_that_hangs_on_the_cluster_fails_at_start_timeout(
                                  initializer=tasks.hang_forever, start_timeout=1.0):
             pass
     assert time.monotonic() - started < 20
+    # Its plugin left the cluster before the open failed: taken off in the
+    # background, it stayed when the program ended at once, and every worker that
+    # joined later ran the dead pool's initializer.
+    import distributed
+
+    async with distributed.Client(cluster.address, asynchronous=True,
+                                  set_as_default=False) as client:
+        plugins = await client.run_on_scheduler(_worker_plugins)
+    assert not [name for name in plugins if name.startswith("asyncpool")], plugins
 
 
-async def test_an_initializer_raising_an_oserror_on_the_cluster_fails_the_pool() -> None:
+@pytest.mark.parametrize("initializer", [tasks.fail_on_cluster,
+                                         tasks.comm_error_on_cluster])
+async def test_an_initializer_raising_an_oserror_on_the_cluster_fails_the_pool(
+        initializer: Any) -> None:
     # Any OSError was taken for a lost connection: the pool went local, and climbed
-    # back to run the failing initializer there every few seconds.
+    # back to run the failing initializer there every few seconds. A CommClosedError
+    # of its own is its failure too (the scheduler that answers is the same).
     cluster = CliCluster(workers=1, env={"ON_CLUSTER": "1"})
     try:
         cluster.start_scheduler()
         cluster.start_workers()
         await cluster.wait_ready()
-        with pytest.raises(InitializerFailed, match="model.bin"):
+        with pytest.raises(InitializerFailed, match="on a Dask worker"):
             async with ResilientPool(max_workers=1, dask_address=cluster.address,
-                                     initializer=tasks.fail_on_cluster):
+                                     initializer=initializer):
                 pass
     finally:
         cluster.stop()

@@ -205,8 +205,8 @@ async def _refused(address: str) -> bool:
     return False
 
 
-async def register_initializer(client: Any, config: PoolConfig, name: str,
-                               space: str) -> None:
+async def register_initializer(client: Any, config: PoolConfig, name: str, space: str,
+                               scheduler_id: str | None) -> None:
     """Run the config's initializer on every worker (and each that joins), as a
     worker plugin. InitializerFailed if it raised or hung there; RungUnavailable if
     the scheduler went away meanwhile (not the initializer's fault: that would keep
@@ -223,13 +223,11 @@ async def register_initializer(client: Any, config: PoolConfig, name: str,
     except RungUnavailable:
         raise
     except Exception as exc:
-        # Whatever it raised (an OSError of its own too), it is the initializer's
-        # fault only if the client's own connection held and the scheduler still
-        # answers (one restarted at once answers: the broken connection says it).
-        from distributed.comm.core import CommClosedError
-
-        if isinstance(exc, CommClosedError) or getattr(client, "status", "running") != (
-                "running") or not await answers(client, config.dask_connect_timeout):
+        # Whatever it raised (an OSError or a CommClosedError of its own too), it is
+        # the initializer's fault only if the client's connection held and the same
+        # scheduler still answers (one restarted at once answers, as another).
+        if getattr(client, "status", "running") != "running" or not await answers(
+                client, config.dask_connect_timeout, scheduler_id):
             raise RungUnavailable(f"the Dask scheduler was lost while the initializer "
                                   f"was registered: {exc!r}") from exc
         elapsed = asyncio.get_running_loop().time() - started
@@ -264,13 +262,14 @@ async def _while_answering(work: Coroutine[Any, Any, Any], client: Any,
             task.cancel()
 
 
-async def answers(client: Any, timeout: float) -> bool:
-    """Whether the scheduler answers within ``timeout``."""
+async def answers(client: Any, timeout: float, scheduler_id: str | None = None) -> bool:
+    """Whether the scheduler answers within ``timeout`` (and is still the one called
+    ``scheduler_id``, if given: not one restarted meanwhile)."""
     try:
-        await asyncio.wait_for(client.scheduler.identity(), timeout)
+        identity = await asyncio.wait_for(client.scheduler.identity(), timeout)
     except Exception:
         return False
-    return True
+    return scheduler_id is None or identity.get("id") in (None, scheduler_id)
 
 
 class ScatterFailed(Exception):

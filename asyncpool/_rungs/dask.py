@@ -126,13 +126,11 @@ class DaskRung(Rung):
             await in_step(rung.client, rung._scheduler_id, timeout)
             if rung._initializer is not None:
                 await register_initializer(rung.client, config, rung._initializer,
-                                           rung.space)
+                                           rung.space, rung._scheduler_id)
         except BaseException as exc:
-            if isinstance(exc, InitializerFailed):
-                # Its workers may be stuck in it: taking it off them waits (up to 5 s)
-                # beyond the start_timeout the caller chose.
-                close_later(functools.partial(rung.aclose, True))
-                raise
+            # Awaited, also after an initializer that hung: its plugin must leave the
+            # cluster (workers joining later ran it), which waits for the workers (up
+            # to 5 s past start_timeout).
             await rung.aclose(kill=True)
             if isinstance(exc, OSError | TimeoutError):
                 raise RungUnavailable(f"the Dask cluster has no worker (waited {timeout} s)"
