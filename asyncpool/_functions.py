@@ -19,6 +19,7 @@ from typing import Any
 from ._sizing import Timing
 from ._wire import wrap_big
 from ._errors import SerializationError
+from ._retry import is_transient
 from ._share import dumps_for_workers
 
 #: Functions (and their timings) remembered per pool; the oldest go first.
@@ -93,6 +94,8 @@ class FunctionBook:
                                fn)
             blob = dumps_for_workers(fn)
         except Exception as exc:
+            if is_transient(exc):  # the machine's shortage (no descriptor to import
+                raise  # cloudpickle with): not the function's fault
             raise SerializationError(
                 f"the function {fn!r} cannot be pickled for the worker processes ({exc!r}); "
                 "define it at module level, or pass it through functools.partial"

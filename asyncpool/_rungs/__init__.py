@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from .base import ChunkUnpicklable, Listener, Rung, RungState
+from .inline import InlineRung
+from .thread import ThreadRung
 
 if TYPE_CHECKING:
     from .._config import PoolConfig
@@ -21,8 +23,10 @@ __all__ = ("CLUSTER", "FACTORIES", "ONE_ATTEMPT", "OUT_OF_PROCESS", "STAND_IN",
 Factory = Callable[["PoolConfig", Listener, "Loop"], Awaitable[Rung]]
 
 
-# Each rung's module is imported when first asked for: the dask rung needs the
-# optional `distributed` package, and most pools use only the process rung.
+# The rungs that run here are imported with the registry: they are what serves when
+# the machine is short of something, and importing needs a file descriptor (with none
+# left, the pool fell through them to PoolUnavailable). The process and dask rungs'
+# modules are imported when first asked for (dask needs the optional `distributed`).
 async def _process(config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
     from .process import ProcessRung
 
@@ -30,14 +34,10 @@ async def _process(config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
 
 
 async def _thread(config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
-    from .thread import ThreadRung
-
     return await ThreadRung.create(config, listener, loop)
 
 
 async def _inline(config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
-    from .inline import InlineRung
-
     return await InlineRung.create(config, listener, loop)
 
 
