@@ -886,7 +886,7 @@ async def test_chunks_sized_on_a_cost_far_too_low_are_taken_back(
             assert await pool.run(tasks.nap, 0.0) == 0.0
             ran_meanwhile = pool.statistics().tasks_completed - before_request
             tg.cancel_scope.cancel()
-    assert ran_meanwhile < 20, ran_meanwhile
+    assert ran_meanwhile < 40, ran_meanwhile  # 4 to 15 here; 71 to 141 before
 
 
 @pytest.mark.parametrize("where", ["first", "every 50,000"])
