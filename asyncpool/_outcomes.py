@@ -29,7 +29,7 @@ from ._errors import (FunctionUnavailable, PoolClosed, SerializationError, Worke
                       exit_described, is_pool_made, pool_made)
 from ._events import Counters, Emitter
 from ._execute import SKIPPED
-from ._rebalance import resend_parts
+from ._rebalance import in_order, resend_parts
 from ._sizing import Timing, blend
 
 logger = logging.getLogger("asyncpool")
@@ -266,13 +266,7 @@ class Outcomes:
         if why is Resend.SUSPECT:
             self.again.append(again)  # the suspect goes last, alone
         elif why is Resend.MOVED:
-            # Before what came after it: taken back together, a running chunk's rest
-            # and the chunks queued behind it were sent again in the reverse order,
-            # and the first of many small maps finished last.
-            age = _age(again)
-            at = next((i for i, other in enumerate(self.again) if _age(other) > age),
-                      len(self.again))
-            self.again.insert(at, again)
+            in_order(self.again, again)
         else:
             self.again.appendleft(again)
 
@@ -405,12 +399,6 @@ class Outcomes:
         while any(c not in self.orphans() for c in self.in_flight):
             self._drained = anyio.Event()
             await self._drained.wait()
-
-
-def _age(chunk: Chunk) -> tuple[int, int]:
-    """Which items came first: those of the earlier call, then the earlier items."""
-    first = chunk.pieces[0]
-    return first.call.id, first.start
 
 
 def _let_go(chunk: Chunk, calls: set[Call]) -> None:

@@ -14,7 +14,7 @@ chunks sized on what is now known. A chunk size the caller chose is kept as it i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableSequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -87,3 +87,14 @@ def resend_parts(chunk: Chunk, first: int, config: PoolConfig) -> int:
     rest = chunk.size - first
     return max(1, min(rest, 2 * config.max_workers,
                       math.ceil(rest * per_item / config.target_chunk_seconds)))
+
+
+def in_order(again: MutableSequence[Chunk], chunk: Chunk) -> None:
+    """Queue ``chunk``, taken back, to go again before what came after it: taken back
+    together, a running chunk's rest and the chunks queued behind it went in the
+    reverse order, and the first of sixteen small maps finished third."""
+    def age(c: Chunk) -> tuple[int, int]:  # the earlier call's items, then earlier ones
+        return c.pieces[0].call.id, c.pieces[0].start
+
+    at = next((i for i, other in enumerate(again) if age(other) > age(chunk)), len(again))
+    again.insert(at, chunk)
