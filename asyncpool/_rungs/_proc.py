@@ -353,7 +353,7 @@ class Proc:
         worker hands back the chunks it has not started and cuts the running one short
         after its item (a chunk or an item it starts meanwhile simply runs here), and
         the rest goes to another worker."""
-        if self.has_waiting() and self.heard < stuck:
+        if self.state is ProcState.READY and self.has_waiting() and self.heard < stuck:
             self.withdraw(self.chunks)
 
     def withdraw(self, chunks: Iterable[Chunk]) -> None:
