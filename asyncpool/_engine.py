@@ -42,6 +42,7 @@ from ._events import Counters, Emitter
 from ._ladder import Ladder
 from ._loop import Loop
 from ._outcomes import Outcomes
+from ._rebalance import fixed_size
 from ._rungs import ChunkUnpicklable, Rung
 from ._sizing import TARGET_CHUNK_BYTES, Timing, guided_cap, rough_size
 
@@ -263,7 +264,7 @@ class Engine:
             if self._over_window(call):
                 self.stalled.add(call)
                 continue
-            fixed = self._fixed(call)
+            fixed = fixed_size(call, self.config)
             # A call with its own chunk size, or with Dask options for its tasks, gets
             # chunks of its own.
             alone = fixed is not None or bool(call.options.dask)
@@ -368,12 +369,8 @@ class Engine:
         per_chunk = self._per_chunk(call)
         return min(self.window_items(call), max(per_chunk // 4, min(per_chunk, 256)))
 
-    def _fixed(self, call: Call) -> int | None:
-        """The call's chunk size, if it (or the pool) set one."""
-        return call.options.chunk_size or self.config.chunk_size
-
     def _per_chunk(self, call: Call) -> int:
-        fixed = self._fixed(call)
+        fixed = fixed_size(call, self.config)
         if fixed:
             return fixed  # the caller's own (items of 20 ms went 24 to a chunk, not 100)
         per_chunk = self.config.max_chunk_size

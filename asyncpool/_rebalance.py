@@ -18,7 +18,7 @@ from collections.abc import Iterable, MutableSequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._call import Chunk
+    from ._call import Call, Chunk
     from ._config import PoolConfig
 
 #: A chunk whose items left are seen to cost this many target chunks is taken back.
@@ -50,9 +50,14 @@ class Pace:
         return self.slow >= 2
 
 
+def fixed_size(call: Call, config: PoolConfig) -> int | None:
+    """The chunk size the caller chose for ``call`` (its own, or the pool's), if any."""
+    return call.options.chunk_size or config.chunk_size
+
+
 def chosen(chunk: Chunk, config: PoolConfig) -> bool:
-    """Whether the caller chose the size of ``chunk`` (the pool's, or a call's own)."""
-    return bool(config.chunk_size or any(p.call.options.chunk_size for p in chunk.pieces))
+    """Whether the caller chose the size of ``chunk``."""
+    return any(fixed_size(p.call, config) for p in chunk.pieces)
 
 
 def overlong(running: Chunk, ran: float, behind: Iterable[Chunk],
