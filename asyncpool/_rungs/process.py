@@ -389,7 +389,7 @@ class ProcessRung(Rung, Events):
 
     def _serving(self) -> bool:
         """Whether a worker takes or runs chunks (one replaced early too)."""
-        return any(p.state is ProcState.READY and not p.killed for p in self.procs)
+        return self.workers > 0
 
     def _broke(self, error: BaseException, cause: BaseException | None) -> None:
         error.__cause__ = cause
