@@ -123,7 +123,10 @@ class Ladder:
                 self._init_failure = None
                 if crashed and self.index > was:
                     ladder = self.config.ladder
-                    self._fell(ladder[was], "stopped serving", ladder[self.index])
+                    why = "stopped serving"
+                    if rung is not None and rung.failure is not None:
+                        why += f" ({rung.failure})"
+                    self._fell(ladder[was], why, ladder[self.index])
         except Exception as error:
             # Nothing can serve: every waiting call learns why.
             if isinstance(error, InitializerFailed) and (

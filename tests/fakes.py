@@ -61,10 +61,10 @@ class FakeRung(Rung):
         self.held: list[Any] = []
         self.cancelled: set[int] = set()
 
-    def crash(self) -> None:
+    def crash(self, error: BaseException | None = None) -> None:
         """It stops serving, as a lost cluster or a rung with no worker left does (the
         test tells the listener when it likes)."""
-        self._out_of_service()
+        self._out_of_service(error)
 
     def offer(self) -> int | None:
         ok = self.state is RungState.SERVING and self.in_flight < self.script.capacity
@@ -130,7 +130,7 @@ class FakeRung(Rung):
         self.listener.chunk_done(chunk, position, 0.0001 * position)
 
     async def aclose(self, kill: bool) -> None:
-        self._state = RungState.CLOSED
+        self._move(RungState.CLOSED)
         for chunk in self.held:
             self._release()
             self.listener.chunk_lost(chunk)

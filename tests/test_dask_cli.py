@@ -93,8 +93,11 @@ async def test_a_cluster_that_stops_serving_mid_map_is_left_for_local_workers(
         fault: str, cluster: CliCluster) -> None:
     # Neither closes the client's connection: the map waited for good on a scheduler
     # stopped with SIGSTOP, and on one left without workers.
-    async with ResilientPool(max_workers=2, dask_address=cluster.address,
-                             dask_connect_timeout=2.0, promote_after=60) as pool:
+    falls: list[str] = []
+    async with ResilientPool(
+            max_workers=2, dask_address=cluster.address, dask_connect_timeout=2.0,
+            promote_after=60, on_event=lambda event: falls.append(event.message)
+            if event.kind == "fallback" else None) as pool:
         assert pool.backend == "dask"
         results: list[object] = []
 
@@ -117,6 +120,8 @@ async def test_a_cluster_that_stops_serving_mid_map_is_left_for_local_workers(
                 assert time.monotonic() - lost < 2.0 + 5 + 4
             assert results == [0.01] * 400
             assert pool.statistics().fallbacks == 1
+            # The fallback says why the cluster stopped serving.
+            assert "stopped serving (the Dask " in falls[0], falls
         finally:
             if fault == "scheduler stops answering":
                 cluster.pause_scheduler(False)

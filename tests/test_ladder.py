@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from asyncpool import InitializerFailed, PoolEvent, PoolUnavailable, ResilientPool
+from asyncpool._rungs.base import RungState
 
 from . import tasks
 from .fakes import Script, fake_rungs
@@ -135,6 +136,29 @@ async def test_a_rung_that_stops_serving_is_replaced(monkeypatch: pytest.MonkeyP
                 rung.kill(list(rung.held))
                 rung.listener.rung_changed()
             assert outcome == [[i * i for i in range(100)]]
+
+
+async def test_a_rungs_life_only_goes_forward(monkeypatch: pytest.MonkeyPatch,
+                                             anyio_backend: str) -> None:
+    # A rung that crashed says why in the fallback; a closed one stays closed (a late
+    # fault once made a closed rung "crashed" again).
+    process = Script()
+    events: list[PoolEvent] = []
+    with fake_rungs(monkeypatch, process=process):
+        async with ResilientPool(max_workers=2, rungs=("process", "inline"),
+                                 on_event=events.append, **FAST) as pool:
+            await pool.run(tasks.square, 3)
+            first = process.rungs[0]
+            first.crash(RuntimeError("the cluster went away"))
+            first.listener.rung_changed()
+            assert await pool.run(tasks.square, 4) == 16
+            falls = [e.message for e in events if e.kind == "fallback"]
+            assert falls == ["the process rung stopped serving (the cluster went away); "
+                             "falling back to the inline rung"], falls
+            await wait_until(lambda: first.state is RungState.CLOSED)
+            first.crash(RuntimeError("too late"))
+            assert first.state is RungState.CLOSED
+            assert str(first.failure) == "the cluster went away"
 
 
 async def test_no_thread_at_all_still_serves_on_processes(thread_starts: ThreadStarts,

@@ -30,6 +30,16 @@ class RungState(enum.Enum):
     CLOSED = "closed"
 
 
+#: The moves a rung's life allows; any other is ignored (a rung closed, or crashed,
+#: stays so).
+MOVES = {
+    RungState.SERVING: {RungState.DRAINING, RungState.CRASHED, RungState.CLOSED},
+    RungState.DRAINING: {RungState.CRASHED, RungState.CLOSED},
+    RungState.CRASHED: {RungState.CLOSED},
+    RungState.CLOSED: set(),
+}
+
+
 class Listener(Protocol):
     """Where a rung reports what happened to each chunk (the engine)."""
 
@@ -106,12 +116,18 @@ class Rung:
         """Chunks submitted and not yet finally reported."""
         return self._in_flight
 
+    def _move(self, state: RungState) -> bool:
+        """Go to ``state`` if its life allows it (see :data:`MOVES`)."""
+        if state not in MOVES[self._state]:
+            return False
+        self._state = state
+        return True
+
     def _out_of_service(self, error: BaseException | None = None) -> None:
         """It can run nothing more (``error`` says why, if known); the caller tells the
         listener once what it held has been handed on."""
-        if error is not None:
+        if self._move(RungState.CRASHED) and error is not None:
             self.failure = error
-        self._state = RungState.CRASHED
 
     def offer(self) -> int | None:
         """0 if no chunk can go now; else the most items the next chunk may hold
@@ -138,7 +154,7 @@ class Rung:
     def retire(self) -> None:
         """Take no new chunks; close once the held ones are reported."""
         if self._state is RungState.SERVING:
-            self._state = RungState.DRAINING
+            self._move(RungState.DRAINING)
 
     @property
     def workers(self) -> int:

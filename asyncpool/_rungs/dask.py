@@ -394,7 +394,7 @@ class DaskRung(Rung):
             return
         self.listener.rung_warning(f"the Dask cluster stops serving ({error}); serving "
                                    "locally until it answers again", rung=self.name)
-        self._out_of_service()
+        self._out_of_service(error)
         for relay in list(self._relays.values()):
             relay.cancel()
         self.listener.rung_changed()
@@ -428,7 +428,7 @@ class DaskRung(Rung):
                 functools.partial(close_later, functools.partial(self.aclose, True)))
 
     async def aclose(self, kill: bool) -> None:
-        self._state = RungState.CLOSED
+        self._move(RungState.CLOSED)
         self._stopped.close()
         if self._sizer is not None:
             self._sizer.cancel()

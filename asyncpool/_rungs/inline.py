@@ -131,7 +131,7 @@ class InlineRung(Rung):
             await anyio.sleep(next(delays))
 
     async def aclose(self, kill: bool) -> None:
-        self._state = RungState.CLOSED
+        self._move(RungState.CLOSED)
         if self._running is not None:
             if kill:
                 self._running.cancel()

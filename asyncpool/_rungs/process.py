@@ -408,7 +408,7 @@ class ProcessRung(Rung, Events):
             self.loop.call_soon_threadsafe(self._supervisor.cancel)
 
     async def aclose(self, kill: bool) -> None:
-        self._state = RungState.CLOSED
+        self._move(RungState.CLOSED)
         if self._supervisor is not None:
             self._supervisor.cancel()
         parking = self.config.max_workers  # (not a worker that leaves when replaced)

@@ -252,7 +252,7 @@ class ThreadRung(Rung):
     async def aclose(self, kill: bool) -> None:
         # Threads cannot be killed; they finish what they run and exit (they are
         # daemons, so a stuck task does not hold the interpreter at exit).
-        self._state = RungState.CLOSED
+        self._move(RungState.CLOSED)
         for _ in list(self.threads):
             self._queue.put(None)
         if not kill:  # each finishes its chunk, then says it left
