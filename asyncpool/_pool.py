@@ -20,7 +20,7 @@ from ._events import Counters, Emitter, EventHook, PoolStatistics
 from ._functions import FunctionBook, Shipped, check_function
 from ._loop import Loop, current_loop
 from ._options import PER_CALL, CallKwargs, CallOptions
-from ._rungs import CLUSTER, OUT_OF_PROCESS
+from ._rungs import CLUSTER, OUT_OF_PROCESS, close_parked_workers
 from ._source import RateLimit, Source
 
 logger = logging.getLogger("asyncpool")
@@ -174,9 +174,7 @@ class ResilientPool:
             stopped = await ResilientPool.close_idle_workers()
             ```
         """
-        from ._rungs._parking import close_parked
-
-        return close_parked()
+        return close_parked_workers()
 
     @property
     def backend(self) -> str | None:

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._loop import current_loop
+
 #: Longest stretch (s) a thread pulls one batch: a slow input streams item by item.
 BATCH_SECONDS = 0.01
 #: Idle input threads kept for the next input, and for how long (seconds).
@@ -159,8 +161,6 @@ class Puller:
         ``sink`` on the loop as soon as it is pulled, and what came before an item
         that stalls within :data:`BATCH_SECONDS` (a burst, then a wait: the rest of a
         big slice waited with it)."""
-        from ._loop import current_loop
-
         loop = current_loop()
         done = loop.event()
         outcome: list[Batch] = []

@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import anyio
 
+from ._loop import current_loop
 from ._puller import Batch, Outbox, Puller, pull_batch
 from ._retry import is_transient
 from ._sizing import rough_size
@@ -48,8 +49,6 @@ class RateLimit:
         from the others (each used to book its start ahead, and 20 calls that timed
         out pushed the next one's 10 s away)."""
         if self._turn is None:
-            from ._loop import current_loop
-
             self._turn = current_loop().lock()
         async with self._turn:
             now = anyio.current_time()

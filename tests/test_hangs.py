@@ -133,12 +133,12 @@ async def test_what_an_input_gave_before_it_stalls_goes_out_at_once(
             i * i for i in range(1000)]
 
 
+@pytest.mark.asyncio_only(reason="on trio a cancelled task's cleanup is cancelled too: "
+                                  "trio's way")
 async def test_an_async_inputs_cleanup_may_await_after_the_deadline(
         anyio_backend: str) -> None:
     # Its `finally` (closing a cursor, say) got CancelledError at its first await:
     # the feeder was cancelled as trio cancels, for good, where asyncio cancels once.
-    if anyio_backend != "asyncio":
-        pytest.skip("on trio a cancelled task's cleanup is cancelled too: trio's way")
     cleaned: list[str] = []
 
     async def items() -> AsyncIterator[int]:

@@ -1009,12 +1009,13 @@ def test_a_worker_says_it_handed_chunks_back_before_it_reads_another() -> None:
         assert got is not None and got[0] == _wire.WITHDRAWN and _wire.loads(got[1]) == [1]
 
 
-def test_a_functions_scatter_failures_are_counted_apart_from_others() -> None:
+@pytest.mark.anyio
+@pytest.mark.asyncio_only(reason="the Dask rung's client helpers run on asyncio only")
+async def test_a_functions_scatter_failures_are_counted_apart_from_others(
+        anyio_backend: str) -> None:
     # The Dask rung gives a function's chunks up after its third failed scatter in a
     # row. One count for every function was reset by another's success: a function
     # whose scatter always failed was resent for as long as other calls ran.
-    import asyncio
-
     from asyncpool._rungs._dask_client import Scattered, ScatterFailed
 
     class Client:
@@ -1023,15 +1024,12 @@ def test_a_functions_scatter_failures_are_counted_apart_from_others() -> None:
                 raise OSError("the worker died as it was sent")
             return SimpleNamespace(release=lambda: None)
 
-    async def main() -> list[int]:
-        scattered = Scattered(Client(), 5.0)
-        good, bad = SimpleNamespace(id=1, blob=b"good"), SimpleNamespace(id=2, blob=b"bad")
-        tries = []
-        for _ in range(3):
-            await scattered.get(good)
-            with pytest.raises(ScatterFailed) as failed:
-                await scattered.get(bad)
-            tries.append(failed.value.tries)
-        return tries
-
-    assert asyncio.run(main()) == [1, 2, 3]
+    scattered = Scattered(Client(), 5.0)
+    good, bad = SimpleNamespace(id=1, blob=b"good"), SimpleNamespace(id=2, blob=b"bad")
+    tries = []
+    for _ in range(3):
+        await scattered.get(good)
+        with pytest.raises(ScatterFailed) as failed:
+            await scattered.get(bad)
+        tries.append(failed.value.tries)
+    assert tries == [1, 2, 3]

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from .._loop import Loop
 
 __all__ = ("CLUSTER", "FACTORIES", "ONE_ATTEMPT", "OUT_OF_PROCESS", "STAND_IN",
-           "ChunkUnpicklable", "Listener", "Rung", "RungState", "create_rung")
+           "ChunkUnpicklable", "Listener", "Rung", "RungState", "close_parked_workers",
+           "create_rung")
 
 Factory = Callable[["PoolConfig", Listener, "Loop"], Awaitable[Rung]]
 
@@ -64,3 +65,10 @@ STAND_IN = {"process": "thread"}
 async def create_rung(name: str, config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
     """Start the rung called ``name``; raises what kept it from starting."""
     return await FACTORIES[name](config, listener, loop)
+
+
+def close_parked_workers() -> int:
+    """Stop the process workers parked by ``reuse_workers`` pools; how many stopped."""
+    from ._parking import close_parked
+
+    return close_parked()
