@@ -9,7 +9,7 @@ import sys
 from typing import Any, NoReturn
 
 EPILOG = """exit codes: 0 every line done, 1 some lines failed (their errors are in the
-output), 2 a usage, input or output error (a line that is not JSON is that line's error),
+output; a line that is not JSON is one of them), 2 a usage, input or output error,
 130 interrupted (Ctrl-C) and 143 terminated (SIGTERM): run again with --resume,
 141 the reader of standard output went away."""
 
@@ -82,7 +82,8 @@ def _common(defaults: bool) -> _Parser:
         return default if defaults else argparse.SUPPRESS
 
     common.add_argument("-v", "--verbose", action="store_true", default=unset(False),
-                        help="log the pool's events (falls back, crashes, retries)")
+                        help="log the pool's INFO events too (climbing back, failed "
+                             "starts, retries); warnings show without it")
     common.add_argument("--workers", type=_number(1, MAX_WORKERS, "a number of workers"),
                         default=unset(None),
                         help="worker processes (default: the usable cores)")
@@ -104,7 +105,8 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], epilog=EPILOG,
                           help="count primes on built-in data; show rung and statistics")
     demo.add_argument("--limit", type=_number(1, 10**9, "a limit for the demo"),
-                      default=2_000_000, help="count primes below this")
+                      default=2_000_000,
+                      help="count primes below this (default: %(default)s)")
     mapper = sub.add_parser("map", parents=[common], epilog=EPILOG,
                             help="run MODULE:FUNCTION over each line of a JSONL file")
     mapper.add_argument("function", help="MODULE:FUNCTION (or MODULE:Class.method, a "
