@@ -13,6 +13,7 @@ import math
 import time
 from typing import TYPE_CHECKING
 
+from .._errors import InitializerFailed
 from .._retry import RungUnavailable, backoff_delays
 from ._death import ProcState, initializer_failure
 
@@ -75,7 +76,7 @@ class Starts:
                                              self.config.initializer) or proc.init_error
             elif proc.state is ProcState.STARTING and time.monotonic() >= deadline:
                 proc.kill()
-                failed = RungUnavailable("a new worker did not start in time")
+                failed = self._late()
             elif proc.state is ProcState.STARTING:
                 continue
             else:  # it started: what failed before is behind us
@@ -86,6 +87,14 @@ class Starts:
                 if forked_in == self._round:
                     self.failed()
         return error
+
+    def _late(self) -> BaseException:
+        """A worker past its start deadline: workers start in milliseconds, so with an
+        initializer it is what hangs (as when the pool opened)."""
+        initializer = self.config.initializer
+        if initializer is not None:
+            return InitializerFailed.timed_out(initializer, self.config.start_timeout)
+        return RungUnavailable("a new worker did not start in time")
 
     def failed(self) -> None:
         """A try failed (a fork, or a round's start): back off before the next."""
