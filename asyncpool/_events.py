@@ -146,7 +146,8 @@ class PoolStatistics:
     chunks_submitted: int = 0
     """Chunks sent to rungs."""
     worker_crashes: int = 0
-    """Workers that died running items."""
+    """Workers that died unasked: running items, or between them (killed from
+    outside, by the OOM killer say)."""
     workers_recycled: int = 0
     """Workers replaced after max_tasks_per_worker or max_worker_memory."""
     resubmitted_chunks: int = 0

@@ -87,29 +87,31 @@ async def test_replacements_whose_initializer_fails_end_the_call(
                 await pool.map(tasks.square, range(40), chunk_size=1)
 
 
+@pytest.mark.parametrize("hang", [False, True], ids=["raises", "hangs"])
 async def test_an_initializer_failing_in_replacements_never_runs_in_this_process(
-        tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
+        hang: bool, tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
     # The process rung gave up and the ladder stepped down to threads, which ran the
     # initializer here: one that crashed its workers (a segfault) killed the service.
+    # One that hung in replacements was taken for workers slow to start, and ran here.
+    why = "did not return within" if hang else "a replacement's initializer"
     with anyio.fail_after(60):
         async with ResilientPool(max_workers=2, max_tasks_per_worker=5,
                                  initializer=tasks.start_then_fail,
-                                 initargs=(str(tmp_path), 2, False),
+                                 initargs=(str(tmp_path), 2, hang), start_timeout=1.0,
                                  creation_attempts=1, promote_after=30) as pool:
-            with pytest.raises(InitializerFailed, match="a replacement's initializer"):
+            with pytest.raises(InitializerFailed, match=why):
                 await pool.map(tasks.square, range(40), chunk_size=1)
             # Until the rung may be tried again, calls fail at once with its error, each
             # its own: one object raised to every caller grew a traceback of all their
             # frames (7,000 lines after 500 calls), holding their locals.
             seen = []
             for _ in range(50):
-                with pytest.raises(InitializerFailed, match="a replacement's initializer"
-                                   ) as info:
+                with pytest.raises(InitializerFailed, match=why) as info:
                     await pool.run(tasks.square, 3)
                 seen.append(info.value)
                 assert len(traceback.extract_tb(info.value.__traceback__)) < 20
             assert len({id(error) for error in seen}) == 50
-            assert isinstance(seen[-1].__cause__, LookupError)
+            assert isinstance(seen[-1].__cause__, None.__class__ if hang else LookupError)
             assert not (tmp_path / str(os.getpid())).exists()
             assert pool.statistics().fallbacks == 0 and pool.backend is None
 
@@ -571,13 +573,21 @@ async def test_calls_packed_behind_a_long_item_go_to_an_idle_worker(
 
 
 async def test_a_worker_killed_from_outside_is_replaced(anyio_backend: str) -> None:
-    async with ResilientPool(max_workers=2) as pool:
+    # Killed while idle (the OOM killer), it went unreported: a service watching
+    # worker_crashes never saw it.
+    events: list[PoolEvent] = []
+    async with ResilientPool(max_workers=2, on_event=events.append) as pool:
         pids = set(await pool.map(tasks.pid_of, range(20), chunk_size=1))
         victim = next(iter(pids))
         os.kill(victim, 9)  # idle between chunks: nothing of ours is lost or blamed
+        await wait_until(lambda: pool.statistics().worker_crashes == 1)
         fresh = set(await pool.map(tasks.nap_then_pid, [0.05] * 20, chunk_size=1))
         assert len(fresh) == 2 and victim not in fresh
-        assert pool.statistics().worker_crashes == 0
+        assert [e.message for e in events if e.kind == "worker_crash"] == [
+            f"worker {victim} died between items (exit code -9, SIGKILL); "
+            "replacing it"]
+        stats = pool.statistics()
+        assert stats.worker_crashes == 1 and stats.tasks_failed == 0
         await idle(pool)
 
 

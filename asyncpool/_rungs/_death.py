@@ -24,13 +24,15 @@ class ProcState(enum.Enum):
 class Death:
     """How a worker died: its chunks (the running one first), whether it crashed on
     the first of them (not killed, not retiring, not idle), the item it was running or
-    the function it was loading, and its exit code."""
+    the function it was loading, its exit code, and whether nobody asked it to leave
+    (a crash, or killed from outside while idle: the OOM killer)."""
 
-    __slots__ = ("chunks", "exitcode", "crashed", "culprit", "loading")
+    __slots__ = ("chunks", "exitcode", "crashed", "unasked", "culprit", "loading")
 
     def __init__(self, chunks: list[Chunk], exitcode: int | None) -> None:
         self.chunks, self.exitcode = chunks, exitcode
         self.crashed = False
+        self.unasked = False
         self.culprit: int | None = None
         self.loading = 0
 

@@ -82,6 +82,8 @@ class Proc:
         self.doomed: set[int] = set()
         self.doomed_since = 0.0
         self.killed = False
+        #: Asked to leave (closed, retired): an exit is no surprise.
+        self.asked_to_leave = False
         self.init_error: BaseException | None = None
         #: Its memory (bytes) once initialised, when there is a ceiling.
         self.ready_rss = 0
@@ -304,6 +306,7 @@ class Proc:
             # (Past the end of a chunk cut short: between its last item and its end.)
             death.culprit = position if 0 <= position < chunks[0].size else None
             death.loading = loading
+        death.unasked = not (self.killed or retiring or was_starting or self.asked_to_leave)
         if was_starting:
             if self.init_error is None:
                 self.init_error = RungUnavailable(
@@ -423,6 +426,7 @@ class Proc:
 
     def close(self) -> None:
         """Ask the worker to leave (it reads end-of-file), keeping the status watch."""
+        self.asked_to_leave = True
         if self.state is ProcState.DEAD:
             return
         self._stop_reading()

@@ -22,7 +22,7 @@ import anyio
 
 from .. import _wire
 from .._call import Resend
-from .._errors import InitializerFailed
+from .._errors import InitializerFailed, exit_described
 from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
 from .._loop import preload_backend
@@ -308,6 +308,10 @@ class ProcessRung(Rung, Events):
                 f"worker {proc.pid} died (exit code {death.exitcode}) while running a "
                 "chunk; resending what had not come back", pid=proc.pid,
                 exitcode=death.exitcode)
+        elif death.unasked and self.state is RungState.SERVING:
+            self.listener.worker_crashed(
+                f"worker {proc.pid} died between items ({exit_described(death.exitcode)}); "
+                "replacing it", pid=proc.pid, exitcode=death.exitcode)
         for index, chunk in enumerate(death.chunks):
             if death.crashed and index == 0:
                 self.listener.chunk_crashed(chunk, death.culprit, death.exitcode,
