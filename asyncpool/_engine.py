@@ -358,14 +358,16 @@ class Engine:
         """How many more items ``call`` may take from its input now.
 
         A call holds at most enough items for every slot to be busy four times over (and at
-        most :data:`WINDOW_BYTES` of them) between its input and its caller: taken and
-        running, or finished and not yet handed over by ``imap``.
+        most :data:`WINDOW_BYTES` of them, by their arguments' or their results' bytes)
+        between its input and its caller: taken and running, or finished and not yet
+        handed over by ``imap``.
         """
         serving = self.ladder.serving
         slots = serving.capacity if serving is not None else self.config.in_flight
         items = 4 * slots * self._per_chunk(call)
-        if call.timing.bytes_per_item:
-            items = min(items, max(1, int(WINDOW_BYTES / call.timing.bytes_per_item)))
+        weight = call.timing.weight
+        if weight:
+            items = min(items, max(1, int(WINDOW_BYTES / weight)))
         return items - call.backlog
 
     def read_ahead(self, call: Call) -> int:

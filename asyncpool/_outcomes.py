@@ -82,11 +82,13 @@ class Outcomes:
         self.kick()
 
     def chunk_progress(self, chunk: Chunk, first: int, upto: int, results: list[Any],
-                       errors: dict[int, BaseException]) -> None:
+                       errors: dict[int, BaseException], nbytes: int = 0) -> None:
         chunk.reported = upto
         completed = failed = 0
         for piece, lo, hi, offset in chunk.between(first, upto):
             call = piece.call
+            if nbytes:
+                call.timing.observe_results(hi - lo, nbytes * (hi - lo) // (upto - first))
             if call.state is not CallState.ACTIVE:
                 continue
             at = offset + lo - first

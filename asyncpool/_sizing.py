@@ -44,12 +44,14 @@ class Timing:
     ``target`` seconds of work and :data:`TARGET_CHUNK_BYTES` of pickled data.
     """
 
-    __slots__ = ("per_item", "bytes_per_item", "send_per_item", "send_ramp", "_slow",
-                 "_sends", "ramp", "blind")
+    __slots__ = ("per_item", "bytes_per_item", "result_bytes", "send_per_item",
+                 "send_ramp", "_slow", "_sends", "ramp", "blind")
 
     def __init__(self) -> None:
         self.per_item: float | None = None
         self.bytes_per_item: float | None = None
+        #: Pickled bytes of an item's result, where results come back pickled.
+        self.result_bytes: float | None = None
         #: Seconds the loop spends sending an item, guessed while chunks of them take
         #: 1 ms or more (see observe_send).
         self.send_per_item: float | None = None
@@ -127,13 +129,29 @@ class Timing:
         self.per_item = blend(self.per_item, seconds / items)
 
     def observe_bytes(self, items: int, size: int) -> None:
-        """A chunk of ``items`` pickled to ``size`` bytes (arguments or results)."""
-        if items > 0 and size > 0:
-            per_item = size / items
-            if self.bytes_per_item is None or per_item > self.bytes_per_item:
-                self.bytes_per_item = per_item
-            else:
-                self.bytes_per_item = 0.7 * self.bytes_per_item + 0.3 * per_item
+        """A chunk of ``items`` pickled to ``size`` bytes."""
+        self.bytes_per_item = _heaviest(self.bytes_per_item, items, size)
+
+    def observe_results(self, items: int, size: int) -> None:
+        """The results of ``items`` came back as ``size`` pickled bytes."""
+        self.result_bytes = _heaviest(self.result_bytes, items, size)
+
+    @property
+    def weight(self) -> float:
+        """The bytes an item holds in the parent, going out or coming back (0: not
+        known)."""
+        return max(self.bytes_per_item or 0.0, self.result_bytes or 0.0)
+
+
+def _heaviest(known: float | None, items: int, size: int) -> float | None:
+    """Bytes per item, rising at once and falling slowly (a sample of small items
+    must not hide the big ones)."""
+    if items <= 0 or size <= 0:
+        return known
+    per_item = size / items
+    if known is None or per_item > known:
+        return per_item
+    return 0.7 * known + 0.3 * per_item
 
 
 #: How many values :func:`rough_size` looks at inside one item, at most.

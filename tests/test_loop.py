@@ -80,6 +80,25 @@ async def test_streaming_large_items_keeps_memory_bounded(anyio_backend: str) ->
     assert peak < 150 << 20, f"grew by {peak >> 20} MB"
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_big_results_wait_for_a_slow_consumer_bounded_in_bytes(
+        ordered: bool, anyio_backend: str) -> None:
+    # Small inputs, results of 100 KB: only the arguments' bytes were counted, and
+    # 4,593 results (465 MB) piled up while the consumer paused for 10 s.
+    async with ResilientPool(max_workers=2) as pool:
+        await pool.run(tasks.square, 1)
+        async with pool.imap(tasks.make_bytes, [100_000] * 5_000,
+                             ordered=ordered) as results:
+            async for _ in results:
+                break
+            # Not a wait for something to happen: a pause in which the workers may run
+            # ahead only as far as the window lets them.
+            await anyio.sleep(2.0)
+            ahead = pool.statistics().tasks_completed - 2
+        # 32 MB of results, and what the chunks running as the window closed held.
+        assert ahead < 600, f"{ahead} results of 100 KB waited for the consumer"
+
+
 @pytest.mark.parametrize("rungs", [("process", "thread", "inline"), ("thread", "inline"),
                                    ("inline",)])
 async def test_no_leaks_after_close(rungs: tuple[str, ...], anyio_backend: str,

@@ -45,8 +45,8 @@ class Events:
 
     def proc_ready(self, proc: Proc) -> None: ...
     def proc_results(self, proc: Proc, chunk: Chunk, meta: _wire.ResultMeta,
-                     results: list[Any] | BaseException,
-                     errors: dict[int, BaseException]) -> None: ...
+                     results: list[Any] | BaseException, errors: dict[int, BaseException],
+                     nbytes: int) -> None: ...
     def proc_retiring(self, proc: Proc) -> None: ...
     def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None: ...
     def proc_cut(self, proc: Proc, chunk: Chunk, keep: int) -> None: ...
@@ -266,7 +266,8 @@ class Proc:
         if meta.retiring and self.state is not ProcState.DEAD:
             self.state = ProcState.RETIRING
             self.events.proc_retiring(self)
-        self.events.proc_results(self, chunk, meta, results, errors)
+        self.events.proc_results(self, chunk, meta, results, errors,
+                                 sum(memoryview(part).nbytes for part in parts[1:]))
 
     def _dead(self) -> None:
         if self._buried:

@@ -47,8 +47,9 @@ class Listener(Protocol):
     closing: bool
 
     def chunk_progress(self, chunk: Chunk, first: int, upto: int, results: list[Any],
-                       errors: dict[int, BaseException]) -> None:
-        """Positions [first, upto) of ``chunk`` finished (errors by position)."""
+                       errors: dict[int, BaseException], nbytes: int = 0) -> None:
+        """Positions [first, upto) of ``chunk`` finished (errors by position);
+        ``nbytes``: what their results weighed, pickled (0: not pickled)."""
 
     def chunk_done(self, chunk: Chunk, upto: int, seconds: float | Sequence[float],
                    retried: int = 0) -> None:

@@ -245,8 +245,8 @@ class ProcessRung(Rung, Events):
         self.listener.rung_changed()
 
     def proc_results(self, proc: Proc, chunk: Chunk, meta: _wire.ResultMeta,
-                     results: list[Any] | BaseException,
-                     errors: dict[int, BaseException]) -> None:
+                     results: list[Any] | BaseException, errors: dict[int, BaseException],
+                     nbytes: int) -> None:
         first, upto, done = meta.first, meta.upto, meta.done
         seconds, retried = meta.end
         if meta.unloadable:
@@ -256,7 +256,7 @@ class ProcessRung(Rung, Events):
         if isinstance(results, BaseException):
             self.listener.chunk_undecodable(chunk, first, upto, results)
         elif upto > first:
-            self.listener.chunk_progress(chunk, first, upto, results, errors)
+            self.listener.chunk_progress(chunk, first, upto, results, errors, nbytes)
             now = time.monotonic()
             # Sized on a cost far too low? (see _rebalance)
             over = not done and proc.pace.report(chunk, first, upto, now, self.config)
