@@ -30,14 +30,15 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
     return name, message, text
 
 
-def portable(exc: BaseException) -> BaseException:
-    """``exc`` if it can be rebuilt on the other side; else a :class:`RemoteError`."""
+def portable(exc: BaseException, raiser: str = "the task") -> BaseException:
+    """``exc`` if it can be rebuilt on the other side; else a :class:`RemoteError`
+    (which says ``raiser`` raised a SystemExit or KeyboardInterrupt)."""
     name, message, text = describe(exc)
     if isinstance(exc, (SystemExit, KeyboardInterrupt)) or not isinstance(exc, Exception):
         code = exc.code if isinstance(exc, SystemExit) else None
         said = f"({code!r})" if code is not None else f": {message}" if (
             message and not isinstance(exc, SystemExit)) else ""
-        return RemoteError(f"the task raised {name}{said}", type_name=name,
+        return RemoteError(f"{raiser} raised {name}{said}", type_name=name,
                            traceback=text, exitcode=code)
     try:
         # A class whose __init__ needs more than ``args`` pickles but does not load (or

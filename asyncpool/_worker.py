@@ -299,7 +299,7 @@ def serve(sock: socket.socket, progress: Any) -> int:
             initializer, initargs = loads(settings["initializer"])
             initialize(share_main(initializer), initargs)
         except BaseException as exc:
-            failure = portable(exc)
+            failure = portable(exc, "the initializer")
             try:
                 blob = pickle.dumps(failure, 5)
             except BaseException:

@@ -279,6 +279,15 @@ async def test_the_inline_initializer_fails_the_open_as_the_others_do(
             pass
 
 
+async def test_an_initializer_that_exits_in_a_worker_says_it_did(
+        anyio_backend: str) -> None:
+    # Its SystemExit was told as "the task raised SystemExit(3)".
+    with pytest.raises(InitializerFailed, match=r"the initializer raised SystemExit\(3\)"):
+        async with ResilientPool(max_workers=1, rungs=("process",),
+                                 initializer=tasks.exit_with, initargs=(1,)):
+            pass
+
+
 @pytest.mark.parametrize("rungs", [("thread",), ("inline",)])
 async def test_initializer_on_threads_and_inline(rungs: tuple[str, ...],
                                                  anyio_backend: str) -> None:
