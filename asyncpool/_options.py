@@ -119,7 +119,8 @@ class CallOptions:
                              "'finish' or 'kill'")
         check_integer(self, "chunk_size", low=1, optional=True)
         progress = self.progress
-        if progress not in (None, True, False) and not callable(progress):
+        # `is`, not `in`: 0, 0.0 and 1+0j equal False or True.
+        if progress is not None and type(progress) is not bool and not callable(progress):
             raise TypeError(f"progress={progress!r} is invalid: use True, False, None or "
                             "a callable(done, total)")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):

@@ -503,6 +503,8 @@ def test_both_ways_to_configure_and_a_typo_says_what_was_meant() -> None:
     ({"cancel_running": "stop"}, ValueError, "cancel_running='stop'"),
     ({"kill_on_timeout": "yes"}, TypeError, "kill_on_timeout='yes'"),
     ({"progress": 3}, TypeError, "progress=3"),
+    ({"progress": 0}, TypeError, "progress=0"),
+    ({"progress": 1.0}, TypeError, r"progress=1\.0"),
     ({"timout": 1}, TypeError, "did you mean 'timeout'"),
     ({"max_workers": 2}, TypeError, "a setting of the pool, not of a call"),
     ({"timeout": 10**400}, ValueError, "timeout=1000"),
