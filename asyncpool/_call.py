@@ -285,7 +285,7 @@ class Chunk:
     """
 
     __slots__ = ("pieces", "size", "crashes", "reported", "rung", "seq",
-                 "payload_bytes", "born", "suspect", "blind", "expected")
+                 "payload_bytes", "born", "place", "moved", "suspect", "blind", "expected")
     #: Chunks made so far in this process: each is numbered (``born``) in order.
     made = 0
 
@@ -309,6 +309,11 @@ class Chunk:
         self.expected = 0.0
         Chunk.made += 1
         self.born = Chunk.made
+        #: Where its items stood when they were first sent: (the first chunk they went
+        #: in, their position there). Parts sent again keep it (see in_order).
+        self.place = (self.born, 0)
+        #: Taken back unstarted from a busy worker, it waits to go again.
+        self.moved = False
 
     def between(self, first: int, upto: int) -> Iterator[tuple[Piece, int, int, int]]:
         """(piece, lo, hi, offset): the piece's own items [lo, hi) that lie within

@@ -4,7 +4,8 @@
 to. It owns the set of chunks in flight: a chunk enters it when it is submitted and
 leaves it in :meth:`Outcomes._settle`, called once per chunk, on the rung's final
 report. Items that must run again (after a crash, a lost worker, a worker that
-retired early) wait in :attr:`Outcomes.again`, which the engine sends before new work.
+retired early) wait in :attr:`Outcomes.again` (see :mod:`asyncpool._resends`), which
+the engine sends before new work.
 
 After a crash the rung names the item that was running; the items before it ran but
 their results died with the worker, the items after it never ran, and none of them is
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -29,7 +29,8 @@ from ._errors import (FunctionUnavailable, PoolClosed, SerializationError, Worke
                       exit_described, is_pool_made, pool_made)
 from ._events import Counters, Emitter
 from ._execute import SKIPPED
-from ._rebalance import in_order, resend_parts
+from ._rebalance import resend_parts
+from ._resends import Resends
 from ._sizing import Timing, blend
 
 logger = logging.getLogger("asyncpool")
@@ -59,7 +60,7 @@ class Outcomes:
         #: Chunks submitted and not finally reported.
         self.in_flight: set[Chunk] = set()
         #: Items to send again (a crash, a lost worker) go before new ones.
-        self.again: deque[Chunk] = deque()
+        self.again = Resends()
         #: Set while the pool closes: lost items fail instead of going out again.
         self.closing = False
         self._drained: Any = None
@@ -263,14 +264,15 @@ class Outcomes:
         if why is not Resend.MOVED:  # taken back unstarted from a busy worker: not a rerun
             self.counters.resubmitted_chunks += 1
         again = Chunk(pieces, crashes, suspect or why is Resend.SUSPECT)
+        again.place = (chunk.place[0], chunk.place[1] + first)
         self.emit("resubmit", f"resubmitting {again.size} item(s) ({why.value})",
                   size=again.size, reason=why.value)
         if why is Resend.SUSPECT:
-            self.again.append(again)  # the suspect goes last, alone
+            self.again.last(again)  # alone
         elif why is Resend.MOVED:
-            in_order(self.again, again)
+            self.again.moved(again)
         else:
-            self.again.appendleft(again)
+            self.again.first(again)
 
     def _split(self, chunk: Chunk, why: Resend, parts: int = 2,
                suspect: bool = False, first: int | None = None) -> None:
@@ -341,29 +343,12 @@ class Outcomes:
                 self.counters.tasks_failed += hi - lo
 
     def resend_waits(self) -> bool:
-        """Whether items wait to go out again (those of calls that ended are dropped)."""
-        again = self.again
-        while again and all(p.call.state is not CallState.ACTIVE for p in again[0].pieces):
-            again.popleft()
-        return bool(again)
+        """Whether items wait to go out again."""
+        return self.again.waits()
 
     def next_resend(self, limit: int) -> Chunk | None:
         """The next items to send again, at most ``limit`` of them, if any wait."""
-        again = self.again
-        while again:
-            chunk = again.popleft()
-            pieces = [p for p in chunk.pieces if p.call.state is CallState.ACTIVE]
-            if not pieces:
-                continue
-            size = sum(len(p.items) for p in pieces)
-            if size > limit:
-                # Too big for this worker's remaining tasks: send the head now.
-                head = Chunk(pieces).pieces_between(0, limit)
-                rest = Chunk(pieces).pieces_between(limit, size)
-                again.appendleft(Chunk(rest, chunk.crashes, chunk.suspect))
-                pieces = head
-            return Chunk(pieces, chunk.crashes, chunk.suspect)
-        return None
+        return self.again.next(limit)
 
     def abandoned(self, count: int) -> None:
         """A call ended leaving ``count`` of its items unfinished."""

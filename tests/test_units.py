@@ -1035,3 +1035,58 @@ async def test_a_functions_scatter_failures_are_counted_apart_from_others(
             await scattered.get(bad)
         tries.append(failed.value.tries)
     assert tries == [1, 2, 3]
+
+
+def test_a_cut_charges_the_function_found_slow_and_no_other() -> None:
+    # A cheap function sharing a chunk with a stale-timed one took the blame for the
+    # stale one's slowness: its cost rose 6.5 times.
+    from asyncpool._rebalance import overlong
+
+    config = PoolConfig(max_workers=2, target_chunk_seconds=0.02)
+    cheap, stale = _call(list(range(10)), 0.0001), _call(list(range(20)), 0.0001)
+    chunk = Chunk([Piece(cheap, 0, list(range(10))), Piece(stale, 0, list(range(20)))])
+    chunk.reported = 11  # the cheap items and one stale one came back; the next runs
+    taken = overlong(chunk, 2.0, [], config)
+    assert taken == [chunk]
+    assert cheap.timing.per_item == 0.0001
+    assert stale.timing.per_item is not None and stale.timing.per_item > 0.1
+
+
+def test_taken_back_chunks_go_again_where_their_items_first_stood() -> None:
+    # Taken back together, a running chunk's rest and the chunks behind it went in the
+    # reverse order; ordered by call, a small map's items cut from the head of a chunk
+    # went behind the items of two bigger maps sent after them (it finished 2 s late).
+    from asyncpool._resends import Resends
+
+    big_a, big_b, small = (_call(list(range(100)), 0.01) for _ in range(3))
+    first = Chunk([Piece(small, 0, list(range(50))), Piece(big_a, 64, list(range(35)))])
+    later_a = Chunk([Piece(big_a, 0, list(range(64)))])
+    later_b = Chunk([Piece(big_b, 0, list(range(64)))])
+    rest_of_first = Chunk([Piece(small, 5, list(range(45)))])
+    rest_of_first.place = (first.born, 5)
+    resends = Resends()
+    for chunk in (later_b, later_a, rest_of_first):  # taken back in any order
+        resends.moved(chunk)
+    assert list(resends) == [rest_of_first, later_a, later_b]
+    crashed = Chunk([Piece(big_b, 64, [1])])
+    resends.first(crashed)  # it was running: it goes first
+    sent = [resends.next(100) for _ in range(2)]
+    assert [(c.pieces[0].call, c.pieces[0].start) for c in sent if c] == [(big_b, 64),
+                                                                          (small, 5)]
+
+
+def test_calls_take_turns_among_items_taken_back() -> None:
+    # Items of one big map taken back in many parts went out before any part of the
+    # calls behind them.
+    from asyncpool._resends import Resends
+
+    big, other, third = (_call(list(range(100)), 0.01) for _ in range(3))
+    resends = Resends()
+    for start in range(0, 40, 10):
+        resends.moved(Chunk([Piece(big, start, list(range(10)))]))
+    resends.moved(Chunk([Piece(other, 0, list(range(10)))]))
+    resends.moved(Chunk([Piece(third, 0, list(range(10)))]))
+    order = []
+    while (chunk := resends.next(100)) is not None:
+        order.append((chunk.pieces[0].call, chunk.pieces[0].start))
+    assert order == [(big, 0), (other, 0), (third, 0), (big, 10), (big, 20), (big, 30)]

@@ -908,6 +908,28 @@ async def test_chunks_sized_on_a_cost_far_too_low_are_taken_back(
     assert ran_meanwhile < 40, ran_meanwhile  # 4 to 15 here; 71 to 141 before
 
 
+async def test_a_small_map_taken_back_with_big_ones_keeps_its_turn(
+        anyio_backend: str) -> None:
+    # Three maps of a function timed as cheap: their first chunks, too big, were taken
+    # back. The small map's items, cut from the head of a chunk, went again behind
+    # every item of the two big maps: it finished with them (2 s), not first (0.3 s).
+    done: dict[str, int] = {}
+    async with ResilientPool(max_workers=2) as pool:
+        for _ in range(20):
+            await pool.run(tasks.nap, 0.0)
+
+        async def one(name: str, items: list[float]) -> None:
+            assert await pool.map(tasks.nap, items) == items
+            done[name] = pool.statistics().tasks_completed - 20
+
+        async with anyio.create_task_group() as tg:
+            for name, count, seconds in [("a", 200, 0.01), ("b", 200, 0.01),
+                                         ("c", 50, 0.005)]:
+                tg.start_soon(one, name, [0.0] * 3 + [seconds] * (count - 3))
+    # Taking turns, the 50 small items are done by about the 150th item of all 450.
+    assert done["c"] < 300, done
+
+
 @pytest.mark.parametrize("where", ["first", "every 50,000"])
 async def test_one_slow_item_among_quick_ones_is_no_chunk_sized_too_low(
         where: str, anyio_backend: str) -> None:
