@@ -127,6 +127,26 @@ async def test_a_cluster_that_stops_serving_mid_map_is_left_for_local_workers(
                 cluster.pause_scheduler(False)
 
 
+async def test_closing_after_the_scheduler_stopped_answering_does_not_wait_on_it(
+        cluster: CliCluster) -> None:
+    # With an initializer, the close asked the scheduler that had stopped answering to
+    # forget it, and waited 5 s for no answer.
+    async with ResilientPool(max_workers=1, dask_address=cluster.address,
+                             dask_connect_timeout=2.0, promote_after=60,
+                             initializer=tasks.remember, initargs=("x",)) as pool:
+        assert pool.backend == "dask"
+        cluster.pause_scheduler()
+        try:
+            with anyio.fail_after(30):  # served locally once it is found not answering
+                assert await pool.run(tasks.square, 3) == 9
+            assert pool.backend == "process"
+            closing = time.monotonic()
+            await pool.aclose()
+            assert time.monotonic() - closing < 4.0
+        finally:
+            cluster.pause_scheduler(False)
+
+
 async def test_a_killed_worker_loses_nothing(cluster: CliCluster) -> None:
     async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
         results: list[float] = []

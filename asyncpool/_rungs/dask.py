@@ -428,6 +428,7 @@ class DaskRung(Rung):
                 functools.partial(close_later, functools.partial(self.aclose, True)))
 
     async def aclose(self, kill: bool) -> None:
+        answered = self.state is not RungState.CRASHED
         self._move(RungState.CLOSED)
         self._stopped.close()
         if self._sizer is not None:
@@ -437,9 +438,10 @@ class DaskRung(Rung):
             relay.cancel()
         if relays:
             await asyncio.gather(*relays, return_exceptions=True)
-        if self.config.initializer is not None and self._connected():
+        if self.config.initializer is not None and answered and self._connected():
             # A cluster outlives pools: its workers must not run this one's initializer
-            # as they join, for good.
+            # as they join, for good. (Not asked of a scheduler found to stop
+            # answering: the close waited 5 s more for it.)
             await unregister_quietly(self.client, f"asyncpool-initializer-{self._token}")
         if self.owned:
             await close_quietly(self.client)
