@@ -58,6 +58,8 @@ class ForkServer:
     _lock = threading.Lock()
     _current: ForkServer | None = None
     _hooks = False
+    #: The interpreter is exiting: the fork server and its workers are being stopped.
+    exiting = False
 
     def __init__(self) -> None:
         try:
@@ -164,6 +166,7 @@ class ForkServer:
 
     @classmethod
     def _at_exit(cls) -> None:
+        cls.exiting = True
         server, cls._current = cls._current, None
         if server is not None:
             try:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _wire
 from .._errors import exit_described
-from .._forkserver import Spawned
+from .._forkserver import ForkServer, Spawned
 from .._rebalance import Pace
 from .._remote import decode_error
 from .._retry import RungUnavailable
@@ -307,7 +307,9 @@ class Proc:
             # (Past the end of a chunk cut short: between its last item and its end.)
             death.culprit = position if 0 <= position < chunks[0].size else None
             death.loading = loading
-        death.unasked = not (self.killed or retiring or was_starting or self.asked_to_leave)
+        # Not asked, nor gone with the fork server (killed, or stopped at exit).
+        death.unasked = not (self.killed or retiring or was_starting or self.asked_to_leave
+                             or self._orphaned or ForkServer.exiting)
         if was_starting:
             if self.init_error is None:
                 self.init_error = RungUnavailable(
