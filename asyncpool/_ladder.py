@@ -110,10 +110,13 @@ class Ladder:
                     if crashed and isinstance(rung.failure, InitializerFailed):
                         # Its initializer kills or fails its workers: it is not run on
                         # a lower rung instead (in this process it could take the
-                        # process down). Calls fail with its error until the rung
-                        # starts again.
-                        start = self.index
-                    elif crashed and self.index + 1 < len(self.config.ladder):
+                        # process down), nor at once on this one (an initializer that
+                        # hangs made the calls wait for it twice). Calls fail with its
+                        # error for promote_after, then the rung is tried again.
+                        self._retire(rung)
+                        self.serving = None
+                        raise rung.failure
+                    if crashed and self.index + 1 < len(self.config.ladder):
                         # A rung that crashed (a lost cluster, no worker can be forked)
                         # is not tried again now: the promoter climbs back to it later.
                         start = self.index + 1

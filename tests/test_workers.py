@@ -87,6 +87,20 @@ async def test_replacements_whose_initializer_fails_end_the_call(
                 await pool.map(tasks.square, range(40), chunk_size=1)
 
 
+async def test_replacements_whose_initializer_hangs_are_waited_for_once(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # Each of creation_attempts tries waited start_timeout for it, and the rung was
+    # then started again, waiting once more: with the default 60 s, calls learned of
+    # the hang after 4 minutes, where opening the pool learns of it after one.
+    async with ResilientPool(max_workers=2, rungs=("process",), max_tasks_per_worker=5,
+                             initializer=tasks.start_then_fail,
+                             initargs=(str(tmp_path), 2, True), start_timeout=2.0) as pool:
+        started = time.monotonic()
+        with pytest.raises(InitializerFailed, match="did not return within"):
+            await pool.map(tasks.square, range(40), chunk_size=1, timeout=30)
+        assert time.monotonic() - started < 2 * 2.0 + 1.0  # 8.5 s before
+
+
 @pytest.mark.parametrize("hang", [False, True], ids=["raises", "hangs"])
 async def test_an_initializer_failing_in_replacements_never_runs_in_this_process(
         hang: bool, tmp_path: Path, anyio_backend: str, no_leaks: None) -> None:
@@ -598,6 +612,57 @@ async def test_a_worker_killed_from_outside_is_replaced(anyio_backend: str) -> N
         stats = pool.statistics()
         assert stats.worker_crashes == 1 and stats.tasks_failed == 0
         await idle(pool)
+
+
+async def test_workers_gone_with_their_fork_server_are_no_crashes(
+        anyio_backend: str) -> None:
+    # Killed from outside, the fork server takes its idle workers with it: they were
+    # reported as two crashes of workers that died between items.
+    from asyncpool._forkserver import ForkServer
+
+    events: list[PoolEvent] = []
+    async with ResilientPool(max_workers=2, on_event=events.append) as pool:
+        pids = set(await pool.map(tasks.pid_of, range(20), chunk_size=1))
+        server = ForkServer._current
+        assert server is not None
+        os.kill(server.process.pid, signal.SIGKILL)
+        await wait_until(lambda: pool.statistics().workers == 2 and not pids & set(
+            p.pid for p in pool._engine.ladder.serving.procs))  # type: ignore[union-attr]
+        assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
+    assert [e.message for e in events if e.kind == "worker_crash"] == []
+
+
+STOPPED_AT_EXIT = """
+import asyncio, threading
+from asyncpool import ResilientPool
+from tests import tasks
+
+ready = threading.Event()
+
+def hook(event):
+    if event.kind == "worker_crash":
+        print(event.message, flush=True)
+
+async def serve():
+    async with ResilientPool(max_workers=2, on_event=hook) as pool:
+        await pool.map(tasks.square, range(10))
+        ready.set()
+        await asyncio.sleep(3600)
+
+threading.Thread(target=asyncio.run, args=(serve(),), daemon=True).start()
+ready.wait(30)
+import atexit, time
+atexit.register(time.sleep, 0.5)  # runs after the pool's own exit hook
+print("exiting", flush=True)
+"""
+
+
+def test_workers_stopped_at_exit_are_no_crashes() -> None:
+    # A pool served from a daemon thread (a web server's): at exit, the workers the
+    # exit hook stopped were reported as crashes by the loop, still running.
+    proc = run_code(STOPPED_AT_EXIT, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["exiting", ""], proc.stdout
 
 
 FIRST_CALL = """

@@ -38,6 +38,8 @@ class Starts:
         self.failures = 0
         self._round = 0  # failed tries ever: a round's workers fail it once
         self._retry_at = 0.0  # no fork before this (backoff)
+        #: A worker's initializer hung past start_timeout: trying again costs as long.
+        self.hung = False
         self._delays = self._fresh()
 
     def _fresh(self) -> Iterator[float]:
@@ -81,6 +83,7 @@ class Starts:
                 continue
             else:  # it started: what failed before is behind us
                 self.failures, self._retry_at, self._delays = 0, 0.0, self._fresh()
+                self.hung = False
             del self.starting[proc]
             if failed is not None:
                 error = failed
@@ -93,6 +96,7 @@ class Starts:
         initializer it is what hangs (as when the pool opened)."""
         initializer = self.config.initializer
         if initializer is not None:
+            self.hung = True
             return InitializerFailed.timed_out(initializer, self.config.start_timeout)
         return RungUnavailable("a new worker did not start in time")
 

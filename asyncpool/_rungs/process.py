@@ -381,9 +381,10 @@ class ProcessRung(Rung, Events):
             for proc in self.procs:
                 proc.kill_doomed()
             error = starts.settle() or error
-            # While a worker serves, or one starts, replacements are tried (or awaited).
+            # While a worker serves, or one starts, replacements are tried (or awaited);
+            # an initializer that hung is not waited for again (as when opening).
             if error is not None and not self._serving() and not starts.starting and (
-                    starts.out_of_attempts()):
+                    starts.out_of_attempts() or starts.hung):
                 if isinstance(error, InitializerFailed):
                     self._broke(error, error.__cause__)
                 else:
