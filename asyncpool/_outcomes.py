@@ -85,11 +85,15 @@ class Outcomes:
     def chunk_progress(self, chunk: Chunk, first: int, upto: int, results: list[Any],
                        errors: dict[int, BaseException], nbytes: int = 0) -> None:
         chunk.reported = upto
+        if nbytes:
+            # The results weigh this together: known per item where they are all of
+            # one function (spread over all, a big result weighed on a tiny function).
+            timings = {p.call.timing for p, _, _, _ in chunk.between(first, upto)}
+            if len(timings) == 1:
+                timings.pop().observe_results(upto - first, nbytes)
         completed = failed = 0
         for piece, lo, hi, offset in chunk.between(first, upto):
             call = piece.call
-            if nbytes:
-                call.timing.observe_results(hi - lo, nbytes * (hi - lo) // (upto - first))
             if call.state is not CallState.ACTIVE:
                 continue
             at = offset + lo - first
@@ -348,7 +352,7 @@ class Outcomes:
 
     def next_resend(self, limit: int) -> Chunk | None:
         """The next items to send again, at most ``limit`` of them, if any wait."""
-        return self.again.next(limit)
+        return self.again.next(limit, self.config.target_chunk_seconds)
 
     def abandoned(self, count: int) -> None:
         """A call ended leaving ``count`` of its items unfinished."""

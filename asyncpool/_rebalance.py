@@ -28,16 +28,18 @@ OVERLONG = 10
 class Pace:
     """How a worker's running chunk goes, report by report."""
 
-    __slots__ = ("began", "last", "slow")
+    __slots__ = ("began", "last", "slow", "per_item")
 
     def __init__(self) -> None:
         self.began = self.last = 0.0  # when it started; when it last reported
         self.slow = 0  # reports in a row whose own pace says the rest is far over
+        self.per_item = 0.0  # seconds per item, by the last report
 
     def start(self, now: float) -> None:
         """A chunk starts running (sent to an idle worker, or the one before ended)."""
         self.began = self.last = now
         self.slow = 0
+        self.per_item = 0.0
 
     def report(self, chunk: Chunk, first: int, upto: int, now: float,
                config: PoolConfig) -> bool:
@@ -47,6 +49,7 @@ class Pace:
         self.last = now
         over = (chunk.size - upto) * pace > OVERLONG * config.target_chunk_seconds
         self.slow = self.slow + 1 if over else 0
+        self.per_item = min(self.per_item, pace) if self.slow >= 2 else pace
         return self.slow >= 2
 
 
@@ -61,15 +64,17 @@ def chosen(chunk: Chunk, config: PoolConfig) -> bool:
 
 
 def overlong(running: Chunk, ran: float, behind: Iterable[Chunk],
-             config: PoolConfig) -> list[Chunk]:
+             config: PoolConfig, pace: float = 0.0) -> list[Chunk]:
     """What to take back from a worker that has run chunk ``running`` for ``ran``
-    seconds, with ``behind`` waiting there: nothing, or it with those of its functions
-    that are far over too. The functions' cost is updated first (the rest goes out
-    again sized on it)."""
+    seconds (``pace``: seconds per item by its last reports), with ``behind`` waiting
+    there: nothing, or it with those of its functions that are far over too. The
+    functions' cost is updated first (the rest goes out again sized on it)."""
     left = running.size - running.reported
     if left < 2 or chosen(running, config):
         return []
-    per_item = ran / max(1, running.reported)
+    # Its items now, not on average: after 200 quick items, a chunk's 100 slow ones
+    # looked cheap by the average over all it ran, and held their worker 0.4 s.
+    per_item = max(ran / max(1, running.reported), pace)
     most = OVERLONG * config.target_chunk_seconds
     if left * per_item <= most:
         return []
@@ -77,8 +82,7 @@ def overlong(running: Chunk, ran: float, behind: Iterable[Chunk],
     # its own items so far, the others keep their cost (a cheap function sharing the
     # chunk was charged 6.5 times its cost).
     slow = running.locate(running.reported)[0].call.timing
-    slow.observe(sum(hi - lo for piece, lo, hi, _ in running.between(0, running.reported + 1)
-                     if piece.call.timing is slow), ran)
+    slow.observe(1, per_item)
     timings = {p.call.timing for p in running.pieces}
     return [running, *(c for c in behind if c.size * per_item > most and not chosen(c, config)
                        and {p.call.timing for p in c.pieces} <= timings)]

@@ -1,14 +1,15 @@
 """Items waiting to go out again, and the order they go in.
 
-Three kinds wait here. Items of a chunk whose worker died (and those after a result
-that would not load) go first: they were running. A suspect, an item that may have
-killed its worker, goes last, alone. Items taken back unstarted from a busy worker
-(see :mod:`asyncpool._rebalance`) go back where they first stood, and the calls they
-belong to take turns among them, as calls do with new work.
+Three kinds wait here, each in a queue of its own. Items of a chunk whose worker died
+(and those after a result that would not load) go first: they were running. Items
+taken back unstarted from a busy worker (see :mod:`asyncpool._rebalance`) go next,
+back where they first stood, the calls they belong to taking turns among them as calls
+do with new work. A suspect, an item that may have killed its worker, goes last, alone.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterator
 
@@ -19,27 +20,29 @@ TURNS_KEPT = 4096
 
 
 class Resends:
-    """The queue of chunks to send again (in the order they go)."""
+    """The chunks to send again (iterated in the order they go)."""
 
     def __init__(self) -> None:
-        self._queue: deque[Chunk] = deque()
-        #: When each call's items taken back last went out again (see _take).
+        self._first: deque[Chunk] = deque()
+        self._moved: list[Chunk] = []  # by where their items first stood
+        self._last: deque[Chunk] = deque()
+        #: When each call's items taken back last went out again (see _take_moved).
         self._turns: dict[int, int] = {}
         self._turn = 0
 
     def __iter__(self) -> Iterator[Chunk]:
-        return iter(self._queue)
+        return itertools.chain(self._first, self._moved, self._last)
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._first) + len(self._moved) + len(self._last)
 
     def first(self, chunk: Chunk) -> None:
         """``chunk`` goes before all the others (it was running)."""
-        self._queue.appendleft(chunk)
+        self._first.appendleft(chunk)
 
     def last(self, chunk: Chunk) -> None:
         """``chunk`` goes after all the others (a suspect, alone)."""
-        self._queue.append(chunk)
+        self._last.append(chunk)
 
     def moved(self, chunk: Chunk) -> None:
         """``chunk``, taken back unstarted, goes where its items first stood, before
@@ -47,64 +50,82 @@ class Resends:
         chunks queued behind it went in the reverse order (the first of sixteen small
         maps finished third)."""
         chunk.moved = True
-        queue = self._queue
-        at = next((i for i, other in enumerate(queue) if other.place > chunk.place),
-                  len(queue))
-        queue.insert(at, chunk)
+        moved = self._moved
+        at = next((i for i, other in enumerate(moved) if other.place > chunk.place),
+                  len(moved))
+        moved.insert(at, chunk)
 
     def waits(self) -> bool:
-        """Whether items wait (those of calls that ended are dropped)."""
-        queue = self._queue
-        while queue and all(p.call.state is not CallState.ACTIVE for p in queue[0].pieces):
-            queue.popleft()
-        return bool(queue)
+        """Whether items wait (chunks whose calls all ended are dropped)."""
+        for queue in (self._first, self._last):
+            while queue and not _live(queue[0]):
+                queue.popleft()
+        self._moved = [c for c in self._moved if _live(c)]
+        return bool(self)
 
-    def next(self, limit: int) -> Chunk | None:
-        """The next items to send again, at most ``limit`` of them, if any wait."""
-        queue = self._queue
-        while queue:
+    def next(self, limit: int, target: float = 0.0) -> Chunk | None:
+        """The next items to send again, at most ``limit`` of them, if any wait (and
+        of those taken back, what is now known to take about ``target`` seconds)."""
+        while self:
             chunk = self._take()
             pieces = [p for p in chunk.pieces if p.call.state is CallState.ACTIVE]
             if not pieces:
                 continue
             size = sum(len(p.items) for p in pieces)
+            per_item = max((p.call.per_item or 0.0) for p in pieces)
+            if chunk.moved and target and per_item:
+                # Taken back in a few parts (not one per item, which flooded the loop),
+                # each goes out a target's worth at a time: a part of 120 ms held a
+                # small call that arrived meanwhile behind it.
+                limit = min(limit, max(1, int(target / per_item)))
             if size > limit:
-                # Too big for this worker's remaining tasks: send the head now.
-                head = Chunk(pieces).pieces_between(0, limit)
+                # Too big for this worker's remaining tasks: send the head now; the
+                # rest keeps its place.
                 rest = Chunk(Chunk(pieces).pieces_between(limit, size), chunk.crashes,
                              chunk.suspect)
-                rest.place, rest.moved = (chunk.place[0], chunk.place[1] + limit), chunk.moved
-                queue.appendleft(rest)
-                pieces = head
+                rest.place = (chunk.place[0], chunk.place[1] + limit)
+                if chunk.moved:
+                    self.moved(rest)
+                else:
+                    self._first.appendleft(rest)
+                pieces = Chunk(pieces).pieces_between(0, limit)
             going = Chunk(pieces, chunk.crashes, chunk.suspect)
             going.place = chunk.place  # taken back again, it goes back there
             return going
         return None
 
     def clear(self) -> None:
-        self._queue.clear()
+        self._first.clear()
+        self._moved.clear()
+        self._last.clear()
 
     def _take(self) -> Chunk:
-        """The head, unless it and those behind it were taken back unstarted; then, of
-        those, the first of the call served longest ago (by where they first stood
-        alone, a small map whose items were cut from the head of a chunk went behind
-        two big maps' items, 2 s late)."""
-        queue = self._queue
-        if not queue[0].moved:
-            return queue.popleft()
-        best, at = -2, 0
-        for index, chunk in enumerate(queue):
-            if not chunk.moved:
-                break
-            turn = self._turns.get(chunk.pieces[0].call.id, -1)
-            if best == -2 or turn < best:
+        if self._first:
+            return self._first.popleft()
+        if self._moved:
+            return self._take_moved()
+        return self._last.popleft()
+
+    def _take_moved(self) -> Chunk:
+        """Of the chunks taken back, the first whose calls were served longest ago (by
+        where they first stood alone, a small map whose items were cut from the head
+        of a chunk went behind two big maps' items, 2 s late)."""
+        moved, turns = self._moved, self._turns
+        best, at = 0, -1
+        for index, chunk in enumerate(moved):
+            turn = min(turns.get(p.call.id, -1) for p in chunk.pieces)
+            if at < 0 or turn < best:
                 best, at = turn, index
             if turn < 0:
-                break  # never served: none can come before it
-        chunk = queue[at]
-        del queue[at]
-        if len(self._turns) >= TURNS_KEPT:
-            self._turns.clear()
+                break  # a call never served: none can come before it
+        chunk = moved.pop(at)
+        if len(turns) >= TURNS_KEPT:
+            turns.clear()
         self._turn += 1
-        self._turns[chunk.pieces[0].call.id] = self._turn
+        for piece in chunk.pieces:
+            turns[piece.call.id] = self._turn
         return chunk
+
+
+def _live(chunk: Chunk) -> bool:
+    return any(p.call.state is CallState.ACTIVE for p in chunk.pieces)

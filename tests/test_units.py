@@ -1090,3 +1090,56 @@ def test_calls_take_turns_among_items_taken_back() -> None:
     while (chunk := resends.next(100)) is not None:
         order.append((chunk.pieces[0].call, chunk.pieces[0].start))
     assert order == [(big, 0), (other, 0), (third, 0), (big, 10), (big, 20), (big, 30)]
+
+
+def test_crash_resends_go_first_and_suspects_last_whatever_comes_later() -> None:
+    # A chunk taken back later, from an older chunk, went before a crash resend (and
+    # could go after a suspect): one queue ordered by place held all three kinds.
+    from asyncpool._resends import Resends
+
+    old, new = (_call(list(range(100)), 0.01) for _ in range(2))
+    older = Chunk([Piece(old, 0, list(range(10)))])
+    crashed, suspect = Chunk([Piece(new, 0, [1])]), Chunk([Piece(new, 1, [2])])
+    resends = Resends()
+    resends.last(suspect)
+    resends.first(crashed)
+    resends.moved(older)  # stood before both
+    sent = [resends.next(100) for _ in range(3)]
+    assert [(c.pieces[0].call, c.pieces[0].start) for c in sent if c] == [
+        (new, 0), (old, 0), (new, 1)]
+
+
+def test_a_call_sharing_a_chunk_taken_back_gets_its_turn() -> None:
+    # A small call's items behind a big call's in a chunk taken back waited for the big
+    # call's turn.
+    from asyncpool._resends import Resends
+
+    big, small = _call(list(range(100)), 0.01), _call(list(range(10)), 0.01)
+    resends = Resends()
+    for start in range(0, 30, 10):
+        resends.moved(Chunk([Piece(big, start, list(range(10)))]))
+    resends.moved(Chunk([Piece(big, 30, list(range(5))), Piece(small, 0, list(range(5)))]))
+    order = []
+    while (chunk := resends.next(100)) is not None:
+        order.append([(p.call, p.start) for p in chunk.pieces])
+    assert order[:2] == [[(big, 0)], [(big, 30), (small, 0)]], order
+
+
+
+def test_what_results_weigh_is_charged_only_to_their_own_function() -> None:
+    # A report's bytes were spread over every piece it covered: six 5 MB results of
+    # one function shared slices with a tiny one's, whose results then weighed 400 KB.
+    from asyncpool._events import Counters
+    from asyncpool._outcomes import Outcomes
+
+    outcomes = Outcomes(PoolConfig(), Counters(), lambda *a, **k: None,
+                        kick=lambda: None, settled=lambda rung: None)
+    big, tiny = _call([0, 1], 0.01), _call([0, 1], 0.01)
+    mixed = Chunk([Piece(big, 0, [0, 1]), Piece(tiny, 0, [0, 1])])
+    outcomes.sent(mixed)
+    outcomes.chunk_progress(mixed, 0, 4, [b"x", b"x", 1, 1], {}, nbytes=10 << 20)
+    assert big.timing.result_bytes is None and tiny.timing.result_bytes is None
+    alone = Chunk([Piece(big, 0, [0, 1])])
+    outcomes.sent(alone)
+    outcomes.chunk_progress(alone, 0, 2, [b"x", b"x"], {}, nbytes=10 << 20)
+    assert big.timing.result_bytes == 5 << 20 and tiny.timing.result_bytes is None

@@ -995,6 +995,29 @@ async def test_a_small_map_taken_back_with_big_ones_keeps_its_turn(
     assert done["c"] < 300, done
 
 
+async def test_a_map_arriving_after_a_take_back_waits_for_no_long_part(
+        anyio_backend: str) -> None:
+    # What was taken back went out again in a few parts of 100 ms or more each (at
+    # most two per worker): a small map arriving meanwhile waited behind them while
+    # 125 items of the big maps ran; now each part goes out a target's worth at a time.
+    ran_meanwhile: list[int] = []
+    async with ResilientPool(max_workers=2) as pool:
+        for _ in range(20):
+            await pool.run(tasks.nap, 0.0)
+
+        async def small() -> None:
+            await wait_until(lambda: pool.statistics().tasks_completed >= 20 + 60)
+            before = pool.statistics().tasks_completed
+            assert await pool.map(tasks.nap, [0.004] * 10) == [0.004] * 10
+            ran_meanwhile.append(pool.statistics().tasks_completed - before - 10)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(pool.map, tasks.nap, [0.004] * 250)
+            tg.start_soon(small)
+    assert ran_meanwhile[0] < 80, ran_meanwhile
+
+
 @pytest.mark.parametrize("where", ["first", "every 50,000"])
 async def test_one_slow_item_among_quick_ones_is_no_chunk_sized_too_low(
         where: str, anyio_backend: str) -> None:

@@ -264,7 +264,7 @@ class ProcessRung(Rung, Events):
                 proc.kill_doomed()  # what it was waiting for may have come
             elif over:
                 proc.withdraw(overlong(chunk, now - proc.pace.began, proc.chunks,
-                                       self.config))
+                                       self.config, proc.pace.per_item))
         if done:
             self.listener.chunk_done(chunk, upto, seconds, retried)
             if not proc.chunks:
