@@ -250,6 +250,29 @@ async def test_the_initializer_runs_on_every_cluster_worker(cluster: CliCluster)
             pass
 
 
+async def test_a_cluster_left_without_workers_forgets_the_pools_initializer(
+        cluster: CliCluster) -> None:
+    # Given up for having no worker (its scheduler answering), the rung was taken for
+    # one whose scheduler stopped answering: its initializer stayed registered, and
+    # a worker joining after the pool closed ran it.
+    async with ResilientPool(max_workers=1, dask_address=cluster.address,
+                             dask_connect_timeout=2.0, promote_after=60,
+                             initializer=tasks.remember, initargs=("dask",)) as pool:
+        assert pool.backend == "dask"
+        for index in range(len(cluster.workers)):
+            cluster.kill_worker(index)
+        with anyio.fail_after(30):  # served locally once it is found without workers
+            while pool.backend == "dask":
+                await pool.run(tasks.square, 3)
+                await anyio.sleep(0.2)
+    import distributed
+
+    async with distributed.Client(cluster.address, asynchronous=True,
+                                  set_as_default=False) as client:
+        plugins = await client.run_on_scheduler(_worker_plugins)
+    assert not [name for name in plugins if name.startswith("asyncpool")], plugins
+
+
 async def test_an_initializer_that_hangs_on_the_cluster_fails_at_start_timeout(
         cluster: CliCluster) -> None:
     # Registering it waited for it with no bound: opening took as long as it ran.

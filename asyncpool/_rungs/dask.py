@@ -86,6 +86,8 @@ class DaskRung(Rung):
         self.client = client
         self.owned = owned
         self.lanes: int = 1
+        #: Its scheduler was found not answering (stopped, hung).
+        self._silent = False
         self._token = secrets.token_hex(4)
         #: Its own globals of the main script on the workers (each pool's initializer).
         self.space = f"{client_space()}-{self._token}"
@@ -170,6 +172,7 @@ class DaskRung(Rung):
             try:
                 threads = await asyncio.wait_for(self._resize(), timeout)
             except TimeoutError:
+                self._silent = True
                 self._broke(RungUnavailable(f"the Dask scheduler did not answer within "
                                             f"dask_connect_timeout={timeout} s"))
                 return
@@ -428,7 +431,6 @@ class DaskRung(Rung):
                 functools.partial(close_later, functools.partial(self.aclose, True)))
 
     async def aclose(self, kill: bool) -> None:
-        answered = self.state is not RungState.CRASHED
         self._move(RungState.CLOSED)
         self._stopped.close()
         if self._sizer is not None:
@@ -438,10 +440,10 @@ class DaskRung(Rung):
             relay.cancel()
         if relays:
             await asyncio.gather(*relays, return_exceptions=True)
-        if self.config.initializer is not None and answered and self._connected():
+        if self.config.initializer is not None and not self._silent and self._connected():
             # A cluster outlives pools: its workers must not run this one's initializer
-            # as they join, for good. (Not asked of a scheduler found to stop
-            # answering: the close waited 5 s more for it.)
+            # as they join, for good. (Not asked of a scheduler found not answering:
+            # the close waited 5 s more for it.)
             await unregister_quietly(self.client, f"asyncpool-initializer-{self._token}")
         if self.owned:
             await close_quietly(self.client)
