@@ -78,10 +78,10 @@ def overlong(running: Chunk, ran: float, behind: Iterable[Chunk],
     most = OVERLONG * config.target_chunk_seconds
     if left * per_item <= most:
         return []
-    # The function of the item running now is the one found slow: it is charged for
-    # its own items so far, the others keep their cost (a cheap function sharing the
-    # chunk was charged 6.5 times its cost).
-    slow = running.locate(running.reported)[0].call.timing
+    # The function of the items just reported is the one found slow (the next item
+    # may be another's): it is charged, the others keep their cost (a cheap function
+    # sharing the chunk was charged 6.5 times its cost).
+    slow = running.locate(max(0, running.reported - 1))[0].call.timing
     slow.observe(1, per_item)
     timings = {p.call.timing for p in running.pieces}
     return [running, *(c for c in behind if c.size * per_item > most and not chosen(c, config)

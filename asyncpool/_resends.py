@@ -4,7 +4,8 @@ Three kinds wait here, each in a queue of its own. Items of a chunk whose worker
 (and those after a result that would not load) go first: they were running. Items
 taken back unstarted from a busy worker (see :mod:`asyncpool._rebalance`) go next,
 back where they first stood, the calls they belong to taking turns among them as calls
-do with new work. A suspect, an item that may have killed its worker, goes last, alone.
+do with new work, and with a suspect (an item that may have killed its worker, sent
+alone), which otherwise goes last.
 """
 
 from __future__ import annotations
@@ -100,16 +101,13 @@ class Resends:
         self._last.clear()
 
     def _take(self) -> Chunk:
+        """The next chunk: one that was running first; then, of those taken back and
+        the first suspect, the first whose calls were served longest ago (by where
+        they first stood alone, a small map whose items were cut from the head of a
+        chunk went behind two big maps' items, 2 s late; a suspect that waited for
+        every taken-back chunk waited 6 s while cuts kept coming)."""
         if self._first:
             return self._first.popleft()
-        if self._moved:
-            return self._take_moved()
-        return self._last.popleft()
-
-    def _take_moved(self) -> Chunk:
-        """Of the chunks taken back, the first whose calls were served longest ago (by
-        where they first stood alone, a small map whose items were cut from the head
-        of a chunk went behind two big maps' items, 2 s late)."""
         moved, turns = self._moved, self._turns
         best, at = 0, -1
         for index, chunk in enumerate(moved):
@@ -118,7 +116,10 @@ class Resends:
                 best, at = turn, index
             if turn < 0:
                 break  # a call never served: none can come before it
-        chunk = moved.pop(at)
+        if self._last and (at < 0 or turns.get(self._last[0].pieces[0].call.id, -1) < best):
+            chunk = self._last.popleft()
+        else:
+            chunk = moved.pop(at)
         if len(turns) >= TURNS_KEPT:
             turns.clear()
         self._turn += 1

@@ -1050,6 +1050,14 @@ def test_a_cut_charges_the_function_found_slow_and_no_other() -> None:
     assert taken == [chunk]
     assert cheap.timing.per_item == 0.0001
     assert stale.timing.per_item is not None and stale.timing.per_item > 0.1
+    # The slow items reported just before another function's: the next item, not yet
+    # run, was charged for them (a quick function costed at 0.3 s an item).
+    stale, cheap = _call(list(range(2)), 0.0001), _call(list(range(197)), 0.0001)
+    chunk = Chunk([Piece(stale, 0, [0, 1]), Piece(cheap, 0, list(range(197)))])
+    chunk.reported = 2
+    assert overlong(chunk, 0.6, [], config, pace=0.3) == [chunk]
+    assert cheap.timing.per_item == 0.0001
+    assert stale.timing.per_item is not None and stale.timing.per_item > 0.1
 
 
 def test_taken_back_chunks_go_again_where_their_items_first_stood() -> None:
@@ -1092,7 +1100,7 @@ def test_calls_take_turns_among_items_taken_back() -> None:
     assert order == [(big, 0), (other, 0), (third, 0), (big, 10), (big, 20), (big, 30)]
 
 
-def test_crash_resends_go_first_and_suspects_last_whatever_comes_later() -> None:
+def test_crash_resends_go_first_and_suspects_take_their_turn() -> None:
     # A chunk taken back later, from an older chunk, went before a crash resend (and
     # could go after a suspect): one queue ordered by place held all three kinds.
     from asyncpool._resends import Resends
@@ -1143,3 +1151,22 @@ def test_what_results_weigh_is_charged_only_to_their_own_function() -> None:
     outcomes.sent(alone)
     outcomes.chunk_progress(alone, 0, 2, [b"x", b"x"], {}, nbytes=10 << 20)
     assert big.timing.result_bytes == 5 << 20 and tiny.timing.result_bytes is None
+
+
+def test_a_suspect_is_not_starved_by_chunks_taken_back_meanwhile() -> None:
+    # Sent only once nothing taken back waited, a crashed item's retry waited 6 s
+    # while cuts of two big maps kept coming.
+    from asyncpool._resends import Resends
+
+    big, other, small = (_call(list(range(1000)), 0.01) for _ in range(3))
+    resends = Resends()
+    resends.last(Chunk([Piece(small, 0, [0])], crashes=1, suspect=True))
+    sent = []
+    for start in range(0, 100, 10):  # cuts keep coming
+        resends.moved(Chunk([Piece(big, start, list(range(10)))]))
+        resends.moved(Chunk([Piece(other, start, list(range(10)))]))
+        chunk = resends.next(100)
+        assert chunk is not None
+        sent.append(chunk.pieces[0].call)
+    assert small in sent[:3], sent
+
