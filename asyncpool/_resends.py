@@ -3,8 +3,8 @@
 Three kinds wait here, each in a queue of its own. Items of a chunk whose worker died
 (and those after a result that would not load) go first: they were running. Items
 taken back unstarted from a busy worker (see :mod:`asyncpool._rebalance`) go next,
-back where they first stood, the calls they belong to taking turns among them as calls
-do with new work, and with a suspect (an item that may have killed its worker, sent
+back where they first stood, the calls with the fewest items left first (taking turns
+among equals), and with them a suspect (an item that may have killed its worker, sent
 alone), which otherwise goes last.
 """
 
@@ -14,10 +14,12 @@ import itertools
 from collections import deque
 from collections.abc import Iterator
 
-from ._call import CallState, Chunk
+from ._call import Call, CallState, Chunk
 
 #: Calls whose turns are remembered at most; beyond, the memory starts afresh.
 TURNS_KEPT = 4096
+#: The items left of a call whose input's length is unknown, while it is read.
+UNKNOWN_LEFT = 1 << 40
 
 
 class Resends:
@@ -102,21 +104,26 @@ class Resends:
 
     def _take(self) -> Chunk:
         """The next chunk: one that was running first; then, of those taken back and
-        the first suspect, the first whose calls were served longest ago (by where
-        they first stood alone, a small map whose items were cut from the head of a
-        chunk went behind two big maps' items, 2 s late; a suspect that waited for
-        every taken-back chunk waited 6 s while cuts kept coming)."""
+        the first suspect, the one of the call with the fewest items left, the calls
+        served longest ago first among equals. (By where they first stood alone, a
+        small map whose items were cut from the head of a chunk went behind two big
+        maps' items, 2 s late; a suspect that waited for every taken-back chunk waited
+        6 s while cuts kept coming; taking turns alone, sixteen small maps arriving
+        together all finished near the end.)"""
         if self._first:
             return self._first.popleft()
         moved, turns = self._moved, self._turns
-        best, at = 0, -1
+
+        def rank(chunk: Chunk) -> tuple[int, int]:
+            return min((_left(p.call), turns.get(p.call.id, -1)) for p in chunk.pieces)
+
+        best: tuple[int, int] | None = None
+        at = -1
         for index, chunk in enumerate(moved):
-            turn = min(turns.get(p.call.id, -1) for p in chunk.pieces)
-            if at < 0 or turn < best:
-                best, at = turn, index
-            if turn < 0:
-                break  # a call never served: none can come before it
-        if self._last and (at < 0 or turns.get(self._last[0].pieces[0].call.id, -1) < best):
+            key = rank(chunk)
+            if best is None or key < best:
+                best, at = key, index
+        if self._last and (best is None or rank(self._last[0]) < best):
             chunk = self._last.popleft()
         else:
             chunk = moved.pop(at)
@@ -130,3 +137,13 @@ class Resends:
 
 def _live(chunk: Chunk) -> bool:
     return any(p.call.state is CallState.ACTIVE for p in chunk.pieces)
+
+
+def _left(call: Call) -> int:
+    """Items of ``call`` not finished yet, its input's unread ones included (an input
+    of unknown length still read counts as endless)."""
+    unread = call.source.remaining
+    if unread is None:
+        unread = 0 if call.source.done else UNKNOWN_LEFT
+    return unread + call.pulled - call.finished
+
