@@ -93,7 +93,7 @@ async def test_big_results_wait_for_a_slow_consumer_bounded_in_bytes(
                 break
             # Not a wait for something to happen: a pause in which the workers may run
             # ahead only as far as the window lets them.
-            await anyio.sleep(2.0)
+            await anyio.sleep(1.0)
             ahead = pool.statistics().tasks_completed - 2
         # 32 MB of results, and what the chunks running as the window closed held.
         assert ahead < 600, f"{ahead} results of 100 KB waited for the consumer"
