@@ -238,12 +238,7 @@ async def test_the_initializer_runs_on_every_cluster_worker(cluster: CliCluster)
         assert {tag for tag, _, _ in seen} == {"dask"}
     # Closed, it leaves the cluster as it found it: its plugin stayed registered, and
     # every worker that joined later ran every closed pool's initializer.
-    import distributed
-
-    async with distributed.Client(cluster.address, asynchronous=True,
-                                  set_as_default=False) as client:
-        plugins = await client.run_on_scheduler(_worker_plugins)
-    assert not [name for name in plugins if name.startswith("asyncpool")], plugins
+    assert await _pools_plugins(cluster) == []
     with pytest.raises(InitializerFailed):
         async with ResilientPool(max_workers=2, dask_address=cluster.address,
                                  initializer=tasks.refuse_to_start, rungs=("process",)):
@@ -265,12 +260,7 @@ async def test_a_cluster_left_without_workers_forgets_the_pools_initializer(
             while pool.backend == "dask":
                 await pool.run(tasks.square, 3)
                 await anyio.sleep(0.2)
-    import distributed
-
-    async with distributed.Client(cluster.address, asynchronous=True,
-                                  set_as_default=False) as client:
-        plugins = await client.run_on_scheduler(_worker_plugins)
-    assert not [name for name in plugins if name.startswith("asyncpool")], plugins
+    assert await _pools_plugins(cluster) == []
 
 
 async def test_an_initializer_that_hangs_on_the_cluster_fails_at_start_timeout(
@@ -285,12 +275,7 @@ async def test_an_initializer_that_hangs_on_the_cluster_fails_at_start_timeout(
     # Its plugin left the cluster before the open failed: taken off in the
     # background, it stayed when the program ended at once, and every worker that
     # joined later ran the dead pool's initializer.
-    import distributed
-
-    async with distributed.Client(cluster.address, asynchronous=True,
-                                  set_as_default=False) as client:
-        plugins = await client.run_on_scheduler(_worker_plugins)
-    assert not [name for name in plugins if name.startswith("asyncpool")], plugins
+    assert await _pools_plugins(cluster) == []
 
 
 @pytest.mark.parametrize("initializer", [tasks.fail_on_cluster,
@@ -385,6 +370,16 @@ async def test_a_worker_killed_as_a_big_function_is_scattered_loses_nothing(
 
 def _worker_plugins(dask_scheduler: object) -> list[str]:
     return list(dask_scheduler.worker_plugins)  # type: ignore[attr-defined]
+
+
+async def _pools_plugins(cluster: CliCluster) -> list[str]:
+    """The worker plugins of pools (their initializers) the scheduler still holds."""
+    import distributed
+
+    async with distributed.Client(cluster.address, asynchronous=True,
+                                  set_as_default=False) as client:
+        plugins = await client.run_on_scheduler(_worker_plugins)
+    return [name for name in plugins if name.startswith("asyncpool")]
 
 
 async def test_a_scheduler_restarted_while_idle_is_set_up_again(
