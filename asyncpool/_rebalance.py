@@ -33,7 +33,7 @@ class Pace:
     def __init__(self) -> None:
         self.began = self.last = 0.0  # when it started; when it last reported
         self.slow = 0  # reports in a row whose own pace says the rest is far over
-        self.per_item = 0.0  # seconds per item, by the last report
+        self.per_item = 0.0  # seconds per item, by its last reports
 
     def start(self, now: float) -> None:
         """A chunk starts running (sent to an idle worker, or the one before ended)."""

@@ -29,7 +29,7 @@ class Resends:
         self._first: deque[Chunk] = deque()
         self._moved: list[Chunk] = []  # by where their items first stood
         self._last: deque[Chunk] = deque()
-        #: When each call's items taken back last went out again (see _take_moved).
+        #: When each call's items taken back last went out again (see _take).
         self._turns: dict[int, int] = {}
         self._turn = 0
 
