@@ -23,9 +23,8 @@
 Where each step lives: packing and dispatch here; a chunk's reports, settling,
 bisection after a crash and resends in :mod:`asyncpool._outcomes` (their order in
 :mod:`asyncpool._resends`, cutting an over-long chunk in :mod:`asyncpool._rebalance`);
-a call's results in order in
-:mod:`asyncpool._call`; its deadline and what its caller sees in
-:mod:`asyncpool._consume`; which rung serves in :mod:`asyncpool._ladder`.
+a call's results in order in :mod:`asyncpool._call`; its deadline and what its caller
+sees in :mod:`asyncpool._consume`; which rung serves in :mod:`asyncpool._ladder`.
 
 Concurrent calls share chunks (what callers bring in one loop turn, or while every
 slot is busy, goes out together); a call whose items are all out never waits for a
