@@ -143,6 +143,10 @@ def hold_standard_descriptors() -> None:
         sys.stderr = open(2, "w", closefd=False)
 
 
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     # Everything that takes a while (imports too) runs inside: Ctrl-C at any time
     # after start is one line, not a traceback.
@@ -159,8 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         interrupt = signal.getsignal(signal.SIGINT)
         if callable(interrupt) and interrupt is not signal.default_int_handler:
             interrupt(signal.SIGINT, frame)
-        else:
+            return
+        # Between two of the loop's callbacks, not inside one of the pool's (raised
+        # there, in a run where SIGINT is ignored, it once left the run hanging).
+        asyncio = sys.modules.get("asyncio")  # imported once a loop runs
+        try:
+            loop = asyncio.get_running_loop() if asyncio is not None else None
+        except RuntimeError:
+            loop = None
+        if loop is None:
             raise KeyboardInterrupt
+        loop.call_soon_threadsafe(_interrupt)
 
     try:
         signal.signal(signal.SIGTERM, on_sigterm)
