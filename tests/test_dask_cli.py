@@ -127,24 +127,34 @@ async def test_a_cluster_that_stops_serving_mid_map_is_left_for_local_workers(
                 cluster.pause_scheduler(False)
 
 
-async def test_closing_after_the_scheduler_stopped_answering_does_not_wait_on_it(
-        cluster: CliCluster) -> None:
-    # With an initializer, the close asked the scheduler that had stopped answering to
-    # forget it, and waited 5 s for no answer.
+@pytest.mark.parametrize("fault", ["scheduler stops answering", "every worker leaves"])
+async def test_closing_a_pool_given_up_on_the_cluster(fault: str, cluster: CliCluster) -> None:
+    # With an initializer, the close asked a scheduler that had stopped answering to
+    # forget it, and waited 5 s for no answer. Fixing that, a rung given up for having
+    # no worker (its scheduler answering) was taken for such a one: its initializer
+    # stayed registered, and a worker joining after the pool closed ran it.
     async with ResilientPool(max_workers=1, dask_address=cluster.address,
                              dask_connect_timeout=2.0, promote_after=60,
-                             initializer=tasks.remember, initargs=("x",)) as pool:
+                             initializer=tasks.remember, initargs=("dask",)) as pool:
         assert pool.backend == "dask"
-        cluster.pause_scheduler()
+        if fault == "scheduler stops answering":
+            cluster.pause_scheduler()
+        else:
+            for index in range(len(cluster.workers)):
+                cluster.kill_worker(index)
         try:
-            with anyio.fail_after(30):  # served locally once it is found not answering
-                assert await pool.run(tasks.square, 3) == 9
-            assert pool.backend == "process"
+            with anyio.fail_after(30):  # served locally once the rung is given up
+                while pool.backend == "dask":
+                    assert await pool.run(tasks.square, 3) == 9
+                    await anyio.sleep(0.2)
             closing = time.monotonic()
             await pool.aclose()
             assert time.monotonic() - closing < 4.0
         finally:
-            cluster.pause_scheduler(False)
+            if fault == "scheduler stops answering":
+                cluster.pause_scheduler(False)
+    if fault == "every worker leaves":
+        assert await _pools_plugins(cluster) == []
 
 
 async def test_a_killed_worker_loses_nothing(cluster: CliCluster) -> None:
@@ -243,24 +253,6 @@ async def test_the_initializer_runs_on_every_cluster_worker(cluster: CliCluster)
         async with ResilientPool(max_workers=2, dask_address=cluster.address,
                                  initializer=tasks.refuse_to_start, rungs=("process",)):
             pass
-
-
-async def test_a_cluster_left_without_workers_forgets_the_pools_initializer(
-        cluster: CliCluster) -> None:
-    # Given up for having no worker (its scheduler answering), the rung was taken for
-    # one whose scheduler stopped answering: its initializer stayed registered, and
-    # a worker joining after the pool closed ran it.
-    async with ResilientPool(max_workers=1, dask_address=cluster.address,
-                             dask_connect_timeout=2.0, promote_after=60,
-                             initializer=tasks.remember, initargs=("dask",)) as pool:
-        assert pool.backend == "dask"
-        for index in range(len(cluster.workers)):
-            cluster.kill_worker(index)
-        with anyio.fail_after(30):  # served locally once it is found without workers
-            while pool.backend == "dask":
-                await pool.run(tasks.square, 3)
-                await anyio.sleep(0.2)
-    assert await _pools_plugins(cluster) == []
 
 
 async def test_an_initializer_that_hangs_on_the_cluster_fails_at_start_timeout(
