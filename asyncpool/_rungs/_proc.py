@@ -300,7 +300,8 @@ class Proc:
             self._release(chunk, ran=chunk.size)
         death = Death(chunks, exitcode)
         seq, position, loading = (int(self.progress[i]) for i in range(3))
-        if chunks and not self.killed and not retiring and seq == chunks[0].seq:
+        # Gone with its fork server (killed from outside), it blames no item.
+        if chunks and not (self.killed or retiring or self._orphaned) and seq == chunks[0].seq:
             # It died running its oldest chunk: on an item, or loading a function (or
             # the arguments) before the first item.
             death.crashed = True
