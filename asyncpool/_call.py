@@ -174,7 +174,8 @@ class Call:
             self.state = CallState.FINISHED if self.complete else CallState.ABANDONED
 
     def fail(self, error: BaseException) -> None:
-        """The whole call fails with ``error`` (a function the workers cannot load)."""
+        """The whole call fails with ``error`` (no rung to run it, a function the
+        workers cannot load, a chunk that could not be sent, the pool closed)."""
         if self.error is None:
             self.error = error
         self.wake()

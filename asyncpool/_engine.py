@@ -194,7 +194,7 @@ class Engine:
                 else:
                     self.kick()
                 return
-            rung = self.ladder.serving_rung()
+            rung = self.ladder.rung_to_send_to()
             if rung is None:
                 return  # the ladder is (re)building; it kicks when a rung serves
             room = rung.offer()

@@ -136,7 +136,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     ``tick(first, upto, results, errors, end)`` hands over positions [first, upto) at
     least every ``flush`` seconds and at the end (the only time ``end``, the seconds
     spent and retries made, is given), and answers which calls to skip and whether to
-    stop. Items of the calls in ``skip`` are not run. ``progress[1]`` is set to the
+    stop. Items of the calls in ``skip`` are not run. ``progress[POSITION]`` is set to the
     position of each item before it starts, for the parent to read after a crash.
     ``late(first, upto, results, errors)``, if given, is called from another thread
     with what finished before an item that runs long (see :mod:`asyncpool._handover`).
@@ -158,7 +158,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     # that cuts the lists short and then still reads the position it saw knows that
     # nothing past it will run (see _worker._cut).
     if progress is not None and total:
-        progress[1] = 0
+        progress[_wire.POSITION] = 0
     # Each run's own time: runs of several calls share a chunk, and a quick function
     # must not be taken for as slow as the one beside it.
     spent: list[float] = []
@@ -191,7 +191,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
                         if stop:
                             return position, now - started
                     if progress is not None:
-                        progress[1] = position
+                        progress[_wire.POSITION] = position
             spent.append(time.perf_counter() - begun)
         seconds = time.perf_counter() - started
         _hand(running, tick, position, results, errors, (spent, retried[0]))

@@ -2,10 +2,11 @@
 
 It owns the serving rung and the lock around changing it. Starting a rung is retried
 ``creation_attempts`` times with exponential backoff when the failure is transient (no
-thread, no process, no memory, a cluster that does not answer); then the next rung down
-is tried. A pool below its top rung retries the higher ones in the background and
-climbs back when one starts. A rung that is replaced, or stops serving, drains: the
-chunks it holds finish there, and it is closed once it holds none.
+thread, no process, no memory); a cluster that does not answer gets one attempt (one
+connect timeout, see ``ONE_ATTEMPT``). Then the next rung down is tried. A pool below
+its top rung retries the higher ones in the background and climbs back when one starts.
+A rung that is replaced, or stops serving, drains: the chunks it holds finish there,
+and it is closed once it holds none.
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ class Ladder:
                     return
             await self._climb_down()
 
-    def serving_rung(self) -> Rung | None:
-        """The rung to send to now; None while one is being (re)built."""
+    def rung_to_send_to(self) -> Rung | None:
+        """The rung to send to now; None while one is being (re)built. Not a plain
+        getter: with no usable rung it starts rebuilding one (read ``serving`` to
+        only look)."""
         rung = self.serving
         if rung is not None and rung.usable:
             return rung

@@ -35,6 +35,11 @@ READ_ONLY = 1 << 63
 #: item that does not unpickle in the worker cannot take them down with it.
 CHUNK_HEAD = struct.Struct("<qdi")
 
+#: The worker's progress area (int64 slots in shared memory the parent reads after a
+#: crash): the chunk it runs, the position of the item it runs (-1: none yet), and the
+#: function it is loading (0: none).
+SEQ, POSITION, LOADING = 0, 1, 2
+
 # Parent -> worker
 INIT, CHUNK, CANCEL, WITHDRAW = 1, 2, 3, 5  # 4 was a stop the worker never needed
 # Worker -> parent
@@ -61,7 +66,7 @@ class ResultMeta(NamedTuple):
     done: bool                 # the chunk ended (at upto: the rest runs elsewhere)
     end: tuple[list[float], int]  # at its end: seconds spent per run, retries made
     retiring: str | None       # the worker leaves after this chunk, and why
-    unloadable: bool           # the chunk's items did not unpickle (errors[0] says)
+    arguments_unloadable: bool  # the chunk's items did not unpickle (errors[0] says)
 
 
 class BigBytes:

@@ -135,8 +135,8 @@ class _Worker:
         if progress is None or running is None:
             return
         seq, runs = running
-        at = int(progress[1])
-        if at < 0 or not _cut(runs, at + 1) or int(progress[1]) != at:
+        at = int(progress[_wire.POSITION])
+        if at < 0 or not _cut(runs, at + 1) or int(progress[_wire.POSITION]) != at:
             return
         try:
             self.send(_wire.CUT, _wire.dumps((seq, at + 1)))
@@ -172,9 +172,9 @@ class _Worker:
         if progress is not None:
             # Noted before anything is unpickled: an argument or a function whose
             # unpickling kills this process is then pinned on this chunk.
-            progress[1] = -1
-            progress[2] = 0
-            progress[0] = seq
+            progress[_wire.POSITION] = -1
+            progress[_wire.LOADING] = 0
+            progress[_wire.SEQ] = seq
         with self.reading:
             shipments, self.shipped = [*self.shipped, parts[1:1 + shipped]], []
         for shipment in shipments:
@@ -184,18 +184,18 @@ class _Worker:
                 self.functions.pop(fn_id, None)
             for fn_id, blob, buffers in functions:
                 if progress is not None:
-                    progress[2] = fn_id
+                    progress[_wire.LOADING] = fn_id
                 try:
                     self.functions[fn_id] = share_main(loads(blob, buffers), None, fn_id)
                 except BaseException as exc:
                     self.functions[fn_id] = Unloadable(exc)
         if progress is not None:
-            progress[2] = 0
+            progress[_wire.LOADING] = 0
         try:
             runs = loads(parts[1 + shipped], parts[2 + shipped:])
         except BaseException as exc:
             # An argument that pickled in the parent but does not load here.
-            self.send_results(seq, 0, 0, [], {0: exc}, done=True, unloadable=True)
+            self.send_results(seq, 0, 0, [], {0: exc}, done=True, arguments_unloadable=True)
             return
         self.poll()
         calls = [(self.functions[f], star, call, items) for f, star, call, items in runs]
@@ -232,13 +232,14 @@ class _Worker:
 
     def send_results(self, seq: int, first: int, upto: int, results: list[Any],
                      errors: dict[int, BaseException], *, done: bool,
-                     end: tuple[list[float], int] = ([], 0), unloadable: bool = False) -> None:
+                     end: tuple[list[float], int] = ([], 0),
+                     arguments_unloadable: bool = False) -> None:
         if self.closed:
             return
-        if unloadable:
+        if arguments_unloadable:
             errors = {p: pool_made(SerializationError(f"{exc!r}")) for p, exc in errors.items()}
         meta = _wire.ResultMeta(seq, first, upto, encode_errors(errors), done, end,
-                                self.retiring, unloadable)
+                                self.retiring, arguments_unloadable)
         try:
             self.send(_wire.RESULTS, [pickle.dumps(tuple(meta), 5), *dump_results(results)])
         except OSError:

@@ -12,7 +12,6 @@ import logging
 import os
 import pickle
 import signal
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -24,6 +23,7 @@ from .._forkserver import ForkServer, Spawned
 from .._rebalance import Pace
 from .._remote import decode_error
 from .._retry import RungUnavailable
+from .._zygote import STATUS
 from .._salvage import load_results
 from ._death import Death, ProcState, running
 
@@ -36,8 +36,6 @@ logger = logging.getLogger("asyncpool")
 #: How long (s) a worker about to be killed for a cancelled call's item has to send
 #: what finished before that item (it does so within milliseconds when it can).
 HAND_OVER_SECONDS = 0.25
-
-STATUS = struct.Struct("<ii")
 
 
 class Events:
@@ -250,7 +248,7 @@ class Proc:
             chunk = found
         errors = {position: decode_error(blob, text) for position, blob, text in meta.errors}
         results: list[Any] | BaseException
-        if meta.unloadable:
+        if meta.arguments_unloadable:
             results = errors.pop(0)
         else:
             try:
@@ -299,7 +297,8 @@ class Proc:
         for chunk in chunks:
             self._release(chunk, ran=chunk.size)
         death = Death(chunks, exitcode)
-        seq, position, loading = (int(self.progress[i]) for i in range(3))
+        seq, position, loading = (int(self.progress[i])
+                                  for i in (_wire.SEQ, _wire.POSITION, _wire.LOADING))
         # Gone with its fork server (killed from outside), it blames no item.
         if chunks and not (self.killed or retiring or self._orphaned) and seq == chunks[0].seq:
             # It died running its oldest chunk: on an item, or loading a function (or
@@ -380,7 +379,7 @@ class Proc:
         """Whether items wait here behind the one running."""
         if len(self.chunks) != 1:
             return len(self.chunks) > 1
-        seq, position = int(self.progress[0]), int(self.progress[1])
+        seq, position = int(self.progress[_wire.SEQ]), int(self.progress[_wire.POSITION])
         return self.chunks[0].seq != seq or position + 1 < self.chunks[0].size
 
     # -- stopping ------------------------------------------------------------------
@@ -392,7 +391,7 @@ class Proc:
         caller's; its items that have not started are skipped (cancelled)."""
         if not self.doomed or not self.chunks or self.state is ProcState.DEAD:
             return
-        seq, position = int(self.progress[0]), int(self.progress[1])
+        seq, position = int(self.progress[_wire.SEQ]), int(self.progress[_wire.POSITION])
         # The chunk it runs may be one we have not heard it start yet.
         chunk = next((c for c in self.chunks if c.seq == seq), None)
         if chunk is not None and 0 <= position < chunk.size:

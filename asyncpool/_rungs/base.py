@@ -41,7 +41,8 @@ MOVES = {
 
 
 class Listener(Protocol):
-    """Where a rung reports what happened to each chunk (the engine)."""
+    """Where a rung reports what happened to each chunk (the engine's outcomes,
+    :class:`~asyncpool._outcomes.Outcomes`)."""
 
     #: The pool is closing: a chunk given back now is not sent again.
     closing: bool
@@ -103,6 +104,10 @@ class Rung:
 
     def __init__(self) -> None:
         self._state = RungState.SERVING
+        #: Chunks submitted and not yet finally reported (the process rung counts
+        #: its workers' lists instead). It equals the chunks of this rung in the
+        #: engine's own ledger, ``Outcomes.in_flight``, save between a final report
+        #: and the engine's settling of it.
         self._in_flight = 0
         #: Why the rung stopped serving, once it CRASHED (if it knows).
         self.failure: BaseException | None = None
@@ -179,7 +184,7 @@ class Rung:
     def abandon(self) -> None:
         """Its pool was dropped unclosed: stop now, with no await (from a finalizer,
         perhaps on another thread), killing what runs."""
-        self._state = RungState.CLOSED
+        self._move(RungState.CLOSED)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.state.value} in_flight={self.in_flight}>"

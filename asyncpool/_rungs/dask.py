@@ -324,18 +324,19 @@ class DaskRung(Rung):
                            dict.fromkeys(range(chunk.size), error))
 
     def _answered(self, chunk: Chunk, blob: list[Any], errors: Any,
-                  spent: tuple[list[float], int], unloadable: str | None,
-                  bad_arguments: str | None) -> None:
-        """The task's answer (see :func:`asyncpool._execute.run_on_cluster`)."""
+                  spent: tuple[list[float], int], function_error: str | None,
+                  arguments_error: str | None) -> None:
+        """The task's answer (see :func:`asyncpool._execute.run_on_cluster`); the
+        last two say why the function, or the chunk's items, did not load there."""
         seconds, retried = spent
-        if bad_arguments is not None:
+        if arguments_error is not None:
             if self._end(chunk):
                 self.listener.chunk_unloadable(
-                    chunk, pool_made(SerializationError(bad_arguments)))
+                    chunk, pool_made(SerializationError(arguments_error)))
             return
-        if unloadable is not None:
+        if function_error is not None:
             error = pool_made(FunctionUnavailable(
-                f"the function could not be loaded on the Dask cluster: {unloadable}; "
+                f"the function could not be loaded on the Dask cluster: {function_error}; "
                 "install its module on the workers, or define it at module level"))
             errors = dict.fromkeys(range(chunk.size), error)
             results: list[Any] = [None] * chunk.size

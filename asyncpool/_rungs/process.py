@@ -249,7 +249,7 @@ class ProcessRung(Rung, Events):
                      nbytes: int) -> None:
         first, upto, done = meta.first, meta.upto, meta.done
         seconds, retried = meta.end
-        if meta.unloadable:
+        if meta.arguments_unloadable:
             assert isinstance(results, BaseException)
             self.listener.chunk_unloadable(chunk, results)
             return
