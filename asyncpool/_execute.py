@@ -17,7 +17,7 @@ from . import _wire
 from ._errors import FunctionUnavailable, InitializerFailed, pool_made
 from ._handover import Running, unwatch, watch
 from ._remote import encode_errors
-from ._retry import is_transient, task_retry_delays
+from ._retry import retry_again, task_retry_delays
 from ._share import share_main
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
@@ -71,20 +71,19 @@ def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int,
     try:
         return fn(*item) if star else fn(item)
     except Exception as exc:
-        if not (retries and is_transient(exc)):
+        if not retry_again(exc, 0, retries):
             raise
-        error: Exception = exc
-    delays = task_retry_delays()
-    for _ in range(retries):
+    delays = task_retry_delays()  # made only after a failure: the loop above is hot
+    attempt = 1
+    while True:
         time.sleep(next(delays))
         retried[0] += 1
         try:
             return fn(*item) if star else fn(item)
         except Exception as exc:
-            if not is_transient(exc):
+            if not retry_again(exc, attempt, retries):
                 raise
-            error = exc
-    raise error
+        attempt += 1
 
 
 def own_frames_dropped(exc: BaseException) -> BaseException:

@@ -34,6 +34,13 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
 
 
+def retry_again(exc: BaseException, attempt: int, retries: int) -> bool:
+    """Whether an item that raised ``exc`` on its ``attempt``-th try (0: the first)
+    is tried again: an ``Exception`` that is transient, up to ``retries`` more times
+    (``task_retries``). The one rule for the worker's loop and the inline rung's."""
+    return attempt < retries and isinstance(exc, Exception) and is_transient(exc)
+
+
 def backoff_delays(
     initial: float, factor: float, maximum: float, jitter: float
 ) -> Iterator[float]:

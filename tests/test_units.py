@@ -33,10 +33,10 @@ from asyncpool import (
 )
 from asyncpool import _wire
 from asyncpool._call import Chunk, Piece
-from asyncpool._execute import execute
+from asyncpool._execute import call_item, execute
 from asyncpool._remote import portable
 from asyncpool._options import CallOptions
-from asyncpool._retry import RungUnavailable, backoff_delays, is_transient
+from asyncpool._retry import RungUnavailable, backoff_delays, is_transient, retry_again
 from asyncpool._salvage import load_results
 from asyncpool._worker import _cut
 from asyncpool._sizing import (SEND_SECONDS, TARGET_CHUNK_BYTES, Timing, assemble,
@@ -381,6 +381,33 @@ def test_is_transient() -> None:
     assert not is_transient(RuntimeError("something else"))
     assert not is_transient(OSError(errno.ENOENT, "No such file"))
     assert not is_transient(ValueError("can't start new thread"))
+
+
+@pytest.mark.parametrize("failures, retries, ok", [(0, 0, True), (1, 0, False),
+                                                   (2, 2, True), (3, 2, False)])
+def test_an_item_is_retried_task_retries_times_on_transient_errors_only(
+        failures: int, retries: int, ok: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("asyncpool._execute.time.sleep", lambda seconds: None)
+    tries: list[int] = []
+
+    def flaky(x: int) -> int:
+        tries.append(x)
+        if len(tries) <= failures:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return x * 2
+
+    retried = [0]
+    if ok:
+        assert call_item(flaky, 21, False, retries, retried) == 42
+    else:
+        with pytest.raises(BlockingIOError):
+            call_item(flaky, 21, False, retries, retried)
+    assert len(tries) == min(failures, retries) + 1 and retried == [min(failures, retries)]
+    # Not transient, or not an Exception: never again; the one rule for every rung.
+    assert not retry_again(ValueError("x"), 0, 5)
+    assert not retry_again(KeyboardInterrupt(), 0, 5)
+    assert retry_again(OSError(errno.EAGAIN, "x"), 4, 5)
+    assert not retry_again(OSError(errno.EAGAIN, "x"), 5, 5)
 
 
 # -- errors --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._errors import InitializerFailed
-from .._retry import is_transient, task_retry_delays
+from .._retry import retry_again, task_retry_delays
 from .._execute import SKIPPED, own_frames_dropped
 from .._remote import portable
 from .._loop import preload_backend
@@ -124,8 +124,7 @@ class InlineRung(Rung):
             try:
                 return fn(*item) if star else fn(item)
             except BaseException as exc:
-                if attempt == retries or not isinstance(exc, Exception) or (
-                        not is_transient(exc)):
+                if not retry_again(exc, attempt, retries):
                     return _Raised(exc)
             self._retried += 1
             await anyio.sleep(next(delays))
