@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,13 @@ async def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
     with anyio.fail_after(timeout):
         while not check():
             await anyio.sleep(0.01)
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """:func:`wait_until` for a check that awaits (asks a cluster, say)."""
+    with anyio.fail_after(timeout):
+        while not await check():
+            await anyio.sleep(0.05)
 
 
 async def idle(pool: Any, timeout: float = 10.0) -> None:

@@ -20,7 +20,7 @@ from asyncpool import (DeadlineExceeded, InitializerFailed, ResilientPool, Seria
                        WorkerCrashed)
 
 from . import tasks
-from .helpers import free_port, wait_until
+from .helpers import free_port, wait_for, wait_until
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 import dask  # noqa: E402  (installed with distributed)
@@ -154,11 +154,10 @@ async def test_a_pool_dropped_unclosed_closes_its_client(cluster: Any) -> None:
 
         await open_and_drop()
         gc.collect()
-        for _ in range(100):
-            if await client.run_on_scheduler(_clients) == before:
-                break
-            await anyio.sleep(0.05)
-        assert await client.run_on_scheduler(_clients) == before
+
+        async def closed() -> bool:
+            return bool(await client.run_on_scheduler(_clients) == before)
+        await wait_for(closed)
 
 
 async def test_the_only_worker_dying_is_a_crash_not_a_lost_scheduler(tmp_path: Path) -> None:
