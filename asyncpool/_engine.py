@@ -105,6 +105,8 @@ class Engine:
         self._scheduled = False
         #: Whether new items go before those that go again (see _next).
         self._fresh_turn = False
+        #: Set once closed: a second close meanwhile waits for the first.
+        self._closed: anyio.Event | None = None
 
     @property
     def in_flight(self) -> set[Chunk]:
@@ -392,10 +394,22 @@ class Engine:
 
     # -- closing -------------------------------------------------------------------
 
+    def kill_running(self) -> None:
+        """Stop every chunk in flight now (a close that waits for them then ends)."""
+        self.outcomes.stop(list(self.outcomes.in_flight))
+
     async def aclose(self, kill: bool) -> None:
         """Stop. Without ``kill`` the running items of live calls finish; items nobody
-        waits for any more are stopped; what was never sent fails with PoolClosed."""
+        waits for any more are stopped; what was never sent fails with PoolClosed.
+        Called again meanwhile, it waits for the first close (``kill`` stops what that
+        one waits for)."""
         outcomes = self.outcomes
+        if self._closed is not None:
+            if kill:
+                outcomes.stop(list(outcomes.in_flight))
+            await self._closed.wait()
+            return
+        self._closed = anyio.Event()
         outcomes.close()
         self.ready.clear()
         self.stalled.clear()
@@ -417,3 +431,4 @@ class Engine:
                 await self.ladder.aclose(kill or bool(outcomes.in_flight))
             for call in list(self.calls):
                 call.fail(PoolClosed("the pool was closed"))
+            self._closed.set()

@@ -124,7 +124,9 @@ class ResilientPool:
                 waiting finish first, and items nobody waits for any more (their
                 call timed out or was cancelled) are killed.
 
-        Items of waiting calls that were never sent fail with ``PoolClosed``. Idempotent.
+        Items of waiting calls that were never sent fail with ``PoolClosed``. Idempotent:
+        a second call while the first closes returns once the pool is closed (with
+        ``kill``, it stops the running work the first one waits for).
 
         A caller's deadline or cancellation ends the wait: what still runs is then
         killed.
@@ -142,7 +144,7 @@ class ResilientPool:
                 await pool.aclose()
             ```
         """
-        if self._state in (PoolState.CLOSING, PoolState.CLOSED):
+        if self._state is PoolState.CLOSED:
             return
         if self._finalizer is not None:
             self._finalizer.detach()

@@ -351,6 +351,7 @@ async def test_deadline_returns_partial_results(anyio_backend: str) -> None:
 
 async def test_imap_deadline(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2, chunk_size=1) as pool:
+        await pool.map(tasks.square, range(4))  # started: the deadline is the items'
         got = []
         with pytest.raises(DeadlineExceeded) as info:
             async for value in pool.imap(tasks.nap, [0.01, 0.01, 3.0, 0.01], timeout=0.5,
@@ -449,6 +450,34 @@ async def test_aclose_kill_stops_at_once_and_pool_refuses_after(anyio_backend: s
     with pytest.raises(PoolClosed):
         await pool.run(tasks.square, 2)
     await pool.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize("second", ["graceful", "kill"])
+async def test_a_second_close_returns_once_the_pool_is_closed(second: str,
+                                                             anyio_backend: str) -> None:
+    # A second aclose() while the first waited for running items returned at once,
+    # with the workers still alive.
+    pool = ResilientPool(max_workers=2, chunk_size=1)
+    await pool.__aenter__()
+    pids = set(await pool.map(tasks.pid_of, range(8)))
+    nap = 0.5 if second == "graceful" else 30.0
+    closed: list[float] = []
+
+    async def close_first() -> None:
+        await pool.aclose()
+        closed.append(time.monotonic())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(pool.map, tasks.nap, [nap] * 2,
+                                        return_exceptions=True))
+        await wait_until(lambda: pool.statistics().chunks_in_flight == 2)
+        tg.start_soon(close_first)
+        await wait_until(lambda: "closing" in repr(pool))
+        started = time.monotonic()
+        await pool.aclose(kill=second == "kill")
+        assert not any(alive(pid) for pid in pids), "returned before the workers left"
+        assert time.monotonic() - started < 10.0  # the naps are 30 s: killed
+    assert "closed" in repr(pool) and len(closed) == 1
 
 
 async def test_transient_error_inside_task_is_retried(tmp_path: Path,
