@@ -157,6 +157,28 @@ async def test_closing_a_pool_given_up_on_the_cluster(fault: str, cluster: CliCl
         assert await _pools_plugins(cluster) == []
 
 
+async def test_an_initializer_a_silent_scheduler_kept_is_unregistered_on_its_return(
+        cluster: CliCluster) -> None:
+    # The rung given up on a stopped scheduler could not unregister its initializer;
+    # the rung that climbed back when it answered again did not either: workers
+    # joining after the pool closed ran the closed pool's initializer, for good.
+    async with ResilientPool(max_workers=1, dask_address=cluster.address,
+                             dask_connect_timeout=2.0, promote_after=0.5,
+                             initializer=tasks.remember, initargs=("dask",)) as pool:
+        assert pool.backend == "dask"
+        cluster.pause_scheduler()
+        try:
+            with anyio.fail_after(30):
+                while pool.backend == "dask":
+                    assert await pool.run(tasks.square, 3) == 9
+                    await anyio.sleep(0.2)
+        finally:
+            cluster.pause_scheduler(False)
+        await wait_until(lambda: pool.backend == "dask", 60)
+        assert len(await _pools_plugins(cluster)) == 1  # its own, the one rung's
+    assert await _pools_plugins(cluster) == []
+
+
 async def test_a_killed_worker_loses_nothing(cluster: CliCluster) -> None:
     async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
         results: list[float] = []

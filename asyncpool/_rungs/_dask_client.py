@@ -125,11 +125,35 @@ async def close_quietly(client: Any) -> None:
     client.status = "closed"  # a public attribute of Client (its __del__ reads it)
 
 
-async def unregister_quietly(client: Any, name: str) -> None:
+#: Initializer plugins left on a scheduler by rungs that could not unregister them
+#: (it did not answer as they closed), by scheduler address: a later rung of this
+#: process on that scheduler removes them, or workers joining would run them for good.
+_LEFT: dict[str, set[str]] = {}
+
+
+async def unregister_quietly(client: Any, name: str) -> bool:
+    """Unregister the worker plugin ``name``; False if the scheduler did not answer."""
     try:
         await asyncio.wait_for(client.unregister_worker_plugin(name), 5)
+    except Exception as exc:  # not there (a restarted scheduler) is as good as gone
+        return not isinstance(exc, OSError | TimeoutError)  # CommClosedError is an OSError
     except BaseException:
-        pass
+        return False
+    return True
+
+
+async def unregister_initializers(client: Any, name: str | None, answering: bool) -> None:
+    """A closing rung's initializer plugin ``name`` leaves the cluster, and those
+    earlier rungs left there; what cannot leave now (``answering`` False: the
+    scheduler did not answer, or is gone) is left for a later rung."""
+    address = str(getattr(client.scheduler, "address", ""))
+    left = _LEFT.setdefault(address, set())
+    if name is not None:
+        left.add(name)
+    if answering:
+        for plugin in sorted(left):
+            if await unregister_quietly(client, plugin):
+                left.discard(plugin)
 
 
 def given(client: Any) -> Any:

@@ -51,7 +51,7 @@ from ._dask_client import (
     outcome,
     register_initializer,
     retrieved,
-    unregister_quietly,
+    unregister_initializers,
 )
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
@@ -126,6 +126,7 @@ class DaskRung(Rung):
             await asyncio.wait_for(rung.client.wait_for_workers(1), timeout)
             await rung._resize()
             await in_step(rung.client, rung._scheduler_id, timeout)
+            await unregister_initializers(rung.client, None, True)  # earlier rungs' left
             if rung._initializer is not None:
                 await register_initializer(rung.client, config, rung._initializer,
                                            rung.space, rung._scheduler_id)
@@ -441,10 +442,9 @@ class DaskRung(Rung):
             relay.cancel()
         if relays:
             await asyncio.gather(*relays, return_exceptions=True)
-        if self.config.initializer is not None and not self._silent and self._connected():
-            # A cluster outlives pools: its workers must not run this one's initializer
-            # as they join, for good. (Not asked of a scheduler found not answering:
-            # the close waited 5 s more for it.)
-            await unregister_quietly(self.client, f"asyncpool-initializer-{self._token}")
+        # A cluster outlives pools: its workers must not run this one's initializer as
+        # they join, for good (a scheduler found not answering: a later rung's job).
+        await unregister_initializers(self.client, self._initializer,
+                                      not self._silent and self._connected())
         if self.owned:
             await close_quietly(self.client)
