@@ -88,6 +88,16 @@ def kill_self_once(args: tuple[int, str]) -> int:
     return x * x
 
 
+def kill_fork_server_on(args: tuple[int, int]) -> int:
+    """A poison item that kills the fork server (this worker's parent), and with it
+    every worker."""
+    x, poison = args
+    if x == poison:
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(5)
+    return x * x
+
+
 def exit_on(args: tuple[int, int]) -> int:
     """A poison item: os._exit every time it runs."""
     x, poison = args

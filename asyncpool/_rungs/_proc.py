@@ -23,8 +23,8 @@ from .._forkserver import ForkServer, Spawned
 from .._rebalance import Pace
 from .._remote import decode_error
 from .._retry import RungUnavailable
-from .._zygote import STATUS
 from .._salvage import load_results
+from .._zygote import STATUS
 from ._death import Death, ProcState, running
 
 if TYPE_CHECKING:
@@ -299,13 +299,14 @@ class Proc:
         death = Death(chunks, exitcode)
         seq, position, loading = (int(self.progress[i])
                                   for i in (_wire.SEQ, _wire.POSITION, _wire.LOADING))
-        # Gone with its fork server (killed from outside), it blames no item.
-        if chunks and not (self.killed or retiring or self._orphaned) and seq == chunks[0].seq:
-            # It died running its oldest chunk: on an item, or loading a function (or
-            # the arguments) before the first item.
+        on_item = bool(chunks) and 0 <= position < chunks[0].size  # else between items
+        # Gone with its fork server: only an item it ran then is blamed (it may have
+        # killed the fork server; from outside, as any outside kill, it gets a retry).
+        if chunks and not (self.killed or retiring or ForkServer.exiting) and (
+                seq == chunks[0].seq) and (on_item or not self._orphaned):
+            # On its oldest chunk: an item, or loading a function or the arguments.
             death.crashed = True
-            # (Past the end of a chunk cut short: between its last item and its end.)
-            death.culprit = position if 0 <= position < chunks[0].size else None
+            death.culprit = position if on_item else None
             death.loading = loading
         # Not asked, nor gone with the fork server (killed, or stopped at exit).
         death.unasked = not (self.killed or retiring or was_starting or self.asked_to_leave
