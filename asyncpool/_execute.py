@@ -127,6 +127,25 @@ def leave_if_forked(error: BaseException | None = None) -> None:
     os._exit(code)
 
 
+def cut_runs(runs: list[Any], keep: int) -> bool:
+    """Cut a running chunk's lists of items (and of runs) after its first ``keep``
+    items, which ends the loops over them; False if nothing could be cut. The running
+    thread notes an item's position before it fetches the item, so if the position
+    read before the cut is still there after it, no item past it will run."""
+    if keep >= sum(len(items) for _, _, _, items in runs):
+        return False
+    seen = 0
+    for index, (_, _, _, items) in enumerate(runs):
+        if seen + len(items) >= keep:
+            if not isinstance(items, list):
+                return False
+            del items[keep - seen:]
+            del runs[index + 1:]
+            return True
+        seen += len(items)
+    return False
+
+
 def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
             skip: AbstractSet[int] = frozenset(),
             flush: float = FLUSH_SECONDS, late: Late | None = None) -> tuple[int, float]:
@@ -155,7 +174,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     total = sum(len(items) for _, _, _, items in runs)
     # The next item's position is noted before it is fetched from its list: a thread
     # that cuts the lists short and then still reads the position it saw knows that
-    # nothing past it will run (see _worker._cut).
+    # nothing past it will run (see cut_runs).
     if progress is not None and total:
         progress[_wire.POSITION] = 0
     # Each run's own time: runs of several calls share a chunk, and a quick function

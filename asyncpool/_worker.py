@@ -20,7 +20,8 @@ import time
 
 from . import _handover, _wire
 from ._errors import RemoteError, SerializationError, pool_made
-from ._execute import FORKED, Unloadable, dump_results, execute, leave_if_forked, loads
+from ._execute import (FORKED, Unloadable, cut_runs, dump_results, execute, leave_if_forked,
+                       loads)
 from ._remote import describe, encode_errors, portable
 from ._share import initialize, share_main
 
@@ -136,7 +137,7 @@ class _Worker:
             return
         seq, runs = running
         at = int(progress[_wire.POSITION])
-        if at < 0 or not _cut(runs, at + 1) or int(progress[_wire.POSITION]) != at:
+        if at < 0 or not cut_runs(runs, at + 1) or int(progress[_wire.POSITION]) != at:
             return
         try:
             self.send(_wire.CUT, _wire.dumps((seq, at + 1)))
@@ -249,25 +250,6 @@ class _Worker:
         leave_if_forked()
         with self.sending:
             _wire.send_frame(self.sock, kind, parts)
-
-
-def _cut(runs: list[Any], keep: int) -> bool:
-    """Cut a running chunk's lists of items (and of runs) after its first ``keep``
-    items, which ends the loops over them; False if nothing could be cut. The running
-    thread notes an item's position before it fetches the item, so if the position
-    read before the cut is still there after it, no item past it will run."""
-    if keep >= sum(len(items) for _, _, _, items in runs):
-        return False
-    seen = 0
-    for index, (_, _, _, items) in enumerate(runs):
-        if seen + len(items) >= keep:
-            if not isinstance(items, list):
-                return False
-            del items[keep - seen:]
-            del runs[index + 1:]
-            return True
-        seen += len(items)
-    return False
 
 
 def _rss() -> int:

@@ -33,12 +33,11 @@ from asyncpool import (
 )
 from asyncpool import _wire
 from asyncpool._call import Chunk, Piece
-from asyncpool._execute import call_item, execute
+from asyncpool._execute import call_item, cut_runs, execute
 from asyncpool._remote import portable
 from asyncpool._options import CallOptions
 from asyncpool._retry import RungUnavailable, backoff_delays, is_transient, retry_again
 from asyncpool._salvage import load_results
-from asyncpool._worker import _cut
 from asyncpool._sizing import (SEND_SECONDS, TARGET_CHUNK_BYTES, Timing, assemble,
                                guided_cap)
 
@@ -848,7 +847,7 @@ def _cut_while_running() -> tuple[list[int], list[int]]:
     def cutter() -> None:
         while len(ran) < 80:
             at = progress[1]
-            if at >= 0 and _cut(runs, at + 1):
+            if at >= 0 and cut_runs(runs, at + 1):
                 if progress[1] == at:
                     claimed.append(at + 1)
                 return

@@ -571,13 +571,15 @@ async def test_a_calls_own_chunk_size_holds_for_slow_items(anyio_backend: str) -
         assert pool.statistics().chunks_submitted - before - len(moved) <= 2, moved
 
 
+@pytest.mark.parametrize("rung", ["process", "thread"])
 async def test_calls_packed_behind_a_long_item_go_to_an_idle_worker(
-        tmp_path: Path, anyio_backend: str) -> None:
+        rung: str, tmp_path: Path, anyio_backend: str) -> None:
     # One caller's long item and thirty short ones of other callers, brought in one
     # loop turn, shared chunks: the short ones behind the long one waited for it
     # while the other worker sat idle (a 0.5 s deadline failed a quarter of them).
+    # Threads did so after the process rung no longer did.
     log = tmp_path / "starts"
-    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+    async with ResilientPool(max_workers=2, rungs=(rung,)) as pool:  # type: ignore[arg-type]
         await pool.map(tasks.note_start, [(-1, str(log), 0.001)] * 40)  # 1 ms items
         log.write_text("")
         order: list[int] = []
@@ -593,6 +595,24 @@ async def test_calls_packed_behind_a_long_item_go_to_an_idle_worker(
         assert order[-1] == 0, order  # every short call came back before the long one
         assert sorted(int(x) for x in log.read_text().split()) == list(range(31))
         assert pool.statistics().worker_crashes == 0
+
+
+@pytest.mark.parametrize("rung", ["process", "thread"])
+async def test_items_behind_a_long_first_item_of_their_chunk_go_to_an_idle_worker(
+        rung: str, tmp_path: Path, anyio_backend: str) -> None:
+    # On threads, one chunk's short items waited for its long first item while the
+    # other thread, idle since before the chunk came, slept on the empty queue.
+    log = tmp_path / "starts"
+    async with ResilientPool(max_workers=2, rungs=(rung,)) as pool:  # type: ignore[arg-type]
+        await pool.map(tasks.square, range(4))
+        got: list[int] = []
+        async with pool.imap(tasks.note_start, [(x, str(log), 1.0 if x == 0 else 0.001)
+                                                for x in range(20)],
+                             chunk_size=20, ordered=False) as results:
+            async for value in results:
+                got.append(value)
+        assert got[-1] == 0 and sorted(got) == list(range(20)), got
+        assert sorted(int(x) for x in log.read_text().split()) == list(range(20))  # once
 
 
 async def test_a_worker_killed_from_outside_is_replaced(anyio_backend: str) -> None:

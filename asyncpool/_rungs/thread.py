@@ -12,14 +12,16 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .. import _wire
 from .._errors import InitializerFailed
-from .._execute import execute
+from .._execute import cut_runs, execute
 from .._remote import portable
 from .._loop import preload_backend
 from .._share import initialize
@@ -33,6 +35,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("asyncpool")
 
+#: A chunk not heard of for this long (s) while a thread is idle runs a long item:
+#: the items behind it go to the idle thread (as on the process rung).
+STUCK_SECONDS = 0.025
+#: Queued to wake an idle thread blocked with nothing running: a chunk now runs.
+_LOOK = "look"
+
 
 class ThreadRung(Rung):
     name = "thread"
@@ -40,7 +48,7 @@ class ThreadRung(Rung):
     def __init__(self, config: PoolConfig, listener: Listener, loop: Loop) -> None:
         super().__init__()
         self.config, self.listener, self.loop = config, listener, loop
-        self._queue: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Chunk | str | None] = queue.SimpleQueue()
         #: Calls whose items are no longer wanted (read by the threads). A call leaves
         #: with its last chunk here, so that a service's timeouts do not pile up.
         self._cancelled: set[int] = set()
@@ -48,15 +56,19 @@ class ThreadRung(Rung):
         self._holding: collections.Counter[int] = collections.Counter()
         self.threads: list[threading.Thread] = []
         self._init_errors: list[BaseException] = []
-        #: The chunk each thread runs, and the threads left running an item that was
-        #: to be killed: a new thread serves in place of each (see kill).
-        self._running: dict[threading.Thread, Chunk] = {}
+        #: The chunk each thread runs, with its copy of the items' lists (which
+        #: _take_back may cut) and its progress ([seq, position of the running item,
+        #: 0, when last heard of]); and the threads left running an item that was to
+        #: be killed: a new thread serves in place of each (see kill).
+        self._running: dict[threading.Thread, tuple[Chunk, list[Any], list[Any]]] = {}
         self._stuck: set[threading.Thread] = set()
         #: Threads that left when told to (see aclose), and the closer's wake-up.
         self._done: set[threading.Thread] = set()
         self._exits: Any = None
         #: Their chunks: already reported lost (their slots free), never reported again.
         self._detached: set[Chunk] = set()
+        #: Chunks submitted and not finally reported (on the loop).
+        self._open: set[Chunk] = set()
         self._started = 0
 
     @classmethod
@@ -112,6 +124,7 @@ class ThreadRung(Rung):
         chunk.rung = self
         self._in_flight += 1
         self._holding.update({piece.call.id for piece in chunk.pieces})
+        self._open.add(chunk)
         self._queue.put(chunk)
 
     def cancel(self, calls: Iterable[int]) -> None:
@@ -131,16 +144,26 @@ class ThreadRung(Rung):
             if ready is not None:
                 self.loop.call_soon_threadsafe(ready.one)
         while True:
-            chunk = self._queue.get()
+            try:
+                # While other threads run chunks, an idle one looks at them now and then.
+                chunk = self._queue.get(timeout=STUCK_SECONDS if self._running else None)
+            except queue.Empty:
+                self._take_back()
+                continue
             if chunk is None:
                 self._done.add(me)
                 self.loop.call_soon_threadsafe(self._exited)
                 return
-            self._running[me] = chunk
-            runs = [(p.call.fn, p.call.star, p.call.id, p.items) for p in chunk.pieces]
-            report = functools.partial(self._tick, chunk)
+            if isinstance(chunk, str):
+                continue
+            runs = [(p.call.fn, p.call.star, p.call.id, list(p.items)) for p in chunk.pieces]
+            progress = [chunk.seq, -1, 0, time.monotonic()]
+            self._running[me] = (chunk, runs, progress)
+            if self._queue.empty() and len(self._running) < self.workers:
+                self._queue.put(_LOOK)  # a thread blocked idle looks at this one
+            report = functools.partial(self._tick, chunk, progress)
             try:
-                execute(runs, config.task_retries, report, skip=self._cancelled,
+                execute(runs, config.task_retries, report, progress, skip=self._cancelled,
                         late=functools.partial(report, end=None))
             except BaseException:  # pragma: no cover - execute catches what items raise
                 logger.exception("a thread of the thread rung failed")
@@ -150,6 +173,26 @@ class ThreadRung(Rung):
                 # Its stuck item ended: the thread that took its place stays.
                 self.loop.call_soon_threadsafe(functools.partial(self._left, me))
                 return
+
+    def _take_back(self) -> None:
+        """In an idle thread, with nothing queued: a chunk not heard of for
+        STUCK_SECONDS runs a long item; the items behind it are cut off (as a worker
+        process cuts its chunk, see cut_runs) and sent again, here."""
+        if self.state is not RungState.SERVING or self.listener.closing:
+            return
+        now = time.monotonic()
+        for thread, (chunk, runs, progress) in list(self._running.items()):
+            at = progress[_wire.POSITION]
+            if thread in self._stuck or at < 0 or now - progress[3] < STUCK_SECONDS:
+                continue
+            if cut_runs(runs, at + 1) and progress[_wire.POSITION] == at:
+                # (Had it moved on, its end report says where it stopped.)
+                self.loop.call_soon_threadsafe(functools.partial(self._was_cut, chunk,
+                                                                 at + 1))
+
+    def _was_cut(self, chunk: Chunk, keep: int) -> None:
+        if chunk in self._open and chunk not in self._detached:  # else it ended first
+            self.listener.chunk_cut(chunk, keep)
 
     def _exited(self) -> None:
         if self._exits is not None:
@@ -176,7 +219,7 @@ class ThreadRung(Rung):
                     chunk = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if chunk is not None:
+                if chunk is not None and not isinstance(chunk, str):
                     self._release(chunk)
                     self.listener.chunk_lost(chunk)
             self.listener.rung_changed()
@@ -187,7 +230,7 @@ class ThreadRung(Rung):
         serves in its place meanwhile, so a hung item does not take a thread for good.
         False: the items run on."""
         wanted = set(chunks)
-        for thread, chunk in list(self._running.items()):
+        for thread, (chunk, _, _) in list(self._running.items()):
             if chunk in wanted and thread not in self._stuck and (
                     self.state is RungState.SERVING):
                 self._stuck.add(thread)
@@ -207,9 +250,10 @@ class ThreadRung(Rung):
                         f"start ({exc})"))
         return False
 
-    def _tick(self, chunk: Chunk, first: int, upto: int, results: list[Any],
-              errors: dict[int, BaseException],
+    def _tick(self, chunk: Chunk, progress: list[Any], first: int, upto: int,
+              results: list[Any], errors: dict[int, BaseException],
               end: tuple[list[float], int] | None) -> tuple[AbstractSet[int], bool]:
+        progress[3] = time.monotonic()
         if chunk in self._detached:
             if end is not None:
                 self.loop.call_soon_threadsafe(
@@ -236,6 +280,7 @@ class ThreadRung(Rung):
 
     def _release(self, chunk: Chunk) -> None:
         """The chunk no longer holds a slot here (nor a place for its calls)."""
+        self._open.discard(chunk)
         self._in_flight -= 1
         holding = self._holding
         for call in {piece.call.id for piece in chunk.pieces}:
