@@ -153,6 +153,11 @@ class PoolConfig:
         if address is not None and not isinstance(address, str):
             _type_error("PoolConfig.dask_address", self.dask_address,
                         'a scheduler address such as "tcp://host:8786"')
+        client: object = self.dask_client
+        if client is not None and not (hasattr(client, "submit")
+                                       and hasattr(client, "scheduler")):
+            _type_error("PoolConfig.dask_client", client, "a distributed.Client made with "
+                        "asynchronous=True (or pass dask_address)")
         ladder_ok = (
             len(self.rungs) > 0
             and all(isinstance(r, str) and r in RUNGS for r in self.rungs)

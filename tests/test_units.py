@@ -477,6 +477,8 @@ BAD_VALUES = [
     ("backoff_factor", math.inf, ValueError), ("promote_after", math.inf, ValueError),
     ("promote_max", math.inf, ValueError), ("start_timeout", 10**400, ValueError),
     ("max_workers", 10**30, ValueError), ("target_chunk_seconds", 1e305, ValueError),
+    ("dask_address", 8786, TypeError), ("dask_client", math.inf, TypeError),
+    ("dask_client", "tcp://127.0.0.1:8786", TypeError),
 ]
 
 
