@@ -137,7 +137,8 @@ class Outcomes:
         if culprit is None or culprit < first:
             if chunk.size - first == 1 and deaths > 1 and not chunk.suspect:
                 # Dask lost it with every task on its worker: alone, it may well run.
-                self._again(chunk, first, chunk.size, Resend.SUSPECT, 0)
+                # (Should it crash there too, these deaths were its own: counted.)
+                self._again(chunk, first, chunk.size, Resend.SUSPECT, deaths)
                 self._settle(chunk)
                 return
             if chunk.size - first > 1:

@@ -169,7 +169,8 @@ class _Caller:
 
 
 def _crash(lengths: list[int], culprit: int | None, *, deaths: int = 1, reported: int = 0,
-           crashes: int = 0) -> tuple[Any, list[_Caller], list[Any], list[str]]:
+           crashes: int = 0, suspect: bool = False
+           ) -> tuple[Any, list[_Caller], list[Any], list[str]]:
     """Crash a chunk of calls with ``lengths`` items: the listener, its calls, each
     resend in sending order as (first input index, size, crash count), and the
     reasons given, in the order given."""
@@ -184,6 +185,7 @@ def _crash(lengths: list[int], culprit: int | None, *, deaths: int = 1, reported
     chunk = Chunk([Piece(c, 100 * c.id, list(range(n)))  # type: ignore[arg-type]
                    for c, n in zip(callers, lengths, strict=True)], crashes)
     chunk.reported = reported
+    chunk.suspect = suspect
     outcomes.sent(chunk)
     outcomes.chunk_crashed(chunk, culprit, -9, deaths)
     assert chunk not in outcomes.in_flight and all(c.chunks == set() for c in callers)
@@ -206,7 +208,11 @@ def test_a_crash_costing_several_deaths_splits_in_up_to_32_parts() -> None:
     assert {size for _, size, _ in resent} == {3, 4}
     # One item left, lost with its whole worker: it runs alone, not yet blamed.
     _, _, resent, reasons = _crash([1], None, deaths=3)
-    assert resent == [(0, 1, 0)] and reasons == ["suspect"]
+    assert resent == [(0, 1, 3)] and reasons == ["suspect"]
+    # Crashing alone, it fails, the message counting every death it cost (it said
+    # 3, where the workers had died 6 times).
+    outcomes, callers, resent, _ = _crash([1], None, deaths=3, crashes=3, suspect=True)
+    assert resent == [] and "6 time(s)" in str(callers[0].delivered[0])
 
 
 def test_a_known_culprit_goes_last_alone_and_its_neighbours_are_not_blamed() -> None:
