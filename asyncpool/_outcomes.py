@@ -381,7 +381,8 @@ class Outcomes:
             try:
                 if not rung.kill([c for c in chunks if c.rung is rung], calls):
                     self.emit("rung_warning", f"the {rung.name} rung cannot stop running "
-                              "tasks; they finish in the background", rung=rung.name)
+                              "tasks: those that started finish in the background "
+                              "(those not started do not run)", rung=rung.name)
             except Exception:
                 # The caller's own outcome (a deadline, a cancel) still goes first.
                 logger.exception("the %s rung failed to stop chunks", rung.name)
