@@ -23,7 +23,8 @@ import anyio
 from ._errors import InitializerFailed, PoolClosed, PoolUnavailable
 from ._events import Counters, Emitter
 from ._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
-from ._rungs import ONE_ATTEMPT, STAND_IN, Listener, Rung, RungState, create_rung
+from ._rungs import (ONE_ATTEMPT, STAND_IN, Listener, Rung, RungState, create_rung,
+                     pool_closed)
 
 if TYPE_CHECKING:
     from ._config import PoolConfig
@@ -310,3 +311,4 @@ class Ladder:
                 await task.wait()
             while self._closers:
                 await self._closers.pop().wait()
+            await pool_closed(self.config)

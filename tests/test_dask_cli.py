@@ -4,6 +4,7 @@ workers, a poison item, a function the cluster cannot import."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -157,14 +158,23 @@ async def test_closing_a_pool_given_up_on_the_cluster(fault: str, cluster: CliCl
         assert await _pools_plugins(cluster) == []
 
 
+@pytest.mark.parametrize("client", ["its own, climbing back", "the caller's, staying local"])
 async def test_an_initializer_a_silent_scheduler_kept_is_unregistered_on_its_return(
-        cluster: CliCluster) -> None:
+        client: str, cluster: CliCluster) -> None:
     # The rung given up on a stopped scheduler could not unregister its initializer;
-    # the rung that climbed back when it answered again did not either: workers
-    # joining after the pool closed ran the closed pool's initializer, for good.
-    async with ResilientPool(max_workers=1, dask_address=cluster.address,
-                             dask_connect_timeout=2.0, promote_after=0.5,
-                             initializer=tasks.remember, initargs=("dask",)) as pool:
+    # the rung that climbed back when it answered again did not either, nor did the
+    # close of a pool given the caller's client: workers joining after the pool
+    # closed ran the closed pool's initializer, for good.
+    import distributed
+
+    climbs = client.startswith("its own")
+    async with contextlib.AsyncExitStack() as stack:
+        given = None if climbs else await stack.enter_async_context(distributed.Client(
+            cluster.address, asynchronous=True, set_as_default=False))
+        pool = await stack.enter_async_context(ResilientPool(
+            max_workers=1, dask_address=cluster.address if climbs else None,
+            dask_client=given, dask_connect_timeout=2.0, promote_after=0.5 if climbs else 60,
+            initializer=tasks.remember, initargs=("dask",)))
         assert pool.backend == "dask"
         cluster.pause_scheduler()
         try:
@@ -174,9 +184,11 @@ async def test_an_initializer_a_silent_scheduler_kept_is_unregistered_on_its_ret
                     await anyio.sleep(0.2)
         finally:
             cluster.pause_scheduler(False)
-        await wait_until(lambda: pool.backend == "dask", 60)
-        assert len(await _pools_plugins(cluster)) == 1  # its own, the one rung's
-    assert await _pools_plugins(cluster) == []
+        if climbs:
+            await wait_until(lambda: pool.backend == "dask", 60)
+            assert len(await _pools_plugins(cluster)) == 1  # its own, the one rung's
+        await pool.aclose()
+        assert await _pools_plugins(cluster) == []
 
 
 async def test_a_killed_worker_loses_nothing(cluster: CliCluster) -> None:

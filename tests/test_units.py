@@ -1071,6 +1071,37 @@ async def test_a_functions_scatter_failures_are_counted_apart_from_others(
     assert tries == [1, 2, 3]
 
 
+@pytest.mark.anyio
+@pytest.mark.asyncio_only(reason="the Dask rung's client helpers run on asyncio only")
+async def test_initializers_left_on_a_scheduler_leave_with_the_next_that_answers(
+        anyio_backend: str) -> None:
+    # Left by rungs its scheduler did not answer, initializer plugins were asked to
+    # leave one after another, 5 s each, with no answer coming; keyed by the address
+    # as written, another spelling of it never removed them.
+    from asyncpool._rungs import _dask_client
+
+    class Client:
+        answers = False
+        asked: list[str] = []
+
+        async def unregister_worker_plugin(self, name: str) -> None:
+            self.asked.append(name)
+            if not self.answers:
+                raise OSError("the scheduler is gone")  # (as CommClosedError is)
+
+    client = Client()
+    for name in ("a", "b", "c"):
+        await _dask_client.unregister_initializers(client, "sched-1", name, False)
+    await _dask_client.unregister_initializers(client, "sched-1", None, True)
+    assert client.asked == ["a"]  # the first gets no answer: the rest wait too
+    client.answers = True
+    await _dask_client.unregister_initializers(client, "sched-2", None, True)
+    assert client.asked == ["a"]  # another scheduler (a restarted one) has none
+    await _dask_client.unregister_initializers(client, "sched-1", "d", True)
+    assert client.asked == ["a", "a", "b", "c", "d"]
+    assert "sched-1" not in _dask_client._LEFT
+
+
 def test_a_cut_charges_the_function_found_slow_and_no_other() -> None:
     # A cheap function sharing a chunk with a stale-timed one took the blame for the
     # stale one's slowness: its cost rose 6.5 times.

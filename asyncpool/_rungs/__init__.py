@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ("CLUSTER", "FACTORIES", "ONE_ATTEMPT", "OUT_OF_PROCESS", "STAND_IN",
            "ChunkUnpicklable", "Listener", "Rung", "RungState", "close_parked_workers",
-           "create_rung")
+           "create_rung", "pool_closed")
 
 Factory = Callable[["PoolConfig", Listener, "Loop"], Awaitable[Rung]]
 
@@ -65,6 +65,15 @@ STAND_IN = {"process": "thread"}
 async def create_rung(name: str, config: PoolConfig, listener: Listener, loop: Loop) -> Rung:
     """Start the rung called ``name``; raises what kept it from starting."""
     return await FACTORIES[name](config, listener, loop)
+
+
+async def pool_closed(config: PoolConfig) -> None:
+    """After a pool's rungs closed: what they left on a cluster through the caller's
+    own client (which outlives the pool) is removed (see _dask_client._LEFT)."""
+    if config.dask_client is not None:
+        from ._dask_client import unregister_left_with
+
+        await unregister_left_with(config.dask_client)
 
 
 def close_parked_workers() -> int:

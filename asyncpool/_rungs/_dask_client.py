@@ -126,9 +126,10 @@ async def close_quietly(client: Any) -> None:
 
 
 #: Initializer plugins left on a scheduler by rungs that could not unregister them
-#: (it did not answer as they closed), by scheduler address: a later rung of this
-#: process on that scheduler removes them, or workers joining would run them for good.
-_LEFT: dict[str, set[str]] = {}
+#: (it did not answer as they closed), by the scheduler's id (a restarted scheduler
+#: has none left): a later rung of this process there removes them, or the close of a
+#: pool given its client; else workers joining would run them for good.
+_LEFT: dict[str | None, set[str]] = {}
 
 
 async def unregister_quietly(client: Any, name: str) -> bool:
@@ -142,18 +143,33 @@ async def unregister_quietly(client: Any, name: str) -> bool:
     return True
 
 
-async def unregister_initializers(client: Any, name: str | None, answering: bool) -> None:
-    """A closing rung's initializer plugin ``name`` leaves the cluster, and those
-    earlier rungs left there; what cannot leave now (``answering`` False: the
-    scheduler did not answer, or is gone) is left for a later rung."""
-    address = str(getattr(client.scheduler, "address", ""))
-    left = _LEFT.setdefault(address, set())
+async def unregister_initializers(client: Any, scheduler: str | None, name: str | None,
+                                  answering: bool) -> None:
+    """A closing rung's initializer plugin ``name`` leaves the cluster (whose
+    scheduler's id is ``scheduler``), and those earlier rungs left there; what cannot
+    leave now (``answering`` False: the scheduler did not answer, or is gone) is left
+    for later. The first that gets no answer ends the try (each waits 5 s)."""
+    left = _LEFT.setdefault(scheduler, set())
     if name is not None:
         left.add(name)
     if answering:
         for plugin in sorted(left):
-            if await unregister_quietly(client, plugin):
-                left.discard(plugin)
+            if not await unregister_quietly(client, plugin):
+                break
+            left.discard(plugin)
+    if not left:
+        del _LEFT[scheduler]
+
+
+async def unregister_left_with(client: Any) -> None:
+    """At the close of a pool given ``client``: what rungs left on its scheduler
+    (a rung given up on it could not; none climbed back since) leaves now."""
+    try:
+        scheduler = (client.scheduler_info() or {}).get("id")
+    except Exception:  # a client in a state of its own: nothing is known of it
+        return
+    if scheduler in _LEFT and getattr(client, "status", "") == "running":
+        await unregister_initializers(client, scheduler, None, True)
 
 
 def given(client: Any) -> Any:

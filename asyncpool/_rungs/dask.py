@@ -126,7 +126,7 @@ class DaskRung(Rung):
             await asyncio.wait_for(rung.client.wait_for_workers(1), timeout)
             await rung._resize()
             await in_step(rung.client, rung._scheduler_id, timeout)
-            await unregister_initializers(rung.client, None, True)  # earlier rungs' left
+            await unregister_initializers(rung.client, rung._scheduler_id, None, True)
             if rung._initializer is not None:
                 await register_initializer(rung.client, config, rung._initializer,
                                            rung.space, rung._scheduler_id)
@@ -444,7 +444,7 @@ class DaskRung(Rung):
             await asyncio.gather(*relays, return_exceptions=True)
         # A cluster outlives pools: its workers must not run this one's initializer as
         # they join, for good (a scheduler found not answering: a later rung's job).
-        await unregister_initializers(self.client, self._initializer,
+        await unregister_initializers(self.client, self._scheduler_id, self._initializer,
                                       not self._silent and self._connected())
         if self.owned:
             await close_quietly(self.client)
