@@ -17,6 +17,7 @@ parts where one try cost several worker deaths (a Dask ``KilledWorker``).
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -29,7 +30,7 @@ from ._errors import (FunctionUnavailable, PoolClosed, SerializationError, Worke
                       exit_described, is_pool_made, pool_made)
 from ._events import Counters, Emitter
 from ._execute import SKIPPED
-from ._rebalance import resend_parts
+from ._rebalance import fixed_size, resend_parts
 from ._resends import Resends
 from ._sizing import Timing, blend
 
@@ -353,7 +354,8 @@ class Outcomes:
 
     def next_resend(self, limit: int) -> Chunk | None:
         """The next items to send again, at most ``limit`` of them, if any wait."""
-        return self.again.next(limit, self.config.target_chunk_seconds)
+        return self.again.next(limit, self.config.target_chunk_seconds,
+                               functools.partial(fixed_size, config=self.config))
 
     def abandoned(self, count: int) -> None:
         """A call ended leaving ``count`` of its items unfinished."""

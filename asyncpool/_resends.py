@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ._call import Call, CallState, Chunk
 
@@ -66,9 +66,11 @@ class Resends:
         self._moved = [c for c in self._moved if _live(c)]
         return bool(self)
 
-    def next(self, limit: int, target: float = 0.0) -> Chunk | None:
+    def next(self, limit: int, target: float = 0.0,
+             chosen: Callable[[Call], int | None] = lambda call: None) -> Chunk | None:
         """The next items to send again, at most ``limit`` of them, if any wait (and
-        of those taken back, what is now known to take about ``target`` seconds)."""
+        of those taken back, what is now known to take about ``target`` seconds, or
+        the chunk size the caller ``chosen``)."""
         while self:
             chunk = self._take()
             pieces = [p for p in chunk.pieces if p.call.state is CallState.ACTIVE]
@@ -76,7 +78,12 @@ class Resends:
                 continue
             size = sum(len(p.items) for p in pieces)
             per_item = max((p.call.per_item or 0.0) for p in pieces)
-            if chunk.moved and target and per_item:
+            fixed = max((chosen(p.call) or 0) for p in pieces)
+            if fixed:
+                # Its own size: taken back on a loaded machine (a worker slow to
+                # report), a call's chunks of 100 went out again one item at a time.
+                limit = min(limit, fixed)
+            elif chunk.moved and target and per_item:
                 # Taken back in a few parts (not one per item, which flooded the loop),
                 # each goes out a target's worth at a time: a part of 120 ms held a
                 # small call that arrived meanwhile behind it.

@@ -1165,6 +1165,25 @@ def test_calls_take_turns_among_items_taken_back() -> None:
     assert order == [(big, 0), (other, 0), (third, 0), (big, 10), (big, 20), (big, 30)]
 
 
+def test_items_taken_back_keep_the_chunk_size_their_caller_chose() -> None:
+    # Taken back from a worker slow to report (a loaded machine), a call's chunk of
+    # 100 went out again a target's worth at a time: 96 chunks of one item.
+    from asyncpool._resends import Resends
+
+    chosen, auto = _call(list(range(200)), 0.03, chunk_size=100), _call(list(range(200)), 0.03)
+    resends = Resends()
+    resends.moved(Chunk([Piece(chosen, 4, list(range(96)))]))
+    resends.moved(Chunk([Piece(auto, 4, list(range(96)))]))
+
+    def size_chosen(call: Any) -> int | None:
+        return call.options.chunk_size
+
+    sizes = []
+    while (chunk := resends.next(1000, 0.02, size_chosen)) is not None:
+        sizes.append((chunk.pieces[0].call is chosen, chunk.size))
+    assert sizes[0] == (True, 96) and {size for _, size in sizes[1:]} == {1}
+
+
 def test_crash_resends_go_first_and_suspects_take_their_turn() -> None:
     # A chunk taken back later, from an older chunk, went before a crash resend (and
     # could go after a suspect): one queue ordered by place held all three kinds.
