@@ -672,7 +672,9 @@ class SlowToPickle:
         self.value, self.seconds = value, seconds
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
-        time.sleep(self.seconds)
+        end = time.thread_time() + self.seconds
+        while time.thread_time() < end:  # pickling costs CPU, not a wait
+            pass
         return (int, (self.value,))
 
 
