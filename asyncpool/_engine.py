@@ -396,9 +396,9 @@ class Engine:
 
     # -- closing -------------------------------------------------------------------
 
-    def kill_running(self) -> None:
-        """Stop every chunk in flight now (a close that waits for them then ends)."""
-        self.outcomes.stop(list(self.outcomes.in_flight))
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None and self._closed.is_set()
 
     async def aclose(self, kill: bool) -> None:
         """Stop. Without ``kill`` the running items of live calls finish; items nobody
@@ -409,7 +409,11 @@ class Engine:
         if self._closed is not None:
             if kill:
                 outcomes.stop(list(outcomes.in_flight))
-            await self._closed.wait()
+            try:
+                await self._closed.wait()
+            except BaseException:  # its caller's deadline, as for the first
+                outcomes.stop(list(outcomes.in_flight))
+                raise
             return
         self._closed = anyio.Event()
         outcomes.close()

@@ -162,7 +162,8 @@ class ResilientPool:
             if engine is not None:
                 await engine.aclose(kill)
         finally:
-            self._state = PoolState.CLOSED
+            if engine is None or engine.closed:  # (a second close stopped waiting: not)
+                self._state = PoolState.CLOSED
 
     @staticmethod
     async def close_idle_workers() -> int:

@@ -452,11 +452,12 @@ async def test_aclose_kill_stops_at_once_and_pool_refuses_after(anyio_backend: s
     await pool.__aexit__(None, None, None)
 
 
-@pytest.mark.parametrize("second", ["graceful", "kill"])
+@pytest.mark.parametrize("second", ["graceful", "kill", "cancelled"])
 async def test_a_second_close_returns_once_the_pool_is_closed(second: str,
                                                              anyio_backend: str) -> None:
     # A second aclose() while the first waited for running items returned at once,
-    # with the workers still alive.
+    # with the workers still alive; one cancelled while it waited marked the pool
+    # closed, and a third returned at once.
     pool = ResilientPool(max_workers=2, chunk_size=1)
     await pool.__aenter__()
     pids = set(await pool.map(tasks.pid_of, range(8)))
@@ -474,6 +475,9 @@ async def test_a_second_close_returns_once_the_pool_is_closed(second: str,
         tg.start_soon(close_first)
         await wait_until(lambda: "closing" in repr(pool))
         started = time.monotonic()
+        if second == "cancelled":
+            with anyio.move_on_after(0.05):
+                await pool.aclose()
         await pool.aclose(kill=second == "kill")
         assert not any(alive(pid) for pid in pids), "returned before the workers left"
         assert time.monotonic() - started < 10.0  # the naps are 30 s: killed
