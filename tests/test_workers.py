@@ -595,6 +595,10 @@ async def test_calls_packed_behind_a_long_item_go_to_an_idle_worker(
         assert order[-1] == 0, order  # every short call came back before the long one
         assert sorted(int(x) for x in log.read_text().split()) == list(range(31))
         assert pool.statistics().worker_crashes == 0
+        if rung == "thread":
+            # Nor are the calls cut off kept as held there (they were, for good).
+            await idle(pool)
+            assert not pool._engine.ladder.serving._holding  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("rung", ["process", "thread"])
@@ -613,6 +617,33 @@ async def test_items_behind_a_long_first_item_of_their_chunk_go_to_an_idle_worke
                 got.append(value)
         assert got[-1] == 0 and sorted(got) == list(range(20)), got
         assert sorted(int(x) for x in log.read_text().split()) == list(range(20))  # once
+
+
+async def test_a_thread_running_a_live_calls_item_is_not_given_up_for_a_stopped_call(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # Calls in one chunk: those behind timed out, killing on timeout. The thread was
+    # given up although it ran the first call's item, which then ran twice.
+    log = tmp_path / "starts"
+    async with ResilientPool(max_workers=1, rungs=("thread",)) as pool:
+        # Known quick: the two calls share a chunk.
+        await pool.map(tasks.note_start, [(-1, str(log), 0.0)] * 20)
+        log.write_text("")
+        outcomes: dict[int, object] = {}
+
+        async def one(x: int, seconds: float, timeout: float | None) -> None:
+            try:
+                outcomes[x] = await pool.run(tasks.note_start, (x, str(log), seconds),
+                                             timeout=timeout, kill_on_timeout=True)
+            except DeadlineExceeded as exc:
+                outcomes[x] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, 0, 0.5, None)
+            for x in range(1, 10):  # (trio may start some first)
+                tg.start_soon(one, x, 0.3, 0.1)
+        assert outcomes.pop(0) == 0
+        assert all(isinstance(outcome, DeadlineExceeded) for outcome in outcomes.values())
+        assert [int(x) for x in log.read_text().split()].count(0) == 1
 
 
 async def test_a_worker_killed_from_outside_is_replaced(anyio_backend: str) -> None:

@@ -67,8 +67,11 @@ class ThreadRung(Rung):
         self._exits: Any = None
         #: Their chunks: already reported lost (their slots free), never reported again.
         self._detached: set[Chunk] = set()
-        #: Chunks submitted and not finally reported (on the loop).
-        self._open: set[Chunk] = set()
+        #: Chunks submitted and not finally reported (on the loop), with the calls
+        #: each holds (a chunk cut short holds fewer pieces, not fewer places).
+        self._open: dict[Chunk, set[int]] = {}
+        #: The idle thread that looks at the running chunks (see _take_back).
+        self._looker: threading.Thread | None = None
         self._started = 0
 
     @classmethod
@@ -123,8 +126,9 @@ class ThreadRung(Rung):
     def submit(self, chunk: Chunk) -> None:
         chunk.rung = self
         self._in_flight += 1
-        self._holding.update({piece.call.id for piece in chunk.pieces})
-        self._open.add(chunk)
+        calls = {piece.call.id for piece in chunk.pieces}
+        self._holding.update(calls)
+        self._open[chunk] = calls
         self._queue.put(chunk)
 
     def cancel(self, calls: Iterable[int]) -> None:
@@ -145,11 +149,18 @@ class ThreadRung(Rung):
                 self.loop.call_soon_threadsafe(ready.one)
         while True:
             try:
-                # While other threads run chunks, an idle one looks at them now and then.
-                chunk = self._queue.get(timeout=STUCK_SECONDS if self._running else None)
+                # While other threads run chunks with items behind the running one,
+                # one idle thread looks at them now and then.
+                looks = self._looker in (None, me) and self._cuttable()
+                if looks:
+                    self._looker = me
+                chunk = self._queue.get(timeout=STUCK_SECONDS if looks else None)
             except queue.Empty:
                 self._take_back()
                 continue
+            finally:
+                if self._looker is me:
+                    self._looker = None
             if chunk is None:
                 self._done.add(me)
                 self.loop.call_soon_threadsafe(self._exited)
@@ -189,6 +200,13 @@ class ThreadRung(Rung):
                 # (Had it moved on, its end report says where it stopped.)
                 self.loop.call_soon_threadsafe(functools.partial(self._was_cut, chunk,
                                                                  at + 1))
+
+    def _cuttable(self) -> bool:
+        """Whether a thread (not left on a stopped call's item) runs a chunk with
+        items behind the one it runs."""
+        return any(thread not in self._stuck and progress[_wire.POSITION] + 1 < sum(
+            len(items) for _, _, _, items in runs)
+            for thread, (_, runs, progress) in list(self._running.items()))
 
     def _was_cut(self, chunk: Chunk, keep: int) -> None:
         if chunk in self._open and chunk not in self._detached:  # else it ended first
@@ -230,7 +248,11 @@ class ThreadRung(Rung):
         serves in its place meanwhile, so a hung item does not take a thread for good.
         False: the items run on."""
         wanted = set(chunks)
-        for thread, (chunk, _, _) in list(self._running.items()):
+        for thread, (chunk, _, progress) in list(self._running.items()):
+            at = progress[_wire.POSITION]
+            if calls is not None and not (0 <= at < chunk.size
+                                          and chunk.locate(at)[0].call.id in calls):
+                continue  # it runs a live call's item: it runs on, then skips theirs
             if chunk in wanted and thread not in self._stuck and (
                     self.state is RungState.SERVING):
                 self._stuck.add(thread)
@@ -280,10 +302,10 @@ class ThreadRung(Rung):
 
     def _release(self, chunk: Chunk) -> None:
         """The chunk no longer holds a slot here (nor a place for its calls)."""
-        self._open.discard(chunk)
+        calls = self._open.pop(chunk, set())
         self._in_flight -= 1
         holding = self._holding
-        for call in {piece.call.id for piece in chunk.pieces}:
+        for call in calls:
             holding[call] -= 1
             if holding[call] <= 0:
                 del holding[call]
