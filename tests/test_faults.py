@@ -484,6 +484,30 @@ async def test_a_second_close_returns_once_the_pool_is_closed(second: str,
     assert "closed" in repr(pool) and len(closed) == 1
 
 
+@pytest.mark.parametrize("rung", ["process", "thread"])
+async def test_a_graceful_close_finishes_a_chunk_with_a_long_first_item(
+        rung: str, anyio_backend: str) -> None:
+    # With every slot taken, the items behind the long one were cut off for an idle
+    # worker all the same; they waited for a slot, and the close failed them.
+    pool = ResilientPool(max_workers=2, rungs=(rung,),  # type: ignore[arg-type]
+                         max_chunks_in_flight=1)
+    await pool.__aenter__()
+    await pool.map(tasks.square, range(4))
+    items = [0.3] + [0.001] * 5
+    got: list[object] = []
+
+    async def mapper() -> None:
+        got.append(await pool.map(tasks.nap, items, chunk_size=6))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mapper)
+        await wait_until(lambda: pool.statistics().chunks_in_flight == 1)
+        await anyio.sleep(0.1)  # the long item runs past the 25 ms of a stuck worker
+        with anyio.fail_after(10):
+            await pool.aclose()
+    assert got == [items]
+
+
 async def test_transient_error_inside_task_is_retried(tmp_path: Path,
                                                       anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:

@@ -278,8 +278,11 @@ class ProcessRung(Rung, Events):
 
     def _take_back(self) -> None:
         """While a worker is idle, ask for the chunks that wait behind an item running
-        long (or hung): they go to the idle one instead."""
-        if self.state is RungState.SERVING and not self.listener.closing and any(
+        long (or hung): they go to the idle one instead. Not while every slot is taken:
+        cut off, they would wait for one all the same (and a graceful close would fail
+        them)."""
+        if self.state is RungState.SERVING and not self.listener.closing and (
+                self.in_flight < self.config.in_flight) and any(
                 p.state is ProcState.READY and not p.chunks and not p.killed
                 for p in self.procs):
             stuck = time.monotonic() - STUCK_SECONDS

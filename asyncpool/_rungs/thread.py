@@ -189,8 +189,9 @@ class ThreadRung(Rung):
         """In an idle thread, with nothing queued: a chunk not heard of for
         STUCK_SECONDS runs a long item; the items behind it are cut off (as a worker
         process cuts its chunk, see cut_runs) and sent again, here."""
-        if self.state is not RungState.SERVING or self.listener.closing:
-            return
+        if self.state is not RungState.SERVING or self.listener.closing or (
+                self._in_flight >= self.config.in_flight):
+            return  # (every slot taken: the rest would wait for one all the same)
         now = time.monotonic()
         for thread, (chunk, runs, progress) in list(self._running.items()):
             at = progress[_wire.POSITION]
