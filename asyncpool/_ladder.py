@@ -311,4 +311,4 @@ class Ladder:
                 await task.wait()
             while self._closers:
                 await self._closers.pop().wait()
-            await pool_closed(self.config)
+            await pool_closed(self.config, self.loop)

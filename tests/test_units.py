@@ -17,6 +17,7 @@ import typing
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
+import anyio
 import cloudpickle
 import pytest
 
@@ -1086,6 +1087,7 @@ async def test_initializers_left_on_a_scheduler_leave_with_the_next_that_answers
 
         async def unregister_worker_plugin(self, name: str) -> None:
             self.asked.append(name)
+            await anyio.sleep(0)
             if not self.answers:
                 raise OSError("the scheduler is gone")  # (as CommClosedError is)
 
@@ -1100,6 +1102,18 @@ async def test_initializers_left_on_a_scheduler_leave_with_the_next_that_answers
     await _dask_client.unregister_initializers(client, "sched-1", "d", True)
     assert client.asked == ["a", "a", "b", "c", "d"]
     assert "sched-1" not in _dask_client._LEFT
+    # Two closing at once: the second found the first had removed the entry.
+    client.answers = False
+    await _dask_client.unregister_initializers(client, "sched-3", "e", False)
+    client.answers = True
+
+    async def close() -> None:
+        await _dask_client.unregister_initializers(client, "sched-3", None, True)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(close)
+        tg.start_soon(close)
+    assert "sched-3" not in _dask_client._LEFT
 
 
 def test_a_cut_charges_the_function_found_slow_and_no_other() -> None:

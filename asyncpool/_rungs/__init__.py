@@ -67,10 +67,10 @@ async def create_rung(name: str, config: PoolConfig, listener: Listener, loop: L
     return await FACTORIES[name](config, listener, loop)
 
 
-async def pool_closed(config: PoolConfig) -> None:
+async def pool_closed(config: PoolConfig, loop: Loop) -> None:
     """After a pool's rungs closed: what they left on a cluster through the caller's
     own client (which outlives the pool) is removed (see _dask_client._LEFT)."""
-    if config.dask_client is not None:
+    if config.dask_client is not None and loop.name == "asyncio":  # the client's loop
         from ._dask_client import unregister_left_with
 
         await unregister_left_with(config.dask_client)

@@ -157,7 +157,7 @@ async def unregister_initializers(client: Any, scheduler: str | None, name: str 
             if not await unregister_quietly(client, plugin):
                 break
             left.discard(plugin)
-    if not left:
+    if not left and _LEFT.get(scheduler) is left:  # (another may have emptied it too)
         del _LEFT[scheduler]
 
 

@@ -5,12 +5,11 @@ needs an asyncio loop. Each task carries its function's pickle, as ``client.map`
 and a worker unpickles it once: a task that depends on no other stays "root-ish", so
 the scheduler queues it until a thread is free and a dying worker takes down only what
 it was running. A pickle of :data:`BIG_FUNCTION` bytes or more (a ``partial`` holding a
-large table) is scattered to every worker once per call instead; if a dying worker
-takes it with it, it is scattered again. Task keys
-name the function and a token of this rung (``<function>-<token>-<n>``): two pools on
-one cluster never share a key, and the dashboard groups work by function. The rung
-takes as many chunks as the cluster has threads, twice over, whatever the local
-``max_workers``.
+large table) is scattered to every worker once per call instead (again if a dying
+worker takes it). Task keys name the function and a token of this rung
+(``<function>-<token>-<n>``): two pools on one cluster never share a key, and the
+dashboard groups work by function. The rung takes as many chunks as the cluster has
+threads, twice over, whatever the local ``max_workers``.
 
 When the connection to the scheduler is lost, the rung stops serving, every chunk it
 held is sent again elsewhere, and its client is closed; the ladder serves locally and
@@ -93,9 +92,10 @@ class DaskRung(Rung):
         self.space = f"{client_space()}-{self._token}"
         #: Tells the workers which calls stopped (see cancel).
         self._stopped = StoppedCalls(client, self.space)
-        #: The name of its initializer's worker plugin, if it has an initializer.
+        #: Its initializer's worker plugin, if any, and whether it was sent.
         self._initializer = (f"asyncpool-initializer-{self._token}"
                              if config.initializer is not None else None)
+        self._registering = False
         self._count = 0
         #: The scheduler this rung set up (see _resize).
         self._scheduler_id: str | None = None
@@ -128,12 +128,12 @@ class DaskRung(Rung):
             await in_step(rung.client, rung._scheduler_id, timeout)
             await unregister_initializers(rung.client, rung._scheduler_id, None, True)
             if rung._initializer is not None:
+                rung._registering = True
                 await register_initializer(rung.client, config, rung._initializer,
                                            rung.space, rung._scheduler_id)
         except BaseException as exc:
             # Awaited, also after an initializer that hung: its plugin must leave the
-            # cluster (workers joining later ran it), which waits for the workers (up
-            # to 5 s past start_timeout).
+            # cluster (workers joining later ran it); up to 5 s past start_timeout.
             await rung.aclose(kill=True)
             if isinstance(exc, OSError | TimeoutError):
                 raise RungUnavailable(f"the Dask cluster has no worker (waited {timeout} s)"
@@ -167,8 +167,7 @@ class DaskRung(Rung):
         timeout = self.config.dask_connect_timeout
         empty_since: float | None = None
         while self.state is RungState.SERVING:
-            # While it has no worker, look often: one that a poison item kills comes
-            # back for a moment every second or so.
+            # With no worker, look often (one a poison item kills is back for moments).
             await asyncio.sleep(RESIZE_EVERY if empty_since is None else RESIZE_EVERY / 8)
             try:
                 threads = await asyncio.wait_for(self._resize(), timeout)
@@ -444,7 +443,8 @@ class DaskRung(Rung):
             await asyncio.gather(*relays, return_exceptions=True)
         # A cluster outlives pools: its workers must not run this one's initializer as
         # they join, for good (a scheduler found not answering: a later rung's job).
-        await unregister_initializers(self.client, self._scheduler_id, self._initializer,
-                                      not self._silent and self._connected())
+        await unregister_initializers(
+            self.client, self._scheduler_id, self._initializer if self._registering else None,
+            not self._silent and self._connected())
         if self.owned:
             await close_quietly(self.client)
