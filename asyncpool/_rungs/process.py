@@ -308,7 +308,7 @@ class ProcessRung(Rung, Events):
             self.procs.remove(proc)
         if death.crashed:
             self.listener.worker_crashed(
-                f"worker {proc.pid} died (exit code {death.exitcode}) while running a "
+                f"worker {proc.pid} died ({exit_described(death.exitcode)}) while running a "
                 "chunk; resending what had not come back", pid=proc.pid,
                 exitcode=death.exitcode)
         elif death.unasked and self.state is RungState.SERVING:
