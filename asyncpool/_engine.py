@@ -176,7 +176,7 @@ class Engine:
 
     def _flush(self) -> None:
         self._scheduled = False
-        if self.outcomes.closing:
+        if self.outcomes.closing and not self.outcomes.finishing:
             return
         if self.stalled:
             for call in [c for c in self.stalled if not self._over_window(c)]:
@@ -408,15 +408,17 @@ class Engine:
         outcomes = self.outcomes
         if self._closed is not None:
             if kill:
+                outcomes.close(kill=True)
                 outcomes.stop(list(outcomes.in_flight))
             try:
                 await self._closed.wait()
             except BaseException:  # its caller's deadline, as for the first
+                outcomes.close(kill=True)
                 outcomes.stop(list(outcomes.in_flight))
                 raise
             return
         self._closed = anyio.Event()
-        outcomes.close()
+        outcomes.close(kill)
         self.ready.clear()
         self.stalled.clear()
         outcomes.stop(list(outcomes.in_flight) if kill else outcomes.orphans())
@@ -428,6 +430,7 @@ class Engine:
                     await outcomes.drained()
                 except BaseException:
                     kill = True
+                    outcomes.close(kill=True)
                     outcomes.stop(list(outcomes.in_flight))
                     raise
         finally:

@@ -3,9 +3,8 @@
 :class:`Outcomes` is the :class:`~asyncpool._rungs.base.Listener` every rung reports
 to. It owns the set of chunks in flight: a chunk enters it when it is submitted and
 leaves it in :meth:`Outcomes._settle`, called once per chunk, on the rung's final
-report. Items that must run again (after a crash, a lost worker, a worker that
-retired early) wait in :attr:`Outcomes.again` (see :mod:`asyncpool._resends`), which
-the engine sends before new work.
+report. Items that must run again (after a crash, a lost worker, a take-back) wait in
+:attr:`Outcomes.again` (see :mod:`asyncpool._resends`), taking turns with new work.
 
 After a crash the rung names the item that was running; the items before it ran but
 their results died with the worker, the items after it never ran, and none of them is
@@ -60,10 +59,11 @@ class Outcomes:
         self.settled = settled
         #: Chunks submitted and not finally reported.
         self.in_flight: set[Chunk] = set()
-        #: Items to send again (a crash, a lost worker) go before new ones.
+        #: Items to send again (a crash, a lost worker, a take-back).
         self.again = Resends()
-        #: Set while the pool closes: lost items fail instead of going out again.
-        self.closing = False
+        #: Set while the pool closes (lost items fail instead of going out again), and
+        #: while it closes gracefully (what was taken back still goes out: calls wait).
+        self.closing = self.finishing = False
         self._drained: Any = None
 
     def sent(self, chunk: Chunk, seconds: float = 0.0) -> None:
@@ -122,8 +122,7 @@ class Outcomes:
                                                  lambda piece: piece.call).items():
                 call.own_per_item = blend(call.own_per_item, spent / count)
         if upto < chunk.size:
-            # The worker stopped early (it retires, or was asked to for an idle worker):
-            # the rest goes elsewhere.
+            # The worker stopped early (retiring, or asked to): the rest goes elsewhere.
             self._again(chunk, max(upto, chunk.reported), chunk.size, Resend.MOVED)
         self._settle(chunk)
 
@@ -193,7 +192,7 @@ class Outcomes:
         self._settle(chunk)
 
     def chunk_lost(self, chunk: Chunk, why: Resend = Resend.LOST) -> None:
-        if self.closing:
+        if self.closing and not (self.finishing and why is Resend.MOVED):
             self._closed_under(chunk)
         elif why is Resend.MOVED:  # taken back unstarted: sized on what is now known
             self._split(chunk, why, resend_parts(chunk, chunk.reported, self.config))
@@ -363,10 +362,13 @@ class Outcomes:
 
     # -- closing -------------------------------------------------------------------
 
-    def close(self) -> None:
-        """The pool closes: nothing goes out again, lost items fail."""
+    def close(self, kill: bool) -> None:
+        """The pool closes: lost items fail; nothing new goes out, nor (``kill``) what
+        goes again (a take-back answered as a graceful close began lost their items)."""
         self.closing = True
-        self.again.clear()
+        self.finishing = not kill
+        if kill:
+            self.again.clear()
 
     def orphans(self) -> list[Chunk]:
         """Chunks still running items that nobody waits for (their calls timed out, were
@@ -390,10 +392,17 @@ class Outcomes:
                 logger.exception("the %s rung failed to stop chunks", rung.name)
 
     async def drained(self) -> None:
-        """Until every chunk still in flight is an orphan."""
-        while any(c not in self.orphans() for c in self.in_flight):
-            self._drained = anyio.Event()
-            await self._drained.wait()
+        """Until every chunk in flight is an orphan and what goes again went (if it can)."""
+        while True:
+            while any(c not in self.orphans() for c in self.in_flight):
+                self._drained = anyio.Event()
+                await self._drained.wait()
+            if not self.again.waits():
+                return
+            waiting = len(self.again)
+            await anyio.sleep(0.01)  # the flush that sends it
+            if len(self.again) >= waiting and all(c in self.orphans() for c in self.in_flight):
+                return  # no rung or slot took it
 
 
 def _let_go(chunk: Chunk, calls: set[Call]) -> None:
