@@ -408,13 +408,11 @@ class Engine:
         outcomes = self.outcomes
         if self._closed is not None:
             if kill:
-                outcomes.close(kill=True)
-                outcomes.stop(list(outcomes.in_flight))
+                self._kill_all()
             try:
                 await self._closed.wait()
             except BaseException:  # its caller's deadline, as for the first
-                outcomes.close(kill=True)
-                outcomes.stop(list(outcomes.in_flight))
+                self._kill_all()
                 raise
             return
         self._closed = anyio.Event()
@@ -430,8 +428,7 @@ class Engine:
                     await outcomes.drained()
                 except BaseException:
                     kill = True
-                    outcomes.close(kill=True)
-                    outcomes.stop(list(outcomes.in_flight))
+                    self._kill_all()
                     raise
         finally:
             with anyio.CancelScope(shield=True):
@@ -441,3 +438,8 @@ class Engine:
             for call in list(self.calls):
                 call.fail(PoolClosed("the pool was closed"))
             self._closed.set()
+
+    def _kill_all(self) -> None:
+        """A close turns to killing: nothing goes out any more, what runs stops."""
+        self.outcomes.close(kill=True)
+        self.outcomes.stop(list(self.outcomes.in_flight))

@@ -394,14 +394,14 @@ class Outcomes:
     async def drained(self) -> None:
         """Until every chunk in flight is an orphan and what goes again went (if it can)."""
         while True:
-            while any(c not in self.orphans() for c in self.in_flight):
+            while not self.in_flight <= set(self.orphans()):
                 self._drained = anyio.Event()
                 await self._drained.wait()
             if not self.again.waits():
                 return
             waiting = len(self.again)
             await anyio.sleep(0.01)  # the flush that sends it
-            if len(self.again) >= waiting and all(c in self.orphans() for c in self.in_flight):
+            if len(self.again) >= waiting and self.in_flight <= set(self.orphans()):
                 return  # no rung or slot took it
 
 

@@ -162,7 +162,7 @@ class ResilientPool:
             if engine is not None:
                 await engine.aclose(kill)
         finally:
-            if engine is None or engine.closed:  # (a second close stopped waiting: not)
+            if engine is None or engine.closed:  # (not a second close given up waiting)
                 self._state = PoolState.CLOSED
 
     @staticmethod

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 #: A chunk whose items left are seen to cost this many target chunks is taken back.
 OVERLONG = 10
+#: Nothing more is queued on a worker (a process or a thread) that has reported no
+#: progress for this long (s) (five flushes): it may be in a long (or hung) item, and
+#: what would wait behind it goes to the next free worker instead; what waits already
+#: (in its socket, or in the chunk it runs) is taken back for an idle one.
+STUCK_SECONDS = 0.025
 
 
 class Pace:

@@ -26,7 +26,7 @@ from .._errors import InitializerFailed, exit_described
 from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
 from .._loop import preload_backend
-from .._rebalance import overlong
+from .._rebalance import STUCK_SECONDS, overlong
 from .._retry import RungUnavailable, RungUnsupported, is_transient
 from ._parking import park, take_parked, worker_settings
 from ._death import Death, ProcState, opening_done, opening_failure
@@ -46,11 +46,6 @@ logger = logging.getLogger("asyncpool")
 #: Chunks a worker holds at once: one running, two waiting in its socket (a worker
 #: whose loop is busy a few ms, with HTTP requests say, must not run dry meanwhile).
 DEPTH = 3
-#: Nothing more is queued on a worker that has reported no progress for this long
-#: (s) (five flushes): it may be in a long (or hung) item, and what would wait behind
-#: it goes to the next free worker instead; what waits already (in its socket, or
-#: in the chunk it runs) is taken back for an idle one.
-STUCK_SECONDS = 0.025
 
 
 class ProcessRung(Rung, Events):

@@ -22,6 +22,7 @@ import anyio
 from .. import _wire
 from .._errors import InitializerFailed
 from .._execute import cut_runs, execute
+from .._rebalance import STUCK_SECONDS
 from .._remote import portable
 from .._loop import preload_backend
 from .._share import initialize
@@ -35,9 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("asyncpool")
 
-#: A chunk not heard of for this long (s) while a thread is idle runs a long item:
-#: the items behind it go to the idle thread (as on the process rung).
-STUCK_SECONDS = 0.025
 #: Queued to wake an idle thread blocked with nothing running: a chunk now runs.
 _LOOK = "look"
 
