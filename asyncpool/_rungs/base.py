@@ -104,8 +104,8 @@ class Rung:
 
     def __init__(self) -> None:
         self._state = RungState.SERVING
-        #: Chunks submitted and not yet finally reported (the process rung counts
-        #: its workers' lists instead). It equals the chunks of this rung in the
+        #: Chunks submitted and not yet finally reported (the process and thread
+        #: rungs count what they hold instead). It equals the chunks of this rung in the
         #: engine's own ledger, ``Outcomes.in_flight``, save between a final report
         #: and the engine's settling of it.
         self._in_flight = 0

@@ -38,6 +38,9 @@ logger = logging.getLogger("asyncpool")
 
 #: Queued to wake an idle thread blocked with nothing running: a chunk now runs.
 _LOOK = "look"
+#: A running chunk's progress is the worker's ([_wire.SEQ, POSITION, LOADING]) and,
+#: at this index, when it was last heard of (see _take_back).
+_HEARD = 3
 
 
 class ThreadRung(Rung):
@@ -55,9 +58,9 @@ class ThreadRung(Rung):
         self.threads: list[threading.Thread] = []
         self._init_errors: list[BaseException] = []
         #: The chunk each thread runs, with its copy of the items' lists (which
-        #: _take_back may cut) and its progress ([seq, position of the running item,
-        #: 0, when last heard of]); and the threads left running an item that was to
-        #: be killed: a new thread serves in place of each (see kill).
+        #: _take_back may cut) and its progress (see _HEARD); and the threads left
+        #: running an item that was to be killed: a new thread serves in place of
+        #: each (see kill).
         self._running: dict[threading.Thread, tuple[Chunk, list[Any], list[Any]]] = {}
         self._stuck: set[threading.Thread] = set()
         #: Threads that left when told to (see aclose), and the closer's wake-up.
@@ -65,8 +68,8 @@ class ThreadRung(Rung):
         self._exits: Any = None
         #: Their chunks: already reported lost (their slots free), never reported again.
         self._detached: set[Chunk] = set()
-        #: Chunks submitted and not finally reported (on the loop), with the calls
-        #: each holds (a chunk cut short holds fewer pieces, not fewer places).
+        #: Chunks submitted and not finally reported (on the loop: its in_flight), with
+        #: the calls each holds (a chunk cut short holds fewer pieces, not fewer places).
         self._open: dict[Chunk, set[int]] = {}
         #: The idle thread that looks at the running chunks (see _take_back).
         self._looker: threading.Thread | None = None
@@ -110,6 +113,10 @@ class ThreadRung(Rung):
         self.threads.append(thread)
 
     @property
+    def in_flight(self) -> int:
+        return len(self._open)
+
+    @property
     def workers(self) -> int:
         return len(self.threads) - len(self._stuck)
 
@@ -123,7 +130,6 @@ class ThreadRung(Rung):
 
     def submit(self, chunk: Chunk) -> None:
         chunk.rung = self
-        self._in_flight += 1
         calls = {piece.call.id for piece in chunk.pieces}
         self._holding.update(calls)
         self._open[chunk] = calls
@@ -188,12 +194,12 @@ class ThreadRung(Rung):
         STUCK_SECONDS runs a long item; the items behind it are cut off (as a worker
         process cuts its chunk, see cut_runs) and sent again, here."""
         if self.state is not RungState.SERVING or self.listener.closing or (
-                self._in_flight >= self.config.in_flight):
+                self.in_flight >= self.config.in_flight):
             return  # (every slot taken: the rest would wait for one all the same)
         now = time.monotonic()
         for thread, (chunk, runs, progress) in list(self._running.items()):
             at = progress[_wire.POSITION]
-            if thread in self._stuck or at < 0 or now - progress[3] < STUCK_SECONDS:
+            if thread in self._stuck or at < 0 or now - progress[_HEARD] < STUCK_SECONDS:
                 continue
             if cut_runs(runs, at + 1) and progress[_wire.POSITION] == at:
                 # (Had it moved on, its end report says where it stopped.)
@@ -274,7 +280,7 @@ class ThreadRung(Rung):
     def _tick(self, chunk: Chunk, progress: list[Any], first: int, upto: int,
               results: list[Any], errors: dict[int, BaseException],
               end: tuple[list[float], int] | None) -> tuple[AbstractSet[int], bool]:
-        progress[3] = time.monotonic()
+        progress[_HEARD] = time.monotonic()
         if chunk in self._detached:
             if end is not None:
                 self.loop.call_soon_threadsafe(
@@ -302,7 +308,6 @@ class ThreadRung(Rung):
     def _release(self, chunk: Chunk) -> None:
         """The chunk no longer holds a slot here (nor a place for its calls)."""
         calls = self._open.pop(chunk, set())
-        self._in_flight -= 1
         holding = self._holding
         for call in calls:
             holding[call] -= 1
