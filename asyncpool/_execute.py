@@ -146,6 +146,16 @@ def cut_runs(runs: list[Any], keep: int) -> bool:
     return False
 
 
+def cut_after_running(runs: list[Any], progress: Any) -> int | None:
+    """Cut a running chunk (its ``runs``, its ``progress``) after the item it runs:
+    how many of its items will have run, or None if it is not known (it runs no item
+    yet, nothing is left to cut, or it moved on meanwhile: its end report says)."""
+    at = int(progress[_wire.POSITION])
+    if at < 0 or not cut_runs(runs, at + 1) or int(progress[_wire.POSITION]) != at:
+        return None
+    return at + 1
+
+
 def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
             skip: AbstractSet[int] = frozenset(),
             flush: float = FLUSH_SECONDS, late: Late | None = None) -> tuple[int, float]:

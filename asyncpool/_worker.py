@@ -20,8 +20,8 @@ import time
 
 from . import _handover, _wire
 from ._errors import RemoteError, SerializationError, pool_made
-from ._execute import (FORKED, Unloadable, cut_runs, dump_results, execute, leave_if_forked,
-                       loads)
+from ._execute import (FORKED, Unloadable, cut_after_running, dump_results, execute,
+                       leave_if_forked, loads)
 from ._remote import describe, encode_errors, portable
 from ._share import initialize, share_main
 
@@ -136,11 +136,11 @@ class _Worker:
         if progress is None or running is None:
             return
         seq, runs = running
-        at = int(progress[_wire.POSITION])
-        if at < 0 or not cut_runs(runs, at + 1) or int(progress[_wire.POSITION]) != at:
+        keep = cut_after_running(runs, progress)
+        if keep is None:
             return
         try:
-            self.send(_wire.CUT, _wire.dumps((seq, at + 1)))
+            self.send(_wire.CUT, _wire.dumps((seq, keep)))
         except OSError:
             self.closed = True
 

@@ -21,7 +21,7 @@ import anyio
 
 from .. import _wire
 from .._errors import InitializerFailed
-from .._execute import cut_runs, execute
+from .._execute import cut_after_running, execute
 from .._rebalance import STUCK_SECONDS
 from .._remote import portable
 from .._loop import preload_backend
@@ -192,19 +192,17 @@ class ThreadRung(Rung):
     def _take_back(self) -> None:
         """In an idle thread, with nothing queued: a chunk not heard of for
         STUCK_SECONDS runs a long item; the items behind it are cut off (as a worker
-        process cuts its chunk, see cut_runs) and sent again, here."""
+        process cuts its chunk) and sent again, here."""
         if self.state is not RungState.SERVING or self.listener.closing or (
                 self.in_flight >= self.config.in_flight):
             return  # (every slot taken: the rest would wait for one all the same)
         now = time.monotonic()
         for thread, (chunk, runs, progress) in list(self._running.items()):
-            at = progress[_wire.POSITION]
-            if thread in self._stuck or at < 0 or now - progress[_HEARD] < STUCK_SECONDS:
+            if thread in self._stuck or now - progress[_HEARD] < STUCK_SECONDS:
                 continue
-            if cut_runs(runs, at + 1) and progress[_wire.POSITION] == at:
-                # (Had it moved on, its end report says where it stopped.)
-                self.loop.call_soon_threadsafe(functools.partial(self._was_cut, chunk,
-                                                                 at + 1))
+            keep = cut_after_running(runs, progress)
+            if keep is not None:
+                self.loop.call_soon_threadsafe(functools.partial(self._was_cut, chunk, keep))
 
     def _cuttable(self) -> bool:
         """Whether a thread (not left on a stopped call's item) runs a chunk with
