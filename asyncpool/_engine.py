@@ -115,6 +115,10 @@ class Engine:
     # -- calls ---------------------------------------------------------------------
 
     def add(self, call: Call) -> None:
+        if self._closed is not None:
+            # A stream first read once the pool closed waited for good.
+            call.fail(PoolClosed("the pool was closed"))
+            return
         self.calls.add(call)
         self.pending += call.source.remaining or 0
         self.ready.append(call)
@@ -124,6 +128,8 @@ class Engine:
         """A call may have something to send again (input arrived, room freed)."""
         if call.input_failed() or call.source.done or call.error is not None:
             call.wake()  # its input ended (or failed): the caller may be complete
+        if self._closed is not None:
+            return  # nothing new goes out (a stream still read ran all it had)
         if call in self.stalled and not self._over_window(call):
             self.stalled.discard(call)
             self.ready.append(call)
@@ -230,6 +236,8 @@ class Engine:
         """Whether a chunk could be sent now: calls that ended leave the queues here,
         so that no rung is (re)built for them."""
         ready = self.ready
+        if self._closed is not None:
+            ready.clear()  # closing: only what was taken back goes out again
         while ready and not ready[0].wants_input:
             ready.popleft()
         return self.outcomes.resend_waits() or bool(ready)
