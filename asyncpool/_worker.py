@@ -264,12 +264,30 @@ def _rss() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
-def serve(sock: socket.socket, progress: Any) -> int:
-    """The worker's main loop; returns the exit code."""
+def _settle_in(settings: dict[str, Any], own: dict[str, str]) -> None:
+    """Work where the pool's process stood when the pool opened, with its environment,
+    as a spawned process would: forked from a fork server started for an earlier pool,
+    a worker saw that pool's directory and environment (relative paths, settings made
+    since, modules found through '' in sys.path went astray)."""
+    if settings["cwd"] is not None:
+        try:
+            os.chdir(settings["cwd"])
+        except OSError:
+            pass  # removed since: it stays in the fork server's
+    environ = {**settings["environ"], **own}
+    for name in [name for name in os.environ if name not in environ]:
+        del os.environ[name]
+    os.environ.update(environ)
+
+
+def serve(sock: socket.socket, progress: Any, own: dict[str, str]) -> int:
+    """The worker's main loop; returns the exit code. ``own``: what its environment
+    holds beside its pool's."""
     got = _wire.recv_frame(sock)
     if got is None or got[0] != _wire.INIT:
         return 0
     settings = _wire.loads(got[1])
+    _settle_in(settings, own)
     for entry in reversed(settings["sys_path"]):
         if entry not in sys.path:
             sys.path.insert(0, entry)

@@ -95,7 +95,6 @@ def _worker(sock_fd: int, progress_fd: int, parent: int) -> None:
     code = 1
     try:
         os.setpgid(0, 0)
-        os.environ[OWNER] = str(os.getpid())
         _die_with_parent()
         if os.getppid() != parent:  # the fork server died before prctl took hold
             os._exit(1)
@@ -110,7 +109,7 @@ def _worker(sock_fd: int, progress_fd: int, parent: int) -> None:
             os.close(progress_fd)
             progress = memoryview(area).cast("q")
         sock = socket.socket(fileno=sock_fd)
-        code = _worker.serve(sock, progress)
+        code = _worker.serve(sock, progress, {OWNER: str(os.getpid())})
     except BaseException:
         import traceback
 

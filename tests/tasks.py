@@ -119,6 +119,11 @@ def pid_of(_: object = None) -> int:
     return os.getpid()
 
 
+def where_am_i(name: str) -> tuple[str, str | None]:
+    """The worker's directory and its environment's ``name``."""
+    return os.getcwd(), os.environ.get(name)
+
+
 def thread_name(_: object = None) -> str:
     return threading.current_thread().name
 

@@ -44,6 +44,28 @@ async def test_initializer_runs_once_in_each_worker_and_each_replacement(
         assert pool.statistics().worker_crashes == 1
 
 
+@pytest.mark.parametrize("reuse_workers", [False, True])
+async def test_workers_start_where_the_pool_opened_with_its_environment(
+        reuse_workers: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        anyio_backend: str) -> None:
+    # Workers forked from a fork server started by an earlier pool saw that pool's
+    # directory and environment, the replacements of recycled workers included.
+    async with ResilientPool(max_workers=1, reuse_workers=reuse_workers) as pool:
+        assert await pool.run(tasks.where_am_i, "ASYNCPOOL_TEST_SETTING") == (
+            os.getcwd(), None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ASYNCPOOL_TEST_SETTING", "set since")
+    async with ResilientPool(max_workers=1, max_tasks_per_worker=1,
+                             reuse_workers=reuse_workers) as pool:
+        for _ in range(2):  # the first worker, then its replacement
+            assert await pool.run(tasks.where_am_i, "ASYNCPOOL_TEST_SETTING") == (
+                str(tmp_path), "set since")
+    monkeypatch.delenv("ASYNCPOOL_TEST_SETTING")
+    async with ResilientPool(max_workers=1, reuse_workers=reuse_workers) as pool:
+        assert await pool.run(tasks.where_am_i, "ASYNCPOOL_TEST_SETTING") == (
+            str(tmp_path), None)
+
+
 @pytest.mark.parametrize("rungs", [("process",), ("thread",), ("inline",)])
 async def test_a_failing_initializer_fails_the_open_at_once(rungs: tuple[str, ...],
                                                             anyio_backend: str) -> None:

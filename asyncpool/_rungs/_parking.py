@@ -80,10 +80,17 @@ def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | 
                 f"the initializer {config.initializer!r} or its initargs cannot be "
                 f"pickled for the worker processes ({exc}); pass picklable initargs, "
                 "or make the object in the initializer") from exc
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:
+        cwd = None  # removed: the workers stay where the fork server is
+    environ = dict(os.environ)
     settings = _wire.dumps({
-        "sys_path": list(sys.path), "initializer": initializer,
+        "sys_path": list(sys.path), "cwd": cwd, "environ": environ,
+        "initializer": initializer,
         "task_retries": config.task_retries, "max_tasks": config.max_tasks_per_worker,
         "max_memory": config.max_worker_memory})
     key = None if initializer else (config.task_retries, config.max_tasks_per_worker,
-                                    config.max_worker_memory, tuple(sys.path))
+                                    config.max_worker_memory, tuple(sys.path), cwd,
+                                    tuple(sorted(environ.items())))
     return settings, key
