@@ -50,7 +50,7 @@ from ._loop import Loop
 from ._outcomes import Outcomes
 from ._rebalance import fixed_size
 from ._rungs import ChunkUnpicklable, Rung
-from ._sizing import TARGET_CHUNK_BYTES, Timing, guided_cap, rough_size
+from ._sizing import TARGET_CHUNK_BYTES, Timing, guided_cap
 
 logger = logging.getLogger("asyncpool")
 
@@ -310,7 +310,7 @@ class Engine:
                        max(1, self.window_items(call)))
             weight = 0.0
             if not fixed:
-                want, weight = self._weigh(call, want, room)
+                want, weight = call.source.weigh(want, room, call.timing.bytes_per_item)
             if weight:
                 if pieces and weight > room:
                     self.ready.appendleft(call)  # in the next chunk
@@ -348,23 +348,6 @@ class Engine:
         chunk = Chunk(pieces)
         chunk.blind = tuple(unknown)
         return chunk
-
-    @staticmethod
-    def _weigh(call: Call, want: int, room: float) -> tuple[int, float]:
-        """How many of ``call``'s next ``want`` items fit in ``room`` bytes, and the
-        bytes each counts for.
-
-        The biggest of a sample, not its mean: a chunk may come out small, but not many
-        times over its bytes (the mean of a sample of small and big items in turn
-        misjudged it 2.5x one time in fifty). Items that differ much in size are
-        weighed one by one (small ones then big ones made a chunk of 19 MB).
-        """
-        sizes = [rough_size(item) for item in call.source.sample(want)]
-        weight = max([call.timing.bytes_per_item or 0, *sizes])
-        if sizes and max(sizes) > 4 * min(sizes) + 256:
-            want, used = call.source.fit(want, room)
-            weight = used / want
-        return want, weight
 
     def window_items(self, call: Call) -> int:
         """How many more items ``call`` may take from its input now.
