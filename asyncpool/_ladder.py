@@ -264,10 +264,8 @@ class Ladder:
                 self._fell(name, f"cannot start, its initializer fails there ({exc})",
                            self.config.ladder[self.index], stays=True)
                 rung = None
-            except Exception as exc:
-                self.emit("creation_failed", f"climbing to the {name} rung failed: {exc!r}",
-                          rung=name, error=exc)
-                rung = None
+            except Exception:
+                rung = None  # _create said why (it was said twice)
             if rung is None:
                 continue
             async with self._lock:

@@ -94,6 +94,22 @@ async def test_falls_back_and_climbs_back_with_events(monkeypatch: pytest.Monkey
     assert any("on_event hook raised" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_failed_climb_is_one_event(monkeypatch: pytest.MonkeyPatch,
+                                           anyio_backend: str) -> None:
+    # Climbing back to a rung whose start failed for good said so twice.
+    events: list[PoolEvent] = []
+    process = Script(failing_starts=2)
+    with fake_rungs(monkeypatch, process=process, thread=Script()):
+        async with ResilientPool(max_workers=2, creation_attempts=2, on_event=events.append,
+                                 **FAST) as pool:
+            assert pool.backend == "thread"
+            error = process.start_error = ValueError("not a machine's shortage")
+            await wait_until(lambda: process.starts >= 4)
+    said = [e for e in events
+            if e.kind == "creation_failed" and e.details.get("error") is error]
+    assert len(said) == process.starts - 2, [e.message for e in said]
+
+
 async def test_a_non_transient_start_error_is_raised(monkeypatch: pytest.MonkeyPatch,
                                                      anyio_backend: str) -> None:
     with fake_rungs(monkeypatch, process=Script(start_error=InitializerFailed("no"))):
