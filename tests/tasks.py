@@ -808,6 +808,15 @@ def fail_on_cluster() -> None:
         raise FileNotFoundError("no /data/model.bin on this machine")
 
 
+def slow_on_cluster(path: str, seconds: float) -> None:
+    """An initializer that notes its pid in a file, then sleeps, on the machines whose
+    environment says ON_CLUSTER (elsewhere it does nothing)."""
+    if os.environ.get("ON_CLUSTER"):
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(seconds)
+
+
 def comm_error_on_cluster() -> None:
     """An initializer that raises a connection error of its own (it talks to a
     service through Dask's comms) where the environment says ON_CLUSTER."""

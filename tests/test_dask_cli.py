@@ -274,6 +274,34 @@ async def test_no_worker_means_serving_locally() -> None:
         cluster.stop()
 
 
+@pytest.mark.parametrize("when", ["waiting for a worker", "registering the initializer"])
+async def test_closing_while_climbing_to_the_cluster_leaves_nothing_there(
+        when: str, tmp_path: Path) -> None:
+    # The climb's clean-up was cancelled with it: the initializer stayed registered
+    # (a worker joining later ran the closed pool's), and the client closed only
+    # after aclose returned (a program ending then logged distributed's errors).
+    ran = tmp_path / "ran"
+    cluster = CliCluster(workers=0, env={"ON_CLUSTER": "1"})
+    try:
+        cluster.start_scheduler()
+        await cluster.wait_ready()
+        async with ResilientPool(max_workers=1, dask_address=cluster.address,
+                                 dask_connect_timeout=1.0, promote_after=0.2,
+                                 promote_max=0.4, initializer=tasks.slow_on_cluster,
+                                 initargs=(str(ran), 4.0)) as pool:
+            assert pool.backend == "process"
+            if when == "registering the initializer":
+                cluster.count = 1
+                cluster.start_workers()
+                await wait_until(ran.exists, 60)
+            else:
+                await anyio.sleep(1.5)  # its climbs wait for a worker
+        assert await _pools_plugins(cluster) == []
+        assert await _other_clients(cluster) == 0
+    finally:
+        cluster.stop()
+
+
 async def test_the_initializer_runs_on_every_cluster_worker(cluster: CliCluster) -> None:
     async with ResilientPool(max_workers=2, dask_address=cluster.address,
                              initializer=tasks.remember, initargs=("dask",)) as pool:
@@ -406,6 +434,20 @@ async def _pools_plugins(cluster: CliCluster) -> list[str]:
                                   set_as_default=False) as client:
         plugins = await client.run_on_scheduler(_worker_plugins)
     return [name for name in plugins if name.startswith("asyncpool")]
+
+
+def _clients(dask_scheduler: object) -> list[str]:
+    return list(dask_scheduler.clients)  # type: ignore[attr-defined]
+
+
+async def _other_clients(cluster: CliCluster) -> int:
+    """Clients connected to the scheduler, beside the one asking."""
+    from distributed import Client
+
+    async with Client(cluster.address, asynchronous=True, timeout="5s",
+                      set_as_default=False) as client:
+        clients = await client.run_on_scheduler(_clients)
+        return len([c for c in clients if c not in (client.id, "fire-and-forget")])
 
 
 async def test_a_scheduler_restarted_while_idle_is_set_up_again(

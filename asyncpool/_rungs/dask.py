@@ -27,6 +27,8 @@ import secrets
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from .. import _wire
 from .._call import CallState
 from .._errors import FunctionUnavailable, InitializerFailed, SerializationError, pool_made
@@ -132,9 +134,10 @@ class DaskRung(Rung):
                 await register_initializer(rung.client, config, rung._initializer,
                                            rung.space, rung._scheduler_id)
         except BaseException as exc:
-            # Awaited, also after an initializer that hung: its plugin must leave the
-            # cluster (workers joining later ran it); up to 5 s past start_timeout.
-            await rung.aclose(kill=True)
+            # Awaited, shielded (a close cancels a climb), after a hung initializer too:
+            # its plugin must leave the cluster (joining workers ran it); up to 5 s.
+            with anyio.CancelScope(shield=True):
+                await rung.aclose(kill=True)
             if isinstance(exc, OSError | TimeoutError):
                 raise RungUnavailable(f"the Dask cluster has no worker (waited {timeout} s)"
                                       ) from exc
@@ -227,12 +230,6 @@ class DaskRung(Rung):
         # turn) never reports: this does, once, or nothing if it did.
         relay.add_done_callback(lambda _: self._lost(chunk))
 
-    async def _function(self, shipped: Any) -> Any:
-        """The function's pickle, or for a big one its data scattered to every worker."""
-        if len(shipped.whole()) < BIG_FUNCTION:
-            return shipped.blob
-        return await self._scattered.get(shipped)
-
     def forget(self, fn_id: int) -> None:
         self._scattered.forget(fn_id)
 
@@ -244,7 +241,9 @@ class DaskRung(Rung):
             if chunk is self._suspect and len(self._relays) > 1:
                 self._alone = asyncio.Event()
                 await self._alone.wait()
-            blobs = [await self._function(s) for s in shipped]
+            # Each function's pickle, or for a big one its data scattered to every worker.
+            blobs = [s.blob if len(s.whole()) < BIG_FUNCTION else await self._scattered.get(s)
+                     for s in shipped]
             if not self._connected() or self.client.scheduler_info().get("id") not in (
                     None, self._scheduler_id):
                 # The client reconnects unasked, perhaps to a scheduler that restarted,
