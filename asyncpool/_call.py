@@ -16,8 +16,8 @@ import enum
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ._errors import FunctionUnavailable, is_pool_made
 from ._options import CallOptions
@@ -26,6 +26,8 @@ from ._source import Source
 
 if TYPE_CHECKING:
     from ._functions import Shipped
+
+K = TypeVar("K")
 
 _ids = itertools.count(1)
 _NONE: frozenset[int] = frozenset()
@@ -351,3 +353,28 @@ class Chunk:
 
     def __repr__(self) -> str:
         return f"<Chunk seq={self.seq} size={self.size} pieces={self.pieces}>"
+
+
+def by_timing(chunk: Chunk, upto: int | None = None,
+              seconds: float | Sequence[float] = 0.0) -> dict[Timing, tuple[int, float]]:
+    """Items of the chunk's first ``upto`` positions by the timing of their function,
+    with the seconds they took: ``seconds`` given for each piece (each run of the
+    worker), or in all (then shared by count)."""
+    return measured(chunk, upto, seconds, lambda piece: piece.call.timing)
+
+
+def measured(chunk: Chunk, upto: int | None, seconds: float | Sequence[float],
+             key: Callable[[Piece], K]) -> dict[K, tuple[int, float]]:
+    """As :func:`by_timing`, by ``key(piece)``."""
+    upto = chunk.size if upto is None else upto
+    found: dict[K, tuple[int, float]] = {}
+    for index, (piece, lo, hi, _) in enumerate(chunk.between(0, upto)):
+        if isinstance(seconds, float | int):
+            spent = seconds * (hi - lo) / upto
+        elif index < len(seconds):
+            spent = seconds[index]
+        else:
+            break  # not measured
+        count, total = found.get(key(piece), (0, 0.0))
+        found[key(piece)] = (count + hi - lo, total + spent)
+    return found

@@ -19,11 +19,11 @@ import enum
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 
-from ._call import Call, CallState, Chunk, Piece, Resend
+from ._call import Call, CallState, Chunk, Resend, by_timing, measured
 from ._config import PoolConfig
 from ._errors import (FunctionUnavailable, PoolClosed, SerializationError, WorkerCrashed,
                       exit_described, is_pool_made, pool_made)
@@ -31,10 +31,9 @@ from ._events import Counters, Emitter
 from ._execute import SKIPPED
 from ._rebalance import fixed_size, resend_parts
 from ._resends import Resends
-from ._sizing import Timing, blend
+from ._sizing import blend
 
 logger = logging.getLogger("asyncpool")
-K = TypeVar("K")
 
 
 class Crossing(enum.Enum):
@@ -424,27 +423,3 @@ def _named(error: BaseException, index: int) -> BaseException:
         return named
     return error
 
-
-def by_timing(chunk: Chunk, upto: int | None = None,
-              seconds: float | Sequence[float] = 0.0) -> dict[Timing, tuple[int, float]]:
-    """Items of the chunk's first ``upto`` positions by the timing of their function,
-    with the seconds they took: ``seconds`` given for each piece (each run of the
-    worker), or in all (then shared by count)."""
-    return measured(chunk, upto, seconds, lambda piece: piece.call.timing)
-
-
-def measured(chunk: Chunk, upto: int | None, seconds: float | Sequence[float],
-             key: Callable[[Piece], K]) -> dict[K, tuple[int, float]]:
-    """As :func:`by_timing`, by ``key(piece)``."""
-    upto = chunk.size if upto is None else upto
-    found: dict[K, tuple[int, float]] = {}
-    for index, (piece, lo, hi, _) in enumerate(chunk.between(0, upto)):
-        if isinstance(seconds, float | int):
-            spent = seconds * (hi - lo) / upto
-        elif index < len(seconds):
-            spent = seconds[index]
-        else:
-            break  # not measured
-        count, total = found.get(key(piece), (0, 0.0))
-        found[key(piece)] = (count + hi - lo, total + spent)
-    return found

@@ -946,7 +946,7 @@ def test_calls_sharing_a_chunk_are_timed_each_on_its_own() -> None:
     # The chunk's time was shared among its calls by their counts of items: a 6 us
     # function packed beside 5 ms items was taken for 470 us an item, and its next
     # small maps went out an item per chunk behind the slow ones.
-    from asyncpool._outcomes import by_timing
+    from asyncpool._call import by_timing
     from asyncpool._sizing import Timing
 
     ends: list[tuple[list[float], int]] = []
