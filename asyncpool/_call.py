@@ -288,7 +288,8 @@ class Chunk:
     """
 
     __slots__ = ("pieces", "size", "crashes", "reported", "rung", "seq",
-                 "payload_bytes", "born", "place", "moved", "suspect", "blind", "expected")
+                 "payload_bytes", "born", "place", "moved", "suspect", "blind", "expected",
+                 "alone")
     #: Chunks made so far in this process: each is numbered (``born``) in order.
     made = 0
 
@@ -317,6 +318,8 @@ class Chunk:
         self.place = (self.born, 0)
         #: Taken back unstarted from a busy worker, it waits to go again.
         self.moved = False
+        #: Runs with nothing beside it (see Resends.alone).
+        self.alone = False
 
     def between(self, first: int, upto: int) -> Iterator[tuple[Piece, int, int, int]]:
         """(piece, lo, hi, offset): the piece's own items [lo, hi) that lie within

@@ -63,12 +63,15 @@ class Outcomes:
         #: Set while the pool closes (lost items fail instead of going out again), and
         #: while it closes gracefully (what was taken back still goes out: calls wait).
         self.closing = self.finishing = False
+        #: Chunks in flight that run with nothing beside them (see Resends.alone).
+        self.alone = 0
         self._drained: Any = None
 
     def sent(self, chunk: Chunk, seconds: float = 0.0) -> None:
         """``chunk`` was submitted (which took ``seconds`` of the loop): it holds a
         slot of its rung until it settles."""
         self.in_flight.add(chunk)
+        self.alone += chunk.alone
         for timing in chunk.blind:
             timing.blind += 1
         self.counters.chunks_submitted += 1
@@ -126,7 +129,7 @@ class Outcomes:
         self._settle(chunk)
 
     def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None,
-                      deaths: int = 1, function: int = 0) -> None:
+                      deaths: int = 1, function: int = 0, shared: bool = False) -> None:
         first = chunk.reported
         for piece in chunk.pieces:
             piece.call.crashed = True
@@ -166,7 +169,8 @@ class Outcomes:
                 piece.call.deliver(index, [None], {0: error})
                 self.counters.tasks_failed += 1
         else:
-            self._again(chunk, culprit, culprit + 1, Resend.SUSPECT, crashes)
+            # Blamed with every item running beside it (see Resends.alone).
+            self._again(chunk, culprit, culprit + 1, Resend.SUSPECT, crashes, alone=shared)
         self._settle(chunk)
 
     def _function_crashed(self, chunk: Chunk, function: int, exitcode: int | None) -> None:
@@ -240,6 +244,7 @@ class Outcomes:
     def _settle(self, chunk: Chunk) -> None:
         """The one place a chunk leaves: after its rung's final report."""
         self.in_flight.discard(chunk)
+        self.alone -= chunk.alone
         for timing in chunk.blind:
             timing.blind -= 1
         chunk.blind = ()
@@ -253,7 +258,8 @@ class Outcomes:
         self.kick()
 
     def _again(self, chunk: Chunk, first: int, upto: int, why: Resend,
-               crashes: int | None = None, suspect: bool = False) -> None:
+               crashes: int | None = None, suspect: bool = False,
+               alone: bool = False) -> None:
         """Send positions [first, upto) of ``chunk`` again. Unless told otherwise, they
         keep the chunk's crash count when they are all of it (a suspect item that was
         lost with another's worker is still a suspect), and start afresh if not."""
@@ -271,8 +277,10 @@ class Outcomes:
         again.place = (chunk.place[0], chunk.place[1] + first)
         self.emit("resubmit", f"resubmitting {again.size} item(s) ({why.value})",
                   size=again.size, reason=why.value)
-        if why is Resend.SUSPECT:
-            self.again.last(again)  # alone
+        if alone:
+            self.again.alone(again)
+        elif why is Resend.SUSPECT:
+            self.again.last(again)  # in a chunk of its own
         elif why is Resend.MOVED:
             self.again.moved(again)
         else:

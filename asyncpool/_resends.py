@@ -1,11 +1,12 @@
 """Items waiting to go out again, and the order they go in.
 
-Three kinds wait here, each in a queue of its own. Items of a chunk whose worker died
-(and those after a result that would not load) go first: they were running. Items
-taken back unstarted from a busy worker (see :mod:`asyncpool._rebalance`) go next,
-back where they first stood, the calls with the fewest items left first (taking turns
-among equals), and with them a suspect (an item that may have killed its worker, sent
-alone), which otherwise goes last.
+Four kinds wait here, each in a queue of its own. A suspect item of a death that took
+every worker goes first, alone. Items of a chunk whose worker died (and those after a
+result that would not load) go next: they were running. Items taken back unstarted
+from a busy worker (see :mod:`asyncpool._rebalance`) go next, back where they first
+stood, the calls with the fewest items left first (taking turns among equals), and
+with them a suspect (an item that may have killed its worker, sent alone), which
+otherwise goes last.
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ class Resends:
         self._first: deque[Chunk] = deque()
         self._moved: list[Chunk] = []  # by where their items first stood
         self._last: deque[Chunk] = deque()
+        self._alone: deque[Chunk] = deque()
         #: When each call's items taken back last went out again (see _take).
         self._turns: dict[int, int] = {}
         self._turn = 0
 
     def __iter__(self) -> Iterator[Chunk]:
-        return itertools.chain(self._first, self._moved, self._last)
+        return itertools.chain(self._alone, self._first, self._moved, self._last)
 
     def __len__(self) -> int:
-        return len(self._first) + len(self._moved) + len(self._last)
+        return len(self._alone) + len(self._first) + len(self._moved) + len(self._last)
 
     def first(self, chunk: Chunk) -> None:
         """``chunk`` goes before all the others (it was running)."""
@@ -46,6 +48,19 @@ class Resends:
     def last(self, chunk: Chunk) -> None:
         """``chunk`` goes after all the others (a suspect, alone)."""
         self._last.append(chunk)
+
+    def alone(self, chunk: Chunk) -> None:
+        """``chunk`` (a suspect item) goes before all the others, with nothing running
+        beside it: every item running when the fork server died counted a crash, and
+        an innocent one running beside the poison item when it died again failed."""
+        chunk.alone = True
+        self._alone.append(chunk)
+
+    def alone_waits(self) -> bool:
+        """Whether a chunk waits to run alone (those whose calls all ended are dropped)."""
+        while self._alone and not _live(self._alone[0]):
+            self._alone.popleft()
+        return bool(self._alone)
 
     def moved(self, chunk: Chunk) -> None:
         """``chunk``, taken back unstarted, goes where its items first stood, before
@@ -60,7 +75,7 @@ class Resends:
 
     def waits(self) -> bool:
         """Whether items wait (chunks whose calls all ended are dropped)."""
-        for queue in (self._first, self._last):
+        for queue in (self._alone, self._first, self._last):
             while queue and not _live(queue[0]):
                 queue.popleft()
         self._moved = [c for c in self._moved if _live(c)]
@@ -101,24 +116,27 @@ class Resends:
                 pieces = Chunk(pieces).pieces_between(0, limit)
             going = Chunk(pieces, chunk.crashes, chunk.suspect)
             going.place = chunk.place  # taken back again, it goes back there
+            going.alone = chunk.alone
             return going
         return None
 
     def clear(self) -> None:
+        self._alone.clear()
         self._first.clear()
         self._moved.clear()
         self._last.clear()
 
     def _take(self) -> Chunk:
-        """The next chunk: one that was running first; then, of those taken back and
-        the first suspect, the one of the call with the fewest items left, the calls
-        served longest ago first among equals. (By where they first stood alone, a
-        small map whose items were cut from the head of a chunk went behind two big
-        maps' items, 2 s late; a suspect that waited for every taken-back chunk waited
-        6 s while cuts kept coming; taking turns alone, sixteen small maps arriving
-        together all finished near the end.)"""
-        if self._first:
-            return self._first.popleft()
+        """The next chunk: one to run alone, then one that was running; then, of those
+        taken back and the first suspect, the one of the call with the fewest items
+        left, the calls served longest ago first among equals. (By where they first
+        stood alone, a small map whose items were cut from the head of a chunk went
+        behind two big maps' items, 2 s late; a suspect that waited for every
+        taken-back chunk waited 6 s while cuts kept coming; taking turns alone, sixteen
+        small maps arriving together all finished near the end.)"""
+        for queue in (self._alone, self._first):
+            if queue:
+                return queue.popleft()
         moved, turns = self._moved, self._turns
 
         def rank(chunk: Chunk) -> tuple[int, int]:

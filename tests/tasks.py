@@ -88,13 +88,16 @@ def kill_self_once(args: tuple[int, str]) -> int:
     return x * x
 
 
-def kill_fork_server_on(args: tuple[int, int]) -> int:
+def kill_fork_server_on(args: tuple[int, int] | tuple[int, int, float]) -> int:
     """A poison item that kills the fork server (this worker's parent), and with it
-    every worker."""
-    x, poison = args
+    every worker (after 50 ms, while the others sleep their seconds, if given)."""
+    x, poison, *seconds = args
     if x == poison:
+        if seconds:
+            time.sleep(0.05)
         os.kill(os.getppid(), signal.SIGKILL)
         time.sleep(5)
+    time.sleep(seconds[0] if seconds else 0)
     return x * x
 
 

@@ -720,6 +720,20 @@ async def test_an_item_that_kills_the_fork_server_is_a_poison_item(
         assert await pool.map(tasks.square, range(4)) == [0, 1, 4, 9]
 
 
+@pytest.mark.parametrize(("workers", "count", "poison"), [(2, 4, 3), (3, 6, 1)])
+async def test_an_item_that_kills_the_fork_server_takes_no_neighbour(
+        workers: int, count: int, poison: int, anyio_backend: str) -> None:
+    # Every item running when the fork server died counted a crash: running beside the
+    # poison item when it died again, an innocent one failed with it.
+    items = [(i, poison, 0.5) for i in range(count)]
+    async with ResilientPool(max_workers=workers, max_crashes_per_item=2) as pool:
+        with anyio.fail_after(60):
+            got = await pool.map(tasks.kill_fork_server_on, items, chunk_size=1,
+                                 return_exceptions=True)
+    assert isinstance(got[poison], WorkerCrashed)
+    assert got[:poison] + got[poison + 1:] == [i * i for i in range(count) if i != poison]
+
+
 STOPPED_AT_EXIT = """
 import asyncio, threading
 from asyncpool import ResilientPool

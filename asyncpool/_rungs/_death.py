@@ -27,10 +27,12 @@ class Death:
     the function it was loading, its exit code, and whether nobody asked it to leave
     (a crash, or killed from outside while idle: the OOM killer)."""
 
-    __slots__ = ("chunks", "exitcode", "crashed", "unasked", "culprit", "loading")
+    __slots__ = ("chunks", "exitcode", "crashed", "unasked", "culprit", "loading", "shared")
 
-    def __init__(self, chunks: list[Chunk], exitcode: int | None) -> None:
+    def __init__(self, chunks: list[Chunk], exitcode: int | None, shared: bool) -> None:
         self.chunks, self.exitcode = chunks, exitcode
+        #: Gone with its fork server, as every worker was.
+        self.shared = shared
         self.crashed = False
         self.unasked = False
         self.culprit: int | None = None

@@ -296,7 +296,7 @@ class Proc:
         chunks = list(self.chunks)
         for chunk in chunks:
             self._release(chunk, ran=chunk.size)
-        death = Death(chunks, exitcode)
+        death = Death(chunks, exitcode, self._orphaned)
         seq, position, loading = (int(self.progress[i])
                                   for i in (_wire.SEQ, _wire.POSITION, _wire.LOADING))
         on_item = bool(chunks) and 0 <= position < chunks[0].size  # else between items

@@ -59,11 +59,12 @@ class Listener(Protocol):
         retries of transient errors."""
 
     def chunk_crashed(self, chunk: Chunk, culprit: int | None, exitcode: int | None,
-                      deaths: int = 1, function: int = 0) -> None:
+                      deaths: int = 1, function: int = 0, shared: bool = False) -> None:
         """Final: the worker died while running the item at position ``culprit``
         (None: not known which), or while loading the function with id ``function``;
         nothing unreported came back. ``deaths`` is how many worker deaths the report
-        stands for (Dask reports one for several)."""
+        stands for (Dask reports one for several); ``shared``: every worker died with
+        it (their fork server did), so any item running then may be the one."""
 
     def chunk_lost(self, chunk: Chunk, why: Resend = Resend.LOST) -> None:
         """Final: the unreported items did not run through any fault of theirs (a

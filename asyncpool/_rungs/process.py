@@ -313,7 +313,7 @@ class ProcessRung(Rung, Events):
         for index, chunk in enumerate(death.chunks):
             if death.crashed and index == 0:
                 self.listener.chunk_crashed(chunk, death.culprit, death.exitcode,
-                                            function=death.loading)
+                                            function=death.loading, shared=death.shared)
             else:
                 self.listener.chunk_lost(chunk)
         if self.state is RungState.SERVING:
