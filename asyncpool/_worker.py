@@ -265,19 +265,23 @@ def _rss() -> int:
 
 
 def _settle_in(settings: dict[str, Any], own: dict[str, str]) -> None:
-    """Work where the pool's process stood when the pool opened, with its environment,
-    as a spawned process would: forked from a fork server started for an earlier pool,
-    a worker saw that pool's directory and environment (relative paths, settings made
-    since, modules found through '' in sys.path went astray)."""
-    if settings["cwd"] is not None:
-        try:
-            os.chdir(settings["cwd"])
-        except OSError:
-            pass  # removed since: it stays in the fork server's
+    """Work where the pool's process stood when its workers' rung started, with its
+    environment, as a spawned process would: forked from a fork server started for an
+    earlier pool, a worker saw that pool's directory and environment (relative paths,
+    settings made since, modules found through '' in sys.path went astray). A directory
+    removed since is an error: the worker does not start (it ran in an earlier one)."""
+    os.chdir(settings["cwd"])
     environ = {**settings["environ"], **own}
     for name in [name for name in os.environ if name not in environ]:
         del os.environ[name]
-    os.environ.update(environ)
+    for name, value in environ.items():
+        if os.environ.get(name) != value:
+            try:
+                os.environ[name] = value
+            except (OSError, ValueError):
+                pass  # a name the C library refuses ("", or with "="): not passed on
+    if hasattr(time, "tzset"):
+        time.tzset()  # TZ as set (the C library read the fork server's)
 
 
 def serve(sock: socket.socket, progress: Any, own: dict[str, str]) -> int:

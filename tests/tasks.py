@@ -122,6 +122,11 @@ def pid_of(_: object = None) -> int:
     return os.getpid()
 
 
+def local_zone(_: object = None) -> str:
+    """The name of the local time zone here."""
+    return time.strftime("%Z", time.localtime(0))
+
+
 def where_am_i(name: str) -> tuple[str, str | None]:
     """The worker's directory and its environment's ``name``."""
     return os.getcwd(), os.environ.get(name)

@@ -66,6 +66,57 @@ async def test_workers_start_where_the_pool_opened_with_its_environment(
             str(tmp_path), None)
 
 
+ODD_ENVIRONMENT = """
+import ctypes, os, sys
+if sys.argv[1:] == ["started"]:
+    import asyncio
+    from asyncpool import ResilientPool
+    from tests import tasks
+
+    async def main():
+        async with ResilientPool(max_workers=1, rungs=("process",)) as pool:
+            print(await pool.run(tasks.where_am_i, "ASYNCPOOL_TEST_SETTING"))
+            print(await pool.run(tasks.local_zone))
+    asyncio.run(main())
+    sys.exit()
+# Started by a program that put an entry with no name in the environment.
+env = [f"{k}={v}".encode() for k, v in os.environ.items()]
+env += [b"=odd", b"ASYNCPOOL_TEST_SETTING=kept", b"TZ=Asia/Tokyo"]
+args = [sys.executable.encode(), b"-c", sys.argv[1].encode(), b"started"]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.execve(args[0], (ctypes.c_char_p * 5)(*args, None),
+            (ctypes.c_char_p * (len(env) + 1))(*env, None))
+sys.exit(f"execve failed: {ctypes.get_errno()}")
+"""
+
+
+def test_workers_take_what_they_can_of_an_odd_environment() -> None:
+    # An entry with no name stopped every worker as it started (the pool could not
+    # open); TZ was in the workers' environment but local times were the fork
+    # server's zone.
+    done = run_code(ODD_ENVIRONMENT, ODD_ENVIRONMENT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].endswith("'kept')") and lines[1] == "JST", done.stdout
+
+
+async def test_a_removed_directory_starts_no_worker_in_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
+    # Workers of a pool opened in a removed directory worked in an earlier pool's
+    # (the fork server's), reading and writing files there.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    async with ResilientPool(max_workers=1) as pool:
+        await pool.run(tasks.square, 1)  # a fork server runs, in another directory
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    events: list[PoolEvent] = []
+    async with ResilientPool(max_workers=1, creation_attempts=1, promote_after=60,
+                             on_event=events.append) as pool:
+        assert pool.backend == "thread"
+        assert "the current directory was removed" in events[0].message
+
+
 @pytest.mark.parametrize("rungs", [("process",), ("thread",), ("inline",)])
 async def test_a_failing_initializer_fails_the_open_at_once(rungs: tuple[str, ...],
                                                             anyio_backend: str) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _wire
 from .._errors import SerializationError
+from .._retry import RungUnavailable
 from .._share import dumps_for_workers
 from ._proc import Proc
 
@@ -81,9 +82,10 @@ def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | 
                 f"pickled for the worker processes ({exc}); pass picklable initargs, "
                 "or make the object in the initializer") from exc
     try:
-        cwd: str | None = os.getcwd()
-    except OSError:
-        cwd = None  # removed: the workers stay where the fork server is
+        cwd = os.getcwd()
+    except OSError as exc:  # removed: workers would work in an earlier pool's
+        raise RungUnavailable("the current directory was removed: worker processes "
+                              f"cannot start in it ({exc})") from exc
     environ = dict(os.environ)
     settings = _wire.dumps({
         "sys_path": list(sys.path), "cwd": cwd, "environ": environ,
