@@ -733,3 +733,34 @@ async def test_a_stream_first_read_after_the_close_fails_at_once(
     with anyio.fail_after(5), pytest.raises(PoolClosed):
         async for _ in stream:
             pass
+
+
+@pytest.mark.parametrize("closes", [(True,), (False, True)])
+async def test_a_close_with_kill_starts_nothing_more_on_threads(
+        closes: tuple[bool, ...], tmp_path: Path, anyio_backend: str) -> None:
+    # Chunks queued for a thread when the close killed were run by the threads started
+    # in place of the stopped ones: items whose callers were told PoolClosed ran after
+    # the close (and a graceful close beside it waited for them).
+    started = tmp_path / "started"
+    pool = ResilientPool(max_workers=2, rungs=("thread",))
+    await pool.__aenter__()
+    outcomes: list[object] = []
+
+    async def caller(first: int) -> None:
+        items = [(first + i, str(started), 0.2) for i in range(6)]
+        try:
+            outcomes.append(await pool.map(tasks.note_start, items, chunk_size=1))
+        except PoolClosed as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for first in (100, 200, 300):
+            tg.start_soon(caller, first)
+        # Two items run, and chunks wait for the threads behind them.
+        await wait_until(lambda: pool.statistics().chunks_in_flight >= 4)
+        before = len(started.read_text().split())
+        for kill in closes:
+            tg.start_soon(functools.partial(pool.aclose, kill=kill))
+    await anyio.sleep(0.5)  # what would start next had started by now
+    assert len(started.read_text().split()) == before, (before, started.read_text().split())
+    assert all(isinstance(outcome, PoolClosed) for outcome in outcomes), outcomes

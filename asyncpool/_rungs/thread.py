@@ -171,6 +171,9 @@ class ThreadRung(Rung):
                 return
             if isinstance(chunk, str):
                 continue
+            if chunk in self._detached:  # stopped before it started (see kill)
+                self.loop.call_soon_threadsafe(functools.partial(self._detached.discard, chunk))
+                continue
             runs = [(p.call.fn, p.call.star, p.call.id, list(p.items)) for p in chunk.pieces]
             progress = [chunk.seq, -1, 0, time.monotonic()]
             self._running[me] = (chunk, runs, progress)
@@ -249,9 +252,18 @@ class ThreadRung(Rung):
         """Threads cannot be stopped: each running one of these chunks is left to
         finish it (what else it holds of those calls is skipped), and a new thread
         serves in its place meanwhile, so a hung item does not take a thread for good.
-        False: the items run on."""
+        False: the items run on. Chunks not started yet are taken off (the thread in
+        place of a stopped one ran them, after a close with kill)."""
         wanted = set(chunks)
-        for thread, (chunk, _, progress) in list(self._running.items()):
+        running = list(self._running.items())
+        started = {chunk for _, (chunk, _, _) in running}
+        for chunk in wanted - started:
+            if chunk in self._open and chunk not in self._detached and (
+                    calls is None or all(p.call.id in calls for p in chunk.pieces)):
+                self._detached.add(chunk)
+                self._release(chunk)
+                self.listener.chunk_lost(chunk)
+        for thread, (chunk, _, progress) in running:
             at = progress[_wire.POSITION]
             if calls is not None and not (0 <= at < chunk.size
                                           and chunk.locate(at)[0].call.id in calls):
