@@ -195,7 +195,9 @@ class Outcomes:
         self._settle(chunk)
 
     def chunk_lost(self, chunk: Chunk, why: Resend = Resend.LOST) -> None:
-        if self.closing and not (self.finishing and why is Resend.MOVED):
+        if self.closing and not self.finishing:
+            # (Closing gracefully, what a worker lost goes again like the rest: an item
+            # queued behind a crash failed as "closed while running".)
             self._closed_under(chunk)
         elif why is Resend.MOVED:  # taken back unstarted: sized on what is now known
             self._split(chunk, why, resend_parts(chunk, chunk.reported, self.config))
@@ -347,7 +349,7 @@ class Outcomes:
             start = position + 1
 
     def _closed_under(self, chunk: Chunk) -> None:
-        closed = PoolClosed("the pool was closed while this item was running")
+        closed = PoolClosed("the pool was closed before this item finished")
         for piece, lo, hi, _ in chunk.between(chunk.reported, chunk.size):
             if piece.call.state is CallState.ACTIVE:
                 piece.call.deliver(piece.start + lo, [None] * (hi - lo),

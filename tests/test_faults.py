@@ -764,3 +764,31 @@ async def test_a_close_with_kill_starts_nothing_more_on_threads(
     await anyio.sleep(0.5)  # what would start next had started by now
     assert len(started.read_text().split()) == before, (before, started.read_text().split())
     assert all(isinstance(outcome, PoolClosed) for outcome in outcomes), outcomes
+
+
+async def test_what_a_worker_lost_during_a_graceful_close_goes_again(
+        anyio_backend: str) -> None:
+    # A chunk waiting on a worker killed while the pool closed gracefully failed with
+    # PoolClosed ("closed while this item was running": it had not started), where
+    # the chunk that worker ran went again and was delivered.
+    got: list[object] = []
+    pool = ResilientPool(max_workers=2, rungs=("process",))
+    await pool.__aenter__()
+    async with anyio.create_task_group() as tg:
+
+        async def reader() -> None:
+            try:
+                async for value in pool.imap(tasks.nap_then_pid, [0.3] * 12, chunk_size=1,
+                                             return_exceptions=True):
+                    got.append(value)
+            except PoolClosed:
+                pass
+
+        tg.start_soon(reader)
+        await wait_until(lambda: bool(got) and pool.statistics().chunks_in_flight >= 4)
+        tg.start_soon(pool.aclose)
+        await anyio.sleep(0.05)
+        pid = got[0]
+        assert isinstance(pid, int)
+        os.kill(pid, 9)  # SIGKILL
+    assert not [value for value in got if isinstance(value, BaseException)], got
