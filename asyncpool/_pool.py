@@ -31,10 +31,7 @@ Ts = TypeVarTuple("Ts")
 
 
 class PoolState(enum.IntEnum):
-    NEW = 0
-    OPEN = 1
-    CLOSING = 2
-    CLOSED = 3
+    NEW, OPEN, CLOSING, CLOSED = range(4)
 
 
 class ResilientPool:
@@ -57,7 +54,8 @@ class ResilientPool:
         ValueError: a value out of range.
         InitializerFailed: (on entering) the ``initializer`` raised, killed its worker or
             did not return within ``start_timeout``.
-        PoolClosed: (on entering) the pool was entered before; make a new one.
+        PoolClosed: (on entering) the pool was entered before (make a new one), or
+            another task closed it while it opened.
 
     Example:
         ```python
@@ -107,6 +105,8 @@ class ResilientPool:
         except BaseException:
             await self.aclose(kill=True)
             raise
+        if self._state is not PoolState.OPEN:  # another task closed it (it looked open)
+            raise PoolClosed("the pool was closed while it opened")
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,

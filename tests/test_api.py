@@ -349,3 +349,22 @@ async def test_buffers_come_back_as_writable_as_they_left(pool: ResilientPool,
         assert await pool.run(tasks.fill_grid, sent) == (writable, size)
     got = await pool.run(tasks.make_bytearray, size)
     assert type(got) is bytearray and got == bytearray(b"x" * size)
+
+
+async def test_a_pool_closed_while_it_opens_is_not_entered(anyio_backend: str) -> None:
+    # Closed by another task as it started its workers, it was entered all the same:
+    # a closed pool that looked open, each call then failing.
+    pool = ResilientPool(max_workers=1, initializer=tasks.nap, initargs=(0.5,))
+    outcome: list[BaseException] = []
+
+    async def enter() -> None:
+        try:
+            await pool.__aenter__()
+        except PoolClosed as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(enter)
+        await anyio.sleep(0.1)
+        await pool.aclose()
+    assert len(outcome) == 1 and "while it opened" in str(outcome[0]), outcome
