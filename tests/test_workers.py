@@ -1153,16 +1153,17 @@ async def test_a_map_arriving_after_a_take_back_waits_for_no_long_part(
     # What was taken back went out again in a few parts of 100 ms or more each (at
     # most two per worker): a small map arriving meanwhile waited behind them while
     # 125 items of the big maps ran; now each part goes out a target's worth at a time.
-    # Timed on 2,000 quick naps, the big maps' first chunks hold far too much and are
-    # taken back. (Timed on 20 single naps, the cost could come out 0.5 ms: chunks of
-    # 37 items, 160 ms each, none over the take-back line, six queued before any
-    # other caller: the small map waited behind them, and no take-back was tested.)
+    # Timed on single naps, the cost may come out anywhere from 0.01 to 0.7 ms: chunks
+    # of 125 items, far over the take-back line, or of 37 items (160 ms), each under
+    # it but six queued on two workers, which were not taken back (the small map
+    # waited behind them: 96 to 232 items ran meanwhile).
     ran_meanwhile: list[int] = []
     async with ResilientPool(max_workers=2) as pool:
-        await pool.map(tasks.nap, [0.0] * 2000)
+        for _ in range(20):
+            await pool.run(tasks.nap, 0.0)
 
         async def small() -> None:
-            await wait_until(lambda: pool.statistics().tasks_completed >= 2000 + 60)
+            await wait_until(lambda: pool.statistics().tasks_completed >= 20 + 60)
             before = pool.statistics().tasks_completed
             assert await pool.map(tasks.nap, [0.004] * 10) == [0.004] * 10
             ran_meanwhile.append(pool.statistics().tasks_completed - before - 10)

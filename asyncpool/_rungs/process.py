@@ -254,7 +254,8 @@ class ProcessRung(Rung, Events):
             self.listener.chunk_progress(chunk, first, upto, results, errors, nbytes)
             now = time.monotonic()
             # Sized on a cost far too low? (see _rebalance)
-            over = not done and proc.pace.report(chunk, first, upto, now, self.config)
+            over = not done and proc.pace.report(chunk, first, upto, now, self.config,
+                                                 sum(c.size for c in proc.chunks) - chunk.size)
             if proc.doomed:
                 proc.kill_doomed()  # what it was waiting for may have come
             elif over:
