@@ -365,10 +365,10 @@ class Proc:
 
     def withdraw(self, chunks: Iterable[Chunk]) -> None:
         """Ask the worker for ``chunks``: one not started comes back whole (WITHDRAWN),
-        the running one is cut short after the item it runs (CUT)."""
+        the running one is cut after its item (CUT; asked again if it could not be)."""
         seqs = [c.seq for c in chunks if c.seq not in self.withdrawing]
         if seqs and self.state is ProcState.READY:
-            self.withdrawing.update(seqs)
+            self.withdrawing.update(seqs[1:] if seqs[0] == self.chunks[0].seq else seqs)
             self.send(_wire.WITHDRAW, _wire.dumps(seqs))
 
     def work_held(self) -> float:
