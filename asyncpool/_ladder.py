@@ -23,8 +23,8 @@ import anyio
 from ._errors import InitializerFailed, PoolClosed, PoolUnavailable
 from ._events import Counters, Emitter
 from ._retry import RungUnavailable, RungUnsupported, backoff_delays, is_transient
-from ._rungs import (ONE_ATTEMPT, STAND_IN, Listener, Rung, RungState, create_rung,
-                     pool_closed)
+from ._rungs import (ONE_ATTEMPT, STAND_IN, Listener, Rung, RungState, clean_up_cluster,
+                     create_rung)
 
 if TYPE_CHECKING:
     from ._config import PoolConfig
@@ -309,4 +309,4 @@ class Ladder:
                 await task.wait()
             while self._closers:
                 await self._closers.pop().wait()
-            await pool_closed(self.config, self.loop)
+            await clean_up_cluster(self.config, self.loop)

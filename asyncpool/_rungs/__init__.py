@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ("CLUSTER", "FACTORIES", "ONE_ATTEMPT", "OUT_OF_PROCESS", "STAND_IN",
            "ChunkUnpicklable", "Listener", "Rung", "RungState", "close_parked_workers",
-           "create_rung", "pool_closed")
+           "create_rung", "clean_up_cluster")
 
 Factory = Callable[["PoolConfig", Listener, "Loop"], Awaitable[Rung]]
 
@@ -67,7 +67,7 @@ async def create_rung(name: str, config: PoolConfig, listener: Listener, loop: L
     return await FACTORIES[name](config, listener, loop)
 
 
-async def pool_closed(config: PoolConfig, loop: Loop) -> None:
+async def clean_up_cluster(config: PoolConfig, loop: Loop) -> None:
     """After a pool's rungs closed: what they left on a cluster through the caller's
     own client (which outlives the pool) is removed (see _dask_client._LEFT)."""
     if config.dask_client is not None and loop.name == "asyncio":  # the client's loop

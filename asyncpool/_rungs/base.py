@@ -44,7 +44,8 @@ class Listener(Protocol):
     """Where a rung reports what happened to each chunk (the engine's outcomes,
     :class:`~asyncpool._outcomes.Outcomes`)."""
 
-    #: The pool is closing: a chunk given back now is not sent again.
+    #: The pool is closing: a chunk given back now is sent again only if the close
+    #: is graceful (nothing is taken back from a busy worker any more).
     closing: bool
 
     def chunk_progress(self, chunk: Chunk, first: int, upto: int, results: list[Any],
@@ -178,8 +179,8 @@ class Rung:
         return self.state is RungState.SERVING
 
     async def aclose(self, kill: bool) -> None:
-        """Stop. ``kill`` stops running work; otherwise the rung is closed only once
-        the engine has no chunk left on it."""
+        """Stop: ``kill`` stops running work; otherwise what runs finishes (the ladder
+        closes a rung gracefully once the engine has no chunk left on it)."""
         raise NotImplementedError
 
     def abandon(self) -> None:

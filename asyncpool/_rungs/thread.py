@@ -36,8 +36,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("asyncpool")
 
-#: Queued to wake an idle thread blocked with nothing running: a chunk now runs.
-_LOOK = "look"
+class _Look:
+    """Queued to wake an idle thread blocked with nothing running: a chunk now runs."""
+
+
+_LOOK = _Look()
 #: A running chunk's progress is the worker's ([_wire.SEQ, POSITION, LOADING]) and,
 #: at this index, when it was last heard of (see _take_back).
 _HEARD = 3
@@ -49,7 +52,7 @@ class ThreadRung(Rung):
     def __init__(self, config: PoolConfig, listener: Listener, loop: Loop) -> None:
         super().__init__()
         self.config, self.listener, self.loop = config, listener, loop
-        self._queue: queue.SimpleQueue[Chunk | str | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Chunk | _Look | None] = queue.SimpleQueue()
         #: Calls whose items are no longer wanted (read by the threads). A call leaves
         #: with its last chunk here, so that a service's timeouts do not pile up.
         self._cancelled: set[int] = set()
@@ -169,7 +172,7 @@ class ThreadRung(Rung):
                 self._done.add(me)
                 self.loop.call_soon_threadsafe(self._exited)
                 return
-            if isinstance(chunk, str):
+            if isinstance(chunk, _Look):
                 continue
             if chunk in self._detached:  # stopped before it started (see kill)
                 self.loop.call_soon_threadsafe(functools.partial(self._detached.discard, chunk))
@@ -243,9 +246,8 @@ class ThreadRung(Rung):
                     chunk = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if chunk is not None and not isinstance(chunk, str):
-                    self._release(chunk)
-                    self.listener.chunk_lost(chunk)
+                if chunk is not None and not isinstance(chunk, _Look):
+                    self._give_back(chunk)
             self.listener.rung_changed()
 
     def kill(self, chunks: Iterable[Chunk], calls: set[int] | None = None) -> bool:
@@ -261,8 +263,7 @@ class ThreadRung(Rung):
             if chunk in self._open and chunk not in self._detached and (
                     calls is None or all(p.call.id in calls for p in chunk.pieces)):
                 self._detached.add(chunk)
-                self._release(chunk)
-                self.listener.chunk_lost(chunk)
+                self._give_back(chunk)
         for thread, (chunk, _, progress) in running:
             at = progress[_wire.POSITION]
             if calls is not None and not (0 <= at < chunk.size
@@ -274,8 +275,7 @@ class ThreadRung(Rung):
                 # Its slot is freed and what it holds of live calls goes elsewhere;
                 # the thread stops after the item it runs, reporting nothing more.
                 self._detached.add(chunk)
-                self._release(chunk)
-                self.listener.chunk_lost(chunk)
+                self._give_back(chunk)
                 try:
                     self._start()
                 except RuntimeError as exc:
@@ -314,6 +314,11 @@ class ThreadRung(Rung):
         if end is not None:
             self._release(chunk)
             self.listener.chunk_done(chunk, upto, *end)
+
+    def _give_back(self, chunk: Chunk) -> None:
+        """``chunk`` leaves unfinished: its slot is freed, what is left goes elsewhere."""
+        self._release(chunk)
+        self.listener.chunk_lost(chunk)
 
     def _release(self, chunk: Chunk) -> None:
         """The chunk no longer holds a slot here (nor a place for its calls)."""
