@@ -247,9 +247,10 @@ class Engine:
         map whose chunks were cut short (or lost with a worker) waited for every item
         that went again first."""
         limit = self.config.max_chunk_size if room is None else room
-        if self.outcomes.alone or self.outcomes.again.alone_waits():
-            # A suspect blamed with every item beside it runs with nothing else.
-            return None if self.in_flight else self.outcomes.next_resend(limit)
+        if self.outcomes.alone_first():
+            # A suspect blamed with every item beside it runs with nothing else (beside
+            # items of stopped calls alone: waiting for them, a hung one held the pool).
+            return None if self.outcomes.busy() else self.outcomes.next_resend(limit)
         if self._fresh_turn:
             self._fresh_turn = False
             chunk = self._new_chunk(limit, self._lanes(rung))

@@ -64,14 +64,15 @@ class Outcomes:
         #: while it closes gracefully (what was taken back still goes out: calls wait).
         self.closing = self.finishing = False
         #: Chunks in flight that run with nothing beside them (see Resends.alone).
-        self.alone = 0
+        self.alone: set[Chunk] = set()
         self._drained: Any = None
 
     def sent(self, chunk: Chunk, seconds: float = 0.0) -> None:
         """``chunk`` was submitted (which took ``seconds`` of the loop): it holds a
         slot of its rung until it settles."""
         self.in_flight.add(chunk)
-        self.alone += chunk.alone
+        if chunk.alone:
+            self.alone.add(chunk)
         for timing in chunk.blind:
             timing.blind += 1
         self.counters.chunks_submitted += 1
@@ -246,7 +247,7 @@ class Outcomes:
     def _settle(self, chunk: Chunk) -> None:
         """The one place a chunk leaves: after its rung's final report."""
         self.in_flight.discard(chunk)
-        self.alone -= chunk.alone
+        self.alone.discard(chunk)
         for timing in chunk.blind:
             timing.blind -= 1
         chunk.blind = ()
@@ -355,6 +356,17 @@ class Outcomes:
                 piece.call.deliver(piece.start + lo, [None] * (hi - lo),
                                    dict.fromkeys(range(hi - lo), closed))
                 self.counters.tasks_failed += hi - lo
+
+    def alone_first(self) -> bool:
+        """Whether a chunk to run alone waits, or runs for a call still waiting: until
+        then nothing else goes out. (One whose call stopped no longer counts: its hung
+        item held every other call.)"""
+        return self.again.alone_waits() or any(
+            p.call.state is CallState.ACTIVE for c in self.alone for p in c.pieces)
+
+    def busy(self) -> bool:
+        """Whether a chunk in flight runs for a call still waiting for it."""
+        return len(self.in_flight) > len(self.orphans())
 
     def resend_waits(self) -> bool:
         """Whether items wait to go out again."""

@@ -785,6 +785,30 @@ async def test_an_item_that_kills_the_fork_server_takes_no_neighbour(
     assert got[:poison] + got[poison + 1:] == [i * i for i in range(count) if i != poison]
 
 
+async def test_a_stopped_calls_item_run_alone_holds_no_other_call(
+        anyio_backend: str) -> None:
+    # After the fork server died, a timed-out call's long item ran alone again and
+    # nothing else went out while it ran: another call waited for it (for good, had
+    # it hung).
+    async with ResilientPool(max_workers=2) as pool:
+        outcome: list[BaseException] = []
+
+        async def long() -> None:
+            try:
+                await pool.run(tasks.nap, 30.0, timeout=1.0)
+            except DeadlineExceeded as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long)
+            await wait_until(lambda: pool.statistics().chunks_in_flight == 1)
+            with anyio.fail_after(10):  # the long item runs 30 s
+                with pytest.raises(WorkerCrashed):
+                    await pool.run(tasks.kill_fork_server_on, (1, 1))
+                await wait_until(lambda: bool(outcome))
+                assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
+
+
 STOPPED_AT_EXIT = """
 import asyncio, threading
 from asyncpool import ResilientPool
