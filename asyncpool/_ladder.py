@@ -81,8 +81,10 @@ class Ladder:
                 rung = await self._create(stand_in, self.config.creation_attempts)
                 if rung is not None:
                     self._install(rung, ladder.index(stand_in), promote_after=0.0)
-                    return
-            await self._climb_down()
+            if self.serving is None:
+                await self._climb_down()
+        if self.closed:  # by another task meanwhile: what this started stays alive
+            await self.aclose(kill=True)
 
     def rung_to_send_to(self) -> Rung | None:
         """The rung to send to now; None while one is being (re)built. Not a plain

@@ -389,6 +389,13 @@ def closes_descriptors_then_naps(seconds: float) -> float:
     return seconds
 
 
+def note_pid_then_nap(path: str, seconds: float) -> None:
+    """An initializer that notes its worker's pid in a file, then sleeps."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+
+
 def nap_then_pid(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -14,7 +15,7 @@ import asyncpool
 from asyncpool import DeadlineExceeded, PoolClosed, RemoteTraceback, ResilientPool
 
 from . import tasks
-from .helpers import idle, run_script, wait_until
+from .helpers import alive, idle, run_script, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -351,10 +352,13 @@ async def test_buffers_come_back_as_writable_as_they_left(pool: ResilientPool,
     assert type(got) is bytearray and got == bytearray(b"x" * size)
 
 
-async def test_a_pool_closed_while_it_opens_is_not_entered(anyio_backend: str) -> None:
+async def test_a_pool_closed_while_it_opens_is_not_entered(
+        tmp_path: Path, anyio_backend: str) -> None:
     # Closed by another task as it started its workers, it was entered all the same:
-    # a closed pool that looked open, each call then failing.
-    pool = ResilientPool(max_workers=1, initializer=tasks.nap, initargs=(0.5,))
+    # a closed pool that looked open, each call then failing, its workers alive.
+    started = tmp_path / "started"
+    pool = ResilientPool(max_workers=2, initializer=tasks.note_pid_then_nap,
+                         initargs=(str(started), 0.5))
     outcome: list[BaseException] = []
 
     async def enter() -> None:
@@ -368,3 +372,6 @@ async def test_a_pool_closed_while_it_opens_is_not_entered(anyio_backend: str) -
         await anyio.sleep(0.1)
         await pool.aclose()
     assert len(outcome) == 1 and "while it opened" in str(outcome[0]), outcome
+    pids = [int(pid) for pid in started.read_text().split()]
+    assert pids
+    await wait_until(lambda: not any(alive(pid) for pid in pids), 10)
