@@ -100,6 +100,25 @@ def test_workers_take_what_they_can_of_an_odd_environment() -> None:
     assert lines[0].endswith("'kept')") and lines[1] == "JST", done.stdout
 
 
+async def test_a_parked_worker_is_not_taken_in_a_directory_made_anew(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
+    # The parking key held the directory's path: a worker parked in one removed and
+    # made again under the same name worked in the removed one (its files gone).
+    place = tmp_path / "place"
+    place.mkdir()
+    monkeypatch.chdir(place)
+    try:
+        async with ResilientPool(max_workers=1, reuse_workers=True) as pool:
+            await pool.run(tasks.square, 2)
+        place.rmdir()
+        place.mkdir()
+        monkeypatch.chdir(place)
+        async with ResilientPool(max_workers=1, reuse_workers=True) as pool:
+            assert (await pool.run(tasks.where_am_i, "HOME"))[0] == str(place)
+    finally:
+        await ResilientPool.close_idle_workers()
+
+
 async def test_a_removed_directory_starts_no_worker_in_another(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
     # Workers of a pool opened in a removed directory worked in an earlier pool's

@@ -83,6 +83,7 @@ def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | 
                 "or make the object in the initializer") from exc
     try:
         cwd = os.getcwd()
+        where = os.stat(cwd)
     except OSError as exc:  # removed: workers would work in an earlier pool's
         raise RungUnavailable("the current directory was removed: worker processes "
                               f"cannot start in it ({exc})") from exc
@@ -94,5 +95,6 @@ def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | 
         "max_memory": config.max_worker_memory})
     key = None if initializer else (config.task_retries, config.max_tasks_per_worker,
                                     config.max_worker_memory, tuple(sys.path), cwd,
+                                    (where.st_dev, where.st_ino),
                                     tuple(sorted(environ.items())))
     return settings, key
