@@ -236,8 +236,6 @@ class Engine:
         """Whether a chunk could be sent now: calls that ended leave the queues here,
         so that no rung is (re)built for them."""
         ready = self.ready
-        if self._closed is not None:
-            ready.clear()  # closing: only what was taken back goes out again
         while ready and not ready[0].wants_input:
             ready.popleft()
         return self.outcomes.resend_waits() or bool(ready)

@@ -368,7 +368,7 @@ class Proc:
         the running one is cut after its item (CUT; asked again if it could not be)."""
         seqs = [c.seq for c in chunks if c.seq not in self.withdrawing]
         if seqs and self.state is ProcState.READY:
-            self.withdrawing.update(seqs[1:] if seqs[0] == self.chunks[0].seq else seqs)
+            self.withdrawing.update(s for s in seqs if s != self.chunks[0].seq)  # (its own)
             self.send(_wire.WITHDRAW, _wire.dumps(seqs))
 
     def work_held(self) -> float:
