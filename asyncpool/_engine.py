@@ -418,7 +418,7 @@ class Engine:
                 try:
                     # The caller's own deadline (a server's shutdown timeout) or
                     # cancellation ends this wait: what still runs is then killed.
-                    await outcomes.drained()
+                    await outcomes.drained(self.ladder.coming)
                 except BaseException:
                     kill = True
                     self._kill_all()

@@ -97,6 +97,12 @@ class Ladder:
             self._rebuild = self.loop.spawn(self._rebuild_now)
         return None
 
+    def coming(self) -> bool:
+        """Whether room may come without a chunk finishing: a rung being (re)built, or
+        the serving one starting workers in place of lost ones."""
+        rung = self.serving
+        return self._rebuild is not None or (rung is not None and rung.replacing())
+
     async def _rebuild_now(self) -> None:
         try:
             async with self._lock:

@@ -412,8 +412,9 @@ class Outcomes:
                 # The caller's own outcome (a deadline, a cancel) still goes first.
                 logger.exception("the %s rung failed to stop chunks", rung.name)
 
-    async def drained(self) -> None:
-        """Until every chunk in flight is an orphan and what goes again went (if it can)."""
+    async def drained(self, coming: Callable[[], bool]) -> None:
+        """Until every chunk in flight is an orphan and what goes again went (if it can:
+        while workers start in place of lost ones, ``coming``, it waits for them)."""
         while True:
             while not self.in_flight <= set(self.orphans()):
                 self._drained = anyio.Event()
@@ -422,8 +423,9 @@ class Outcomes:
                 return
             waiting = len(self.again)
             await anyio.sleep(0.01)  # the flush that sends it
-            if len(self.again) >= waiting and self.in_flight <= set(self.orphans()):
-                return  # no rung or slot took it
+            if len(self.again) >= waiting and self.in_flight <= set(self.orphans()) and (
+                    not coming()):
+                return  # no rung or slot took it, nor will
 
 
 def _let_go(chunk: Chunk, calls: set[Call]) -> None:

@@ -800,3 +800,39 @@ async def test_what_a_worker_lost_during_a_graceful_close_goes_again(
         assert isinstance(pid, int)
         os.kill(pid, 9)  # SIGKILL
     assert not [value for value in got if isinstance(value, BaseException)], got
+
+
+@pytest.mark.parametrize("killed", ["the only worker", "the fork server"])
+async def test_a_graceful_close_waits_for_the_workers_that_replace_lost_ones(
+        tmp_path: Path, killed: str, anyio_backend: str) -> None:
+    # What a worker lost during a graceful close goes again; it failed with
+    # PoolClosed when nothing took it within 10 ms: the close did not wait for the
+    # worker (or the fork server and every worker) started in place of the lost ones.
+    from asyncpool._forkserver import ForkServer
+
+    pids = tmp_path / "pids"
+    workers = 1 if killed == "the only worker" else 2
+    pool = ResilientPool(max_workers=workers, rungs=("process",))
+    await pool.__aenter__()
+    outcomes: list[object] = []
+
+    async def caller() -> None:
+        try:
+            outcomes.append(await pool.run(tasks.note_pid_then_nap, str(pids), 0.5))
+        except Exception as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(workers):
+            tg.start_soon(caller)
+        await wait_until(lambda: pids.exists() and len(pids.read_text().split()) == workers)
+        tg.start_soon(pool.aclose)
+        await anyio.sleep(0.1)
+        if killed == "the only worker":
+            os.kill(int(pids.read_text().split()[0]), 9)  # SIGKILL
+        else:
+            server = ForkServer.current()
+            assert server is not None
+            os.kill(server.process.pid, 9)
+    assert outcomes == [None] * workers, outcomes
+    assert len(pids.read_text().split()) == 2 * workers  # each ran again, once

@@ -178,6 +178,11 @@ class Rung:
     def usable(self) -> bool:
         return self.state is RungState.SERVING
 
+    def replacing(self) -> bool:
+        """Whether workers start in place of lost ones (room comes without a chunk
+        finishing)."""
+        return False
+
     async def aclose(self, kill: bool) -> None:
         """Stop: ``kill`` stops running work; otherwise what runs finishes (the ladder
         closes a rung gracefully once the engine has no chunk left on it)."""

@@ -137,9 +137,7 @@ class ProcessRung(Rung, Events):
         stuck = time.monotonic() - STUCK_SECONDS
         # While a worker is replaced (after a crash), what would wait behind a busy one
         # waits a few ms for the replacement instead.
-        replacing = wait_on_stuck and self._supervisor is not None and (
-            self._recycling.live(self.procs) < self.config.max_workers or any(
-                p.state is ProcState.STARTING and not p.killed for p in self.procs))
+        replacing = wait_on_stuck and self.replacing()
         # At most max_workers workers run items (see Recycling.room).
         room = self._recycling.room(self.procs)
         for proc in self.procs:
@@ -156,6 +154,11 @@ class ProcessRung(Rung, Events):
             if best is None or len(proc.chunks) < len(best.chunks):
                 best = proc
         return best
+
+    def replacing(self) -> bool:
+        return self._supervisor is not None and (
+            self._recycling.live(self.procs) < self.config.max_workers or any(
+                p.state is ProcState.STARTING and not p.killed for p in self.procs))
 
     def offer(self) -> int | None:
         if self.state is not RungState.SERVING or self.in_flight >= self.config.in_flight:
