@@ -39,6 +39,14 @@ class Mode(enum.Enum):
     UNORDERED = "unordered"  # imap(ordered=False): streamed as they finish
 
 
+class Crossing(enum.Enum):
+    """Where an item failed to cross between the parent and a worker."""
+
+    ARGUMENT_DUMP = "could not be pickled"
+    ARGUMENT_LOAD = "could not be unpickled in the worker"
+    RESULT_LOAD = "could not be unpickled in the parent"
+
+
 class Resend(enum.Enum):
     """Why items of a chunk are sent again (the ``reason`` of a resubmit event)."""
 
@@ -289,7 +297,7 @@ class Chunk:
 
     __slots__ = ("pieces", "size", "crashes", "reported", "rung", "seq",
                  "payload_bytes", "born", "place", "moved", "suspect", "blind", "expected",
-                 "alone")
+                 "alone", "shared")
     #: Chunks made so far in this process: each is numbered (``born``) in order.
     made = 0
 
@@ -320,6 +328,8 @@ class Chunk:
         self.moved = False
         #: Runs with nothing beside it (see Resends.alone).
         self.alone = False
+        #: Its item was running when the fork server died (see Outcomes.chunk_crashed).
+        self.shared = False
 
     def between(self, first: int, upto: int) -> Iterator[tuple[Piece, int, int, int]]:
         """(piece, lo, hi, offset): the piece's own items [lo, hi) that lie within

@@ -15,7 +15,6 @@ parts where one try cost several worker deaths (a Dask ``KilledWorker``).
 
 from __future__ import annotations
 
-import enum
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from ._call import Call, CallState, Chunk, Resend, by_timing, measured
+from ._call import Call, CallState, Chunk, Crossing, Resend, by_timing, measured
 from ._config import PoolConfig
 from ._errors import (FunctionUnavailable, PoolClosed, SerializationError, WorkerCrashed,
                       exit_described, is_pool_made, pool_made)
@@ -34,14 +33,6 @@ from ._resends import Resends
 from ._sizing import blend
 
 logger = logging.getLogger("asyncpool")
-
-
-class Crossing(enum.Enum):
-    """Where an item failed to cross between the parent and a worker."""
-
-    ARGUMENT_DUMP = "could not be pickled"
-    ARGUMENT_LOAD = "could not be unpickled in the worker"
-    RESULT_LOAD = "could not be unpickled in the parent"
 
 
 class Outcomes:
@@ -158,7 +149,11 @@ class Outcomes:
         self._again(chunk, first, culprit, Resend.INNOCENT, 0)
         self._again(chunk, culprit + 1, chunk.size, Resend.NOT_RUN, 0)
         alone = chunk.size - first == 1
-        crashes = (chunk.crashes if alone else 0) + deaths
+        # Running when the fork server died, as every worker's item was, anything may
+        # have killed it (an outside kill): it goes again uncounted. Running at such a
+        # death again, it is blamed with every item beside it and runs alone.
+        blamed = not shared or (alone and (chunk.shared or chunk.alone))
+        crashes = (chunk.crashes if alone else 0) + (deaths if blamed else 0)
         piece, index = chunk.locate(culprit)
         if crashes >= self.config.max_crashes_per_item:
             how = exit_described(exitcode)
@@ -170,8 +165,8 @@ class Outcomes:
                 piece.call.deliver(index, [None], {0: error})
                 self.counters.tasks_failed += 1
         else:
-            # Blamed with every item running beside it (see Resends.alone).
-            self._again(chunk, culprit, culprit + 1, Resend.SUSPECT, crashes, alone=shared)
+            self._again(chunk, culprit, culprit + 1, Resend.SUSPECT, crashes,
+                        alone=shared and blamed, shared=shared)
         self._settle(chunk)
 
     def _function_crashed(self, chunk: Chunk, function: int, exitcode: int | None) -> None:
@@ -262,7 +257,7 @@ class Outcomes:
 
     def _again(self, chunk: Chunk, first: int, upto: int, why: Resend,
                crashes: int | None = None, suspect: bool = False,
-               alone: bool = False) -> None:
+               alone: bool = False, shared: bool = False) -> None:
         """Send positions [first, upto) of ``chunk`` again. Unless told otherwise, they
         keep the chunk's crash count when they are all of it (a suspect item that was
         lost with another's worker is still a suspect), and start afresh if not."""
@@ -277,6 +272,7 @@ class Outcomes:
         if why is not Resend.MOVED:  # taken back unstarted from a busy worker: not a rerun
             self.counters.resubmitted_chunks += 1
         again = Chunk(pieces, crashes, suspect or why is Resend.SUSPECT)
+        again.shared = shared
         again.place = (chunk.place[0], chunk.place[1] + first)
         self.emit("resubmit", f"resubmitting {again.size} item(s) ({why.value})",
                   size=again.size, reason=why.value)

@@ -1,7 +1,7 @@
 """Items waiting to go out again, and the order they go in.
 
-Four kinds wait here, each in a queue of its own. A suspect item of a death that took
-every worker goes first, alone. Items of a chunk whose worker died (and those after a
+Four kinds wait here, each in a queue of its own. An item running at two deaths that
+took every worker goes first, alone. Items of a chunk whose worker died (and those after a
 result that would not load) go next: they were running. Items taken back unstarted
 from a busy worker (see :mod:`asyncpool._rebalance`) go next, back where they first
 stood, the calls with the fewest items left first (taking turns among equals), and
@@ -50,9 +50,9 @@ class Resends:
         self._last.append(chunk)
 
     def alone(self, chunk: Chunk) -> None:
-        """``chunk`` (a suspect item) goes before all the others, with nothing running
-        beside it: every item running when the fork server died counted a crash, and
-        an innocent one running beside the poison item when it died again failed."""
+        """``chunk`` (an item running at two deaths of the fork server) goes before
+        all the others, with nothing running beside it: blamed with every item running
+        beside it, an innocent one failed with the poison item."""
         chunk.alone = True
         self._alone.append(chunk)
 
@@ -116,7 +116,7 @@ class Resends:
                 pieces = Chunk(pieces).pieces_between(0, limit)
             going = Chunk(pieces, chunk.crashes, chunk.suspect)
             going.place = chunk.place  # taken back again, it goes back there
-            going.alone = chunk.alone
+            going.alone, going.shared = chunk.alone, chunk.shared
             return going
         return None
 

@@ -1232,3 +1232,32 @@ async def test_one_slow_item_among_quick_ones_is_no_chunk_sized_too_low(
         before = pool.statistics().chunks_submitted
         assert await pool.map(tasks.slow_if_negative, items) == items
         assert pool.statistics().chunks_submitted - before < 1_000
+
+
+async def test_one_outside_kill_of_the_fork_server_holds_no_other_call(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # Every item running when the fork server died ran again alone, one after another,
+    # and nothing else went out meanwhile: after one kill from outside (no item to
+    # blame), a small call waited for both long items, rerun in turn.
+    from asyncpool._forkserver import ForkServer
+
+    started = tmp_path / "started"
+    finished: list[str] = []
+    async with ResilientPool(max_workers=3) as pool:  # one free for the small call
+
+        async def long() -> None:
+            await pool.run(tasks.note_start, (1, str(started), 2.0))
+            finished.append("long")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long)
+            tg.start_soon(long)
+            await wait_until(lambda: started.exists() and len(started.read_text().split()) == 2)
+            server = ForkServer.current()
+            assert server is not None
+            os.kill(server.process.pid, signal.SIGKILL)
+            await wait_until(lambda: len(started.read_text().split()) >= 3)  # one reruns
+            assert await pool.run(tasks.square, 3) == 9
+            finished.append("small")
+        assert finished == ["small", "long", "long"]
+        assert pool.statistics().tasks_failed == 0
