@@ -119,6 +119,41 @@ async def test_a_parked_worker_is_not_taken_in_a_directory_made_anew(
         await ResilientPool.close_idle_workers()
 
 
+async def test_a_parked_worker_is_taken_only_with_the_same_environment(
+        monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
+    # Parked workers are keyed by the environment they started with: one started with
+    # another value would serve a pool opened after the change with the old one.
+    monkeypatch.setenv("ASYNCPOOL_TEST_SETTING", "1")
+    try:
+        async with ResilientPool(max_workers=1, reuse_workers=True) as pool:
+            await pool.run(tasks.square, 2)
+        monkeypatch.setenv("ASYNCPOOL_TEST_SETTING", "2")
+        async with ResilientPool(max_workers=1, reuse_workers=True) as pool:
+            assert (await pool.run(tasks.where_am_i, "ASYNCPOOL_TEST_SETTING"))[1] == "2"
+    finally:
+        await ResilientPool.close_idle_workers()
+
+
+async def test_workers_parked_under_settings_not_seen_again_are_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
+    # A pool opened per job in a directory of its own parked its workers each time
+    # (keyed by the directory), and none was ever stopped.
+    bound = 2 * (os.cpu_count() or 1)
+    pids: list[int] = []
+    try:
+        for job in range(bound + 2):
+            place = tmp_path / f"job{job}"
+            place.mkdir()
+            monkeypatch.chdir(place)
+            async with ResilientPool(max_workers=2, reuse_workers=True) as pool:
+                pids += await pool.map(tasks.pid_of, range(2), chunk_size=1)
+        await wait_until(lambda: sum(map(alive, set(pids))) <= bound)
+        assert {p for p in pids[-2:]} <= {p for p in pids if alive(p)}  # the last parked
+    finally:
+        assert await ResilientPool.close_idle_workers() <= bound
+    await wait_until(lambda: not any(map(alive, pids)))
+
+
 async def test_a_removed_directory_starts_no_worker_in_another(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
     # Workers of a pool opened in a removed directory worked in an earlier pool's

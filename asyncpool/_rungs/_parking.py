@@ -24,8 +24,20 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_parked.clear)
 
 
-def park(key: tuple[Any, ...], proc: Proc) -> None:
-    _parked.setdefault(key, []).append(proc)
+def park(key: tuple[Any, ...], proc: Proc, workers: int) -> None:
+    """Park ``proc`` with settings ``key``. At most two per CPU wait in all (or the
+    parking pool's ``workers``): beyond, those parked longest ago under other settings
+    go (a pool opened per job in a directory of its own parked more each time)."""
+    group = _parked.pop(key, [])
+    group.append(proc)
+    _parked[key] = group  # the settings parked last, last
+    extra = sum(map(len, _parked.values())) - max(workers, 2 * (os.cpu_count() or 1))
+    for old in list(_parked.values()):
+        while old and extra > 0:
+            _let_go(old.pop(0))
+            extra -= 1
+    for emptied in [k for k, group in _parked.items() if not group]:
+        del _parked[emptied]
 
 
 def take_parked(key: tuple[Any, ...], count: int) -> list[Proc]:
@@ -59,13 +71,17 @@ def close_parked() -> int:
     procs = [p for group in _parked.values() for p in group]
     _parked.clear()
     for proc in procs:
-        proc.close()
-        for sock in (proc.sock, proc.status):
-            try:
-                sock.close()
-            except OSError:
-                pass
+        _let_go(proc)
     return len(procs)
+
+
+def _let_go(proc: Proc) -> None:
+    proc.close()
+    for sock in (proc.sock, proc.status):
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
 def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | None]:

@@ -428,7 +428,7 @@ class ProcessRung(Rung, Events):
                 parking -= 1
                 self.procs.remove(proc)
                 proc.detach()
-                park(self._park_key, proc)
+                park(self._park_key, proc, self.config.max_workers)
             else:
                 proc.close()
         # Workers leave at once on end-of-file; one that does not is killed.
