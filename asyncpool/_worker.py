@@ -291,7 +291,10 @@ def serve(sock: socket.socket, progress: Any, own: dict[str, str]) -> int:
     if got is None or got[0] != _wire.INIT:
         return 0
     settings = _wire.loads(got[1])
-    _settle_in(settings, own)
+    try:
+        _settle_in(settings, own)
+    except OSError:
+        return 1  # its directory was removed as it started: the parent says so
     for entry in reversed(settings["sys_path"]):
         if entry not in sys.path:
             sys.path.insert(0, entry)

@@ -171,6 +171,40 @@ async def test_a_removed_directory_starts_no_worker_in_another(
         assert "the current directory was removed" in events[0].message
 
 
+REMOVED_WHILE_SERVING = """
+import asyncio, os, sys, tempfile
+from asyncpool import ResilientPool
+from tests import tasks
+
+async def main():
+    place = tempfile.mkdtemp()
+    os.chdir(place)
+    events = []
+    async with ResilientPool(max_workers=2, max_tasks_per_worker=2, promote_after=0.2,
+                             on_event=events.append) as pool:
+        await pool.map(tasks.square, range(4), chunk_size=1)
+        os.chdir(sys.argv[1])
+        os.rmdir(place)
+        assert await pool.map(tasks.square, range(20), chunk_size=1) == [
+            i * i for i in range(20)]
+        await asyncio.sleep(1)  # it tries to climb back meanwhile
+    print(pool.statistics().backend, [e.message for e in events if e.kind == "fallback"])
+
+asyncio.run(main())
+"""
+
+
+def test_workers_replaced_in_a_removed_directory_fail_without_a_traceback(
+        tmp_path: Path) -> None:
+    # Each replacement for a recycled worker started in the removed directory and
+    # died printing a traceback to the application's standard error, several a second.
+    proc = run_code(REMOVED_WHILE_SERVING, str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "thread" in proc.stdout and "workers start in was removed" in proc.stdout, (
+        proc.stdout)
+
+
 @pytest.mark.parametrize("rungs", [("process",), ("thread",), ("inline",)])
 async def test_a_failing_initializer_fails_the_open_at_once(rungs: tuple[str, ...],
                                                             anyio_backend: str) -> None:

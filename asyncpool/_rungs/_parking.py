@@ -3,6 +3,7 @@ the same settings (``ResilientPool.close_idle_workers()`` lets them go)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -84,6 +85,35 @@ def _let_go(proc: Proc) -> None:
             pass
 
 
+def directory() -> tuple[str, tuple[int, int]]:
+    """The current directory, where workers start, and what tells it from one made
+    anew under its name. A removed one raises RungUnavailable: workers would work in
+    an earlier pool's (the fork server's)."""
+    try:
+        cwd = os.getcwd()
+        return cwd, directory_of(cwd)
+    except OSError as exc:
+        raise RungUnavailable("the current directory was removed: worker processes "
+                              f"cannot start in it ({exc})") from exc
+
+
+def check_directory(cwd: str, where: tuple[int, int]) -> None:
+    """Raise FileNotFoundError (a fork that cannot be made) if the directory workers
+    start in was removed since: each worker started there failed with a traceback."""
+    try:
+        same = directory_of(cwd) == where
+    except OSError:
+        same = False
+    if not same:
+        raise FileNotFoundError(errno.ENOENT, "the directory this pool's workers start "
+                                "in was removed", cwd)
+
+
+def directory_of(path: str) -> tuple[int, int]:
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
+
+
 def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | None]:
     """What a new worker is told first, and the key of the parked workers that a
     pool with ``config`` may take over (none with an initializer: its state is the
@@ -97,12 +127,7 @@ def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | 
                 f"the initializer {config.initializer!r} or its initargs cannot be "
                 f"pickled for the worker processes ({exc}); pass picklable initargs, "
                 "or make the object in the initializer") from exc
-    try:
-        cwd = os.getcwd()
-        where = os.stat(cwd)
-    except OSError as exc:  # removed: workers would work in an earlier pool's
-        raise RungUnavailable("the current directory was removed: worker processes "
-                              f"cannot start in it ({exc})") from exc
+    cwd, where = directory()
     environ = dict(os.environ)
     settings = _wire.dumps({
         "sys_path": list(sys.path), "cwd": cwd, "environ": environ,
@@ -111,6 +136,6 @@ def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | 
         "max_memory": config.max_worker_memory})
     key = None if initializer else (config.task_retries, config.max_tasks_per_worker,
                                     config.max_worker_memory, tuple(sys.path), cwd,
-                                    (where.st_dev, where.st_ino),
+                                    where,
                                     tuple(sorted(environ.items())))
     return settings, key

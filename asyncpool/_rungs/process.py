@@ -28,7 +28,7 @@ from .._forkserver import ForkServer
 from .._loop import preload_backend
 from .._rebalance import STUCK_SECONDS, overlong
 from .._retry import RungUnavailable, RungUnsupported, is_transient
-from ._parking import park, take_parked, worker_settings
+from ._parking import check_directory, directory, park, take_parked, worker_settings
 from ._death import Death, ProcState, opening_done, opening_failure
 from ._frames import chunk_frame, runs_of
 from ._proc import Events, Proc
@@ -65,6 +65,7 @@ class ProcessRung(Rung, Events):
         #: Whether the supervisor looks for stuck workers (else waiting chunks wake it).
         self._looking = False
         self._settings, self._park_key = worker_settings(config)
+        self._directory = directory()
         #: A busy worker is given a third chunk only while what it holds is expected
         #: to take no longer than this (s): DEPTH chunks of the target size. Behind
         #: long items, one chunk waits there, the next here for the first free worker
@@ -123,6 +124,7 @@ class ProcessRung(Rung, Events):
         self._supervisor = self.loop.spawn(self._supervise)
 
     def _fork(self) -> Proc:
+        check_directory(*self._directory)
         proc = Proc(ForkServer.spawn(), self, self.loop)
         self._recycling.forked(proc)
         proc.attach(self, self.loop)
