@@ -17,6 +17,10 @@ _main_globals: dict[str, Any] = {}
 #: pools the globals their initializers set.
 _spaces: dict[str, dict[str, Any]] = {}
 SPACES = 16
+#: Namespaces of pools whose initializer ran here, kept beyond the latest SPACES while
+#: the pool's plugin is registered (by how many workers of this process hold it): what
+#: the initializer set was lost once 16 other pools had used the worker.
+_pinned: dict[str, int] = {}
 #: For each namespace (by id): each name's latest pickle (its version, and the value
 #: it brought).
 _seen: dict[int, dict[str, tuple[int, Any]]] = {}
@@ -34,6 +38,17 @@ def initialize(initializer: Any, initargs: tuple[Any, ...]) -> None:
         raise TypeError(f"the initializer returned {type(result).__name__}, which nothing "
                         "awaits here: pass a plain function (one may call asyncio.run "
                         "inside)")
+
+
+def pin(space: str, by: int) -> None:
+    """A worker of this process holds (``by`` 1) or let go of (-1) the initializer
+    plugin of the pool whose namespace is ``space``; let go by all, it goes."""
+    held = _pinned[space] = _pinned.get(space, 0) + by
+    if held <= 0:
+        del _pinned[space]
+        found = _spaces.pop(space, None)
+        if found is not None:
+            _seen.pop(id(found), None)
 
 
 def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
@@ -91,8 +106,8 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
     else:
         found = _spaces.pop(space, None)
         shared = _spaces[space] = found if found is not None else {}
-        while len(_spaces) > SPACES:
-            _seen.pop(id(_spaces.pop(next(iter(_spaces)))), None)
+        for gone in [s for s in _spaces if s not in _pinned][:max(0, len(_spaces) - SPACES)]:
+            _seen.pop(id(_spaces.pop(gone)), None)
     seen = _seen.setdefault(id(shared), {})
     # Only the names it uses, as its pickle brought them: not its own name, unless it
     # calls itself. A function is not always what the script's global of its name

@@ -61,6 +61,20 @@ async def test_two_processes_share_a_cluster_and_get_their_own_results(
         assert out["results"] == [(i + offset) * 2 for i in range(400)], out["results"][:5]
 
 
+async def test_what_an_initializer_set_stays_while_other_pools_use_the_worker(
+        cluster: CliCluster) -> None:
+    # A worker kept the main-script globals of the latest 16 pools only: once 16 others
+    # had used it, a pool still open read None where its initializer had set a value.
+    script = ROOT / "tests" / "_dask_spaces.py"
+    proc = await anyio.open_process([sys.executable, str(script), cluster.address])
+    assert proc.stdout is not None
+    with anyio.fail_after(180):
+        data = b"".join([chunk async for chunk in proc.stdout])
+        await proc.wait()
+    out = json.loads(data.decode().strip().splitlines()[-1])
+    assert out == {"backend": "dask", "seen": ["A"]}, out
+
+
 async def test_losing_the_scheduler_mid_map_loses_nothing_then_climbs_back(
         cluster: CliCluster) -> None:
     async with ResilientPool(max_workers=2, dask_address=cluster.address,

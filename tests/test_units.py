@@ -1268,3 +1268,29 @@ def test_a_suspect_is_not_starved_by_chunks_taken_back_meanwhile() -> None:
         sent.append(chunk.pieces[0].call)
     assert small in sent[:3], sent
 
+
+
+def test_a_cluster_worker_keeps_the_latest_namespaces_and_those_pinned() -> None:
+    # A Dask worker keeps the main-script globals of the latest 16 pools, and beyond
+    # them those of pools whose initializer ran there, until their plugin goes.
+    from asyncpool import _share
+
+    space: dict[str, Any] = {"__name__": "__main__"}
+    exec("def read(_):\n    return STATE\n", space)
+    space["STATE"] = "set"
+    before = dict(_share._spaces)
+    _share._spaces.clear()
+    try:
+        _share.pin("pinned", 1)
+        _share.share_main(space["read"], "pinned")
+        _share._spaces["pinned"]["STATE"] = "initialised"
+        for n in range(3 * _share.SPACES):
+            _share.share_main(space["read"], f"pool {n}")
+        assert len(_share._spaces) == _share.SPACES
+        assert _share._spaces["pinned"]["STATE"] == "initialised"
+        assert f"pool {3 * _share.SPACES - 1}" in _share._spaces
+        _share.pin("pinned", -1)
+        assert "pinned" not in _share._spaces and "pinned" not in _share._pinned
+    finally:
+        _share._spaces.clear()
+        _share._spaces.update(before)

@@ -12,7 +12,7 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .._execute import cluster_init_failures, loads
-from .._share import initialize, share_main
+from .._share import initialize, pin, share_main
 
 
 class InitializerPlugin(WorkerPlugin):
@@ -29,9 +29,15 @@ class InitializerPlugin(WorkerPlugin):
         # Each worker's own mark: workers may share a process (a LocalCluster's threads).
         mark = self.name, worker.address
         cluster_init_failures.pop(mark, None)
+        pin(self.space, 1)
         try:
             initializer, initargs = loads(self.blob)
             initialize(share_main(initializer, self.space), initargs)
         except BaseException as exc:
             cluster_init_failures[mark] = repr(exc)
             raise
+
+    def teardown(self, worker: Any) -> None:
+        """The pool closed (or the worker does): what its initializer set goes."""
+        cluster_init_failures.pop((self.name, worker.address), None)
+        pin(self.space, -1)
