@@ -146,16 +146,16 @@ class ResilientPool:
         """
         if self._state is PoolState.CLOSED:
             return
-        if self._finalizer is not None:
-            self._finalizer.detach()
         if self._pid is not None and self._pid != os.getpid():
             self._state = PoolState.CLOSED  # the parent's workers are the parent's
             return
         if self._loop is not None and not self._loop.is_current():
             # Its tasks and events are the other loop's: closing from here would hang,
-            # and leave the pool broken for its own loop.
+            # and leave the pool broken for its own loop (its finalizer kept).
             raise PoolClosed("this pool was opened on another event loop (or thread); "
                              "close it there, where it was entered")
+        if self._finalizer is not None:
+            self._finalizer.detach()
         engine = self._engine
         self._state = PoolState.CLOSING
         try:

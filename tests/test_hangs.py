@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncpool import MISSING, DeadlineExceeded, InitializerFailed, ResilientPool
+from asyncpool import MISSING, DeadlineExceeded, InitializerFailed, PoolClosed, ResilientPool
 
 from . import tasks
 from .fakes import Script, fake_rungs
@@ -1099,3 +1099,24 @@ async def test_an_input_whose_wait_is_shielded_is_not_read_after_its_call(
     # Not a wait for something to happen: a window in which nothing may.
     await anyio.sleep(0.3)
     assert source.calls <= read + 1, (read, source.calls)
+
+
+async def test_a_pool_closed_from_another_loop_still_stops_its_workers_when_dropped(
+        anyio_backend: str, no_leaks: None) -> None:
+    # A close refused on another loop had already let go of the pool's finalizer:
+    # dropped unclosed afterwards, it left its workers running.
+    async def open_and_drop() -> list[int]:
+        pool = ResilientPool(max_workers=2, rungs=("process",))
+        await pool.__aenter__()
+        pids = await pool.map(tasks.nap_then_pid, [0.05] * 4, chunk_size=1)
+
+        def elsewhere() -> None:
+            with pytest.raises(PoolClosed, match="another event loop"):
+                anyio.run(pool.aclose)
+
+        await anyio.to_thread.run_sync(elsewhere)
+        return pids
+
+    pids = await open_and_drop()
+    gc.collect()
+    await wait_until(lambda: not any(alive(pid) for pid in set(pids)))
