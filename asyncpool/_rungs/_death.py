@@ -27,7 +27,8 @@ class Death:
     the function it was loading, its exit code, and whether nobody asked it to leave
     (a crash, or killed from outside while idle: the OOM killer)."""
 
-    __slots__ = ("chunks", "exitcode", "crashed", "unasked", "culprit", "loading", "shared")
+    __slots__ = ("chunks", "exitcode", "crashed", "unasked", "culprit", "loading", "shared",
+                 "began")
 
     def __init__(self, chunks: list[Chunk], exitcode: int | None, shared: bool) -> None:
         self.chunks, self.exitcode = chunks, exitcode
@@ -37,6 +38,8 @@ class Death:
         self.unasked = False
         self.culprit: int | None = None
         self.loading = 0
+        #: Whether it had started its first chunk (those behind it had not).
+        self.began = False
 
 
 def initializer_failure(error: BaseException | None, forked: bool,

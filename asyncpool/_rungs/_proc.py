@@ -290,9 +290,7 @@ class Proc:
             except (OSError, ValueError):
                 pass
         status = self._exit_status
-        exitcode = None
-        if status is not None and status >= 0:
-            exitcode = os.waitstatus_to_exitcode(status)
+        exitcode = None if status is None or status < 0 else os.waitstatus_to_exitcode(status)
         chunks = list(self.chunks)
         for chunk in chunks:
             self._release(chunk, ran=chunk.size)
@@ -300,6 +298,7 @@ class Proc:
         seq, position, loading = (int(self.progress[i])
                                   for i in (_wire.SEQ, _wire.POSITION, _wire.LOADING))
         on_item = bool(chunks) and 0 <= position < chunks[0].size  # else between items
+        death.began = bool(chunks) and seq == chunks[0].seq
         # Gone with its fork server: only an item it ran then is blamed (it may have
         # killed the fork server; from outside, as any outside kill, it gets a retry).
         if chunks and not (self.killed or retiring or ForkServer.exiting) and (

@@ -320,8 +320,9 @@ class ProcessRung(Rung, Events):
             if death.crashed and index == 0:
                 self.listener.chunk_crashed(chunk, death.culprit, death.exitcode,
                                             function=death.loading, shared=death.shared)
-            else:
-                self.listener.chunk_lost(chunk)
+            else:  # a chunk it had not started goes again unstarted: not a rerun
+                self.listener.chunk_lost(chunk, Resend.LOST if index == 0 and death.began
+                                         else Resend.MOVED)
         if self.state is RungState.SERVING:
             self._grow()
 
