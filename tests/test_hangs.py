@@ -74,21 +74,19 @@ async def test_deadline_covers_waiting_for_a_slot(anyio_backend: str) -> None:
             # queued behind an item known, or not yet known, to be long).
             tg.start_soon(pool.map, tasks.nap, [3.0] * slots)
             await wait_until(lambda: pool.statistics().chunks_in_flight >= 2)
-            started = time.monotonic()
             with pytest.raises(DeadlineExceeded) as info:
                 await pool.map(tasks.square, range(3), timeout=0.5)
-            # 10x margin: it answered at its deadline, not when the slots freed.
-            assert time.monotonic() - started < 1.5
+            # It answered at its deadline, while the slots were still busy.
+            assert pool.statistics().chunks_in_flight >= 2
             assert len(info.value.partial) == 3
             tg.cancel_scope.cancel()
 
 
 async def test_deadline_covers_a_rate_limit(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2, rate_limit=2) as pool:
-        started = time.monotonic()
         with pytest.raises(DeadlineExceeded) as info:
             await pool.map(tasks.square, range(20), timeout=1.0)  # needs 10 s at 2/s
-        assert time.monotonic() - started < 2.0
+        # At its deadline: waiting for the limiter, 20 would have run.
         done = [v for v in info.value.partial if isinstance(v, int)]
         assert 1 <= len(done) <= 4 and info.value.partial[0] == 0
 
@@ -159,12 +157,12 @@ async def test_an_async_inputs_cleanup_may_await_after_the_deadline(
 async def test_deadline_covers_a_slow_input_and_keeps_what_finished(
         anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
-        started = time.monotonic()
         with pytest.raises(DeadlineExceeded) as info:
             await pool.map(tasks.square, slow_async_input(100, 0.3), timeout=1.0)
-        assert time.monotonic() - started < 2.0
-        # Items 0..2 arrived at 0.3, 0.6 and 0.9 s and ran at once.
+        # Items 0..2 arrived at 0.3, 0.6 and 0.9 s and ran at once; waiting for the
+        # input, it would have answered after all 100 (30 s).
         assert info.value.partial[:2] == [0, 1]
+        assert len(info.value.partial) < 10, info.value.partial
 
 
 @pytest.mark.parametrize("rungs", [("process",), ("thread",)])
@@ -200,17 +198,18 @@ async def test_after_a_crash_nothing_queues_behind_a_worker_stuck_in_a_long_item
 async def test_deadline_covers_a_rung_starting(monkeypatch: pytest.MonkeyPatch,
                                                anyio_backend: str) -> None:
     process = Script()
-    inline = Script(start_delay=5.0)
+    inline = Script(start_delay=10.0)
     with fake_rungs(monkeypatch, process=process, inline=inline):
         async with ResilientPool(max_workers=2, rungs=("process", "inline"),
                                  promote_after=60) as pool:
             rung = process.rungs[0]
-            rung.crash()  # the next rung takes 5 s to start
+            rung.crash()  # the next rung takes 10 s to start
             rung.listener.rung_changed()
             started = time.monotonic()
             with pytest.raises(DeadlineExceeded):
                 await pool.run(tasks.square, 3, timeout=0.5)
-            assert time.monotonic() - started < 1.5
+            # 10x margin over the deadline: waiting for the rung took 10 s.
+            assert time.monotonic() - started < 5.0
 
 
 async def test_a_slow_sync_input_neither_blocks_the_loop_nor_stalls(
@@ -334,13 +333,18 @@ async def test_leaving_imap_over_a_slow_input_lets_its_thread_go(
 
 
 async def test_a_slow_async_input_streams(anyio_backend: str) -> None:
+    read: list[int] = []
+
+    async def counted() -> AsyncIterator[int]:
+        async for i in slow_async_input(50, 0.02):
+            read.append(i)
+            yield i
+
     async with ResilientPool(max_workers=2) as pool:
-        started = time.monotonic()
-        arrivals = []
-        async for _ in pool.imap(tasks.square, slow_async_input(50, 0.02)):
-            arrivals.append(time.monotonic() - started)
-    # 50 items/s: the tenth result comes near 0.2 s, not when a chunk has filled.
-    assert arrivals[9] < 1.0, arrivals[:10]
+        arrivals = [len(read) async for _ in pool.imap(tasks.square, counted())]
+    # 50 items/s: the tenth result came while the input was still being read, not
+    # once a chunk (here all 50) had filled.
+    assert arrivals[9] < 40, arrivals[:10]
 
 
 async def test_a_consumer_of_results_already_here_lets_the_loop_run(
@@ -378,7 +382,7 @@ async def test_close_after_a_hung_item_timed_out(kill: bool, anyio_backend: str)
         with pytest.raises(DeadlineExceeded):
             await pool.run(tasks.nap, 1000, timeout=0.3)
         await pool.aclose(kill=kill)
-    # The hung item's call is gone: its worker is killed, not waited for.
+    # The hung item's call is gone: its worker is killed, not waited for (1000 s).
     assert time.monotonic() - started < 10
     await wait_until(lambda: not any(alive(pid) for pid in pids), 5)
 

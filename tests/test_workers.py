@@ -317,7 +317,7 @@ async def test_an_initializer_raising_fails_the_open_while_another_hangs(
                                  initializer=tasks.raise_first_hang_next,
                                  initargs=(str(tmp_path),)):
             pass
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 10  # start_timeout (30 s) would show
 
 
 async def test_the_last_worker_dying_after_failed_replacements_breaks_the_rung(
@@ -608,24 +608,25 @@ async def test_a_cancelled_calls_waiting_chunks_never_start(tmp_path: Path,
     log = tmp_path / "started"
     async with ResilientPool(max_workers=2, chunk_size=1) as pool:
         await pool.map(tasks.square, range(4))  # workers up
-        items = [(i, str(log), 1.0) for i in range(8)]
+        items = [(i, str(log), 30.0) for i in range(8)]
         with anyio.move_on_after(0.5):
             await pool.map(tasks.note_start, items)  # 2 run, 2 wait in the workers
         started = time.monotonic()
         await pool.aclose()
-        # Closing waits for nothing of a cancelled call: its running items are killed.
-        assert time.monotonic() - started < 3.5
+        # Closing waits for nothing of a cancelled call: its running items (30 s) are
+        # killed.
+        assert time.monotonic() - started < 10
     assert sorted(int(x) for x in log.read_text().split()) == [0, 1]
 
 
-async def test_closing_after_a_cancel_waits_only_for_running_items(
+async def test_closing_after_a_cancel_waits_for_none_of_its_items(
         tmp_path: Path, anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2, chunk_size=1) as pool:
         await pool.map(tasks.square, range(4))
         with anyio.move_on_after(1.0):
-            await pool.map(tasks.nap, [3.0] * 8)
+            await pool.map(tasks.nap, [30.0] * 8)
         started = time.monotonic()
-    assert time.monotonic() - started < 3.5
+    assert time.monotonic() - started < 10  # the running naps (30 s) are killed
 
 
 async def test_concurrent_runs_share_chunks(anyio_backend: str) -> None:
