@@ -369,7 +369,7 @@ async def test_a_pool_closed_while_it_opens_is_not_entered(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(enter)
-        await anyio.sleep(0.1)
+        await wait_until(started.exists)  # a worker runs the initializer
         await pool.aclose()
     assert len(outcome) == 1 and "while it opened" in str(outcome[0]), outcome
     pids = [int(pid) for pid in started.read_text().split()]

@@ -360,9 +360,11 @@ async def test_imap_deadline(anyio_backend: str) -> None:
 
 async def test_run_timeout_kills_runaway_task(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
+        pids = set(await pool.map(tasks.pid_of, range(20), chunk_size=1))
         with pytest.raises(TimeoutError):
             await pool.run(tasks.nap_then_pid, 60, timeout=0.3, kill_on_timeout=True)
         # The stuck worker is really gone, and the pool serves on others.
+        await wait_until(lambda: not all(map(alive, pids)))
         await idle(pool)
         assert pool.statistics().worker_crashes == 0
         assert await pool.run(tasks.square, 12) == 144
@@ -794,7 +796,7 @@ async def test_what_a_worker_lost_during_a_graceful_close_goes_again(
         # 4 chunks: on a loaded machine, what waits behind a long item moves).
         await wait_until(lambda: bool(got))
         tg.start_soon(pool.aclose)
-        await anyio.sleep(0.05)
+        await wait_until(lambda: "closing" in repr(pool))
         pid = got[0]
         assert isinstance(pid, int)
         os.kill(pid, 9)  # SIGKILL
@@ -826,7 +828,7 @@ async def test_a_graceful_close_waits_for_the_workers_that_replace_lost_ones(
             tg.start_soon(caller)
         await wait_until(lambda: pids.exists() and len(pids.read_text().split()) == workers)
         tg.start_soon(pool.aclose)
-        await anyio.sleep(0.1)
+        await wait_until(lambda: "closing" in repr(pool))
         if killed == "the only worker":
             os.kill(int(pids.read_text().split()[0]), 9)  # SIGKILL
         else:
