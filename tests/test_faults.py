@@ -361,6 +361,7 @@ async def test_imap_deadline(anyio_backend: str) -> None:
 async def test_run_timeout_kills_runaway_task(tmp_path: Path, anyio_backend: str) -> None:
     noted = tmp_path / "pid"
     async with ResilientPool(max_workers=2) as pool:
+        await pool.map(tasks.square, range(4))  # started: the item starts at once
         with pytest.raises(TimeoutError):
             await pool.run(tasks.note_pid_then_nap, str(noted), 60, timeout=0.3,
                            kill_on_timeout=True)
