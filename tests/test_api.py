@@ -375,3 +375,19 @@ async def test_a_pool_closed_while_it_opens_is_not_entered(
     pids = [int(pid) for pid in started.read_text().split()]
     assert pids
     await wait_until(lambda: not any(alive(pid) for pid in pids), 10)
+
+
+@pytest.mark.parametrize("rungs", [("process",), ("thread",)])
+async def test_max_chunks_in_flight_bounds_what_a_pool_holds(
+        rungs: tuple[str, ...], anyio_backend: str) -> None:
+    # Below the workers' own depth (three chunks each), only this bound holds them.
+    seen: list[int] = []
+    async with ResilientPool(max_workers=2, max_chunks_in_flight=1,
+                             rungs=rungs) as pool:  # type: ignore[arg-type]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(pool.map, tasks.nap, [0.05] * 12, chunk_size=1))
+            tg.start_soon(functools.partial(pool.map, tasks.nap, [0.05] * 12, chunk_size=1))
+            while len(seen) < 40:
+                seen.append(pool.statistics().chunks_in_flight)
+                await anyio.sleep(0.01)
+    assert max(seen) == 1, seen
