@@ -391,3 +391,26 @@ async def test_max_chunks_in_flight_bounds_what_a_pool_holds(
                 seen.append(pool.statistics().chunks_in_flight)
                 await anyio.sleep(0.01)
     assert max(seen) == 1, seen
+
+
+async def test_a_stream_read_slowly_takes_a_bounded_number_of_small_items(
+        anyio_backend: str) -> None:
+    # A call holds at most enough items for every slot to be busy four times over:
+    # 4 x 6 chunks of 10 here (the byte bound is far off for small ints).
+    read = 0
+
+    async def counted() -> AsyncIterator[int]:
+        nonlocal read
+        for i in range(100_000):
+            read += 1
+            yield i
+
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        async with pool.imap(tasks.square, counted(), chunk_size=10) as results:
+            assert await results.__anext__() == 0
+            last = -1
+            while read != last:  # until it stops reading, with no one consuming
+                last = read
+                await wait_until(lambda: pool.statistics().chunks_in_flight == 0)
+                await anyio.sleep(0.2)
+            assert 4 * 6 * 10 <= read <= 4 * 6 * 10 + 3 * 10, read
