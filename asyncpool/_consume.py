@@ -120,6 +120,15 @@ def _exceeded(engine: Engine, call: Call, start: int = 0) -> DeadlineExceeded:
         "taken and unfinished; `.partial` holds what finished", call.partial(start), start)
 
 
+def _kills(error: BaseException, call: Call) -> bool:
+    """Whether ``call``, ended by ``error``, stops its items where they run: at its
+    deadline as ``kill_on_timeout`` says, cancelled (or interrupted) as
+    ``cancel_running`` says; failing with an error, no."""
+    if isinstance(error, DeadlineExceeded):
+        return call.options.kill_on_timeout
+    return False if isinstance(error, Exception) else call.options.kill_on_cancel
+
+
 async def collect(engine: Engine, call: Call) -> list[Any]:
     """Every result of ``call``, in input order; raises its first failure."""
     reporter = Reporter(call.options.progress, call.source.total)
@@ -142,11 +151,9 @@ async def collect(engine: Engine, call: Call) -> list[Any]:
                     late = False
                     return call.results()
                 await call.wait()
-        kill = call.options.kill_on_timeout
         raise _exceeded(engine, call) from None
     except BaseException as exc:
-        if not isinstance(exc, Exception):  # cancelled (or interrupted)
-            kill = call.options.kill_on_cancel
+        kill = _kills(exc, call)
         raise
     finally:
         await _end(engine, call, reporter, feeder, kill, wait=not late)
@@ -228,16 +235,9 @@ class ResultStream(Generic[T]):
             try:
                 await self._fill()
             except BaseException as exc:
-                options = self._call.options
-                if isinstance(exc, DeadlineExceeded):
-                    kill = options.kill_on_timeout
-                elif isinstance(exc, Exception):
-                    kill = False
-                else:  # cancelled
-                    kill = options.kill_on_cancel
                 late = isinstance(exc, DeadlineExceeded) or not isinstance(exc, Exception)
                 with anyio.CancelScope(shield=True):
-                    await self._finish(kill, wait=not late)
+                    await self._finish(_kills(exc, self._call), wait=not late)
                 raise
             if self._at >= len(self._values):
                 await self.aclose(kill=False)
