@@ -100,12 +100,12 @@ class Emitter:
     """Sends events to the logger and to the pool's ``on_event`` hook, if any."""
 
     def __init__(self, hook: EventHook | None, backend: Callable[[], str | None]) -> None:
-        self.hooks: list[EventHook] = [log_event] + ([hook] if hook is not None else [])
+        self._hooks: list[EventHook] = [log_event] + ([hook] if hook is not None else [])
         self._backend = backend
 
     def __call__(self, kind: EventKind, message: str, **details: Any) -> None:
         event = PoolEvent(kind, self._backend(), message, details)
-        for hook in self.hooks:
+        for hook in self._hooks:
             try:
                 hook(event)
             except BaseException:  # its own; it runs where the pool's books are kept
