@@ -223,7 +223,7 @@ def record(number: int, result: Any) -> tuple[str, bool]:
     try:
         return json.dumps({"line": number, "result": result}, allow_nan=False), False
     except (TypeError, ValueError) as exc:
-        text = f"the result is not JSON ({exc})"
+        text = f"{type(exc).__name__}: the result is not JSON ({exc})"
         return json.dumps({"line": number, "error": text}), True
 
 

@@ -159,7 +159,7 @@ class Outcomes:
             how = exit_described(exitcode)
             error = WorkerCrashed(
                 f"item {index} crashed its worker process {crashes} time(s) (last: {how}); "
-                "it was not retried again. Run it alone to debug, or catch WorkerCrashed",
+                "it was not run again (run it by itself to debug it)",
                 index=index, exitcode=exitcode)
             if piece.call.state is CallState.ACTIVE:
                 piece.call.deliver(index, [None], {0: error})

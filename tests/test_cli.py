@@ -124,7 +124,7 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
     assert out.returncode == 1, out.stderr
     records = [json.loads(line) for line in dst.read_text().splitlines()]
     assert records[0] == {"line": 1, "result": 1} and records[2] == {"line": 3, "result": 3}
-    assert "not JSON" in records[1]["error"]
+    assert records[1]["error"].startswith("TypeError: the result is not JSON")
 
 
 @pytest.mark.parametrize(("args", "message"), [
