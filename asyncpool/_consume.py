@@ -109,6 +109,17 @@ def _raisable(error: BaseException) -> BaseException:
     return wrapped
 
 
+def _ended(call: Call, start: int) -> BaseException:
+    """The error that ended ``call``: the pool's close says what finished (``partial``
+    from input index ``start``), in an error of the call's own (one close error may
+    stand for the items of several calls)."""
+    error = call.error or call.first_error
+    assert error is not None
+    if isinstance(error, PoolClosed):
+        return PoolClosed(str(error), call.partial(start), start)
+    return error
+
+
 def _exceeded(engine: Engine, call: Call, start: int = 0) -> DeadlineExceeded:
     """The call's deadline passed: said (a ``deadline`` event), and the error to raise
     (``.partial`` from input index ``start``)."""
@@ -146,7 +157,7 @@ async def collect(engine: Engine, call: Call) -> list[Any]:
                     late = False
                     # Not through a local: this frame, in its traceback, would
                     # hold it (a cycle, its arguments in it, until the cyclic GC).
-                    raise _raisable(call.error or call.first_error)  # type: ignore[arg-type]
+                    raise _raisable(_ended(call, 0))
                 if call.complete:
                     late = False
                     return call.results()
@@ -273,7 +284,7 @@ class ResultStream(Generic[T]):
                     engine.resume(call)
                     return
                 if call.error is not None:
-                    raise _raisable(call.error)
+                    raise _raisable(_ended(call, call.consumed))
                 if call.complete:
                     return
                 await call.wait()

@@ -92,7 +92,9 @@ class PoolClosed(AsyncPoolError, RuntimeError):
     another event loop (or to the process that forked this one).
 
     Raised by `run`, `map`, `starmap` and `imap` when called so, and by calls still
-    waiting when `aclose()` ends them.
+    waiting when `aclose()` ends them: those carry ``partial`` and ``start`` as
+    [`DeadlineExceeded`][asyncpool.DeadlineExceeded] does (what finished, in input
+    order, [`MISSING`][asyncpool.MISSING] for the rest).
 
     Examples:
         ```python
@@ -100,6 +102,12 @@ class PoolClosed(AsyncPoolError, RuntimeError):
         await pool.run(abs, -1)  # PoolClosed: enter it with `async with` first
         ```
     """
+
+    def __init__(self, message: str = "", partial: list[Any] | None = None,
+                 start: int = 0) -> None:
+        super().__init__(message)
+        self.partial: list[Any] = [] if partial is None else partial
+        self.start = start
 
 
 class WorkerCrashed(AsyncPoolError):

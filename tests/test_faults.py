@@ -839,3 +839,51 @@ async def test_a_graceful_close_waits_for_the_workers_that_replace_lost_ones(
             os.kill(server.process.pid, 9)
     assert outcomes == [None] * workers, outcomes
     assert len(pids.read_text().split()) == 2 * workers  # each ran again, once
+
+
+async def test_a_call_ended_by_a_graceful_close_keeps_what_finished(
+        anyio_backend: str) -> None:
+    # map raised a bare PoolClosed: the results that had finished were lost with it.
+    pool = ResilientPool(max_workers=2)
+    await pool.__aenter__()
+    got: list[BaseException] = []
+
+    async def mapper() -> None:
+        try:
+            await pool.map(tasks.nap, [0.01] * 4 + [0.3] * 40, chunk_size=1)
+        except PoolClosed as exc:
+            got.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mapper)
+        await wait_until(lambda: pool.statistics().tasks_completed >= 4)
+        await pool.aclose()
+    (error,) = got
+    assert isinstance(error, PoolClosed) and error.start == 0
+    assert error.partial[:4] == [0.01] * 4 and len(error.partial) == 44
+    assert MISSING in error.partial
+
+
+async def test_a_stream_ended_by_a_close_keeps_what_finished_from_where_it_stood(
+        anyio_backend: str) -> None:
+    pool = ResilientPool(max_workers=2)
+    await pool.__aenter__()
+    got: list[object] = []
+    async with anyio.create_task_group() as tg:
+
+        async def reader() -> None:
+            try:
+                async for value in pool.imap(tasks.nap, [0.01] * 4 + [0.3] * 40,
+                                             chunk_size=1):
+                    got.append(value)
+                    if len(got) == 2:
+                        tg.start_soon(pool.aclose)
+            except PoolClosed as exc:
+                got.append(exc)
+
+        tg.start_soon(reader)
+    error = got[-1]
+    assert isinstance(error, PoolClosed), got
+    # From the first item not yielded: what finished there, MISSING for the rest.
+    assert error.start == len(got) - 1 and len(error.partial) == 44 - error.start
+    assert MISSING in error.partial and set(error.partial) <= {MISSING, 0.01, 0.3}
