@@ -74,8 +74,12 @@ class ForkServer:
             path = [here, *(p for p in sys.path if p != here)]
             command = [sys.executable, "-S", "-c", _BOOT, str(child.fileno()), *path]
             # Its own session: a Ctrl-C in the terminal is the parent's to handle.
+            # Without a variable too long for exec (128 KiB, E2BIG: no worker could
+            # start); workers get the pool's whole environment from the pool itself.
+            environ = {k: v for k, v in os.environ.items() if len(k) + len(v) < 1 << 17}
             self.process = subprocess.Popen(command, pass_fds=(child.fileno(),),
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, env=environ,
+                                            start_new_session=True)
         except BaseException:
             parent.close()
             raise

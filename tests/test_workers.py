@@ -171,6 +171,29 @@ async def test_a_removed_directory_starts_no_worker_in_another(
         assert "the current directory was removed" in events[0].message
 
 
+LONG_VARIABLE = """
+import asyncio, os
+from asyncpool import ResilientPool
+from tests import tasks
+
+async def main():
+    os.environ["ASYNCPOOL_TEST_LONG"] = "x" * (200 << 10)  # set as the program runs
+    async with ResilientPool(max_workers=1, creation_attempts=1) as pool:
+        _, value = await pool.run(tasks.where_am_i, "ASYNCPOOL_TEST_LONG")
+        print(pool.backend, len(value or ""))
+
+asyncio.run(main())
+"""
+
+
+def test_a_variable_too_long_for_exec_starts_workers_all_the_same() -> None:
+    # One variable over 128 KiB made starting the fork server fail (E2BIG): the pool
+    # served on threads for good.
+    proc = run_code(LONG_VARIABLE)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["process", str(200 << 10)], (proc.stdout, proc.stderr)
+
+
 REMOVED_WHILE_SERVING = """
 import asyncio, os, sys, tempfile
 from asyncpool import ResilientPool
