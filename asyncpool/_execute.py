@@ -273,6 +273,13 @@ _cluster_cancelled: dict[str, set[int]] = {}
 cluster_init_failures: dict[tuple[str, str], str] = {}
 
 
+def forget_space(space: str) -> None:
+    """The pool whose client process and pool are ``space`` closed: its functions go."""
+    for key in [k for k in list(_cluster_functions) if k[0] == space]:
+        _cluster_functions.pop(key, None)
+    _cluster_cancelled.pop(space, None)
+
+
 def cancel_on_cluster(space: str, calls: list[int]) -> None:
     """Run on each Dask worker (``client.run``) when the client process stops calls."""
     found = _cluster_cancelled.setdefault(space, set())
@@ -325,6 +332,8 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
     errors: dict[int, BaseException] = {}
     spent: list[tuple[list[float], int]] = [([], 0)]
     cancelled = _cluster_cancelled.setdefault(space, set())
+    if len(_cluster_cancelled) > 1024:  # pools long gone (those without a plugin)
+        _cluster_cancelled.pop(list(_cluster_cancelled)[0], None)
 
     def tick(first: int, upto: int, done: list[Any], failed: dict[int, BaseException],
              end: tuple[list[float], int] | None) -> tuple[AbstractSet[int], bool]:

@@ -5,25 +5,30 @@ it imports nothing heavy.
 
 from __future__ import annotations
 
+import threading
+
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
     from typing import Any
 
-#: One namespace for every function of the caller's main script that a worker loads.
-_main_globals: dict[str, Any] = {}
-#: On a Dask worker, which serves many client processes: one such namespace per pool
-#: of a client process (the latest :data:`SPACES` of them), so that two programs whose
-#: main scripts both define ``TABLE`` or ``helper`` never see each other's, nor two
-#: pools the globals their initializers set.
-_spaces: dict[str, dict[str, Any]] = {}
-SPACES = 16
-#: Namespaces of pools whose initializer ran here, kept beyond the latest SPACES while
-#: the pool's plugin is registered (by how many workers of this process hold it): what
-#: the initializer set was lost once 16 other pools had used the worker.
+#: A namespace: the globals of the caller's main script shared by the functions of it
+#: that a worker loads, and each name's latest pickle (its version, and the value it
+#: brought).
+Space = tuple["dict[str, Any]", "dict[str, tuple[int, Any]]"]
+#: The one namespace of a worker process.
+_main: Space = ({}, {})
+#: On a Dask worker, which serves many client processes: one namespace per pool of a
+#: client process, so that two programs whose main scripts both define ``TABLE`` or
+#: ``helper`` never see each other's, nor two pools the globals their initializers
+#: set. The latest :data:`SPACES` are kept, and beside them (up to :data:`PINNED`)
+#: those of pools whose initializer ran here while its plugin is registered (what it
+#: set was lost once 16 other pools had used the worker).
+_spaces: dict[str, Space] = {}
+SPACES, PINNED = 16, 64
+#: The pools whose initializer ran here: by how many workers of this process.
 _pinned: dict[str, int] = {}
-#: For each namespace (by id): each name's latest pickle (its version, and the value
-#: it brought).
-_seen: dict[int, dict[str, tuple[int, Any]]] = {}
+#: Worker threads of a Dask worker load functions at once.
+_lock = threading.RLock()
 
 
 def initialize(initializer: Any, initargs: tuple[Any, ...]) -> None:
@@ -40,15 +45,29 @@ def initialize(initializer: Any, initargs: tuple[Any, ...]) -> None:
                         "inside)")
 
 
-def pin(space: str, by: int) -> None:
+def pin(space: str, by: int) -> bool:
     """A worker of this process holds (``by`` 1) or let go of (-1) the initializer
-    plugin of the pool whose namespace is ``space``; let go by all, it goes."""
-    held = _pinned[space] = _pinned.get(space, 0) + by
-    if held <= 0:
+    plugin of the pool whose namespace is ``space``; let go by all, the namespace goes
+    (and this returns True)."""
+    with _lock:
+        held = _pinned[space] = _pinned.get(space, 0) + by
+        if held > 0:
+            return False
         del _pinned[space]
-        found = _spaces.pop(space, None)
-        if found is not None:
-            _seen.pop(id(found), None)
+        _spaces.pop(space, None)
+        return True
+
+
+def _space(space: str) -> Space:
+    """Pool ``space``'s namespace (made if new), now the latest; the oldest beyond
+    SPACES (or PINNED, of those pinned) go."""
+    found = _spaces.pop(space, None)
+    _spaces[space] = found = ({}, {}) if found is None else found
+    for pinned, kept in ((False, SPACES), (True, PINNED)):
+        names = [s for s in _spaces if (s in _pinned) is pinned]
+        for gone in names[:max(0, len(names) - kept)]:  # never this one: the latest
+            del _spaces[gone]
+    return found
 
 
 def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
@@ -101,14 +120,14 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
         return fn
     if not _of_script(fn):
         return fn
-    if space is None:
-        shared = _main_globals
-    else:
-        found = _spaces.pop(space, None)
-        shared = _spaces[space] = found if found is not None else {}
-        for gone in [s for s in _spaces if s not in _pinned][:max(0, len(_spaces) - SPACES)]:
-            _seen.pop(id(_spaces.pop(gone)), None)
-    seen = _seen.setdefault(id(shared), {})
+    with _lock:
+        shared, seen = _main if space is None else _space(space)
+        return _bind(fn, shared, seen, version)
+
+
+def _bind(fn: Any, shared: dict[str, Any], seen: dict[str, tuple[int, Any]],
+          version: int) -> Any:
+    """``fn`` with ``shared`` as its globals, given what its pickle brought."""
     # Only the names it uses, as its pickle brought them: not its own name, unless it
     # calls itself. A function is not always what the script's global of its name
     # holds (one made in another function, a wraps() wrapper, one whose name a

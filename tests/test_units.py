@@ -1270,27 +1270,60 @@ def test_a_suspect_is_not_starved_by_chunks_taken_back_meanwhile() -> None:
 
 
 
-def test_a_cluster_worker_keeps_the_latest_namespaces_and_those_pinned() -> None:
-    # A Dask worker keeps the main-script globals of the latest 16 pools, and beyond
-    # them those of pools whose initializer ran there, until their plugin goes.
+def test_a_cluster_worker_keeps_the_latest_namespaces_and_those_pinned(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Dask worker keeps the script globals of the latest 16 pools, and beside them
+    # those of pools whose initializer ran there, until their plugin goes. With 16
+    # pinned, a pool without one lost its own at once (its functions read None).
+    import threading
+
     from asyncpool import _share
 
+    monkeypatch.setattr(_share, "_spaces", {})
+    monkeypatch.setattr(_share, "_pinned", {})
     space: dict[str, Any] = {"__name__": "__main__"}
     exec("def read(_):\n    return STATE\n", space)
     space["STATE"] = "set"
-    before = dict(_share._spaces)
-    _share._spaces.clear()
+
+    def state(name: str) -> object:
+        return _share._spaces[name][0]["STATE"]
+
+    for n in range(_share.SPACES + 1):
+        _share.pin(f"pinned {n}", 1)
+        _share.share_main(space["read"], f"pinned {n}")
+        _share._spaces[f"pinned {n}"][0]["STATE"] = f"initialised {n}"
+    _share.share_main(space["read"], "plain")
+    assert state("plain") == "set"
+    for n in range(3 * _share.SPACES):
+        _share.share_main(space["read"], f"pool {n}")
+    assert "plain" not in _share._spaces and f"pool {3 * _share.SPACES - 1}" in _share._spaces
+    assert len(_share._spaces) == 2 * _share.SPACES + 1
+    assert [state(f"pinned {n}") for n in range(_share.SPACES + 1)] == [
+        f"initialised {n}" for n in range(_share.SPACES + 1)]
+    assert _share.pin("pinned 0", -1) and "pinned 0" not in _share._spaces
+    for n in range(_share.PINNED + 1):  # beyond PINNED, the oldest pinned go too
+        _share.pin(f"more {n}", 1)
+        _share.share_main(space["read"], f"more {n}")
+    assert "pinned 1" not in _share._spaces and f"more {_share.PINNED}" in _share._spaces
+    # Worker threads load functions at once: none fails, none loses its namespace.
+    errors: list[BaseException] = []
+
+    def load(thread: int) -> None:
+        try:
+            for n in range(2000):  # 12 namespaces in all: none is too old to keep
+                fn = _share.share_main(space["read"], f"thread {thread} {n % 3}")
+                assert fn.__globals__ is _share._spaces[f"thread {thread} {n % 3}"][0]
+        except BaseException as exc:
+            errors.append(exc)
+
+    monkeypatch.setattr(_share, "_spaces", {})
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=load, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
     try:
-        _share.pin("pinned", 1)
-        _share.share_main(space["read"], "pinned")
-        _share._spaces["pinned"]["STATE"] = "initialised"
-        for n in range(3 * _share.SPACES):
-            _share.share_main(space["read"], f"pool {n}")
-        assert len(_share._spaces) == _share.SPACES
-        assert _share._spaces["pinned"]["STATE"] == "initialised"
-        assert f"pool {3 * _share.SPACES - 1}" in _share._spaces
-        _share.pin("pinned", -1)
-        assert "pinned" not in _share._spaces and "pinned" not in _share._pinned
+        for thread in threads:
+            thread.join()
     finally:
-        _share._spaces.clear()
-        _share._spaces.update(before)
+        sys.setswitchinterval(0.005)
+    assert not errors, errors[:3]

@@ -11,7 +11,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .._execute import cluster_init_failures, loads
+from .._execute import cluster_init_failures, forget_space, loads
 from .._share import initialize, pin, share_main
 
 
@@ -40,4 +40,5 @@ class InitializerPlugin(WorkerPlugin):
     def teardown(self, worker: Any) -> None:
         """The pool closed (or the worker does): what its initializer set goes."""
         cluster_init_failures.pop((self.name, worker.address), None)
-        pin(self.space, -1)
+        if pin(self.space, -1):
+            forget_space(self.space)
