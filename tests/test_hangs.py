@@ -17,7 +17,8 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncpool import MISSING, DeadlineExceeded, InitializerFailed, PoolClosed, ResilientPool
+from asyncpool import (MISSING, DeadlineExceeded, InitializerFailed, PoolClosed, ResilientPool,
+                       WorkerCrashed)
 
 from . import tasks
 from .fakes import Script, fake_rungs
@@ -1124,3 +1125,23 @@ async def test_a_pool_closed_from_another_loop_still_stops_its_workers_when_drop
     pids = await open_and_drop()
     gc.collect()
     await wait_until(lambda: not any(alive(pid) for pid in set(pids)))
+
+
+async def test_a_worker_that_dies_under_a_stopped_fork_server_is_seen(
+        anyio_backend: str) -> None:
+    # A stopped fork server (SIGSTOP) never says its workers' exits: a worker's death
+    # went unseen for good, its item waited out every deadline, and nothing fell back.
+    from asyncpool._forkserver import ForkServer
+
+    async with ResilientPool(max_workers=2, rungs=("process",),
+                             max_crashes_per_item=1) as pool:
+        await pool.map(tasks.square, range(4))
+        server = ForkServer.current()
+        assert server is not None
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            with anyio.fail_after(20), pytest.raises(WorkerCrashed):
+                await pool.run(tasks.exit_on, (1, 1))
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert await pool.map(tasks.square, range(4)) == [0, 1, 4, 9]

@@ -94,6 +94,17 @@ def opening_failure(starting: Sequence[Started], served: bool, initializer: Any)
         raise RungUnavailable(f"no worker process could start ({error!r})") from error
 
 
+def exit_status(pid: int) -> int | None:
+    """The wait status of ``pid`` if it exited and its parent has not reaped it (read
+    where the kernel keeps it); None otherwise."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rpartition(b")")[2].split()
+        return int(fields[49]) if fields[0] == b"Z" else None
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def running(pid: int) -> bool:
     """Whether ``pid`` runs (not exited, waiting to be reaped); unknown is yes."""
     try:

@@ -25,7 +25,7 @@ from .._remote import decode_error
 from .._retry import RungUnavailable
 from .._salvage import load_results
 from .._zygote import STATUS
-from ._death import Death, ProcState, running
+from ._death import Death, ProcState, exit_status, running
 
 if TYPE_CHECKING:
     from .._call import Chunk
@@ -55,12 +55,9 @@ class Proc:
     """A worker process: fork server child, pid known once the fork server answers."""
 
     def __init__(self, spawned: Spawned, events: Events, loop: Loop) -> None:
-        self.sock = spawned.sock
-        self.status = spawned.status
-        self.progress = spawned.progress
-        self.server = spawned.server
-        self.events = events
-        self.loop = loop
+        self.sock, self.status = spawned.sock, spawned.status
+        self.progress, self.server = spawned.progress, spawned.server
+        self.events, self.loop = events, loop
         self.pid: int | None = None
         self.state = ProcState.STARTING
         #: Chunks sent and not finished, oldest (the running one) first.
@@ -79,9 +76,8 @@ class Proc:
         #: Calls whose items running here are to be killed (see kill_doomed).
         self.doomed: set[int] = set()
         self.doomed_since = 0.0
-        self.killed = False
-        #: Asked to leave (closed, retired): an exit is no surprise.
-        self.asked_to_leave = False
+        #: Killed; asked to leave (closed, retired): an exit is no surprise.
+        self.killed = self.asked_to_leave = False
         self.init_error: BaseException | None = None
         #: Its memory (bytes) once initialised, when there is a ceiling.
         self.ready_rss = 0
@@ -90,9 +86,8 @@ class Proc:
         self._outbox: deque[memoryview] = deque()
         self._stops: list[Callable[[], object]] = []
         self._writing: Callable[[], object] | None = None
-        self._eof = False
+        self._eof = self._buried = False
         self._exit_status: int | None = None
-        self._buried = False
         #: The fork server died before reporting this worker's exit.
         self._orphaned = False
 
@@ -161,6 +156,12 @@ class Proc:
                     logger.debug("worker %s closed its connection to the pool while "
                                  "running: stopped", self.pid)
                     self._sigkill()
+                elif self.state is not ProcState.DEAD:
+                    # Exited, and not said: a stopped fork server (SIGSTOP) never says
+                    # it, and the death went unseen for good. Read where it lies.
+                    self._exit_status = exit_status(self.pid)
+                    if self._exit_status is not None:
+                        self._dead()
 
     def _stop_reading(self) -> None:
         if self._stops:
