@@ -155,7 +155,8 @@ class Outcomes:
         blamed = not shared or (alone and (chunk.shared or chunk.alone))
         crashes = (chunk.crashes if alone else 0) + (deaths if blamed else 0)
         piece, index = chunk.locate(culprit)
-        if crashes >= self.config.max_crashes_per_item:
+        # Blamed with every item beside it, it fails only after a death while alone.
+        if crashes >= self.config.max_crashes_per_item and not (shared and not chunk.alone):
             how = exit_described(exitcode)
             error = WorkerCrashed(
                 f"item {index} crashed its worker process {crashes} time(s) (last: {how}); "
@@ -417,11 +418,13 @@ class Outcomes:
                 await self._drained.wait()
             if not self.again.waits():
                 return
-            waiting = len(self.again)
+            waiting, was_coming = len(self.again), coming()
             await anyio.sleep(0.01)  # the flush that sends it
             if len(self.again) >= waiting and self.in_flight <= set(self.orphans()) and (
-                    not coming()):
-                return  # no rung or slot took it, nor will
+                    not was_coming and not coming()):
+                # No rung or slot took it, nor will (a rung that came meanwhile is
+                # given a turn: its first flush follows it).
+                return
 
 
 def _let_go(chunk: Chunk, calls: set[Call]) -> None:

@@ -888,13 +888,15 @@ async def test_an_item_that_kills_the_fork_server_is_a_poison_item(
         assert await pool.map(tasks.square, range(4)) == [0, 1, 4, 9]
 
 
-@pytest.mark.parametrize(("workers", "count", "poison"), [(2, 4, 3), (3, 6, 1)])
+@pytest.mark.parametrize(("workers", "count", "poison", "crashes"),
+                         [(2, 4, 3, 2), (3, 6, 1, 2), (3, 6, 1, 1)])
 async def test_an_item_that_kills_the_fork_server_takes_no_neighbour(
-        workers: int, count: int, poison: int, anyio_backend: str) -> None:
+        workers: int, count: int, poison: int, crashes: int, anyio_backend: str) -> None:
     # Every item running when the fork server died counted a crash: running beside the
-    # poison item when it died again, an innocent one failed with it.
+    # poison item when it died again, an innocent one failed with it (with
+    # max_crashes_per_item=1, at the second death, before it could run alone).
     items = [(i, poison, 0.5) for i in range(count)]
-    async with ResilientPool(max_workers=workers, max_crashes_per_item=2) as pool:
+    async with ResilientPool(max_workers=workers, max_crashes_per_item=crashes) as pool:
         with anyio.fail_after(60):
             got = await pool.map(tasks.kill_fork_server_on, items, chunk_size=1,
                                  return_exceptions=True)
