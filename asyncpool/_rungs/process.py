@@ -387,9 +387,11 @@ class ProcessRung(Rung, Events):
                 proc.kill_doomed()
             error = starts.settle() or error
             # While a worker serves, or one starts, replacements are tried (or awaited);
-            # an initializer that hung is not waited for again (as when opening).
-            if error is not None and not self._serving() and not starts.starting and (
-                    starts.out_of_attempts() or starts.hung):
+            # an initializer that hung is not waited for again (as when opening), nor in
+            # workers forked later (after a failed fork, their start deadlines were
+            # staggered: calls waited creation_attempts x start_timeout).
+            if error is not None and not self._serving() and (starts.hung or (
+                    not starts.starting and starts.out_of_attempts())):
                 if isinstance(error, InitializerFailed):
                     self._broke(error, error.__cause__)
                 else:
