@@ -18,7 +18,7 @@ from ._errors import FunctionUnavailable, InitializerFailed, pool_made
 from ._handover import Running, unwatch, watch
 from ._remote import encode_errors
 from ._retry import retry_again, task_retry_delays
-from ._share import share_main
+from ._share import cluster_function
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
@@ -260,10 +260,6 @@ class _Skipped:
 SKIPPED = _Skipped()
 
 
-# Functions a Dask worker loaded, by their client process and pickle, so each is
-# unpickled once per worker process, not once per chunk (at most 64 of them, or 64 MB
-# of pickles).
-_cluster_functions: dict[tuple[str, bytes], Any] = {}
 #: Calls each client process stopped: a Dask worker's running chunks skip their items
 #: not started (Dask cannot stop a task that runs). At most 4,096 for each.
 _cluster_cancelled: dict[str, set[int]] = {}
@@ -274,9 +270,8 @@ cluster_init_failures: dict[tuple[str, str], str] = {}
 
 
 def forget_space(space: str) -> None:
-    """The pool whose client process and pool are ``space`` closed: its functions go."""
-    for key in [k for k in list(_cluster_functions) if k[0] == space]:
-        _cluster_functions.pop(key, None)
+    """The pool whose client process and pool are ``space`` closed (its functions went
+    with its namespace)."""
     _cluster_cancelled.pop(space, None)
 
 
@@ -299,7 +294,7 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
     ``arguments`` is the runs' pickle (function index, star, call id, items) and its
     buffers, made by the rung: an item that does not unpickle here fails its chunk
     (which the rung splits), not the task. ``space`` names the client process,
-    ``versions`` orders the functions' pickles (see :func:`share_main`). Raises
+    ``versions`` orders the functions' pickles (see :func:`cluster_function`). Raises
     InitializerFailed if the pool's ``initializer`` (its plugin's name) failed here.
     """
     if initializer is not None and cluster_init_failures:
@@ -312,18 +307,11 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
     functions = []
     for index, blob in enumerate(blobs):
         # Each task carries its function's pickle: loaded once per worker process.
-        found = _cluster_functions.get((space, blob))
-        if found is None:
-            try:
-                found = share_main(loads(blob), space,
-                                   versions[index] if index < len(versions) else 0)
-            except BaseException as exc:
-                return [], [], ([], 0), repr(exc), None
-            if len(_cluster_functions) >= 64 or sum(
-                    len(b) for _, b in _cluster_functions) > 64 << 20:
-                _cluster_functions.clear()
-            _cluster_functions[space, blob] = found
-        functions.append(found)
+        try:
+            functions.append(cluster_function(
+                space, blob, versions[index] if index < len(versions) else 0, loads))
+        except BaseException as exc:
+            return [], [], ([], 0), repr(exc), None
     try:
         runs: list[tuple[int, bool, int, list[Any]]] = loads(arguments[0], arguments[1:])
     except BaseException as exc:

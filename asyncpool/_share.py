@@ -9,14 +9,20 @@ import threading
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 #: A namespace: the globals of the caller's main script shared by the functions of it
-#: that a worker loads, and each name's latest pickle (its version, and the value it
-#: brought).
-Space = tuple["dict[str, Any]", "dict[str, tuple[int, Any]]"]
+#: that a worker loads, each name's latest pickle (its version, and the value it
+#: brought), and (on a Dask worker) the functions loaded into it, by their pickle:
+#: (the version they were last bound for, as unpickled, as bound).
+Space = tuple["dict[str, Any]", "dict[str, tuple[int, Any]]",
+              "dict[bytes, tuple[int, Any, Any]]"]
 #: The one namespace of a worker process.
-_main: Space = ({}, {})
+_main: Space = ({}, {}, {})
+#: A Dask worker's loaded functions, in all its namespaces, hold at most this many
+#: bytes of pickles (beyond, they are loaded afresh).
+LOADED_BYTES = 64 << 20
 #: On a Dask worker, which serves many client processes: one namespace per pool of a
 #: client process, so that two programs whose main scripts both define ``TABLE`` or
 #: ``helper`` never see each other's, nor two pools the globals their initializers
@@ -58,11 +64,32 @@ def pin(space: str, by: int) -> bool:
         return True
 
 
+def cluster_function(space: str, blob: bytes, version: int,
+                     load: Callable[[bytes], Any]) -> Any:
+    """On a Dask worker: the function pickled as ``blob``, loaded (``load``) once into
+    pool ``space``'s namespace, which is now the latest (a busy pool's went first when
+    only loads counted). A later call's pickle of it binds it again: one the same as
+    an earlier call's (a global set back to an earlier value) was not followed."""
+    with _lock:
+        loaded = _space(space)[2]
+        found = loaded.get(blob)
+        if found is not None and found[0] >= version:
+            return found[2]
+        original = load(blob) if found is None else found[1]
+        bound = share_main(original, space, version)
+        if found is None and len(blob) + sum(
+                len(b) for s in _spaces.values() for b in s[2]) > LOADED_BYTES:
+            for other in _spaces.values():
+                other[2].clear()
+        loaded[blob] = version, original, bound
+        return bound
+
+
 def _space(space: str) -> Space:
     """Pool ``space``'s namespace (made if new), now the latest; the oldest beyond
-    SPACES (or PINNED, of those pinned) go."""
+    SPACES (or PINNED, of those pinned) go, with the functions bound to them."""
     found = _spaces.pop(space, None)
-    _spaces[space] = found = ({}, {}) if found is None else found
+    _spaces[space] = found = ({}, {}, {}) if found is None else found
     for pinned, kept in ((False, SPACES), (True, PINNED)):
         names = [s for s in _spaces if (s in _pinned) is pinned]
         for gone in names[:max(0, len(names) - kept)]:  # never this one: the latest
@@ -121,7 +148,7 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
     if not _of_script(fn):
         return fn
     with _lock:
-        shared, seen = _main if space is None else _space(space)
+        shared, seen, _ = _main if space is None else _space(space)
         return _bind(fn, shared, seen, version)
 
 

@@ -11,6 +11,7 @@ import math
 import pickle
 import select
 import socket
+import itertools
 import sys
 import threading
 import typing
@@ -1327,3 +1328,38 @@ def test_a_cluster_worker_keeps_the_latest_namespaces_and_those_pinned(
     finally:
         sys.setswitchinterval(0.005)
     assert not errors, errors[:3]
+
+
+def test_a_cluster_worker_follows_globals_and_keeps_a_busy_pools_namespace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A global set back to an earlier value pickles as before: the loaded function was
+    # reused as bound then, and read the later value. A pool's namespace went first
+    # while it was busy (only loads counted as use), and its new functions read None.
+    import cloudpickle
+
+    from asyncpool import _share
+
+    monkeypatch.setattr(_share, "_spaces", {})
+    monkeypatch.setattr(_share, "_pinned", {})
+    script: dict[str, Any] = {"__name__": "__main__", "CFG": 0, "MEMO": {}}
+    exec("def read(_):\n    return CFG\n"
+         "def fill(_):\n    MEMO['state'] = 'filled'\n"
+         "def recall(_):\n    return MEMO.get('state')\n", script)
+    versions = itertools.count(1)
+
+    def run(pool: str, name: str, cfg: int = 0, version: int = 0) -> object:
+        script["CFG"] = cfg
+        blob = cloudpickle.dumps(script[name])
+        return _share.cluster_function(pool, blob, version or next(versions),
+                                       cloudpickle.loads)(0)
+
+    assert [run("pool", "read", cfg) for cfg in (1, 2, 1, 2, 1)] == [1, 2, 1, 2, 1]
+    run("busy", "fill")
+    busy = next(versions)
+    for n in range(3 * _share.SPACES):
+        run(f"pool {n}", "read")
+        assert run("busy", "recall", version=busy) == "filled"  # one call's chunks
+    assert run("busy", "recall") == "filled"
+    # A namespace that went takes the functions bound to it along.
+    assert "pool 0" not in _share._spaces
+    assert all(len(space[2]) <= 2 for space in _share._spaces.values())
