@@ -149,13 +149,12 @@ class Outcomes:
         self._again(chunk, first, culprit, Resend.INNOCENT, 0)
         self._again(chunk, culprit + 1, chunk.size, Resend.NOT_RUN, 0)
         alone = chunk.size - first == 1
-        # Running when the fork server died, as every worker's item was, anything may
-        # have killed it (an outside kill): it goes again uncounted. Running at such a
-        # death again, it is blamed with every item beside it and runs alone.
+        # Running when the fork server died (as every worker's item), anything may have
+        # killed it: it goes again uncounted; at such a death again, it is blamed with
+        # every item beside it and runs alone, and fails only after a death alone.
         blamed = not shared or (alone and (chunk.shared or chunk.alone))
         crashes = (chunk.crashes if alone else 0) + (deaths if blamed else 0)
         piece, index = chunk.locate(culprit)
-        # Blamed with every item beside it, it fails only after a death while alone.
         if crashes >= self.config.max_crashes_per_item and not (shared and not chunk.alone):
             how = exit_described(exitcode)
             error = WorkerCrashed(
@@ -268,12 +267,15 @@ class Outcomes:
                   if p.call.state is CallState.ACTIVE]
         if not pieces:
             return
+        whole = (first, upto) == (0, chunk.size)
         if crashes is None:
-            crashes = chunk.crashes if (first, upto) == (0, chunk.size) else 0
+            crashes = chunk.crashes if whole else 0
         if why is not Resend.MOVED:  # taken back unstarted from a busy worker: not a rerun
             self.counters.resubmitted_chunks += 1
         again = Chunk(pieces, crashes, suspect or why is Resend.SUSPECT)
-        again.shared = shared
+        # Lost or taken back whole, it keeps its marks (a poison item.s were reset: 36 runs).
+        kept = whole and why in (Resend.LOST, Resend.MOVED)
+        again.shared, alone = shared or (kept and chunk.shared), alone or (kept and chunk.alone)
         again.place = (chunk.place[0], chunk.place[1] + first)
         self.emit("resubmit", f"resubmitting {again.size} item(s) ({why.value})",
                   size=again.size, reason=why.value)

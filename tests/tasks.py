@@ -851,3 +851,16 @@ def raise_pool_errors(x: int) -> int:
     if x == 2:
         raise FunctionUnavailable(f"my own unavailable at {x}")
     return x
+
+
+def noted_poison(args: tuple[str, int, int, frozenset[int]]) -> tuple[int, int]:
+    """Note each run of item (caller, x) in ``directory``; items in ``poison`` kill the
+    fork server (this worker's parent), and with it every worker."""
+    directory, caller, x, poison = args
+    with open(os.path.join(directory, f"{caller}-{x}"), "a") as f:
+        f.write("ran\n")
+    if x in poison:
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(5)
+    time.sleep(0.01)
+    return caller, x

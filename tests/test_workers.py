@@ -1361,3 +1361,34 @@ async def test_one_outside_kill_of_the_fork_server_holds_no_other_call(
             finished.append("small")
         assert finished == ["small", "long", "long"]
         assert pool.statistics().tasks_failed == 0
+
+
+async def test_poison_items_that_kill_the_fork_server_run_a_bounded_number_of_times(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # A suspect of a fork server's death that was lost while queued on a worker lost
+    # its marks and started over: with several poison items and callers, one ran up
+    # to 36 times (three runs are its due: marked, blamed, alone).
+    poison = frozenset({5, 17})
+
+    async def caller(pool: ResilientPool, number: int) -> list[object]:
+        items = [(str(tmp_path), number, x, poison) for x in range(30)]
+        return await pool.map(tasks.noted_poison, items, return_exceptions=True)
+
+    async with ResilientPool(max_workers=3, max_crashes_per_item=1) as pool:
+        with anyio.fail_after(120):
+            results: list[list[object]] = [[], [], []]
+
+            async def run(number: int) -> None:
+                results[number] = await caller(pool, number)
+
+            async with anyio.create_task_group() as tg:
+                for number in range(3):
+                    tg.start_soon(run, number)
+    runs = {path.name: len(path.read_text().split()) for path in tmp_path.iterdir()}
+    for number, got in enumerate(results):
+        for x, value in enumerate(got):
+            if x in poison:
+                assert isinstance(value, WorkerCrashed), (number, x, value)
+                assert runs[f"{number}-{x}"] <= 3, runs
+            else:
+                assert value == (number, x), (number, x, value)
