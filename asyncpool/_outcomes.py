@@ -273,7 +273,7 @@ class Outcomes:
         if why is not Resend.MOVED:  # taken back unstarted from a busy worker: not a rerun
             self.counters.resubmitted_chunks += 1
         again = Chunk(pieces, crashes, suspect or why is Resend.SUSPECT)
-        # Lost or taken back whole, it keeps its marks (a poison item.s were reset: 36 runs).
+        # Lost or taken back whole, it keeps its marks (a poison item's were reset: 36 runs).
         kept = whole and why in (Resend.LOST, Resend.MOVED)
         again.shared, alone = shared or (kept and chunk.shared), alone or (kept and chunk.alone)
         again.place = (chunk.place[0], chunk.place[1] + first)
