@@ -22,7 +22,7 @@ import tempfile
 import threading
 from typing import Any
 
-from ._retry import RungUnsupported
+from ._retry import RungUnavailable, RungUnsupported
 
 logger = logging.getLogger("asyncpool")
 
@@ -52,6 +52,28 @@ _UNSUPPORTED = {errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT, errno.EOPNOTSUPP,
                 errno.EAFNOSUPPORT, errno.EPROTOTYPE, errno.EINVAL}
 
 
+#: Why starting a process may fail for a moment (any other error is said at once).
+_TRANSIENT = {errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+#: What exec takes of one variable ("name=value" and its NUL), and of all of them here.
+_ONE_VARIABLE, _ALL_VARIABLES = 1 << 17, 1 << 18
+
+
+def _for_exec() -> dict[str, str]:
+    """The environment the fork server starts with: without the variables exec cannot
+    take (E2BIG: no worker could start), the longest first. Workers get the pool's
+    whole environment from the pool itself."""
+    sizes = sorted(((len(os.fsencode(k)) + len(os.fsencode(v)) + 2, k) for k, v in
+                    os.environ.items()), reverse=True)
+    total = sum(size for size, _ in sizes)
+    dropped = set()
+    for size, name in sizes:
+        if size <= _ONE_VARIABLE and total <= _ALL_VARIABLES:
+            break
+        dropped.add(name)
+        total -= size
+    return {k: v for k, v in os.environ.items() if k not in dropped}
+
+
 class ForkServer:
     """A running fork server."""
 
@@ -74,12 +96,14 @@ class ForkServer:
             path = [here, *(p for p in sys.path if p != here)]
             command = [sys.executable, "-S", "-c", _BOOT, str(child.fileno()), *path]
             # Its own session: a Ctrl-C in the terminal is the parent's to handle.
-            # Without a variable too long for exec (128 KiB, E2BIG: no worker could
-            # start); workers get the pool's whole environment from the pool itself.
-            environ = {k: v for k, v in os.environ.items() if len(k) + len(v) < 1 << 17}
             self.process = subprocess.Popen(command, pass_fds=(child.fileno(),),
-                                            stdin=subprocess.DEVNULL, env=environ,
+                                            stdin=subprocess.DEVNULL, env=_for_exec(),
                                             start_new_session=True)
+        except OSError as exc:
+            parent.close()
+            if exc.errno in _TRANSIENT:
+                raise  # out of processes or memory for now: tried again later
+            raise RungUnavailable(f"the fork server could not start ({exc})") from exc
         except BaseException:
             parent.close()
             raise

@@ -177,21 +177,53 @@ from asyncpool import ResilientPool
 from tests import tasks
 
 async def main():
-    os.environ["ASYNCPOOL_TEST_LONG"] = "x" * (200 << 10)  # set as the program runs
+    # Set as the program runs: one too long for exec, one just too long (with its name,
+    # "=" and NUL), and many that are too long together.
+    os.environ["ASYNCPOOL_TEST_LONG"] = "x" * (200 << 10)
+    os.environ["ASYNCPOOL_TEST_EDGE"] = "x" * ((1 << 17) - len("ASYNCPOOL_TEST_EDGE") - 1)
+    for n in range(24):
+        os.environ[f"ASYNCPOOL_TEST_MANY_{n}"] = "x" * (100 << 10)
+    names = ["ASYNCPOOL_TEST_LONG", "ASYNCPOOL_TEST_EDGE", "ASYNCPOOL_TEST_MANY_23"]
     async with ResilientPool(max_workers=1, creation_attempts=1) as pool:
-        _, value = await pool.run(tasks.where_am_i, "ASYNCPOOL_TEST_LONG")
-        print(pool.backend, len(value or ""))
+        seen = [len((await pool.run(tasks.where_am_i, name))[1] or "") for name in names]
+        print(pool.backend, seen == [len(os.environ[name]) for name in names])
 
 asyncio.run(main())
 """
 
 
 def test_a_variable_too_long_for_exec_starts_workers_all_the_same() -> None:
-    # One variable over 128 KiB made starting the fork server fail (E2BIG): the pool
-    # served on threads for good.
+    # One variable over 128 KiB (or many, together over what exec takes) made starting
+    # the fork server fail (E2BIG), and opening the pool raised it.
     proc = run_code(LONG_VARIABLE)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["process", str(200 << 10)], (proc.stdout, proc.stderr)
+    assert proc.stdout.split() == ["process", "True"], (proc.stdout, proc.stderr)
+
+
+NO_INTERPRETER = """
+import asyncio, sys
+from asyncpool import ResilientPool
+from tests import tasks
+
+sys.executable = sys.argv[1]  # gone: the fork server cannot start
+
+async def main():
+    events = []
+    async with ResilientPool(max_workers=1, creation_attempts=1, promote_after=60,
+                             on_event=events.append) as pool:
+        print(pool.backend, await pool.run(tasks.square, 3))
+    print(any("the fork server could not start" in e.message for e in events))
+
+asyncio.run(main())
+"""
+
+
+def test_a_fork_server_that_cannot_start_makes_the_pool_step_down(tmp_path: Path) -> None:
+    # An error other than a shortage (E2BIG, an interpreter gone) was raised by the
+    # pool's open.
+    proc = run_code(NO_INTERPRETER, str(tmp_path / "python"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["thread", "9", "True"], (proc.stdout, proc.stderr)
 
 
 REMOVED_WHILE_SERVING = """

@@ -365,7 +365,7 @@ class ProcessRung(Rung, Events):
             for _ in range(0 if hold else missing):
                 try:
                     starts.forked(self._fork())
-                except OSError as exc:
+                except (OSError, RungUnavailable) as exc:
                     error = exc
                     starts.failed()
                     break
