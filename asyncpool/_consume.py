@@ -18,7 +18,7 @@ import anyio
 import anyio.lowlevel
 
 from ._call import Call, Mode
-from ._errors import DeadlineExceeded, PoolClosed, RemoteError, public
+from ._errors import MISSING, DeadlineExceeded, PoolClosed, RemoteError, public
 from ._progress import Reporter
 
 if TYPE_CHECKING:
@@ -116,8 +116,13 @@ def _ended(call: Call, start: int) -> BaseException:
     error = call.error or call.first_error
     assert error is not None
     if isinstance(error, PoolClosed):
-        return PoolClosed(str(error), call.partial(start), start)
+        return PoolClosed(str(error), _unfinished(call.partial(start)), start)
     return error
+
+
+def _unfinished(values: list[Any]) -> list[Any]:
+    """``values`` with the items the pool's close failed as MISSING: they did not run."""
+    return [MISSING if isinstance(v, PoolClosed) else v for v in values]
 
 
 def _exceeded(engine: Engine, call: Call, start: int = 0) -> DeadlineExceeded:
@@ -260,12 +265,22 @@ class ResultStream(Generic[T]):
             self._yielded = time.perf_counter()
         value = self._values[at]
         if at in self._failed_at and not self._call.options.return_exceptions:
+            if isinstance(value, PoolClosed):  # an item's: the call's own, saying more
+                value = self._closed_at(value, at)
             await self.aclose(kill=False)
             try:
                 raise _raisable(value)
             finally:
                 del value  # this frame, in its traceback, must not hold it (a cycle)
         return value  # type: ignore[no-any-return]
+
+    def _closed_at(self, error: PoolClosed, at: int) -> PoolClosed:
+        """The pool's close that failed item ``at`` of those held, with what finished
+        from there (a close with kill fails every item left, not the call)."""
+        call, held = self._call, self._values
+        start = call.consumed - len(held) + at
+        return PoolClosed(str(error), _unfinished([*held[at:], *call.partial(call.consumed)]),
+                          start)
 
     async def _fill(self) -> None:
         call, engine = self._call, self._engine

@@ -864,8 +864,11 @@ async def test_a_call_ended_by_a_graceful_close_keeps_what_finished(
     assert MISSING in error.partial
 
 
+@pytest.mark.parametrize("kill", [False, True])
 async def test_a_stream_ended_by_a_close_keeps_what_finished_from_where_it_stood(
-        anyio_backend: str) -> None:
+        kill: bool, anyio_backend: str) -> None:
+    # With kill, the first item the close failed was raised as it was: start 0 and no
+    # partial, whatever the stream had yielded.
     pool = ResilientPool(max_workers=2)
     await pool.__aenter__()
     got: list[object] = []
@@ -877,7 +880,7 @@ async def test_a_stream_ended_by_a_close_keeps_what_finished_from_where_it_stood
                                              chunk_size=1):
                     got.append(value)
                     if len(got) == 2:
-                        tg.start_soon(pool.aclose)
+                        tg.start_soon(functools.partial(pool.aclose, kill=kill))
             except PoolClosed as exc:
                 got.append(exc)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._errors import InitializerFailed
@@ -96,11 +97,13 @@ def opening_failure(starting: Sequence[Started], served: bool, initializer: Any)
 
 def exit_status(pid: int) -> int | None:
     """The wait status of ``pid`` if it exited and its parent has not reaped it (read
-    where the kernel keeps it); None otherwise."""
+    where the kernel keeps it); None otherwise (a zombie whose threads run on, too)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             fields = stat.read().rpartition(b")")[2].split()
-        return int(fields[49]) if fields[0] == b"Z" else None
+        if fields[0] != b"Z" or len(os.listdir(f"/proc/{pid}/task")) > 1:
+            return None
+        return int(fields[49])
     except (OSError, IndexError, ValueError):
         return None
 
