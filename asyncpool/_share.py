@@ -20,9 +20,9 @@ Space = tuple["dict[str, Any]", "dict[str, tuple[int, Any]]",
               "dict[bytes, tuple[int, Any, Any]]"]
 #: The one namespace of a worker process.
 _main: Space = ({}, {}, {})
-#: A Dask worker's loaded functions, in all its namespaces, hold at most this many
-#: bytes of pickles (beyond, they are loaded afresh).
-LOADED_BYTES = 64 << 20
+#: A Dask worker's loaded functions: at most this many in a namespace, and this many
+#: bytes of pickles in all (beyond, they are loaded afresh).
+LOADED, LOADED_BYTES = 64, 64 << 20
 #: On a Dask worker, which serves many client processes: one namespace per pool of a
 #: client process, so that two programs whose main scripts both define ``TABLE`` or
 #: ``helper`` never see each other's, nor two pools the globals their initializers
@@ -68,17 +68,24 @@ def cluster_function(space: str, blob: bytes, version: int,
                      load: Callable[[bytes], Any]) -> Any:
     """On a Dask worker: the function pickled as ``blob``, loaded (``load``) once into
     pool ``space``'s namespace, which is now the latest (a busy pool's went first when
-    only loads counted). A later call's pickle of it binds it again: one the same as
-    an earlier call's (a global set back to an earlier value) was not followed."""
+    only loads counted). A later call's pickle of it binds its globals again (one the
+    same as an earlier call's, a global set back to an earlier value, was not
+    followed); the function itself stays, and with it a cache it keeps."""
     with _lock:
-        loaded = _space(space)[2]
-        found = loaded.get(blob)
+        found = _space(space)[2].get(blob)
         if found is not None and found[0] >= version:
             return found[2]
-        original = load(blob) if found is None else found[1]
+    # Unpickling runs the pickle's code (imports, a big table): not under the lock,
+    # which the worker's own loop takes (a pool's initializer plugin).
+    original = load(blob) if found is None else found[1]
+    with _lock:
+        loaded = _space(space)[2]
         bound = share_main(original, space, version)
-        if found is None and len(blob) + sum(
-                len(b) for s in _spaces.values() for b in s[2]) > LOADED_BYTES:
+        if found is not None and loaded.get(blob) is found:
+            bound = found[2]
+        elif len(loaded) >= LOADED:
+            loaded.clear()
+        elif len(blob) + sum(len(b) for s in _spaces.values() for b in s[2]) > LOADED_BYTES:
             for other in _spaces.values():
                 other[2].clear()
         loaded[blob] = version, original, bound

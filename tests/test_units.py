@@ -1363,3 +1363,59 @@ def test_a_cluster_worker_follows_globals_and_keeps_a_busy_pools_namespace(
     # A namespace that went takes the functions bound to it along.
     assert "pool 0" not in _share._spaces
     assert all(len(space[2]) <= 2 for space in _share._spaces.values())
+
+
+def test_a_cluster_worker_loads_outside_its_lock_and_keeps_what_functions_cache(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Loading (unpickling) ran under the lock the worker's own loop takes: one slow
+    # load held every other task and a pool's opening. A function under lru_cache lost
+    # its cache with each call's new pickle. Loaded functions were bounded by bytes
+    # only (40,000 partials of 481 bytes were kept).
+    import cloudpickle
+
+    from asyncpool import _share
+
+    monkeypatch.setattr(_share, "_spaces", {})
+    monkeypatch.setattr(_share, "_pinned", {})
+    script: dict[str, Any] = {"__name__": "__main__", "RUNS": []}
+    exec("import functools\n"
+         "@functools.lru_cache(None)\n"
+         "def expensive(x):\n    RUNS.append(x)\n    return x * 2\n"
+         "def plain(x):\n    return x\n", script)
+    versions = itertools.count(1)
+    expensive = _share.dumps_for_workers(script["expensive"])
+    for _ in range(5):
+        assert _share.cluster_function("pool", expensive, next(versions),
+                                       cloudpickle.loads)(3) == 6
+    assert _share._spaces["pool"][0]["RUNS"] == [3]
+    plain = cloudpickle.dumps(script["plain"])
+    loading, loaded = threading.Event(), threading.Event()
+
+    def slow(blob: bytes) -> Any:
+        loading.set()
+        loaded.wait(10)
+        return cloudpickle.loads(blob)
+
+    thread = threading.Thread(target=_share.cluster_function,
+                              args=("pool", plain, next(versions), slow))
+    thread.start()
+    done = threading.Event()
+
+    def meanwhile() -> None:  # what is loaded runs, and a pool's plugin pins its own
+        assert _share.cluster_function("pool", expensive, 1, cloudpickle.loads)(3) == 6
+        _share.pin("another", 1)
+        done.set()
+
+    other = threading.Thread(target=meanwhile)
+    try:
+        assert loading.wait(10)
+        other.start()
+        assert done.wait(5), "held by another thread's load"
+    finally:
+        loaded.set()
+        thread.join()
+        other.join()
+    for n in range(3 * _share.LOADED):
+        blob = cloudpickle.dumps(functools.partial(script["plain"], n))
+        assert _share.cluster_function("pool", blob, next(versions), cloudpickle.loads)() == n
+    assert len(_share._spaces["pool"][2]) <= _share.LOADED
