@@ -54,8 +54,8 @@ _UNSUPPORTED = {errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT, errno.EOPNOTSUPP,
 
 #: Why starting a process may fail for a moment (any other error is said at once).
 _TRANSIENT = {errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
-#: What exec takes of one variable ("name=value" and its NUL), and of all of them here.
-_ONE_VARIABLE, _ALL_VARIABLES = 1 << 17, 1 << 18
+#: What exec takes of one variable ("name=value" and its NUL).
+_ONE_VARIABLE = 1 << 17
 
 
 def _for_exec() -> dict[str, str]:
@@ -65,9 +65,12 @@ def _for_exec() -> dict[str, str]:
     sizes = sorted(((len(os.fsencode(k)) + len(os.fsencode(v)) + 2, k) for k, v in
                     os.environ.items()), reverse=True)
     total = sum(size for size, _ in sizes)
+    # Of all (with the arguments and pointers beside them): a quarter of what exec
+    # takes, itself a quarter of the stack's limit (ulimit -s 512: 128 KiB).
+    most = min(1 << 18, os.sysconf("SC_ARG_MAX") // 4)
     dropped = set()
     for size, name in sizes:
-        if size <= _ONE_VARIABLE and total <= _ALL_VARIABLES:
+        if size <= _ONE_VARIABLE and total <= most:
             break
         dropped.add(name)
         total -= size

@@ -1145,3 +1145,32 @@ async def test_a_worker_that_dies_under_a_stopped_fork_server_is_seen(
         finally:
             os.kill(server.process.pid, signal.SIGCONT)
         assert await pool.map(tasks.square, range(4)) == [0, 1, 4, 9]
+
+
+async def test_workers_killed_under_a_stopped_fork_server_are_seen_and_replaced(
+        anyio_backend: str) -> None:
+    # Killed from outside while their fork server was stopped, workers whose exit came
+    # as their threads left (or before their socket ended) went unseen: a map was held
+    # until the fork server went on. They are seen, and the pool steps down meanwhile.
+    from asyncpool._forkserver import ForkServer
+
+    async with ResilientPool(max_workers=2, start_timeout=0.5, creation_attempts=1,
+                             promote_after=60) as pool:
+        pids = set(await pool.map(tasks.pid_of, range(20), chunk_size=1))
+        server = ForkServer.current()
+        assert server is not None
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def attack() -> None:
+                    await wait_until(lambda: pool.statistics().chunks_in_flight > 0)
+                    for pid in pids:
+                        os.kill(pid, signal.SIGKILL)
+
+                tg.start_soon(attack)
+                with anyio.fail_after(30):  # held until the fork server goes on
+                    assert await pool.map(tasks.nap, [0.1] * 20, chunk_size=1) == [0.1] * 20
+            assert pool.backend == "thread"
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)

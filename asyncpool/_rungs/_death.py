@@ -108,6 +108,26 @@ def exit_status(pid: int) -> int | None:
         return None
 
 
+class Exiting(Protocol):
+    """A worker gone from its socket (a Proc)."""
+
+    pid: int | None
+
+    def exited(self) -> bool: ...
+    def exit_seen(self, status: int | None) -> None: ...
+
+
+async def watch_exit(proc: Exiting) -> None:
+    """Until ``proc``'s exit is known: said by the fork server, or read where the
+    kernel keeps it (a stopped fork server reaps nothing: a worker's threads may still
+    be leaving, or it may still run, closed off and killed, when its socket ends)."""
+    import anyio
+
+    while not proc.exited() and proc.pid is not None:
+        proc.exit_seen(exit_status(proc.pid))
+        await anyio.sleep(0.05)
+
+
 def running(pid: int) -> bool:
     """Whether ``pid`` runs (not exited, waiting to be reaped); unknown is yes."""
     try:

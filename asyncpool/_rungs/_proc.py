@@ -25,7 +25,7 @@ from .._remote import decode_error
 from .._retry import RungUnavailable
 from .._salvage import load_results
 from .._zygote import STATUS
-from ._death import Death, ProcState, exit_status, running
+from ._death import Death, ProcState, running, watch_exit
 
 if TYPE_CHECKING:
     from .._call import Chunk
@@ -74,8 +74,7 @@ class Proc:
         #: Chunks asked back (see ProcessRung._take_back), by their seq.
         self.withdrawing: set[int] = set()
         #: Calls whose items running here are to be killed (see kill_doomed).
-        self.doomed: set[int] = set()
-        self.doomed_since = 0.0
+        self.doomed, self.doomed_since = set[int](), 0.0
         #: Killed; asked to leave (closed, retired): an exit is no surprise.
         self.killed = self.asked_to_leave = False
         self.init_error: BaseException | None = None
@@ -156,12 +155,10 @@ class Proc:
                     logger.debug("worker %s closed its connection to the pool while "
                                  "running: stopped", self.pid)
                     self._sigkill()
-                elif self.state is not ProcState.DEAD:
-                    # Exited, and not said: a stopped fork server (SIGSTOP) never says
-                    # it, and the death went unseen for good. Read where it lies.
-                    self._exit_status = exit_status(self.pid)
-                    if self._exit_status is not None:
-                        self._dead()
+                if self.state is not ProcState.DEAD:
+                    # Its exit not said yet: a stopped fork server (SIGSTOP) never says
+                    # it (the death went unseen for good). Read where it lies meanwhile.
+                    self.loop.spawn(watch_exit, self)
 
     def _stop_reading(self) -> None:
         if self._stops:
@@ -319,9 +316,8 @@ class Proc:
         self.events.proc_dead(self, death)
 
     def _release(self, chunk: Chunk, ran: int) -> None:
-        """``chunk`` leaves the worker, the one way out: finished (perhaps cut short),
-        handed back, or with the worker's death. ``ran``: how many of its items ran
-        here (the others come off its task count)."""
+        """``chunk`` leaves the worker, the one way out (finished, perhaps cut short;
+        handed back; its death), ``ran`` of its items run here (for its task count)."""
         if self.chunks[0] is chunk:
             self.pace.start(time.monotonic())  # the next chunk starts
         self.chunks.remove(chunk)
@@ -356,10 +352,8 @@ class Proc:
         self.kill_doomed()
 
     def take_back(self, stuck: float) -> None:
-        """Ask for the items waiting here if nothing was heard since ``stuck``: the
-        worker hands back the chunks it has not started and cuts the running one short
-        after its item (a chunk or an item it starts meanwhile simply runs here), and
-        the rest goes to another worker."""
+        """Ask for the items waiting here if nothing was heard since ``stuck`` (see
+        withdraw; a chunk or an item it starts meanwhile simply runs here)."""
         if self.state is ProcState.READY and self.has_waiting() and self.heard < stuck:
             self.withdraw(self.chunks)
 
@@ -386,10 +380,9 @@ class Proc:
     # -- stopping ------------------------------------------------------------------
 
     def kill_doomed(self) -> None:
-        """Kill the worker if the item it runs belongs to a doomed call (cancelled or
-        timed out, asking for its running items to be killed). A chunk it shares with
-        live calls is killed only while one of its own items runs, never for another
-        caller's; its items that have not started are skipped (cancelled)."""
+        """Kill the worker if the item it runs is a doomed call's (cancelled or timed
+        out, with kill): never while another caller's item runs (a chunk it shares with
+        live calls); items of those calls not started are skipped (cancelled)."""
         if not self.doomed or not self.chunks or self.state is ProcState.DEAD:
             return
         seq, position = int(self.progress[_wire.SEQ]), int(self.progress[_wire.POSITION])
@@ -444,6 +437,13 @@ class Proc:
 
     def exited(self) -> bool:
         return self.state is ProcState.DEAD
+
+    def exit_seen(self, status: int | None) -> None:
+        """Its exit status, if said or ``status`` (read where the kernel keeps it)."""
+        self._on_status()
+        if status is not None and self.state is not ProcState.DEAD:
+            self._exit_status = status
+            self._dead()
 
     def __repr__(self) -> str:
         return f"<Proc {self.pid} {self.state.value} chunks={len(self.chunks)}>"
