@@ -80,12 +80,15 @@ def cluster_function(space: str, blob: bytes, version: int,
     original = load(blob) if found is None else found[1]
     with _lock:
         loaded = _space(space)[2]
+        found = loaded.get(blob)  # before, or loaded meanwhile by another thread
+        if found is not None:
+            share_main(found[1], space, version)
+            loaded[blob] = max(version, found[0]), found[1], found[2]
+            return found[2]
         bound = share_main(original, space, version)
-        if found is not None and loaded.get(blob) is found:
-            bound = found[2]
-        elif len(loaded) >= LOADED:
+        if len(loaded) >= LOADED:
             loaded.clear()
-        elif len(blob) + sum(len(b) for s in _spaces.values() for b in s[2]) > LOADED_BYTES:
+        if len(blob) + sum(len(b) for s in _spaces.values() for b in s[2]) > LOADED_BYTES:
             for other in _spaces.values():
                 other[2].clear()
         loaded[blob] = version, original, bound

@@ -1419,3 +1419,32 @@ def test_a_cluster_worker_loads_outside_its_lock_and_keeps_what_functions_cache(
         blob = cloudpickle.dumps(functools.partial(script["plain"], n))
         assert _share.cluster_function("pool", blob, next(versions), cloudpickle.loads)() == n
     assert len(_share._spaces["pool"][2]) <= _share.LOADED
+
+
+def test_a_cluster_workers_threads_loading_one_pickle_share_what_it_caches(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two threads loading the same pickle at once each kept a function of their own,
+    # with a cache of its own: the cached function ran twice.
+    from asyncpool import _share
+
+    monkeypatch.setattr(_share, "_spaces", {})
+    script: dict[str, Any] = {"__name__": "__main__", "RUNS": []}
+    exec("import functools\n"
+         "@functools.lru_cache(None)\n"
+         "def expensive(x):\n    RUNS.append(x)\n    return x * 2\n", script)
+    blob = _share.dumps_for_workers(script["expensive"])
+    both = threading.Barrier(2)
+
+    def load(data: bytes) -> Any:
+        both.wait(10)  # each loads before either has bound what it loaded
+        return pickle.loads(data)
+
+    got: list[Any] = []
+    threads = [threading.Thread(target=lambda v=v: got.append(
+        _share.cluster_function("pool", blob, v, load))) for v in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [fn(5) for fn in got] == [10, 10]
+    assert _share._spaces["pool"][0]["RUNS"] == [5]
