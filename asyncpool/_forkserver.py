@@ -22,7 +22,7 @@ import tempfile
 import threading
 from typing import Any
 
-from ._retry import RungUnavailable, RungUnsupported
+from ._retry import RungUnavailable, RungUnsupported, is_transient
 
 logger = logging.getLogger("asyncpool")
 
@@ -52,8 +52,6 @@ _UNSUPPORTED = {errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT, errno.EOPNOTSUPP,
                 errno.EAFNOSUPPORT, errno.EPROTOTYPE, errno.EINVAL}
 
 
-#: Why starting a process may fail for a moment (any other error is said at once).
-_TRANSIENT = {errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
 #: What exec takes of one variable ("name=value" and its NUL).
 _ONE_VARIABLE = 1 << 17
 
@@ -104,7 +102,7 @@ class ForkServer:
                                             start_new_session=True)
         except OSError as exc:
             parent.close()
-            if exc.errno in _TRANSIENT:
+            if is_transient(exc):
                 raise  # out of processes or memory for now: tried again later
             raise RungUnavailable(f"the fork server could not start ({exc})") from exc
         except BaseException:

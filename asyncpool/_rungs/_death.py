@@ -99,8 +99,7 @@ def exit_status(pid: int) -> int | None:
     """The wait status of ``pid`` if it exited and its parent has not reaped it (read
     where the kernel keeps it); None otherwise (a zombie whose threads run on, too)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rpartition(b")")[2].split()
+        fields = _stat(pid)
         if fields[0] != b"Z" or len(os.listdir(f"/proc/{pid}/task")) > 1:
             return None
         return int(fields[49])
@@ -131,9 +130,14 @@ async def watch_exit(proc: Exiting) -> None:
 def running(pid: int) -> bool:
     """Whether ``pid`` runs (not exited, waiting to be reaped); unknown is yes."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+        return _stat(pid)[0] not in (b"Z", b"X")
     except FileNotFoundError:
         return False
     except (OSError, IndexError):
         return True
+
+
+def _stat(pid: int) -> list[bytes]:
+    """The fields of ``/proc/<pid>/stat`` after the command's name, the state first."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return stat.read().rpartition(b")")[2].split()
