@@ -8,6 +8,7 @@ task that opened the pool. :class:`Loop` gives them for whichever loop is runnin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -286,20 +287,32 @@ def current_loop() -> Loop:
         return _Trio()
 
 
-def preload_backend(loop: Loop) -> None:
-    """Import anyio's backend for ``loop`` in a thread, once per process.
+def preload(loop: Loop, *modules: str) -> Any:
+    """Import anyio's backend for ``loop``, and ``modules``, in a thread; return an
+    event of ``loop`` set once they are imported (or cannot be, in a thread).
 
-    A pool's calls wait through anyio, whose backend takes 20-30 ms to import: done
-    here while the workers start, the first call does not pay it. Without a thread
-    to spare (the machine is out of them), the first call imports it as before.
+    A pool's calls wait through anyio, whose backend takes 20-30 ms to import, and a
+    process rung pickles functions with cloudpickle (10-20 ms more): done here while
+    the workers start, the first call does not pay it. Without a thread to spare (the
+    machine is out of them), the first call imports them as before.
     """
-    name = f"anyio._backends._{loop.name}"
-    if name in sys.modules:
-        return
+    names = [n for n in (f"anyio._backends._{loop.name}", *modules) if n not in sys.modules]
+    done = loop.event()
+    if not names:
+        done.set()
+        return done
     import importlib
 
+    def load() -> None:
+        try:
+            for name in names:
+                with contextlib.suppress(ImportError):  # the call that needs it says so
+                    importlib.import_module(name)
+        finally:
+            loop.call_soon_threadsafe(done.set)
+
     try:
-        threading.Thread(target=importlib.import_module, args=(name,), daemon=True,
-                         name="asyncpool-import").start()
+        threading.Thread(target=load, daemon=True, name="asyncpool-import").start()
     except RuntimeError:
-        pass
+        done.set()
+    return done

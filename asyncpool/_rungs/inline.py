@@ -16,7 +16,7 @@ from .._errors import InitializerFailed
 from .._retry import retry_again, task_retry_delays
 from .._execute import SKIPPED, own_frames_dropped
 from .._remote import portable
-from .._loop import preload_backend
+from .._loop import preload
 from .._share import initialize
 from .base import Listener, Rung, RungState
 
@@ -41,7 +41,7 @@ class InlineRung(Rung):
 
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> InlineRung:
-        preload_backend(loop)  # else the first call with a deadline imports it on the loop
+        preload(loop)  # else the first call with a deadline imports it on the loop
         if config.initializer is not None:
             # On the loop itself (this rung has no thread to run it in): it cannot be
             # interrupted, so start_timeout is checked when it returns.

@@ -25,7 +25,7 @@ from .._call import Resend
 from .._errors import InitializerFailed, exit_described
 from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer
-from .._loop import preload_backend
+from .._loop import preload
 from .._rebalance import STUCK_SECONDS, overlong
 from .._retry import RungUnavailable, RungUnsupported, is_transient
 from ._parking import check_directory, directory, park, take_parked, worker_settings
@@ -53,12 +53,9 @@ class ProcessRung(Rung, Events):
 
     def __init__(self, config: PoolConfig, listener: Listener, loop: Loop) -> None:
         super().__init__()
-        self.config = config
-        self.listener = listener
-        self.loop = loop
+        self.config, self.listener, self.loop = config, listener, loop
         self.procs: list[Proc] = []
-        self._seq = 0
-        self._memory_warned = False
+        self._seq, self._memory_warned = 0, False
         #: The task keeping the number of workers (see _supervise), and its wake-up.
         self._supervisor: Background | None = None
         self._nudge: Any = None
@@ -102,19 +99,22 @@ class ProcessRung(Rung, Events):
                 if not is_transient(exc) or not starting:
                     raise
                 break
-        preload_backend(self.loop)  # while the workers start
+        imported = preload(self.loop, "cloudpickle")  # while the workers start
         try:
             async with self.loop.fail_after(self.config.start_timeout):
                 while not opening_done(starting, self.config.initializer):
                     self._nudge = self.loop.event()  # set as one starts, or dies
                     await self._nudge.wait()
+                await imported.wait()  # what the first call needs (else on the loop)
         except TimeoutError:
-            if self.config.initializer is not None:
-                # Workers start in milliseconds: the initializer is what hangs.
-                raise InitializerFailed.timed_out(self.config.initializer,
-                                                  self.config.start_timeout) from None
-            raise RungUnavailable(f"the worker processes did not start within "
-                                  f"{self.config.start_timeout} s") from None
+            initializer = self.config.initializer
+            if opening_done(starting, initializer):
+                pass  # only the imports were slow: the first call finishes them
+            elif initializer is not None:  # workers start in ms: the initializer hangs
+                raise InitializerFailed.timed_out(initializer, self.config.start_timeout) from None
+            else:
+                raise RungUnavailable(f"the worker processes did not start within "
+                                      f"{self.config.start_timeout} s") from None
         ready = sum(p.state is ProcState.READY for p in self.procs)
         opening_failure(starting, ready > 0, self.config.initializer)
         if ready < self.config.max_workers:

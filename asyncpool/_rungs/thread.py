@@ -24,7 +24,7 @@ from .._errors import InitializerFailed
 from .._execute import cut_after_running, execute
 from .._rebalance import STUCK_SECONDS
 from .._remote import portable
-from .._loop import preload_backend
+from .._loop import preload
 from .._share import initialize
 from .._retry import RungUnavailable
 from .base import Listener, Rung, RungState
@@ -81,7 +81,7 @@ class ThreadRung(Rung):
     @classmethod
     async def create(cls, config: PoolConfig, listener: Listener, loop: Loop) -> ThreadRung:
         rung = cls(config, listener, loop)
-        preload_backend(loop)  # else the first call with a deadline imports it on the loop
+        preload(loop)  # else the first call with a deadline imports it on the loop
         ready = _Ready(loop)
         for index in range(config.max_workers):
             try:
