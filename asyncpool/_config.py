@@ -98,8 +98,10 @@ class PoolConfig:
     max_tasks_per_worker: int | None = None
     """A worker process that ran this many items is replaced after its chunk."""
     max_worker_memory: int | None = None
-    """A worker process whose resident memory passed this many bytes is replaced after
-    the item that grew it (the rest of its chunk goes to another worker)."""
+    """A worker process that holds more than this many bytes of resident memory after
+    an item is replaced (the rest of its chunk goes to another worker). Read between
+    items, not while one runs: what an item allocates and frees again is not seen, and
+    one that takes more than the machine has is the OS's to stop (a crash)."""
     dask_address: str | None = None
     """A Dask scheduler ("tcp://host:8786"): puts a "dask" rung on top of the ladder
     (needs the ``dask`` extra)."""
