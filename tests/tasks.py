@@ -33,6 +33,12 @@ def fail_on(x: int, bad: int = 3) -> int:
     return x
 
 
+def fail_if_odd(x: int) -> int:
+    if x % 2:
+        raise ValueError(f"item {x} is odd")
+    return x
+
+
 def burn(seconds: float) -> float:
     """Spin the CPU for `seconds` (no sleep, so it really occupies a core)."""
     end = time.perf_counter() + seconds

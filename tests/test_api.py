@@ -414,3 +414,10 @@ async def test_a_stream_read_slowly_takes_a_bounded_number_of_small_items(
                 await wait_until(lambda: pool.statistics().chunks_in_flight == 0)
                 await anyio.sleep(0.2)
             assert 4 * 6 * 10 <= read <= 4 * 6 * 10 + 3 * 10, read
+
+
+async def test_a_map_raises_its_first_item_s_error(anyio_backend: str) -> None:
+    # Items 1, 3, 5... fail in one chunk: the call raises item 1's error.
+    async with ResilientPool(max_workers=1) as pool:
+        with pytest.raises(ValueError, match="^item 1 is odd$"):
+            await pool.map(tasks.fail_if_odd, range(20), chunk_size=20)

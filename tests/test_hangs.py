@@ -22,7 +22,7 @@ from asyncpool import (MISSING, DeadlineExceeded, InitializerFailed, PoolClosed,
 
 from . import tasks
 from .fakes import Script, fake_rungs
-from .helpers import Heartbeat, alive, idle, run_code, run_script, wait_until
+from .helpers import Heartbeat, alive, idle, run_code, run_script, settle, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -668,6 +668,30 @@ async def test_what_workers_started_dies_with_a_killed_fork_server(
             tg.cancel_scope.cancel()
         # The pool forks its workers from a new fork server.
         assert await pool.run(tasks.square, 5) == 25
+
+
+async def test_workers_die_with_the_fork_server_while_the_parent_cannot_act(
+        anyio_backend: str) -> None:
+    # Each worker has the kernel kill it when the fork server dies (the parent kills
+    # them too, from its loop: blocked here, as a stopped or dying parent would be).
+    from asyncpool._forkserver import ForkServer
+
+    async with ResilientPool(max_workers=2, chunk_size=1) as pool:
+        pids = set(await pool.map(tasks.pid_of, range(8)))
+        server = ForkServer.current()
+        assert server is not None and len(pids) == 2
+        os.kill(server.process.pid, signal.SIGKILL)
+        assert settle(lambda: not any(alive(pid) for pid in pids), 10)
+        assert await pool.run(tasks.square, 5) == 25
+
+
+async def test_what_a_worker_started_dies_when_it_leaves_on_its_own(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # A worker that retires (not killed by anyone) takes its process group along.
+    async with ResilientPool(max_workers=1, max_tasks_per_worker=1) as pool:
+        sleeper = await pool.run(tasks.spawn_sleeper, (str(tmp_path / "note"), 0.0))
+        await wait_until(lambda: not alive(sleeper), 10)
+        assert pool.statistics().workers_recycled >= 1
 
 
 FORKED_CHILD = """
