@@ -56,22 +56,24 @@ _UNSUPPORTED = {errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT, errno.EOPNOTSUPP,
 _ONE_VARIABLE = 1 << 17
 
 
-def _for_exec() -> dict[str, str]:
-    """The environment the fork server starts with: without the variables exec cannot
-    take (E2BIG: no worker could start), the longest first. Workers get the pool's
-    whole environment from the pool itself."""
+def _for_exec(command: list[str]) -> dict[str, str]:
+    """The environment the fork server starts with ``command``: without the variables
+    exec cannot take (E2BIG: no worker could start), the longest first. Workers get the
+    pool's whole environment from the pool itself (restoring thousands of variables one
+    by one took each worker seconds: only what exec cannot take is left out)."""
+    # Exec takes strings and their pointers up to a quarter of the stack's limit, at
+    # most 6 MiB (SC_ARG_MAX says that quarter): the command's share first, a margin.
+    most = min(6 << 20, os.sysconf("SC_ARG_MAX")) - (8 << 10) - sum(
+        len(os.fsencode(arg)) + 9 for arg in command)
     sizes = sorted(((len(os.fsencode(k)) + len(os.fsencode(v)) + 2, k) for k, v in
                     os.environ.items()), reverse=True)
-    total = sum(size for size, _ in sizes)
-    # Of all (with the arguments and pointers beside them): a quarter of what exec
-    # takes, itself a quarter of the stack's limit (ulimit -s 512: 128 KiB).
-    most = min(1 << 18, os.sysconf("SC_ARG_MAX") // 4)
+    total = sum(size + 8 for size, _ in sizes)
     dropped = set()
     for size, name in sizes:
         if size <= _ONE_VARIABLE and total <= most:
             break
         dropped.add(name)
-        total -= size
+        total -= size + 8
     return {k: v for k, v in os.environ.items() if k not in dropped}
 
 
@@ -98,7 +100,7 @@ class ForkServer:
             command = [sys.executable, "-S", "-c", _BOOT, str(child.fileno()), *path]
             # Its own session: a Ctrl-C in the terminal is the parent's to handle.
             self.process = subprocess.Popen(command, pass_fds=(child.fileno(),),
-                                            stdin=subprocess.DEVNULL, env=_for_exec(),
+                                            stdin=subprocess.DEVNULL, env=_for_exec(command),
                                             start_new_session=True)
         except OSError as exc:
             parent.close()

@@ -172,18 +172,22 @@ async def test_a_removed_directory_starts_no_worker_in_another(
 
 
 LONG_VARIABLE = """
-import asyncio, os
+import asyncio, os, sys
 from asyncpool import ResilientPool
 from tests import tasks
 
 async def main():
-    # Set as the program runs: one too long for exec, one just too long (with its name,
-    # "=" and NUL), and many that are too long together.
-    os.environ["ASYNCPOOL_TEST_LONG"] = "x" * (200 << 10)
-    os.environ["ASYNCPOOL_TEST_EDGE"] = "x" * ((1 << 17) - len("ASYNCPOOL_TEST_EDGE") - 1)
-    for n in range(24):
-        os.environ[f"ASYNCPOOL_TEST_MANY_{n}"] = "x" * (100 << 10)
-    names = ["ASYNCPOOL_TEST_LONG", "ASYNCPOOL_TEST_EDGE", "ASYNCPOOL_TEST_MANY_23"]
+    # Set as the program runs: one too long for exec and one just too long (with its
+    # name, "=" and NUL); or many, each short enough, too long together.
+    if sys.argv[1] == "one":
+        os.environ["ASYNCPOOL_TEST_LONG"] = "x" * (200 << 10)
+        os.environ["ASYNCPOOL_TEST_EDGE"] = "x" * ((1 << 17) - len("ASYNCPOOL_TEST_EDGE") - 1)
+        names = ["ASYNCPOOL_TEST_LONG", "ASYNCPOOL_TEST_EDGE"]
+    else:
+        many = min(6 << 20, os.sysconf("SC_ARG_MAX")) // (100 << 10) + 2
+        for n in range(many):
+            os.environ[f"ASYNCPOOL_TEST_MANY_{n}"] = "x" * (100 << 10)
+        names = ["ASYNCPOOL_TEST_MANY_0", f"ASYNCPOOL_TEST_MANY_{many - 1}"]
     async with ResilientPool(max_workers=1, creation_attempts=1) as pool:
         seen = [len((await pool.run(tasks.where_am_i, name))[1] or "") for name in names]
         print(pool.backend, seen == [len(os.environ[name]) for name in names])
@@ -192,12 +196,37 @@ asyncio.run(main())
 """
 
 
-def test_a_variable_too_long_for_exec_starts_workers_all_the_same() -> None:
+@pytest.mark.parametrize("how", ["one", "many"])
+def test_a_variable_too_long_for_exec_starts_workers_all_the_same(how: str) -> None:
     # One variable over 128 KiB (or many, together over what exec takes) made starting
     # the fork server fail (E2BIG), and opening the pool raised it.
-    proc = run_code(LONG_VARIABLE)
+    proc = run_code(LONG_VARIABLE, how)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["process", "True"], (proc.stdout, proc.stderr)
+
+
+INHERITED = """
+import asyncio
+from asyncpool import ResilientPool
+from tests import tasks
+
+async def main():
+    async with ResilientPool(max_workers=1, creation_attempts=1, start_timeout=5) as pool:
+        print(pool.backend, await pool.run(tasks.where_am_i, "ASYNCPOOL_TEST_59999"))
+
+asyncio.run(main())
+"""
+
+
+def test_thousands_of_inherited_variables_start_workers_all_the_same() -> None:
+    # The fork server was given at most 256 KiB of them; each worker then set the rest
+    # again one by one, in time growing with the square of their number (60,000: more
+    # than 5 s, and the pool fell back to threads).
+    many = {f"ASYNCPOOL_TEST_{n}": "v" for n in range(60_000)}
+    proc = run_code(INHERITED, env=many)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "process", (proc.stdout, proc.stderr)
+    assert proc.stdout.split()[-1] == "'v')", proc.stdout
 
 
 NO_INTERPRETER = """
