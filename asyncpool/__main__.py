@@ -12,6 +12,8 @@ EPILOG = """exit codes: 0 every line done, 1 some lines failed (their errors are
 output; a line that is not JSON is one of them), 2 a usage, input or output error,
 130 interrupted (Ctrl-C) and 143 terminated (SIGTERM): run again with --resume,
 141 the reader of standard output went away."""
+DEMO_EPILOG = """exit codes: 0 done, 2 a usage error, 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,8 +68,8 @@ def _map(args: argparse.Namespace) -> int:
               f"input's last line ({counts.lines}): is it the output of this input?",
               file=sys.stderr)
     where = "standard output" if args.output == "-" else args.output
-    print(f"wrote {counts.written} line(s) to {where} ({counts.failed} error(s) in "
-          f"it, {counts.skipped} skipped as already done{extra})", file=sys.stderr)
+    print(f"wrote {counts.written:,} line(s) to {where} ({counts.failed:,} error(s) in "
+          f"it, {counts.skipped:,} skipped as already done{extra})", file=sys.stderr)
     return 1 if counts.failed else 0
 
 
@@ -102,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
                    description="CPU-bound work in a resilient pool.", epilog=EPILOG)
     main.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = main.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", parents=[common], epilog=EPILOG,
+    demo = sub.add_parser("demo", parents=[common], epilog=DEMO_EPILOG,
                           help="count primes on built-in data; show rung and statistics")
     demo.add_argument("--limit", type=_number(1, 10**9, "a limit for the demo"),
                       default=2_000_000,

@@ -283,16 +283,17 @@ class InitializerFailed(AsyncPoolError):
 
 
 class RemoteTraceback(Exception):
-    """The formatted traceback of an exception raised in a worker: the ``__cause__``
-    of a task's own exception, so that the caller's traceback shows where in the
-    worker it was raised. Never raised by itself.
+    r"""The formatted traceback of an exception raised in a worker.
+
+    It is the ``__cause__`` of a task's own exception, so that the caller's traceback
+    shows where in the worker it was raised. Never raised by itself.
 
     Examples:
         ```python
         try:
             await pool.run(int, "x")
         except ValueError as exc:
-            log.error("failed in the worker:\n%s", exc.__cause__)  # its traceback
+            log.error("failed in the worker\n%s", exc.__cause__)  # its traceback
         ```
     """
 
