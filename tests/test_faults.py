@@ -389,7 +389,7 @@ async def test_cancellation_is_prompt(cancel_running: str, anyio_backend: str) -
             before = time.monotonic()
             tg.cancel_scope.cancel()
         # A prompt cancel takes milliseconds; waiting for the running naps, up to 3 s.
-        assert time.monotonic() - before < 1.0
+        assert time.monotonic() - before < 2.0  # not the 3 s naps
         # Waiting chunks were skipped: the pool answers once the running naps end (with
         # "finish"), not after 50 of them.
         with anyio.fail_after(10):
