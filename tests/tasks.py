@@ -838,6 +838,12 @@ def slow_on_cluster(path: str, seconds: float) -> None:
         time.sleep(seconds)
 
 
+def die_on_cluster() -> None:
+    """An initializer that kills its process where the environment says ON_CLUSTER."""
+    if os.environ.get("ON_CLUSTER"):
+        os._exit(7)
+
+
 def comm_error_on_cluster() -> None:
     """An initializer that raises a connection error of its own (it talks to a
     service through Dask's comms) where the environment says ON_CLUSTER."""

@@ -347,21 +347,25 @@ async def test_an_initializer_that_hangs_on_the_cluster_fails_at_start_timeout(
 
 
 @pytest.mark.parametrize("initializer", [tasks.fail_on_cluster,
-                                         tasks.comm_error_on_cluster])
+                                         tasks.comm_error_on_cluster, tasks.die_on_cluster])
 async def test_an_initializer_raising_an_oserror_on_the_cluster_fails_the_pool(
         initializer: Any) -> None:
     # Any OSError was taken for a lost connection: the pool went local, and climbed
     # back to run the failing initializer there every few seconds. A CommClosedError
-    # of its own is its failure too (the scheduler that answers is the same).
+    # of its own is its failure too (the scheduler that answers is the same), and so
+    # is a worker that dies running it (its error then names only the lost connection:
+    # the message says it may be a death).
     cluster = CliCluster(workers=1, env={"ON_CLUSTER": "1"})
     try:
         cluster.start_scheduler()
         cluster.start_workers()
         await cluster.wait_ready()
-        with pytest.raises(InitializerFailed, match="on a Dask worker"):
+        with pytest.raises(InitializerFailed, match="on a Dask worker") as failed:
             async with ResilientPool(max_workers=1, dask_address=cluster.address,
                                      initializer=initializer):
                 pass
+        if initializer is not tasks.fail_on_cluster:
+            assert "or the worker died running it" in str(failed.value)
     finally:
         cluster.stop()
 

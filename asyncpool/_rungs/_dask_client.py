@@ -274,7 +274,12 @@ async def register_initializer(client: Any, config: PoolConfig, name: str, space
         if isinstance(exc, TimeoutError) and timeout is not None and elapsed >= timeout:
             raise InitializerFailed.timed_out(config.initializer, timeout,
                                               " on a Dask worker") from None
-        raise InitializerFailed.raised(config.initializer, exc, "on a Dask worker") from exc
+        from distributed.comm.core import CommClosedError
+
+        # A worker that died running it (os._exit) is a connection the scheduler lost.
+        where = "on a Dask worker" + (", or the worker died running it" if isinstance(
+            exc, CommClosedError) else "")
+        raise InitializerFailed.raised(config.initializer, exc, where) from exc
 
 
 async def _while_answering(work: Coroutine[Any, Any, Any], client: Any,

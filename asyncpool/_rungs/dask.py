@@ -385,8 +385,8 @@ class DaskRung(Rung):
             # Dask gives up on a task after it was on workers that died this often.
             deaths = int(dask.config.get("distributed.scheduler.allowed-failures", 3)) + 1
         self.listener.worker_crashed(f"Dask lost a chunk of {chunk.size} item(s) to "
-                                     f"{deaths} worker death(s); splitting it to find the "
-                                     "item at fault", deaths)
+                                     f"{deaths} worker death(s)" + ("; splitting it to find "
+                                     "the item at fault" if chunk.size > 1 else ""), deaths)
         self.listener.chunk_crashed(chunk, None, None, deaths)
 
     def _connected(self) -> bool:
