@@ -98,8 +98,8 @@ class Outcomes:
             mine = {p - offset - lo: _named(e, piece.start + p - offset)
                     for p, e in errors.items() if offset + lo <= p < offset + hi}
             call.deliver(piece.start + lo, values, mine)
-            completed += hi - lo - len(mine)
-            failed += len(mine)
+            call.function_crashes = 0  # it loaded: only deaths in a row are its own
+            completed, failed = completed + hi - lo - len(mine), failed + len(mine)
         self.counters.tasks_completed += completed
         self.counters.tasks_failed += failed
 
@@ -171,7 +171,7 @@ class Outcomes:
 
     def _function_crashed(self, chunk: Chunk, function: int, exitcode: int | None) -> None:
         """Loading a function killed the worker: its calls fail once that happened as
-        often as an item may crash; every other item goes out again, unblamed."""
+        often as an item may crash, in a row; every other item goes out again, unblamed."""
         limit = self.config.max_crashes_per_item
         for call in {p.call for p in chunk.pieces if p.call.shipped.id == function}:
             if chunk.born <= call.function_crash_seen:

@@ -427,6 +427,26 @@ def hang_forever() -> None:
     time.sleep(3600)
 
 
+def _count_load(path: str, deadly: tuple[int, ...]) -> int:
+    with open(path, "ab") as f:
+        f.write(b".")
+        count = f.tell()
+    if count in deadly:
+        os._exit(3)
+    return 0
+
+
+class DiesOnLoads:
+    """Loads as 0, except at the loads numbered in ``deadly`` (counted in the file
+    ``path``), which kill the process loading it."""
+
+    def __init__(self, path: str, deadly: tuple[int, ...]) -> None:
+        self.path, self.deadly = path, deadly
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_count_load, (self.path, self.deadly))
+
+
 class CrashOnLoad:
     """Pickles fine; unpickling it kills the process that loads it."""
 

@@ -623,6 +623,19 @@ async def test_a_function_whose_loading_always_kills_fails_its_call_alone(
         assert await pool.run(tasks.square, 3) == 9
 
 
+async def test_a_function_that_loaded_is_not_blamed_for_a_later_death_as_it_loads(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # Workers killed as they loaded it twice in a call's life (by outside kills, with
+    # workers recycled often) failed the whole call with FunctionUnavailable, though
+    # it had loaded and run in between: only deaths in a row are its own.
+    fn = functools.partial(tasks.add, tasks.DiesOnLoads(str(tmp_path / "loads"), (1, 3)))
+    async with ResilientPool(max_workers=1, max_tasks_per_worker=2,
+                             max_crashes_per_item=2) as pool:
+        with anyio.fail_after(60):
+            assert await pool.map(fn, range(10), chunk_size=1) == list(range(10))
+        assert pool.statistics().worker_crashes == 2
+
+
 async def test_an_item_too_deep_to_pickle_in_a_chunk_fails_alone(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=1) as pool:
         items = [tasks.nested(depth) for depth in (10, 100, 20, 5000)]
