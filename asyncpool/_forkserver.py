@@ -15,6 +15,7 @@ import errno
 import logging
 import mmap
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -179,6 +180,9 @@ class ForkServer:
             self.control.close()
         except OSError:
             pass
+        # Stopped (SIGSTOP), it would be killed after 5 s, and what the workers started
+        # left running: it goes on, and stops them all.
+        self.process.send_signal(signal.SIGCONT)
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:  # pragma: no cover - it did not exit

@@ -1198,3 +1198,58 @@ async def test_workers_killed_under_a_stopped_fork_server_are_seen_and_replaced(
             assert pool.backend == "thread"
         finally:
             os.kill(server.process.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("kill", [True, False])
+async def test_closing_does_not_wait_for_a_stopped_fork_server(
+        kill: bool, anyio_backend: str) -> None:
+    # A stopped fork server never says its workers' exits: closing waited 5 s for
+    # them, killed them, and waited 5 s more.
+    from asyncpool._forkserver import ForkServer
+
+    pool = ResilientPool(max_workers=2, rungs=("process",))
+    await pool.__aenter__()
+    await pool.map(tasks.square, range(4))
+    server = ForkServer.current()
+    assert server is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        await pool.aclose(kill=kill)  # (shielded: a deadline would not show a wait)
+        assert time.monotonic() - started < 4.0  # it waited 10 s
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+STOPPED_AT_EXIT = """
+import asyncio, os, signal, sys, tempfile
+from asyncpool import ResilientPool
+from asyncpool._forkserver import ForkServer
+from tests import tasks
+from tests.helpers import wait_until
+
+async def main():
+    pool = ResilientPool(max_workers=1)
+    await pool.__aenter__()
+    session = tempfile.mktemp()
+    sleepers = [await pool.run(tasks.spawn_session_sleeper, session)]
+    note = tempfile.mktemp()
+    asyncio.ensure_future(pool.run(tasks.spawn_sleeper, (note, 60.0)))
+    await wait_until(lambda: os.path.exists(note) and bool(open(note).read()))
+    sleepers.append(int(open(note).read()))
+    os.unlink(note), os.unlink(session)
+    os.kill(ForkServer.current().process.pid, signal.SIGSTOP)
+    print(*sleepers, flush=True)
+
+asyncio.run(main())  # leaves with the pool open and its item running
+"""
+
+
+def test_what_workers_started_goes_at_exit_with_a_stopped_fork_server() -> None:
+    # Its fork server stopped (SIGSTOP), the interpreter killed it at exit after 5 s:
+    # what the workers had started was left running.
+    proc = run_code(STOPPED_AT_EXIT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pids = [int(pid) for pid in proc.stdout.split()]
+    assert len(pids) == 2
+    assert settle(lambda: not any(alive(pid) for pid in pids), 10)

@@ -65,8 +65,7 @@ class Proc:
         #: When the worker last reported progress (or took up a new chunk).
         self.heard = 0.0
         #: Function ids this worker holds, and ids it should drop.
-        self.functions: set[int] = set()
-        self.forget: list[int] = []
+        self.functions, self.forget = set[int](), list[int]()
         #: Items sent to it, for max_tasks_per_worker.
         self.tasks = 0
         #: How its running chunk goes (see _rebalance).
@@ -85,10 +84,9 @@ class Proc:
         self._outbox: deque[memoryview] = deque()
         self._stops: list[Callable[[], object]] = []
         self._writing: Callable[[], object] | None = None
-        self._eof = self._buried = False
         self._exit_status: int | None = None
-        #: The fork server died before reporting this worker's exit.
-        self._orphaned = False
+        #: _orphaned: the fork server died before reporting this worker's exit.
+        self._eof = self._buried = self._orphaned = False
 
     def attach(self, events: Events, loop: Loop) -> None:
         """Start listening on ``loop`` (a fresh worker, or one taken from the park)."""
@@ -113,8 +111,7 @@ class Proc:
             self._flush()
 
     def _flush(self) -> None:
-        outbox = self._outbox
-        budget = _wire.TURN_BYTES
+        outbox, budget = self._outbox, _wire.TURN_BYTES
         while outbox and budget > 0:
             try:
                 sent = self.sock.sendmsg(list(outbox)[:64])
@@ -146,10 +143,10 @@ class Proc:
                 self._orphaned = True
             if self._exit_status is not None or self._orphaned:
                 self._dead()
-            elif self.pid is not None and not self.killed and (
-                    self.state is not ProcState.RETIRING):
+            elif self.pid is not None:
                 self._on_status()  # its exit, if already said
-                if self.state is not ProcState.DEAD and running(self.pid):
+                if self.state is not ProcState.DEAD and not self.killed and (
+                        self.state is not ProcState.RETIRING) and running(self.pid):
                     # Alive, it closed its end (a task closed the descriptors it
                     # inherited, as daemons do): stopped, as a crash of what it runs.
                     logger.debug("worker %s closed its connection to the pool while "
@@ -157,7 +154,8 @@ class Proc:
                     self._sigkill()
                 if self.state is not ProcState.DEAD:
                     # Its exit not said yet: a stopped fork server (SIGSTOP) never says
-                    # it (the death went unseen for good). Read where it lies meanwhile.
+                    # it (the death went unseen for good; a kill, or a close, waited
+                    # for it). Read where it lies meanwhile.
                     self.loop.spawn(watch_exit, self)
 
     def _stop_reading(self) -> None:
@@ -434,6 +432,8 @@ class Proc:
             self.sock.shutdown(2)
         except OSError:
             pass
+        if self.pid is not None:  # (it stops reading: see _on_readable)
+            self.loop.spawn(watch_exit, self)
 
     def exited(self) -> bool:
         return self.state is ProcState.DEAD
