@@ -147,7 +147,8 @@ class PoolStatistics:
     """Chunks sent to rungs."""
     worker_crashes: int = 0
     """Workers that died unasked: running items, or between them (killed from
-    outside, by the OOM killer say)."""
+    outside, by the OOM killer say). On Dask, the deaths each lost task stood for:
+    tasks that ran together on a worker count its deaths once each."""
     workers_recycled: int = 0
     """Workers replaced after max_tasks_per_worker or max_worker_memory."""
     resubmitted_chunks: int = 0
