@@ -432,8 +432,8 @@ class Proc:
             self.sock.shutdown(2)
         except OSError:
             pass
-        if self.pid is not None:  # (it stops reading: see _on_readable)
-            self.loop.spawn(watch_exit, self)
+        if self.pid is not None and self._stops:  # (not parked: its loop may be gone)
+            self.loop.spawn(watch_exit, self)  # (it stops reading: see _on_readable)
 
     def exited(self) -> bool:
         return self.state is ProcState.DEAD
