@@ -225,15 +225,34 @@ _pickler: Any = None
 
 
 def _cached_by_value() -> Any:
-    import cloudpickle
-
+    import collections
     import types
+
+    import cloudpickle
 
     # cloudpickle's private reducer of code objects (None where a release lacks it:
     # code then pickles as cloudpickle does it).
     code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
 
+    light = _light(cloudpickle)
+
+    def lighter(reduced: Any) -> Any:
+        if type(reduced) is not tuple or not light:
+            return reduced
+        return tuple(light.get(part, part) if type(part) is types.FunctionType else part
+                     for part in reduced)
+
+    table = cloudpickle.Pickler.dispatch_table
+    if light:  # cells and modules as a function's globals and closure hold them
+        cell, module = (cloudpickle.cloudpickle._cell_reduce,
+                        cloudpickle.cloudpickle._module_reduce)
+        table = collections.ChainMap({types.CellType: lambda c: lighter(cell(c)),
+                                      types.ModuleType: lambda m: lighter(module(m))},
+                                     table)
+
     class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        dispatch_table = table
+
         def reducer_override(self, obj: Any) -> Any:
             if _cached_of_script(obj):
                 params = obj.cache_parameters()
@@ -244,9 +263,23 @@ def _cached_by_value() -> Any:
                 make, args = code_reduce(obj)
                 return make, tuple(obj.co_filename if isinstance(a, str) and
                                    a == "<dynamic-code>" else a for a in args)
-            return super().reducer_override(obj)
+            return lighter(super().reducer_override(obj))
 
     return Pickler
+
+
+def _light(cloudpickle: Any) -> dict[Any, Any]:
+    """cloudpickle's functions that rebuild a function sent by value, and those of
+    :mod:`asyncpool._thaw` that stand in for them in a worker (which then does not
+    import cloudpickle); none for a release whose functions we do not know."""
+    from . import _thaw
+
+    inner = cloudpickle.cloudpickle
+    light = {getattr(inner, theirs, None): getattr(_thaw, ours)
+             for theirs, ours in _thaw.LIGHT.items()}
+    known = cloudpickle.__version__.split(".")[0] == "3" and all(
+        hasattr(inner, name) for name in ("_cell_reduce", "_module_reduce"))
+    return light if known and None not in light else {}
 
 
 def cached(fn: Any, maxsize: int | None, typed: bool) -> Any:
