@@ -355,14 +355,16 @@ def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
                 inner = getattr(member, "__func__", member)
                 if _of_script(inner) and inner.__globals__ is not shared:
                     rebound = _rebound(inner, shared)
-                    setattr(cls, key, rebound if inner is member else type(member)(rebound))
+                    setattr(cls, key, rebound if inner is member else types.MethodType(
+                        rebound, member.__self__) if isinstance(member, types.MethodType)
+                        else type(member)(rebound))  # a static or class method
         return fn
     if not _of_script(fn) or fn.__globals__ is shared:
         return fn
     rebound = types.FunctionType(fn.__code__, shared, fn.__name__, fn.__defaults__,
                                  fn.__closure__)
-    rebound.__kwdefaults__ = fn.__kwdefaults__
-    rebound.__qualname__ = fn.__qualname__
+    for name in ("__kwdefaults__", "__qualname__", "__annotations__", "__doc__"):
+        setattr(rebound, name, getattr(fn, name))
     rebound.__dict__.update(fn.__dict__)
     return rebound
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import os
 import sys
 from collections.abc import Iterator
@@ -52,6 +53,24 @@ def library_wrapped(x: int) -> str:
         return f"{Point(doubled)!r}"
 
 
+class Greeter:
+    def hello(self) -> str:
+        return "hello"
+
+
+class Hooks:
+    greet = Greeter().hello  # a bound method as a class attribute
+
+
+def signature_and_hook(x: int) -> str:
+    """Rebound in a worker, it keeps what the caller's function has."""
+    return f"{inspect.signature(signature_and_hook)}|{signature_and_hook.__doc__}|" + (
+        Hooks.greet())
+
+
+signature_and_hook.__doc__ = "assigned"
+
+
 def oops(x: int) -> int:
     raise Oops(f"oops {x}")
 
@@ -72,6 +91,8 @@ async def main() -> None:
         moved = await pool.map(shift, [Point(i) for i in range(500)])
         assert moved == [Point(i + 1) for i in range(500)] and type(moved[0]) is Point
         print("argument:Point")
+        assert await pool.run(signature_and_hook, 1) == signature_and_hook(1)
+        print("rebound:same")
         try:
             await pool.run(oops, 1)
         except Oops as exc:

@@ -332,7 +332,8 @@ async def test_main_script_classes_come_back_as_themselves() -> None:
     proc = run_script("_main_classes.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["dataclass:Point", "library-wrapped:ok", "argument:Point",
-                                   "exception:Oops", "two-args:RemoteError"], proc.stdout
+                                   "rebound:same", "exception:Oops", "two-args:RemoteError"], (
+        proc.stdout)
 
 
 async def test_deadline_returns_partial_results(anyio_backend: str) -> None:
