@@ -778,9 +778,10 @@ async def test_a_close_with_kill_starts_nothing_more_on_threads(
         before: list[int] = []
 
         async def close(kill: bool) -> None:
-            if kill:  # what started until now may have (a graceful close runs on)
-                before.append(len(started.read_text().split()))
             await pool.aclose(kill=kill)
+            if kill:  # what started until it returned may have (a thread takes up its
+                # next chunk as the close begins)
+                before.append(len(started.read_text().split()))
 
         for kill in closes:
             tg.start_soon(close, kill)
