@@ -10,11 +10,13 @@ status, and a 32-byte shared memory area where the worker notes what it is runni
 
 from __future__ import annotations
 
+import array
 import atexit
 import errno
 import logging
 import mmap
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -63,9 +65,12 @@ def _for_exec(command: list[str]) -> dict[str, str]:
     pool's whole environment from the pool itself (restoring thousands of variables one
     by one took each worker seconds: only what exec cannot take is left out)."""
     # Exec takes strings and their pointers up to a quarter of the stack's limit, at
-    # most 6 MiB (SC_ARG_MAX says that quarter): the command's share first, a margin.
-    most = min(6 << 20, os.sysconf("SC_ARG_MAX")) - (8 << 10) - sum(
-        len(os.fsencode(arg)) + 9 for arg in command)
+    # most 6 MiB: the command's share first, a margin. (SC_ARG_MAX says that quarter,
+    # but never less than 128 KiB: under a smaller stack, what exec takes fills it, and
+    # the new interpreter crashed.)
+    stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    most = min(6 << 20, os.sysconf("SC_ARG_MAX"), (1 << 62) if stack == resource.RLIM_INFINITY
+               else stack // 4) - (8 << 10) - sum(len(os.fsencode(arg)) + 9 for arg in command)
     sizes = sorted(((len(os.fsencode(k)) + len(os.fsencode(v)) + 2, k) for k, v in
                     os.environ.items()), reverse=True)
     total = sum(size + 8 for size, _ in sizes)
@@ -146,8 +151,13 @@ class ForkServer:
         status, status_theirs = socket.socketpair()
         fd, progress = _progress_area()
         try:
-            socket.send_fds(self.control, [b"fork"], [theirs.fileno(), status_theirs.fileno(),
-                                                      fd])
+            # Not blocking: a stopped fork server (SIGSTOP) stops reading, and the
+            # loop froze once a few hundred requests filled its socket (EAGAIN is a
+            # shortage for now: tried again later, within the rung's attempts).
+            # (socket.send_fds drops its flags: sendmsg itself.)
+            fds = array.array("i", [theirs.fileno(), status_theirs.fileno(), fd])
+            self.control.sendmsg([b"fork"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
+                                 socket.MSG_DONTWAIT)
         except BaseException:
             ours.close()
             status.close()
@@ -166,7 +176,7 @@ class ForkServer:
     def preload(self, modules: list[str]) -> None:
         """Have later workers start with these modules already imported."""
         try:
-            self.control.send("\0".join(["preload", *modules]).encode())
+            self.control.send("\0".join(["preload", *modules]).encode(), socket.MSG_DONTWAIT)
         except OSError:
             pass
 

@@ -1202,21 +1202,27 @@ async def test_workers_killed_under_a_stopped_fork_server_are_seen_and_replaced(
 
 @pytest.mark.parametrize("kill", [True, False])
 async def test_closing_does_not_wait_for_a_stopped_fork_server(
-        kill: bool, anyio_backend: str) -> None:
+        kill: bool, tmp_path: Path, anyio_backend: str) -> None:
     # A stopped fork server never says its workers' exits: closing waited 5 s for
-    # them, killed them, and waited 5 s more.
+    # them, killed them, and waited 5 s more; so for a replacement it never forked.
+    # What the workers started is stopped with them (the fork server does it).
     from asyncpool._forkserver import ForkServer
 
-    pool = ResilientPool(max_workers=2, rungs=("process",))
+    pool = ResilientPool(max_workers=2, rungs=("process",), chunk_size=1, start_timeout=30)
     await pool.__aenter__()
-    await pool.map(tasks.square, range(4))
+    pids = sorted(set(await pool.map(tasks.pid_of, range(20))))
+    sleeper = await pool.run(tasks.spawn_sleeper, (str(tmp_path / "note"), 0.0))
     server = ForkServer.current()
-    assert server is not None
+    assert server is not None and len(pids) == 2
     os.kill(server.process.pid, signal.SIGSTOP)
     try:
+        os.kill(pids[0], signal.SIGKILL)  # its replacement is asked for, never forked
+        await wait_until(lambda: pool.statistics().worker_crashes == 1)
+        assert await pool.run(tasks.pid_of) == pids[1]
         started = time.monotonic()
         await pool.aclose(kill=kill)  # (shielded: a deadline would not show a wait)
         assert time.monotonic() - started < 4.0  # it waited 10 s
+        await wait_until(lambda: not alive(sleeper), 10)
     finally:
         os.kill(server.process.pid, signal.SIGCONT)
 
@@ -1253,3 +1259,24 @@ def test_what_workers_started_goes_at_exit_with_a_stopped_fork_server() -> None:
     pids = [int(pid) for pid in proc.stdout.split()]
     assert len(pids) == 2
     assert settle(lambda: not any(alive(pid) for pid in pids), 10)
+
+
+async def test_a_stopped_fork_server_does_not_block_the_loop(anyio_backend: str) -> None:
+    # Fork requests to a stopped fork server filled its socket after a few hundred,
+    # and the next one blocked the event loop until it went on.
+    from asyncpool._forkserver import ForkServer
+
+    async with ResilientPool(max_workers=1) as pool:
+        await pool.run(tasks.square, 2)
+        server = ForkServer.current()
+        assert server is not None
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(BlockingIOError):
+                for _ in range(100_000):
+                    spawned = ForkServer.spawn()
+                    spawned.sock.close()
+                    spawned.status.close()
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert await pool.run(tasks.square, 3) == 9

@@ -229,6 +229,31 @@ def test_thousands_of_inherited_variables_start_workers_all_the_same() -> None:
     assert proc.stdout.split()[-1] == "'v')", proc.stdout
 
 
+SMALL_STACK = """
+import asyncio, resource
+from asyncpool import ResilientPool
+from tests import tasks
+
+async def main():
+    async with ResilientPool(max_workers=1, creation_attempts=1) as pool:
+        print(pool.backend, await pool.run(tasks.where_am_i, "ASYNCPOOL_TEST_2999"))
+
+resource.setrlimit(resource.RLIMIT_STACK, (160 << 10, resource.RLIM_INFINITY))
+asyncio.run(main())
+"""
+
+
+def test_a_small_stack_and_many_variables_start_workers_all_the_same() -> None:
+    # Under a stack of less than 512 KiB, exec takes 128 KiB of variables all the same:
+    # given that much, the fork server had no stack left and crashed (the pool fell
+    # back to threads). It is given a quarter of the stack.
+    many = {f"ASYNCPOOL_TEST_{n}": "v" * 20 for n in range(3000)}
+    proc = run_code(SMALL_STACK, env=many)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "process", (proc.stdout, proc.stderr)
+    assert proc.stdout.split()[-1] == "'vvvvvvvvvvvvvvvvvvvv')", proc.stdout
+
+
 NO_INTERPRETER = """
 import asyncio, sys
 from asyncpool import ResilientPool

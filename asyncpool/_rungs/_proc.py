@@ -8,6 +8,7 @@ holds is the one its messages are about.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -275,16 +276,12 @@ class Proc:
         if self.pid is not None and self._orphaned:
             # The fork server died (its workers die with it): nobody else will stop
             # what this worker started.
-            try:
+            with contextlib.suppress(OSError):
                 os.killpg(self.pid, signal.SIGKILL)
-            except OSError:
-                pass
         for closable in (self.sock, self.status):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self.loop.closing(closable.fileno())
                 closable.close()
-            except (OSError, ValueError):
-                pass
         status = self._exit_status
         exitcode = None if status is None or status < 0 else os.waitstatus_to_exitcode(status)
         chunks = list(self.chunks)
@@ -405,8 +402,11 @@ class Proc:
 
     def kill(self) -> None:
         """SIGKILL the worker's process group: the worker and whatever it started.
-        Before the fork server has said its pid, it is killed as soon as it does."""
+        One not forked yet (its fork server stopped, say) is gone for the pool at once:
+        forked later, it finds its connection closed and leaves."""
         self.killed = True
+        if self.pid is None:
+            self._dead()
         self._sigkill()
 
     def _sigkill(self) -> None:
@@ -414,10 +414,8 @@ class Proc:
             # The worker itself too: just forked, it may not lead its group yet. Its
             # pid cannot be reused before the fork server has reaped it and said so.
             for kill in (os.killpg, os.kill):
-                try:
+                with contextlib.suppress(OSError):
                     kill(self.pid, signal.SIGKILL)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         """Ask the worker to leave (it reads end-of-file), keeping the status watch."""
@@ -428,10 +426,8 @@ class Proc:
         if self._writing is not None:
             self._writing()
             self._writing = None
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(2)
-        except OSError:
-            pass
         if self.pid is not None and self._stops:  # (not parked: its loop may be gone)
             self.loop.spawn(watch_exit, self)  # (it stops reading: see _on_readable)
 
@@ -443,6 +439,9 @@ class Proc:
         self._on_status()
         if status is not None and self.state is not ProcState.DEAD:
             self._exit_status = status
+            if self.pid is not None:  # what it started: its fork server, stopped, does not
+                with contextlib.suppress(OSError):  # (a zombie's group: not reused)
+                    os.killpg(self.pid, signal.SIGKILL)
             self._dead()
 
     def __repr__(self) -> str:
