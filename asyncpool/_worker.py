@@ -284,12 +284,22 @@ def _settle_in(settings: dict[str, Any], own: dict[str, str]) -> None:
         time.tzset()  # TZ as set (the C library read the fork server's)
 
 
+def _closed(sock: socket.socket) -> bool:
+    """Whether the parent closed its end (what it sent before is read)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
 def serve(sock: socket.socket, progress: Any, own: dict[str, str]) -> int:
     """The worker's main loop; returns the exit code. ``own``: what its environment
     holds beside its pool's."""
     got = _wire.recv_frame(sock)
-    if got is None or got[0] != _wire.INIT:
-        return 0
+    if got is None or got[0] != _wire.INIT or _closed(sock):
+        return 0  # (forked late, after the pool gave it up: its initializer not run)
     settings = _wire.loads(got[1])
     try:
         _settle_in(settings, own)

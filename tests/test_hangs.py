@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 
 from asyncpool import (MISSING, DeadlineExceeded, InitializerFailed, PoolClosed, ResilientPool,
@@ -1280,3 +1281,51 @@ async def test_a_stopped_fork_server_does_not_block_the_loop(anyio_backend: str)
         finally:
             os.kill(server.process.pid, signal.SIGCONT)
         assert await pool.run(tasks.square, 3) == 9
+
+
+async def test_a_worker_given_up_before_its_fork_runs_nothing_once_forked(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # Killed (closed) while its fork server was stopped, a replacement forked once it
+    # went on still ran the pool's initializer, for a pool long closed.
+    from asyncpool._forkserver import ForkServer
+
+    pool = ResilientPool(max_workers=2, rungs=("process",), chunk_size=1,
+                         initializer=tasks.note_and_nap, initargs=(str(tmp_path), 0.0))
+    await pool.__aenter__()
+    pids = sorted(set(await pool.map(tasks.pid_of, range(20))))
+    server = ForkServer.current()
+    assert server is not None and len(pids) == 2
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        os.kill(pids[0], signal.SIGKILL)  # its replacement is asked for, not forked
+        await wait_until(lambda: pool.statistics().worker_crashes == 1)
+        await pool.aclose(kill=True)
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    # Forked now, it reads that the pool gave it up, and leaves.
+    await wait_until(lambda: not psutil.Process(server.process.pid).children())
+    assert sorted(int(name) for name in os.listdir(tmp_path)) == pids
+
+
+async def test_a_fork_server_stopped_past_start_timeout_is_no_initializer_fault(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # Workers it never forked were taken for an initializer that hung: calls failed
+    # with InitializerFailed, where without one the pool stepped down to threads.
+    from asyncpool._forkserver import ForkServer
+
+    async with ResilientPool(max_workers=2, chunk_size=1, start_timeout=0.5,
+                             creation_attempts=2, promote_after=60,
+                             initializer=tasks.note_and_nap,
+                             initargs=(str(tmp_path), 0.0)) as pool:
+        pids = sorted(set(await pool.map(tasks.pid_of, range(20))))
+        server = ForkServer.current()
+        assert server is not None
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            with anyio.fail_after(30):
+                assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
+            assert pool.backend == "thread"
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)

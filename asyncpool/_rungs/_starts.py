@@ -77,8 +77,8 @@ class Starts:
                 failed = initializer_failure(proc.init_error, proc.pid is not None,
                                              self.config.initializer) or proc.init_error
             elif proc.state is ProcState.STARTING and time.monotonic() >= deadline:
+                failed = self._late(forked=proc.pid is not None)
                 proc.kill()
-                failed = self._late()
             elif proc.state is ProcState.STARTING:
                 continue
             else:  # it started: what failed before is behind us
@@ -91,14 +91,16 @@ class Starts:
                     self.failed()
         return error
 
-    def _late(self) -> BaseException:
+    def _late(self, forked: bool) -> BaseException:
         """A worker past its start deadline: workers start in milliseconds, so with an
-        initializer it is what hangs (as when the pool opened)."""
+        initializer it is what hangs (as when the pool opened); unless the fork server
+        did not fork it (stopped, say)."""
         initializer = self.config.initializer
-        if initializer is not None:
+        if initializer is not None and forked:
             self.hung = True
             return InitializerFailed.timed_out(initializer, self.config.start_timeout)
-        return RungUnavailable("a new worker did not start in time")
+        return RungUnavailable("a new worker did not start in time" + (
+            "" if forked else " (the fork server did not fork it)"))
 
     def failed(self) -> None:
         """A try failed (a fork, or a round's start): back off before the next."""

@@ -110,7 +110,7 @@ class ProcessRung(Rung, Events):
             initializer = self.config.initializer
             if opening_done(starting, initializer):
                 pass  # only the imports were slow: the first call finishes them
-            elif initializer is not None:  # workers start in ms: the initializer hangs
+            elif initializer is not None and all(p.pid for p in starting):  # forked: it hangs
                 raise InitializerFailed.timed_out(initializer, self.config.start_timeout) from None
             else:
                 raise RungUnavailable(f"the worker processes did not start within "
