@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -310,3 +311,26 @@ def _kill_session(proc: subprocess.Popen[bytes], grace: float = 0) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+@contextlib.contextmanager
+def fork_server_stopped() -> Iterator[int]:
+    """The running fork server stopped (SIGSTOP) for the block, then continued; its
+    pid."""
+    from asyncpool._forkserver import ForkServer
+
+    server = ForkServer.current()
+    assert server is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield server.process.pid
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+async def lose_a_worker(pool: Any, pid: int) -> None:
+    """SIGKILL the worker ``pid`` (its fork server stopped: its replacement is asked
+    for, never forked) and wait for ``pool`` to see it."""
+    crashes = pool.statistics().worker_crashes
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: pool.statistics().worker_crashes == crashes + 1)

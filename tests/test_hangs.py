@@ -23,7 +23,8 @@ from asyncpool import (MISSING, DeadlineExceeded, InitializerFailed, PoolClosed,
 
 from . import tasks
 from .fakes import Script, fake_rungs
-from .helpers import Heartbeat, alive, idle, run_code, run_script, settle, wait_until
+from .helpers import (Heartbeat, alive, fork_server_stopped, idle, lose_a_worker, run_code,
+                      run_script, settle, wait_until)
 
 pytestmark = pytest.mark.anyio
 
@@ -1207,25 +1208,18 @@ async def test_closing_does_not_wait_for_a_stopped_fork_server(
     # A stopped fork server never says its workers' exits: closing waited 5 s for
     # them, killed them, and waited 5 s more; so for a replacement it never forked.
     # What the workers started is stopped with them (the fork server does it).
-    from asyncpool._forkserver import ForkServer
-
     pool = ResilientPool(max_workers=2, rungs=("process",), chunk_size=1, start_timeout=30)
     await pool.__aenter__()
     pids = sorted(set(await pool.map(tasks.pid_of, range(20))))
+    assert len(pids) == 2
     sleeper = await pool.run(tasks.spawn_sleeper, (str(tmp_path / "note"), 0.0))
-    server = ForkServer.current()
-    assert server is not None and len(pids) == 2
-    os.kill(server.process.pid, signal.SIGSTOP)
-    try:
-        os.kill(pids[0], signal.SIGKILL)  # its replacement is asked for, never forked
-        await wait_until(lambda: pool.statistics().worker_crashes == 1)
+    with fork_server_stopped():
+        await lose_a_worker(pool, pids[0])
         assert await pool.run(tasks.pid_of) == pids[1]
         started = time.monotonic()
         await pool.aclose(kill=kill)  # (shielded: a deadline would not show a wait)
         assert time.monotonic() - started < 4.0  # it waited 10 s
         await wait_until(lambda: not alive(sleeper), 10)
-    finally:
-        os.kill(server.process.pid, signal.SIGCONT)
 
 
 STOPPED_AT_EXIT = """
@@ -1269,17 +1263,11 @@ async def test_a_stopped_fork_server_does_not_block_the_loop(anyio_backend: str)
 
     async with ResilientPool(max_workers=1) as pool:
         await pool.run(tasks.square, 2)
-        server = ForkServer.current()
-        assert server is not None
-        os.kill(server.process.pid, signal.SIGSTOP)
-        try:
-            with pytest.raises(BlockingIOError):
-                for _ in range(100_000):
-                    spawned = ForkServer.spawn()
-                    spawned.sock.close()
-                    spawned.status.close()
-        finally:
-            os.kill(server.process.pid, signal.SIGCONT)
+        with fork_server_stopped(), pytest.raises(BlockingIOError):
+            for _ in range(100_000):
+                spawned = ForkServer.spawn()
+                spawned.sock.close()
+                spawned.status.close()
         assert await pool.run(tasks.square, 3) == 9
 
 
@@ -1287,23 +1275,16 @@ async def test_a_worker_given_up_before_its_fork_runs_nothing_once_forked(
         tmp_path: Path, anyio_backend: str) -> None:
     # Killed (closed) while its fork server was stopped, a replacement forked once it
     # went on still ran the pool's initializer, for a pool long closed.
-    from asyncpool._forkserver import ForkServer
-
     pool = ResilientPool(max_workers=2, rungs=("process",), chunk_size=1,
                          initializer=tasks.note_and_nap, initargs=(str(tmp_path), 0.0))
     await pool.__aenter__()
     pids = sorted(set(await pool.map(tasks.pid_of, range(20))))
-    server = ForkServer.current()
-    assert server is not None and len(pids) == 2
-    os.kill(server.process.pid, signal.SIGSTOP)
-    try:
-        os.kill(pids[0], signal.SIGKILL)  # its replacement is asked for, not forked
-        await wait_until(lambda: pool.statistics().worker_crashes == 1)
+    assert len(pids) == 2
+    with fork_server_stopped() as server:
+        await lose_a_worker(pool, pids[0])
         await pool.aclose(kill=True)
-    finally:
-        os.kill(server.process.pid, signal.SIGCONT)
     # Forked now, it reads that the pool gave it up, and leaves.
-    await wait_until(lambda: not psutil.Process(server.process.pid).children())
+    await wait_until(lambda: not psutil.Process(server).children())
     assert sorted(int(name) for name in os.listdir(tmp_path)) == pids
 
 
@@ -1311,21 +1292,14 @@ async def test_a_fork_server_stopped_past_start_timeout_is_no_initializer_fault(
         tmp_path: Path, anyio_backend: str) -> None:
     # Workers it never forked were taken for an initializer that hung: calls failed
     # with InitializerFailed, where without one the pool stepped down to threads.
-    from asyncpool._forkserver import ForkServer
-
     async with ResilientPool(max_workers=2, chunk_size=1, start_timeout=0.5,
                              creation_attempts=2, promote_after=60,
                              initializer=tasks.note_and_nap,
                              initargs=(str(tmp_path), 0.0)) as pool:
         pids = sorted(set(await pool.map(tasks.pid_of, range(20))))
-        server = ForkServer.current()
-        assert server is not None
-        os.kill(server.process.pid, signal.SIGSTOP)
-        try:
+        with fork_server_stopped():
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
             with anyio.fail_after(30):
                 assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
             assert pool.backend == "thread"
-        finally:
-            os.kill(server.process.pid, signal.SIGCONT)
