@@ -196,8 +196,10 @@ def main() -> None:
                 if progress_fd >= 0:
                     os.close(progress_fd)
                 children[pid] = status  # stopped with the others, told or not
-                with contextlib.suppress(OSError):  # the parent may be gone
+                try:
                     status.send(STATUS.pack(pid, 0))
+                except OSError:  # the pool gave it up before its fork (or is gone)
+                    _kill_group(pid)
     finally:
         # Whatever went wrong here (a parent gone as it was told of a fork: a
         # BrokenPipeError), the workers and what they started go too; never in a

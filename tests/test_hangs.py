@@ -1303,3 +1303,21 @@ async def test_a_fork_server_stopped_past_start_timeout_is_no_initializer_fault(
             with anyio.fail_after(30):
                 assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
             assert pool.backend == "thread"
+
+
+async def test_workers_forked_as_the_pool_gives_them_up_are_killed(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # Forked just before a close (their fork server had been stopped), before the pool
+    # read their pids: the close took them for never forked, and they ran the pool's
+    # initializer to its end (an hour long, here).
+    pool = ResilientPool(max_workers=4, chunk_size=1, rungs=("process",),
+                         initializer=tasks.hang_at_start, initargs=(str(tmp_path), 4))
+    await pool.__aenter__()
+    pids = set(await pool.map(tasks.pid_of, range(40)))
+    assert len(pids) == 4
+    with fork_server_stopped() as server:
+        for pid in pids:
+            await lose_a_worker(pool, pid)
+    time.sleep(0.1)  # the loop held: they are forked, their pids unread
+    await pool.aclose(kill=True)
+    assert settle(lambda: not psutil.Process(server).children(), 10)

@@ -401,12 +401,13 @@ class Proc:
             self.close()
 
     def kill(self) -> None:
-        """SIGKILL the worker's process group: the worker and whatever it started.
-        One not forked yet (its fork server stopped, say) is gone for the pool at once:
-        forked later, it finds its connection closed and leaves."""
+        """SIGKILL the worker's process group: the worker and whatever it started. One
+        not forked yet (its fork server stopped, say) is gone for the pool at once."""
         self.killed = True
         if self.pid is None:
-            self._dead()
+            self._on_status()  # its pid, if said meanwhile (then it is killed there)
+        if self.pid is None:  # forked later, its status socket is closed: the fork
+            self._dead()  # server kills it (and it leaves, finding its connection closed)
         self._sigkill()
 
     def _sigkill(self) -> None:
