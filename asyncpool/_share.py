@@ -353,11 +353,14 @@ def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
                                                    member.__doc__))
                     continue
                 inner = getattr(member, "__func__", member)
-                if _of_script(inner) and inner.__globals__ is not shared:
-                    rebound = _rebound(inner, shared)
-                    setattr(cls, key, rebound if inner is member else types.MethodType(
-                        rebound, member.__self__) if isinstance(member, types.MethodType)
-                        else type(member)(rebound))  # a static or class method
+                if not _of_script(inner) or inner.__globals__ is shared:
+                    continue
+                rebound = _rebound(inner, shared)
+                if isinstance(member, types.MethodType):  # a bound method held there
+                    rebound = types.MethodType(rebound, member.__self__)
+                elif inner is not member:  # a static or class method
+                    rebound = type(member)(rebound)
+                setattr(cls, key, rebound)
         return fn
     if not _of_script(fn) or fn.__globals__ is shared:
         return fn

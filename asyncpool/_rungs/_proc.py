@@ -264,7 +264,8 @@ class Proc:
         self.events.proc_results(self, chunk, meta, results, errors,
                                  sum(memoryview(part).nbytes for part in parts[1:]))
 
-    def _dead(self) -> None:
+    def _dead(self, unreaped: bool = False) -> None:
+        """Gone; ``unreaped``: its exit read where the kernel keeps it."""
         if self._buried:
             return
         self._buried = True
@@ -273,9 +274,9 @@ class Proc:
         self.state = ProcState.DEAD
         self.detach()
         self._outbox.clear()
-        if self.pid is not None and self._orphaned:
-            # The fork server died (its workers die with it): nobody else will stop
-            # what this worker started.
+        if self.pid is not None and (self._orphaned or unreaped):
+            # The fork server died (its workers die with it), or is stopped: nobody
+            # else stops what this worker started (an unreaped group is not reused).
             with contextlib.suppress(OSError):
                 os.killpg(self.pid, signal.SIGKILL)
         for closable in (self.sock, self.status):
@@ -440,10 +441,7 @@ class Proc:
         self._on_status()
         if status is not None and self.state is not ProcState.DEAD:
             self._exit_status = status
-            if self.pid is not None:  # what it started: its fork server, stopped, does not
-                with contextlib.suppress(OSError):  # (a zombie's group: not reused)
-                    os.killpg(self.pid, signal.SIGKILL)
-            self._dead()
+            self._dead(unreaped=True)
 
     def __repr__(self) -> str:
         return f"<Proc {self.pid} {self.state.value} chunks={len(self.chunks)}>"
