@@ -15,6 +15,7 @@ import asyncio
 import functools
 import math
 import random
+import time
 from types import GeneratorType
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
@@ -35,7 +36,9 @@ class RateLimit:
     """At most ``rate`` starts per second: one every 1/rate s, with no burst.
 
     Starts are spaced evenly, so no one-second window holds more than ``rate`` + 1 (a
-    bucket of ``rate`` tokens would let 2 x rate through). Works on any anyio loop.
+    bucket of ``rate`` tokens would let 2 x rate through). The spacing counts from
+    when an item is sent (:meth:`sent`): items let through while every worker was
+    busy went out together after a stall. Works on any anyio loop.
     """
 
     def __init__(self, rate: float) -> None:
@@ -51,11 +54,15 @@ class RateLimit:
         if self._turn is None:
             self._turn = current_loop().lock()
         async with self._turn:
-            now = anyio.current_time()
+            now = time.monotonic()
             at = max(now, self._last + self.interval)
             if at > now:
                 await anyio.sleep(at - now)
             self._last = at
+
+    def sent(self) -> None:
+        """An item let through has gone to a worker: the next waits a full interval."""
+        self._last = max(self._last, time.monotonic())
 
 
 class Source:
@@ -191,6 +198,8 @@ class Source:
         if self.fed:
             taken = self._buffer[:count]
             del self._buffer[:count]
+            for limit in self.limits if taken else ():
+                limit.sent()
             if self._room is not None:
                 self._room.set()
             return taken

@@ -19,8 +19,11 @@ from . import tasks
 pytestmark = pytest.mark.anyio
 
 
-def _stamp(_: object) -> float:
-    return time.monotonic()
+def _stamp(i: int) -> float:
+    started = time.monotonic()
+    if i == 0:
+        time.sleep(0.5)  # the only worker stalls: items must not pile up and burst
+    return started
 
 
 @pytest.mark.parametrize("where", ["pool", "call"])
@@ -28,12 +31,14 @@ async def test_rate_limit(where: str, anyio_backend: str) -> None:
     rate = 20
     pool_opts = {"rate_limit": rate} if where == "pool" else {}
     call_opts = {"rate_limit": rate} if where == "call" else {}
-    async with ResilientPool(max_workers=2, rungs=("thread",), **pool_opts) as pool:  # type: ignore[arg-type]
+    async with ResilientPool(max_workers=1, rungs=("thread",), **pool_opts) as pool:  # type: ignore[arg-type]
         stamps = sorted(await pool.map(_stamp, range(30), **call_opts))  # type: ignore[arg-type]
-    # Outcome, not duration: no one-second window saw more than rate + 1 starts.
+    # Outcome, not duration: no one-second window saw more than rate + 2 starts (one
+    # every 1/rate s gives rate + 1; a worker thread may start one late, beside the
+    # next). Items let through while the worker stalled went out together: 29.
     for i, first in enumerate(stamps):
         in_window = sum(1 for s in stamps[i:] if s - first < 1.0)
-        assert in_window <= rate + 1, (i, in_window)
+        assert in_window <= rate + 2, (i, in_window)
 
 
 async def test_progress_callback_reports_every_item(anyio_backend: str) -> None:
