@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -60,6 +60,10 @@ class Ladder:
         self._rebuild: Background | None = None
         self._promoter: Background | None = None
         self._closers: set[Background] = set()
+        #: The open under way (cancelled by a close: what it started stops), and set
+        #: once it is over (what a close waits for).
+        self._opening: anyio.CancelScope | None = None
+        self._opened: Any = None
         #: The initializer failed when a rung (re)started, and when: until
         #: ``promote_after`` later, calls fail with it at once rather than fork again.
         self._init_failure: tuple[InitializerFailed, float] | None = None
@@ -71,18 +75,25 @@ class Ladder:
         """Start the first rung that can start (or, with warm_start, threads at once
         while processes start in the background)."""
         ladder = self.config.ladder
-        async with self._lock:
-            stand_in = next((STAND_IN[name] for name in ladder if name in STAND_IN),
-                            None) if self.config.warm_start else None
-            if stand_in in ladder:
-                # The stand-in at once, with the same retries as any rung; if it cannot
-                # start either, the ladder is climbed down as without warm_start.
-                assert stand_in is not None
-                rung = await self._create(stand_in, self.config.creation_attempts)
-                if rung is not None:
-                    self._install(rung, ladder.index(stand_in), promote_after=0.0)
-            if self.serving is None:
-                await self._climb_down()
+        done = self._opened = self.loop.event()
+        try:
+            with anyio.CancelScope() as self._opening:
+                async with self._lock:
+                    stand_in = next((STAND_IN[name] for name in ladder if name in STAND_IN),
+                                    None) if self.config.warm_start else None
+                    if stand_in in ladder:
+                        # The stand-in at once, with the same retries as any rung; if it
+                        # cannot start either, the ladder is climbed down as without
+                        # warm_start.
+                        assert stand_in is not None
+                        rung = await self._create(stand_in, self.config.creation_attempts)
+                        if rung is not None:
+                            self._install(rung, ladder.index(stand_in), promote_after=0.0)
+                    if self.serving is None:
+                        await self._climb_down()
+        finally:
+            self._opening = None
+            done.set()
         if self.closed:  # by another task meanwhile: what this started stays alive
             await self.aclose(kill=True)
 
@@ -305,12 +316,20 @@ class Ladder:
 
     async def aclose(self, kill: bool) -> None:
         self.closed = True
+        if self._opening is not None:
+            # Workers starting (an initializer that hangs, say) are killed now: the
+            # close waited for nothing, and the open for start_timeout.
+            self._opening.cancel()
         for task in (self._promoter, self._rebuild):
             if task is not None:
                 task.cancel()
         rungs = self.rungs()
         self.serving, self.draining = None, []
         with anyio.CancelScope(shield=True):
+            if self._opened is not None:
+                await self._opened.wait()
+                rungs += self.rungs()  # installed as the open was cancelled
+                self.serving, self.draining = None, []
             for rung in rungs:
                 await rung.aclose(kill)
             for task in [t for t in (self._promoter, self._rebuild) if t is not None]:

@@ -352,13 +352,16 @@ async def test_buffers_come_back_as_writable_as_they_left(pool: ResilientPool,
     assert type(got) is bytearray and got == bytearray(b"x" * size)
 
 
+@pytest.mark.parametrize("kill", [False, True])
 async def test_a_pool_closed_while_it_opens_is_not_entered(
-        tmp_path: Path, anyio_backend: str) -> None:
+        kill: bool, tmp_path: Path, anyio_backend: str) -> None:
     # Closed by another task as it started its workers, it was entered all the same:
-    # a closed pool that looked open, each call then failing, its workers alive.
+    # a closed pool that looked open, each call then failing, its workers alive. Then
+    # the close returned at once and stopped nothing: the entering task waited for the
+    # initializer until start_timeout, and was told the initializer hung.
     started = tmp_path / "started"
     pool = ResilientPool(max_workers=2, initializer=tasks.note_pid_then_nap,
-                         initargs=(str(started), 0.5))
+                         initargs=(str(started), 60), start_timeout=120)
     outcome: list[BaseException] = []
 
     async def enter() -> None:
@@ -367,14 +370,15 @@ async def test_a_pool_closed_while_it_opens_is_not_entered(
         except PoolClosed as exc:
             outcome.append(exc)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(enter)
-        await wait_until(started.exists)  # a worker runs the initializer
-        await pool.aclose()
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(enter)
+            await wait_until(started.exists)  # a worker runs the initializer
+            await pool.aclose(kill=kill)
+            pids = [int(pid) for pid in started.read_text().split()]
+            # What the open started stops with the close, not later.
+            assert not [pid for pid in pids if alive(pid)], pids
     assert len(outcome) == 1 and "while it opened" in str(outcome[0]), outcome
-    pids = [int(pid) for pid in started.read_text().split()]
-    assert pids
-    await wait_until(lambda: not any(alive(pid) for pid in pids), 10)
 
 
 @pytest.mark.parametrize("rungs", [("process",), ("thread",)])
