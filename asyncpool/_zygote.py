@@ -129,6 +129,9 @@ def main() -> None:
     # What a task starts in a session of its own is reparented here, not to init,
     # when its parent dies: so it can be stopped with the worker.
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    # Stopped (SIGSTOP) when the parent dies, it would read nothing, and the workers
+    # (whose death signal is tied to this process) ran on: the parent's death wakes it.
+    _prctl(PR_SET_PDEATHSIG, signal.SIGCONT)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)

@@ -1,6 +1,7 @@
 """Die mid-map (argument: SIGKILL or SIGTERM; then "forking" to die as another pool's
-workers are being forked) and print the pids that must not outlive us: the workers, a
-grandchild and a grandchild in a session of its own."""
+workers are being forked, or "stopped" to die with the fork server stopped) and print
+the pids that must not outlive us: the workers, a grandchild and a grandchild in a
+session of its own (and the fork server, when stopped)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from asyncpool import ResilientPool  # noqa: E402
+from asyncpool._forkserver import ForkServer  # noqa: E402
 from tests import tasks  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
 
 
-async def main(how: str, forking: bool) -> None:
+async def main(how: str, forking: bool, stopped: bool) -> None:
     note = tempfile.mktemp()
     pool = ResilientPool(max_workers=2, chunk_size=1)
     await pool.__aenter__()
@@ -29,6 +31,13 @@ async def main(how: str, forking: bool) -> None:
     asyncio.ensure_future(pool.map(tasks.nap, [60.0] * 6))
     asyncio.ensure_future(pool.run(tasks.spawn_sleeper, (note, 60.0)))
     await wait_until(lambda: os.path.exists(note) and bool(open(note).read()))
+    if stopped:
+        # SIGSTOP: it reads nothing, and so could not stop the workers when its
+        # control socket closed (their death signal is tied to it, not to us).
+        server = ForkServer.current()
+        assert server is not None
+        pids.add(server.process.pid)
+        os.kill(server.process.pid, signal.SIGSTOP)
     print(*pids, open(note).read(), flush=True)
     os.unlink(note)
     if forking:
@@ -43,4 +52,4 @@ async def main(how: str, forking: bool) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2:] == ["forking"]))
+    asyncio.run(main(sys.argv[1], sys.argv[2:] == ["forking"], sys.argv[2:] == ["stopped"]))

@@ -391,14 +391,15 @@ async def test_close_after_a_hung_item_timed_out(kill: bool, anyio_backend: str)
 
 
 @pytest.mark.parametrize("how", [["SIGKILL"], ["SIGTERM"], ["SIGKILL", "forking"],
-                                 ["SIGTERM", "forking"]])
+                                 ["SIGTERM", "forking"], ["SIGKILL", "stopped"]])
 async def test_workers_leave_when_the_parent_dies(how: list[str]) -> None:
     proc = run_script("_parent_dies.py", *how)
     assert proc.returncode == -getattr(signal, how[0]), proc.stderr[-2000:]
     pids = [int(p) for p in proc.stdout.split()]
     # Two workers and two grandchildren, one in a session of its own (which the fork
-    # server used to wait for, instead of killing it, and so stayed too).
-    assert len(pids) == 4
+    # server used to wait for, instead of killing it, and so stayed too); and the fork
+    # server, stopped (it was, with the workers and what they started, for good).
+    assert len(pids) == 4 + ("stopped" in how)
     # About 2 s is the promise; 10 s of margin for a loaded machine.
     await wait_until(lambda: not any(alive(pid) for pid in pids), 10)
 
