@@ -39,6 +39,14 @@ _BOOT = ("import sys; sys.path[:0] = sys.argv[2:]; "
          "from asyncpool._zygote import main; main()")
 
 
+class ForkServerBusy(BlockingIOError):
+    """The fork server's control socket is full: a few hundred requests it has not read
+    yet (room comes as it reads on, unless it is stopped)."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EAGAIN, "the fork server has not read its requests yet")
+
+
 class Spawned:
     """A worker just asked for: its socket, its status socket and its progress area."""
 
@@ -152,12 +160,15 @@ class ForkServer:
         fd, progress = _progress_area()
         try:
             # Not blocking: a stopped fork server (SIGSTOP) stops reading, and the
-            # loop froze once a few hundred requests filled its socket (EAGAIN is a
-            # shortage for now: tried again later, within the rung's attempts).
+            # loop froze once a few hundred requests filled its socket (a full socket
+            # is ForkServerBusy: the caller waits for room, within its own time).
             # (socket.send_fds drops its flags: sendmsg itself.)
             fds = array.array("i", [theirs.fileno(), status_theirs.fileno(), fd])
-            self.control.sendmsg([b"fork"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
-                                 socket.MSG_DONTWAIT)
+            try:
+                self.control.sendmsg([b"fork"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                  fds)], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                raise ForkServerBusy from None
         except BaseException:
             ours.close()
             status.close()

@@ -12,6 +12,7 @@ import itertools
 import os
 import threading
 import signal
+import socket
 import time
 import traceback
 import weakref
@@ -1511,3 +1512,22 @@ async def test_poison_items_that_kill_the_fork_server_run_a_bounded_number_of_ti
                 assert runs[f"{number}-{x}"] <= 3, runs
             else:
                 assert value == (number, x), (number, x, value)
+
+
+async def test_a_fork_server_behind_on_its_requests_is_not_a_shortage(
+        anyio_backend: str) -> None:
+    # Its control socket holds a few hundred requests (here a few): asking for more
+    # workers at once than it holds was taken for a machine out of processes, the pool
+    # opening with some and starting the rest with backoff.
+    from asyncpool._forkserver import ForkServer
+
+    async with ResilientPool(max_workers=1) as warm:  # the fork server is up
+        await warm.run(tasks.square, 1)
+    server = ForkServer.current()
+    assert server is not None
+    server.control.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the least
+    events: list[PoolEvent] = []
+    async with ResilientPool(max_workers=24, on_event=events.append) as pool:
+        assert pool.statistics().workers == 24, [e.message for e in events]
+        assert not [e for e in events if e.kind in ("rung_warning", "creation_failed")]
+        assert len(set(await pool.map(tasks.pid_of, range(200)))) > 1

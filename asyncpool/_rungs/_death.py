@@ -95,6 +95,17 @@ def opening_failure(starting: Sequence[Started], served: bool, initializer: Any)
         raise RungUnavailable(f"no worker process could start ({error!r})") from error
 
 
+def opening_timed_out(starting: Sequence[Started], initializer: Any,
+                      seconds: float | None) -> None:
+    """Raise why ``starting`` workers were not through their start in ``seconds``, if
+    they were not (else only the imports were slow: the first call finishes them)."""
+    if opening_done(starting, initializer):
+        return
+    if initializer is not None and all(p.pid for p in starting):  # forked: it hangs
+        raise InitializerFailed.timed_out(initializer, seconds) from None
+    raise RungUnavailable(f"the worker processes did not start within {seconds} s") from None
+
+
 def exit_status(pid: int) -> int | None:
     """The wait status of ``pid`` if it exited and its parent has not reaped it (read
     where the kernel keeps it); None otherwise (a zombie whose threads run on, too)."""

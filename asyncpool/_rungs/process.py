@@ -24,12 +24,12 @@ from .. import _wire
 from .._call import Resend
 from .._errors import InitializerFailed, exit_described
 from .._execute import FLUSH_SECONDS
-from .._forkserver import ForkServer
+from .._forkserver import ForkServer, ForkServerBusy
 from .._loop import preload
 from .._rebalance import STUCK_SECONDS, overlong
 from .._retry import RungUnavailable, RungUnsupported, is_transient
 from ._parking import check_directory, directory, park, take_parked, worker_settings
-from ._death import Death, ProcState, opening_done, opening_failure
+from ._death import Death, ProcState, opening_done, opening_failure, opening_timed_out
 from ._frames import chunk_frame, runs_of
 from ._proc import Events, Proc
 from ._recycling import IDLE_SECONDS, Recycling
@@ -92,29 +92,20 @@ class ProcessRung(Rung, Events):
                 proc.attach(self, self.loop)
                 self.procs.append(proc)
         starting: list[Proc] = []
-        for _ in range(self.config.max_workers - len(self.procs)):
-            try:
-                starting.append(self._fork())
-            except OSError as exc:
-                if not is_transient(exc) or not starting:
-                    raise
-                break
+        asked = self._fork_all(starting)
         imported = preload(self.loop, "cloudpickle")  # while the workers start
         try:
             async with self.loop.fail_after(self.config.start_timeout):
+                while not asked:
+                    # Full (300 asked for at once): room comes as it reads, or the deadline.
+                    await anyio.sleep(0.005)
+                    asked = self._fork_all(starting)
                 while not opening_done(starting, self.config.initializer):
                     self._nudge = self.loop.event()  # set as one starts, or dies
                     await self._nudge.wait()
                 await imported.wait()  # what the first call needs (else on the loop)
         except TimeoutError:
-            initializer = self.config.initializer
-            if opening_done(starting, initializer):
-                pass  # only the imports were slow: the first call finishes them
-            elif initializer is not None and all(p.pid for p in starting):  # forked: it hangs
-                raise InitializerFailed.timed_out(initializer, self.config.start_timeout) from None
-            else:
-                raise RungUnavailable(f"the worker processes did not start within "
-                                      f"{self.config.start_timeout} s") from None
+            opening_timed_out(starting, self.config.initializer, self.config.start_timeout)
         ready = sum(p.state is ProcState.READY for p in self.procs)
         opening_failure(starting, ready > 0, self.config.initializer)
         if ready < self.config.max_workers:
@@ -122,6 +113,19 @@ class ProcessRung(Rung, Events):
                                        f"{self.config.max_workers} workers; starting the "
                                        "rest in the background", rung=self.name)
         self._supervisor = self.loop.spawn(self._supervise)
+
+    def _fork_all(self, starting: list[Proc]) -> bool:
+        """Ask for every missing worker; False if the fork server's socket is full."""
+        while len(self.procs) < self.config.max_workers:
+            try:
+                starting.append(self._fork())
+            except ForkServerBusy:
+                return False
+            except OSError as exc:
+                if not is_transient(exc) or not starting:
+                    raise
+                break
+        return True
 
     def _fork(self) -> Proc:
         check_directory(*self._directory)
@@ -361,7 +365,7 @@ class ProcessRung(Rung, Events):
             backoff = starts.backoff() if missing > 0 else 0.0
             # Out of attempts with none serving, those starting are the last tries.
             hold = backoff > 0 or bool(
-                starts.starting and starts.out_of_attempts() and not self._serving())
+                starts.starting and starts.out_of_attempts() and not self.workers)
             for _ in range(0 if hold else missing):
                 try:
                     starts.forked(self._fork())
@@ -390,7 +394,7 @@ class ProcessRung(Rung, Events):
             # an initializer that hung is not waited for again (as when opening), nor in
             # workers forked later (after a failed fork, their start deadlines were
             # staggered: calls waited creation_attempts x start_timeout).
-            if error is not None and not self._serving() and (starts.hung or (
+            if error is not None and not self.workers and (starts.hung or (
                     not starts.starting and starts.out_of_attempts())):
                 if isinstance(error, InitializerFailed):
                     self._broke(error, error.__cause__)
@@ -398,10 +402,6 @@ class ProcessRung(Rung, Events):
                     self._broke(RungUnavailable(f"no worker process could be started "
                                                 f"({error!r})"), error)
                 return
-
-    def _serving(self) -> bool:
-        """Whether a worker takes or runs chunks (one replaced early too)."""
-        return self.workers > 0
 
     def _broke(self, error: BaseException, cause: BaseException | None) -> None:
         error.__cause__ = cause
