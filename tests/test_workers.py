@@ -1089,9 +1089,12 @@ def outer():
     return inner, rec
 def kw(x, *, scale=10): return x * scale
 kw.note = "kept"
-blob = dumps_for_workers([fact, *outer(), functools.partial(kw, scale=2), kw])
-LOAD = ("import pickle, sys; fact, inner, rec, half, kw = pickle.loads(sys.stdin.buffer.read()); "
-        "print(fact(5), inner(4), rec(6), half(5), kw(1), kw.note, 'cloudpickle' in sys.modules)")
+def plus(x, y=7, z=(1, 2)): return x + y + sum(z)
+blob = dumps_for_workers([fact, *outer(), functools.partial(kw, scale=2), kw, plus])
+LOAD = ("import pickle, sys; "
+        "fact, inner, rec, half, kw, plus = pickle.loads(sys.stdin.buffer.read()); "
+        "print(fact(5), inner(4), rec(6), half(5), kw(1), plus(1), kw.note, "
+        "'cloudpickle' in sys.modules)")
 print(subprocess.run([sys.executable, "-S", "-c", "import sys; sys.path[:0] = sys.argv[1:]; "
                       + LOAD, *sys.path], input=blob, capture_output=True).stdout.decode())
 """
@@ -1102,7 +1105,7 @@ def test_a_worker_loads_a_script_s_functions_without_cloudpickle() -> None:
     # new worker's first call: the pool's pickler names light stand-ins instead.
     proc = run_code(SCRIPT_FUNCTIONS)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["120", "9", "6", "10", "10", "kept", "False"], (
+    assert proc.stdout.split() == ["120", "9", "6", "10", "10", "11", "kept", "False"], (
         proc.stdout, proc.stderr)
 
 
