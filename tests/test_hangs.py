@@ -1203,6 +1203,21 @@ async def test_workers_killed_under_a_stopped_fork_server_are_seen_and_replaced(
             os.kill(server.process.pid, signal.SIGCONT)
 
 
+async def test_a_worker_killed_while_its_fork_server_is_stopped_takes_its_group(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # The pool kills a worker's process group itself: the fork server, which does it
+    # too as it reaps the worker, may be stopped (and never read its socket again).
+    note = tmp_path / "sleeper"
+    async with ResilientPool(max_workers=1, rungs=("process",)) as pool:
+        await pool.run(tasks.square, 2)
+        with fork_server_stopped():
+            with pytest.raises(DeadlineExceeded):
+                await pool.run(tasks.spawn_sleeper, (str(note), 60), timeout=1.0,
+                               kill_on_timeout=True)
+            sleeper = int(note.read_text())
+            await wait_until(lambda: not alive(sleeper), 5)
+
+
 @pytest.mark.parametrize("kill", [True, False])
 async def test_closing_does_not_wait_for_a_stopped_fork_server(
         kill: bool, tmp_path: Path, anyio_backend: str) -> None:
