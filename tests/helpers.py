@@ -231,7 +231,7 @@ class CliCluster:
         dask = str(Path(sys.executable).with_name("dask"))
         return subprocess.Popen([dask, *args], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True,
-                                env=self.env, cwd=cwd or "/")
+                                env=self.env, cwd=cwd or "/", preexec_fn=_die_with_us)
 
     def start_scheduler(self) -> None:
         self.scheduler = self._spawn("scheduler", "--host", "127.0.0.1", "--port",
@@ -285,6 +285,14 @@ class CliCluster:
             for proc in procs:
                 _kill_session(proc, grace=10)
         self.scheduler, self.workers = None, []
+
+
+def _die_with_us() -> None:
+    """In a cluster's process: it dies with the test run, were that killed (a run
+    stopped by a timeout left a scheduler and a worker behind for good)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _kill_session(proc: subprocess.Popen[bytes], grace: float = 0) -> None:
