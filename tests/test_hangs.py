@@ -1321,6 +1321,43 @@ async def test_a_fork_server_stopped_past_start_timeout_is_no_initializer_fault(
             assert pool.backend == "thread"
 
 
+async def test_a_slow_initializer_forked_late_is_not_taken_for_one_that_hangs(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # The fork server stopped for most of start_timeout as the pool opened: forked
+    # late, an initializer of half that time could not finish, and the open failed
+    # with InitializerFailed ("did not return"); it is the start that was slow.
+    async with ResilientPool(max_workers=1) as warm:  # the fork server is up
+        await warm.run(tasks.square, 1)
+    with fork_server_stopped() as server:
+        threading.Timer(0.6, os.kill, (server, signal.SIGCONT)).start()
+        async with ResilientPool(max_workers=2, rungs=("process",), start_timeout=1.0,
+                                 initializer=tasks.note_and_nap,
+                                 initargs=(str(tmp_path), 0.5)) as pool:
+            assert await pool.run(tasks.square, 3) == 9
+
+
+async def test_a_slow_initializer_forked_late_in_a_replacement_is_no_fault(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # The same for a worker replaced while its fork server was stopped: forked late,
+    # its initializer was taken for one that hangs, and calls failed with it.
+    async with ResilientPool(max_workers=1, rungs=("process",), start_timeout=1.0,
+                             initializer=tasks.note_and_nap,
+                             initargs=(str(tmp_path), 0.5)) as pool:
+        from asyncpool._forkserver import ForkServer
+
+        pid = await pool.run(tasks.pid_of)
+        server = ForkServer.current()
+        assert server is not None
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            threading.Timer(0.6, os.kill, (server.process.pid, signal.SIGCONT)).start()
+            await lose_a_worker(pool, pid)
+            with anyio.fail_after(30):
+                assert await pool.run(tasks.square, 3) == 9
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+
+
 async def test_workers_forked_as_the_pool_gives_them_up_are_killed(
         tmp_path: Path, anyio_backend: str) -> None:
     # Forked just before a close (their fork server had been stopped), before the pool

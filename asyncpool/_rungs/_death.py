@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import os
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._errors import InitializerFailed
@@ -61,6 +62,7 @@ class Started(Protocol):
     """A worker through its start (a Proc)."""
 
     pid: int | None
+    forked_at: float
     init_error: BaseException | None
     started: Any  # an event, set once it started or failed to
 
@@ -101,7 +103,11 @@ def opening_timed_out(starting: Sequence[Started], initializer: Any,
     they were not (else only the imports were slow: the first call finishes them)."""
     if opening_done(starting, initializer):
         return
-    if initializer is not None and all(p.pid for p in starting):  # forked: it hangs
+    # Forked, and given (most of) the time: it hangs. Forked late (its fork server
+    # stopped a while), a slow one was blamed for the fork server's delay.
+    late = time.monotonic() - 0.9 * (seconds or 0)
+    if initializer is not None and all(p.pid and p.forked_at <= late for p in starting
+                                       if not p.started.is_set()):
         raise InitializerFailed.timed_out(initializer, seconds) from None
     raise RungUnavailable(f"the worker processes did not start within {seconds} s") from None
 

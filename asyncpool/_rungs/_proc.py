@@ -60,6 +60,7 @@ class Proc:
         self.progress, self.server = spawned.progress, spawned.server
         self.events, self.loop = events, loop
         self.pid: int | None = None
+        self.forked_at = 0.0  # when the fork server said its pid (monotonic)
         self.state = ProcState.STARTING
         #: Chunks sent and not finished, oldest (the running one) first.
         self.chunks: deque[Chunk] = deque()
@@ -188,7 +189,7 @@ class Proc:
                         self.init_error = OSError(-pid, os.strerror(-pid))
                         self._dead()
                         return
-                    self.pid = pid
+                    self.pid, self.forked_at = pid, time.monotonic()
                     if self.killed:  # killed before its pid was known
                         self.kill()
                 else:

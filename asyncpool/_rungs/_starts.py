@@ -77,7 +77,10 @@ class Starts:
                 failed = initializer_failure(proc.init_error, proc.pid is not None,
                                              self.config.initializer) or proc.init_error
             elif proc.state is ProcState.STARTING and time.monotonic() >= deadline:
-                failed = self._late(forked=proc.pid is not None)
+                # Forked late (its fork server stopped a while), a slow initializer
+                # is not one that hangs: it had not the time.
+                failed = self._late(forked=proc.pid is not None and proc.forked_at <= (
+                    deadline - 0.9 * (self.config.start_timeout or 0)))
                 proc.kill()
             elif proc.state is ProcState.STARTING:
                 continue
@@ -100,7 +103,7 @@ class Starts:
             self.hung = True
             return InitializerFailed.timed_out(initializer, self.config.start_timeout)
         return RungUnavailable("a new worker did not start in time" + (
-            "" if forked else " (the fork server did not fork it)"))
+            "" if forked else " (the fork server did not fork it in time)"))
 
     def failed(self) -> None:
         """A try failed (a fork, or a round's start): back off before the next."""
