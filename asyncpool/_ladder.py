@@ -62,7 +62,7 @@ class Ladder:
         self._closers: set[Background] = set()
         #: The open under way (cancelled by a close: what it started stops), and set
         #: once it is over (what a close waits for).
-        self._opening: anyio.CancelScope | None = None
+        self._opening: Any = None
         self._opened: Any = None
         #: The initializer failed when a rung (re)started, and when: until
         #: ``promote_after`` later, calls fail with it at once rather than fork again.
@@ -77,7 +77,7 @@ class Ladder:
         ladder = self.config.ladder
         done = self._opened = self.loop.event()
         try:
-            with anyio.CancelScope() as self._opening:
+            with self.loop.stoppable() as self._opening:
                 async with self._lock:
                     stand_in = next((STAND_IN[name] for name in ladder if name in STAND_IN),
                                     None) if self.config.warm_start else None

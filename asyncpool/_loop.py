@@ -72,6 +72,11 @@ class Loop:
         """An async context that raises TimeoutError once ``seconds`` passed in it."""
         raise NotImplementedError
 
+    def stoppable(self) -> Any:
+        """A scope (``with``) whose ``cancel()``, from any task of the loop, cancels
+        what runs in it; it swallows that cancellation."""
+        raise NotImplementedError
+
 
 class Background:
     """A task that belongs to the pool, not to whichever task opened it.
@@ -193,6 +198,39 @@ class _Asyncio(Loop):
 
         return asyncio.timeout(seconds)
 
+    def stoppable(self) -> Any:
+        return _TaskScope()
+
+
+class _TaskScope:
+    """A cancel scope of the running asyncio task, made as ``asyncio.timeout`` makes
+    its own (anyio's would import its backend, 20 ms, on the loop)."""
+
+    def __init__(self) -> None:
+        self._task: Any = None
+        self._inside = self._cancelled = False
+
+    def __enter__(self) -> _TaskScope:
+        import asyncio
+
+        self._task, self._inside = asyncio.current_task(), True
+        if self._cancelled:
+            self._task.cancel()
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        import asyncio
+
+        self._inside = False
+        # Its own cancellation only (the task's, from elsewhere, goes on).
+        return bool(self._cancelled and kind is not None and issubclass(
+            kind, asyncio.CancelledError) and self._task.uncancel() == 0)
+
+    def cancel(self) -> None:
+        if not self._cancelled and self._inside:
+            self._task.cancel()
+        self._cancelled = True
+
 
 class _Trio(Loop):
     name = "trio"
@@ -260,6 +298,9 @@ class _Trio(Loop):
 
     def lock(self) -> Any:
         return self._trio.Lock()
+
+    def stoppable(self) -> Any:
+        return self._trio.CancelScope()
 
     def fail_after(self, seconds: float | None) -> Any:
         import contextlib
