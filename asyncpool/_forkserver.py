@@ -11,6 +11,7 @@ status, and a 32-byte shared memory area where the worker notes what it is runni
 from __future__ import annotations
 
 import array
+import contextlib
 import atexit
 import errno
 import logging
@@ -29,13 +30,14 @@ from ._retry import RungUnavailable, RungUnsupported, is_transient
 
 logger = logging.getLogger("asyncpool")
 
-# Started without `site` (-S) to start in a few milliseconds: it gets the parent's
-# import path instead, led by the folder holding this package (which an editable
-# install may make importable through a finder that -S would skip).
 #: Size of each worker's progress area: four 64-bit numbers.
 PROGRESS_BYTES = 32
 
-_BOOT = ("import sys; sys.path[:0] = sys.argv[2:]; "
+# Started without `site` (-S) to start in a few milliseconds: it reads the parent's
+# import path instead, led by the folder holding this package (which an editable
+# install may make importable through a finder that -S would skip), from its stdin
+# (on its command line, a long path was more than exec takes: E2BIG).
+_BOOT = ("import os, sys; sys.path[:0] = os.fsdecode(sys.stdin.buffer.read()).split('\\0'); "
          "from asyncpool._zygote import main; main()")
 
 
@@ -111,11 +113,18 @@ class ForkServer:
         try:
             here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             path = [here, *(p for p in sys.path if p != here)]
-            command = [sys.executable, "-S", "-c", _BOOT, str(child.fileno()), *path]
+            command = [sys.executable, "-S", "-c", _BOOT, str(child.fileno())]
             # Its own session: a Ctrl-C in the terminal is the parent's to handle.
             self.process = subprocess.Popen(command, pass_fds=(child.fileno(),),
-                                            stdin=subprocess.DEVNULL, env=_for_exec(command),
+                                            stdin=subprocess.PIPE, env=_for_exec(command),
                                             start_new_session=True)
+            stdin = self.process.stdin
+            assert stdin is not None
+            try:  # (more than a pipe holds waits for it to read: at its start)
+                stdin.write(b"\0".join(os.fsencode(p) for p in path))
+            finally:
+                with contextlib.suppress(OSError):
+                    stdin.close()
         except OSError as exc:
             parent.close()
             if is_transient(exc):

@@ -652,6 +652,11 @@ def raise_first_hang_next(directory: str) -> None:
     time.sleep(3600)
 
 
+def on_path(entry: str) -> bool:
+    """Whether ``entry`` is on this worker's import path."""
+    return entry in sys.path
+
+
 def note_and_nap(directory: str, seconds: float) -> None:
     """An initializer that notes its worker's pid in ``directory``, then sleeps."""
     Path(directory, str(os.getpid())).touch()

@@ -206,6 +206,33 @@ def test_a_variable_too_long_for_exec_starts_workers_all_the_same(how: str) -> N
     assert proc.stdout.split() == ["process", "True"], (proc.stdout, proc.stderr)
 
 
+LONG_PATH = """
+import asyncio, sys
+from asyncpool import ResilientPool
+from tests import tasks
+if sys.argv[1] == "one":
+    sys.path.append("/nowhere/" + "x" * 140_000)
+else:
+    sys.path.extend(f"/nowhere/{n}/" + "x" * 110_000 for n in range(24))
+mark = sys.path[-1]
+
+async def main():
+    async with ResilientPool(max_workers=1, creation_attempts=1) as pool:
+        print(pool.backend, await pool.run(tasks.on_path, mark))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("how", ["one", "many"])
+def test_an_import_path_too_long_for_exec_starts_workers_all_the_same(how: str) -> None:
+    # The fork server had the import path on its command line: an entry over 128 KiB,
+    # or 2.6 MB of them, were more than exec takes (E2BIG): the pool served on threads.
+    proc = run_code(LONG_PATH, how)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["process", "True"], (proc.stdout, proc.stderr)
+
+
 INHERITED = """
 import asyncio
 from asyncpool import ResilientPool
