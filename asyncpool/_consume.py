@@ -44,10 +44,9 @@ class _Feeder:
             self.task = self.engine.loop.spawn(call.source.feed, self._want, self._arrived)
 
     def _want(self) -> int:
-        # Under a rate limit, one item waits at most: more would go out together.
-        if self.call.source.limits:
-            return 1
-        return max(1, self.engine.read_ahead(self.call))
+        ahead = max(1, self.engine.read_ahead(self.call))
+        # Under a rate limit, few wait at most: more would go out together.
+        return min([ahead, *(limit.depth for limit in self.call.source.limits)])
 
     def _arrived(self) -> None:
         self.engine.resume(self.call)

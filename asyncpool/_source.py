@@ -36,33 +36,48 @@ class RateLimit:
     """At most ``rate`` starts per second: one every 1/rate s, with no burst.
 
     Starts are spaced evenly, so no one-second window holds more than ``rate`` + 1 (a
-    bucket of ``rate`` tokens would let 2 x rate through). The spacing counts from
-    when an item is sent (:meth:`sent`): items let through while every worker was
-    busy went out together after a stall. Works on any anyio loop.
+    bucket of ``rate`` tokens would let 2 x rate through). What it lets through waits
+    in its call's input until sent: a call holds at most :attr:`depth` such items (5 ms
+    of the rate), and while one holds some, no other call's are let through (let
+    through while every worker was busy, they all went out together after a stall).
+    Works on any anyio loop.
     """
 
     def __init__(self, rate: float) -> None:
         self.interval = 1.0 / rate
+        self.depth = max(1, int(rate * 0.005))
         self._last = -math.inf
         self._turn: Any = None
+        self._holders: set[object] = set()
+        self._free: Any = None
 
-    async def acquire(self) -> None:
+    async def acquire(self, holder: object) -> None:
         """Wait for the next start. Waiters take turns: only the first waits for a
         time, so one that leaves (its call cancelled or out of time) keeps no start
         from the others (each used to book its start ahead, and 20 calls that timed
         out pushed the next one's 10 s away)."""
+        loop = current_loop()
         if self._turn is None:
-            self._turn = current_loop().lock()
+            self._turn = loop.lock()
         async with self._turn:
+            while self._holders - {holder}:
+                self._free = loop.event()
+                await self._free.wait()
             now = time.monotonic()
             at = max(now, self._last + self.interval)
             if at > now:
                 await anyio.sleep(at - now)
             self._last = at
 
-    def sent(self) -> None:
-        """An item let through has gone to a worker: the next waits a full interval."""
-        self._last = max(self._last, time.monotonic())
+    def hold(self, holder: object) -> None:
+        """``holder`` (a call's input) holds items it let through, unsent."""
+        self._holders.add(holder)
+
+    def let_go(self, holder: object) -> None:
+        """``holder`` sent them all (or closed)."""
+        self._holders.discard(holder)
+        if not self._holders and self._free is not None:
+            self._free.set()
 
 
 class Source:
@@ -198,8 +213,9 @@ class Source:
         if self.fed:
             taken = self._buffer[:count]
             del self._buffer[:count]
-            for limit in self.limits if taken else ():
-                limit.sent()
+            if not self._buffer:
+                for limit in self.limits:
+                    limit.let_go(self)
             if self._room is not None:
                 self._room.set()
             return taken
@@ -229,10 +245,12 @@ class Source:
                     self._room = room = anyio.Event()
                     await room.wait()
                 for limit in self.limits:
-                    await limit.acquire()
+                    await limit.acquire(self)
                 def sink(items: list[Any]) -> None:
                     if items and not self._closed:
                         self._buffer.extend(items)
+                        for limit in self.limits:
+                            limit.hold(self)
                         arrived()
 
                 error, ended = await self._pull(1 if self.limits else max(1, want()), sink)
@@ -281,6 +299,8 @@ class Source:
         a generator nobody else holds is closed there, running its ``finally``
         blocks off the loop."""
         self._closed = True
+        for limit in self.limits:
+            limit.let_go(self)
         it, self._it = self._it, None
         if self._puller is not None:
             self._puller.release(it)
