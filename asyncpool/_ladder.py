@@ -215,6 +215,8 @@ class Ladder:
                 self.emit("creation_failed", f"starting the {name} rung failed (attempt "
                           f"{attempt} of {attempts}): {exc!r}", rung=name, attempt=attempt,
                           error=exc)
+                if not getattr(exc, "again", True):
+                    return None
             if attempt < attempts:
                 # Freed memory and reaped objects may be what the next try needs.
                 gc.collect()

@@ -16,7 +16,12 @@ _TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.E
 
 class RungUnavailable(Exception):
     """A rung could not start for a reason that may pass (a busy machine, a cluster
-    that does not answer yet): the ladder backs off and tries again, or steps down."""
+    that does not answer yet): the ladder backs off and tries again, or steps down
+    (at once with ``again=False``: another try now would fail the same way, as late)."""
+
+    def __init__(self, *args: object, again: bool = True) -> None:
+        super().__init__(*args)
+        self.again = again
 
 
 class RungUnsupported(RungUnavailable):

@@ -18,8 +18,8 @@ import anyio
 import psutil
 import pytest
 
-from asyncpool import (MISSING, DeadlineExceeded, InitializerFailed, PoolClosed, ResilientPool,
-                       WorkerCrashed)
+from asyncpool import (MISSING, DeadlineExceeded, InitializerFailed, PoolClosed, PoolEvent,
+                       ResilientPool, WorkerCrashed)
 
 from . import tasks
 from .fakes import Script, fake_rungs
@@ -1356,6 +1356,21 @@ async def test_a_slow_initializer_forked_late_in_a_replacement_is_no_fault(
                 assert await pool.run(tasks.square, 3) == 9
         finally:
             os.kill(server.process.pid, signal.SIGCONT)
+
+
+async def test_a_stopped_fork_server_is_tried_once_as_the_pool_opens(
+        anyio_backend: str) -> None:
+    # Each of creation_attempts tries waited start_timeout on the same stopped fork
+    # server: a pool with the default 60 s stepped down to threads after 3 minutes.
+    async with ResilientPool(max_workers=1) as warm:  # the fork server is up
+        await warm.run(tasks.square, 1)
+    events: list[PoolEvent] = []
+    with fork_server_stopped():
+        async with ResilientPool(max_workers=2, rungs=("process", "thread"),
+                                 start_timeout=0.5, on_event=events.append) as pool:
+            assert pool.backend == "thread"
+    tries = [e.message for e in events if e.kind == "creation_failed"]
+    assert len(tries) == 1 and "fork server is stopped" in tries[0], tries
 
 
 async def test_workers_forked_as_the_pool_gives_them_up_are_killed(

@@ -63,6 +63,7 @@ class Started(Protocol):
 
     pid: int | None
     forked_at: float
+    server: Any  # its fork server
     init_error: BaseException | None
     started: Any  # an event, set once it started or failed to
 
@@ -109,7 +110,17 @@ def opening_timed_out(starting: Sequence[Started], initializer: Any,
     if initializer is not None and all(p.pid and p.forked_at <= late for p in starting
                                        if not p.started.is_set()):
         raise InitializerFailed.timed_out(initializer, seconds) from None
-    raise RungUnavailable(f"the worker processes did not start within {seconds} s") from None
+    # A stopped fork server (SIGSTOP) would keep every other try as long.
+    stopped = bool(starting) and _stopped(starting[0].server.process.pid)
+    raise RungUnavailable(f"the worker processes did not start within {seconds} s" + (
+        " (the fork server is stopped)" if stopped else ""), again=not stopped) from None
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return _stat(pid)[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 
 def exit_status(pid: int) -> int | None:
