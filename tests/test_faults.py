@@ -338,10 +338,13 @@ async def test_main_script_classes_come_back_as_themselves() -> None:
 
 async def test_deadline_returns_partial_results(anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2, chunk_size=1) as pool:
-        durations = [0.01] * 6 + [5.0] * 4
+        # Started first: the deadline covers a pool's start too, which on a loaded
+        # machine (CI on three Pythons at once) left the short naps unfinished.
+        await pool.map(tasks.square, range(4))
+        durations = [0.01] * 6 + [30.0] * 4
         with pytest.raises(DeadlineExceeded) as info:
-            await pool.map(tasks.nap, durations, timeout=0.5, kill_on_timeout=True)
-        # At its deadline: the 5 s naps had not finished.
+            await pool.map(tasks.nap, durations, timeout=1.0, kill_on_timeout=True)
+        # At its deadline: the 30 s naps had not finished.
         partial = info.value.partial
         assert partial == [0.01] * 6 + [MISSING] * 4
         assert await pool.map(tasks.square, range(5)) == [0, 1, 4, 9, 16]
