@@ -130,9 +130,12 @@ class Engine:
             call.wake()  # its input ended (or failed): the caller may be complete
         if self._closed is not None:
             return  # nothing new goes out (a stream still read ran all it had)
-        if call in self.stalled and not self._over_window(call):
-            self.stalled.discard(call)
-            self.ready.append(call)
+        if call in self.stalled:
+            if self._over_window(call):
+                call.source.idle()  # what it let through since waits for its caller too
+            else:
+                self.stalled.discard(call)
+                self.ready.append(call)
         elif call.wants_input and call not in self.stalled and call not in self.ready:
             self.ready.append(call)
         self.kick()
@@ -279,10 +282,13 @@ class Engine:
         while self.ready and count < limit and budget > 0 and visits > 0:
             visits -= 1
             call = self.ready.popleft()
-            if not call.wants_input:
+            # One with nothing at hand comes back as its input arrives (taken for a
+            # call alone in its chunk, it ended the chunk, and those behind waited).
+            if not call.wants_input or not call.source.available():
                 continue
             if self._over_window(call):
                 self.stalled.add(call)
+                call.source.idle()  # its caller reads on later: no other call waits for it
                 continue
             fixed = fixed_size(call, self.config)
             # A call with its own chunk size, or with Dask options for its tasks, gets

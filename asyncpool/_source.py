@@ -293,14 +293,19 @@ class Source:
         box = Outbox()
         return pull_batch(self._it, 1, box, functools.partial(box.drain, sink), self._pace)
 
+    def idle(self) -> None:
+        """What it holds waits for its caller, not for a worker: other calls' items
+        are let through meanwhile (a paused ``imap`` held them all for good)."""
+        for limit in self.limits:
+            limit.let_go(self)
+
     def close(self) -> None:
         """Let the thread that pulled the input go (after the item it may be pulling);
         what it still hands over is dropped. The input is dropped too, in that thread:
         a generator nobody else holds is closed there, running its ``finally``
         blocks off the loop."""
         self._closed = True
-        for limit in self.limits:
-            limit.let_go(self)
+        self.idle()
         it, self._it = self._it, None
         if self._puller is not None:
             self._puller.release(it)

@@ -16,6 +16,7 @@ import pytest
 from asyncpool import DeadlineExceeded, PoolEvent, ResilientPool
 
 from . import tasks
+from .helpers import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -51,6 +52,20 @@ async def test_rate_limit(where: str, anyio_backend: str) -> None:
     for i, first in enumerate(stamps):
         in_window = sum(1 for s in stamps[i:] if s - first < 1.0)
         assert in_window <= rate + 2, (i, in_window)
+
+
+async def test_a_paused_stream_holds_no_other_call_behind_a_rate_limit(
+        anyio_backend: str) -> None:
+    # An imap whose caller stopped reading keeps an item the pool's limit let through:
+    # every other call then waited for it, for good.
+    async with ResilientPool(max_workers=1, rate_limit=50, chunk_size=1) as pool:
+        async with pool.imap(tasks.square, range(100_000)) as paused:
+            async for value in paused:
+                if value >= 4:
+                    break
+            await wait_until(lambda: pool.statistics().chunks_in_flight == 0)  # its window is full
+            with anyio.fail_after(30):
+                assert await pool.map(tasks.square, range(5)) == [0, 1, 4, 9, 16]
 
 
 async def test_progress_callback_reports_every_item(anyio_backend: str) -> None:
