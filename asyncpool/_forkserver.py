@@ -11,7 +11,6 @@ status, and a 32-byte shared memory area where the worker notes what it is runni
 from __future__ import annotations
 
 import array
-import contextlib
 import atexit
 import errno
 import logging
@@ -114,17 +113,18 @@ class ForkServer:
             here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             path = [here, *(p for p in sys.path if p != here)]
             command = [sys.executable, "-S", "-c", _BOOT, str(child.fileno())]
-            # Its own session: a Ctrl-C in the terminal is the parent's to handle.
-            self.process = subprocess.Popen(command, pass_fds=(child.fileno(),),
-                                            stdin=subprocess.PIPE, env=_for_exec(command),
-                                            start_new_session=True)
-            stdin = self.process.stdin
-            assert stdin is not None
-            try:  # (more than a pipe holds waits for it to read: at its start)
-                stdin.write(b"\0".join(os.fsencode(p) for p in path))
-            finally:
-                with contextlib.suppress(OSError):
-                    stdin.close()
+            # In a file, not a pipe: a path over 64 KiB waited for it to read, and it
+            # stopped (SIGSTOP) as it started froze the loop. Entries that are not
+            # paths (None, say) are skipped, as imports skip them.
+            with (os.fdopen(os.memfd_create("asyncpool-path"), "w+b")  # no file system
+                  if hasattr(os, "memfd_create") else tempfile.TemporaryFile()) as stdin:
+                stdin.write(b"\0".join(os.fsencode(p) for p in path
+                                       if isinstance(p, str | bytes | os.PathLike)))
+                stdin.seek(0)
+                # Its own session: a Ctrl-C in the terminal is the parent's to handle.
+                self.process = subprocess.Popen(command, pass_fds=(child.fileno(),),
+                                                stdin=stdin, env=_for_exec(command),
+                                                start_new_session=True)
         except OSError as exc:
             parent.close()
             if is_transient(exc):

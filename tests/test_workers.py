@@ -212,6 +212,8 @@ from asyncpool import ResilientPool
 from tests import tasks
 if sys.argv[1] == "one":
     sys.path.append("/nowhere/" + "x" * 140_000)
+elif sys.argv[1] == "odd":  # not paths: imports skip them
+    sys.path[:0] = [None, 3]
 else:
     sys.path.extend(f"/nowhere/{n}/" + "x" * 110_000 for n in range(24))
 mark = sys.path[-1]
@@ -224,10 +226,11 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("how", ["one", "many"])
+@pytest.mark.parametrize("how", ["one", "many", "odd"])
 def test_an_import_path_too_long_for_exec_starts_workers_all_the_same(how: str) -> None:
     # The fork server had the import path on its command line: an entry over 128 KiB,
     # or 2.6 MB of them, were more than exec takes (E2BIG): the pool served on threads.
+    # An entry that is no path (None) failed the open.
     proc = run_code(LONG_PATH, how)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["process", "True"], (proc.stdout, proc.stderr)
