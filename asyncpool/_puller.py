@@ -136,7 +136,8 @@ class Puller:
             if request is _LEAVE:
                 return
             if request and request[0] is _DROP:
-                del request  # the last reference to the input, maybe: dropped here
+                request[1].clear()  # the last reference to the input, maybe: dropped here
+                del request
                 continue
             if request is None:  # its input is done with: wait for the next one
                 with self._lock:
@@ -172,6 +173,7 @@ class Puller:
 
         self._requests.put((it, count, box, functools.partial(box.drain, sink), pace, reply,
                             loop))
+        del it  # (this frame, cancelled after the call closed its input, was its last)
         while not outcome:
             try:
                 async with loop.fail_after(BATCH_SECONDS):
@@ -180,12 +182,12 @@ class Puller:
                 box.drain(sink)
         return outcome[0]
 
-    def release(self, it: Iterator[Any] | None = None) -> None:
-        """Done with this thread: it drops ``it`` (the input), then serves another
-        input after the batch it may be pulling (if that ever ends)."""
-        if it is not None:
-            self._requests.put((_DROP, it))
-            del it
+    def release(self, held: list[Any] | None = None) -> None:
+        """Done with this thread: it empties ``held`` (the input, in a list, so that
+        the caller keeps no reference to it), then serves another input after the
+        batch it may be pulling (if that ever ends)."""
+        if held is not None:
+            self._requests.put((_DROP, held))
         self._requests.put(None)
 
     @classmethod

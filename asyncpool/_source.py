@@ -306,9 +306,11 @@ class Source:
         blocks off the loop."""
         self._closed = True
         self.idle()
-        it, self._it = self._it, None
+        # Handed over in a list the thread empties: a reference kept here (a local)
+        # was at times the last one, and the generator closed on the loop after all.
+        held, self._it = [self._it], None
         if self._puller is not None:
-            self._puller.release(it)
+            self._puller.release(held)
             self._puller = None
 
     async def aclose(self) -> None:
