@@ -53,10 +53,12 @@ def nap(seconds: float) -> float:
 
 
 def note_ready(path: str, seconds: float) -> None:
-    """An initializer that takes ``seconds``, then notes when its worker was ready."""
+    """An initializer that takes ``seconds``, then notes when its worker began and
+    when it was ready."""
+    began = time.monotonic()
     time.sleep(seconds)
     with open(path, "a") as f:
-        f.write(f"{os.getpid()} {time.monotonic()}\n")
+        f.write(f"{os.getpid()} {began} {time.monotonic()}\n")
 
 
 def slow_if_negative(x: float) -> float:
@@ -400,6 +402,16 @@ def note_pid_then_nap(path: str, seconds: float) -> None:
     with open(path, "a") as f:
         f.write(f"{os.getpid()}\n")
     time.sleep(seconds)
+
+
+def note_pid_then_hang_first(path: str, firsts: int) -> None:
+    """Note this worker's pid in a file; the first ``firsts`` runs then hang (for a
+    test to kill them), later ones return at once."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    with open(path) as f:
+        if len(f.read().split()) <= firsts:
+            time.sleep(120)
 
 
 def nap_then_pid(seconds: float) -> int:

@@ -839,7 +839,8 @@ async def test_a_graceful_close_waits_for_the_workers_that_replace_lost_ones(
 
     async def caller() -> None:
         try:
-            outcomes.append(await pool.run(tasks.note_pid_then_nap, str(pids), 0.5))
+            # Killed while it runs (it waited 0.5 s: a loaded machine let one finish).
+            outcomes.append(await pool.run(tasks.note_pid_then_hang_first, str(pids), workers))
         except Exception as exc:
             outcomes.append(exc)
 

@@ -219,11 +219,12 @@ async def test_a_slow_sync_input_neither_blocks_the_loop_nor_stalls(
         anyio_backend: str) -> None:
     heartbeat = Heartbeat()
     async with ResilientPool(max_workers=2) as pool, heartbeat.running():
+        await pool.run(tasks.square, 1)  # started: a loaded machine's start took 0.5 s
         started = time.monotonic()
         firsts: list[float] = []
         async for _ in pool.imap(tasks.square, slow_input(60, 0.02)):
             firsts.append(time.monotonic() - started)
-    # Items come 20 ms apart: the first result needs ~20 ms, not a full chunk.
+    # Items come 20 ms apart: the first result needs ~20 ms, not a full chunk (1.2 s).
     assert firsts[0] < 0.5 and len(firsts) == 60
     # The target is 50 ms; 10x for a loaded machine, and a whole chunk pulled on the
     # loop (it took 5.9 s before) still fails it.
