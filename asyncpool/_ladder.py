@@ -64,6 +64,8 @@ class Ladder:
         #: once it is over (what a close waits for).
         self._opening: Any = None
         self._opened: Any = None
+        #: Tries the last _create made (fewer than asked when one said not again).
+        self._tried = 0
         #: The initializer failed when a rung (re)started, and when: until
         #: ``promote_after`` later, calls fail with it at once rather than fork again.
         self._init_failure: tuple[InitializerFailed, float] | None = None
@@ -181,7 +183,7 @@ class Ladder:
                 return
             if index + 1 < len(ladder):
                 why = ("cannot run here" if name in self.unsupported else
-                       f"could not start after {attempts} attempt(s)")
+                       f"could not start after {self._tried} attempt(s)")
                 self._fell(name, why, ladder[index + 1])
         raise PoolUnavailable.after(self.last_error)
 
@@ -194,6 +196,7 @@ class Ladder:
             if self.closed:
                 raise PoolClosed("the pool was closed")
             self.counters.creation_attempts += 1
+            self._tried = attempt
             try:
                 return await create_rung(name, config, self.listener, self.loop)
             except RungUnsupported as exc:

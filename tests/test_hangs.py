@@ -1372,6 +1372,24 @@ async def test_a_stopped_fork_server_is_tried_once_as_the_pool_opens(
             assert pool.backend == "thread"
     tries = [e.message for e in events if e.kind == "creation_failed"]
     assert len(tries) == 1 and "fork server is stopped" in tries[0], tries
+    falls = [e.message for e in events if e.kind == "fallback"]
+    assert len(falls) == 1 and "after 1 attempt(s)" in falls[0], falls
+
+
+async def test_a_stopped_fork_server_is_waited_for_once_by_replacements(
+        anyio_backend: str) -> None:
+    # Workers lost while it was stopped were asked for again creation_attempts times,
+    # each waiting start_timeout: calls waited three times as long (with the default
+    # 60 s, three minutes) before the pool stepped down to threads.
+    async with ResilientPool(max_workers=2, rungs=("process", "thread"), chunk_size=1,
+                             start_timeout=1.5, promote_after=60) as pool:
+        pids = sorted(set(await pool.map(tasks.pid_of, range(20))))
+        with fork_server_stopped():
+            for pid in pids:
+                await lose_a_worker(pool, pid)
+            with anyio.fail_after(4.0):  # one wait of 1.5 s, not three
+                assert await pool.run(tasks.square, 3) == 9
+            assert pool.backend == "thread"
 
 
 async def test_workers_forked_as_the_pool_gives_them_up_are_killed(

@@ -111,12 +111,13 @@ def opening_timed_out(starting: Sequence[Started], initializer: Any,
                                        if not p.started.is_set()):
         raise InitializerFailed.timed_out(initializer, seconds) from None
     # A stopped fork server (SIGSTOP) would keep every other try as long.
-    stopped = bool(starting) and _stopped(starting[0].server.process.pid)
+    halted = bool(starting) and stopped(starting[0].server.process.pid)
     raise RungUnavailable(f"the worker processes did not start within {seconds} s" + (
-        " (the fork server is stopped)" if stopped else ""), again=not stopped) from None
+        " (the fork server is stopped)" if halted else ""), again=not halted) from None
 
 
-def _stopped(pid: int) -> bool:
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP)."""
     try:
         return _stat(pid)[0] in (b"T", b"t")
     except (OSError, IndexError):

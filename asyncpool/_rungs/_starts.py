@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from .._errors import InitializerFailed
 from .._retry import RungUnavailable, backoff_delays
-from ._death import ProcState, initializer_failure
+from ._death import ProcState, initializer_failure, stopped
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -82,6 +82,9 @@ class Starts:
                 failed = self._late(forked=proc.pid is not None and proc.forked_at <= (
                     deadline - 0.9 * (self.config.start_timeout or 0)))
                 proc.kill()
+                if proc.pid is None and stopped(proc.server.process.pid):
+                    # Stopped (SIGSTOP): every other try would wait as long for it.
+                    self.failures = self.config.creation_attempts
             elif proc.state is ProcState.STARTING:
                 continue
             else:  # it started: what failed before is behind us
