@@ -168,6 +168,8 @@ class Call:
             if (self.error is None and isinstance(first, FunctionUnavailable)
                     and is_pool_made(first)):
                 self.error = first
+            if self.first_error is not None or self.error is not None:
+                self.source.close()  # it reads no more: what it let through never goes
         failed_at = frozenset(errors) if errors else _NONE
         if self.mode is Mode.UNORDERED:
             self.arrived.append((values, failed_at))
@@ -188,6 +190,7 @@ class Call:
         workers cannot load, a chunk that could not be sent, the pool closed)."""
         if self.error is None:
             self.error = error
+        self.source.close()
         self.wake()
 
     @property

@@ -146,7 +146,7 @@ class Source:
     @property
     def needs_feeder(self) -> bool:
         """Whether a feeder task must pull now."""
-        return self.fed and not self.done
+        return self.fed and not self.done and not self._closed
 
     @property
     def buffered(self) -> int:
