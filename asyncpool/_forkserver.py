@@ -165,8 +165,18 @@ class ForkServer:
 
     def _fork(self) -> Spawned:
         ours, theirs = socket.socketpair()
-        status, status_theirs = socket.socketpair()
-        fd, progress = _progress_area()
+        try:
+            status, status_theirs = socket.socketpair()
+        except BaseException:  # out of descriptors: none is kept (by a traceback)
+            ours.close()
+            theirs.close()
+            raise
+        try:
+            fd, progress = _progress_area()
+        except BaseException:
+            for sock in (ours, theirs, status, status_theirs):
+                sock.close()
+            raise
         try:
             # Not blocking: a stopped fork server (SIGSTOP) stops reading, and the
             # loop froze once a few hundred requests filled its socket (a full socket
