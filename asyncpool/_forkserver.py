@@ -164,19 +164,15 @@ class ForkServer:
         raise AssertionError("unreachable")
 
     def _fork(self) -> Spawned:
-        ours, theirs = socket.socketpair()
+        made: list[socket.socket] = []
         try:
-            status, status_theirs = socket.socketpair()
-        except BaseException:  # out of descriptors: none is kept (by a traceback)
-            ours.close()
-            theirs.close()
-            raise
-        try:
+            made += [*socket.socketpair(), *socket.socketpair()]
             fd, progress = _progress_area()
-        except BaseException:
-            for sock in (ours, theirs, status, status_theirs):
+        except BaseException:  # out of descriptors: none is kept (by a traceback)
+            for sock in made:
                 sock.close()
             raise
+        ours, theirs, status, status_theirs = made
         try:
             # Not blocking: a stopped fork server (SIGSTOP) stops reading, and the
             # loop froze once a few hundred requests filled its socket (a full socket

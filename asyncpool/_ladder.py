@@ -76,28 +76,30 @@ class Ladder:
     async def open(self) -> None:
         """Start the first rung that can start (or, with warm_start, threads at once
         while processes start in the background)."""
-        ladder = self.config.ladder
         done = self._opened = self.loop.event()
         try:
-            with self.loop.stoppable() as self._opening:
-                async with self._lock:
-                    stand_in = next((STAND_IN[name] for name in ladder if name in STAND_IN),
-                                    None) if self.config.warm_start else None
-                    if stand_in in ladder:
-                        # The stand-in at once, with the same retries as any rung; if it
-                        # cannot start either, the ladder is climbed down as without
-                        # warm_start.
-                        assert stand_in is not None
-                        rung = await self._create(stand_in, self.config.creation_attempts)
-                        if rung is not None:
-                            self._install(rung, ladder.index(stand_in), promote_after=0.0)
-                    if self.serving is None:
-                        await self._climb_down()
+            with self.loop.stoppable() as self._opening:  # (cancelled by a close)
+                await self._open()
         finally:
             self._opening = None
             done.set()
         if self.closed:  # by another task meanwhile: what this started stays alive
             await self.aclose(kill=True)
+
+    async def _open(self) -> None:
+        ladder = self.config.ladder
+        async with self._lock:
+            stand_in = next((STAND_IN[name] for name in ladder if name in STAND_IN),
+                            None) if self.config.warm_start else None
+            if stand_in in ladder:
+                # The stand-in at once, with the same retries as any rung; if it cannot
+                # start either, the ladder is climbed down as without warm_start.
+                assert stand_in is not None
+                rung = await self._create(stand_in, self.config.creation_attempts)
+                if rung is not None:
+                    self._install(rung, ladder.index(stand_in), promote_after=0.0)
+            if self.serving is None:
+                await self._climb_down()
 
     def rung_to_send_to(self) -> Rung | None:
         """The rung to send to now; None while one is being (re)built. Not a plain
