@@ -132,13 +132,19 @@ class Engine:
             return  # nothing new goes out (a stream still read ran all it had)
         if call in self.stalled:
             if self._over_window(call):
-                call.source.idle()  # what it let through since waits for its caller too
+                self._stall(call)  # (what it let through since waits too)
             else:
                 self.stalled.discard(call)
                 self.ready.append(call)
         elif call.wants_input and call not in self.stalled and call not in self.ready:
             self.ready.append(call)
         self.kick()
+
+    def _stall(self, call: Call) -> None:
+        """``call``'s caller is behind: it waits, and what its input let through waits
+        with it, holding no other call (a paused imap held every rate-limited one)."""
+        self.stalled.add(call)
+        call.source.idle()
 
     def finish(self, call: Call, *, kill: bool = False) -> None:
         """The call is over (done, failed, timed out or cancelled): forget it."""
@@ -287,8 +293,7 @@ class Engine:
             if not call.wants_input or not call.source.available():
                 continue
             if self._over_window(call):
-                self.stalled.add(call)
-                call.source.idle()  # its caller reads on later: no other call waits for it
+                self._stall(call)
                 continue
             fixed = fixed_size(call, self.config)
             # A call with its own chunk size, or with Dask options for its tasks, gets

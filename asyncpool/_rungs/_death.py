@@ -104,22 +104,27 @@ def opening_timed_out(starting: Sequence[Started], initializer: Any,
     they were not (else only the imports were slow: the first call finishes them)."""
     if opening_done(starting, initializer):
         return
-    # Forked, and given (most of) the time: it hangs. Forked late (its fork server
-    # stopped a while), a slow one was blamed for the fork server's delay.
-    late = time.monotonic() - 0.9 * (seconds or 0)
-    if initializer is not None and all(p.pid and p.forked_at <= late for p in starting
+    now = time.monotonic()
+    if initializer is not None and all(had_its_time(p, now, seconds) for p in starting
                                        if not p.started.is_set()):
         raise InitializerFailed.timed_out(initializer, seconds) from None
     # A stopped fork server (SIGSTOP) would keep every other try as long.
-    halted = bool(starting) and stopped(starting[0].server.process.pid)
+    halted = bool(starting) and server_stopped(starting[0])
     raise RungUnavailable(f"the worker processes did not start within {seconds} s" + (
         " (the fork server is stopped)" if halted else ""), again=not halted) from None
 
 
-def stopped(pid: int) -> bool:
-    """Whether process ``pid`` is stopped (SIGSTOP)."""
+def had_its_time(proc: Started, deadline: float, seconds: float | None) -> bool:
+    """Whether ``proc``, still starting at ``deadline`` (``seconds`` after it was asked
+    for), was forked early enough for its initializer to be what hangs. Forked late
+    (its fork server stopped a while), a slow one was blamed for the fork server."""
+    return proc.pid is not None and proc.forked_at <= deadline - 0.9 * (seconds or 0)
+
+
+def server_stopped(proc: Started) -> bool:
+    """Whether ``proc``'s fork server is stopped (SIGSTOP): it forks nothing."""
     try:
-        return _stat(pid)[0] in (b"T", b"t")
+        return _stat(proc.server.process.pid)[0] in (b"T", b"t")
     except (OSError, IndexError):
         return False
 

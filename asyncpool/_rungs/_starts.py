@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from .._errors import InitializerFailed
 from .._retry import RungUnavailable, backoff_delays
-from ._death import ProcState, initializer_failure, stopped
+from ._death import ProcState, had_its_time, initializer_failure, server_stopped
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -77,12 +77,9 @@ class Starts:
                 failed = initializer_failure(proc.init_error, proc.pid is not None,
                                              self.config.initializer) or proc.init_error
             elif proc.state is ProcState.STARTING and time.monotonic() >= deadline:
-                # Forked late (its fork server stopped a while), a slow initializer
-                # is not one that hangs: it had not the time.
-                failed = self._late(forked=proc.pid is not None and proc.forked_at <= (
-                    deadline - 0.9 * (self.config.start_timeout or 0)))
+                failed = self._late(had_its_time(proc, deadline, self.config.start_timeout))
                 proc.kill()
-                if proc.pid is None and stopped(proc.server.process.pid):
+                if proc.pid is None and server_stopped(proc):
                     # Stopped (SIGSTOP): every other try would wait as long for it.
                     self.failures = self.config.creation_attempts
             elif proc.state is ProcState.STARTING:
