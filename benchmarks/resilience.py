@@ -10,6 +10,7 @@ scheduler that does not answer. Writes benchmarks/RESILIENCE.md.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -149,11 +150,19 @@ async def main() -> list[str]:
     return rows
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.resilience")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "RESILIENCE.md"))
+    args = parser.parse_args(argv)
     rows = asyncio.run(main())
     text = "\n".join(["# Resilience timings", "",
                       f"`python -m benchmarks.resilience` on {time.strftime('%Y-%m-%d')}, "
                       f"{len(os.sched_getaffinity(0))} cores; medians of 3 to 5 runs.", "",
                       "| what | measured |", "|---|---|", *rows, ""])
-    (ROOT / "benchmarks" / "RESILIENCE.md").write_text(text)
+    Path(args.output).write_text(text)
     print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
