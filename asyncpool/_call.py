@@ -33,6 +33,16 @@ _ids = itertools.count(1)
 _NONE: frozenset[int] = frozenset()
 
 
+def _name_item(error: BaseException, index: int) -> None:
+    """Say which item raised a task's own error (the pool's errors name it already)."""
+    notes = getattr(error, "__notes__", None) or []
+    if not any(str(note).startswith("asyncpool:") for note in notes):
+        try:
+            error.add_note(f"asyncpool: raised by item {index} of the input")
+        except Exception:  # noqa: BLE001 - an exception type that refuses notes
+            pass
+
+
 class Mode(enum.Enum):
     LIST = "list"            # run, map, starmap: every result, in input order
     ORDERED = "ordered"      # imap: streamed in input order
@@ -163,6 +173,8 @@ class Call:
             first = errors[min(errors)]
             if self.first_error is None and not self.options.return_exceptions:
                 self.first_error = first
+                if self.source.total != 1 and not is_pool_made(first):
+                    _name_item(first, start + min(errors))
             # A function the workers cannot load fails the whole call once, even with
             # return_exceptions: every item would fail the same way.
             if (self.error is None and isinstance(first, FunctionUnavailable)

@@ -167,8 +167,10 @@ class PoolConfig:
             and list(self.rungs) == sorted(self.rungs, key=RUNGS.index)
         )
         if not ladder_ok:
+            unknown = [r for r in self.rungs if isinstance(r, str) and r not in RUNGS]
+            hint = did_you_mean(unknown[0], RUNGS) if unknown else ""
             raise ValueError(f"PoolConfig.rungs={self.rungs!r} is invalid: a non-empty, "
-                             f"ordered selection of {RUNGS} without repeats")
+                             f"ordered selection of {RUNGS} without repeats{hint}")
 
     @property
     def ladder(self) -> tuple[str, ...]:

@@ -423,5 +423,16 @@ async def test_a_stream_read_slowly_takes_a_bounded_number_of_small_items(
 async def test_a_map_raises_its_first_item_s_error(anyio_backend: str) -> None:
     # Items 1, 3, 5... fail in one chunk: the call raises item 1's error.
     async with ResilientPool(max_workers=1) as pool:
-        with pytest.raises(ValueError, match="^item 1 is odd$"):
+        with pytest.raises(ValueError, match="^item 1 is odd") as info:
             await pool.map(tasks.fail_if_odd, range(20), chunk_size=20)
+        # The error says which item raised it (in a note, as its message is the task's).
+        assert str(info.value) == "item 1 is odd"
+        assert info.value.__notes__ == ["asyncpool: raised by item 1 of the input"]
+        with pytest.raises(ValueError, match="^item 23 is odd") as info:
+            async for _ in pool.imap(tasks.fail_if_odd, range(22, 40), chunk_size=4):
+                pass
+        assert info.value.__notes__ == ["asyncpool: raised by item 1 of the input"]
+        # A single call's error needs no note.
+        with pytest.raises(ValueError, match="^item 3 is odd") as info:
+            await pool.run(tasks.fail_if_odd, 3)
+        assert not hasattr(info.value, "__notes__")
