@@ -1359,14 +1359,25 @@ async def test_a_slow_initializer_forked_late_in_a_replacement_is_no_fault(
             os.kill(server.process.pid, signal.SIGCONT)
 
 
+@pytest.mark.parametrize("full", [False, True])
 async def test_a_stopped_fork_server_is_tried_once_as_the_pool_opens(
-        anyio_backend: str) -> None:
+        full: bool, anyio_backend: str) -> None:
     # Each of creation_attempts tries waited start_timeout on the same stopped fork
     # server: a pool with the default 60 s stepped down to threads after 3 minutes.
+    # Its socket full of earlier requests too (no worker asked for at all), each try
+    # said "no worker process could start (None)".
+    from asyncpool._forkserver import ForkServer
+
     async with ResilientPool(max_workers=1) as warm:  # the fork server is up
         await warm.run(tasks.square, 1)
     events: list[PoolEvent] = []
     with fork_server_stopped():
+        if full:
+            with pytest.raises(BlockingIOError):
+                for _ in range(100_000):
+                    spawned = ForkServer.spawn()
+                    spawned.sock.close()
+                    spawned.status.close()
         async with ResilientPool(max_workers=2, rungs=("process", "thread"),
                                  start_timeout=0.5, on_event=events.append) as pool:
             assert pool.backend == "thread"

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from .._call import Chunk
+    from .._config import PoolConfig
 
 
 class ProcState(enum.Enum):
@@ -98,18 +99,19 @@ def opening_failure(starting: Sequence[Started], served: bool, initializer: Any)
         raise RungUnavailable(f"no worker process could start ({error!r})") from error
 
 
-def opening_timed_out(starting: Sequence[Started], initializer: Any,
-                      seconds: float | None) -> None:
-    """Raise why ``starting`` workers were not through their start in ``seconds``, if
-    they were not (else only the imports were slow: the first call finishes them)."""
-    if opening_done(starting, initializer):
+def opening_timed_out(starting: Sequence[Started], config: PoolConfig, server: Any) -> None:
+    """Raise why ``starting`` workers were not through their start in
+    ``config.start_timeout``, if they were not (else only the imports were slow: the
+    first call finishes them). None asked for at all: ``server``'s socket stayed full."""
+    initializer, seconds = config.initializer, config.start_timeout
+    if starting and opening_done(starting, initializer):
         return
     now = time.monotonic()
     if initializer is not None and all(had_its_time(p, now, seconds) for p in starting
                                        if not p.started.is_set()):
         raise InitializerFailed.timed_out(initializer, seconds) from None
     # A stopped fork server (SIGSTOP) would keep every other try as long.
-    halted = bool(starting) and server_stopped(starting[0])
+    halted = server_stopped(server)
     raise RungUnavailable(f"the worker processes did not start within {seconds} s" + (
         " (the fork server is stopped)" if halted else ""), again=not halted) from None
 
@@ -121,10 +123,13 @@ def had_its_time(proc: Started, deadline: float, seconds: float | None) -> bool:
     return proc.pid is not None and proc.forked_at <= deadline - 0.9 * (seconds or 0)
 
 
-def server_stopped(proc: Started) -> bool:
-    """Whether ``proc``'s fork server is stopped (SIGSTOP): it forks nothing."""
+def server_stopped(server: Any) -> bool:
+    """Whether the fork server ``server`` (if any) is stopped (SIGSTOP): it forks
+    nothing."""
+    if server is None:
+        return False
     try:
-        return _stat(proc.server.process.pid)[0] in (b"T", b"t")
+        return _stat(server.process.pid)[0] in (b"T", b"t")
     except (OSError, IndexError):
         return False
 

@@ -79,7 +79,7 @@ class Starts:
             elif proc.state is ProcState.STARTING and time.monotonic() >= deadline:
                 failed = self._late(had_its_time(proc, deadline, self.config.start_timeout))
                 proc.kill()
-                if proc.pid is None and server_stopped(proc):
+                if proc.pid is None and server_stopped(proc.server):
                     # Stopped (SIGSTOP): every other try would wait as long for it.
                     self.failures = self.config.creation_attempts
             elif proc.state is ProcState.STARTING:

@@ -105,7 +105,7 @@ class ProcessRung(Rung, Events):
                     await self._nudge.wait()
                 await imported.wait()  # what the first call needs (else on the loop)
         except TimeoutError:
-            opening_timed_out(starting, self.config.initializer, self.config.start_timeout)
+            opening_timed_out(starting, self.config, ForkServer.current())
         ready = sum(p.state is ProcState.READY for p in self.procs)
         opening_failure(starting, ready > 0, self.config.initializer)
         if ready < self.config.max_workers:
