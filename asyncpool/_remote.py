@@ -59,22 +59,25 @@ def portable(exc: BaseException, raiser: str = "the task") -> BaseException:
 
 def encode_errors(errors: dict[int, BaseException]) -> list[tuple[int, bytes, str]]:
     """(position, pickled exception, traceback text) for each failed item."""
-    encoded = []
-    for position, exc in errors.items():
-        name, message, text = describe(exc)
-        try:
-            exc = portable(exc)
-            try:
-                blob = pickle.dumps(exc, 5)
-            except BaseException:
-                import cloudpickle
+    return [(position, *encode_error(exc)) for position, exc in errors.items()]
 
-                blob = cloudpickle.dumps(exc, 5)
+
+def encode_error(exc: BaseException, raiser: str = "the task") -> tuple[bytes, str]:
+    """``exc`` pickled as faithfully as it goes (by cloudpickle where a class of the
+    caller's script needs it), and its traceback text."""
+    name, message, text = describe(exc)
+    try:
+        exc = portable(exc, raiser)
+        try:
+            blob = pickle.dumps(exc, 5)
         except BaseException:
-            blob = pickle.dumps(RemoteError(f"{name}: {message}", type_name=name,
-                                            traceback=text), 5)
-        encoded.append((position, blob, text))
-    return encoded
+            import cloudpickle
+
+            blob = cloudpickle.dumps(exc, 5)
+    except BaseException:
+        blob = pickle.dumps(RemoteError(f"{name}: {message}", type_name=name,
+                                        traceback=text), 5)
+    return blob, text
 
 
 def decode_error(blob: bytes, text: str) -> BaseException:

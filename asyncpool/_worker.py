@@ -19,10 +19,10 @@ import threading
 import time
 
 from . import _handover, _wire
-from ._errors import RemoteError, SerializationError, pool_made
+from ._errors import SerializationError, pool_made
 from ._execute import (FORKED, Unloadable, cut_after_running, dump_results, execute,
                        leave_if_forked, loads)
-from ._remote import describe, encode_errors, portable
+from ._remote import encode_error, encode_errors
 from ._share import initialize, share_main
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
@@ -317,13 +317,9 @@ def serve(sock: socket.socket, progress: Any, own: dict[str, str]) -> int:
             initializer, initargs = loads(settings["initializer"])
             initialize(share_main(initializer), initargs)
         except BaseException as exc:
-            failure = portable(exc, "the initializer")
             try:
-                blob = pickle.dumps(failure, 5)
-            except BaseException:
-                blob = pickle.dumps(RemoteError(repr(exc)), 5)
-            try:
-                worker.send(_wire.INIT_FAILED, [pickle.dumps((blob, describe(exc)[2]), 5)])
+                worker.send(_wire.INIT_FAILED,
+                            [pickle.dumps(encode_error(exc, "the initializer"), 5)])
             except OSError:
                 pass
             return 0

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from asyncpool import RemoteError, ResilientPool  # noqa: E402
+from asyncpool import InitializerFailed, RemoteError, ResilientPool  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -103,6 +103,14 @@ async def main() -> None:
         except RemoteError as exc:
             assert exc.type_name == "__main__.NeedsTwo" and "2-2" in str(exc)
             print("two-args:RemoteError")
+    # An initializer's error too (it came as a RemoteError, its class lost).
+    try:
+        async with ResilientPool(max_workers=1, rungs=("process",), initializer=oops,
+                                 initargs=(3,)):
+            pass
+    except InitializerFailed as exc:
+        assert type(exc.__cause__) is Oops and str(exc.__cause__) == "oops 3", exc.__cause__
+        print("initializer:Oops")
 
 
 if __name__ == "__main__":

@@ -334,7 +334,8 @@ async def test_main_script_classes_come_back_as_themselves() -> None:
     proc = run_script("_main_classes.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["dataclass:Point", "library-wrapped:ok", "argument:Point",
-                                   "rebound:same", "exception:Oops", "two-args:RemoteError"], (
+                                   "rebound:same", "exception:Oops", "two-args:RemoteError",
+                                   "initializer:Oops"], (
         proc.stdout)
 
 
