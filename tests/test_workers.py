@@ -1569,3 +1569,26 @@ async def test_a_fork_server_behind_on_its_requests_is_not_a_shortage(
         assert pool.statistics().workers == 24, [e.message for e in events]
         assert not [e for e in events if e.kind in ("rung_warning", "creation_failed")]
         assert len(set(await pool.map(tasks.pid_of, range(200)))) > 1
+
+
+async def test_a_call_does_not_wait_behind_a_big_argument_still_being_sent(
+        anyio_backend: str) -> None:
+    # A request that arrived while another caller's 150 MB argument was being written
+    # to a worker queued behind it there (the other worker busy a few ms): it waited
+    # for the whole transfer. Here that worker is stopped: the transfer never ends.
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        await pool.map(tasks.square, range(20))
+        rung = pool._engine.ladder.serving  # type: ignore[attr-defined]
+        receiver = rung.procs[0]  # the first of two idle workers takes the next chunk
+        os.kill(receiver.pid, signal.SIGSTOP)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.run, tasks.size_of, b"x" * (64 << 20))
+                await wait_until(lambda: receiver.outbox)
+                tg.start_soon(pool.run, tasks.nap, 0.3)  # the other worker: busy a while
+                await wait_until(lambda: pool.statistics().chunks_in_flight == 2)
+                with anyio.fail_after(20):  # (never, behind the stopped transfer)
+                    assert await pool.run(tasks.pid_of) != receiver.pid
+                os.kill(receiver.pid, signal.SIGCONT)
+        finally:
+            os.kill(receiver.pid, signal.SIGCONT)

@@ -1,8 +1,7 @@
 """One worker process as the parent sees it: its socket, its chunks, its death.
 
-Everything here runs on the event loop, in callbacks: the loop is told when the
-worker's socket or status socket is readable or its socket writable, and nothing
-blocks. A worker runs its chunks in the order they were sent, so the oldest chunk it
+Everything here runs on the event loop, in callbacks on the worker's sockets, and
+nothing blocks. A worker runs its chunks in the order they were sent, so the oldest chunk it
 holds is the one its messages are about.
 """
 
@@ -50,6 +49,7 @@ class Events:
     def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None: ...
     def proc_cut(self, proc: Proc, chunk: Chunk, keep: int) -> None: ...
     def proc_dead(self, proc: Proc, death: Death) -> None: ...
+    def proc_sent(self, proc: Proc) -> None: ...
 
 
 class Proc:
@@ -68,8 +68,7 @@ class Proc:
         self.heard = 0.0
         #: Function ids this worker holds, and ids it should drop.
         self.functions, self.forget = set[int](), list[int]()
-        #: Items sent to it, for max_tasks_per_worker.
-        self.tasks = 0
+        self.tasks = 0  # items sent to it, for max_tasks_per_worker
         #: How its running chunk goes (see _rebalance).
         self.pace = Pace()
         #: Chunks asked back (see ProcessRung._take_back), by their seq.
@@ -83,7 +82,8 @@ class Proc:
         self.ready_rss = 0
         self.started = loop.event()
         self._reader = _wire.FrameReader()
-        self._outbox: deque[memoryview] = deque()
+        #: What is still to be written to its socket (see ProcessRung._pick).
+        self.outbox: deque[memoryview] = deque()
         self._stops: list[Callable[[], object]] = []
         self._writing: Callable[[], object] | None = None
         self._exit_status: int | None = None
@@ -108,12 +108,12 @@ class Proc:
 
     def send(self, kind: int, parts: list[Any]) -> None:
         views = [memoryview(b).cast("B") for b in _wire.frame(kind, parts)]
-        self._outbox.extend(v for v in views if v.nbytes)
+        self.outbox.extend(v for v in views if v.nbytes)
         if self._writing is None:
             self._flush()
 
     def _flush(self) -> None:
-        outbox, budget = self._outbox, _wire.TURN_BYTES
+        outbox, budget = self.outbox, _wire.TURN_BYTES
         while outbox and budget > 0:
             try:
                 sent = self.sock.sendmsg(list(outbox)[:64])
@@ -134,6 +134,7 @@ class Proc:
         elif not outbox and self._writing is not None:
             self._writing()
             self._writing = None
+            self.events.proc_sent(self)
 
     # -- receiving -----------------------------------------------------------------
 
@@ -274,7 +275,7 @@ class Proc:
         retiring = self.state is ProcState.RETIRING
         self.state = ProcState.DEAD
         self.detach()
-        self._outbox.clear()
+        self.outbox.clear()
         if self.pid is not None and (self._orphaned or unreaped):
             # The fork server died (its workers die with it), or is stopped: nobody
             # else stops what this worker started (an unreaped group is not reused).

@@ -63,10 +63,9 @@ class ProcessRung(Rung, Events):
         self._looking = False
         self._settings, self._park_key = worker_settings(config)
         self._directory = directory()
-        #: A busy worker is given a third chunk only while what it holds is expected
-        #: to take no longer than this (s): DEPTH chunks of the target size. Behind
-        #: long items, one chunk waits there, the next here for the first free worker
-        #: (a call arriving meanwhile waited behind two 200 ms items on each worker).
+        #: A busy worker gets a third chunk only while what it holds should take at most
+        #: this (s): DEPTH target-sized chunks (behind long items, one waits there, the
+        #: next here for the first free worker; a call waited behind two 200 ms items).
         self._depth = DEPTH * config.target_chunk_seconds
         self._recycling = Recycling(config)
         #: Set when a worker dies (what closing waits for).
@@ -141,11 +140,10 @@ class ProcessRung(Rung, Events):
     def _pick(self, wait_on_stuck: bool = True) -> Proc | None:
         best = None
         stuck = time.monotonic() - STUCK_SECONDS
-        # While a worker is replaced (after a crash), what would wait behind a busy one
-        # waits a few ms for the replacement instead.
+        # Not behind a long item, or a big argument still written to its worker; while a
+        # worker is replaced (after a crash), not behind any: it waits a few ms for it.
         replacing = wait_on_stuck and self.replacing()
-        # At most max_workers workers run items (see Recycling.room).
-        room = self._recycling.room(self.procs)
+        room = self._recycling.room(self.procs)  # max_workers run items (Recycling.room)
         for proc in self.procs:
             if not self._recycling.serves(proc):
                 continue
@@ -154,7 +152,8 @@ class ProcessRung(Rung, Events):
                 break
             if len(proc.chunks) >= DEPTH:
                 continue
-            if wait_on_stuck and proc.chunks and (replacing or proc.heard < stuck or (
+            if wait_on_stuck and proc.chunks and (replacing or proc.outbox or (
+                    proc.heard < stuck) or (
                     len(proc.chunks) > 1 and proc.work_held() > self._depth)):
                 continue
             if best is None or len(proc.chunks) < len(best.chunks):
@@ -183,8 +182,7 @@ class ProcessRung(Rung, Events):
                      if p.call.shipped.id not in proc.functions}
         self._seq += 1
         # After a crash among a call's items, results go back ten times as often (a
-        # crash loses at most 0.5 ms of work). Each on its own, tiny items ran 30 times
-        # slower for the rest of the call.
+        # crash loses at most 0.5 ms of work; one by one, tiny items ran 30x slower).
         careful = chunk.crashes > 0 or any(p.call.crashed for p in chunk.pieces)
         try:
             parts = chunk_frame(self._seq, FLUSH_SECONDS / (10 if careful else 1),
@@ -200,9 +198,8 @@ class ProcessRung(Rung, Events):
             len(f.blob) + sum(memoryview(b).nbytes for b in f.buffers)
             for f in functions.values())
         proc.take(chunk, parts, functions)
-        # It leaves soon (or after this chunk): its replacement starts now, so that no
-        # call waits for it. Or items wait behind others: the supervisor looks for a
-        # worker stuck on one.
+        # Leaving soon (or after this chunk), it is replaced now, so no call waits for
+        # it; or items wait behind others: the supervisor looks for a stuck worker.
         if self._recycling.replace_early(proc, chunk) or self._recycling.spent(proc) or (
                 not self._looking and (chunk.size > 1 or len(proc.chunks) > 1)):
             self._grow()
@@ -280,6 +277,9 @@ class ProcessRung(Rung, Events):
 
     def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None:
         self.listener.chunk_lost(chunk, Resend.MOVED)
+
+    def proc_sent(self, proc: Proc) -> None:
+        self.listener.rung_changed()  # a chunk may now wait behind what it holds
 
     def _take_back(self) -> None:
         """While a worker is idle, ask for the chunks that wait behind an item running
