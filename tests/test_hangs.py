@@ -999,12 +999,15 @@ async def test_a_stopped_calls_hung_item_is_killed_when_it_started_unheard(
                 # queues behind; the window is swept across the nap's end.
                 await wait_until(lambda: pool.statistics().chunks_in_flight >= 1)
                 at = long - (time.monotonic() - began) + step * 0.00025
+                if at <= 0:
+                    continue  # (a loaded machine: the nap already ended, past the window)
                 with anyio.move_on_after(at) if stop == "cancel" else contextlib.nullcontext():
                     with contextlib.suppress(DeadlineExceeded):
                         await pool.run(tasks.hang_forever, **(
                             {"timeout": at, "kill_on_timeout": True} if stop == "timeout"
                             else {"cancel_running": "kill"}))
-            assert await pool.run(tasks.square, 3, timeout=5) == 9, f"stuck at {at}"
+            # (Stuck: never. A loaded machine can starve the replacement for seconds.)
+            assert await pool.run(tasks.square, 3, timeout=30) == 9, f"stuck at {at}"
         tg.cancel_scope.cancel()
 
 
