@@ -44,6 +44,8 @@ class _Feeder:
             self.task = self.engine.loop.spawn(call.source.feed, self._want, self._arrived)
 
     def _want(self) -> int:
+        if self.call in self.engine.stalled:
+            return 0  # (under a rate limit, nothing is let through for it meanwhile)
         ahead = max(1, self.engine.read_ahead(self.call))
         # Under a rate limit, few wait at most: more would go out together.
         return min([ahead, *(limit.depth for limit in self.call.source.limits)])

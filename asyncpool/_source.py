@@ -16,6 +16,7 @@ import functools
 import math
 import random
 import time
+from collections import deque
 from types import GeneratorType
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
@@ -40,7 +41,9 @@ class RateLimit:
     in its call's input until sent: a call holds at most :attr:`depth` such items (5 ms
     of the rate), and while one holds some, no other call's are let through (let
     through while every worker was busy, they all went out together after a stall).
-    Works on any anyio loop.
+    A call whose caller fell behind gives its starts back (see :meth:`Source.idle`),
+    and one sent long after it was let through counts from when it went (see
+    :meth:`went`). Works on any anyio loop.
     """
 
     def __init__(self, rate: float) -> None:
@@ -69,6 +72,12 @@ class RateLimit:
                 await anyio.sleep(at - now)
             self._last = at
 
+    def went(self, let_through: float, now: float) -> None:
+        """A start let through at ``let_through`` went out ``now``: held past its turn
+        (the workers were busy), the next one is spaced from now (two went together)."""
+        if now - let_through > (self.depth + 1) * self.interval:
+            self._last = max(self._last, now)
+
     def hold(self, holder: object) -> None:
         """``holder`` (a call's input) holds items it let through, unsent."""
         self._holders.add(holder)
@@ -95,6 +104,9 @@ class Source:
         self._ait: AsyncIterator[Any] | None = None
         self._pos = 0
         self._buffer: list[Any] = []
+        #: Under rate limits: when each of the first buffered items was let through
+        #: (items after those wait for a start: theirs went back, see idle).
+        self._starts: deque[float] = deque()
         self._room: anyio.Event | None = None  # made by the feeder when it waits
         self._puller: Puller | None = None
         self._closed = False
@@ -155,7 +167,15 @@ class Source:
 
     def available(self) -> bool:
         """Whether :meth:`take` may give something now."""
+        if self.limits:
+            if len(self._starts) < len(self._buffer) or not self._buffer:
+                self.wake()  # their starts went back (see idle), or none came since
+            return bool(self._starts)
         return bool(self._buffer) if self.fed else not self.ended
+
+    def wake(self) -> None:
+        if self._room is not None:
+            self._room.set()
 
     def _ahead(self, count: int) -> tuple[Sequence[Any], int, int]:
         """Where the next ``count`` items at hand are: (sequence, start, end)."""
@@ -211,13 +231,19 @@ class Source:
     def take(self, count: int) -> list[Any]:
         """Up to ``count`` items that can be had now, without waiting."""
         if self.fed:
+            if self.limits:
+                count = min(count, len(self._starts))
             taken = self._buffer[:count]
             del self._buffer[:count]
-            if not self._buffer:
+            if self.limits and taken:
+                now, first = time.monotonic(), self._starts[0]
+                for _ in taken:
+                    self._starts.popleft()
                 for limit in self.limits:
-                    limit.let_go(self)
-            if self._room is not None:
-                self._room.set()
+                    limit.went(first, now)
+                    if not self._starts:
+                        limit.let_go(self)
+            self.wake()
             return taken
         return self._slice(count)
 
@@ -240,17 +266,22 @@ class Source:
         try:
             # Not after it closed: an input whose first wait is shielded kept this loop
             # reading on trio, where being cancelled reaches only unshielded waits.
-            while not self.ended and not self._closed:
-                while len(self._buffer) >= max(1, want()):
+            while not self._closed and not (self.done if self.limits else self.ended):
+                if not self._short(want()):
                     self._room = room = anyio.Event()
                     await room.wait()
+                    continue
                 for limit in self.limits:
                     await limit.acquire(self)
+                if self.limits and len(self._starts) < len(self._buffer):
+                    self._let_through(0)  # an item whose start went back (see idle)
+                    arrived()
+                    continue
+
                 def sink(items: list[Any]) -> None:
                     if items and not self._closed:
                         self._buffer.extend(items)
-                        for limit in self.limits:
-                            limit.hold(self)
+                        self._let_through(len(items) - 1)
                         arrived()
 
                 error, ended = await self._pull(1 if self.limits else max(1, want()), sink)
@@ -267,6 +298,20 @@ class Source:
                 raise
             self.error, self.ended = exc, True
             arrived()
+
+    def _short(self, want: int) -> bool:
+        """Whether the feeder pulls now (under a rate limit: lets one through; ``want``
+        is 0 while the caller is behind)."""
+        if not self.limits:
+            return len(self._buffer) < max(1, want)
+        return len(self._starts) < (min(want, len(self._buffer)) if self.ended else want)
+
+    def _let_through(self, more: int) -> None:
+        """The next item waiting (and ``more`` after it, pulled with it) may start."""
+        if self.limits:
+            self._starts.extend([time.monotonic()] * (1 + more))
+            for limit in self.limits:
+                limit.hold(self)
 
     async def _pull(self, count: int, sink: Callable[[list[Any]], None]) -> Batch:
         """Up to ``count`` items into ``sink``, as they come."""
@@ -295,7 +340,10 @@ class Source:
 
     def idle(self) -> None:
         """What it holds waits for its caller, not for a worker: other calls' items
-        are let through meanwhile (a paused ``imap`` held them all for good)."""
+        are let through meanwhile (a paused ``imap`` held them all for good), and its
+        own starts go back, to be asked for again (30 paused streams that resumed
+        together each sent one item at once)."""
+        self._starts.clear()
         for limit in self.limits:
             limit.let_go(self)
 

@@ -68,6 +68,66 @@ async def test_a_paused_stream_holds_no_other_call_behind_a_rate_limit(
                 assert await pool.map(tasks.square, range(5)) == [0, 1, 4, 9, 16]
 
 
+_started: list[float] = []
+
+
+def _note_start(i: int) -> int:
+    _started.append(time.monotonic())  # (on the thread rung: this process's list)
+    return i
+
+
+def _most_within(stamps: list[float], seconds: float) -> int:
+    stamps = sorted(stamps)
+    return max(sum(1 for s in stamps[i:] if s - first < seconds)
+               for i, first in enumerate(stamps))
+
+
+async def test_paused_streams_that_resume_together_keep_the_rate(anyio_backend: str) -> None:
+    # Each paused stream kept one item its limit had let through; resumed together,
+    # they all went out at once (30 streams at 100/s: 130 starts in one second).
+    rate, streams = 200, 30
+    _started.clear()
+    async with ResilientPool(max_workers=1, rungs=("thread",), rate_limit=rate) as pool:
+        resume = anyio.Event()
+
+        async def stream() -> None:
+            async with pool.imap(_note_start, (i for i in range(1000)), chunk_size=1) as results:
+                read = 0
+                async for _ in results:
+                    read += 1
+                    if read == 1:
+                        await resume.wait()
+                    elif read == 14:  # past its window of 12: what it kept, and one more
+                        break
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(streams):
+                tg.start_soon(stream)
+            # Every stream's window full: each waits for its caller.
+            await wait_until(lambda: len(pool._engine.stalled) == streams,  # type: ignore[attr-defined]
+                             timeout=60)
+            resume.set()
+    # One start every 5 ms: 10 in 50 ms, a few more where the thread ran late and the
+    # chunks queued for it (up to 3) went together; not the 30 the streams kept.
+    assert _most_within(_started, 0.05) <= rate * 0.05 + 10, _most_within(_started, 0.05)
+    assert _most_within(_started, 1.0) <= rate + 2
+
+
+async def test_an_item_held_through_a_stall_is_not_followed_at_once(
+        anyio_backend: str) -> None:
+    # Let through while the only worker was busy (and taken for stuck: nothing more
+    # queues there), an item went out when it was free, and the next one with it: its
+    # start was counted from when it was let through.
+    rate = 2
+    async with ResilientPool(max_workers=1, rungs=("process",), rate_limit=rate) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run, tasks.nap, 2.0)
+            await wait_until(lambda: pool.statistics().chunks_in_flight == 1)
+            starts = [at for _, at in await pool.map(tasks.nap_until, [0.0] * 3)]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert min(gaps) > 0.5 / rate, gaps
+
+
 async def test_a_failed_stream_holds_no_other_call_behind_a_rate_limit(
         anyio_backend: str) -> None:
     # An imap whose item 3 failed, its caller still at item 0, kept an item the limit
