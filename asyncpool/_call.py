@@ -34,13 +34,14 @@ _NONE: frozenset[int] = frozenset()
 
 
 def _name_item(error: BaseException, index: int) -> None:
-    """Say which item raised a task's own error (the pool's errors name it already)."""
-    notes = getattr(error, "__notes__", None) or []
-    if not any(str(note).startswith("asyncpool:") for note in notes):
-        try:
-            error.add_note(f"asyncpool: raised by item {index} of the input")
-        except Exception:  # noqa: BLE001 - an exception type that refuses notes
-            pass
+    """Say which item raised a task's own error (the pool's errors name it already):
+    one note, this call's (one object raised again on the thread rung kept the first)."""
+    try:
+        notes = [n for n in getattr(error, "__notes__", None) or ()
+                 if not str(n).startswith("asyncpool:")]
+        error.__notes__ = [*notes, f"asyncpool: raised by item {index} of the input"]
+    except Exception:  # noqa: BLE001 - an exception type that refuses notes
+        pass
 
 
 class Mode(enum.Enum):

@@ -121,12 +121,12 @@ class ForkServer:
                 stdin.write(b"\0".join(os.fsencode(p) for p in path
                                        if isinstance(p, str | bytes | os.PathLike)))
                 stdin.seek(0)
-                # Its own process group: a Ctrl-C in the terminal is the parent's to
-                # handle. Not its own session: where the kernel groups each session for
-                # CPU (autogroup), the workers were starved for seconds on a busy machine.
+                # Its own session: a Ctrl-C in the terminal is the parent's to handle,
+                # and a worker that writes to the terminal is not stopped (SIGTTOU) as a
+                # background job would be.
                 self.process = subprocess.Popen(command, pass_fds=(child.fileno(),),
                                                 stdin=stdin, env=_for_exec(command),
-                                                process_group=0)
+                                                start_new_session=True)
         except OSError as exc:
             parent.close()
             if is_transient(exc):

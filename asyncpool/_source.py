@@ -308,7 +308,7 @@ class Source:
 
     def _let_through(self, more: int) -> None:
         """The next item waiting (and ``more`` after it, pulled with it) may start."""
-        if self.limits:
+        if self.limits and not self._closed:  # (closed: nothing of it goes any more)
             self._starts.extend([time.monotonic()] * (1 + more))
             for limit in self.limits:
                 limit.hold(self)

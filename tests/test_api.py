@@ -432,6 +432,21 @@ async def test_a_map_raises_its_first_item_s_error(anyio_backend: str) -> None:
             async for _ in pool.imap(tasks.fail_if_odd, range(22, 40), chunk_size=4):
                 pass
         assert info.value.__notes__ == ["asyncpool: raised by item 1 of the input"]
+    # One object raised again (the thread rung hands the task's own): this call's
+    # item, not the first call's.
+    shared = ValueError("one object")
+
+    def raise_shared(x: int) -> int:
+        if x == 2:
+            raise shared
+        return x
+
+    async with ResilientPool(max_workers=1, rungs=("thread",)) as threads:
+        for items, index in (([0, 1, 2], 2), ([2, 5], 0)):
+            with pytest.raises(ValueError) as info:
+                await threads.map(raise_shared, items)
+            assert info.value.__notes__ == [f"asyncpool: raised by item {index} of the input"]
+    async with ResilientPool(max_workers=1) as pool:
         # A single call's error needs no note.
         with pytest.raises(ValueError, match="^item 3 is odd") as info:
             await pool.run(tasks.fail_if_odd, 3)

@@ -1364,11 +1364,12 @@ async def test_a_slow_initializer_forked_late_in_a_replacement_is_no_fault(
 
 @pytest.mark.parametrize("full", [False, True])
 async def test_a_stopped_fork_server_is_tried_once_as_the_pool_opens(
-        full: bool, anyio_backend: str) -> None:
+        full: bool, tmp_path: Path, anyio_backend: str) -> None:
     # Each of creation_attempts tries waited start_timeout on the same stopped fork
     # server: a pool with the default 60 s stepped down to threads after 3 minutes.
     # Its socket full of earlier requests too (no worker asked for at all), each try
-    # said "no worker process could start (None)".
+    # said "no worker process could start (None)"; with an initializer, the open
+    # failed, blaming it (no worker had hung in it: none was forked).
     from asyncpool._forkserver import ForkServer
 
     async with ResilientPool(max_workers=1) as warm:  # the fork server is up
@@ -1382,7 +1383,9 @@ async def test_a_stopped_fork_server_is_tried_once_as_the_pool_opens(
                     spawned.sock.close()
                     spawned.status.close()
         async with ResilientPool(max_workers=2, rungs=("process", "thread"),
-                                 start_timeout=0.5, on_event=events.append) as pool:
+                                 start_timeout=0.5, on_event=events.append,
+                                 initializer=tasks.note_and_nap if full else None,
+                                 initargs=(str(tmp_path), 0.0) if full else ()) as pool:
             assert pool.backend == "thread"
     tries = [e.message for e in events if e.kind == "creation_failed"]
     assert len(tries) == 1 and "fork server is stopped" in tries[0], tries

@@ -44,6 +44,7 @@ from asyncpool._sizing import (SEND_SECONDS, TARGET_CHUNK_BYTES, Timing, assembl
                                guided_cap)
 
 from . import tasks
+from .helpers import wait_until
 
 # -- sizing --------------------------------------------------------------------------
 
@@ -1450,3 +1451,28 @@ def test_a_cluster_workers_threads_loading_one_pickle_share_what_it_caches(
         thread.join()
     assert [fn(5) for fn in got] == [10, 10]
     assert _share._spaces["pool"][0]["RUNS"] == [5]
+
+
+@pytest.mark.anyio
+async def test_an_input_closed_while_its_feeder_waits_for_the_rate_limit_holds_it_not(
+        anyio_backend: str) -> None:
+    # Closed (its call failed) while its feeder waited for a start for an item whose
+    # start had gone back, the input took that start when it came, and held every
+    # other call under the limit until its caller came back.
+    from asyncpool._source import RateLimit, Source
+
+    limit = RateLimit(1000)
+    source = Source(iter(range(10)), [limit])
+    other = object()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(source.feed, lambda: 1, lambda: None)
+        await wait_until(lambda: source.buffered == 1)  # let through, held
+        source.idle()  # its caller fell behind: the start goes back
+        limit.hold(other)  # another call holds the limit meanwhile
+        assert not source.available()  # ... and its feeder asks again, and waits
+        await anyio.sleep(0.05)
+        source.close()
+        limit.let_go(other)  # the start comes: nothing of the closed input takes it
+        await anyio.sleep(0.05)
+        assert limit._holders == set()
+        tg.cancel_scope.cancel()

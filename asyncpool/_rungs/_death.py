@@ -107,8 +107,8 @@ def opening_timed_out(starting: Sequence[Started], config: PoolConfig, server: A
     if starting and opening_done(starting, initializer):
         return
     now = time.monotonic()
-    if initializer is not None and all(had_its_time(p, now, seconds) for p in starting
-                                       if not p.started.is_set()):
+    if initializer is not None and starting and all(
+            had_its_time(p, now, seconds) for p in starting if not p.started.is_set()):
         raise InitializerFailed.timed_out(initializer, seconds) from None
     # A stopped fork server (SIGSTOP) would keep every other try as long.
     halted = server_stopped(server)
