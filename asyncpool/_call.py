@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from ._errors import FunctionUnavailable, is_pool_made
+from ._errors import AsyncPoolError, FunctionUnavailable, RemoteError, is_pool_made
 from ._options import CallOptions
 from ._sizing import Timing, assemble
 from ._source import Source
@@ -174,7 +174,9 @@ class Call:
             first = errors[min(errors)]
             if self.first_error is None and not self.options.return_exceptions:
                 self.first_error = first
-                if self.source.total != 1 and not is_pool_made(first):
+                # The pool's own errors name their item (a RemoteError is a task's).
+                if self.source.total != 1 and (isinstance(first, RemoteError) or not (
+                        isinstance(first, AsyncPoolError))):
                     _name_item(first, start + min(errors))
             # A function the workers cannot load fails the whole call once, even with
             # return_exceptions: every item would fail the same way.

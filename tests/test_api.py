@@ -432,6 +432,9 @@ async def test_a_map_raises_its_first_item_s_error(anyio_backend: str) -> None:
             async for _ in pool.imap(tasks.fail_if_odd, range(22, 40), chunk_size=4):
                 pass
         assert info.value.__notes__ == ["asyncpool: raised by item 1 of the input"]
+        with pytest.raises(ValueError) as info:  # in the second chunk
+            await pool.map(tasks.fail_on, range(20), chunk_size=2)
+        assert info.value.__notes__ == ["asyncpool: raised by item 3 of the input"]
     # One object raised again (the thread rung hands the task's own): this call's
     # item, not the first call's.
     shared = ValueError("one object")

@@ -113,6 +113,21 @@ async def test_paused_streams_that_resume_together_keep_the_rate(anyio_backend: 
     assert _most_within(_started, 1.0) <= rate + 2
 
 
+async def test_a_paused_stream_whose_input_ends_meanwhile_gets_every_item_out(
+        anyio_backend: str) -> None:
+    # Under a limit that lets several through at a time (10 at 2,000/s), a stream
+    # paused until its window is full gives back what was let through for it; its
+    # input ends meanwhile. Read again, every item still goes out, each once.
+    async with ResilientPool(max_workers=1, rate_limit=2000, max_chunks_in_flight=1) as pool:
+        # A window of 4 items: the input (6) ends while the stream waits.
+        async with pool.imap(tasks.square, (i for i in range(6)), chunk_size=1) as results:
+            got = [await results.__anext__()]
+            await wait_until(lambda: len(pool._engine.stalled) == 1)  # type: ignore[attr-defined]
+            with anyio.fail_after(30):
+                got += [value async for value in results]
+    assert got == [i * i for i in range(6)]
+
+
 async def test_an_item_held_through_a_stall_is_not_followed_at_once(
         anyio_backend: str) -> None:
     # Let through while the only worker was busy (and taken for stuck: nothing more

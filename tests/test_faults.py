@@ -67,8 +67,9 @@ async def test_poison_item_is_isolated(fn: object, anyio_backend: str) -> None:
         assert "2 time(s)" in str(error)  # max_crashes_per_item, counted alone
         assert [r for i, r in enumerate(results) if i != poison] == [
             i for i in range(2000) if i != poison]
-        with pytest.raises(WorkerCrashed, match=f"item {poison}"):
+        with pytest.raises(WorkerCrashed, match=f"item {poison}") as info:
             await pool.map(fn, items)  # type: ignore[call-overload]
+        assert not hasattr(info.value, "__notes__")  # (it names its item itself)
         assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
 
 

@@ -518,6 +518,8 @@ def test_both_ways_to_configure_and_a_typo_says_what_was_meant() -> None:
         PoolConfig(max_wokers=2)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="did you mean 'thread'"):
         ResilientPool(rungs=("process", "threads"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rungs=.'process', 3. is invalid"):
+        ResilientPool(rungs=("process", 3))  # type: ignore[arg-type]
     # A call's option given to the pool is said so ("did you mean 'start_timeout'?"
     # sent a user to the wrong setting).
     for name in ("timeout", "return_exceptions", "cancel_running"):
