@@ -110,7 +110,7 @@ async def test_paused_streams_that_resume_together_keep_the_rate(anyio_backend: 
     # One start every 5 ms: 10 in 50 ms, a few more where the thread ran late and the
     # chunks queued for it (up to 3) went together; not the 30 the streams kept.
     assert _most_within(_started, 0.05) <= rate * 0.05 + 10, _most_within(_started, 0.05)
-    assert _most_within(_started, 1.0) <= rate + 2
+    assert _most_within(_started, 1.0) <= rate + 10, _most_within(_started, 1.0)  # (not 230)
 
 
 async def test_a_paused_stream_whose_input_ends_meanwhile_gets_every_item_out(
