@@ -434,7 +434,7 @@ class ResilientPool:
                          sorted(options.dask))
         limits = [RateLimit(options.rate_limit)] if options.rate_limit else []
         if self._limit is not None:
-            limits.insert(0, self._limit)
+            limits.append(self._limit)  # the pool's last (see Source.feed)
         assert self._loop is not None
         return Call(fn, shipped, star, Source(items, limits), options,
                     self._functions.timing(fn), mode, self._loop.event)

@@ -271,8 +271,13 @@ class Source:
                     self._room = room = anyio.Event()
                     await room.wait()
                     continue
+                # The call's own limit first, then the pool's: booked first, the pool's
+                # turn went by while the call's was waited for, and other calls' starts
+                # came between. The call's own is counted from when the start came.
                 for limit in self.limits:
                     await limit.acquire(self)
+                if len(self.limits) > 1:
+                    self.limits[0].went(-math.inf, time.monotonic())
                 if self.limits and len(self._starts) < len(self._buffer):
                     self._let_through(0)  # an item whose start went back (see idle)
                     arrived()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import sys
 import threading
@@ -126,6 +127,33 @@ async def test_a_paused_stream_whose_input_ends_meanwhile_gets_every_item_out(
             with anyio.fail_after(30):
                 got += [value async for value in results]
     assert got == [i * i for i in range(6)]
+
+
+_tagged: list[tuple[str, float]] = []
+
+
+def _note_tagged(tag: str) -> str:
+    _tagged.append((tag, time.monotonic()))
+    return tag
+
+
+async def test_calls_with_their_own_rate_limit_keep_the_pools(anyio_backend: str) -> None:
+    # The pool's turn was booked, then the call's own limit waited: other calls took
+    # the next turns meanwhile, and the start came between them (5 such calls at a
+    # pool rate of 10/s: 16 starts in one second).
+    rate = 20
+    _tagged.clear()
+    async with ResilientPool(max_workers=2, rungs=("thread",), rate_limit=rate) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(pool.map, _note_tagged, ["long"] * 40,
+                                            chunk_size=1))
+            for k in range(5):
+                tg.start_soon(functools.partial(pool.map, _note_tagged, [f"own{k}"] * 3,
+                                                chunk_size=1, rate_limit=2))
+    assert _most_within([at for _, at in _tagged], 1.0) <= rate + 2
+    for k in range(5):  # and each call's own limit holds
+        own = [at for tag, at in _tagged if tag == f"own{k}"]
+        assert min(b - a for a, b in zip(own, own[1:], strict=False)) > 0.25, own
 
 
 async def test_an_item_held_through_a_stall_is_not_followed_at_once(
