@@ -76,7 +76,11 @@ class RateLimit:
         """A start let through at ``let_through`` went out ``now``: held past its turn
         (the workers were busy), the next one is spaced from now (two went together)."""
         if now - let_through > (self.depth + 1) * self.interval:
-            self._last = max(self._last, now)
+            self.spaced_from(now)
+
+    def spaced_from(self, now: float) -> None:
+        """The next start is at least an interval after ``now``."""
+        self._last = max(self._last, now)
 
     def hold(self, holder: object) -> None:
         """``holder`` (a call's input) holds items it let through, unsent."""
@@ -277,7 +281,7 @@ class Source:
                 for limit in self.limits:
                     await limit.acquire(self)
                 if len(self.limits) > 1:
-                    self.limits[0].went(-math.inf, time.monotonic())
+                    self.limits[0].spaced_from(time.monotonic())
                 if self.limits and len(self._starts) < len(self._buffer):
                     self._let_through(0)  # an item whose start went back (see idle)
                     arrived()
