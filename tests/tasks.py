@@ -913,3 +913,9 @@ def noted_poison(args: tuple[str, int, int, frozenset[int]]) -> tuple[int, int]:
         time.sleep(5)
     time.sleep(0.01)
     return caller, x
+
+
+def say(x: int) -> int:
+    """Print to the worker's standard output (the caller's terminal, say)."""
+    print(f"said {x}", flush=True)
+    return x

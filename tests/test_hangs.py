@@ -1425,3 +1425,13 @@ async def test_workers_forked_as_the_pool_gives_them_up_are_killed(
     time.sleep(0.1)  # the loop held: they are forked, their pids unread
     await pool.aclose(kill=True)
     assert settle(lambda: not psutil.Process(server).children(), 10)
+
+
+def test_workers_that_print_to_a_terminal_with_tostop_are_not_stopped() -> None:
+    # With the fork server in the caller's session (a background process group of its
+    # terminal), a worker's first write to a terminal with `stty tostop` stopped it
+    # (SIGTTOU): the map never returned.
+    proc = run_script("_on_terminal.py", timeout=90)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DONE" in proc.stdout and "exit 0" in proc.stdout, proc.stdout[-2000:]
+    assert all(f"said {i}" in proc.stdout for i in range(6)), proc.stdout[-2000:]
