@@ -1,8 +1,8 @@
 """One worker process as the parent sees it: its socket, its chunks, its death.
 
 Everything here runs on the event loop, in callbacks on the worker's sockets, and
-nothing blocks. A worker runs its chunks in the order they were sent, so the oldest chunk it
-holds is the one its messages are about.
+nothing blocks. A worker runs its chunks in the order they were sent, so the oldest
+chunk it holds is the one its messages are about.
 """
 
 from __future__ import annotations

@@ -152,9 +152,9 @@ class ProcessRung(Rung, Events):
                 break
             if len(proc.chunks) >= DEPTH:
                 continue
-            if wait_on_stuck and proc.chunks and (replacing or proc.outbox or (
-                    proc.heard < stuck) or (
-                    len(proc.chunks) > 1 and proc.work_held() > self._depth)):
+            if wait_on_stuck and proc.chunks and (
+                    replacing or proc.outbox or proc.heard < stuck
+                    or (len(proc.chunks) > 1 and proc.work_held() > self._depth)):
                 continue
             if best is None or len(proc.chunks) < len(best.chunks):
                 best = proc
