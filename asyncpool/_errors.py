@@ -51,7 +51,8 @@ class _Missing:
 
 
 MISSING: Final = _Missing()
-"""Stands in `DeadlineExceeded.partial` for every item that had not finished.
+"""Stands for each item that had not finished, in `DeadlineExceeded.partial` and
+`PoolClosed.partial`.
 
 Examples:
     ```python

@@ -74,7 +74,7 @@ class ResilientPool:
         if max_workers is not None:
             settings["max_workers"] = max_workers
         self.config = PoolConfig.build(config, settings, PER_CALL)
-        """The pool's settings (a frozen [`PoolConfig`][asyncpool.PoolConfig])."""
+        """The settings: a [`PoolConfig`][asyncpool.PoolConfig] (``pool.config.rungs``)."""
         self._state = PoolState.NEW
         self._counters = Counters()
         # Its background tasks must not keep the pool alive (see Ladder.abandon).
@@ -343,9 +343,9 @@ class ResilientPool:
             **options: As for [`map`][asyncpool.ResilientPool.map].
 
         Raises:
-            Exception: Each as for [`map`][asyncpool.ResilientPool.map]. An item that
-                is not a tuple (or does not pickle) fails alone, as its own
-                ``TypeError`` (or ``SerializationError``).
+            Exception: Each as for [`map`][asyncpool.ResilientPool.map]. An item is
+                unpacked as by ``itertools.starmap``: one not iterable (or that does not
+                pickle) fails alone, as its own ``TypeError`` (``SerializationError``).
 
         Example:
             ```python
