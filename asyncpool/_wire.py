@@ -36,9 +36,10 @@ READ_ONLY = 1 << 63
 CHUNK_HEAD = struct.Struct("<qdi")
 
 #: The worker's progress area (int64 slots in shared memory the parent reads after a
-#: crash): the chunk it runs, the position of the item it runs (-1: none yet), and the
-#: function it is loading (0: none).
-SEQ, POSITION, LOADING = 0, 1, 2
+#: crash): the chunk it runs, the position of the item it runs (-1: none yet), the
+#: function it is loading (0: none), and while it pickles results, the position after
+#: the last of them (0: none; a crash then is one of theirs, not the running item's).
+SEQ, POSITION, LOADING, SENDING = 0, 1, 2, 3
 
 # Parent -> worker
 INIT, CHUNK, CANCEL, WITHDRAW = 1, 2, 3, 5  # 4 was a stop the worker never needed

@@ -239,12 +239,19 @@ class _Worker:
             return
         if arguments_unloadable:
             errors = {p: pool_made(SerializationError(f"{exc!r}")) for p, exc in errors.items()}
-        meta = _wire.ResultMeta(seq, first, upto, encode_errors(errors), done, end,
-                                self.retiring, arguments_unloadable)
+        if self.progress is not None:
+            # A result or an error whose pickling kills this process (a __reduce__ that
+            # exits, the OOM killer on a big one) is one of these, not the running item.
+            self.progress[_wire.SENDING] = upto
         try:
+            meta = _wire.ResultMeta(seq, first, upto, encode_errors(errors), done, end,
+                                    self.retiring, arguments_unloadable)
             self.send(_wire.RESULTS, [pickle.dumps(tuple(meta), 5), *dump_results(results)])
         except OSError:
             self.closed = True
+        finally:
+            if self.progress is not None:
+                self.progress[_wire.SENDING] = 0
 
     def send(self, kind: int, parts: _wire.Parts) -> None:
         leave_if_forked()

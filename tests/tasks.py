@@ -919,3 +919,18 @@ def say(x: int) -> int:
     """Print to the worker's standard output (the caller's terminal, say)."""
     print(f"said {x}", flush=True)
     return x
+
+
+class KillsWhenPickled(Exception):
+    """Pickling it (as a result, or raised) kills the process: a worker OOM-killed as it
+    sends a big result back, say."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        os._exit(9)
+
+
+def deadly_result(x: int) -> object:
+    """``x``, except for 2: a result whose pickling kills the worker (4: raised)."""
+    if x == 4:
+        raise KillsWhenPickled()
+    return KillsWhenPickled() if x == 2 else x

@@ -231,6 +231,32 @@ async def test_an_argument_whose_pickling_exits_is_its_items_error(anyio_backend
         assert await pool.run(tasks.square, 4) == 16
 
 
+async def test_a_result_whose_pickling_kills_the_worker_is_blamed_not_its_neighbour(
+        anyio_backend: str) -> None:
+    # The worker pickles the results of a chunk's items together, after the last ran: a
+    # death then was pinned on the last item. With max_crashes_per_item=1, an innocent
+    # neighbour failed as having crashed its worker (and the culprit ran again).
+    async with ResilientPool(max_workers=1, chunk_size=8, max_crashes_per_item=1,
+                             rungs=("process",)) as pool:
+        results = await pool.map(tasks.deadly_result, range(8), return_exceptions=True)
+        for x in (2, 4):
+            assert isinstance(results[x], WorkerCrashed) and results[x].index == x, results
+        assert [r for i, r in enumerate(results) if i not in (2, 4)] == [0, 1, 3, 5, 6, 7]
+        # Calls of their own, sharing chunks: only the culprits' fail.
+        calls: dict[int, object] = {}
+
+        async def call(x: int) -> None:
+            try:
+                calls[x] = await pool.run(tasks.deadly_result, x)
+            except WorkerCrashed as exc:
+                calls[x] = exc
+        async with anyio.create_task_group() as tg:
+            for x in range(8):
+                tg.start_soon(call, x)
+        assert [x for x in range(8) if isinstance(calls[x], WorkerCrashed)] == [2, 4], calls
+        assert [calls[x] for x in (0, 1, 3, 5, 6, 7)] == [0, 1, 3, 5, 6, 7]
+
+
 async def test_results_that_do_not_load_here_fail_alone_and_nothing_reruns(
         tmp_path: Path, anyio_backend: str) -> None:
     # One pickle carries the results of many items: when one would not load in the

@@ -291,9 +291,10 @@ class Proc:
         for chunk in chunks:
             self._release(chunk, ran=chunk.size)
         death = Death(chunks, exitcode, self._orphaned)
-        seq, position, loading = (int(self.progress[i])
-                                  for i in (_wire.SEQ, _wire.POSITION, _wire.LOADING))
+        seq, position, loading, sending = (int(self.progress[i]) for i in range(4))
         on_item = bool(chunks) and 0 <= position < chunks[0].size  # else between items
+        if chunks and sending:  # pickling results: of which item, known if only one
+            on_item, position = True, sending - 1 if sending - 1 == chunks[0].reported else -1
         death.began = bool(chunks) and seq == chunks[0].seq
         # Gone with its fork server: only an item it ran then is blamed (it may have
         # killed the fork server; from outside, as any outside kill, it gets a retry).
@@ -301,7 +302,7 @@ class Proc:
                 seq == chunks[0].seq) and (on_item or not self._orphaned):
             # On its oldest chunk: an item, or loading a function or the arguments.
             death.crashed = True
-            death.culprit = position if on_item else None
+            death.culprit = position if on_item and position >= 0 else None
             death.loading = loading
         # Not asked, nor gone with the fork server (killed, or stopped at exit).
         death.unasked = not (self.killed or retiring or was_starting or self.asked_to_leave
@@ -325,8 +326,7 @@ class Proc:
             self.doomed &= {p.call.id for c in self.chunks for p in c.pieces}
 
     def take(self, chunk: Chunk, parts: _wire.Parts, functions: Iterable[int]) -> None:
-        """Send it ``chunk``, as ``parts``, which ship ``functions`` (and tell it to
-        drop those it was to forget)."""
+        """Send it ``chunk`` as ``parts``, shipping ``functions`` (and what to forget)."""
         self.functions.update(functions)
         self.forget = []
         if not self.chunks:
