@@ -4,14 +4,17 @@ A module-level function pickles by reference, so its pickle never changes: it is
 once per pool and each worker loads it once. Anything else (a ``functools.partial``, a
 lambda, a closure, a callable object) may change between calls, so it is pickled once
 per call and dropped from the workers when the call ends. Chunks then carry only the
-number, whatever the function weighs.
+number, whatever the function weighs. A function of the main script goes by value, as
+each call's own; its pickle is made again only when what it read may have changed.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import operator
 import pickle
+import sys
 import types
 from collections import OrderedDict
 from typing import Any
@@ -33,11 +36,14 @@ _ids = itertools.count(1)
 class Shipped:
     """A function as workers receive it."""
 
-    __slots__ = ("id", "blob", "name", "lasting", "buffers", "fn")
+    __slots__ = ("id", "blob", "name", "lasting", "buffers", "fn", "kept")
 
     def __init__(self, fn_id: int, blob: bytes, name: str, lasting: bool,
-                 buffers: list[Any] | None = None, fn: Any = None) -> None:
+                 buffers: list[Any] | None = None, fn: Any = None, kept: bool = False) -> None:
         self.id, self.blob, self.name, self.lasting = fn_id, blob, name, lasting
+        #: A function of the main script whose pickle holds only plain values and names
+        #: (see read_by_pickle): a worker may load it once for every call that ships it.
+        self.kept = kept
         #: The out-of-band buffers of ``blob``: a partial's large bytes, not copied.
         self.buffers: list[Any] = buffers or []
         self.fn = fn
@@ -59,6 +65,8 @@ class FunctionBook:
     def __init__(self) -> None:
         self._lasting: OrderedDict[int, tuple[Any, Shipped]] = OrderedDict()
         self._timings: OrderedDict[Any, tuple[Any, Timing]] = OrderedDict()
+        #: Functions of the main script: (the function, what its pickle read, the pickle).
+        self._script: OrderedDict[int, tuple[Any, list[Any], bytes]] = OrderedDict()
 
     def ship(self, fn: Any) -> Shipped:
         """``fn`` pickled for the workers; raises SerializationError if it cannot be."""
@@ -83,6 +91,15 @@ class FunctionBook:
                 if len(self._lasting) > _REMEMBERED:
                     self._lasting.popitem(last=False)
                 return shipped
+        read = read_by_pickle(fn)
+        if read is not None:
+            kept = self._script.get(key)
+            if kept is not None and kept[0] is fn and kept[1][0] == read[0] and len(
+                    kept[1]) == len(read) and all(map(operator.is_, kept[1][1:], read[1:])):
+                # Each object it read is the same: so would its pickle be. As a call's
+                # own (a number of its own), it still brings the globals as they are.
+                self._script.move_to_end(key)
+                return Shipped(next(_ids), kept[2], name, False, kept=True)
         try:
             wrapped = _with_big_bytes_marked(fn)
             if wrapped is not None:
@@ -93,6 +110,12 @@ class FunctionBook:
                 return Shipped(next(_ids), blob, name, False, [b.raw() for b in buffers],
                                fn)
             blob = dumps_for_workers(fn)
+            if read is not None:
+                read[0] = len(sys.modules)  # what pickling it imported (cloudpickle)
+                self._script[key] = (fn, read, blob)
+                if len(self._script) > _SCRIPT_KEPT:
+                    self._script.popitem(last=False)
+                return Shipped(next(_ids), blob, name, False, kept=True)
         except Exception as exc:
             if is_transient(exc):  # the machine's shortage (no descriptor to import
                 raise  # cloudpickle with): not the function's fault
@@ -116,6 +139,87 @@ class FunctionBook:
         if len(self._timings) > _REMEMBERED:
             self._timings.popitem(last=False)
         return timing
+
+
+#: Pickles of the main script's functions kept (see read_by_pickle).
+_SCRIPT_KEPT = 64
+_PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None)})
+_BASE = ("__package__", "__name__", "__path__", "__file__")
+
+
+def read_by_pickle(fn: Any) -> list[Any] | None:
+    """What cloudpickle reads to pickle ``fn``, a plain function of the main script
+    (its code, defaults, closure, the globals it uses, the functions of the script it
+    calls, and the number of modules imported, whose submodules it may take): while
+    each is the same object, its pickle is the same. None for anything whose pickle
+    might change although none of them did (a list or a dict it reads, a class of the
+    script, attributes set on a function)."""
+    read: list[Any] = [len(sys.modules)]  # compared by value, the rest by identity
+    todo, seen = [fn], set()
+    while todo:
+        f = todo.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        if not (type(f) is types.FunctionType and f.__module__ == "__main__") or f.__dict__:
+            return None
+        g = f.__globals__
+        read += [f, f.__code__, f.__defaults__, f.__kwdefaults__, f.__annotations__,
+                 f.__name__, f.__qualname__, f.__doc__, *(g.get(k) for k in _BASE)]
+        values = [_contents(c) for c in f.__closure__ or ()]
+        values += [g[n] for n in _names(f.__code__) if n in g]
+        values += [*(f.__defaults__ or ()), *(f.__kwdefaults__ or {}).values(),
+                   *f.__annotations__.values()]
+        for value in values:
+            if type(value) is types.FunctionType and value.__module__ == "__main__":
+                todo.append(value)
+            elif not _by_reference(value):
+                return None
+            read.append(value)
+    return read
+
+
+def _contents(cell: types.CellType) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # empty: a name bound later
+        return None
+
+
+def _by_reference(value: Any, depth: int = 0) -> bool:
+    """Whether ``value``'s pickle depends on nothing but its identity: a plain value
+    (a tuple of them, not long), or a module, function or class pickled by name."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    if kind is tuple or kind is frozenset:
+        return depth < 2 and len(value) <= 32 and all(_by_reference(v, depth + 1)
+                                                        for v in value)
+    if kind is types.ModuleType:
+        return sys.modules.get(value.__name__) is value and not _by_value_modules()
+    if isinstance(value, types.FunctionType | types.BuiltinFunctionType | type):
+        module = sys.modules.get(getattr(value, "__module__", None) or "")
+        name = getattr(value, "__qualname__", "")
+        return (module is not None and value.__module__ not in ("__main__", "__mp_main__")
+                and "." not in name and getattr(module, name, None) is value
+                and not _by_value_modules())
+    return False
+
+
+def _by_value_modules() -> bool:
+    """Whether modules were registered with cloudpickle to travel by value."""
+    found = sys.modules.get("cloudpickle.cloudpickle")
+    return bool(getattr(found, "_PICKLE_BY_VALUE_MODULES", None))
+
+
+@functools.lru_cache(1024)
+def _names(code: types.CodeType) -> tuple[str, ...]:
+    """The global names ``code`` and the code nested in it may read."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(_names(const))
+    return tuple(sorted(names))
 
 
 def _with_big_bytes_marked(fn: Any) -> functools.partial[Any] | None:

@@ -42,6 +42,9 @@ class _Worker:
         self.max_tasks: int | None = settings["max_tasks"]
         self.max_memory: int | None = settings["max_memory"]
         self.functions: dict[int, Callable[..., Any]] = {}
+        #: Functions of the main script as loaded, by their pickle: shipped again for a
+        #: later call (Shipped.kept), they are bound anew, not loaded again.
+        self.loaded: dict[bytes, Any] = {}
         #: Calls cancelled, each with the last chunk read when it was: chunks come in
         #: order, so once a later one ends, none of that call is left and it goes (a
         #: service's timeouts must not pile up in a long-lived worker).
@@ -183,11 +186,19 @@ class _Worker:
             functions, forget = _wire.loads(shipment)
             for fn_id in forget:
                 self.functions.pop(fn_id, None)
-            for fn_id, blob, buffers in functions:
+            for fn_id, blob, buffers, kept in functions:
                 if progress is not None:
                     progress[_wire.LOADING] = fn_id
                 try:
-                    self.functions[fn_id] = share_main(loads(blob, buffers), None, fn_id)
+                    key = bytes(blob) if kept else b""
+                    loaded = self.loaded.get(key) if kept else None
+                    if loaded is None:
+                        loaded = loads(blob, buffers)
+                        if kept:
+                            if len(self.loaded) >= 16:
+                                self.loaded.clear()
+                            self.loaded[key] = loaded
+                    self.functions[fn_id] = share_main(loaded, None, fn_id)
                 except BaseException as exc:
                     self.functions[fn_id] = Unloadable(exc)
         if progress is not None:

@@ -336,6 +336,26 @@ async def test_main_script_globals_follow_the_caller() -> None:
                                    "1000", "-1", "1000", "0"], proc.stdout
 
 
+async def test_a_main_script_function_is_loaded_once_by_each_worker(
+        anyio_backend: str) -> None:
+    # Each call shipped a script's function anew, and the worker unpickled it each time
+    # (and the parent pickled it each time, on the loop).
+    script: dict[str, object] = {"__name__": "__main__"}
+    exec("import sys\n"  # noqa: S102 - a main script's function, by value
+         "def code_of(_):\n"
+         "    code = sys._getframe().f_code\n"
+         "    sys.__dict__.setdefault('codes_seen', []).append(code)  # (never freed)\n"
+         "    return id(code), SCALE\n", script)
+    script["SCALE"] = 2
+    async with ResilientPool(max_workers=1, rungs=("process",)) as pool:
+        first = await pool.run(script["code_of"], 0)
+        assert await pool.run(script["code_of"], 0) == first
+        assert await pool.map(script["code_of"], range(3)) == [first] * 3
+        script["SCALE"] = 3  # its pickle changed: loaded anew, the new value with it
+        changed = await pool.run(script["code_of"], 0)
+        assert changed[1] == 3 and changed[0] != first[0]
+
+
 @pytest.mark.parametrize("size", [10, 100_000, 3_000_000])  # in one frame; out of band; own buffer
 async def test_buffers_come_back_as_writable_as_they_left(pool: ResilientPool,
                                                            size: int) -> None:

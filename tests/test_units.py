@@ -948,6 +948,45 @@ def test_a_partial_without_large_bytes_is_pickled_once_and_as_it_is(
     assert type(pickles[-1]) is Tagged and not shipped.buffers
 
 
+def _script(source: str, **names: Any) -> dict[str, Any]:
+    """The namespace of a main script that ran ``source`` (its functions go by value)."""
+    space: dict[str, Any] = {"__name__": "__main__", **names}
+    exec(source, space)  # noqa: S102 - test code
+    return space
+
+
+def test_a_main_script_function_is_pickled_again_only_when_what_it_reads_changed() -> None:
+    # Each call of a script's function pickled it by cloudpickle on the loop (a burst of
+    # 5,000 calls: half the time), and each worker loaded it anew.
+    from asyncpool._functions import FunctionBook
+
+    script = _script("def helper(x):\n    return x * SCALE\n"
+                     "def work(x, k=2):\n    return math.floor(helper(x)) + LIMIT\n",
+                     math=math, SCALE=3, LIMIT=(1, "a"))
+    book = FunctionBook()
+    first, again = book.ship(script["work"]), book.ship(script["work"])
+    assert first.kept and again.kept and again.blob is first.blob
+    assert again.id != first.id  # each call's own: it brings the globals as they are
+    for name, value in (("SCALE", 4), ("LIMIT", (2, "b")), ("math", functools),
+                        ("helper", script["work"])):
+        before, script[name] = script[name], value
+        changed = book.ship(script["work"])
+        assert changed.blob != first.blob and changed.kept, name
+        script[name] = before
+        assert book.ship(script["work"]).blob == first.blob
+    script["work"].__defaults__ = (3,)
+    assert book.ship(script["work"]).blob != first.blob
+    # What may change in place, or is not plain: pickled each time.
+    for source in ("def f(x):\n    return TABLE\n", "def f(x, seen=[]):\n    return x\n",
+                   "class C:\n    pass\ndef f(x):\n    return C\n"):
+        f = _script(source, TABLE=[1])["f"]
+        one, two = book.ship(f), book.ship(f)
+        assert not one.kept and one.blob is not two.blob and one.blob == two.blob, source
+    wrapped = _script("def f(x):\n    return x\n")["f"]
+    wrapped.note = 1
+    assert not book.ship(wrapped).kept
+
+
 def test_calls_sharing_a_chunk_are_timed_each_on_its_own() -> None:
     # The chunk's time was shared among its calls by their counts of items: a 6 us
     # function packed beside 5 ms items was taken for 470 us an item, and its next

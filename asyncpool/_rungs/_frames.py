@@ -16,11 +16,12 @@ if TYPE_CHECKING:
 def chunk_frame(seq: int, flush: float, functions: Iterable[Shipped], forget: list[int],
                 runs: list[Any]) -> _wire.Parts:
     """Its head (number, how often results go back, the shipment's size), the
-    functions it ships and the ids the worker may drop, then its runs: one per call
-    (function id, whether its items are argument tuples, call id, items)."""
+    functions it ships (id, pickle, its buffers, whether it is kept: Shipped.kept) and
+    the ids the worker may drop, then its runs: one per call (function id, whether its
+    items are argument tuples, call id, items)."""
     shipping = _wire.dumps(([(f.id, pickle.PickleBuffer(f.blob),
-                              [pickle.PickleBuffer(b) for b in f.buffers]) for f in functions],
-                            forget))
+                              [pickle.PickleBuffer(b) for b in f.buffers], f.kept)
+                             for f in functions], forget))
     head = _wire.CHUNK_HEAD.pack(seq, flush, len(shipping))
     return [head, *shipping, *_wire.dumps_any(runs, for_workers=True)]
 
