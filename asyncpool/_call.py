@@ -174,10 +174,7 @@ class Call:
             first = errors[min(errors)]
             if self.first_error is None and not self.options.return_exceptions:
                 self.first_error = first
-                # The pool's own errors name their item (a RemoteError is a task's).
-                if self.source.total != 1 and (isinstance(first, RemoteError) or not (
-                        isinstance(first, AsyncPoolError))):
-                    _name_item(first, start + min(errors))
+                self.name_item(first, start + min(errors))
             # A function the workers cannot load fails the whole call once, even with
             # return_exceptions: every item would fail the same way.
             if (self.error is None and isinstance(first, FunctionUnavailable)
@@ -194,6 +191,13 @@ class Call:
                 self.failed_at[start] = failed_at
         self.finished += len(values)
         self.wake()
+
+    def name_item(self, error: BaseException, index: int) -> None:
+        """Say in a note that input item ``index`` raised ``error``, a task's own (the
+        pool's errors name their item; a RemoteError is a task's)."""
+        if self.source.total != 1 and (isinstance(error, RemoteError) or not isinstance(
+                error, AsyncPoolError)):
+            _name_item(error, index)
 
     def end(self) -> None:
         """Its caller is gone: finished if every outcome came, else abandoned."""

@@ -271,6 +271,8 @@ class ResultStream(Generic[T]):
         if at in self._failed_at and not self._call.options.return_exceptions:
             if isinstance(value, PoolClosed):  # an item's: the call's own, saying more
                 value = self._closed_at(value, at)
+            elif self._call.mode is Mode.ORDERED:  # not always the first that failed
+                self._call.name_item(value, self._call.consumed - len(self._values) + at)
             await self.aclose(kill=False)
             try:
                 raise _raisable(value)

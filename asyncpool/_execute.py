@@ -94,8 +94,7 @@ def own_frames_dropped(exc: BaseException) -> BaseException:
     while tb is not None and str(tb.tb_frame.f_globals.get("__name__")).startswith(
             "asyncpool."):
         tb = tb.tb_next
-    exc.__traceback__ = tb
-    return exc
+    return exc.with_traceback(tb)  # (not through __setattr__: a frozen dataclass's refuses)
 
 
 #: Not empty in a process that a task forked and that came back into this code (its

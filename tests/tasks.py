@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-
+import dataclasses
 import functools
 import itertools
 import os
@@ -934,3 +934,26 @@ def deadly_result(x: int) -> object:
     if x == 4:
         raise KillsWhenPickled()
     return KillsWhenPickled() if x == 2 else x
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenError(Exception):
+    """An exception that refuses every attribute set on it (a frozen dataclass)."""
+
+    code: int
+
+
+def raise_frozen(x: int) -> int:
+    if x == 2:
+        raise FrozenError(x)
+    return x
+
+
+def fail_late_and_early(x: int) -> int:
+    """Item 1 fails after 0.5 s, item 4 at once: the later failure is the earlier item."""
+    if x == 1:
+        time.sleep(0.5)
+        raise ValueError("item 1 failed")
+    if x == 4:
+        raise ValueError("item 4 failed")
+    return x

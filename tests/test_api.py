@@ -469,6 +469,13 @@ async def test_a_map_raises_its_first_item_s_error(anyio_backend: str) -> None:
             with pytest.raises(ValueError) as info:
                 await threads.map(raise_shared, items)
             assert info.value.__notes__ == [f"asyncpool: raised by item {index} of the input"]
+    async with ResilientPool(max_workers=2) as pool:
+        # An ordered stream raises the first failure in input order, which may not be
+        # the first to come back: the note went to the other, and this one had none.
+        with pytest.raises(ValueError, match="^item 1 failed") as info:
+            async for _ in pool.imap(tasks.fail_late_and_early, range(6), chunk_size=1):
+                pass
+        assert info.value.__notes__ == ["asyncpool: raised by item 1 of the input"]
     async with ResilientPool(max_workers=1) as pool:
         # A single call's error needs no note.
         with pytest.raises(ValueError, match="^item 3 is odd") as info:

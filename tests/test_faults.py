@@ -231,6 +231,23 @@ async def test_an_argument_whose_pickling_exits_is_its_items_error(anyio_backend
         assert await pool.run(tasks.square, 4) == 16
 
 
+@pytest.mark.parametrize("rung", ["process", "thread", "inline"])
+async def test_an_exception_that_refuses_attributes_comes_back_as_itself(
+        rung: str, anyio_backend: str) -> None:
+    # A frozen dataclass's __setattr__ refuses any attribute: setting its traceback in
+    # the worker killed the worker (WorkerCrashed, after two deaths). Its pickle does
+    # not load (its state is set through __setattr__ too): from a worker process it
+    # comes back as a RemoteError that names it.
+    expected = RemoteError if rung == "process" else tasks.FrozenError
+    async with ResilientPool(max_workers=2, rungs=(rung,)) as pool:  # type: ignore[arg-type]
+        results = await pool.map(tasks.raise_frozen, range(4), return_exceptions=True)
+        assert type(results[2]) is expected, results
+        assert "FrozenError" in repr(results[2]) and results[:2] + results[3:] == [0, 1, 3]
+        with pytest.raises(expected):
+            await pool.run(tasks.raise_frozen, 2)
+        assert pool.statistics().worker_crashes == 0
+
+
 async def test_a_result_whose_pickling_kills_the_worker_is_blamed_not_its_neighbour(
         anyio_backend: str) -> None:
     # The worker pickles the results of a chunk's items together, after the last ran: a
