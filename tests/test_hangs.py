@@ -1325,6 +1325,37 @@ async def test_a_fork_server_stopped_past_start_timeout_is_no_initializer_fault(
             assert pool.backend == "thread"
 
 
+async def test_a_fork_server_killed_as_the_pool_opens_is_no_initializer_fault(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # Its workers died with it while their initializer ran: the open failed at once
+    # with InitializerFailed ("a worker died while running the initializer"), where it
+    # is tried again on a new fork server.
+    from asyncpool._forkserver import ForkServer
+
+    async with ResilientPool(max_workers=1) as warm:  # the fork server is up
+        await warm.run(tasks.square, 1)
+    server = ForkServer.current()
+    assert server is not None
+
+    def kill_once_initializing() -> None:
+        deadline = time.monotonic() + 30
+        while not any(tmp_path.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(server.process.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_initializing)
+    killer.start()
+    try:
+        async with ResilientPool(max_workers=2, rungs=("process",),
+                                 initializer=tasks.note_and_nap,
+                                 initargs=(str(tmp_path), 0.3)) as pool:
+            assert await pool.map(tasks.square, range(4)) == [0, 1, 4, 9]
+            assert pool.backend == "process" and ForkServer.current() is not server
+    finally:
+        killer.join()
+    assert len(list(tmp_path.iterdir())) >= 3  # run again in the new workers
+
+
 async def test_a_slow_initializer_forked_late_is_not_taken_for_one_that_hangs(
         tmp_path: Path, anyio_backend: str) -> None:
     # The fork server stopped for most of start_timeout as the pool opened: forked

@@ -45,12 +45,18 @@ class Death:
         self.began = False
 
 
+class ForkServerGone(RungUnavailable):
+    """A worker died as it started because its fork server did (killed, say): tried
+    again on a new one, its initializer not blamed."""
+
+
 def initializer_failure(error: BaseException | None, forked: bool,
                         initializer: Any) -> InitializerFailed | None:
     """The initializer's fault, if a worker did not start with ``error``: it raised,
     or the worker died while running it (``forked``: the fork itself worked)."""
-    if error is None or initializer is None or (isinstance(error, OSError) and not forked):
-        return None  # no error, or the fork itself failed (out of processes)
+    if error is None or initializer is None or isinstance(error, ForkServerGone) or (
+            isinstance(error, OSError) and not forked):
+        return None  # no error, the fork server died, or the fork failed (no processes)
     if isinstance(error, RungUnavailable):
         failure = InitializerFailed(f"a worker died while running the initializer "
                                     f"{initializer!r}: {error}")

@@ -25,7 +25,7 @@ from .._remote import decode_error
 from .._retry import RungUnavailable
 from .._salvage import load_results
 from .._zygote import STATUS
-from ._death import Death, ProcState, running, watch_exit
+from ._death import Death, ForkServerGone, ProcState, running, watch_exit
 
 if TYPE_CHECKING:
     from .._call import Chunk
@@ -64,8 +64,7 @@ class Proc:
         self.state = ProcState.STARTING
         #: Chunks sent and not finished, oldest (the running one) first.
         self.chunks: deque[Chunk] = deque()
-        #: When the worker last reported progress (or took up a new chunk).
-        self.heard = 0.0
+        self.heard = 0.0  # when it last reported progress (or took up a new chunk)
         #: Function ids this worker holds, and ids it should drop.
         self.functions, self.forget = set[int](), list[int]()
         self.tasks = 0  # items sent to it, for max_tasks_per_worker
@@ -308,9 +307,10 @@ class Proc:
         death.unasked = not (self.killed or retiring or was_starting or self.asked_to_leave
                              or self._orphaned or ForkServer.exiting)
         if was_starting:
-            if self.init_error is None:
-                self.init_error = RungUnavailable(
-                    f"the worker died before it was ready ({exit_described(exitcode)})")
+            if self.init_error is None:  # (with its fork server: not the initializer)
+                self.init_error = (ForkServerGone if self._orphaned or ForkServer.exiting
+                                   else RungUnavailable)(f"the worker died before it was "
+                                                         f"ready ({exit_described(exitcode)})")
             self.started.set()
         self.events.proc_dead(self, death)
 
