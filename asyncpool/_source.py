@@ -275,23 +275,26 @@ class Source:
                     self._room = room = anyio.Event()
                     await room.wait()
                     continue
-                # The call's own limit first, then the pool's: booked first, the pool's
-                # turn went by while the call's was waited for, and other calls' starts
-                # came between. The call's own is counted from when the start came.
-                for limit in self.limits:
-                    await limit.acquire(self)
-                if len(self.limits) > 1:
-                    self.limits[0].spaced_from(time.monotonic())
                 if self.limits and len(self._starts) < len(self._buffer):
-                    self._let_through(0)  # an item whose start went back (see idle)
+                    # An item at hand waits for its start (pulled first: a start booked
+                    # before a slow input gave its item went by unused, and the item
+                    # went out later beside other calls' starts). The call's own limit
+                    # first, then the pool's: booked first, the pool's turn went by
+                    # while the call's was waited for. The call's own is counted from
+                    # when the start came.
+                    for limit in self.limits:
+                        await limit.acquire(self)
+                    if len(self.limits) > 1:
+                        self.limits[0].spaced_from(time.monotonic())
+                    self._let_through()
                     arrived()
                     continue
 
                 def sink(items: list[Any]) -> None:
                     if items and not self._closed:
                         self._buffer.extend(items)
-                        self._let_through(len(items) - 1)
-                        arrived()
+                        if not self.limits:  # (else once let through)
+                            arrived()
 
                 error, ended = await self._pull(1 if self.limits else max(1, want()), sink)
                 if error is not None:
@@ -315,10 +318,10 @@ class Source:
             return len(self._buffer) < max(1, want)
         return len(self._starts) < (min(want, len(self._buffer)) if self.ended else want)
 
-    def _let_through(self, more: int) -> None:
-        """The next item waiting (and ``more`` after it, pulled with it) may start."""
-        if self.limits and not self._closed:  # (closed: nothing of it goes any more)
-            self._starts.extend([time.monotonic()] * (1 + more))
+    def _let_through(self) -> None:
+        """The next item waiting may start."""
+        if not self._closed:  # (closed: nothing of it goes any more)
+            self._starts.append(time.monotonic())
             for limit in self.limits:
                 limit.hold(self)
 
