@@ -933,17 +933,17 @@ class SlowList(list[float]):
     """A list whose slices are read from somewhere slow (its iteration is a list's)."""
 
     def __getitem__(self, index: Any) -> Any:
-        time.sleep(0.3)
+        time.sleep(0.6)
         return super().__getitem__(index)
 
 
 async def test_a_list_subclass_is_read_off_the_loop(anyio_backend: str) -> None:
     # Only lists, tuples and ranges are sliced on the loop: a subclass's __getitem__
-    # is the caller's code (it held the loop 0.3 s a chunk).
+    # is the caller's code (it held the loop as long as each slice took).
     heartbeat = Heartbeat()
     async with ResilientPool(max_workers=2) as pool, heartbeat.running():
         assert await pool.map(tasks.nap, SlowList([0.0] * 50)) == [0.0] * 50
-    assert heartbeat.worst < 0.2, f"loop blocked for {heartbeat.worst:.3f} s"
+    assert heartbeat.worst < 0.5, f"loop blocked for {heartbeat.worst:.3f} s"
 
 
 @pytest.mark.asyncio_only(reason="only asyncio has cancellations that are not the "
