@@ -66,6 +66,28 @@ async def test_map_on_the_cluster(cluster: Any, tmp_path: Path) -> None:
             distributed.default_client()
 
 
+async def test_a_slow_imap_consumer_holds_a_bounded_window_on_the_cluster(
+        cluster: Any) -> None:
+    # The results' bytes were never counted on the Dask rung: a paused stream of 5 MB
+    # results held 200 to 600 MB (the local rungs about 40), chunks sent on and on.
+    size = 4 << 20
+    async with ResilientPool(max_workers=2, dask_address=cluster.scheduler_address) as pool:
+        assert pool.backend == "dask"
+        async with pool.imap(tasks.make_bytes, [size] * 120) as results:
+            assert len(await results.__anext__()) == size
+            # Paused: what it finishes levels off at the window (32 MB, 8 results,
+            # and what was out when that was known), far from every item.
+            settled, last = time.monotonic(), -1
+            while time.monotonic() - settled < 1.5:
+                done = pool.statistics().tasks_completed
+                if done != last:
+                    settled, last = time.monotonic(), done
+                await anyio.sleep(0.1)
+            assert last <= 40, last
+            got = 1 + sum([len(y) == size async for y in results])
+        assert got == 120
+
+
 async def test_two_main_scripts_on_one_cluster_keep_their_globals_apart(
         cluster: Any) -> None:
     # Both define TABLE and helper: a Dask worker kept one namespace for every main

@@ -349,7 +349,8 @@ class DaskRung(Rung):
                     self.listener.chunk_done(chunk, chunk.size, seconds)
                 return
             errors.update(bad)
-        self._finished(chunk, results, errors, seconds, retried)
+        self._finished(chunk, results, errors, seconds, retried,  # weighed: see window_items
+                       sum(memoryview(part).nbytes for part in blob))
 
     def _end(self, chunk: Chunk) -> bool:
         """The chunk's relay ends: True the first time (the caller reports it), False
@@ -369,10 +370,10 @@ class DaskRung(Rung):
             self.listener.chunk_lost(chunk)
 
     def _finished(self, chunk: Chunk, results: list[Any], errors: dict[int, BaseException],
-                  seconds: float | list[float] = 0.0, retried: int = 0) -> None:
+                  seconds: float | list[float] = 0.0, retried: int = 0, nbytes: int = 0) -> None:
         self._heard = asyncio.get_running_loop().time()
         if self._end(chunk):
-            self.listener.chunk_progress(chunk, 0, chunk.size, results, errors)
+            self.listener.chunk_progress(chunk, 0, chunk.size, results, errors, nbytes)
             self.listener.chunk_done(chunk, chunk.size, seconds, retried)
 
     def _crashed(self, chunk: Chunk, deaths: int | None = None) -> None:
