@@ -14,8 +14,10 @@ chunks sized on what is now known. A chunk size the caller chose is kept as it i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import _wire
 
 if TYPE_CHECKING:
     from ._call import Call, Chunk
@@ -108,3 +110,17 @@ def resend_parts(chunk: Chunk, first: int, config: PoolConfig) -> int:
     rest = chunk.size - first
     return max(1, min(rest, 2 * config.max_workers,
                       math.ceil(rest * per_item / config.target_chunk_seconds)))
+
+
+def work_held(chunks: Iterable[Chunk]) -> float:
+    """Seconds a worker's ``chunks`` are expected to take still (what is known of them)."""
+    return sum(c.expected * (c.size - c.reported) / c.size for c in chunks if c.size)
+
+
+def has_waiting(chunks: Sequence[Chunk], progress: Any) -> bool:
+    """Whether items wait in a worker behind the one it runs (its ``chunks``, and its
+    ``progress`` area)."""
+    if len(chunks) != 1:
+        return len(chunks) > 1
+    seq, position = int(progress[_wire.SEQ]), int(progress[_wire.POSITION])
+    return chunks[0].seq != seq or position + 1 < chunks[0].size

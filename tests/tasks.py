@@ -957,3 +957,9 @@ def fail_late_and_early(x: int) -> int:
     if x == 4:
         raise ValueError("item 4 failed")
     return x
+
+
+def many_records(count: int) -> list[dict[str, object]]:
+    """Results of many small objects: their pickle takes long to load (no big bytes)."""
+    return [{"id": i, "name": str(i)} for i in range(count)]
+

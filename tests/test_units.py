@@ -664,6 +664,22 @@ def test_large_bytes_travel_out_of_band_inside_containers_too() -> None:
     assert len(_wire.dumps(_wire.wrap_big(args, 3))) == 2
 
 
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_results_read_in_slices_load_as_they_would_at_once(protocol: int) -> None:
+    # Loaded off the loop, a results pickle is read in slices (see _salvage._Slices):
+    # lines (protocol 0), frames, big bytes in band and out of band all come back.
+    values = [{"id": i, "text": "\n" * (i % 3), "blob": b"x" * (i % 700)} for i in range(3000)]
+    values += [b"y" * (3 << 20), (1.5, None, "z" * 200_000)]
+    buffers: list[pickle.PickleBuffer] = []
+    if protocol == 5:
+        values.append(pickle.PickleBuffer(bytearray(b"w" * 100_000)))
+    data = pickle.dumps(values, protocol, buffer_callback=buffers.append if protocol == 5
+                        else None)
+    loaded, errors = load_results([data, *(b.raw() for b in buffers)], paced=True)
+    assert loaded == pickle.loads(data, buffers=buffers) and not errors
+    assert loaded[:3003] == values[:3003]
+
+
 def test_frames_survive_any_split_and_big_parts_arrive_in_place() -> None:
     a, b = socket.socketpair()
     b.setblocking(False)

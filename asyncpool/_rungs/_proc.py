@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 from .. import _wire
 from .._errors import exit_described
 from .._forkserver import ForkServer, Spawned
-from .._rebalance import Pace
+from .._rebalance import Pace, has_waiting
 from .._remote import decode_error
 from .._retry import RungUnavailable
-from .._salvage import load_results
 from .._zygote import STATUS
 from ._death import Death, ForkServerGone, ProcState, running, watch_exit
+from ._inbox import Inbox, Loaded, load
 
 if TYPE_CHECKING:
     from .._call import Chunk
@@ -81,6 +81,8 @@ class Proc:
         self.ready_rss = 0
         self.started = loop.event()
         self._reader = _wire.FrameReader()
+        self._inbox = Inbox(self._on_frame, self._inbox_idle, self)  # (in order: see _inbox)
+        self._dead_later: bool | None = None  # its death, seen as results still loaded
         #: What is still to be written to its socket (see ProcessRung._pick).
         self.outbox: deque[memoryview] = deque()
         self._stops: list[Callable[[], object]] = []
@@ -138,7 +140,7 @@ class Proc:
     # -- receiving -----------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        if not self._reader.read(self.sock, self._on_frame):
+        if not self._reader.read(self.sock, self._inbox.put):
             self._eof = True
             self._stop_reading()
             if not self.server.alive():  # else its exit status follows at once
@@ -200,12 +202,16 @@ class Proc:
     def _drain_and_die(self) -> None:
         # What the worker sent before it died is in the socket: read it first.
         if not self._eof:
-            self._reader.read(self.sock, self._on_frame)
+            self._reader.read(self.sock, self._inbox.put)
         self._dead()
 
-    def _on_frame(self, kind: int, parts: list[Any]) -> None:
+    def _inbox_idle(self) -> None:
+        if self._dead_later is not None:
+            self._dead(self._dead_later)
+
+    def _on_frame(self, kind: int, parts: list[Any], loaded: Loaded | None) -> None:
         if kind == _wire.RESULTS:
-            self._on_results(parts)
+            self._on_results(parts, loaded)
         elif kind == _wire.READY:
             self.ready_rss = pickle.loads(parts[0])
             if self.state is ProcState.STARTING:
@@ -230,7 +236,7 @@ class Proc:
             self.init_error = decode_error(blob, text)
             self.started.set()
 
-    def _on_results(self, parts: list[Any]) -> None:
+    def _on_results(self, parts: list[Any], loaded: Loaded | None) -> None:
         meta = _wire.ResultMeta._make(pickle.loads(parts[0]))
         seq, first, done = meta.seq, meta.first, meta.done
         if not self.chunks:  # pragma: no cover - a worker never answers unasked
@@ -246,16 +252,15 @@ class Proc:
             chunk = found
         errors = {position: decode_error(blob, text) for position, blob, text in meta.errors}
         results: list[Any] | BaseException
+        if loaded is None:
+            loaded = ([], {}) if meta.arguments_unloadable else load(parts[1:])
         if meta.arguments_unloadable:
             results = errors.pop(0)
+        elif isinstance(loaded, BaseException):  # the results' own code ran: SystemExit too
+            results = loaded
         else:
-            try:
-                decoded, errors_here = load_results(parts[1:])
-            except BaseException as exc:  # the results' own code ran: SystemExit too
-                results = exc
-            else:
-                results = decoded
-                errors.update((first + p, e) for p, e in errors_here.items())
+            results, errors_here = loaded
+            errors.update((first + p, e) for p, e in errors_here.items())
         self.heard = time.monotonic()
         if done:  # cut short at upto (the rest runs elsewhere); unloadable: at 0
             self._release(chunk, ran=meta.upto)
@@ -269,6 +274,10 @@ class Proc:
         """Gone; ``unreaped``: its exit read where the kernel keeps it."""
         if self._buried:
             return
+        if self._inbox.loading and not self.killed:
+            self._dead_later = unreaped  # what it sent before it died is handled first
+            return
+        self._inbox.drop()
         self._buried = True
         was_starting = self.state is ProcState.STARTING
         retiring = self.state is ProcState.RETIRING
@@ -352,7 +361,8 @@ class Proc:
     def take_back(self, stuck: float) -> None:
         """Ask for the items waiting here if nothing was heard since ``stuck`` (see
         withdraw; a chunk or an item it starts meanwhile simply runs here)."""
-        if self.state is ProcState.READY and self.has_waiting() and self.heard < stuck:
+        if self.state is ProcState.READY and has_waiting(self.chunks, self.progress) and (
+                self.heard < stuck):
             self.withdraw(self.chunks)
 
     def withdraw(self, chunks: Iterable[Chunk]) -> None:
@@ -362,18 +372,6 @@ class Proc:
         if seqs and self.state is ProcState.READY:
             self.withdrawing.update(s for s in seqs if s != self.chunks[0].seq)  # (its own)
             self.send(_wire.WITHDRAW, _wire.dumps(seqs))
-
-    def work_held(self) -> float:
-        """Seconds its chunks are expected to take still (what is known of them)."""
-        return sum(c.expected * (c.size - c.reported) / c.size for c in self.chunks
-                   if c.size)
-
-    def has_waiting(self) -> bool:
-        """Whether items wait here behind the one running."""
-        if len(self.chunks) != 1:
-            return len(self.chunks) > 1
-        seq, position = int(self.progress[_wire.SEQ]), int(self.progress[_wire.POSITION])
-        return self.chunks[0].seq != seq or position + 1 < self.chunks[0].size
 
     # -- stopping ------------------------------------------------------------------
 
@@ -407,6 +405,8 @@ class Proc:
         """SIGKILL the worker's process group: the worker and whatever it started. One
         not forked yet (its fork server stopped, say) is gone for the pool at once."""
         self.killed = True
+        if self._dead_later is not None:
+            self._dead(self._dead_later)  # not behind results still loaded
         if self.pid is None:
             self._on_status()  # its pid, if said meanwhile (then it is killed there)
         if self.pid is None:  # forked later, its status socket is closed: the fork

@@ -26,7 +26,7 @@ from .._errors import InitializerFailed, exit_described
 from .._execute import FLUSH_SECONDS
 from .._forkserver import ForkServer, ForkServerBusy
 from .._loop import preload
-from .._rebalance import STUCK_SECONDS, overlong
+from .._rebalance import STUCK_SECONDS, has_waiting, overlong, work_held
 from .._retry import RungUnavailable, RungUnsupported, is_transient
 from ._parking import check_directory, directory, park, take_parked, worker_settings
 from ._death import Death, ProcState, opening_done, opening_failure, opening_timed_out
@@ -154,7 +154,7 @@ class ProcessRung(Rung, Events):
                 continue
             if wait_on_stuck and proc.chunks and (
                     replacing or proc.outbox or proc.heard < stuck
-                    or (len(proc.chunks) > 1 and proc.work_held() > self._depth)):
+                    or (len(proc.chunks) > 1 and work_held(proc.chunks) > self._depth)):
                 continue
             if best is None or len(proc.chunks) < len(best.chunks):
                 best = proc
@@ -378,8 +378,8 @@ class ProcessRung(Rung, Events):
                 # busy workers, to look for stuck ones; while doomed calls have items
                 # in a running chunk, for one starting.
                 self._nudge = self.loop.event()
-                self._looking = any(p.doomed or p.has_waiting() for p in self.procs
-                                    if p.chunks)
+                self._looking = any(p.chunks and (p.doomed or has_waiting(p.chunks, p.progress))
+                                    for p in self.procs)
                 with anyio.move_on_after(min(
                         STUCK_SECONDS if self._looking else IDLE_SECONDS
                         if self._recycling.leaving else math.inf,

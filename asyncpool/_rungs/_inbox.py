@@ -1,0 +1,100 @@
+"""A worker's messages, handled in the order they came; big results loaded off the loop.
+
+Loading results runs their pickle. One that weighs megabytes (a million small dicts, say)
+held the loop for up to a second, and a result whose class rebuilds slowly held it past its
+call's deadline. A results message whose pickle is big is loaded in a daemon thread, read
+in slices, so that the thread lets go of the interpreter between them (the C unpickler
+holds it throughout a plain ``pickle.loads``); the worker's later messages wait behind it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .. import _wire
+from .._salvage import load_results
+
+#: A results pickle this big (bytes, not counting buffers sent out of band) is loaded in
+#: a thread: about 4 ms of plain small objects.
+SLOW_BYTES = 256 << 10
+
+#: What a results message became: (results, errors by position), or what loading raised.
+Loaded = tuple[list[Any], dict[int, BaseException]] | BaseException
+#: Handles a message: (kind, parts, its results as loaded in a thread, or None).
+Handler = Callable[[int, list[Any], "Loaded | None"], None]
+
+
+def load(parts: list[Any], paced: bool = False) -> Loaded:
+    """The results in ``parts`` (see :func:`~asyncpool._salvage.load_results`), or
+    what loading them raised (their own code ran: a SystemExit too)."""
+    try:
+        return load_results(parts, paced)
+    except BaseException as exc:
+        return exc
+
+
+class Inbox:
+    """Hands a worker's messages to ``handle`` in order, calling ``idle`` once those that
+    waited behind a load are handled; a load ends on ``owner.loop`` (a worker's)."""
+
+    def __init__(self, handle: Handler, idle: Callable[[], None], owner: Any) -> None:
+        self._handle, self._idle, self._owner = handle, idle, owner
+        #: Messages behind a load (None: none is loading).
+        self._waiting: deque[tuple[int, list[Any]]] | None = None
+        self._drops = 0  # what a load that ended finds changed if it was dropped
+
+    @property
+    def loading(self) -> bool:
+        return self._waiting is not None
+
+    def put(self, kind: int, parts: list[Any]) -> None:
+        if self._waiting is not None:
+            self._waiting.append((kind, parts))
+        else:
+            self._take(kind, parts)
+
+    def drop(self) -> None:
+        """Forget what waits, and what is loading (the worker was killed)."""
+        self._waiting = None
+        self._drops += 1
+
+    def _take(self, kind: int, parts: list[Any]) -> deque[tuple[int, list[Any]]] | None:
+        """Handle the message now, or start loading it (then: what is to wait behind)."""
+        if kind != _wire.RESULTS or len(parts) < 2 or memoryview(parts[1]).nbytes < SLOW_BYTES:
+            self._handle(kind, parts, None)
+            return None
+        waiting = self._waiting = deque()
+        drops = self._drops
+
+        def run() -> None:
+            outcome = load(parts[1:], paced=True)
+            try:
+                self._owner.loop.call_soon_threadsafe(
+                    lambda: self._loaded(drops, kind, parts, outcome))
+            except RuntimeError:  # the loop is closed: nothing waits for it
+                pass
+
+        try:
+            threading.Thread(target=run, name="asyncpool-results", daemon=True).start()
+        except RuntimeError:  # no thread to be had: here, then
+            self._waiting = None
+            self._handle(kind, parts, None)
+            return None
+        return waiting
+
+    def _loaded(self, drops: int, kind: int, parts: list[Any], outcome: Loaded) -> None:
+        waiting = self._waiting
+        if drops != self._drops or waiting is None:
+            return  # dropped
+        self._waiting = None
+        self._handle(kind, parts, outcome)
+        while waiting and drops == self._drops:
+            behind = self._take(*waiting.popleft())
+            if behind is not None:
+                behind.extend(waiting)  # behind this one's load, in order
+                return
+        if drops == self._drops:
+            self._idle()
