@@ -65,8 +65,9 @@ class FunctionBook:
     def __init__(self) -> None:
         self._lasting: OrderedDict[int, tuple[Any, Shipped]] = OrderedDict()
         self._timings: OrderedDict[Any, tuple[Any, Timing]] = OrderedDict()
-        #: Functions of the main script: (the function, what its pickle read, the pickle).
-        self._script: OrderedDict[int, tuple[Any, list[Any], bytes]] = OrderedDict()
+        #: Functions of the main script: (the function, what its pickle read, the pickle,
+        #: whether workers may share one loaded copy: see Shipped.kept).
+        self._script: OrderedDict[int, tuple[Any, list[Any], bytes, bool]] = OrderedDict()
 
     def ship(self, fn: Any) -> Shipped:
         """``fn`` pickled for the workers; raises SerializationError if it cannot be."""
@@ -99,7 +100,7 @@ class FunctionBook:
                 # Each object it read is the same: so would its pickle be. As a call's
                 # own (a number of its own), it still brings the globals as they are.
                 self._script.move_to_end(key)
-                return Shipped(next(_ids), kept[2], name, False, kept=True)
+                return Shipped(next(_ids), kept[2], name, False, kept=kept[3])
         try:
             wrapped = _with_big_bytes_marked(fn)
             if wrapped is not None:
@@ -110,12 +111,16 @@ class FunctionBook:
                 return Shipped(next(_ids), blob, name, False, [b.raw() for b in buffers],
                                fn)
             blob = dumps_for_workers(fn)
-            if read is not None:
+            if read is not None and len(blob) <= KEPT_BYTES:  # (a big one: not held)
                 read[0] = len(sys.modules)  # what pickling it imported (cloudpickle)
-                self._script[key] = (fn, read, blob)
+                # Its cells are its own: a worker's copy shared by calls would keep
+                # what a call set in them (nonlocal), as calls of its own did not.
+                shared = not any(f.__closure__ for f in read if type(f) is types.FunctionType
+                                 and f.__module__ == "__main__")
+                self._script[key] = (fn, read, blob, shared)
                 if len(self._script) > _SCRIPT_KEPT:
                     self._script.popitem(last=False)
-                return Shipped(next(_ids), blob, name, False, kept=True)
+                return Shipped(next(_ids), blob, name, False, kept=shared)
         except Exception as exc:
             if is_transient(exc):  # the machine's shortage (no descriptor to import
                 raise  # cloudpickle with): not the function's fault
@@ -141,8 +146,9 @@ class FunctionBook:
         return timing
 
 
-#: Pickles of the main script's functions kept (see read_by_pickle).
-_SCRIPT_KEPT = 64
+#: Pickles of the main script's functions kept (see read_by_pickle), each at most this
+#: big (a lambda holding a request's 8 MB body kept 64 of them alive).
+_SCRIPT_KEPT, KEPT_BYTES = 64, 64 << 10
 _PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None)})
 _BASE = ("__package__", "__name__", "__path__", "__file__")
 
@@ -166,24 +172,29 @@ def read_by_pickle(fn: Any) -> list[Any] | None:
         g = f.__globals__
         read += [f, f.__code__, f.__defaults__, f.__kwdefaults__, f.__annotations__,
                  f.__name__, f.__qualname__, f.__doc__, *(g.get(k) for k in _BASE)]
+        # Names with their values (a global that went and another that came with the
+        # same value read alike).
         values = [_contents(c) for c in f.__closure__ or ()]
-        values += [g[n] for n in _names(f.__code__) if n in g]
-        values += [*(f.__defaults__ or ()), *(f.__kwdefaults__ or {}).values(),
-                   *f.__annotations__.values()]
+        named = [(n, g[n]) for n in _names(f.__code__) if n in g]
+        named += [*(f.__kwdefaults__ or {}).items(), *f.__annotations__.items()]
+        values += [*(f.__defaults__ or ()), *(v for _, v in named)]
         for value in values:
             if type(value) is types.FunctionType and value.__module__ == "__main__":
                 todo.append(value)
-            elif not _by_reference(value):
+            elif value is not _EMPTY and not _by_reference(value):
                 return None
-            read.append(value)
+        read += [*values, *(n for n, _ in named)]
     return read
+
+
+_EMPTY = object()  # an empty cell's contents
 
 
 def _contents(cell: types.CellType) -> Any:
     try:
         return cell.cell_contents
     except ValueError:  # empty: a name bound later
-        return None
+        return _EMPTY
 
 
 def _by_reference(value: Any, depth: int = 0) -> bool:

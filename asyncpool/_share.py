@@ -367,7 +367,10 @@ def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
     rebound = types.FunctionType(fn.__code__, shared, fn.__name__, fn.__defaults__,
                                  fn.__closure__)
     for name in ("__kwdefaults__", "__qualname__", "__annotations__", "__doc__"):
-        setattr(rebound, name, getattr(fn, name))
+        value = getattr(fn, name)
+        # Dicts copied: what a call changes in them is its own (one loaded copy of the
+        # function serves every call that ships the same pickle).
+        setattr(rebound, name, dict(value) if type(value) is dict else value)
     rebound.__dict__.update(fn.__dict__)
     return rebound
 

@@ -194,7 +194,7 @@ class _Worker:
                     loaded = self.loaded.get(key) if kept else None
                     if loaded is None:
                         loaded = loads(blob, buffers)
-                        if kept:
+                        if kept:  # (each pickle at most 64 KB: _functions.KEPT_BYTES)
                             if len(self.loaded) >= 16:
                                 self.loaded.clear()
                             self.loaded[key] = loaded

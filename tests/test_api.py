@@ -7,6 +7,7 @@ import functools
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -354,6 +355,60 @@ async def test_a_main_script_function_is_loaded_once_by_each_worker(
         script["SCALE"] = 3  # its pickle changed: loaded anew, the new value with it
         changed = await pool.run(script["code_of"], 0)
         assert changed[1] == 3 and changed[0] != first[0]
+
+
+_KEPT_SCRIPT = """
+def make_counter():
+    count = 0
+    def counter(_):
+        nonlocal count
+        count += 1
+        return count
+    return counter
+
+def bump(_, *, seen=0):
+    bump.__kwdefaults__["seen"] = seen + 1
+    return seen
+
+def a_or_b(_):
+    try:
+        return ("A", A)
+    except NameError:
+        return ("B", B)
+
+def make_late():
+    def late_reader(_):
+        return later
+    def fill(value):
+        nonlocal later
+        later = value
+    return late_reader, fill
+    later = None  # (never run: makes it a cell, empty until filled)
+"""
+
+
+async def test_a_main_script_function_shipped_again_is_as_a_fresh_pickle(
+        anyio_backend: str) -> None:
+    # Its pickle kept, and one loaded copy in the worker for every call: a closure's
+    # cells and a keyword default a call changed carried over to the next calls, and a
+    # global that went and another that came with the same value read alike.
+    script: dict[str, Any] = {"__name__": "__main__"}
+    exec(_KEPT_SCRIPT, script)  # noqa: S102 - a main script's functions, by value
+    async with ResilientPool(max_workers=1, rungs=("process",)) as pool:
+        counter = script["make_counter"]()
+        assert [await pool.run(counter, 0) for _ in range(3)] == [1, 1, 1]
+        assert [await pool.run(script["make_counter"](), 0) for _ in range(2)] == [1, 1]
+        assert [await pool.run(script["bump"], 0) for _ in range(3)] == [0, 0, 0]
+        script["B"] = 1
+        assert await pool.run(script["a_or_b"], 0) == ("B", 1)
+        script["A"] = 1
+        del script["B"]
+        assert await pool.run(script["a_or_b"], 0) == ("A", 1)
+        reader, fill = script["make_late"]()
+        with pytest.raises(NameError):
+            await pool.run(reader, 0)
+        fill(None)
+        assert await pool.run(reader, 0) is None
 
 
 @pytest.mark.parametrize("size", [10, 100_000, 3_000_000])  # in one frame; out of band; own buffer

@@ -1001,6 +1001,9 @@ def test_a_main_script_function_is_pickled_again_only_when_what_it_reads_changed
     wrapped = _script("def f(x):\n    return x\n")["f"]
     wrapped.note = 1
     assert not book.ship(wrapped).kept
+    # A big pickle is not held (a lambda holding a request's body, per call).
+    body = _script("def f(x):\n    return len(BODY)\n", BODY=b"b" * (1 << 20))["f"]
+    assert not book.ship(body).kept and book.ship(body).blob is not book.ship(body).blob
 
 
 def test_calls_sharing_a_chunk_are_timed_each_on_its_own() -> None:
