@@ -963,3 +963,17 @@ def many_records(count: int) -> list[dict[str, object]]:
     """Results of many small objects: their pickle takes long to load (no big bytes)."""
     return [{"id": i, "name": str(i)} for i in range(count)]
 
+
+
+def noted(args: tuple[str, str, int]) -> object:
+    """Appends a dot to file ``path`` per run, then: ``"records"``: many_records(n);
+    ``"nap"``: sleeps n s; ``"exit"``: os._exit(n)."""
+    kind, path, n = args
+    with open(path, "a") as f:
+        f.write(".")
+    if kind == "records":
+        return many_records(n)
+    if kind == "nap":
+        time.sleep(n)
+        return n
+    os._exit(n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 import itertools
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,10 +13,10 @@ import anyio
 import psutil
 import pytest
 
-from asyncpool import ResilientPool
+from asyncpool import ResilientPool, WorkerCrashed
 
 from . import tasks
-from .helpers import Heartbeat
+from .helpers import Heartbeat, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -86,6 +87,50 @@ async def test_results_of_many_small_objects_load_off_the_loop(anyio_backend: st
     finally:
         gc.unfreeze()
     assert heartbeat.worst < 0.25, f"loop blocked for {heartbeat.worst:.3f} s"
+
+
+async def test_a_death_seen_as_results_load_is_the_workers_own(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # Its death waited for the results it sent before, but its status socket, at its
+    # end, was read as the fork server's death: the crash went uncounted ("exit code
+    # unknown"), and the item that crashed ran once more than max_crashes_per_item.
+    big, crash = str(tmp_path / "big"), str(tmp_path / "crash")
+    async with ResilientPool(max_workers=1, rungs=("process",),
+                             max_crashes_per_item=2) as pool:
+        results = await pool.map(tasks.noted, [("records", big, 1_500_000),
+                                               ("exit", crash, 7)], chunk_size=2,
+                                 return_exceptions=True)
+        assert len(results[0]) == 1_500_000 and isinstance(results[1], WorkerCrashed)
+        assert "exit code 7" in str(results[1])
+        assert Path(crash).read_text() == ".." and Path(big).read_text() == "."
+
+
+async def test_a_worker_killed_as_results_load_keeps_them(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # Another call's item killed (cancel_running="kill") while this call's results,
+    # sent before, loaded: they were dropped with the worker, and its item ran again.
+    records, nap = str(tmp_path / "records"), str(tmp_path / "nap")
+    got: list[Any] = []
+    doomed = anyio.CancelScope()
+
+    async def loaded() -> None:
+        got.append(await pool.run(tasks.noted, ("records", records, 2_000_000)))
+
+    async def napping() -> None:
+        with doomed:
+            await pool.run(tasks.noted, ("nap", nap, 30), cancel_running="kill")
+
+    async with ResilientPool(max_workers=1, rungs=("process",)) as pool:
+        # Timed as quick, the two calls share a chunk: the nap runs once the records
+        # are sent, as they load.
+        await pool.map(tasks.noted, [("nap", str(tmp_path / "warm"), 0)] * 50)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loaded)
+            tg.start_soon(napping)
+            await wait_until(lambda: Path(nap).exists(), timeout=30)  # as they load
+            doomed.cancel()
+        assert len(got[0]) == 2_000_000
+        assert Path(records).read_text() == "."
 
 
 async def test_streaming_large_items_keeps_memory_bounded(anyio_backend: str) -> None:

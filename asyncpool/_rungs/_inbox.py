@@ -20,6 +20,9 @@ from .._salvage import load_results
 #: A results pickle this big (bytes, not counting buffers sent out of band) is loaded in
 #: a thread: about 4 ms of plain small objects.
 SLOW_BYTES = 256 << 10
+#: Killed by the pool, a worker's death waits this long (s) at most for what it sent
+#: before to load (what a load of code of the caller's that hangs holds up: a close).
+KILLED_WAIT = 5.0
 
 #: What a results message became: (results, errors by position), or what loading raised.
 Loaded = tuple[list[Any], dict[int, BaseException]] | BaseException
@@ -37,18 +40,16 @@ def load(parts: list[Any], paced: bool = False) -> Loaded:
 
 
 class Inbox:
-    """Hands a worker's messages to ``handle`` in order, calling ``idle`` once those that
-    waited behind a load are handled; a load ends on ``owner.loop`` (a worker's)."""
+    """Hands a worker's messages to ``handle`` in order; a load ends on ``owner.loop``
+    (a worker's). The worker's death waits behind them (see :meth:`hold`)."""
 
-    def __init__(self, handle: Handler, idle: Callable[[], None], owner: Any) -> None:
-        self._handle, self._idle, self._owner = handle, idle, owner
+    def __init__(self, handle: Handler, owner: Any) -> None:
+        self._handle, self._owner = handle, owner
         #: Messages behind a load (None: none is loading).
         self._waiting: deque[tuple[int, list[Any]]] | None = None
         self._drops = 0  # what a load that ended finds changed if it was dropped
-
-    @property
-    def loading(self) -> bool:
-        return self._waiting is not None
+        self._then: Callable[[], None] | None = None  # the death held (see hold)
+        self._hurried = False
 
     def put(self, kind: int, parts: list[Any]) -> None:
         if self._waiting is not None:
@@ -56,10 +57,32 @@ class Inbox:
         else:
             self._take(kind, parts)
 
-    def drop(self) -> None:
-        """Forget what waits, and what is loading (the worker was killed)."""
-        self._waiting = None
+    def hold(self, death: Callable[[], None], killed: bool) -> bool:
+        """Whether ``death`` (a call that buries the worker) waits until what the worker
+        sent before it died is handled (its results come first: they ran once). Killed
+        by the pool, it waits at most :data:`KILLED_WAIT`; then what is left is dropped."""
+        if self._waiting is None:
+            return False
+        if self._then is None:
+            self._then = death
+        if killed:
+            self.hurry()
+        return True
+
+    def hurry(self) -> None:
+        """The pool killed the worker: a death held waits at most :data:`KILLED_WAIT`."""
+        if self._then is not None and not self._hurried:
+            self._hurried = True
+            timer = threading.Timer(KILLED_WAIT, self._owner.loop.call_soon_threadsafe,
+                                    (self._give_up,))
+            timer.daemon = True
+            timer.start()
+
+    def _give_up(self) -> None:
+        then, self._then, self._waiting = self._then, None, None
         self._drops += 1
+        if then is not None:
+            then()
 
     def _take(self, kind: int, parts: list[Any]) -> deque[tuple[int, list[Any]]] | None:
         """Handle the message now, or start loading it (then: what is to wait behind)."""
@@ -96,5 +119,6 @@ class Inbox:
             if behind is not None:
                 behind.extend(waiting)  # behind this one's load, in order
                 return
-        if drops == self._drops:
-            self._idle()
+        then, self._then = self._then, None
+        if then is not None and drops == self._drops:
+            then()

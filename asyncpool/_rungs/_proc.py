@@ -81,8 +81,7 @@ class Proc:
         self.ready_rss = 0
         self.started = loop.event()
         self._reader = _wire.FrameReader()
-        self._inbox = Inbox(self._on_frame, self._inbox_idle, self)  # (in order: see _inbox)
-        self._dead_later: bool | None = None  # its death, seen as results still loaded
+        self._inbox = Inbox(self._on_frame, self)  # (in order: see _inbox)
         #: What is still to be written to its socket (see ProcessRung._pick).
         self.outbox: deque[memoryview] = deque()
         self._stops: list[Callable[[], object]] = []
@@ -168,6 +167,8 @@ class Proc:
             self._stops[0] = lambda: None
 
     def _on_status(self) -> None:
+        if self._exit_status is not None:
+            return  # said: its end-of-file is no fork server's death
         while True:
             try:
                 data = self.status.recv(STATUS.size * 4)
@@ -204,10 +205,6 @@ class Proc:
         if not self._eof:
             self._reader.read(self.sock, self._inbox.put)
         self._dead()
-
-    def _inbox_idle(self) -> None:
-        if self._dead_later is not None:
-            self._dead(self._dead_later)
 
     def _on_frame(self, kind: int, parts: list[Any], loaded: Loaded | None) -> None:
         if kind == _wire.RESULTS:
@@ -274,10 +271,9 @@ class Proc:
         """Gone; ``unreaped``: its exit read where the kernel keeps it."""
         if self._buried:
             return
-        if self._inbox.loading and not self.killed:
-            self._dead_later = unreaped  # what it sent before it died is handled first
+        if self._inbox.hold(lambda: self._dead(unreaped), self.killed):
+            self.detach()  # (its exit is known: its status socket says no more)
             return
-        self._inbox.drop()
         self._buried = True
         was_starting = self.state is ProcState.STARTING
         retiring = self.state is ProcState.RETIRING
@@ -405,8 +401,7 @@ class Proc:
         """SIGKILL the worker's process group: the worker and whatever it started. One
         not forked yet (its fork server stopped, say) is gone for the pool at once."""
         self.killed = True
-        if self._dead_later is not None:
-            self._dead(self._dead_later)  # not behind results still loaded
+        self._inbox.hurry()  # a death seen already waits no longer than a moment
         if self.pid is None:
             self._on_status()  # its pid, if said meanwhile (then it is killed there)
         if self.pid is None:  # forked later, its status socket is closed: the fork
