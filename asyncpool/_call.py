@@ -36,11 +36,12 @@ _NONE: frozenset[int] = frozenset()
 def _name_item(error: BaseException, index: int) -> None:
     """Say which item raised a task's own error (the pool's errors name it already):
     one note, this call's (one object raised again on the thread rung kept the first)."""
-    try:
+    try:  # past the class's own __setattr__ (a frozen dataclass's refuses any)
         notes = [n for n in getattr(error, "__notes__", None) or ()
                  if not str(n).startswith("asyncpool:")]
-        error.__notes__ = [*notes, f"asyncpool: raised by item {index} of the input"]
-    except Exception:  # noqa: BLE001 - an exception type that refuses notes
+        object.__setattr__(error, "__notes__",
+                           [*notes, f"asyncpool: raised by item {index} of the input"])
+    except BaseException:  # noqa: BLE001 - a type that refuses notes (a SystemExit too)
         pass
 
 

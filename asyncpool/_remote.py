@@ -92,6 +92,8 @@ def decode_error(blob: bytes, text: str) -> BaseException:
         first = text.strip().splitlines()[-1] if text.strip() else repr(problem)
         exc = RemoteError(first, type_name=first.split(":", 1)[0], traceback=text)
     if text and not (isinstance(exc, SerializationError) and is_pool_made(exc)):
-        # Past the class's own __setattr__ (a frozen dataclass's refuses any).
-        object.__setattr__(exc, "__cause__", RemoteTraceback(text))
+        try:  # past the class's own __setattr__ (a frozen dataclass's refuses any)
+            object.__setattr__(exc, "__cause__", RemoteTraceback(text))
+        except Exception:  # noqa: BLE001 - a class whose __cause__ is its own property
+            pass
     return exc

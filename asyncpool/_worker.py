@@ -231,9 +231,10 @@ class _Worker:
 
         def late(first: int, upto: int, results: list[Any],
                  errors: dict[int, BaseException]) -> None:
-            # From the watcher thread, while an item runs long.
+            # From the watcher thread, while an item runs long: a death meanwhile is
+            # that item's far more often than a result's being sent (not SENDING).
             self.tasks += upto - first
-            self.send_results(seq, first, upto, results, errors, done=False)
+            self.send_results(seq, first, upto, results, errors, done=False, running=True)
 
         self.running = (seq, calls)
         try:
@@ -245,14 +246,14 @@ class _Worker:
     def send_results(self, seq: int, first: int, upto: int, results: list[Any],
                      errors: dict[int, BaseException], *, done: bool,
                      end: tuple[list[float], int] = ([], 0),
-                     arguments_unloadable: bool = False) -> None:
+                     arguments_unloadable: bool = False, running: bool = False) -> None:
         if self.closed:
             return
         if arguments_unloadable:
             errors = {p: pool_made(SerializationError(f"{exc!r}")) for p, exc in errors.items()}
-        if self.progress is not None:
+        if self.progress is not None and not running:
             # A result or an error whose pickling kills this process (a __reduce__ that
-            # exits, the OOM killer on a big one) is one of these, not the running item.
+            # exits, the OOM killer on a big one) is one of these, not the last run.
             self.progress[_wire.SENDING] = upto
         try:
             meta = _wire.ResultMeta(seq, first, upto, encode_errors(errors), done, end,
@@ -261,7 +262,7 @@ class _Worker:
         except OSError:
             self.closed = True
         finally:
-            if self.progress is not None:
+            if self.progress is not None and not running:
                 self.progress[_wire.SENDING] = 0
 
     def send(self, kind: int, parts: _wire.Parts) -> None:

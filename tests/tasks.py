@@ -977,3 +977,36 @@ def noted(args: tuple[str, str, int]) -> object:
         time.sleep(n)
         return n
     os._exit(n)
+
+
+class ReadOnlyCause(Exception):
+    """An exception whose ``__cause__`` is a property of its own, with no setter."""
+
+    @property  # type: ignore[override]
+    def __cause__(self) -> BaseException | None:  # type: ignore[override]
+        return None
+
+
+def raise_read_only_cause(x: int) -> int:
+    if x == 2:
+        raise ReadOnlyCause(x)
+    return x
+
+
+class SentSlowly:
+    """Pickles in ``seconds`` (a big result, say), as the string "sent"."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        time.sleep(self.seconds)
+        return (str, ("sent",))
+
+
+def sent_slowly_then_exit(x: int) -> object:
+    """0: a result that takes 1 s to pickle; 1: exits (code 3) after 0.3 s."""
+    if x == 0:
+        return SentSlowly(1.0)
+    time.sleep(0.3)
+    os._exit(3)

@@ -245,6 +245,15 @@ async def test_an_exception_that_refuses_attributes_comes_back_as_itself(
         assert "FrozenError" in repr(results[2]) and results[:2] + results[3:] == [0, 1, 3]
         with pytest.raises(expected):
             await pool.run(tasks.raise_frozen, 2)
+        with pytest.raises(expected) as info:  # its note set past its __setattr__ too
+            await pool.map(tasks.raise_frozen, range(4))
+        assert info.value.__notes__ == ["asyncpool: raised by item 2 of the input"]
+        # One whose __cause__ is a read-only property: the loop's callback raised, and
+        # the map never returned.
+        with anyio.fail_after(30):
+            results = await pool.map(tasks.raise_read_only_cause, range(4),
+                                     return_exceptions=True)
+        assert type(results[2]) is tasks.ReadOnlyCause and results[3] == 3, results
         assert pool.statistics().worker_crashes == 0
 
 
@@ -272,6 +281,18 @@ async def test_a_result_whose_pickling_kills_the_worker_is_blamed_not_its_neighb
                 tg.start_soon(call, x)
         assert [x for x in range(8) if isinstance(calls[x], WorkerCrashed)] == [2, 4], calls
         assert [calls[x] for x in (0, 1, 3, 5, 6, 7)] == [0, 1, 3, 5, 6, 7]
+
+
+async def test_an_item_that_dies_as_an_earlier_result_is_sent_is_blamed_itself(
+        anyio_backend: str) -> None:
+    # While it ran, the watcher thread sent the result before it (slow to pickle): its
+    # death was pinned on that result, and the innocent item failed with it.
+    async with ResilientPool(max_workers=1, max_crashes_per_item=1,
+                             rungs=("process",)) as pool:
+        results = await pool.map(tasks.sent_slowly_then_exit, [0, 1], chunk_size=2,
+                                 return_exceptions=True)
+        assert results[0] == "sent" and isinstance(results[1], WorkerCrashed), results
+        assert results[1].index == 1
 
 
 async def test_results_that_do_not_load_here_fail_alone_and_nothing_reruns(

@@ -13,7 +13,7 @@ import anyio
 import psutil
 import pytest
 
-from asyncpool import ResilientPool, WorkerCrashed
+from asyncpool import PoolClosed, ResilientPool, WorkerCrashed
 
 from . import tasks
 from .helpers import Heartbeat, wait_until
@@ -131,6 +131,35 @@ async def test_a_worker_killed_as_results_load_keeps_them(
             doomed.cancel()
         assert len(got[0]) == 2_000_000
         assert Path(records).read_text() == "."
+
+
+async def test_a_worker_gone_as_its_results_load_is_not_signalled_when_killed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
+    # Its exit reported (the fork server reaped it) but its death held behind the
+    # results it sent, a kill by the pool still signalled its pid, which another
+    # process may have by then.
+    import os
+
+    signalled: list[tuple[int, bool]] = []
+    for name in ("kill", "killpg"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda pid, sig, real=real: (
+            signalled.append((pid, os.path.exists(f"/proc/{pid}"))), real(pid, sig))[1])
+    crash = str(tmp_path / "crash")
+    pool = ResilientPool(max_workers=1, rungs=("process",))
+    async with pool:
+        pid = await pool.run(tasks.pid_of)
+        async def mapping() -> None:
+            with pytest.raises(PoolClosed):
+                await pool.map(tasks.noted, [("records", str(tmp_path / "big"), 3_000_000),
+                                             ("exit", crash, 3)], chunk_size=2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mapping)
+            await wait_until(lambda: Path(crash).exists(), timeout=30)
+            await wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=30)
+            await anyio.sleep(0.2)  # the fork server's word of it read (as they load)
+            await pool.aclose(kill=True)
+    assert (pid, False) not in signalled, signalled
 
 
 async def test_streaming_large_items_keeps_memory_bounded(anyio_backend: str) -> None:

@@ -49,7 +49,7 @@ class Inbox:
         self._waiting: deque[tuple[int, list[Any]]] | None = None
         self._drops = 0  # what a load that ended finds changed if it was dropped
         self._then: Callable[[], None] | None = None  # the death held (see hold)
-        self._hurried = False
+        self._timer: threading.Timer | None = None  # (see hurry)
 
     def put(self, kind: int, parts: list[Any]) -> None:
         if self._waiting is not None:
@@ -69,14 +69,18 @@ class Inbox:
             self.hurry()
         return True
 
+    @property
+    def holding(self) -> bool:
+        """Whether a death is held: the worker takes no more work."""
+        return self._then is not None
+
     def hurry(self) -> None:
         """The pool killed the worker: a death held waits at most :data:`KILLED_WAIT`."""
-        if self._then is not None and not self._hurried:
-            self._hurried = True
-            timer = threading.Timer(KILLED_WAIT, self._owner.loop.call_soon_threadsafe,
-                                    (self._give_up,))
-            timer.daemon = True
-            timer.start()
+        if self._then is not None and self._timer is None:
+            self._timer = threading.Timer(KILLED_WAIT, self._owner.loop.call_soon_threadsafe,
+                                          (self._give_up,))
+            self._timer.daemon = True
+            self._timer.start()
 
     def _give_up(self) -> None:
         then, self._then, self._waiting = self._then, None, None
@@ -120,5 +124,7 @@ class Inbox:
                 behind.extend(waiting)  # behind this one's load, in order
                 return
         then, self._then = self._then, None
+        if self._timer is not None:
+            self._timer.cancel()
         if then is not None and drops == self._drops:
             then()

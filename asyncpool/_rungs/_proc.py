@@ -409,7 +409,7 @@ class Proc:
         self._sigkill()
 
     def _sigkill(self) -> None:
-        if self.pid is not None and self.state is not ProcState.DEAD:
+        if self.pid is not None and self._exit_status is None and self.state is not ProcState.DEAD:
             # The worker itself too: just forked, it may not lead its group yet. Its
             # pid cannot be reused before the fork server has reaped it and said so.
             for kill in (os.killpg, os.kill):
@@ -432,6 +432,11 @@ class Proc:
 
     def exited(self) -> bool:
         return self.state is ProcState.DEAD
+
+    @property
+    def dying(self) -> bool:
+        """Gone, its death held behind the results it sent (see _inbox): no more work."""
+        return self._inbox.holding
 
     def exit_seen(self, status: int | None) -> None:
         """Its exit status, if said or ``status`` (read where the kernel keeps it)."""

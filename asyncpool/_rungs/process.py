@@ -150,7 +150,7 @@ class ProcessRung(Rung, Events):
             room -= 1
             if room < 0:
                 break
-            if len(proc.chunks) >= DEPTH:
+            if len(proc.chunks) >= DEPTH or proc.dying:
                 continue
             if wait_on_stuck and proc.chunks and (
                     replacing or proc.outbox or proc.heard < stuck
