@@ -14,7 +14,7 @@ import sys
 import time
 
 from . import _wire
-from ._errors import FunctionUnavailable, InitializerFailed, pool_made
+from ._errors import FunctionUnavailable, InitializerFailed, RemoteError, pool_made
 from ._handover import Running, unwatch, watch
 from ._remote import encode_errors
 from ._retry import retry_again, task_retry_delays
@@ -89,7 +89,14 @@ def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int,
 def own_frames_dropped(exc: BaseException) -> BaseException:
     """``exc`` without the pool's own frames at the front of its traceback: they hold
     the chunk, and the error itself (a cycle, which kept a failed call's arguments
-    until the cyclic GC ran)."""
+    until the cyclic GC ran). One whose class cannot even be read (a __getattribute__
+    of its own that raises: every isinstance on it would) comes as a RemoteError."""
+    try:
+        exc.__class__  # noqa: B018 - read as isinstance reads it
+    except BaseException as problem:  # noqa: BLE001 - its own code: a SystemExit too
+        name = type(exc).__qualname__
+        return RemoteError(f"the task raised {name}, whose class cannot be read "
+                           f"({type(problem).__name__}: {problem})", type_name=name)
     tb = exc.__traceback__
     while tb is not None and str(tb.tb_frame.f_globals.get("__name__")).startswith(
             "asyncpool."):

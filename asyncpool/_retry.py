@@ -43,7 +43,10 @@ def retry_again(exc: BaseException, attempt: int, retries: int) -> bool:
     """Whether an item that raised ``exc`` on its ``attempt``-th try (0: the first)
     is tried again: an ``Exception`` that is transient, up to ``retries`` more times
     (``task_retries``). The one rule for the worker's loop and the inline rung's."""
-    return attempt < retries and isinstance(exc, Exception) and is_transient(exc)
+    try:
+        return attempt < retries and isinstance(exc, Exception) and is_transient(exc)
+    except BaseException:  # its own attribute lookups raise (isinstance reads __class__)
+        return False
 
 
 def backoff_delays(

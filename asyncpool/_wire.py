@@ -38,7 +38,8 @@ CHUNK_HEAD = struct.Struct("<qdi")
 #: The worker's progress area (int64 slots in shared memory the parent reads after a
 #: crash): the chunk it runs, the position of the item it runs (-1: none yet), the
 #: function it is loading (0: none), and while it pickles results, the position after
-#: the last of them (0: none; a crash then is one of theirs, not the running item's).
+#: the last of them (0: none; a crash then is one of theirs, not the running item's;
+#: negative while an item runs: one of theirs or the item's, not known which).
 SEQ, POSITION, LOADING, SENDING = 0, 1, 2, 3
 
 # Parent -> worker

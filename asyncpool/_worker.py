@@ -231,8 +231,8 @@ class _Worker:
 
         def late(first: int, upto: int, results: list[Any],
                  errors: dict[int, BaseException]) -> None:
-            # From the watcher thread, while an item runs long: a death meanwhile is
-            # that item's far more often than a result's being sent (not SENDING).
+            # From the watcher thread, while an item runs long: a death meanwhile may
+            # be that item's or a result's (SENDING says so: see send_results).
             self.tasks += upto - first
             self.send_results(seq, first, upto, results, errors, done=False, running=True)
 
@@ -251,10 +251,11 @@ class _Worker:
             return
         if arguments_unloadable:
             errors = {p: pool_made(SerializationError(f"{exc!r}")) for p, exc in errors.items()}
-        if self.progress is not None and not running:
+        if self.progress is not None:
             # A result or an error whose pickling kills this process (a __reduce__ that
-            # exits, the OOM killer on a big one) is one of these, not the last run.
-            self.progress[_wire.SENDING] = upto
+            # exits, the OOM killer on a big one) is one of these, not the last run; or
+            # (negative: sent while an item runs) one of these or that item.
+            self.progress[_wire.SENDING] = -upto if running else upto
         try:
             meta = _wire.ResultMeta(seq, first, upto, encode_errors(errors), done, end,
                                     self.retiring, arguments_unloadable)
@@ -262,7 +263,7 @@ class _Worker:
         except OSError:
             self.closed = True
         finally:
-            if self.progress is not None and not running:
+            if self.progress is not None:
                 self.progress[_wire.SENDING] = 0
 
     def send(self, kind: int, parts: _wire.Parts) -> None:

@@ -1010,3 +1010,49 @@ def sent_slowly_then_exit(x: int) -> object:
         return SentSlowly(1.0)
     time.sleep(0.3)
     os._exit(3)
+
+
+def _loaded_slowly(seconds: float) -> str:
+    time.sleep(seconds)
+    return "loaded"
+
+
+class LoadsSlowly:
+    """Unpickling it takes ``seconds`` (in the process that loads it)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_loaded_slowly, (self.seconds,))
+
+
+def slow_to_load_then_exit(args: tuple[int, float]) -> object:
+    """0: a big result (loaded in a thread) that takes ``seconds`` to load; 1: exits
+    after 0.3 s (the results before it sent meanwhile)."""
+    x, seconds = args
+    if x == 0:
+        return [LoadsSlowly(seconds), many_records(20_000)]
+    time.sleep(0.3)
+    os._exit(3)
+
+
+def killed_as_sent_then_nap(x: int) -> object:
+    """0: a result whose pickling kills the worker (sent as 1 naps); 1: naps 0.5 s."""
+    if x == 0:
+        return KillsWhenPickled()
+    time.sleep(0.5)
+    return x
+
+
+class ClassUnreadable(Exception):
+    """Reading its ``__class__`` raises (isinstance does, for a class it is not of)."""
+
+    def __getattribute__(self, name: str) -> object:
+        if name == "__class__":
+            raise RuntimeError("no class here")
+        return super().__getattribute__(name)
+
+
+def raise_class_unreadable(x: int) -> int:
+    raise ClassUnreadable(x)

@@ -293,6 +293,23 @@ async def test_an_item_that_dies_as_an_earlier_result_is_sent_is_blamed_itself(
                                  return_exceptions=True)
         assert results[0] == "sent" and isinstance(results[1], WorkerCrashed), results
         assert results[1].index == 1
+        # And the other way round: the result being sent killed it as the next item
+        # ran (that item was blamed: it failed, and the culprit ran again).
+        results = await pool.map(tasks.killed_as_sent_then_nap, [0, 1], chunk_size=2,
+                                 return_exceptions=True)
+        assert isinstance(results[0], WorkerCrashed) and results[1] == 1, results
+        assert results[0].index == 0
+
+
+@pytest.mark.parametrize("rung", ["process", "thread", "inline"])
+async def test_an_exception_whose_class_cannot_be_read_fails_its_call_once(
+        rung: str, anyio_backend: str) -> None:
+    # isinstance reads __class__, which raised: on the inline rung the item ran again
+    # and again and its call never ended (one raising SystemExit ended the caller).
+    async with ResilientPool(max_workers=1, rungs=(rung,)) as pool:  # type: ignore[arg-type]
+        with anyio.fail_after(30), pytest.raises(RemoteError, match="cannot be read"):
+            await pool.run(tasks.raise_class_unreadable, 1)
+        assert await pool.run(tasks.square, 3) == 9
 
 
 async def test_results_that_do_not_load_here_fail_alone_and_nothing_reruns(

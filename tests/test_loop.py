@@ -133,8 +133,17 @@ async def test_a_worker_killed_as_results_load_keeps_them(
         assert Path(records).read_text() == "."
 
 
+def _replaced(pid: int) -> bool:
+    """Whether the fork server's only worker is no longer ``pid``."""
+    from asyncpool._forkserver import ForkServer
+
+    server = ForkServer.current()
+    workers = psutil.Process(server.process.pid).children() if server is not None else []
+    return bool(workers) and pid not in {w.pid for w in workers}
+
+
 async def test_a_worker_gone_as_its_results_load_is_not_signalled_when_killed(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
     # Its exit reported (the fork server reaped it) but its death held behind the
     # results it sent, a kill by the pool still signalled its pid, which another
     # process may have by then.
@@ -145,21 +154,35 @@ async def test_a_worker_gone_as_its_results_load_is_not_signalled_when_killed(
         real = getattr(os, name)
         monkeypatch.setattr(os, name, lambda pid, sig, real=real: (
             signalled.append((pid, os.path.exists(f"/proc/{pid}"))), real(pid, sig))[1])
-    crash = str(tmp_path / "crash")
     pool = ResilientPool(max_workers=1, rungs=("process",))
     async with pool:
         pid = await pool.run(tasks.pid_of)
+
         async def mapping() -> None:
             with pytest.raises(PoolClosed):
-                await pool.map(tasks.noted, [("records", str(tmp_path / "big"), 3_000_000),
-                                             ("exit", crash, 3)], chunk_size=2)
+                await pool.map(tasks.slow_to_load_then_exit, [(0, 6.0), (1, 0.0)],
+                               chunk_size=2)
         async with anyio.create_task_group() as tg:
             tg.start_soon(mapping)
-            await wait_until(lambda: Path(crash).exists(), timeout=30)
-            await wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=30)
-            await anyio.sleep(0.2)  # the fork server's word of it read (as they load)
+            # Replaced: its exit is known, its death held (the load takes 6 s).
+            await wait_until(lambda: _replaced(pid), timeout=20)
             await pool.aclose(kill=True)
     assert (pid, False) not in signalled, signalled
+
+
+async def test_a_worker_gone_as_its_results_load_is_replaced_meanwhile(
+        anyio_backend: str) -> None:
+    # Its death held behind what it sent, it still counted as the one worker: nothing
+    # replaced it, and an unrelated call waited (and was sent to it) for the whole load.
+    async with ResilientPool(max_workers=1, rungs=("process",)) as pool:
+        pid = await pool.run(tasks.pid_of)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(pool.map, tasks.slow_to_load_then_exit,
+                                            [(0, 6.0), (1, 0.0)], chunk_size=2,
+                                            return_exceptions=True))
+            await wait_until(lambda: _replaced(pid), timeout=4)  # (the load takes 6 s)
+            with anyio.fail_after(4):
+                assert await pool.run(tasks.pid_of) != pid
 
 
 async def test_streaming_large_items_keeps_memory_bounded(anyio_backend: str) -> None:

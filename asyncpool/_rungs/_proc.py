@@ -24,7 +24,8 @@ from .._rebalance import Pace, has_waiting
 from .._remote import decode_error
 from .._retry import RungUnavailable
 from .._zygote import STATUS
-from ._death import Death, ForkServerGone, ProcState, running, watch_exit
+from ._death import (Death, ForkServerGone, ProcState, exit_status, running,
+                     watch_exit)
 from ._inbox import Inbox, Loaded, load
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class Events:
     def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None: ...
     def proc_cut(self, proc: Proc, chunk: Chunk, keep: int) -> None: ...
     def proc_dead(self, proc: Proc, death: Death) -> None: ...
-    def proc_sent(self, proc: Proc) -> None: ...
+    def proc_changed(self, proc: Proc) -> None: ...
 
 
 class Proc:
@@ -81,7 +82,8 @@ class Proc:
         self.ready_rss = 0
         self.started = loop.event()
         self._reader = _wire.FrameReader()
-        self._inbox = Inbox(self._on_frame, self)  # (in order: see _inbox)
+        #: Its messages in order (see _inbox); ``inbox.holding``: gone, its death held.
+        self.inbox = Inbox(self._on_frame, self)
         #: What is still to be written to its socket (see ProcessRung._pick).
         self.outbox: deque[memoryview] = deque()
         self._stops: list[Callable[[], object]] = []
@@ -134,12 +136,12 @@ class Proc:
         elif not outbox and self._writing is not None:
             self._writing()
             self._writing = None
-            self.events.proc_sent(self)
+            self.events.proc_changed(self)
 
     # -- receiving -----------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        if not self._reader.read(self.sock, self._inbox.put):
+        if not self._reader.read(self.sock, self.inbox.put):
             self._eof = True
             self._stop_reading()
             if not self.server.alive():  # else its exit status follows at once
@@ -203,7 +205,7 @@ class Proc:
     def _drain_and_die(self) -> None:
         # What the worker sent before it died is in the socket: read it first.
         if not self._eof:
-            self._reader.read(self.sock, self._inbox.put)
+            self._reader.read(self.sock, self.inbox.put)
         self._dead()
 
     def _on_frame(self, kind: int, parts: list[Any], loaded: Loaded | None) -> None:
@@ -271,8 +273,9 @@ class Proc:
         """Gone; ``unreaped``: its exit read where the kernel keeps it."""
         if self._buried:
             return
-        if self._inbox.hold(lambda: self._dead(unreaped), self.killed):
+        if self.inbox.hold(lambda: self._dead(unreaped), self.killed):
             self.detach()  # (its exit is known: its status socket says no more)
+            self.events.proc_changed(self)  # (replaced meanwhile)
             return
         self._buried = True
         was_starting = self.state is ProcState.STARTING
@@ -280,7 +283,8 @@ class Proc:
         self.state = ProcState.DEAD
         self.detach()
         self.outbox.clear()
-        if self.pid is not None and (self._orphaned or unreaped):
+        if self.pid is not None and (self._orphaned or unreaped and (
+                exit_status(self.pid) is not None)):  # (not reaped since: held, see _inbox)
             # The fork server died (its workers die with it), or is stopped: nobody
             # else stops what this worker started (an unreaped group is not reused).
             with contextlib.suppress(OSError):
@@ -297,7 +301,7 @@ class Proc:
         death = Death(chunks, exitcode, self._orphaned)
         seq, position, loading, sending = (int(self.progress[i]) for i in range(4))
         on_item = bool(chunks) and 0 <= position < chunks[0].size  # else between items
-        if chunks and sending:  # pickling results: of which item, known if only one
+        if chunks and sending:  # pickling results: whose, known if only one (see _wire)
             on_item, position = True, sending - 1 if sending - 1 == chunks[0].reported else -1
         death.began = bool(chunks) and seq == chunks[0].seq
         # Gone with its fork server: only an item it ran then is blamed (it may have
@@ -401,7 +405,7 @@ class Proc:
         """SIGKILL the worker's process group: the worker and whatever it started. One
         not forked yet (its fork server stopped, say) is gone for the pool at once."""
         self.killed = True
-        self._inbox.hurry()  # a death seen already waits no longer than a moment
+        self.inbox.hurry()  # a death seen already waits no longer than a moment
         if self.pid is None:
             self._on_status()  # its pid, if said meanwhile (then it is killed there)
         if self.pid is None:  # forked later, its status socket is closed: the fork
@@ -432,11 +436,6 @@ class Proc:
 
     def exited(self) -> bool:
         return self.state is ProcState.DEAD
-
-    @property
-    def dying(self) -> bool:
-        """Gone, its death held behind the results it sent (see _inbox): no more work."""
-        return self._inbox.holding
 
     def exit_seen(self, status: int | None) -> None:
         """Its exit status, if said or ``status`` (read where the kernel keeps it)."""

@@ -52,13 +52,14 @@ class Recycling:
 
     def serves(self, proc: Proc) -> bool:
         """It is ready and will take chunks."""
-        return proc.state is ProcState.READY and not proc.killed and not self.spent(proc)
+        return proc.state is ProcState.READY and not proc.killed and not self.spent(proc) and (
+            not proc.inbox.holding)
 
     def live(self, procs: Iterable[Proc]) -> int:
         """Workers that will take chunks: starting or ready, and not about to leave
         (at its limit, replaced early, killed, or its initializer failed)."""
         return sum(1 for p in procs if p.state in (ProcState.STARTING, ProcState.READY)
-                   and not p.killed and p.init_error is None
+                   and not p.killed and p.init_error is None and not p.inbox.holding
                    and p not in self.leaving and not self.spent(p))
 
     def replace_early(self, proc: Proc, chunk: Chunk) -> bool:

@@ -3,9 +3,8 @@
 Each worker holds at most :data:`DEPTH` chunks (one running, the rest waiting in its
 socket). A worker that dies takes only its own chunks down: the item it was running is
 named by the progress area, what it had sent back stays delivered, and a replacement is
-forked (with backoff when the machine is out of processes). Workers that reach
-``max_tasks_per_worker`` or ``max_worker_memory`` retire after their chunk, their
-replacement started before they leave.
+forked (with backoff when out of processes). Workers that reach ``max_tasks_per_worker``
+or ``max_worker_memory`` retire after their chunk, replaced before they leave.
 """
 
 from __future__ import annotations
@@ -150,7 +149,7 @@ class ProcessRung(Rung, Events):
             room -= 1
             if room < 0:
                 break
-            if len(proc.chunks) >= DEPTH or proc.dying:
+            if len(proc.chunks) >= DEPTH:
                 continue
             if wait_on_stuck and proc.chunks and (
                     replacing or proc.outbox or proc.heard < stuck
@@ -278,8 +277,9 @@ class ProcessRung(Rung, Events):
     def proc_withdrawn(self, proc: Proc, chunk: Chunk) -> None:
         self.listener.chunk_lost(chunk, Resend.MOVED)
 
-    def proc_sent(self, proc: Proc) -> None:
-        self.listener.rung_changed()  # a chunk may now wait behind what it holds
+    def proc_changed(self, proc: Proc) -> None:  # it sent all, or it is gone (replaced)
+        self._grow()
+        self.listener.rung_changed()
 
     def _take_back(self) -> None:
         """While a worker is idle, ask for the chunks that wait behind an item running
