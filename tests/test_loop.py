@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 import itertools
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -67,6 +68,14 @@ async def test_results_of_many_small_objects_load_off_the_loop(anyio_backend: st
     # The pickle of 1.5 million small dicts (30 MB) was loaded on the loop: 0.45 to
     # 1 s in one stretch (from any thread, a plain pickle.loads holds the interpreter
     # throughout: the stdlib's pool stalls its caller's loop as long).
+    # What loading them on the loop holds it for, here and now (under load, longer).
+    data = pickle.dumps(tasks.many_records(1_500_000), 5)
+    on_loop = Heartbeat()
+    async with on_loop.running():
+        await anyio.sleep(0.02)
+        pickle.loads(data)
+        await anyio.sleep(0.02)
+    del data
     heartbeat = Heartbeat()
     gc.collect()
     gc.freeze()  # (see test_large_payloads_do_not_block_the_loop)
@@ -86,7 +95,7 @@ async def test_results_of_many_small_objects_load_off_the_loop(anyio_backend: st
             assert stats.resubmitted_chunks == 0 and stats.worker_crashes == 0, stats
     finally:
         gc.unfreeze()
-    assert heartbeat.worst < 0.25, f"loop blocked for {heartbeat.worst:.3f} s"
+    assert heartbeat.worst < on_loop.worst / 2, (heartbeat.worst, on_loop.worst)
 
 
 async def test_a_death_seen_as_results_load_is_the_workers_own(
