@@ -23,7 +23,7 @@ from ._sizing import Timing
 from ._wire import wrap_big
 from ._errors import SerializationError
 from ._retry import is_transient
-from ._share import dumps_for_workers
+from ._share import dumps_for_workers, of_script
 
 #: Functions (and their timings) remembered per pool; the oldest go first.
 _REMEMBERED = 512
@@ -115,8 +115,7 @@ class FunctionBook:
                 read[0] = len(sys.modules)  # what pickling it imported (cloudpickle)
                 # Its cells are its own: a worker's copy shared by calls would keep
                 # what a call set in them (nonlocal), as calls of its own did not.
-                shared = not any(f.__closure__ for f in read if type(f) is types.FunctionType
-                                 and f.__module__ == "__main__")
+                shared = not any(f.__closure__ for f in read if of_script(f))
                 self._script[key] = (fn, read, blob, shared)
                 if len(self._script) > _SCRIPT_KEPT:
                     self._script.popitem(last=False)
@@ -167,7 +166,7 @@ def read_by_pickle(fn: Any) -> list[Any] | None:
         if id(f) in seen:
             continue
         seen.add(id(f))
-        if not (type(f) is types.FunctionType and f.__module__ == "__main__") or f.__dict__:
+        if not of_script(f) or f.__dict__:
             return None
         g = f.__globals__
         read += [f, f.__code__, f.__defaults__, f.__kwdefaults__, f.__annotations__,
@@ -179,7 +178,7 @@ def read_by_pickle(fn: Any) -> list[Any] | None:
         named += [*(f.__kwdefaults__ or {}).items(), *f.__annotations__.items()]
         values += [*(f.__defaults__ or ()), *(v for _, v in named)]
         for value in values:
-            if type(value) is types.FunctionType and value.__module__ == "__main__":
+            if of_script(value):
                 todo.append(value)
             elif value is not _EMPTY and not _by_reference(value):
                 return None

@@ -143,7 +143,7 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
                 base = base.__wrapped__
             _rebound(owner, base.__globals__)
         return types.MethodType(inner, fn.__self__)
-    if _cached_of_script(fn):
+    if _cachedof_script(fn):
         # Cached (functools.lru_cache, functools.cache): the function it caches shares
         # them, under a cache of this worker's own.
         params = fn.cache_parameters()
@@ -152,10 +152,10 @@ def share_main(fn: Any, space: str | None = None, version: int = 0) -> Any:
     if not isinstance(fn, types.FunctionType) and type(fn).__module__ == "__main__":
         # An object of a script class with a __call__: its class shares them too.
         call = share_main(type(fn).__call__, space, version)
-        if _of_script(call):
+        if of_script(call):
             _rebound(type(fn), call.__globals__)  # the shared ones, not a library's
         return fn
-    if not _of_script(fn):
+    if not of_script(fn):
         return fn
     with _lock:
         shared, seen, _ = _main if space is None else _space(space)
@@ -174,7 +174,7 @@ def _bind(fn: Any, shared: dict[str, Any], seen: dict[str, tuple[int, Any]],
         if name in shared and last > version:
             continue  # set by a later call's pickle
         seen[name] = version, value
-        if _of_script(value) or (isinstance(value, type) and value.__module__ == "__main__"):
+        if of_script(value) or (isinstance(value, type) and value.__module__ == "__main__"):
             # A function or class of the script follows the caller's latest (one
             # redefined in a notebook cell), and sees the shared globals.
             shared[name] = _rebound(value, shared)
@@ -199,9 +199,9 @@ def _lru_wrapper_type() -> Any:
 _LRU_WRAPPER: Any = _lru_wrapper_type()
 
 
-def _cached_of_script(fn: Any) -> bool:
+def _cachedof_script(fn: Any) -> bool:
     """Whether ``fn`` is a function of the main script under ``functools.lru_cache``."""
-    return isinstance(fn, _LRU_WRAPPER) and _of_script(getattr(fn, "__wrapped__", None))
+    return isinstance(fn, _LRU_WRAPPER) and of_script(getattr(fn, "__wrapped__", None))
 
 
 def dumps_for_workers(obj: Any, buffer_callback: Any = None) -> bytes:
@@ -254,7 +254,7 @@ def _cached_by_value() -> Any:
         dispatch_table = table
 
         def reducer_override(self, obj: Any) -> Any:
-            if _cached_of_script(obj):
+            if _cachedof_script(obj):
                 params = obj.cache_parameters()
                 return cached, (obj.__wrapped__, params["maxsize"], params["typed"])
             if type(obj) is types.CodeType and code_reduce is not None:
@@ -313,7 +313,7 @@ def _plain(value: Any) -> bool:
     kind = type(value)
     if isinstance(value, types.ModuleType | types.BuiltinFunctionType | types.FunctionType
                   | type):
-        return not _of_script(value) and getattr(value, "__module__", None) != "__main__"
+        return not of_script(value) and getattr(value, "__module__", None) != "__main__"
     if kind is functools.partial:  # of plain parts: int with base=2
         return all(_plain(part) for part in (value.func, *value.args,
                                              *value.keywords.values()))
@@ -322,7 +322,7 @@ def _plain(value: Any) -> bool:
         kind.__module__ in _PLAIN_MODULES or isinstance(kind, enum.EnumMeta))
 
 
-def _of_script(fn: Any) -> bool:
+def of_script(fn: Any) -> bool:
     """Whether ``fn`` is a function the main script defined. A library's wrapper
     (``functools.wraps``: a dataclass's ``__repr__``, a ``contextmanager``) says it is
     of ``__main__`` too, but its globals are its module's: given the script's, it
@@ -353,7 +353,7 @@ def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
                                                    member.__doc__))
                     continue
                 inner = getattr(member, "__func__", member)
-                if not _of_script(inner) or inner.__globals__ is shared:
+                if not of_script(inner) or inner.__globals__ is shared:
                     continue
                 rebound = _rebound(inner, shared)
                 if isinstance(member, types.MethodType):  # a bound method held there
@@ -362,7 +362,7 @@ def _rebound(fn: Any, shared: dict[str, Any]) -> Any:
                     rebound = type(member)(rebound)
                 setattr(cls, key, rebound)
         return fn
-    if not _of_script(fn) or fn.__globals__ is shared:
+    if not of_script(fn) or fn.__globals__ is shared:
         return fn
     rebound = types.FunctionType(fn.__code__, shared, fn.__name__, fn.__defaults__,
                                  fn.__closure__)
