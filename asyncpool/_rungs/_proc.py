@@ -24,7 +24,8 @@ from .._rebalance import Pace, has_waiting
 from .._remote import decode_error
 from .._retry import RungUnavailable
 from .._zygote import STATUS
-from ._death import Death, ForkServerGone, ProcState, running, watch_exit
+from ._death import (Death, ForkServerGone, ProcState, exit_status, running,
+                     watch_exit)
 from ._inbox import Inbox, Loaded, load
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class Proc:
         self._writing: Callable[[], object] | None = None
         self._exit_status: int | None = None
         #: _orphaned: the fork server died before reporting this worker's exit.
-        self._eof = self._buried = self._orphaned = self._buried_group = False
+        self._eof = self._buried = self._orphaned = False
 
     def attach(self, events: Events, loop: Loop) -> None:
         """Start listening on ``loop`` (a fresh worker, or one taken from the park)."""
@@ -272,11 +273,7 @@ class Proc:
         """Gone; ``unreaped``: its exit read where the kernel keeps it."""
         if self._buried:
             return
-        if unreaped and self.pid is not None and not self._buried_group:
-            self._buried_group = True  # its group, while its zombie keeps the pid ours
-            with contextlib.suppress(OSError):
-                os.killpg(self.pid, signal.SIGKILL)
-        if self.inbox.hold(lambda: self._dead(False), self.killed):
+        if self.inbox.hold(lambda: self._dead(unreaped), self.killed):
             self.detach()  # (its exit is known: its status socket says no more)
             self.events.proc_changed(self)  # (replaced meanwhile)
             return
@@ -286,8 +283,10 @@ class Proc:
         self.state = ProcState.DEAD
         self.detach()
         self.outbox.clear()
-        if self.pid is not None and self._orphaned:
-            # The fork server died (its workers die with it): nobody else stops its group.
+        if self.pid is not None and (self._orphaned or unreaped and (
+                exit_status(self.pid) is not None)):  # (not reaped since: held, see _inbox)
+            # The fork server died (its workers die with it), or is stopped: nobody
+            # else stops what this worker started (an unreaped group is not reused).
             with contextlib.suppress(OSError):
                 os.killpg(self.pid, signal.SIGKILL)
         for closable in (self.sock, self.status):
