@@ -1536,3 +1536,40 @@ async def test_an_input_closed_while_its_feeder_waits_for_the_rate_limit_holds_i
         await wait_until(lambda: not limit._turn.locked())  # (its feeder went on)
         assert limit._holders == set()
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("session", [False, True], ids=["process", "its-group"])
+def test_a_workers_signals_never_reach_a_process_that_took_its_pid(session: bool) -> None:
+    # The fork server reaps a worker before the pool hears of it: a kill by number in
+    # between reached whatever took the pid (a rare CI failure: signals to reaped pids).
+    import os
+    import subprocess
+
+    from asyncpool._rungs._death import Reach
+
+    last_pid = "/proc/sys/kernel/ns_last_pid"
+    if not os.access(last_pid, os.W_OK):
+        pytest.skip("reusing a pid on purpose needs root (ns_last_pid)")
+    gone = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    reach = Reach(gone.pid)
+    gone.kill()
+    gone.wait()  # reaped: its pid (and group id) are free
+    for _ in range(50):
+        with open(last_pid, "w") as file:
+            file.write(str(gone.pid - 1))
+        taker = subprocess.Popen(["sleep", "60"], start_new_session=session)
+        if taker.pid == gone.pid:
+            break
+        taker.kill()
+        taker.wait()
+    else:
+        pytest.skip("the pid went to another process each time")
+    try:
+        os.kill(taker.pid, 0)  # the number reaches the newcomer
+        reach.kill()
+        with pytest.raises(subprocess.TimeoutExpired):
+            taker.wait(timeout=0.5)
+    finally:
+        reach.close()
+        taker.kill()
+        taker.wait()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
 import os
+import signal
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -172,14 +175,70 @@ async def watch_exit(proc: Exiting) -> None:
         await anyio.sleep(0.05)
 
 
+#: pidfd_send_signal's flag for the target's process group (Linux 6.9).
+PIDFD_SIGNAL_PROCESS_GROUP = 4
+
+
+class Reach:
+    """SIGKILL for a worker and its process group through a pidfd: it names the
+    process, not its number, so no signal reaches one that took the pid after the fork
+    server reaped the worker (unknown to the pool until the fork server says so)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd: int | None = None
+        self.gone = False  # reaped before it was reached: nothing to signal
+        try:
+            self.fd = os.pidfd_open(pid)
+        except OSError as exc:
+            self.gone = exc.errno == errno.ESRCH
+        except AttributeError:  # pragma: no cover - not Linux
+            pass
+
+    def kill(self, group_only: bool = False) -> None:
+        """Kill the worker's group (what it started: the group outlives a reaped
+        worker), then the worker (just forked, it may not lead its group yet)."""
+        if self.gone:
+            return
+        for flags in (PIDFD_SIGNAL_PROCESS_GROUP,) + (() if group_only else (0,)):
+            if self.fd is None:  # pragma: no cover - no pidfd: by number
+                with contextlib.suppress(OSError):
+                    (os.kill if flags == 0 else os.killpg)(self.pid, signal.SIGKILL)
+                continue
+            try:
+                signal.pidfd_send_signal(self.fd, signal.SIGKILL, None, flags)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and flags:  # a kernel before 6.9
+                    self._kill_group_by_number()
+
+    def _kill_group_by_number(self) -> None:  # pragma: no cover - a kernel before 6.9
+        # While the worker is not reaped (a zombie still is), its group id is its own.
+        with contextlib.suppress(OSError):
+            assert self.fd is not None
+            signal.pidfd_send_signal(self.fd, 0)
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+            self.gone = True
+
+
 def running(pid: int) -> bool:
-    """Whether ``pid`` runs (not exited, waiting to be reaped); unknown is yes."""
+    """Whether ``pid`` runs (not exiting, exited, or waiting to be reaped); unknown is
+    yes. (An exiting process closes its descriptors before it is a zombie.)"""
     try:
-        return _stat(pid)[0] not in (b"Z", b"X")
+        fields = _stat(pid)
+        return fields[0] not in (b"Z", b"X") and not int(fields[6]) & PF_EXITING
     except FileNotFoundError:
         return False
-    except (OSError, IndexError):
+    except (OSError, IndexError, ValueError):
         return True
+
+
+PF_EXITING = 0x4  # in /proc/<pid>/stat's flags
 
 
 def _stat(pid: int) -> list[bytes]:

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import pickle
-import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -24,7 +23,7 @@ from .._rebalance import Pace, has_waiting
 from .._remote import decode_error
 from .._retry import RungUnavailable
 from .._zygote import STATUS
-from ._death import (Death, ForkServerGone, ProcState, exit_status, running,
+from ._death import (Death, ForkServerGone, ProcState, Reach, running,
                      watch_exit)
 from ._inbox import Inbox, Loaded, load
 
@@ -89,6 +88,7 @@ class Proc:
         self._stops: list[Callable[[], object]] = []
         self._writing: Callable[[], object] | None = None
         self._exit_status: int | None = None
+        self._reach: Reach | None = None  # signals to it, once its pid is known
         #: _orphaned: the fork server died before reporting this worker's exit.
         self._eof = self._buried = self._orphaned = False
 
@@ -195,6 +195,7 @@ class Proc:
                         self._dead()
                         return
                     self.pid, self.forked_at = pid, time.monotonic()
+                    self._reach = Reach(pid)
                     if self.killed:  # killed before its pid was known
                         self.kill()
                 else:
@@ -283,12 +284,12 @@ class Proc:
         self.state = ProcState.DEAD
         self.detach()
         self.outbox.clear()
-        if self.pid is not None and (self._orphaned or unreaped and (
-                exit_status(self.pid) is not None)):  # (not reaped since: held, see _inbox)
-            # The fork server died (its workers die with it), or is stopped: nobody
-            # else stops what this worker started (an unreaped group is not reused).
-            with contextlib.suppress(OSError):
-                os.killpg(self.pid, signal.SIGKILL)
+        if self._reach is not None:
+            if self._orphaned or unreaped:
+                # The fork server died (its workers die with it), or is stopped: nobody
+                # else stops what this worker started.
+                self._reach.kill(group_only=True)
+            self._reach.close()
         for closable in (self.sock, self.status):
             with contextlib.suppress(OSError, ValueError):
                 self.loop.closing(closable.fileno())
@@ -413,12 +414,9 @@ class Proc:
         self._sigkill()
 
     def _sigkill(self) -> None:
-        if self.pid is not None and self._exit_status is None and self.state is not ProcState.DEAD:
-            # The worker itself too: just forked, it may not lead its group yet. Its
-            # pid cannot be reused before the fork server has reaped it and said so.
-            for kill in (os.killpg, os.kill):
-                with contextlib.suppress(OSError):
-                    kill(self.pid, signal.SIGKILL)
+        if self._reach is not None and self._exit_status is None and (
+                self.state is not ProcState.DEAD):
+            self._reach.kill()
 
     def close(self) -> None:
         """Ask the worker to leave (it reads end-of-file), keeping the status watch."""
