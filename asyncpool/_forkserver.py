@@ -49,13 +49,15 @@ class ForkServerBusy(BlockingIOError):
 
 
 class Spawned:
-    """A worker just asked for: its socket, its status socket and its progress area."""
+    """A worker just asked for: its socket, its status socket, its progress area and
+    its wake-up pipe's end to write (see Proc.send)."""
 
-    __slots__ = ("sock", "status", "progress", "server")
+    __slots__ = ("sock", "status", "progress", "server", "wake")
 
     def __init__(self, sock: socket.socket, status: socket.socket, progress: Any,
-                 server: ForkServer) -> None:
+                 server: ForkServer, wake: int) -> None:
         self.sock, self.status, self.progress, self.server = sock, status, progress, server
+        self.wake = wake
 
 
 #: What a system that lacks the fork server's sockets says (any other error, EMFILE
@@ -167,20 +169,25 @@ class ForkServer:
 
     def _fork(self) -> Spawned:
         made: list[socket.socket] = []
+        wake: tuple[int, ...] = ()
         try:
             made += [*socket.socketpair(), *socket.socketpair()]
+            wake = os.pipe()
             fd, progress = _progress_area()
         except BaseException:  # out of descriptors: none is kept (by a traceback)
             for sock in made:
                 sock.close()
+            for end in wake:
+                os.close(end)
             raise
         ours, theirs, status, status_theirs = made
+        os.set_blocking(wake[1], False)
         try:
             # Not blocking: a stopped fork server (SIGSTOP) stops reading, and the
             # loop froze once a few hundred requests filled its socket (a full socket
             # is ForkServerBusy: the caller waits for room, within its own time).
             # (socket.send_fds drops its flags: sendmsg itself.)
-            fds = array.array("i", [theirs.fileno(), status_theirs.fileno(), fd])
+            fds = array.array("i", [theirs.fileno(), status_theirs.fileno(), fd, wake[0]])
             try:
                 self.control.sendmsg([b"fork"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                   fds)], socket.MSG_DONTWAIT)
@@ -189,14 +196,16 @@ class ForkServer:
         except BaseException:
             ours.close()
             status.close()
+            os.close(wake[1])
             raise
         finally:
             theirs.close()
             status_theirs.close()
             os.close(fd)
+            os.close(wake[0])
         ours.setblocking(False)
         status.setblocking(False)
-        return Spawned(ours, status, progress, self)
+        return Spawned(ours, status, progress, self, wake[1])
 
     def alive(self) -> bool:
         return self.process.poll() is None

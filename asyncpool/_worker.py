@@ -35,9 +35,16 @@ if TYPE_CHECKING:
 class _Worker:
     """The state of one worker process between chunks."""
 
-    def __init__(self, sock: socket.socket, progress: Any, settings: dict[str, Any]) -> None:
+    def __init__(self, sock: socket.socket, progress: Any, settings: dict[str, Any],
+                 wake: int = -1) -> None:
         self.sock = sock
         self.progress = progress
+        #: Readable when the parent sent what cannot wait for the running item to end
+        #: (a cancellation, chunks taken back): the watcher waits on it, not on the
+        #: socket, so the chunks sent ahead (one per call, for a service) wake nobody.
+        self.wake = wake
+        if wake >= 0:
+            os.set_blocking(wake, False)
         self.retries: int = settings["task_retries"]
         self.max_tasks: int | None = settings["max_tasks"]
         self.max_memory: int | None = settings["max_memory"]
@@ -92,7 +99,16 @@ class _Worker:
             return False
         taken: list[int] = []
         try:
-            while not self.closed and select.select([self.sock], [], [], 0)[0]:
+            while not self.closed:
+                sock = self.sock.fileno()
+                ready = select.select([sock] if self.wake < 0 else [sock, self.wake],
+                                      [], [], 0)[0]
+                if self.wake in ready:  # (read first: a wake-up for what follows stays)
+                    self._woken()
+                if sock not in ready:
+                    if ready:
+                        continue
+                    break
                 got = _wire.recv_frame(self.sock)
                 if got is None:
                     self.closed = True
@@ -130,6 +146,13 @@ class _Worker:
             self.reading.release()
         return True
 
+    def _woken(self) -> None:
+        try:
+            if not os.read(self.wake, 4096):
+                self.wake = -1  # the parent's end closed: its socket says the rest
+        except OSError:
+            pass
+
     def _cut_running(self) -> None:
         """Cut the running chunk short after the item it runs, and tell the parent
         where, for an idle worker to run the rest now. When the running thread moved
@@ -161,7 +184,8 @@ class _Worker:
         """Wait until the parent sends something (True) or ``seconds`` pass."""
         if not self.closed:
             try:
-                return bool(select.select([self.sock], [], [], seconds)[0])
+                return bool(select.select([self.sock if self.wake < 0 else self.wake],
+                                          [], [], seconds)[0])
             except (OSError, ValueError):
                 pass
         time.sleep(seconds)
@@ -314,9 +338,9 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
-def serve(sock: socket.socket, progress: Any, own: dict[str, str]) -> int:
+def serve(sock: socket.socket, progress: Any, own: dict[str, str], wake: int = -1) -> int:
     """The worker's main loop; returns the exit code. ``own``: what its environment
-    holds beside its pool's."""
+    holds beside its pool's; ``wake``: see _Worker.wake."""
     got = _wire.recv_frame(sock)
     if got is None or got[0] != _wire.INIT or _closed(sock):
         return 0  # (forked late, after the pool gave it up: its initializer not run)
@@ -328,7 +352,7 @@ def serve(sock: socket.socket, progress: Any, own: dict[str, str]) -> int:
     for entry in reversed(settings["sys_path"]):
         if entry not in sys.path:
             sys.path.insert(0, entry)
-    worker = _Worker(sock, progress, settings)
+    worker = _Worker(sock, progress, settings, wake)
     os.register_at_fork(after_in_child=functools.partial(FORKED.append, True))
     _handover.on_look = worker.look
     _handover.wait_for_parent = worker.wait_for_parent

@@ -90,7 +90,7 @@ def _adopted(known: dict[int, socket.socket]) -> list[int]:
     return found
 
 
-def _worker(sock_fd: int, progress_fd: int, parent: int) -> None:
+def _worker(sock_fd: int, progress_fd: int, parent: int, wake_fd: int) -> None:
     """In the forked child: become a worker and never return."""
     code = 1
     try:
@@ -109,7 +109,7 @@ def _worker(sock_fd: int, progress_fd: int, parent: int) -> None:
             os.close(progress_fd)
             progress = memoryview(area).cast("q")
         sock = socket.socket(fileno=sock_fd)
-        code = _worker.serve(sock, progress, {OWNER: str(os.getpid())})
+        code = _worker.serve(sock, progress, {OWNER: str(os.getpid())}, wake_fd)
     except BaseException:
         import traceback
 
@@ -173,7 +173,7 @@ def main() -> None:
             if op == "preload":
                 preload.extend(names)
             elif op == "fork":
-                sock_fd, status_fd, progress_fd = (fds + [-1, -1, -1])[:3]
+                sock_fd, status_fd, progress_fd, wake_fd = (fds + [-1] * 4)[:4]
                 status = socket.socket(fileno=status_fd)
                 try:
                     pid = os.fork()
@@ -181,9 +181,9 @@ def main() -> None:
                     with contextlib.suppress(OSError):  # the parent may be gone
                         status.send(STATUS.pack(-(exc.errno or 1), 0))
                     status.close()
-                    os.close(sock_fd)
-                    if progress_fd >= 0:
-                        os.close(progress_fd)
+                    for fd in (sock_fd, progress_fd, wake_fd):
+                        if fd >= 0:
+                            os.close(fd)
                     continue
                 if pid == 0:
                     signal.set_wakeup_fd(-1)
@@ -194,10 +194,10 @@ def main() -> None:
                     status.close()
                     for other in children.values():
                         other.close()
-                    _worker(sock_fd, progress_fd, me)
-                os.close(sock_fd)
-                if progress_fd >= 0:
-                    os.close(progress_fd)
+                    _worker(sock_fd, progress_fd, me, wake_fd)
+                for fd in (sock_fd, progress_fd, wake_fd):
+                    if fd >= 0:
+                        os.close(fd)
                 children[pid] = status  # stopped with the others, told or not
                 try:
                     status.send(STATUS.pack(pid, 0))

@@ -23,8 +23,7 @@ from .._rebalance import Pace, has_waiting
 from .._remote import decode_error
 from .._retry import RungUnavailable
 from .._zygote import STATUS
-from ._death import (Death, ForkServerGone, ProcState, Reach, running,
-                     watch_exit)
+from ._death import Death, ForkServerGone, ProcState, Reach, running, watch_exit
 from ._inbox import Inbox, Loaded, load
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ class Proc:
     """A worker process: fork server child, pid known once the fork server answers."""
 
     def __init__(self, spawned: Spawned, events: Events, loop: Loop) -> None:
-        self.sock, self.status = spawned.sock, spawned.status
+        self.sock, self.status, self.wake = spawned.sock, spawned.status, spawned.wake
         self.progress, self.server = spawned.progress, spawned.server
         self.events, self.loop = events, loop
         self.pid: int | None = None
@@ -77,8 +76,7 @@ class Proc:
         #: Killed; asked to leave (closed, retired): an exit is no surprise.
         self.killed = self.asked_to_leave = False
         self.init_error: BaseException | None = None
-        #: Its memory (bytes) once initialised, when there is a ceiling.
-        self.ready_rss = 0
+        self.ready_rss = 0  # its memory (bytes) once ready, when there is a ceiling
         self.started = loop.event()
         self._reader = _wire.FrameReader()
         #: Its messages in order (see _inbox); ``inbox.holding``: gone, its death held.
@@ -87,6 +85,7 @@ class Proc:
         self.outbox: deque[memoryview] = deque()
         self._stops: list[Callable[[], object]] = []
         self._writing: Callable[[], object] | None = None
+        self._urgent = False  # written: the worker's watcher is woken once it is out
         self._exit_status: int | None = None
         self._reach: Reach | None = None  # signals to it, once its pid is known
         #: _orphaned: the fork server died before reporting this worker's exit.
@@ -111,6 +110,7 @@ class Proc:
     def send(self, kind: int, parts: list[Any]) -> None:
         views = [memoryview(b).cast("B") for b in _wire.frame(kind, parts)]
         self.outbox.extend(v for v in views if v.nbytes)
+        self._urgent = self._urgent or kind in (_wire.CANCEL, _wire.WITHDRAW)
         if self._writing is None:
             self._flush()
 
@@ -137,6 +137,10 @@ class Proc:
             self._writing()
             self._writing = None
             self.events.proc_changed(self)
+        if self._urgent and not outbox:
+            self._urgent = False
+            with contextlib.suppress(OSError):  # full: it is woken already
+                os.write(self.wake, b"!")
 
     # -- receiving -----------------------------------------------------------------
 
@@ -285,15 +289,16 @@ class Proc:
         self.detach()
         self.outbox.clear()
         if self._reach is not None:
-            if self._orphaned or unreaped:
-                # The fork server died (its workers die with it), or is stopped: nobody
-                # else stops what this worker started.
-                self._reach.kill(group_only=True)
+            if self._orphaned or unreaped:  # its fork server died, or is stopped: nobody
+                self._reach.kill(group_only=True)  # else stops what this worker started
             self._reach.close()
         for closable in (self.sock, self.status):
             with contextlib.suppress(OSError, ValueError):
                 self.loop.closing(closable.fileno())
                 closable.close()
+        with contextlib.suppress(OSError):
+            os.close(self.wake)  # (then never written: its number may be reused)
+        self.wake = -1
         status = self._exit_status
         exitcode = None if status is None or status < 0 else os.waitstatus_to_exitcode(status)
         chunks = list(self.chunks)
@@ -360,8 +365,7 @@ class Proc:
         self.kill_doomed()
 
     def take_back(self, stuck: float) -> None:
-        """Ask for the items waiting here if nothing was heard since ``stuck`` (see
-        withdraw; a chunk or an item it starts meanwhile simply runs here)."""
+        """Ask for the items waiting here if nothing was heard since ``stuck``."""
         if self.state is ProcState.READY and has_waiting(self.chunks, self.progress) and (
                 self.heard < stuck):
             self.withdraw(self.chunks)
@@ -397,7 +401,7 @@ class Proc:
                 self.kill()
 
     def retire(self) -> None:
-        """Leave now, idle, as after max_tasks_per_worker (its replacement is ready)."""
+        """Leave now, idle (its replacement is ready)."""
         if self.state is ProcState.READY and not self.chunks:
             self.state = ProcState.RETIRING
             self.close()
@@ -414,8 +418,7 @@ class Proc:
         self._sigkill()
 
     def _sigkill(self) -> None:
-        if self._reach is not None and self._exit_status is None and (
-                self.state is not ProcState.DEAD):
+        if self._reach and self._exit_status is None and self.state is not ProcState.DEAD:
             self._reach.kill()
 
     def close(self) -> None:
