@@ -331,3 +331,33 @@ async def test_kill_on_timeout_on_the_cluster_says_the_task_runs_on(
             await pool.run(tasks.nap, 2.0, timeout=0.5, kill_on_timeout=True)
         assert any("cannot stop running tasks" in r.getMessage() for r in caplog.records)
         await wait_until(lambda: pool.statistics().chunks_in_flight == 0)
+
+
+async def test_results_of_many_small_objects_load_off_the_loop_on_the_cluster(
+        cluster: Any) -> None:
+    # A chunk's results came back from the cluster as one pickle, loaded on the loop
+    # (as on the local rungs before): 1.5 million small dicts held it about 0.32 s.
+    import pickle
+
+    from .helpers import Heartbeat
+
+    data = pickle.dumps(tasks.many_records(1_500_000), 5)
+    on_loop = Heartbeat()
+    async with on_loop.running():
+        await anyio.sleep(0.02)
+        pickle.loads(data)
+    del data
+    heartbeat = Heartbeat()
+    gc.collect()
+    gc.freeze()  # (the collector's own pauses are not the pool's)
+    try:
+        async with ResilientPool(max_workers=1, dask_address=cluster.scheduler_address) as pool:
+            assert await pool.run(tasks.square, 3) == 9 and pool.backend == "dask"
+            async with heartbeat.running():
+                records = await pool.run(tasks.many_records, 1_500_000)
+            assert len(records) == 1_500_000 and records[-1] == {"id": 1_499_999,
+                                                                  "name": "1499999"}
+            del records
+    finally:
+        gc.unfreeze()
+    assert heartbeat.worst < on_loop.worst / 2, (heartbeat.worst, on_loop.worst)

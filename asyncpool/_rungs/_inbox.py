@@ -39,6 +39,35 @@ def load(parts: list[Any], paced: bool = False) -> Loaded:
         return exc
 
 
+async def load_apart(parts: list[Any]) -> Loaded | None:
+    """Results whose pickle is big, loaded in a thread of their own while an asyncio
+    loop runs (the Dask rung's); None if they are small, or no thread can start."""
+    import asyncio
+
+    if memoryview(parts[0]).nbytes < SLOW_BYTES:
+        return None
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Loaded] = loop.create_future()
+
+    def run() -> None:
+        outcome = load(parts, paced=True)
+        try:  # (its waiter may be cancelled, its loop closed: nobody waits then)
+            loop.call_soon_threadsafe(_settle, done, outcome)
+        except RuntimeError:
+            pass
+
+    try:
+        threading.Thread(target=run, name="asyncpool-results", daemon=True).start()
+    except RuntimeError:  # no thread to be had: on the loop, then
+        return None
+    return await done
+
+
+def _settle(done: Any, outcome: Loaded) -> None:
+    if not done.done():
+        done.set_result(outcome)
+
+
 class Inbox:
     """Hands a worker's messages to ``handle`` in order; a load ends on ``owner.loop``
     (a worker's). The worker's death waits behind them (see :meth:`hold`)."""

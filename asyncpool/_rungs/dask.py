@@ -35,25 +35,11 @@ from .._errors import FunctionUnavailable, InitializerFailed, SerializationError
 from .._execute import run_on_cluster
 from .._remote import decode_error
 from .._retry import RungUnavailable
-from .._salvage import load_results
-from ._dask_client import (
-    Scattered,
-    ScatterFailed,
-    StoppedCalls,
-    can_serve_on,
-    cancel_quietly,
-    client_space,
-    close_later,
-    close_quietly,
-    connect,
-    given,
-    in_step,
-    lost_connection,
-    outcome,
-    register_initializer,
-    retrieved,
-    unregister_initializers,
-)
+from ._dask_client import (Scattered, ScatterFailed, StoppedCalls, can_serve_on,
+                           cancel_quietly, client_space, close_later, close_quietly, connect,
+                           given, in_step, lost_connection, outcome, register_initializer,
+                           retrieved, unregister_initializers)
+from ._inbox import Loaded, load, load_apart
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
 if TYPE_CHECKING:
@@ -264,6 +250,7 @@ class DaskRung(Rung):
             waiting = asyncio.ensure_future(outcome(future))
             waiting.add_done_callback(retrieved)
             answer = await asyncio.shield(waiting)
+            loaded = None if answer[3] or answer[4] else await load_apart(answer[0])
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -294,7 +281,7 @@ class DaskRung(Rung):
         except Exception as exc:
             self._failed(chunk, exc)
             return
-        self._answered(chunk, *answer)
+        self._answered(chunk, loaded, *answer)
 
     def _failed(self, chunk: Chunk, exc: Exception) -> None:
         """The task did not answer: ``exc`` says why."""
@@ -322,11 +309,12 @@ class DaskRung(Rung):
             self._finished(chunk, [None] * chunk.size,
                            dict.fromkeys(range(chunk.size), error))
 
-    def _answered(self, chunk: Chunk, blob: list[Any], errors: Any,
+    def _answered(self, chunk: Chunk, loaded: Loaded | None, blob: list[Any], errors: Any,
                   spent: tuple[list[float], int], function_error: str | None,
                   arguments_error: str | None) -> None:
-        """The task's answer (see :func:`asyncpool._execute.run_on_cluster`); the
-        last two say why the function, or the chunk's items, did not load there."""
+        """The task's answer (see :func:`asyncpool._execute.run_on_cluster`), its
+        results if loaded in a thread; the last two say why the function, or the
+        chunk's items, did not load there."""
         seconds, retried = spent
         if arguments_error is not None:
             if self._end(chunk):
@@ -341,13 +329,13 @@ class DaskRung(Rung):
             results: list[Any] = [None] * chunk.size
         else:
             errors = {position: decode_error(b, text) for position, b, text in errors}
-            try:
-                results, bad = load_results(blob)
-            except BaseException as exc:  # the results' own code ran: SystemExit too
+            loaded = load(blob) if loaded is None else loaded
+            if isinstance(loaded, BaseException):  # the results' own code ran: SystemExit
                 if self._end(chunk):
-                    self.listener.chunk_undecodable(chunk, 0, chunk.size, exc)
+                    self.listener.chunk_undecodable(chunk, 0, chunk.size, loaded)
                     self.listener.chunk_done(chunk, chunk.size, seconds)
                 return
+            results, bad = loaded
             errors.update(bad)
         self._finished(chunk, results, errors, seconds, retried,  # weighed: see window_items
                        sum(memoryview(part).nbytes for part in blob))
