@@ -114,7 +114,9 @@ class ForkServer:
         try:
             here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             path = [here, *(p for p in sys.path if p != here)]
-            command = [sys.executable, "-S", "-c", _BOOT, str(child.fileno())]
+            # The interpreter's own options (-O, -W, -X), as a spawned process has them.
+            flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+            command = [sys.executable, *flags, "-S", "-c", _BOOT, str(child.fileno())]
             # In a file, not a pipe: a path over 64 KiB waited for it to read, and it
             # stopped (SIGSTOP) as it started froze the loop. Entries that are not
             # paths (None, say) are skipped, as imports skip them.

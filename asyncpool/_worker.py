@@ -310,11 +310,13 @@ def _rss() -> int:
 
 def _settle_in(settings: dict[str, Any], own: dict[str, str]) -> None:
     """Work where the pool's process stood when its workers' rung started, with its
-    environment, as a spawned process would: forked from a fork server started for an
-    earlier pool, a worker saw that pool's directory and environment (relative paths,
-    settings made since, modules found through '' in sys.path went astray). A directory
-    removed since is an error: the worker does not start (it ran in an earlier one)."""
+    environment and command line, as a spawned process would: forked from a fork
+    server started for an earlier pool, a worker saw that pool's directory and
+    environment (relative paths, settings made since, modules found through '' in
+    sys.path went astray). A directory removed since is an error: the worker does not
+    start (it ran in an earlier one)."""
     os.chdir(settings["cwd"])
+    sys.argv = list(settings["argv"])  # (the fork server's own is "-c" and a descriptor)
     environ = {**settings["environ"], **own}
     for name in [name for name in os.environ if name not in environ]:
         del os.environ[name]

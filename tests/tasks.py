@@ -1056,3 +1056,23 @@ class ClassUnreadable(Exception):
 
 def raise_class_unreadable(x: int) -> int:
     raise ClassUnreadable(x)
+
+
+def asserts_run() -> bool:
+    """Whether this module's asserts run (not under ``python -O``)."""
+    try:
+        assert False  # noqa: B011, PT015
+    except AssertionError:
+        return True
+    return False
+
+
+def deprecation_raises() -> bool:
+    """Whether a DeprecationWarning is an error here (``-W error::DeprecationWarning``)."""
+    import warnings
+
+    try:
+        warnings.warn("old", DeprecationWarning, stacklevel=1)
+    except DeprecationWarning:
+        return True
+    return False

@@ -101,6 +101,28 @@ def test_workers_take_what_they_can_of_an_odd_environment() -> None:
     assert lines[0].endswith("'kept')") and lines[1] == "JST", done.stdout
 
 
+def test_workers_see_the_command_line_and_interpreter_options_of_their_pool() -> None:
+    # Forked from the fork server, a worker had its command line ("-c" and a
+    # descriptor) and none of the interpreter's options: an initializer that parsed
+    # sys.argv failed ("unrecognized arguments: 7"), asserts ran under -O, and -W
+    # filters were lost; the stdlib's spawned workers see all three.
+    import json
+    import subprocess
+    import sys
+
+    script = str(Path(__file__).with_name("_command_line.py"))
+    done = subprocess.run([sys.executable, "-O", "-W", "error::DeprecationWarning", script,
+                           "--config", "prod.toml"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    here = seen.pop("here")
+    assert here == {"config": "prod.toml", "argv": ["--config", "prod.toml"], "optimize": 1,
+                    "warnoptions": ["error::DeprecationWarning"], "asserts": False,
+                    "warning": True}
+    assert seen == {"process": here, "thread": here, "inline": here}
+
+
 async def test_a_parked_worker_is_not_taken_in_a_directory_made_anew(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
     # The parking key held the directory's path: a worker parked in one removed and

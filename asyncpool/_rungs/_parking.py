@@ -130,12 +130,12 @@ def worker_settings(config: PoolConfig) -> tuple[_wire.Parts, tuple[Any, ...] | 
     cwd, where = directory()
     environ = dict(os.environ)
     settings = _wire.dumps({
-        "sys_path": list(sys.path), "cwd": cwd, "environ": environ,
+        "sys_path": list(sys.path), "cwd": cwd, "environ": environ, "argv": list(sys.argv),
         "initializer": initializer,
         "task_retries": config.task_retries, "max_tasks": config.max_tasks_per_worker,
         "max_memory": config.max_worker_memory})
     key = None if initializer else (config.task_retries, config.max_tasks_per_worker,
                                     config.max_worker_memory, tuple(sys.path), cwd,
-                                    where,
+                                    where, tuple(sys.argv),
                                     tuple(sorted(environ.items())))
     return settings, key
