@@ -241,9 +241,11 @@ class Call:
             self._event = None
 
     async def wait(self) -> None:
-        """Until something new arrives."""
-        self._event = event = self._make_event()
-        await event.wait()
+        """Until something new arrives (every task waiting wakes: two consumers of one
+        stream, each waiting, and one woke only when the other's wait replaced its)."""
+        if self._event is None:
+            self._event = self._make_event()
+        await self._event.wait()
 
     def let_go(self) -> None:
         """The caller has what it gets: the error raised holds the frames that hold

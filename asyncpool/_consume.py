@@ -262,17 +262,18 @@ class ResultStream(Generic[T]):
             if self._at >= len(self._values):
                 await self.aclose(kill=False)
                 raise StopAsyncIteration
-        at = self._at
+        # (Taken before the checkpoint: another task iterating meanwhile moves on.)
+        at, values, failed_at = self._at, self._values, self._failed_at
         self._at += 1
+        value = values[at]
         if not at & 3 and time.perf_counter() - self._yielded > SLICE:
             await anyio.lowlevel.checkpoint()
             self._yielded = time.perf_counter()
-        value = self._values[at]
-        if at in self._failed_at and not self._call.options.return_exceptions:
+        if at in failed_at and not self._call.options.return_exceptions:
             if isinstance(value, PoolClosed):  # an item's: the call's own, saying more
-                value = self._closed_at(value, at)
+                value = self._closed_at(value, values, at)
             elif self._call.mode is Mode.ORDERED:  # not always the first that failed
-                self._call.name_item(value, self._call.consumed - len(self._values) + at)
+                self._call.name_item(value, self._call.consumed - len(values) + at)
             await self.aclose(kill=False)
             try:
                 raise _raisable(value)
@@ -280,10 +281,10 @@ class ResultStream(Generic[T]):
                 del value  # this frame, in its traceback, must not hold it (a cycle)
         return value  # type: ignore[no-any-return]
 
-    def _closed_at(self, error: PoolClosed, at: int) -> PoolClosed:
-        """The pool's close that failed item ``at`` of those held, with what finished
-        from there (a close with kill fails every item left, not the call)."""
-        call, held = self._call, self._values
+    def _closed_at(self, error: PoolClosed, held: list[Any], at: int) -> PoolClosed:
+        """The pool's close that failed item ``at`` of those ``held``, with what
+        finished from there (a close with kill fails every item left, not the call)."""
+        call = self._call
         start = call.consumed - len(held) + at
         return PoolClosed(str(error), _unfinished([*held[at:], *call.partial(call.consumed)]),
                           start)
@@ -296,6 +297,8 @@ class ResultStream(Generic[T]):
         ordered = call.mode is Mode.ORDERED
         with _scope(self._deadline):
             while True:
+                if self._closed:  # by another task, as this one waited
+                    return
                 self._feeder.check()
                 got = call.next_ordered() if ordered else call.next_unordered()
                 if got is not None:
@@ -339,6 +342,7 @@ class ResultStream(Generic[T]):
             return
         self._closed = True
         self._values, self._at = [], 0
+        self._call.wake()  # another task waiting for its next result sees it closed
         await _end(self._engine if self._started else None, self._call, self._reporter,
                    self._feeder, kill, wait)
 

@@ -227,6 +227,44 @@ async def test_imap_as_a_context_closes_at_once(pool: ResilientPool) -> None:
         assert await pool.run(tasks.square, 4) == 16
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_tasks_sharing_one_stream_each_wake_and_end(pool: ResilientPool,
+                                                           ordered: bool) -> None:
+    # Each waiting task's wake-up replaced the last one's: the one not handed the last
+    # results waited for good, and one woken meanwhile read past the results held.
+    stream = pool.imap(tasks.nap, [0.01] * 40, ordered=ordered, chunk_size=1)
+    got: dict[str, list[float]] = {"a": [], "b": []}
+
+    async def consume(name: str) -> None:
+        async for value in stream:
+            got[name].append(value)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume, "a")
+            tg.start_soon(consume, "b")
+    assert len(got["a"]) + len(got["b"]) == 40 and got["a"] and got["b"], got
+
+
+async def test_a_stream_closed_by_another_task_wakes_the_one_waiting_on_it(
+        pool: ResilientPool) -> None:
+    stream = pool.imap(tasks.nap, [0.05] * 10_000, chunk_size=1)
+    ended = []
+
+    async def read_all() -> None:
+        async for _ in stream:
+            pass
+        ended.append(True)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_all)
+            await wait_until(lambda: pool.statistics().tasks_completed > 2, timeout=20)
+            await stream.aclose()
+    assert ended == [True]
+    assert pool.statistics().active_calls == 0
+
+
 @pytest.mark.asyncio_only(reason="asyncio's debug mode is what refuses a loop call "
                                   "from another thread")
 async def test_a_stream_dropped_on_another_thread_ends_its_call_on_the_loop(
