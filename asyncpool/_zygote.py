@@ -95,6 +95,9 @@ def _worker(sock_fd: int, progress_fd: int, parent: int, wake_fd: int) -> None:
     code = 1
     try:
         os.setpgid(0, 0)
+        for fd in (sock_fd, wake_fd):  # received, they are inherited: a task that runs
+            if fd >= 0:  # another program (exec) would keep its connection open
+                os.set_inheritable(fd, False)
         _die_with_parent()
         if os.getppid() != parent:  # the fork server died before prctl took hold
             os._exit(1)

@@ -1076,3 +1076,8 @@ def deprecation_raises() -> bool:
     except DeprecationWarning:
         return True
     return False
+
+
+def become_sleep(seconds: int) -> None:
+    """The worker process becomes ``sleep`` (exec): it never answers."""
+    os.execv("/bin/sleep", ["sleep", str(seconds)])

@@ -53,6 +53,18 @@ async def test_a_task_that_closes_its_descriptors_crashes_its_item_not_the_call(
         assert await pool.map(tasks.square, range(4)) == [0, 1, 4, 9]
 
 
+async def test_a_task_that_runs_another_program_crashes_its_item_not_the_call(
+        anyio_backend: str) -> None:
+    # Its worker became `sleep` (exec) and kept the connection it had inherited: the
+    # call waited for good, its slot held.
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        with anyio.fail_after(30):  # the sleep would take 1,000 s
+            results = await pool.map(tasks.become_sleep, [1000], return_exceptions=True)
+        assert isinstance(results[0], WorkerCrashed) and results[0].index == 0
+        assert await pool.map(tasks.square, range(4)) == [0, 1, 4, 9]
+        assert pool.statistics().chunks_in_flight == 0
+
+
 @pytest.mark.parametrize("fn", [tasks.exit_on, tasks.segfault_on])
 async def test_poison_item_is_isolated(fn: object, anyio_backend: str) -> None:
     poison = 1234
