@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from ._errors import public
+from ._functions import is_async
 
 logger = logging.getLogger("asyncpool")
 # A library does not decide where its logs go: without this, Python's last-resort
@@ -100,6 +101,9 @@ class Emitter:
     """Sends events to the logger and to the pool's ``on_event`` hook, if any."""
 
     def __init__(self, hook: EventHook | None, backend: Callable[[], str | None]) -> None:
+        if hook is not None and (not callable(hook) or is_async(hook)):  # (never awaited)
+            raise TypeError(f"on_event={hook!r} is invalid: it must be a plain (not async) "
+                            "callable, called on the loop with each PoolEvent")
         self._hooks: list[EventHook] = [log_event] + ([hook] if hook is not None else [])
         self._backend = backend
 

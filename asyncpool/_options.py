@@ -14,6 +14,7 @@ from typing import Any, Literal, TypedDict
 
 from ._config import PoolConfig, check_integer, check_number, did_you_mean
 from ._errors import public
+from ._functions import is_async
 
 CancelRunning = Literal["finish", "kill"]
 ProgressCallback = Callable[[int, int | None], object]
@@ -120,9 +121,10 @@ class CallOptions:
         check_integer(self, "chunk_size", low=1, optional=True)
         progress = self.progress
         # `is`, not `in`: 0, 0.0 and 1+0j equal False or True.
-        if progress is not None and type(progress) is not bool and not callable(progress):
+        if progress is not None and type(progress) is not bool and (
+                not callable(progress) or is_async(progress)):  # (never awaited)
             raise TypeError(f"progress={progress!r} is invalid: use True, False, None or "
-                            "a callable(done, total)")
+                            "a plain (not async) callable(done, total)")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise TypeError(f"priority={self.priority!r} is invalid: it must be an integer")
         resources = self.resources

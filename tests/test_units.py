@@ -546,6 +546,7 @@ def test_both_ways_to_configure_and_a_typo_says_what_was_meant() -> None:
     ({"progress": 3}, TypeError, "progress=3"),
     ({"progress": 0}, TypeError, "progress=0"),
     ({"progress": 1.0}, TypeError, r"progress=1\.0"),
+    ({"progress": tasks.async_square}, TypeError, "progress=.*not async"),  # never awaited
     ({"timout": 1}, TypeError, "did you mean 'timeout'"),
     ({"max_workers": 2}, TypeError, "a setting of the pool, not of a call"),
     ({"timeout": 10**400}, ValueError, "timeout=1000"),
@@ -557,6 +558,14 @@ def test_both_ways_to_configure_and_a_typo_says_what_was_meant() -> None:
 def test_invalid_call_option_is_named(options: dict[str, Any], kind: type, match: str) -> None:
     with pytest.raises(kind, match=match):
         CallOptions.build(**options)
+
+
+@pytest.mark.parametrize("hook", [5, "log", tasks.async_square])
+def test_an_event_hook_that_cannot_be_called_is_refused(hook: object) -> None:
+    # Accepted, each event logged an error (invisible without logging set up), or
+    # made a coroutine never awaited: no hook ran, and nothing said so.
+    with pytest.raises(TypeError, match="on_event=.* is invalid"):
+        ResilientPool(on_event=hook)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("flag", [0, 1, "yes", None])
