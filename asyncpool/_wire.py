@@ -103,14 +103,18 @@ def wrap_big(values: Sequence[Any], depth: int = 2, memo: dict[int, Any] | None 
              ) -> list[Any]:
     """``values`` with each large ``bytes`` or ``bytearray`` marked: at the top level,
     or inside a tuple, list or dict (``depth`` levels down, in containers of at most
-    :data:`LOOK_INSIDE` elements). An object met twice is replaced by one and the same
-    copy (``memo``, by id), so it still is one object where it arrives."""
+    :data:`LOOK_INSIDE` elements, or :data:`LOOK_ALONG` that hold bytes among them).
+    An object met twice is replaced by one and the same copy (``memo``, by id), so it
+    still is one object where it arrives."""
     memo = {} if memo is None else memo
     return [_wrap(value, depth, memo) for value in values]
 
 
-#: Containers this small are looked into for large bytes (a cheap look).
-LOOK_INSIDE = 64
+#: Containers this small are looked into for large bytes (a cheap look); bigger ones,
+#: up to LOOK_ALONG elements, only if bytes stand among their elements (a look at
+#: their types, at C speed: about 1.5 ms for 100,000).
+LOOK_INSIDE, LOOK_ALONG = 64, 100_000
+_BYTES = frozenset((bytes, bytearray))
 
 
 def _wrap(value: Any, depth: int, memo: dict[int, Any]) -> Any:
@@ -118,8 +122,9 @@ def _wrap(value: Any, depth: int, memo: dict[int, Any]) -> Any:
     if kind is bytes or kind is bytearray:
         if len(value) < BIG:
             return value
-    elif not depth or (kind is not tuple and kind is not list and kind is not dict) or len(
-            value) > LOOK_INSIDE:
+    elif not depth or (kind is not tuple and kind is not list and kind is not dict) or (
+            len(value) > LOOK_INSIDE and (len(value) > LOOK_ALONG or _BYTES.isdisjoint(
+                map(type, value.values() if kind is dict else value)))):
         return value
     found = memo.get(id(value))
     if found is not None:
