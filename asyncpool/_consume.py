@@ -278,7 +278,7 @@ class ResultStream(Generic[T]):
             try:
                 raise _raisable(value)
             finally:
-                del value  # this frame, in its traceback, must not hold it (a cycle)
+                del value, values  # this frame, in its traceback, must not hold it (a cycle)
         return value  # type: ignore[no-any-return]
 
     def _closed_at(self, error: PoolClosed, held: list[Any], at: int) -> PoolClosed:
