@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -137,6 +138,14 @@ class Background:
             await event.wait()
 
 
+def _here(fn: Callback) -> Callback:
+    """``fn``, doing nothing in a process forked from this one, whose loop it inherited:
+    the fds' data is this process's, and the loop's epoll instance is shared (a child
+    that removed a watch, unwinding its copy of the loop, removed this process's)."""
+    pid = os.getpid()
+    return lambda: fn() if os.getpid() == pid else None
+
+
 class _Asyncio(Loop):
     name = "asyncio"
 
@@ -161,12 +170,12 @@ class _Asyncio(Loop):
             pass
 
     def watch_readable(self, fd: int, callback: Callback) -> Callback:
-        self._loop.add_reader(fd, callback)
-        return lambda: self._loop.remove_reader(fd)
+        self._loop.add_reader(fd, _here(callback))
+        return _here(lambda: self._loop.remove_reader(fd))
 
     def watch_writable(self, fd: int, callback: Callback) -> Callback:
-        self._loop.add_writer(fd, callback)
-        return lambda: self._loop.remove_writer(fd)
+        self._loop.add_writer(fd, _here(callback))
+        return _here(lambda: self._loop.remove_writer(fd))
 
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> Background:
         task = Background()

@@ -131,13 +131,25 @@ def _wrap(value: Any, depth: int, memo: dict[int, Any]) -> Any:
         return found
     if kind is bytes or kind is bytearray:
         wrapped: Any = BigBytes(value)
-    elif kind is dict:
-        inner = {k: _wrap(v, depth - 1, memo) for k, v in value.items()}
-        wrapped = inner if any(inner[k] is not v for k, v in value.items()) else value
-    else:
+    elif kind is tuple:
+        memo[id(value)] = value  # (a cycle through it meets it as it is)
         items = [_wrap(v, depth - 1, memo) for v in value]
         wrapped = value if all(a is b for a, b in zip(items, value, strict=True)) else (
-            tuple(items) if kind is tuple else items)
+            tuple(items))
+    else:
+        # Its copy stands in for it first: one that holds itself holds its copy (it
+        # held a chain of copies, depth long, and came back without itself).
+        copy: Any = {} if kind is dict else []
+        memo[id(value)] = copy
+        if kind is dict:
+            inner = {k: _wrap(v, depth - 1, memo) for k, v in value.items()}
+            changed = any(inner[k] is not v for k, v in value.items())
+            copy.update(inner)
+        else:
+            items = [_wrap(v, depth - 1, memo) for v in value]
+            changed = not all(a is b for a, b in zip(items, value, strict=True))
+            copy.extend(items)
+        wrapped = copy if changed else value
     memo[id(value)] = wrapped
     return wrapped
 

@@ -1654,3 +1654,18 @@ async def test_the_parent_wakes_a_workers_watcher_only_for_what_cannot_wait(
         finally:
             os.close(wake_r)
             os.close(wake_w)
+
+
+def test_a_container_of_large_bytes_that_holds_itself_still_does() -> None:
+    # Its copy was made after its elements: where it held itself, it held a chain of
+    # copies (depth long), and came back without itself (plain pickle keeps it).
+    blobs = [b"x" * (1 << 20) for _ in range(100)]
+    for holder in ([blobs[0]], list(blobs), {"a": blobs[0]}, dict(enumerate(blobs))):
+        if isinstance(holder, dict):
+            holder["me"] = holder
+        else:
+            holder.append(holder)
+        parts = _wire.dumps(_wire.wrap_big([holder]))
+        assert len(parts) > 1  # (out of band)
+        back = pickle.loads(parts[0], buffers=parts[1:])[0]
+        assert (back["me"] if isinstance(back, dict) else back[-1]) is back

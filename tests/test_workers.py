@@ -101,6 +101,21 @@ def test_workers_take_what_they_can_of_an_odd_environment() -> None:
     assert lines[0].endswith("'kept')") and lines[1] == "JST", done.stdout
 
 
+def test_a_forked_child_that_unwinds_its_loop_leaves_the_parents_pool_alone() -> None:
+    # The child's copy of the loop read the parent's worker sockets, and removed their
+    # watches from the epoll instance they share: the parent's map waited for good.
+    # (asyncio: a child leaving its copy of a trio run removes the parent's watches in
+    # trio itself.)
+    import subprocess
+    import sys
+
+    script = str(Path(__file__).with_name("_fork_unwinds.py"))
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout == "mapped 200 9\n", (done.stdout,
+                                                                      done.stderr)
+
+
 def test_workers_see_the_command_line_and_interpreter_options_of_their_pool() -> None:
     # Forked from the fork server, a worker had its command line ("-c" and a
     # descriptor) and none of the interpreter's options: an initializer that parsed

@@ -185,7 +185,7 @@ class Reach:
     server reaped the worker (unknown to the pool until the fork server says so)."""
 
     def __init__(self, pid: int) -> None:
-        self.pid = pid
+        self.pid, self.owner = pid, os.getpid()
         self.fd: int | None = None
         self.gone = False  # reaped before it was reached: nothing to signal
         try:
@@ -197,8 +197,9 @@ class Reach:
 
     def kill(self, group_only: bool = False) -> None:
         """Kill the worker's group (what it started: the group outlives a reaped
-        worker), then the worker (just forked, it may not lead its group yet)."""
-        if self.gone:
+        worker), then the worker (just forked, it may not lead its group yet). Not
+        from a process forked from the pool's: its workers are not that one's."""
+        if self.gone or os.getpid() != self.owner:
             return
         for flags in (PIDFD_SIGNAL_PROCESS_GROUP,) + (() if group_only else (0,)):
             if self.fd is None:  # pragma: no cover - no pidfd: by number

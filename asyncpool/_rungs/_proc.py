@@ -67,10 +67,8 @@ class Proc:
         #: Function ids this worker holds, and ids it should drop.
         self.functions, self.forget = set[int](), list[int]()
         self.tasks = 0  # items sent to it, for max_tasks_per_worker
-        #: How its running chunk goes (see _rebalance).
-        self.pace = Pace()
-        #: Chunks asked back (see ProcessRung._take_back), by their seq.
-        self.withdrawing: set[int] = set()
+        self.pace = Pace()  # how its running chunk goes (see _rebalance)
+        self.withdrawing: set[int] = set()  # chunks asked back (see withdraw), by seq
         #: Calls whose items running here are to be killed (see kill_doomed).
         self.doomed, self.doomed_since = set[int](), 0.0
         #: Killed; asked to leave (closed, retired): an exit is no surprise.
@@ -108,6 +106,8 @@ class Proc:
     # -- sending -------------------------------------------------------------------
 
     def send(self, kind: int, parts: list[Any]) -> None:
+        if self._reach and os.getpid() != self._reach.owner:
+            return  # a process forked from the pool's: the worker is not its own
         views = [memoryview(b).cast("B") for b in _wire.frame(kind, parts)]
         self.outbox.extend(v for v in views if v.nbytes)
         self._urgent = self._urgent or kind in (_wire.CANCEL, _wire.WITHDRAW)
