@@ -178,7 +178,9 @@ async def test_a_worker_gone_as_its_results_load_is_not_signalled_when_killed(
         monkeypatch: pytest.MonkeyPatch, anyio_backend: str) -> None:
     # Its exit reported (the fork server reaped it) but its death held behind the
     # results it sent, a kill by the pool still signalled its pid, which another
-    # process may have by then.
+    # process may have by then. (Workers are signalled through a pidfd now, which
+    # cannot reach another process: see test_units' ..._took_its_pid; this one
+    # fails if a signal by number comes back.)
     import os
 
     signalled: list[tuple[int, bool]] = []

@@ -39,9 +39,27 @@ def load(parts: list[Any], paced: bool = False) -> Loaded:
         return exc
 
 
+def load_in_thread(parts: list[Any], call_soon_threadsafe: Callable[..., Any],
+                   then: Callable[[Loaded], None]) -> bool:
+    """Load ``parts`` in a thread of their own (in slices: the loop runs between them),
+    then call ``then`` with the outcome on the loop; False if no thread can start."""
+    def run() -> None:
+        outcome = load(parts, paced=True)
+        try:
+            call_soon_threadsafe(lambda: then(outcome))
+        except RuntimeError:  # the loop is closed: nothing waits for it
+            pass
+
+    try:
+        threading.Thread(target=run, name="asyncpool-results", daemon=True).start()
+    except RuntimeError:
+        return False
+    return True
+
+
 async def load_apart(parts: list[Any]) -> Loaded | None:
-    """Results whose pickle is big, loaded in a thread of their own while an asyncio
-    loop runs (the Dask rung's); None if they are small, or no thread can start."""
+    """Results whose pickle is big, loaded in a thread while an asyncio loop runs (the
+    Dask rung's); None if they are small, or no thread can start."""
     import asyncio
 
     if memoryview(parts[0]).nbytes < SLOW_BYTES:
@@ -49,23 +67,13 @@ async def load_apart(parts: list[Any]) -> Loaded | None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[Loaded] = loop.create_future()
 
-    def run() -> None:
-        outcome = load(parts, paced=True)
-        try:  # (its waiter may be cancelled, its loop closed: nobody waits then)
-            loop.call_soon_threadsafe(_settle, done, outcome)
-        except RuntimeError:
-            pass
+    def settle(outcome: Loaded) -> None:
+        if not done.done():  # (its waiter may have been cancelled meanwhile)
+            done.set_result(outcome)
 
-    try:
-        threading.Thread(target=run, name="asyncpool-results", daemon=True).start()
-    except RuntimeError:  # no thread to be had: on the loop, then
+    if not load_in_thread(parts, loop.call_soon_threadsafe, settle):
         return None
     return await done
-
-
-def _settle(done: Any, outcome: Loaded) -> None:
-    if not done.done():
-        done.set_result(outcome)
 
 
 class Inbox:
@@ -124,19 +132,9 @@ class Inbox:
             return None
         waiting = self._waiting = deque()
         drops = self._drops
-
-        def run() -> None:
-            outcome = load(parts[1:], paced=True)
-            try:
-                self._owner.loop.call_soon_threadsafe(
-                    lambda: self._loaded(drops, kind, parts, outcome))
-            except RuntimeError:  # the loop is closed: nothing waits for it
-                pass
-
-        try:
-            threading.Thread(target=run, name="asyncpool-results", daemon=True).start()
-        except RuntimeError:  # no thread to be had: here, then
-            self._waiting = None
+        if not load_in_thread(parts[1:], self._owner.loop.call_soon_threadsafe,
+                              lambda outcome: self._loaded(drops, kind, parts, outcome)):
+            self._waiting = None  # no thread to be had: here, then
             self._handle(kind, parts, None)
             return None
         return waiting
