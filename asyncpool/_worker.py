@@ -106,9 +106,7 @@ class _Worker:
                 if self.wake in ready:  # (read first: a wake-up for what follows stays)
                     self._woken()
                 if sock not in ready:
-                    if ready:
-                        continue
-                    break
+                    break  # (a wake-up read: what it was for is read already)
                 got = _wire.recv_frame(self.sock)
                 if got is None:
                     self.closed = True

@@ -184,9 +184,7 @@ def main() -> None:
                     with contextlib.suppress(OSError):  # the parent may be gone
                         status.send(STATUS.pack(-(exc.errno or 1), 0))
                     status.close()
-                    for fd in (sock_fd, progress_fd, wake_fd):
-                        if fd >= 0:
-                            os.close(fd)
+                    _close(sock_fd, progress_fd, wake_fd)
                     continue
                 if pid == 0:
                     signal.set_wakeup_fd(-1)
@@ -198,9 +196,7 @@ def main() -> None:
                     for other in children.values():
                         other.close()
                     _worker(sock_fd, progress_fd, me, wake_fd)
-                for fd in (sock_fd, progress_fd, wake_fd):
-                    if fd >= 0:
-                        os.close(fd)
+                _close(sock_fd, progress_fd, wake_fd)  # (the worker's now)
                 children[pid] = status  # stopped with the others, told or not
                 try:
                     status.send(STATUS.pack(pid, 0))
@@ -225,6 +221,12 @@ def _import(name: str) -> None:
             importlib.import_module(name)
     except BaseException:
         pass
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _kill_group(pid: int) -> None:
