@@ -1543,7 +1543,8 @@ async def test_an_input_closed_while_its_feeder_waits_for_the_rate_limit_holds_i
         source.idle()  # its caller fell behind: the start goes back
         limit.hold(other)  # another call holds the limit meanwhile
         assert not source.available()  # ... and its feeder asks again, and waits
-        await wait_until(lambda: limit._turn.locked())
+        # (The feeder makes the lock as it first waits: this test may look before.)
+        await wait_until(lambda: limit._turn is not None and limit._turn.locked())
         source.close()
         limit.let_go(other)  # the start comes: nothing of the closed input takes it
         await wait_until(lambda: not limit._turn.locked())  # (its feeder went on)
