@@ -200,6 +200,10 @@ class ResultStream(Generic[T]):
     items not started never run, and running ones finish unseen, or are killed with
     `cancel_running="kill"`.
 
+    Several tasks may iterate one stream: each value goes to one of them. One of them
+    cancelled while others wait for a value leaves the stream to those; the last one
+    waiting that is cancelled ends the call.
+
     Raises:
         Exception: (from `async for`) what [`imap`][asyncpool.ResilientPool.imap]
             raises: a failed item's exception (unless `return_exceptions`),
@@ -229,6 +233,8 @@ class ResultStream(Generic[T]):
         self._at = 0
         self._closed = False
         self._started = False
+        #: Tasks inside __anext__ (several may share a stream).
+        self._inside = 0
         #: When this stream last let the loop run: a consumer handed results that are
         #: already here never waits, so it yields once every SLICE.
         self._yielded = time.perf_counter()
@@ -244,31 +250,22 @@ class ResultStream(Generic[T]):
         await self.aclose()
 
     async def __anext__(self) -> T:
-        if self._at >= len(self._values):
-            if self._closed:
-                raise StopAsyncIteration
-            if not self._engine.loop.is_current():
-                # Before every wait, not only the first: it would wait for good (and
-                # nothing of the pool's may be touched from here).
-                raise PoolClosed("this pool was opened on another event loop (or "
-                                 "thread); iterate its imap there")
-            try:
-                await self._fill()
-            except BaseException as exc:
-                late = isinstance(exc, DeadlineExceeded) or not isinstance(exc, Exception)
-                with anyio.CancelScope(shield=True):
-                    await self._finish(_kills(exc, self._call), wait=not late)
-                raise
-            if self._at >= len(self._values):
-                await self.aclose(kill=False)
-                raise StopAsyncIteration
-        # (Taken before the checkpoint: another task iterating meanwhile moves on.)
+        self._inside += 1
+        try:
+            while True:
+                if self._at >= len(self._values):
+                    await self._refill()
+                if self._at & 3 or time.perf_counter() - self._yielded <= SLICE:
+                    break
+                # Before a value is taken: a task cancelled here takes none (another
+                # task sharing the stream gets it).
+                await anyio.lowlevel.checkpoint()
+                self._yielded = time.perf_counter()
+        finally:
+            self._inside -= 1
         at, values, failed_at = self._at, self._values, self._failed_at
         self._at += 1
         value = values[at]
-        if not at & 3 and time.perf_counter() - self._yielded > SLICE:
-            await anyio.lowlevel.checkpoint()
-            self._yielded = time.perf_counter()
         if at in failed_at and not self._call.options.return_exceptions:
             if isinstance(value, PoolClosed):  # an item's: the call's own, saying more
                 value = self._closed_at(value, values, at)
@@ -280,6 +277,28 @@ class ResultStream(Generic[T]):
             finally:
                 del value, values  # this frame, in its traceback, must not hold it (a cycle)
         return value  # type: ignore[no-any-return]
+
+    async def _refill(self) -> None:
+        """The next values (raises StopAsyncIteration at the end)."""
+        if self._closed:
+            raise StopAsyncIteration
+        if not self._engine.loop.is_current():
+            # Before every wait, not only the first: it would wait for good (and
+            # nothing of the pool's may be touched from here).
+            raise PoolClosed("this pool was opened on another event loop (or "
+                             "thread); iterate its imap there")
+        try:
+            await self._fill()
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and self._inside > 1:
+                raise  # this task's cancellation: the others inside go on
+            late = isinstance(exc, DeadlineExceeded) or not isinstance(exc, Exception)
+            with anyio.CancelScope(shield=True):
+                await self._finish(_kills(exc, self._call), wait=not late)
+            raise
+        if self._at >= len(self._values):
+            await self.aclose(kill=False)
+            raise StopAsyncIteration
 
     def _closed_at(self, error: PoolClosed, held: list[Any], at: int) -> PoolClosed:
         """The pool's close that failed item ``at`` of those ``held``, with what
@@ -297,8 +316,8 @@ class ResultStream(Generic[T]):
         ordered = call.mode is Mode.ORDERED
         with _scope(self._deadline):
             while True:
-                if self._closed:  # by another task, as this one waited
-                    return
+                if self._closed or self._at < len(self._values):
+                    return  # closed, or values fetched, by another task as this one waited
                 self._feeder.check()
                 got = call.next_ordered() if ordered else call.next_unordered()
                 if got is not None:
@@ -312,6 +331,7 @@ class ResultStream(Generic[T]):
                 if call.complete:
                     return
                 await call.wait()
+                self._yielded = time.perf_counter()
         raise _exceeded(engine, call, call.consumed) from None
 
     async def aclose(self, kill: bool | None = None) -> None:

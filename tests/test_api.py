@@ -238,12 +238,54 @@ async def test_tasks_sharing_one_stream_each_wake_and_end(pool: ResilientPool,
     async def consume(name: str) -> None:
         async for value in stream:
             got[name].append(value)
+            await anyio.lowlevel.checkpoint()  # (else the first one back takes them all)
 
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             tg.start_soon(consume, "a")
             tg.start_soon(consume, "b")
     assert len(got["a"]) + len(got["b"]) == 40 and got["a"] and got["b"], got
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_tasks_sharing_one_stream_get_every_value_once(pool: ResilientPool,
+                                                             ordered: bool) -> None:
+    # A task woken as another was handing out a batch fetched the next one over it:
+    # the rest of that batch was lost (1,832 of 2,000 values seen).
+    stream = pool.imap(tasks.square, range(2000), ordered=ordered, chunk_size=7)
+    got: list[int] = []
+
+    async def consume() -> None:
+        async for value in stream:
+            got.append(value)
+            await anyio.lowlevel.checkpoint()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            tg.start_soon(consume)
+    assert sorted(got) == [i * i for i in range(2000)]
+
+
+async def test_a_task_sharing_a_stream_cancelled_leaves_it_to_the_others(
+        pool: ResilientPool) -> None:
+    # Its cancellation closed the stream: the other task's loop ended early, silently.
+    stream = pool.imap(tasks.nap, [0.02] * 60, chunk_size=1)
+    got: list[float] = []
+
+    async def consume() -> None:
+        async for value in stream:
+            got.append(value)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            async with anyio.create_task_group() as doomed:
+                doomed.start_soon(consume)
+                await wait_until(lambda: len(got) >= 5, timeout=20)
+                doomed.cancel_scope.cancel()
+    assert len(got) == 60
+    assert pool.statistics().active_calls == 0
 
 
 async def test_a_stream_closed_by_another_task_wakes_the_one_waiting_on_it(
