@@ -123,7 +123,9 @@ def done_lines(path: str) -> tuple[int, int]:
 
 
 class Apply:
-    """Runs in the workers: (line number, text) -> the function's result on its JSON."""
+    """Runs in the workers: (line number, text) -> the JSON of the function's result on
+    its JSON (encoded there: the parent only writes it, and holds text as small as it
+    came, not the objects it stands for)."""
 
     def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
@@ -136,7 +138,11 @@ class Apply:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
             self._bad(number, f"valid JSON ({exc})")
-        return self.fn(value)
+        result = self.fn(value)
+        try:
+            return json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError) as exc:  # (NaN and infinities are not JSON)
+            raise type(exc)(f"the result is not JSON ({exc})") from None
 
     @staticmethod
     def _bad(number: int, what: str) -> NoReturn:
@@ -206,9 +212,9 @@ def progress_for(wanted: bool) -> bool | Callable[[int, int | None], None]:
     return True
 
 
-def record(number: int, result: Any) -> tuple[str, bool]:
-    """One output line, and whether it holds an error (the item's, or a result that
-    is not JSON: NaN and infinities are not)."""
+def record(number: int, result: str | BaseException) -> tuple[str, bool]:
+    """One output line, and whether it holds an error; ``result`` is the JSON of a
+    line's result (see :class:`Apply`), or its error."""
     if isinstance(result, BaseException):
         try:
             message = str(result)
@@ -220,11 +226,7 @@ def record(number: int, result: Any) -> tuple[str, bool]:
             message = _ITEM.sub(f"line {number}", message, count=1)
         text = f"{type(result).__name__}: {message}"
         return json.dumps({"line": number, "error": text}), True
-    try:
-        return json.dumps({"line": number, "result": result}, allow_nan=False), False
-    except (TypeError, ValueError) as exc:
-        text = f"{type(exc).__name__}: the result is not JSON ({exc})"
-        return json.dumps({"line": number, "error": text}), True
+    return f'{{"line": {number}, "result": {result}}}', False
 
 
 def check_files(args: argparse.Namespace) -> None:

@@ -227,14 +227,15 @@ setattr(PoolConfig, "__init__", _say_unknown_fields(PoolConfig.__init__))  # noq
 
 class PoolOptions(TypedDict, total=False):
     """The keyword options of [`ResilientPool`][asyncpool.ResilientPool]: the fields of
-    [`PoolConfig`][asyncpool.PoolConfig], each with the same type and meaning. A type
-    checker reports a misspelt or mistyped one; at run time it raises ``TypeError``
-    (with "did you mean") or ``ValueError``.
+    [`PoolConfig`][asyncpool.PoolConfig] other than ``max_workers`` (the pool's own
+    argument), each with the same type and meaning. A type checker reports a misspelt
+    or mistyped one; at run time it raises ``TypeError`` (with "did you mean") or
+    ``ValueError``.
 
     Examples:
         ```python
-        options: PoolOptions = {"max_workers": 4, "start_timeout": 30.0}
-        async with ResilientPool(**options) as pool:
+        options: PoolOptions = {"start_timeout": 30.0, "max_tasks_per_worker": 1000}
+        async with ResilientPool(4, **options) as pool:
             ...
         ```
     """

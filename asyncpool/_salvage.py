@@ -272,8 +272,8 @@ _ATOM_MODULES = frozenset({"datetime", "decimal", "uuid", "fractions", "pathlib"
 
 def _stand_ins(value: Any, budget: int) -> tuple[list[Any] | None, int]:
     """Every stand-in (class or instance) reachable from ``value``; None if it holds
-    something the search cannot see inside (a deque, slots, a subclass of a builtin
-    container), where one may hide."""
+    something the search cannot see inside (a deque, an instance of a class derived
+    from a builtin container or another type written in C), where one may hide."""
     held: list[Any] = []
     seen: set[int] = set()
     stack = [value]
@@ -306,10 +306,32 @@ def _stand_ins(value: Any, budget: int) -> tuple[list[Any] | None, int]:
             stack.extend(value.values())
         elif isinstance(value, type) or callable(value) and hasattr(value, "__code__"):
             continue  # a class or a function: what it holds came in by reference
-        elif (type(getattr(value, "__dict__", None)) is dict and not any(
-                "__slots__" in vars(c) for c in kind.__mro__) and not isinstance(
-                value, (list, tuple, set, frozenset, dict, str, bytes, int, float))):
-            stack.append(value.__dict__)
+        elif (inside := _attributes(value, kind)) is not None:
+            stack.extend(inside)
         else:
             return None, budget
     return held, budget
+
+
+def _attributes(value: Any, kind: type) -> list[Any] | None:
+    """What an instance of a class written in Python holds: its ``__dict__`` and its
+    slots; None for one whose class derives from a type written in C (other than
+    ``object``), which may hold more than either shows."""
+    if any(not c.__flags__ & _HEAPTYPE for c in kind.__mro__[:-1]):
+        return None
+    held = getattr(value, "__dict__", None)
+    inside: list[Any] = [] if held is None else [held]
+    if held is not None and type(held) is not dict:
+        return None
+    for c in kind.__mro__[:-1]:
+        for slot in vars(c).values():
+            if type(slot) is types.MemberDescriptorType:
+                try:
+                    inside.append(slot.__get__(value, kind))
+                except AttributeError:  # (never set)
+                    pass
+    return inside
+
+
+#: ``type.__flags__``: a class made by a class statement (not written in C).
+_HEAPTYPE = 1 << 9

@@ -167,6 +167,14 @@ class ExitsWhenPickled:
         raise SystemExit("pickled")
 
 
+def ints(n: int) -> list[int]:
+    return list(range(n))
+
+
+def exit_on_two(x: int) -> int:
+    return exit_on((x, 2))
+
+
 def return_unpicklable(x: int) -> object:
     return Unpicklable() if x == 2 else x
 
@@ -177,7 +185,8 @@ def return_unloadable(x: int) -> object:
 
 def counted_unloadable(args: tuple[int, str, str]) -> object:
     """Notes each run in ``log``; item 2 returns Unloadable(), item 4 an instance of
-    a class that only this worker can import (from a module it writes in ``folder``)."""
+    a class that only this worker can import (from a module it writes in ``folder``),
+    item 6 what does not pickle, item 7 an instance with slots."""
     x, log, folder = args
     with open(log, "a") as f:
         f.write(f"{x}\n")
@@ -192,7 +201,23 @@ def counted_unloadable(args: tuple[int, str, str]) -> object:
         finally:
             sys.path.remove(folder)
         return module.Local()
+    if x == 6:
+        return Unpicklable()
+    if x == 7:
+        return Slotted(7)
     return x
+
+
+class Slotted:
+    """An instance with slots (the search for what did not load looks into them)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Slotted) and other.value == self.value
 
 
 def flaky_thread_start(args: tuple[int, str]) -> int:
@@ -457,6 +482,21 @@ class DiesOnLoads:
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (_count_load, (self.path, self.deadly))
+
+
+def _load_slowly(seconds: float) -> SlowToLoad:
+    time.sleep(seconds)
+    return SlowToLoad(0)
+
+
+class SlowToLoad:
+    """Pickles at once; unpickling it takes ``seconds`` (a lazy model load, say)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_load_slowly, (self.seconds,))
 
 
 class CrashOnLoad:

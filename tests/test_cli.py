@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import os
@@ -213,11 +214,10 @@ def test_nan_and_infinity_are_not_json(tmp_path: Path) -> None:
 def test_errors_name_the_line_not_the_item(tmp_path: Path) -> None:
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("1\n\n2\n3\n")
-    out = _cli("map", "tests.tasks:return_unpicklable", str(src), "-o", str(dst),
-               "--no-progress")
+    out = _cli("map", "tests.tasks:exit_on_two", str(src), "-o", str(dst), "--no-progress")
     records = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [r["line"] for r in records] == [1, 3, 4], out.stderr
-    assert records[1]["error"].startswith("SerializationError: line 3:"), records
+    assert records[1]["error"].startswith("WorkerCrashed: line 3"), records
 
 
 def test_standard_input_and_a_pipe_are_read(tmp_path: Path) -> None:
@@ -430,6 +430,25 @@ def test_resume_after_a_killed_or_interrupted_run(tmp_path: Path, how: int,
     records = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [r["line"] for r in records] == list(range(1, 301))
     assert [r["result"] for r in records] == list(range(300))
+
+
+def test_results_far_bigger_in_memory_than_pickled_are_held_as_text(tmp_path: Path) -> None:
+    # A list of 20,000 ints pickles to a twelfth of what it holds in memory: the parent
+    # held 32 MB of such pickles loaded while it wrote them (peak 330-400 MB).
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("20000\n" * 3000)
+    code = ("import resource, sys; from asyncpool.__main__ import main; "
+            "rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    out = run_code(code, "map", "tests.tasks:ints", str(src), "-o", str(dst),
+                   "--no-progress", timeout=300)
+    assert out.returncode == 0, out.stderr
+    peak_kb = int(out.stdout.split()[-1])
+    assert peak_kb < 150 * 1024, f"peak RSS {peak_kb // 1024} MB"
+    with dst.open() as f:
+        lines = [json.loads(line) for line in itertools.islice(f, 2)]
+        assert sum(1 for _ in f) == 2998
+    assert lines[1] == {"line": 2, "result": list(range(20000))}
 
 
 @pytest.mark.slow

@@ -327,20 +327,24 @@ async def test_an_exception_whose_class_cannot_be_read_fails_its_call_once(
 async def test_results_that_do_not_load_here_fail_alone_and_nothing_reruns(
         tmp_path: Path, anyio_backend: str) -> None:
     # One pickle carries the results of many items: when one would not load in the
-    # parent, every item of the stretch ran a second time.
+    # parent, every item of the stretch ran a second time; so it did while a result
+    # beside it held slots (one that did not pickle is sent back as such an object).
     log, folder = tmp_path / "runs", tmp_path / "modules"
     folder.mkdir()
-    async with ResilientPool(max_workers=1, chunk_size=8) as pool:
+    async with ResilientPool(max_workers=1, chunk_size=10) as pool:
         results = await pool.map(tasks.counted_unloadable,
-                                 [(x, str(log), str(folder)) for x in range(8)],
+                                 [(x, str(log), str(folder)) for x in range(10)],
                                  return_exceptions=True)
         for position, cause in ((2, "Unloadable refuses"), (4, "worker_only_")):
             assert isinstance(results[position], SerializationError), results
             assert f"item {position}" in str(results[position])
             assert "could not be unpickled in the parent" in str(results[position])
             assert cause in str(results[position])
-        assert [r for i, r in enumerate(results) if i not in (2, 4)] == [0, 1, 3, 5, 6, 7]
-        assert sorted(int(x) for x in log.read_text().split()) == list(range(8))
+        assert isinstance(results[6], SerializationError)
+        assert "Unpicklable refuses" in str(results[6])
+        expected = [0, 1, 3, 5, tasks.Slotted(7), 8, 9]
+        assert [r for i, r in enumerate(results) if i not in (2, 4, 6)] == expected
+        assert sorted(int(x) for x in log.read_text().split()) == list(range(10))
         assert pool.statistics().resubmitted_chunks == 0
         assert pool.statistics().worker_crashes == 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -389,6 +390,28 @@ async def test_close_after_a_hung_item_timed_out(kill: bool, anyio_backend: str)
     # The hung item's call is gone: its worker is killed, not waited for (1000 s).
     assert time.monotonic() - started < 10
     await wait_until(lambda: not any(alive(pid) for pid in pids), 5)
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancelled", "function"])
+async def test_a_worker_loading_what_a_killed_call_sent_is_killed(how: str,
+                                                                  anyio_backend: str) -> None:
+    # Killed only while it ran one of the call's items: a worker loading its argument
+    # (or its function) for a minute held the pool that long after the call ended.
+    async with ResilientPool(max_workers=1) as pool:
+        assert await pool.run(tasks.square, 2) == 4
+        slow = tasks.SlowToLoad(60)
+        with anyio.fail_after(20):
+            if how == "deadline":
+                with pytest.raises(DeadlineExceeded):
+                    await pool.run(tasks.echo, slow, timeout=1, kill_on_timeout=True)
+            elif how == "cancelled":
+                with anyio.move_on_after(1):
+                    await pool.run(tasks.echo, slow, cancel_running="kill")
+            else:
+                with pytest.raises(DeadlineExceeded):
+                    await pool.run(functools.partial(tasks.add, slow), 2, timeout=1,
+                                   kill_on_timeout=True)
+            assert await pool.run(tasks.square, 3) == 9
 
 
 @pytest.mark.parametrize("how", [["SIGKILL"], ["SIGTERM"], ["SIGKILL", "forking"],

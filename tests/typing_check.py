@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import assert_type
 
-from asyncpool import PoolEvent, PoolStatistics, ResilientPool
+from asyncpool import PoolEvent, PoolOptions, PoolStatistics, ResilientPool
 
 
 def add(a: int, b: int) -> int:
@@ -44,6 +44,10 @@ def configure() -> None:
     ResilientPool(max_workers=2, chunk_size=10, rungs=("process", "inline"))
     ResilientPool(max_workrs=2)  # type: ignore[call-arg]
     ResilientPool(chunk_size="10")  # type: ignore[arg-type]
+    # PoolOptions' own example; max_workers is the pool's argument, not an option.
+    options: PoolOptions = {"start_timeout": 30.0, "max_tasks_per_worker": 1000}
+    ResilientPool(4, **options)
+    ResilientPool(**PoolOptions(max_workers=4))  # type: ignore[typeddict-unknown-key]
 
 
 def hooks() -> None:

@@ -382,22 +382,22 @@ class Proc:
 
     def kill_doomed(self) -> None:
         """Kill the worker if the item it runs is a doomed call's (cancelled or timed
-        out, with kill): never while another caller's item runs (a chunk it shares with
-        live calls); items of those calls not started are skipped (cancelled)."""
+        out, with kill), or it loads a chunk only such calls have: never while another
+        caller's item runs; items of those calls not started are skipped (cancelled)."""
         if not self.doomed or not self.chunks or self.state is ProcState.DEAD:
             return
         seq, position = int(self.progress[_wire.SEQ]), int(self.progress[_wire.POSITION])
         # The chunk it runs may be one we have not heard it start yet.
         chunk = next((c for c in self.chunks if c.seq == seq), None)
-        if chunk is not None and 0 <= position < chunk.size:
+        if chunk is not None and position == -1:  # loading (which may never end)
+            if all(p.call.id in self.doomed for p in chunk.pieces):
+                self.kill()
+        elif chunk is not None and 0 <= position < chunk.size:
             piece, _ = chunk.locate(position)
-            if piece.call.id in self.doomed:
-                # What finished before it comes back first (the worker sends it on
-                # reading the cancellation): killed with the worker, it would run
-                # again.
-                if chunk.reported < position and (
-                        time.monotonic() < self.doomed_since + HAND_OVER_SECONDS):
-                    return
+            # What finished before it comes back first (the worker sends it on reading
+            # the cancellation): killed with the worker, it would run again.
+            if piece.call.id in self.doomed and (chunk.reported >= position or (
+                    time.monotonic() >= self.doomed_since + HAND_OVER_SECONDS)):
                 self.kill()
 
     def retire(self) -> None:
