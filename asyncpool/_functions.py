@@ -129,8 +129,13 @@ class FunctionBook:
             ) from exc
         return Shipped(next(_ids), blob, name, False)
 
-    def timing(self, fn: Any) -> Timing:
-        """The measured cost of ``fn``'s items, shared by every call of the same code."""
+    def timing(self, fn: Any, apart: bool = False) -> Timing:
+        """The measured cost of ``fn``'s items, shared by every call of the same code;
+        a new one for a call ``apart`` (its Dask tasks ask for some workers: they may
+        wait for them, for good if none has what they ask, and a chunk of its function
+        out unmeasured held back every other call of it)."""
+        if apart:
+            return Timing()
         root = fn
         while isinstance(root, functools.partial):
             root = root.func

@@ -8,6 +8,7 @@ reads.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
@@ -127,12 +128,19 @@ class CallOptions:
                             "a plain (not async) callable(done, total)")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise TypeError(f"priority={self.priority!r} is invalid: it must be an integer")
+        if not -2**63 <= self.priority < 2**63:  # (the scheduler dropped the worker)
+            raise ValueError(f"priority={self.priority!r} is invalid: it must fit in 64 "
+                             "bits (-2**63 to 2**63 - 1)")
         resources = self.resources
         if resources is not None and not (isinstance(resources, dict) and all(
                 isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
                 for k, v in resources.items())):
             raise TypeError(f"resources={resources!r} is invalid: it must be a dict of "
                             "resource names to amounts, such as {'GPU': 1}, or None")
+        for key, amount in (resources or {}).items():
+            if not 0 <= amount < math.inf:  # (nan, inf: a task no worker ever meets)
+                raise ValueError(f"resources={resources!r} is invalid: {key!r} must be a "
+                                 "finite amount, 0 or more")
         workers = self.workers
         if workers is not None and not (isinstance(workers, str) or (
                 isinstance(workers, list | tuple | set)
@@ -144,6 +152,11 @@ class CallOptions:
     def kill_on_cancel(self) -> bool:
         """Whether cancelling the call kills the workers running its items."""
         return self.cancel_running == "kill"
+
+    @property
+    def placed(self) -> bool:
+        """Whether its tasks ask for workers with ``resources`` or by name (Dask)."""
+        return self.resources is not None or self.workers is not None
 
     @property
     def dask(self) -> dict[str, Any]:

@@ -437,7 +437,7 @@ class ResilientPool:
             limits.append(self._limit)  # the pool's last (see Source.feed)
         assert self._loop is not None
         return Call(fn, shipped, star, Source(items, limits), options,
-                    self._functions.timing(fn), mode, self._loop.event)
+                    self._functions.timing(fn, apart=options.placed), mode, self._loop.event)
 
 
 def _backend_of(pool: weakref.ref[ResilientPool]) -> str | None:

@@ -26,11 +26,13 @@ LOADED, LOADED_BYTES = 64, 64 << 20
 #: On a Dask worker, which serves many client processes: one namespace per pool of a
 #: client process, so that two programs whose main scripts both define ``TABLE`` or
 #: ``helper`` never see each other's, nor two pools the globals their initializers
-#: set. The latest :data:`SPACES` are kept, and beside them (up to :data:`PINNED`)
-#: those of pools whose initializer ran here while its plugin is registered (what it
-#: set was lost once 16 other pools had used the worker).
+#: set. The latest :data:`SPACES` are kept, and beside them those of pools whose
+#: initializer ran here while its plugin is registered (what it set was lost once 16
+#: other pools had used the worker, and with a cap of 64, once 64 pools with an
+#: initializer had: their tasks then ran on a namespace never initialised). Plugins
+#: of pools whose client is gone are unregistered by the next pool (_dask_sweep).
 _spaces: dict[str, Space] = {}
-SPACES, PINNED = 16, 64
+SPACES = 16
 #: The pools whose initializer ran here: by how many workers of this process.
 _pinned: dict[str, int] = {}
 #: Worker threads of a Dask worker load functions at once.
@@ -96,14 +98,13 @@ def cluster_function(space: str, blob: bytes, version: int,
 
 
 def _space(space: str) -> Space:
-    """Pool ``space``'s namespace (made if new), now the latest; the oldest beyond
-    SPACES (or PINNED, of those pinned) go, with the functions bound to them."""
+    """Pool ``space``'s namespace (made if new), now the latest; the oldest not
+    pinned beyond SPACES go, with the functions bound to them."""
     found = _spaces.pop(space, None)
     _spaces[space] = found = ({}, {}, {}) if found is None else found
-    for pinned, kept in ((False, SPACES), (True, PINNED)):
-        names = [s for s in _spaces if (s in _pinned) is pinned]
-        for gone in names[:max(0, len(names) - kept)]:  # never this one: the latest
-            del _spaces[gone]
+    names = [s for s in _spaces if s not in _pinned]
+    for gone in names[:max(0, len(names) - SPACES)]:  # never this one: the latest
+        del _spaces[gone]
     return found
 
 

@@ -20,7 +20,7 @@ from asyncpool import (DeadlineExceeded, InitializerFailed, ResilientPool, Seria
                        WorkerCrashed)
 
 from . import tasks
-from .helpers import free_port, wait_for, wait_until
+from .helpers import free_port, run_code, wait_for, wait_until
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 import dask  # noqa: E402  (installed with distributed)
@@ -292,6 +292,65 @@ async def test_a_failed_initializer_marks_only_its_own_worker(tmp_path: Path) ->
             bad = await pool.map(tasks.recall, range(6), chunk_size=1, workers=[joined],
                                  allow_other_workers=False, return_exceptions=True)
             assert all(isinstance(r, InitializerFailed) for r in bad), bad
+
+
+async def test_calls_waiting_for_workers_no_one_has_hold_back_no_other_call(
+        cluster: Any) -> None:
+    # Their chunks, never answered, filled the rung's room (two per worker thread), and
+    # one of a function held back its every later call (a chunk out unmeasured): a
+    # plain call on an idle cluster waited out its deadline.
+    async with ResilientPool(max_workers=2, dask_address=cluster.scheduler_address) as pool:
+        assert pool.backend == "dask"
+        other = functools.partial(tasks.fail_on, bad=-1)
+        ran = []
+
+        async def waits(fn: Any, placed: dict[str, Any]) -> None:
+            ran.append(await pool.map(fn, range(10), **placed))
+
+        async with anyio.create_task_group() as tg:
+            for fn in (tasks.square, tasks.square, other, other):
+                for placed in ({"resources": {"GPU": 1}}, {"workers": ["tcp://10.9.9.9:1"]}):
+                    tg.start_soon(waits, fn, placed)
+            await wait_until(lambda: pool.statistics().chunks_in_flight >= 8, timeout=20)
+            with anyio.fail_after(20):
+                assert await pool.run(tasks.square, 7) == 49
+                assert await pool.map(tasks.square, range(300)) == [i * i for i in range(300)]
+                assert await pool.run(other, 2) == 2
+            assert pool.backend == "dask" and not ran
+            tg.cancel_scope.cancel()
+
+
+_LEFT_OPEN = """
+import asyncio, sys
+from asyncpool import ResilientPool
+from tests import tasks
+
+async def main():
+    pool = ResilientPool(max_workers=1, dask_address=sys.argv[1])
+    await pool.__aenter__()
+    assert pool.backend == "dask"
+    print(await pool.run(tasks.square, 3))
+    if sys.argv[2] == "running":
+        asyncio.ensure_future(pool.map(tasks.nap, [0.2] * 20))
+        await asyncio.sleep(0.3)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("left", ["idle", "running"])
+async def test_a_program_ending_with_a_pool_open_on_the_cluster_exits_clean(
+        cluster: Any, left: str) -> None:
+    # Its client's close was left to the garbage collector: "coroutine 'Client._close'
+    # was never awaited". (With a map running, distributed may still log a cancel it
+    # could not send as asyncio.run ends its tasks.)
+    with anyio.fail_after(60):
+        out = await anyio.to_thread.run_sync(functools.partial(
+            run_code, _LEFT_OPEN, cluster.scheduler_address, left))
+    assert out.returncode == 0 and out.stdout.split() == ["9"], out.stderr
+    assert "never awaited" not in out.stderr, out.stderr
+    if left == "idle":
+        assert " ERROR " not in out.stderr, out.stderr
 
 
 def test_the_dask_rung_needs_asyncio() -> None:

@@ -205,6 +205,46 @@ async def test_an_initializer_a_silent_scheduler_kept_is_unregistered_on_its_ret
         assert await _pools_plugins(cluster) == []
 
 
+_OPENS_AND_WAITS = """
+import asyncio, sys
+from asyncpool import ResilientPool
+from tests import tasks
+
+async def main():
+    async with ResilientPool(max_workers=1, dask_address=sys.argv[1],
+                             initializer=tasks.remember, initargs=("killed",)) as pool:
+        assert pool.backend == "dask"
+        print(await pool.run(tasks.recall), flush=True)
+        await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+async def test_the_initializer_of_a_killed_program_leaves_the_cluster(
+        cluster: CliCluster) -> None:
+    # Its plugin stayed on the scheduler for good: every worker that joined or
+    # restarted ran the dead program's initializer, and kept what it set (a worker kept
+    # 64 such namespaces at most: a live pool's own state was then dropped, silently).
+    program = await anyio.open_process([sys.executable, "-c", _OPENS_AND_WAITS,
+                                        cluster.address], cwd=ROOT)
+    try:
+        assert program.stdout is not None
+        with anyio.fail_after(60):
+            assert b"killed" in await program.stdout.receive()
+        assert len(await _pools_plugins(cluster)) == 1
+    finally:
+        program.kill()  # SIGKILL: no close
+        await program.aclose()
+    async with ResilientPool(max_workers=1, dask_address=cluster.address,
+                             initializer=tasks.remember, initargs=("alive",)) as pool:
+        assert pool.backend == "dask"
+        assert len(await _pools_plugins(cluster)) == 1  # its own only
+        tags = {tag for tag, _, _ in await pool.map(tasks.recall, range(4), chunk_size=1)}
+        assert tags == {"alive"}
+    assert await _pools_plugins(cluster) == []
+
+
 async def test_a_killed_worker_loses_nothing(cluster: CliCluster) -> None:
     async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
         results: list[float] = []
@@ -438,6 +478,33 @@ async def test_a_worker_killed_as_a_big_function_is_scattered_loses_nothing(
         assert results == [i * i + len(table) for i in range(200)]
         assert not victims and pool.backend == "dask"
         assert pool.statistics().fallbacks == 0
+
+
+async def test_a_scatter_left_behind_by_a_rung_given_up_fails_unseen(
+        cluster: CliCluster, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    # The scatter of a big function to a cluster whose workers are gone outlived the
+    # rung (given up for local workers); when the scheduler went too, asyncio logged
+    # "Task exception was never retrieved" (CommClosedError).
+    import gc
+
+    table = bytes(5 << 20)
+    done = tmp_path / "killed already"
+    done.touch()  # no item kills its worker here
+    async with ResilientPool(max_workers=2, dask_address=cluster.address,
+                             dask_connect_timeout=2.0, promote_after=60) as pool:
+        assert pool.backend == "dask"
+        for index in range(len(cluster.workers)):
+            cluster.kill_worker(index)
+        with anyio.fail_after(60):
+            results = await pool.map(functools.partial(tasks.with_table, table),
+                                     [(i, str(done)) for i in range(50)])
+        assert results == [i * i + len(table) for i in range(50)]
+        assert pool.backend == "process"
+        cluster.kill_scheduler()
+        await anyio.sleep(1.5)
+    gc.collect()
+    await anyio.sleep(0.2)
+    assert "never retrieved" not in caplog.text, caplog.text
 
 
 def _worker_plugins(dask_scheduler: object) -> list[str]:

@@ -5,16 +5,21 @@ client process to the workers. Imports ``distributed`` only when used."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import logging
 import os
 import secrets
 import socket
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .._errors import InitializerFailed
 from .._retry import RungUnavailable
 from .._share import dumps_for_workers
+
+logger = logging.getLogger("asyncpool")
 
 if TYPE_CHECKING:
     from .._config import PoolConfig
@@ -66,6 +71,9 @@ def retrieved(waiting: asyncio.Future[Any]) -> None:
 
 
 async def cancel_quietly(client: Any, future: Any) -> None:
+    comm = getattr(client.scheduler_comm, "comm", None)
+    if comm is None or comm.closed():
+        return  # (its scheduler is gone, or the loop ends: distributed logged an error)
     try:
         await asyncio.wait_for(client.cancel(future), 2)
     except BaseException:
@@ -226,7 +234,27 @@ async def connect(address: str, timeout: float) -> Any:
             raise RungUnavailable(f"no Dask scheduler could be reached at {address}: "
                                   f"{exc!r}") from exc
         raise
+    if not _made:
+        atexit.register(_forget_at_exit)
+    _made.add(client)
     return client
+
+
+#: The clients made here: one still open as the interpreter exits (a pool left open)
+#: is marked closed then, with no await (its loop is gone; its __del__ made a close
+#: coroutine nobody awaited: "coroutine 'Client._close' was never awaited"). The
+#: process's exit closes its connection.
+_made: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _forget_at_exit() -> None:
+    for client in list(_made):
+        if client.status in ("closed", "newly-created"):
+            continue
+        with contextlib.suppress(Exception):
+            for callback in client._periodic_callbacks.values():
+                callback.stop()
+        client.status = "closed"  # a public attribute of Client (its __del__ reads it)
 
 
 async def _refused(address: str) -> bool:
@@ -256,6 +284,7 @@ async def register_initializer(client: Any, config: PoolConfig, name: str, space
     blob = dumps_for_workers((config.initializer, config.initargs))
     timeout = config.start_timeout
     started = asyncio.get_running_loop().time()
+    await _unregister_gone(client, config.dask_connect_timeout)
     try:
         await _while_answering(client.register_plugin(
             InitializerPlugin(blob, space, name), name=name), client, timeout,
@@ -280,6 +309,27 @@ async def register_initializer(client: Any, config: PoolConfig, name: str, space
         where = "on a Dask worker" + (", or the worker died running it" if isinstance(
             exc, CommClosedError) else "")
         raise InitializerFailed.raised(config.initializer, exc, where) from exc
+
+
+async def _unregister_gone(client: Any, timeout: float) -> None:
+    """The initializer plugins of pools whose client is gone (killed, or left open at
+    exit) leave the cluster: every worker that joined ran them, for good, and kept
+    what they set."""
+    import cloudpickle
+
+    from . import _dask_sweep
+
+    cloudpickle.register_pickle_by_value(_dask_sweep)
+    try:
+        gone = await asyncio.wait_for(client.run_on_scheduler(
+            _dask_sweep.plugins_of_gone_clients), timeout)
+    except Exception as exc:  # (one that refuses pickled code, say): left there
+        logger.debug("the plugins of gone pools could not be listed: %r", exc)
+        return
+    for name in gone:
+        logger.info("the initializer of a pool whose client is gone leaves the "
+                    "cluster: %s", name)
+        await unregister_quietly(client, name)
 
 
 async def _while_answering(work: Coroutine[Any, Any, Any], client: Any,
@@ -350,6 +400,9 @@ class Scattered:
             timeout = max(10.0, 2 * self.connect_timeout) + len(shipped.blob) / self.RATE
             found = self._futures[shipped.id] = asyncio.ensure_future(self.client.scatter(
                 shipped.blob, broadcast=True, hash=False, timeout=timeout))
+            # Its failure is seen even when no chunk waits for it any more (the rung
+            # given up meanwhile): "Task exception was never retrieved".
+            found.add_done_callback(_seen)
         try:
             # Shielded: other chunks of the call wait for the same scatter.
             data = await asyncio.shield(found)
@@ -367,3 +420,8 @@ class Scattered:
         if found is not None and found.done() and not found.cancelled() and (
                 not found.exception()):
             found.result().release()
+
+
+def _seen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

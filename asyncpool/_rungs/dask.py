@@ -81,13 +81,17 @@ class DaskRung(Rung):
         #: Tells the workers which calls stopped (see cancel).
         self._stopped = StoppedCalls(client, self.space)
         #: Its initializer's worker plugin, if any, and whether it was sent.
-        self._initializer = (f"asyncpool-initializer-{self._token}"
+        #: Named with its client's id (see _dask_sweep).
+        self._initializer = (f"asyncpool-initializer-{self._token}-{client.id}"
                              if config.initializer is not None else None)
         self._registering = False
         self._count = 0
         #: The scheduler this rung set up (see _resize).
         self._scheduler_id: str | None = None
         self._relays: dict[Chunk, asyncio.Task[None]] = {}
+        #: Those of calls whose tasks ask for some workers (resources=, workers=): they
+        #: may wait for them (for good), and take no room from the others.
+        self._placed: set[Chunk] = set()
         self._scattered = Scattered(client, config.dask_connect_timeout)
         self._sizer: asyncio.Task[None] | None = None
         #: When (loop time) a chunk last came back from the cluster, or crashed there.
@@ -190,7 +194,7 @@ class DaskRung(Rung):
         return 2 * self.lanes
 
     def offer(self) -> int | None:
-        return None if (self.usable and self.in_flight < self.capacity
+        return None if (self.usable and self.in_flight - len(self._placed) < self.capacity
                         and self._suspect is None) else 0
 
     def submit(self, chunk: Chunk) -> None:
@@ -208,6 +212,8 @@ class DaskRung(Rung):
         chunk.payload_bytes = sum(memoryview(p).nbytes for p in arguments)
         chunk.rung = self
         self._in_flight += 1
+        if chunk.pieces[0].call.options.placed:  # (such a call has chunks of its own)
+            self._placed.add(chunk)
         if chunk.suspect:
             self._suspect = chunk
         relay = self._relays[chunk] = asyncio.ensure_future(
@@ -346,6 +352,7 @@ class DaskRung(Rung):
         if self._relays.pop(chunk, None) is None:
             return False
         self._in_flight -= 1
+        self._placed.discard(chunk)
         if chunk is self._suspect:
             self._suspect = None
         elif self._alone is not None and len(self._relays) == 1:
