@@ -120,16 +120,16 @@ class ResilientPool:
 
         Args:
             kill: Stop running work at once (worker processes are killed, with
-                whatever they started). Without it, running items of calls still
-                waiting finish first, and items nobody waits for any more (their
-                call timed out or was cancelled) are killed.
+                whatever they started). Without it, what was sent to workers for
+                calls still waiting finishes first (up to three chunks a worker),
+                and items nobody waits for any more (their call timed out or was
+                cancelled) are killed.
 
         Items of waiting calls that were never sent fail with ``PoolClosed``. Idempotent:
         a second call while the first closes returns once the pool is closed (with
         ``kill``, it stops the running work the first one waits for).
 
-        A caller's deadline or cancellation ends the wait: what still runs is then
-        killed.
+        A caller's deadline or cancellation ends the wait: what runs is then killed.
 
         Raises:
             PoolClosed: called from another event loop (or thread) than the one that
