@@ -46,6 +46,11 @@ SEQ, POSITION, LOADING, SENDING = 0, 1, 2, 3
 INIT, CHUNK, CANCEL, WITHDRAW = 1, 2, 3, 5  # 4 was a stop the worker never needed
 # Worker -> parent
 READY, INIT_FAILED, RESULTS, WITHDRAWN, CUT = 10, 11, 12, 13, 14
+_KINDS = frozenset({INIT, CHUNK, CANCEL, WITHDRAW, READY, INIT_FAILED, RESULTS, WITHDRAWN,
+                    CUT})
+#: No frame has more parts, or bytes, than this (a stream that says so is not ours:
+#: a task wrote to the worker's socket).
+MOST_PARTS, MOST_BYTES = 1 << 24, 1 << 42
 
 #: A ``bytes`` item or result this big (see :func:`wrap_big`) travels out of band.
 BIG = 64 << 10
@@ -313,7 +318,8 @@ class FrameReader:
                     if self._filled >= view.nbytes:
                         self._part += 1
                         self._filled = 0
-                        self._next_big_part(deliver)
+                        if not self._next_big_part(deliver):
+                            return False
                     continue
                 data = sock.recv(262144)
             except (BlockingIOError, InterruptedError):
@@ -324,14 +330,18 @@ class FrameReader:
                 return False
             budget -= len(data)
             self._buf += data
-            self._parse(deliver)
+            if not self._parse(deliver):
+                return False  # as if the peer had closed it: what sent that is broken
         return True
 
-    def _parse(self, deliver: Callable[[int, Parts], None]) -> None:
+    def _parse(self, deliver: Callable[[int, Parts], None]) -> bool:
+        """Deliver the whole frames read; False if what was read is no frame."""
         buf = self._buf
         pos = 0
         while self._big is None and len(buf) - pos >= HEADER.size:
             kind, count = HEADER.unpack_from(buf, pos)
+            if kind not in _KINDS or count > MOST_PARTS:
+                return False
             sizes_end = pos + HEADER.size + LENGTH.size * count
             if len(buf) < sizes_end:
                 break
@@ -339,6 +349,8 @@ class FrameReader:
                        for i in range(count)]
             sizes = [size & ~READ_ONLY for size in flagged]
             total = sum(sizes)
+            if total > MOST_BYTES:
+                return False
             if total <= SMALL_FRAME:
                 if len(buf) - sizes_end < total:
                     break
@@ -370,18 +382,20 @@ class FrameReader:
             pos = at
             del buf[:pos]
             pos = 0
-            self._next_big_part(deliver)
+            if not self._next_big_part(deliver):
+                return False
             buf = self._buf
         del buf[:pos]
+        return True
 
-    def _next_big_part(self, deliver: Callable[[int, Parts], None]) -> None:
+    def _next_big_part(self, deliver: Callable[[int, Parts], None]) -> bool:
         assert self._big is not None
         kind, parts = self._big
         if self._part < len(parts):
-            return
+            return True
         self._big = None
         deliver(kind, [obj for obj, _ in parts])
-        self._parse(deliver)
+        return self._parse(deliver)
 
 
 def _writable(size: int) -> tuple[bytearray, memoryview]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import itertools
 import os
 import pickle
 import signal
+import struct
 import sys
 import threading
 import time
@@ -482,6 +484,20 @@ class DiesOnLoads:
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (_count_load, (self.path, self.deadly))
+
+
+def scribble_on_socket(args: tuple[int, str]) -> int:
+    """Item 5 writes to its worker's connection to the pool: ``how`` "garbage" (no
+    frame), or "huge" (a frame header claiming 1 PB)."""
+    x, how = args
+    if x == 5:
+        scribble = b"\x00\xff garbage " * 10 if how == "garbage" else (
+            struct.pack("<BxxxIQ", 12, 1, 1 << 50))
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if int(fd) > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith("socket"):
+                    os.write(int(fd), scribble)
+    return x
 
 
 def _load_slowly(seconds: float) -> SlowToLoad:

@@ -349,6 +349,22 @@ async def test_results_that_do_not_load_here_fail_alone_and_nothing_reruns(
         assert pool.statistics().worker_crashes == 0
 
 
+@pytest.mark.parametrize("how", ["garbage", "huge"])
+async def test_a_task_writing_on_its_workers_connection_crashes_alone(
+        how: str, anyio_backend: str) -> None:
+    # The pool read it as a frame and waited for the rest for good (or, for a header
+    # claiming 1 PB, raised MemoryError in the loop's reader): the call ended only at
+    # its deadline.
+    async with ResilientPool(max_workers=2) as pool:
+        with anyio.fail_after(30):
+            results = await pool.map(tasks.scribble_on_socket,
+                                     [(i, how) for i in range(50)], return_exceptions=True)
+        assert isinstance(results[5], WorkerCrashed), results[5]
+        assert [r for i, r in enumerate(results) if i != 5] == [
+            i for i in range(50) if i != 5]
+        assert await pool.run(tasks.square, 3) == 9
+
+
 async def test_exception_that_cannot_be_rebuilt_is_a_remote_error(tmp_path: Path,
                                                                   anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
