@@ -317,7 +317,7 @@ def _attributes(value: Any, kind: type) -> list[Any] | None:
     """What an instance of a class written in Python holds: its ``__dict__`` and its
     slots; None for one whose class derives from a type written in C (other than
     ``object``), which may hold more than either shows."""
-    if any(not c.__flags__ & _HEAPTYPE for c in kind.__mro__[:-1]):
+    if not all(map(_in_python, kind.__mro__[:-1])):
         return None
     held = getattr(value, "__dict__", None)
     inside: list[Any] = [] if held is None else [held]
@@ -333,5 +333,18 @@ def _attributes(value: Any, kind: type) -> list[Any] | None:
     return inside
 
 
-#: ``type.__flags__``: a class made by a class statement (not written in C).
+def _in_python(cls: type) -> bool:
+    """Whether ``cls`` was made by a class statement: a heap type (as some types of C
+    modules are too, since 3.12: deque) whose ``__new__`` and ``__init__``, if its own,
+    are Python functions, and that stores no items of its own."""
+    if not cls.__flags__ & _HEAPTYPE or cls.__itemsize__:
+        return False
+    for name in ("__new__", "__init__"):
+        own = vars(cls).get(name)
+        if own is not None and not isinstance(own, types.FunctionType | staticmethod):
+            return False
+    return True
+
+
+#: ``type.__flags__``: a class not built into the interpreter.
 _HEAPTYPE = 1 << 9
