@@ -245,6 +245,34 @@ async def test_the_initializer_of_a_killed_program_leaves_the_cluster(
     assert await _pools_plugins(cluster) == []
 
 
+async def test_a_client_that_reconnected_gives_its_setup_up(cluster: CliCluster) -> None:
+    # While its client reconnected (a moment away from the scheduler), another
+    # program's pool took its initializer off as a gone client's; the pool, idle, went
+    # on serving from the cluster, and its tasks ran where the initializer never had.
+    import distributed
+
+    async with contextlib.AsyncExitStack() as stack:
+        given = await stack.enter_async_context(distributed.Client(
+            cluster.address, asynchronous=True, set_as_default=False))
+        other = await stack.enter_async_context(distributed.Client(
+            cluster.address, asynchronous=True, set_as_default=False))
+        pool = await stack.enter_async_context(ResilientPool(
+            max_workers=1, dask_client=given, promote_after=60,
+            initializer=tasks.remember, initargs=("victim",)))
+        assert pool.backend == "dask"
+        assert {tag for tag, _, _ in await pool.map(tasks.recall, range(4))} == {"victim"}
+        before = given.scheduler_comm
+        given.scheduler_comm.comm.abort()
+        await wait_until(lambda: given.status == "running"
+                         and given.scheduler_comm is not before, 30)
+        for name in await _pools_plugins(cluster):  # as another program's sweep did
+            await other.unregister_worker_plugin(name)
+        await other.restart()
+        with anyio.fail_after(60):
+            tags = {tag for tag, _, _ in await pool.map(tasks.recall, range(8), chunk_size=1)}
+        assert tags == {"victim"}
+
+
 async def test_a_killed_worker_loses_nothing(cluster: CliCluster) -> None:
     async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
         results: list[float] = []

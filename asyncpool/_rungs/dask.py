@@ -11,9 +11,9 @@ worker takes it). Task keys name the function and a token of this rung
 dashboard groups work by function. The rung takes as many chunks as the cluster has
 threads, twice over, whatever the local ``max_workers``.
 
-When the connection to the scheduler is lost, the rung stops serving, every chunk it
-held is sent again elsewhere, and its client is closed; the ladder serves locally and
-climbs back with a new client once the scheduler answers.
+When the connection to the scheduler is lost (even for a moment), the rung stops
+serving, every chunk it held is sent again elsewhere, and its client is closed; the
+ladder serves locally and climbs back once the scheduler answers.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ class DaskRung(Rung):
         self._count = 0
         #: The scheduler this rung set up (see _resize).
         self._scheduler_id: str | None = None
+        self._comm: Any = None  # its client's connection then (see _reconnected)
         self._relays: dict[Chunk, asyncio.Task[None]] = {}
         #: Those of calls whose tasks ask for some workers (resources=, workers=): they
         #: may wait for them (for good), and take no room from the others.
@@ -140,14 +141,15 @@ class DaskRung(Rung):
         return rung
 
     async def _resize(self) -> int:
-        """Follow the cluster's threads; returns how many it has now. A scheduler
-        that restarted (the client reconnects to it unasked) has lost what this rung
-        set up there (the initializer, scattered functions): RungUnavailable."""
+        """Follow the cluster's threads (returns how many). RungUnavailable once the
+        client reconnected (unasked; perhaps to a scheduler that restarted): what this
+        rung set up there (the initializer, scattered functions) may be gone."""
         identity = await self.client.scheduler.identity()
         if self._scheduler_id is None:
             self._scheduler_id = identity.get("id")
-        elif identity.get("id") != self._scheduler_id:
-            raise RungUnavailable("the Dask scheduler restarted")
+            self._comm = self.client.scheduler_comm
+        elif identity.get("id") != self._scheduler_id or self._reconnected():
+            raise RungUnavailable("the Dask client reconnected (or its scheduler restarted)")
         threads = int(sum(w.get("nthreads", 0) for w in identity["workers"].values()))
         self.lanes = max(1, threads)
         return threads
@@ -236,11 +238,9 @@ class DaskRung(Rung):
             # Each function's pickle, or for a big one its data scattered to every worker.
             blobs = [s.blob if len(s.whole()) < BIG_FUNCTION else await self._scattered.get(s)
                      for s in shipped]
-            if not self._connected() or self.client.scheduler_info().get("id") not in (
-                    None, self._scheduler_id):
-                # The client reconnects unasked, perhaps to a scheduler that restarted,
-                # where what this rung set up (the initializer, scattered functions) is
-                # gone; a task sent meanwhile would wait, then run there.
+            if not self._connected() or self._reconnected() or (
+                    self.client.scheduler_info().get("id") not in (None, self._scheduler_id)):
+                # (As in _resize: a task sent then would run without what was set up.)
                 self._broke(RungUnavailable("the Dask scheduler connection was lost"))
                 self._lost(chunk)
                 return
@@ -387,6 +387,11 @@ class DaskRung(Rung):
 
     def _connected(self) -> bool:
         return bool(getattr(self.client, "status", "running") == "running")
+
+    def _reconnected(self) -> bool:
+        # Since it set up the cluster (another pool may have taken its initializer off
+        # meanwhile, as a gone client's: see _dask_sweep).
+        return self._comm is not None and self.client.scheduler_comm is not self._comm
 
     def _broke(self, error: BaseException) -> None:
         if self.state is not RungState.SERVING:
