@@ -141,7 +141,7 @@ class Apply:
         result = self.fn(value)
         try:
             return json.dumps(result, allow_nan=False)
-        except (TypeError, ValueError) as exc:  # (NaN and infinities are not JSON)
+        except (TypeError, ValueError, RecursionError) as exc:  # (NaN is not JSON)
             raise type(exc)(f"the result is not JSON ({exc})") from None
 
     @staticmethod

@@ -202,13 +202,15 @@ class ResultStream(Generic[T]):
 
     Several tasks may iterate one stream: each value goes to one of them. One of them
     cancelled while others wait for a value leaves the stream to those; the last one
-    waiting that is cancelled ends the call.
+    waiting that is cancelled ends the call, and so does an error raised to one of
+    them: the others then get `PoolClosed` saying so (not a silent end).
 
     Raises:
         Exception: (from `async for`) what [`imap`][asyncpool.ResilientPool.imap]
             raises: a failed item's exception (unless `return_exceptions`),
             `DeadlineExceeded`, `WorkerCrashed`, `SerializationError`, `RemoteError`;
-            `PoolClosed` if iterated from another event loop or after the pool closed.
+            `PoolClosed` if iterated from another event loop, after the pool closed,
+            or after another task sharing the stream ended it.
 
     Example:
         ```python
@@ -233,8 +235,10 @@ class ResultStream(Generic[T]):
         self._at = 0
         self._closed = False
         self._started = False
-        #: Tasks inside __anext__ (several may share a stream).
+        #: Tasks inside __anext__ (several may share a stream), and how one ended it
+        #: (an error it raised, a cancellation), if one did.
         self._inside = 0
+        self._ended: str | None = None
         #: When this stream last let the loop run: a consumer handed results that are
         #: already here never waits, so it yields once every SLICE.
         self._yielded = time.perf_counter()
@@ -271,6 +275,7 @@ class ResultStream(Generic[T]):
                 value = self._closed_at(value, values, at)
             elif self._call.mode is Mode.ORDERED:  # not always the first that failed
                 self._call.name_item(value, self._call.consumed - len(values) + at)
+            self._ended = _how_ended(value)
             await self.aclose(kill=False)
             try:
                 raise _raisable(value)
@@ -280,25 +285,30 @@ class ResultStream(Generic[T]):
 
     async def _refill(self) -> None:
         """The next values (raises StopAsyncIteration at the end)."""
-        if self._closed:
-            raise StopAsyncIteration
-        if not self._engine.loop.is_current():
-            # Before every wait, not only the first: it would wait for good (and
-            # nothing of the pool's may be touched from here).
-            raise PoolClosed("this pool was opened on another event loop (or "
-                             "thread); iterate its imap there")
-        try:
-            await self._fill()
-        except BaseException as exc:
-            if not isinstance(exc, Exception) and self._inside > 1:
-                raise  # this task's cancellation: the others inside go on
-            late = isinstance(exc, DeadlineExceeded) or not isinstance(exc, Exception)
-            with anyio.CancelScope(shield=True):
-                await self._finish(_kills(exc, self._call), wait=not late)
-            raise
-        if self._at >= len(self._values):
-            await self.aclose(kill=False)
-            raise StopAsyncIteration
+        if not self._closed:
+            if not self._engine.loop.is_current():
+                # Before every wait, not only the first: it would wait for good (and
+                # nothing of the pool's may be touched from here).
+                raise PoolClosed("this pool was opened on another event loop (or "
+                                 "thread); iterate its imap there")
+            try:
+                await self._fill()
+            except BaseException as exc:
+                if not isinstance(exc, Exception) and self._inside > 1:
+                    raise  # this task's cancellation: the others inside go on
+                self._ended = _how_ended(exc)
+                late = isinstance(exc, DeadlineExceeded) or not isinstance(exc, Exception)
+                with anyio.CancelScope(shield=True):
+                    await self._finish(_kills(exc, self._call), wait=not late)
+                raise
+        if self._at < len(self._values):
+            return
+        if self._ended is not None:
+            # Another task sharing the stream ended it: no silent end for this one.
+            raise PoolClosed(f"this imap stream was ended by another task iterating it "
+                             f"({self._ended}); its other results are lost")
+        await self.aclose(kill=False)
+        raise StopAsyncIteration
 
     def _closed_at(self, error: PoolClosed, held: list[Any], at: int) -> PoolClosed:
         """The pool's close that failed item ``at`` of those ``held``, with what
@@ -380,6 +390,15 @@ class ResultStream(Generic[T]):
                     self._engine.loop.call_soon_threadsafe(finish)
             except Exception:
                 pass
+
+
+def _how_ended(error: BaseException) -> str:
+    if not isinstance(error, Exception):
+        return "it was cancelled"
+    try:
+        return f"it raised {type(error).__name__}: {error}"
+    except Exception:  # the task's own __str__
+        return f"it raised {type(error).__name__}"
 
 
 def _abandon(engine: Engine, call: Call, feeder: Background | None) -> None:
