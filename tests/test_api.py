@@ -288,46 +288,46 @@ async def test_a_task_sharing_a_stream_cancelled_leaves_it_to_the_others(
     assert pool.statistics().active_calls == 0
 
 
+@pytest.mark.parametrize("ending", ["cancelled", "raised"])
 async def test_a_task_sharing_a_stream_it_ended_tells_the_others(
-        pool: ResilientPool) -> None:
+        pool: ResilientPool, ending: str) -> None:
     # The others' loops ended as if every result had come: 32 of 40 lost, silently.
-    for ending in ("cancelled", "raised"):
-        stream = (pool.imap(tasks.nap, [0.05] * 40, chunk_size=1) if ending == "cancelled"
-                  else pool.imap(functools.partial(tasks.fail_on, bad=10), range(40),
-                                 chunk_size=1))
-        outcomes: dict[str, object] = {}
-        busy = anyio.Event()
+    stream = (pool.imap(tasks.nap, [0.05] * 40, chunk_size=1) if ending == "cancelled"
+              else pool.imap(functools.partial(tasks.fail_on, bad=10), range(40),
+                             chunk_size=1))
+    outcomes: dict[str, object] = {}
+    busy = anyio.Event()
 
-        async def in_its_body() -> None:
-            try:
-                async for _ in stream:
-                    busy.set()
-                    await anyio.sleep(0.5)  # in its loop's body as the other ends it
-                outcomes["body"] = "ended"
-            except Exception as exc:
-                outcomes["body"] = exc
+    async def in_its_body() -> None:
+        try:
+            async for _ in stream:
+                busy.set()
+                await anyio.sleep(0.5)  # in its loop's body as the other ends it
+            outcomes["body"] = "ended"
+        except Exception as exc:
+            outcomes["body"] = exc
 
-        async def waiting() -> None:
-            try:
-                async for _ in stream:
-                    pass
-            except Exception as exc:
-                outcomes["waiting"] = exc
+    async def waiting() -> None:
+        try:
+            async for _ in stream:
+                pass
+        except Exception as exc:
+            outcomes["waiting"] = exc
 
-        with anyio.fail_after(30):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(in_its_body)
-                await busy.wait()
-                async with anyio.create_task_group() as other:
-                    other.start_soon(waiting)
-                    if ending == "cancelled":
-                        await anyio.sleep(0.1)
-                        other.cancel_scope.cancel()
-        assert isinstance(outcomes["body"], PoolClosed), outcomes
-        assert "ended by another task" in str(outcomes["body"])
-        assert ("cancelled" if ending == "cancelled" else "ValueError") in str(outcomes["body"])
-        if ending == "raised":
-            assert isinstance(outcomes["waiting"], ValueError), outcomes
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(in_its_body)
+            await busy.wait()
+            async with anyio.create_task_group() as other:
+                other.start_soon(waiting)
+                if ending == "cancelled":
+                    await anyio.sleep(0.1)
+                    other.cancel_scope.cancel()
+    assert isinstance(outcomes["body"], PoolClosed), outcomes
+    assert "ended by another task" in str(outcomes["body"])
+    assert ("cancelled" if ending == "cancelled" else "ValueError") in str(outcomes["body"])
+    if ending == "raised":
+        assert isinstance(outcomes["waiting"], ValueError), outcomes
 
 
 async def test_a_stream_closed_by_another_task_wakes_the_one_waiting_on_it(

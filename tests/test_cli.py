@@ -432,18 +432,22 @@ def test_resume_after_a_killed_or_interrupted_run(tmp_path: Path, how: int,
     assert [r["result"] for r in records] == list(range(300))
 
 
+def _peak_kb(*args: str) -> int:
+    """The peak RSS (KB) of a ``map`` run with ``args`` in a fresh interpreter."""
+    code = ("import resource, sys; from asyncpool.__main__ import main; "
+            "rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    out = run_code(code, "map", *args, "--no-progress", timeout=300)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
 def test_results_far_bigger_in_memory_than_pickled_are_held_as_text(tmp_path: Path) -> None:
     # A list of 20,000 ints pickles to a twelfth of what it holds in memory: the parent
     # held 32 MB of such pickles loaded while it wrote them (peak 330-400 MB).
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("20000\n" * 3000)
-    code = ("import resource, sys; from asyncpool.__main__ import main; "
-            "rc = main(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
-    out = run_code(code, "map", "tests.tasks:ints", str(src), "-o", str(dst),
-                   "--no-progress", timeout=300)
-    assert out.returncode == 0, out.stderr
-    peak_kb = int(out.stdout.split()[-1])
+    peak_kb = _peak_kb("tests.tasks:ints", str(src), "-o", str(dst))
     assert peak_kb < 150 * 1024, f"peak RSS {peak_kb // 1024} MB"
     with dst.open() as f:
         lines = [json.loads(line) for line in itertools.islice(f, 2)]
@@ -459,13 +463,7 @@ def test_a_big_file_streams_in_flat_memory(tmp_path: Path) -> None:
         for _ in range(1_000_000):
             f.write(line)
     assert src.stat().st_size > 75_000_000
-    code = ("import resource, sys; from asyncpool.__main__ import main; "
-            "rc = main(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
-    out = run_code(code, "map", "tests.tasks:echo", str(src), "-o", str(dst),
-                   "--no-progress", timeout=300)
-    assert out.returncode == 0, out.stderr
-    peak_kb = int(out.stdout.split()[-1])
+    peak_kb = _peak_kb("tests.tasks:echo", str(src), "-o", str(dst))
     assert peak_kb < 200 * 1024, f"peak RSS {peak_kb // 1024} MB"  # was 500-580 MB
     with dst.open() as f:
         count = sum(1 for _ in f)
@@ -473,10 +471,7 @@ def test_a_big_file_streams_in_flat_memory(tmp_path: Path) -> None:
     # Resuming reads the output a line at a time too (it read it whole: 240 MB).
     with dst.open("rb+") as f:
         f.truncate(dst.stat().st_size * 3 // 4)
-    out = run_code(code, "map", "tests.tasks:echo", str(src), "-o", str(dst),
-                   "--no-progress", "--resume", timeout=300)
-    assert out.returncode == 0, out.stderr
-    peak_kb = int(out.stdout.split()[-1])
+    peak_kb = _peak_kb("tests.tasks:echo", str(src), "-o", str(dst), "--resume")
     assert peak_kb < 120 * 1024, f"peak RSS {peak_kb // 1024} MB with --resume"
     with dst.open() as f:
         assert sum(1 for _ in f) == 1_000_000
