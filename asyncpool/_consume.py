@@ -235,10 +235,10 @@ class ResultStream(Generic[T]):
         self._at = 0
         self._closed = False
         self._started = False
-        #: Tasks inside __anext__ (several may share a stream), and how one ended it
-        #: (an error it raised, a cancellation), if one did.
+        #: Tasks inside __anext__ (several may share a stream), and which one ended it
+        #: and how (an error raised to it, its cancellation), if one did.
         self._inside = 0
-        self._ended: str | None = None
+        self._ended: tuple[int, str] | None = None
         #: When this stream last let the loop run: a consumer handed results that are
         #: already here never waits, so it yields once every SLICE.
         self._yielded = time.perf_counter()
@@ -303,10 +303,10 @@ class ResultStream(Generic[T]):
                 raise
         if self._at < len(self._values):
             return
-        if self._ended is not None:
+        if self._ended is not None and self._ended[0] != anyio.get_current_task().id:
             # Another task sharing the stream ended it: no silent end for this one.
             raise PoolClosed(f"this imap stream was ended by another task iterating it "
-                             f"({self._ended}); its other results are lost")
+                             f"({self._ended[1]}); its other results are lost")
         await self.aclose(kill=False)
         raise StopAsyncIteration
 
@@ -392,13 +392,15 @@ class ResultStream(Generic[T]):
                 pass
 
 
-def _how_ended(error: BaseException) -> str:
+def _how_ended(error: BaseException) -> tuple[int, str]:
+    """The task ending a stream with ``error``, and how, for others sharing it."""
+    task = anyio.get_current_task().id
     if not isinstance(error, Exception):
-        return "it was cancelled"
+        return task, "it was cancelled"
     try:
-        return f"it raised {type(error).__name__}: {error}"
+        return task, f"it raised {type(error).__name__}: {error}"
     except Exception:  # the task's own __str__
-        return f"it raised {type(error).__name__}"
+        return task, f"it raised {type(error).__name__}"
 
 
 def _abandon(engine: Engine, call: Call, feeder: Background | None) -> None:

@@ -330,6 +330,18 @@ async def test_a_task_sharing_a_stream_it_ended_tells_the_others(
         assert isinstance(outcomes["waiting"], ValueError), outcomes
 
 
+async def test_a_task_that_ended_its_stream_sees_it_end_as_before(
+        pool: ResilientPool) -> None:
+    # Coming back to it, it was told the stream was ended "by another task".
+    stream = pool.imap(functools.partial(tasks.fail_on, bad=3), range(10), chunk_size=1)
+    got: list[int] = []
+    with pytest.raises(ValueError, match="item 3 is bad"):
+        async for value in stream:
+            got.append(value)
+    assert got == [0, 1, 2]
+    assert [value async for value in stream] == []
+
+
 async def test_a_stream_closed_by_another_task_wakes_the_one_waiting_on_it(
         pool: ResilientPool) -> None:
     stream = pool.imap(tasks.nap, [0.05] * 10_000, chunk_size=1)
