@@ -23,6 +23,7 @@ from typing import IO, Any, NoReturn
 from ._errors import AsyncPoolError
 from ._functions import is_async
 from ._pool import ResilientPool
+from ._remote import message_of
 
 #: How the pool's own errors name an item (at the start of their message).
 _ITEM = re.compile(r"^item \d+\b")
@@ -216,9 +217,8 @@ def record(number: int, result: str | BaseException) -> tuple[str, bool]:
     """One output line, and whether it holds an error; ``result`` is the JSON of a
     line's result (see :class:`Apply`), or its error."""
     if isinstance(result, BaseException):
-        try:
-            message = str(result)
-        except Exception:  # the task's own __str__
+        message = message_of(result)
+        if message is None:
             message = f"<its message could not be shown: {type(result).__name__}.__str__ raised>"
         if isinstance(result, AsyncPoolError):
             # The pool names an item by its index among the lines sent: say the line

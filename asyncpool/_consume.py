@@ -20,6 +20,7 @@ import anyio.lowlevel
 from ._call import Call, Mode
 from ._errors import MISSING, DeadlineExceeded, PoolClosed, RemoteError, public
 from ._progress import Reporter
+from ._remote import message_of
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -397,10 +398,8 @@ def _how_ended(error: BaseException) -> tuple[int, str]:
     task = anyio.get_current_task().id
     if not isinstance(error, Exception):
         return task, "it was cancelled"
-    try:
-        return task, f"it raised {type(error).__name__}: {error}"
-    except Exception:  # the task's own __str__
-        return task, f"it raised {type(error).__name__}"
+    message = message_of(error)
+    return task, f"it raised {type(error).__name__}" + (f": {message}" if message else "")
 
 
 def _abandon(engine: Engine, call: Call, feeder: Background | None) -> None:

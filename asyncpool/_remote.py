@@ -11,6 +11,14 @@ import pickle
 from ._errors import RemoteError, RemoteTraceback, SerializationError, is_pool_made
 
 
+def message_of(exc: BaseException) -> str | None:
+    """``str(exc)``; None if its ``__str__`` (the task's own code) raised."""
+    try:
+        return str(exc)
+    except BaseException:  # (it must not end a worker, nor the caller's loop)
+        return None
+
+
 def describe(exc: BaseException) -> tuple[str, str, str]:
     """(qualified type name, message, traceback text) of an exception."""
     import traceback
@@ -18,10 +26,8 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
     cls = type(exc)
     name = cls.__qualname__ if cls.__module__ == "builtins" else (
         f"{cls.__module__}.{cls.__qualname__}")
-    # The task's own code runs here (__str__, __repr__): it must not end the worker.
-    try:
-        message = str(exc)
-    except BaseException:
+    message = message_of(exc)
+    if message is None:
         message = f"<{name}: its __str__ raised>"
     try:
         text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))

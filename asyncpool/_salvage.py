@@ -317,12 +317,11 @@ def _attributes(value: Any, kind: type) -> list[Any] | None:
     """What an instance of a class written in Python holds: its ``__dict__`` and its
     slots; None for one whose class derives from a type written in C (other than
     ``object``), which may hold more than either shows."""
-    if not all(map(_in_python, kind.__mro__[:-1])):
-        return None
     held = getattr(value, "__dict__", None)
-    inside: list[Any] = [] if held is None else [held]
-    if held is not None and type(held) is not dict:
+    if not all(map(_in_python, kind.__mro__[:-1])) or held is not None and (
+            type(held) is not dict):
         return None
+    inside: list[Any] = [] if held is None else [held]
     for c in kind.__mro__[:-1]:
         for slot in vars(c).values():
             if type(slot) is types.MemberDescriptorType:

@@ -200,6 +200,17 @@ def test_functions_found_on_a_class_are_functions_to_map(tmp_path: Path, spec: s
     assert [json.loads(line)["result"] for line in dst.read_text().splitlines()] == expected
 
 
+def test_a_result_too_deep_for_json_is_its_lines_error(tmp_path: Path) -> None:
+    # Encoded in the worker, it was a bare RecursionError, with no word of JSON.
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("100000\n3\n")
+    out = _cli("map", "tests.tasks:nested", str(src), "-o", str(dst), "--no-progress")
+    assert out.returncode == 1, out.stderr
+    records = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert records[0]["error"].startswith("RecursionError: the result is not JSON"), records
+    assert records[1] == {"line": 2, "result": [[[[]]]]}
+
+
 def test_nan_and_infinity_are_not_json(tmp_path: Path) -> None:
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text('"nan"\n"inf"\n"1.5"\n')

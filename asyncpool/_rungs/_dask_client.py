@@ -130,6 +130,15 @@ async def close_quietly(client: Any) -> None:
             pass
         if getattr(client, "status", "closed") == "closed":
             return
+    _mark_closed(client)
+
+
+def _mark_closed(client: Any) -> None:
+    """Closed for the client's own ``__del__`` (which would make a close coroutine
+    nobody awaits), without an await: its periodic callbacks stop."""
+    with contextlib.suppress(Exception):
+        for callback in client._periodic_callbacks.values():
+            callback.stop()
     client.status = "closed"  # a public attribute of Client (its __del__ reads it)
 
 
@@ -249,12 +258,8 @@ _made: weakref.WeakSet[Any] = weakref.WeakSet()
 
 def _forget_at_exit() -> None:
     for client in list(_made):
-        if client.status in ("closed", "newly-created"):
-            continue
-        with contextlib.suppress(Exception):
-            for callback in client._periodic_callbacks.values():
-                callback.stop()
-        client.status = "closed"  # a public attribute of Client (its __del__ reads it)
+        if client.status not in ("closed", "newly-created"):
+            _mark_closed(client)
 
 
 async def _refused(address: str) -> bool:
