@@ -292,17 +292,17 @@ async def test_a_task_sharing_a_stream_cancelled_leaves_it_to_the_others(
 async def test_a_task_sharing_a_stream_it_ended_tells_the_others(
         pool: ResilientPool, ending: str) -> None:
     # The others' loops ended as if every result had come: 32 of 40 lost, silently.
-    stream = (pool.imap(tasks.nap, [0.05] * 40, chunk_size=1) if ending == "cancelled"
+    stream = (pool.imap(tasks.nap, [0.2] * 40, chunk_size=1) if ending == "cancelled"
               else pool.imap(functools.partial(tasks.fail_on, bad=10), range(40),
                              chunk_size=1))
     outcomes: dict[str, object] = {}
-    busy = anyio.Event()
+    busy, released = anyio.Event(), anyio.Event()
 
     async def in_its_body() -> None:
         try:
             async for _ in stream:
                 busy.set()
-                await anyio.sleep(0.5)  # in its loop's body as the other ends it
+                await released.wait()  # in its loop's body as the other ends it
             outcomes["body"] = "ended"
         except Exception as exc:
             outcomes["body"] = exc
@@ -323,6 +323,7 @@ async def test_a_task_sharing_a_stream_it_ended_tells_the_others(
                 if ending == "cancelled":
                     await anyio.sleep(0.1)
                     other.cancel_scope.cancel()
+            released.set()
     assert isinstance(outcomes["body"], PoolClosed), outcomes
     assert "ended by another task" in str(outcomes["body"])
     assert ("cancelled" if ending == "cancelled" else "ValueError") in str(outcomes["body"])
