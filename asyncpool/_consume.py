@@ -343,6 +343,10 @@ class ResultStream(Generic[T]):
                     return
                 await call.wait()
                 self._yielded = time.perf_counter()
+        if self._ended is not None:  # another task sharing it met the deadline first
+            raise DeadlineExceeded(f"the deadline of {call.options.timeout} s passed; "
+                                   "another task iterating this imap stream was given "
+                                   "`.partial`", [], call.consumed) from None
         raise _exceeded(engine, call, call.consumed) from None
 
     async def aclose(self, kill: bool | None = None) -> None:

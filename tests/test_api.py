@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 import asyncpool
-from asyncpool import DeadlineExceeded, PoolClosed, RemoteTraceback, ResilientPool
+from asyncpool import MISSING, DeadlineExceeded, PoolClosed, RemoteTraceback, ResilientPool
 
 from . import tasks
 from .helpers import alive, idle, run_script, wait_until
@@ -329,6 +329,35 @@ async def test_a_task_sharing_a_stream_it_ended_tells_the_others(
     assert ("cancelled" if ending == "cancelled" else "ValueError") in str(outcomes["body"])
     if ending == "raised":
         assert isinstance(outcomes["waiting"], ValueError), outcomes
+
+
+async def test_a_deadline_gives_partial_to_one_task_sharing_a_stream(
+        pool: ResilientPool) -> None:
+    # Every task waiting at the deadline was given the same `.partial`: a caller adding
+    # them up counted each finished result once per task.
+    stream = pool.imap(tasks.nap, [0.15] * 40, chunk_size=1, timeout=1.0)
+    got: list[object] = []
+    errors: list[Exception] = []
+
+    async def consume() -> None:
+        try:
+            async for value in stream:
+                got.append(value)
+        except Exception as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(consume)
+    assert len(errors) == 3, errors
+    given = [e for e in errors if isinstance(e, DeadlineExceeded) and e.partial]
+    assert len(given) == 1, errors
+    assert all(isinstance(e, DeadlineExceeded | PoolClosed) for e in errors), errors
+    assert not [e for e in errors if e not in given and getattr(e, "partial", None)]
+    assert "another task" in str([e for e in errors if e not in given][0])
+    finished = [v for v in given[0].partial if v is not MISSING]
+    assert got and len(got) + len(finished) <= 40
 
 
 async def test_a_task_that_ended_its_stream_sees_it_end_as_before(
