@@ -322,7 +322,7 @@ class Chunk:
 
     __slots__ = ("pieces", "size", "crashes", "reported", "rung", "seq",
                  "payload_bytes", "born", "place", "moved", "suspect", "blind", "expected",
-                 "alone", "shared")
+                 "alone", "shared", "unexplained")
     #: Chunks made so far in this process: each is numbered (``born``) in order.
     made = 0
 
@@ -355,6 +355,8 @@ class Chunk:
         self.alone = False
         #: Its item was running when the fork server died (see Outcomes.chunk_crashed).
         self.shared = False
+        #: Workers that died on their own holding it next, not begun (see Death.blame).
+        self.unexplained = 0
 
     def between(self, first: int, upto: int) -> Iterator[tuple[Piece, int, int, int]]:
         """(piece, lo, hi, offset): the piece's own items [lo, hi) that lie within

@@ -43,8 +43,7 @@ class Outcomes:
         self.config = config
         self.counters = counters
         self.emit = emit
-        #: Asks the engine for a flush.
-        self.kick = kick
+        self.kick = kick  # asks the engine for a flush
         #: Told when a chunk of a rung settles (the ladder closes drained rungs).
         self.settled = settled
         #: Chunks submitted and not finally reported.
@@ -276,6 +275,7 @@ class Outcomes:
         # Lost or taken back whole, it keeps its marks (a poison item's were reset: 36 runs).
         kept = whole and why in (Resend.LOST, Resend.MOVED)
         again.shared, alone = shared or (kept and chunk.shared), alone or (kept and chunk.alone)
+        again.unexplained = chunk.unexplained if kept else 0
         again.place = (chunk.place[0], chunk.place[1] + first)
         self.emit("resubmit", f"resubmitting {again.size} item(s) ({why.value})",
                   size=again.size, reason=why.value)

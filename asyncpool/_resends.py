@@ -117,6 +117,7 @@ class Resends:
             going = Chunk(pieces, chunk.crashes, chunk.suspect)
             going.place = chunk.place  # taken back again, it goes back there
             going.alone, going.shared = chunk.alone, chunk.shared
+            going.unexplained = chunk.unexplained if size <= limit else 0
             return going
         return None
 

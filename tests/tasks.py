@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import itertools
 import os
 import pickle
@@ -497,6 +498,18 @@ def scribble_on_socket(args: tuple[int, str]) -> int:
             with contextlib.suppress(OSError):
                 if int(fd) > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith("socket"):
                     os.write(int(fd), scribble)
+    return x
+
+
+def scribble_on_progress(x: int) -> int:
+    """Item 3 writes over its worker's progress area (as if another chunk ran), then
+    ends its worker."""
+    if x == 3:
+        from asyncpool import _wire, _worker
+        for held in gc.get_objects():
+            if isinstance(held, _worker._Worker) and held.progress is not None:
+                held.progress[_wire.SEQ] = 10**9
+        os._exit(7)
     return x
 
 

@@ -365,6 +365,22 @@ async def test_a_task_writing_on_its_workers_connection_crashes_alone(
         assert await pool.run(tasks.square, 3) == 9
 
 
+@pytest.mark.parametrize("chunk_size", [1, 20])
+async def test_a_task_writing_over_its_progress_area_fails_alone(
+        chunk_size: int, anyio_backend: str) -> None:
+    # Its worker's death looked like one between chunks: the chunk went again
+    # unstarted, uncounted, for good (1,900 deaths in 10 s, until the deadline).
+    async with ResilientPool(max_workers=2) as pool:
+        with anyio.fail_after(30):
+            results = await pool.map(tasks.scribble_on_progress, range(60),
+                                     chunk_size=chunk_size, return_exceptions=True)
+        assert isinstance(results[3], WorkerCrashed), results[3]
+        assert [r for i, r in enumerate(results) if i != 3] == [
+            i for i in range(60) if i != 3]
+        assert pool.statistics().worker_crashes < 30
+        assert await pool.run(tasks.square, 3) == 9
+
+
 async def test_exception_that_cannot_be_rebuilt_is_a_remote_error(tmp_path: Path,
                                                                   anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:

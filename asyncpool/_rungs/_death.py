@@ -47,6 +47,14 @@ class Death:
         #: Whether it had started its first chunk (those behind it had not).
         self.began = False
 
+    def blame(self, limit: int) -> None:
+        """A worker that died on its own, its first chunk not begun, more than
+        ``limit`` times with the same chunk next: that chunk crashed it, whatever its
+        progress area says (a task wrote over it: each went again unstarted, for good)."""
+        if self.chunks and self.unasked and not (self.crashed or self.began):
+            self.chunks[0].unexplained += 1
+            self.crashed = self.chunks[0].unexplained > limit
+
 
 class ForkServerGone(RungUnavailable):
     """A worker died as it started because its fork server did (killed, say): tried

@@ -309,6 +309,7 @@ class ProcessRung(Rung, Events):
     def proc_dead(self, proc: Proc, death: Death) -> None:
         self._death.set()
         self._recycling.gone(proc)
+        death.blame(self.config.max_crashes_per_item)
         if proc in self.procs:
             self.procs.remove(proc)
         if death.crashed:
@@ -351,8 +352,7 @@ class ProcessRung(Rung, Events):
 
     def _grow(self) -> None:
         """A worker left (or will), or started: the supervisor forks what is missing."""
-        if self._nudge is not None:
-            self._nudge.set()
+        self._nudge is not None and self._nudge.set()
 
     async def _supervise(self) -> None:
         """Keep ``max_workers`` workers: fork what is missing, backing off while forks
