@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     # Everything that takes a while (imports too) runs inside: Ctrl-C at any time
     # after start is one line, not a traceback.
     resumable: list[str] = []
+    untouched: list[str] = []  # a map's output another run left, not yet opened
     terminated: list[bool] = []
 
     def on_sigterm(signum: int, frame: Any) -> None:
@@ -180,24 +181,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         signal.signal(signal.SIGTERM, on_sigterm)
         hold_standard_descriptors()
-        return _main(argv, resumable)
+        return _main(argv, resumable, untouched)
     except BrokenPipeError:
         # The reader of our output left (`| head`): stop quietly, as tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        print(("terminated" if terminated else "interrupted")
-              + ("; what was written is kept: run again with --resume"
-                 if resumable and os.path.exists(resumable[0]) else ""), file=sys.stderr)
+        if resumable and os.path.exists(resumable[0]):
+            said = "; what was written is kept: run again with --resume"
+        elif untouched:  # resumed, another run's lines would pass for this one's
+            said = (f" before the first result; {untouched[0]} is left as it was: run "
+                    "again without --resume")
+        else:
+            said = ""
+        print(("terminated" if terminated else "interrupted") + said, file=sys.stderr)
         if terminated:  # stopping already: a later SIGTERM must not end it by signal
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return 143 if terminated else 130
 
 
-def _main(argv: list[str] | None, resumable: list[str]) -> int:
+def _main(argv: list[str] | None, resumable: list[str], untouched: list[str]) -> int:
     """Run the command line; ``resumable`` gets the output file of a map once this run
-    wrote to it, or kept it (--resume): an interrupted run can then be continued."""
+    wrote to it, or kept it (--resume): an interrupted run can then be continued;
+    ``untouched`` the output of another run that a new map has not yet opened."""
     import logging
 
     command = parser()
@@ -208,6 +215,8 @@ def _main(argv: list[str] | None, resumable: list[str]) -> int:
         args.resumable = resumable  # the map adds its output when it opens it
         if args.resume:
             resumable.append(args.output)
+        elif os.path.exists(args.output):
+            untouched.append(args.output)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from ._cli import UsageError

@@ -123,6 +123,10 @@ def done_lines(path: str) -> tuple[int, int]:
     return last, errors
 
 
+def _not_json(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 class Apply:
     """Runs in the workers: (line number, text) -> the JSON of the function's result on
     its JSON (encoded there: the parent only writes it, and holds text as small as it
@@ -136,8 +140,8 @@ class Apply:
         if isinstance(text, bytes):
             self._bad(number, "UTF-8 text")
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
+            value = json.loads(text, parse_constant=_not_json)
+        except ValueError as exc:  # (a JSONDecodeError, or NaN or Infinity)
             self._bad(number, f"valid JSON ({exc})")
         result = self.fn(value)
         try:
@@ -252,10 +256,11 @@ def check_files(args: argparse.Namespace) -> None:
         if args.input != "-" and os.path.samefile(args.input, args.output):
             raise UsageError("the output file is the input file; write to another file")
         if stat.S_ISREG(os.stat(args.output).st_mode):
-            try:
-                open(args.output, "ab").close()  # writable (nothing is changed)
+            try:  # readable (--resume reads it) and writable: nothing is changed
+                open(args.output, "rb+" if args.resume else "ab").close()
             except OSError as exc:
-                raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+                raise UsageError(f"cannot {'read and ' if args.resume else ''}write "
+                                 f"{args.output}: {exc.strerror}") from None
         return
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):

@@ -72,14 +72,17 @@ def test_demo_with_and_without_tqdm(progress: list[str], no_tqdm: dict[str, str]
 
 def test_map_writes_in_order_and_reports_bad_lines(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
-    src.write_text('1\n2\nnot json\n4\n[5]\n\n"text"\n')
+    src.write_text('1\n2\nnot json\n4\n[5]\n\n"text"\nNaN\n-Infinity\n')
     dst = tmp_path / "out.jsonl"
     out = _cli("map", "tests.tasks:square", str(src), "-o", str(dst), "--no-progress")
     assert out.returncode == 1, out.stderr  # some lines failed; the run still finished
     records = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 7]
+    assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 7, 8, 9]
     assert records[0]["result"] == 1 and records[3]["result"] == 16
     assert "line 3 is not valid JSON" in records[2]["error"]
+    # Python's json reads them; JSON has no such values (nor does the output).
+    assert "line 8 is not valid JSON (NaN is not a JSON value)" in records[6]["error"]
+    assert "line 9 is not valid JSON (-Infinity is not" in records[7]["error"]
     assert records[4]["error"].startswith("TypeError")
     assert "_" not in records[2]["error"].split(":")[0]  # no private class names
     assert "1 blank line(s) skipped" in out.stderr
@@ -521,4 +524,8 @@ def test_an_interrupted_run_says_resume_only_where_it_can(tmp_path: Path) -> Non
         assert (dst.read_text() if dst.exists() else None) == before
         assert proc.stderr is not None
         err = proc.stderr.read().decode()
-        assert "interrupted" in err and "--resume" not in err, err
+        if before is None:
+            assert "interrupted" in err and "--resume" not in err, err
+        else:  # and says so: resumed, it would keep that run's lines
+            assert "interrupted before the first result" in err, err
+            assert "left as it was: run again without --resume" in err, err
