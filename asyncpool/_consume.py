@@ -152,7 +152,7 @@ def _kills(error: BaseException, call: Call) -> bool:
 
 async def collect(engine: Engine, call: Call) -> list[Any]:
     """Every result of ``call``, in input order; raises its first failure."""
-    reporter = Reporter(call.options.progress, call.source.total)
+    reporter = Reporter(call.options.progress, lambda: call.source.total)
     feeder = _Feeder(engine, call)
     deadline = _deadline(call)
     kill = False
@@ -227,7 +227,7 @@ class ResultStream(Generic[T]):
         self._call = call
         #: A pool dropped unclosed stops its workers: not while a stream of it lives.
         self._pool = pool
-        self._reporter = Reporter(call.options.progress, call.source.total)
+        self._reporter = Reporter(call.options.progress, lambda: call.source.total)
         self._feeder = _Feeder(engine, call)
         self._deadline = _deadline(call)
         #: What arrived and is not yet handed over: values[at:], failed ones by offset.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ._options import Progress, ProgressCallback
@@ -17,9 +18,11 @@ LOG_EVERY = 2.0
 class Reporter:
     """Counts finished items and reports them; a failing callback is logged once."""
 
-    def __init__(self, progress: Progress, total: int | None) -> None:
+    def __init__(self, progress: Progress, total: Callable[[], int | None]) -> None:
         self.done = 0
-        self.total = total
+        #: The input's length, when known (a sequence of the caller's is measured in
+        #: the thread that reads it: its __len__ may be slow).
+        self._total = total
         self._bar: Any = None
         self._callback: ProgressCallback | None = None
         self._logged = 0.0
@@ -30,7 +33,7 @@ class Reporter:
                 # No bar without tqdm (the `progress` extra): a log line instead.
                 self._callback = self._log
             else:
-                self._bar = tqdm(total=total, unit="item", dynamic_ncols=True)
+                self._bar = tqdm(total=total(), unit="item", dynamic_ncols=True)
         elif callable(progress):
             self._callback = progress
 
@@ -45,10 +48,12 @@ class Reporter:
             return
         self.done += count
         if self._bar is not None:
+            if self._bar.total is None and self._total() is not None:
+                self._bar.total = self._total()
             self._bar.update(count)
         if self._callback is not None:
             try:
-                self._callback(self.done, self.total)
+                self._callback(self.done, self._total())
             except Exception:
                 logger.exception("the progress callback raised; it will not be called again")
                 self._callback = None

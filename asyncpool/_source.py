@@ -126,21 +126,23 @@ class Source:
         else:
             # Any other sequence is the caller's code too (a dataset reading from
             # disk, say, or a list subclass's __getitem__): it is pulled in a thread,
-            # and only its length known here.
-            if isinstance(items, Sequence) and not isinstance(items, (str, bytes)):
-                try:
-                    self._length = len(items)
-                except Exception:
-                    pass
+            # its length measured there (a __len__ that counts rows held the loop).
             # A generator is its own iterator; anything else's __iter__ is the caller's
             # code, which may block (open a file, a cursor): called in the thread too.
             kind = type(items)
             iterable = getattr(kind, "__iter__", None) is not None or (
                 getattr(kind, "__getitem__", None) is not None)
+            sized = isinstance(items, Sequence) and not isinstance(items, str | bytes)
             self._it = items if isinstance(items, GeneratorType) else (
-                _iterate(items) if iterable
+                _iterate(items, self._measure if sized else None) if iterable
                 else iter(items))  # not iterable: the TypeError says so, now
             self.fed = True
+
+    def _measure(self, items: Sequence[Any]) -> None:
+        try:
+            self._length = len(items)
+        except Exception:
+            pass
 
     @property
     def done(self) -> bool:
@@ -386,8 +388,12 @@ class Source:
                     pass
 
 
-def _iterate(items: Iterable[Any]) -> Iterator[Any]:
-    """``items``' iterator, made where the first item is pulled."""
+def _iterate(items: Iterable[Any],
+             measure: Callable[[Sequence[Any]], None] | None) -> Iterator[Any]:
+    """``items``' iterator, made (and a sequence measured) where the first item is
+    pulled."""
+    if measure is not None:
+        measure(cast("Sequence[Any]", items))
     yield from items
 
 

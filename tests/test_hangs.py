@@ -952,6 +952,38 @@ async def test_a_sequence_of_the_callers_is_read_off_the_loop(anyio_backend: str
     assert heartbeat.worst < 0.5, f"loop blocked for {heartbeat.worst:.3f} s"
 
 
+class SlowToCount(Dataset):
+    """A dataset whose length is counted somewhere slow (rows in a database)."""
+
+    def __len__(self) -> int:
+        time.sleep(1.5)
+        return 100
+
+    def read(self, index: int) -> Any:
+        if index >= 100:  # (iterated, it ends here)
+            raise IndexError(index)
+        return index
+
+
+async def test_a_sequence_of_the_callers_is_measured_off_the_loop(
+        anyio_backend: str) -> None:
+    # len() ran on the loop, before the deadline began: the loop held 1.5 s, and the
+    # call answered its deadline of 0.5 s after 1.5 s.
+    heartbeat = Heartbeat()
+    async with ResilientPool(max_workers=2) as pool, heartbeat.running():
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await pool.map(tasks.square, SlowToCount(), timeout=0.5)
+        assert time.monotonic() - started < 1.2
+        assert heartbeat.worst < 0.5, f"loop blocked for {heartbeat.worst:.3f} s"
+        # Its length, known once counted, is the progress's total.
+        seen: list[tuple[int, int | None]] = []
+        results = await pool.map(tasks.square, SlowToCount(), chunk_size=10,
+                                 progress=lambda done, total: seen.append((done, total)))
+    assert results == [i * i for i in range(100)]
+    assert seen[-1] == (100, 100)
+
+
 class SlowList(list[float]):
     """A list whose slices are read from somewhere slow (its iteration is a list's)."""
 
