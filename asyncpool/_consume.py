@@ -304,10 +304,16 @@ class ResultStream(Generic[T]):
                 raise
         if self._at < len(self._values):
             return
-        if self._ended is not None and self._ended[0] != anyio.get_current_task().id:
-            # Another task sharing the stream ended it: no silent end for this one.
-            raise PoolClosed(f"this imap stream was ended by another task iterating it "
-                             f"({self._ended[1]}); its other results are lost")
+        if self._ended is not None:
+            task, how = self._ended
+            if task != anyio.get_current_task().id:
+                # Another task sharing the stream ended it: no silent end for this one.
+                raise PoolClosed(f"this imap stream was ended by another task iterating "
+                                 f"it ({how}); its other results are lost")
+            if how == CANCELLED:  # nor for one whose wait was cancelled (a timeout)
+                raise PoolClosed("this imap stream ended when this task's wait for its "
+                                 "next result was cancelled; its other results are lost "
+                                 "(to bound the wait, give the call a timeout=)")
         await self.aclose(kill=False)
         raise StopAsyncIteration
 
@@ -397,11 +403,14 @@ class ResultStream(Generic[T]):
                 pass
 
 
+CANCELLED = "it was cancelled"
+
+
 def _how_ended(error: BaseException) -> tuple[int, str]:
     """The task ending a stream with ``error``, and how, for others sharing it."""
     task = anyio.get_current_task().id
     if not isinstance(error, Exception):
-        return task, "it was cancelled"
+        return task, CANCELLED
     message = message_of(error)
     return task, f"it raised {type(error).__name__}" + (f": {message}" if message else "")
 

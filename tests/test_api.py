@@ -360,6 +360,20 @@ async def test_a_deadline_gives_partial_to_one_task_sharing_a_stream(
     assert got and len(got) + len(finished) <= 40
 
 
+async def test_a_stream_ended_by_a_cancelled_wait_says_so(pool: ResilientPool) -> None:
+    # A timeout around one __anext__ ended the stream, and the loop that went on
+    # iterating ended as if every result had come: 0 of 20, silently.
+    stream = pool.imap(tasks.nap, [0.3] + [0.01] * 19, chunk_size=1)
+    with anyio.fail_after(30):
+        with anyio.move_on_after(0.05) as waited:
+            await stream.__anext__()
+        assert waited.cancelled_caught
+        with pytest.raises(PoolClosed, match="wait for its next result was cancelled"):
+            async for _ in stream:
+                pass
+    assert pool.statistics().active_calls == 0
+
+
 async def test_a_task_that_ended_its_stream_sees_it_end_as_before(
         pool: ResilientPool) -> None:
     # Coming back to it, it was told the stream was ended "by another task".
