@@ -42,7 +42,9 @@ class _Feeder:
     def check(self) -> None:
         call = self.call
         if (self.task is None or self.task.finished) and call.source.needs_feeder:
-            self.task = self.engine.loop.spawn(call.source.feed, self._want, self._arrived)
+            # In the caller's context: an input's code reads its context variables.
+            self.task = self.engine.loop.spawn(call.source.feed, self._want, self._arrived,
+                                               context=call.source.context)
 
     def _want(self) -> int:
         if self.call in self.engine.stalled:

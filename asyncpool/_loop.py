@@ -9,6 +9,7 @@ task that opened the pool. :class:`Loop` gives them for whichever loop is runnin
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import sys
@@ -49,8 +50,10 @@ class Loop:
     def closing(self, fd: int) -> None:
         """``fd`` is about to be closed (after its watches were stopped)."""
 
-    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> Background:
-        """Start ``fn(*args)`` as a task of the loop itself, not of the calling task."""
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object,
+              context: contextvars.Context | None = None) -> Background:
+        """Start ``fn(*args)`` as a task of the loop itself, not of the calling task
+        (in ``context``, if given: a caller's, for the caller's own code it runs)."""
         raise NotImplementedError
 
     def is_current(self) -> bool:
@@ -177,9 +180,10 @@ class _Asyncio(Loop):
         self._loop.add_writer(fd, _here(callback))
         return _here(lambda: self._loop.remove_writer(fd))
 
-    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> Background:
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object,
+              context: contextvars.Context | None = None) -> Background:
         task = Background()
-        handle = task.handle = self._loop.create_task(task.run(fn, *args))
+        handle = task.handle = self._loop.create_task(task.run(fn, *args), context=context)
         self._tasks.add(handle)
         handle.add_done_callback(self._tasks.discard)
         return task
@@ -291,9 +295,10 @@ class _Trio(Loop):
         # Not in stop(): that would also end the other watch of the same descriptor.
         self._trio.lowlevel.notify_closing(fd)
 
-    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> Background:
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object,
+              context: contextvars.Context | None = None) -> Background:
         task = Background()
-        self._trio.lowlevel.spawn_system_task(task.run, fn, *args)
+        self._trio.lowlevel.spawn_system_task(task.run, fn, *args, context=context)
         return task
 
     def is_current(self) -> bool:

@@ -7,6 +7,7 @@ also while the input stalls on its next item.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import itertools
 import os
@@ -145,20 +146,20 @@ class Puller:
                         self._idle.append(self)
                         continue
                 return
-            it, count, box, drain, pace, reply, loop = request
+            it, count, box, drain, pace, reply, loop, context = request
 
             def notify(drain: Any = drain, loop: Any = loop) -> None:
                 loop.call_soon_threadsafe(drain)
 
             # After every slice's drain: the loop runs callbacks in the order they came.
             loop.call_soon_threadsafe(functools.partial(
-                reply, pull_batch(it, count, box, notify, pace)))
+                reply, context.run(pull_batch, it, count, box, notify, pace)))
             # Idle, it must not keep the input (a file, say) alive.
-            del request, it, box, drain, notify, reply, loop
+            del request, it, box, drain, notify, reply, loop, context
 
     async def pull(self, it: Iterator[Any], count: int, sink: Callable[[list[Any]], None],
-                   pace: list[int]) -> Batch:
-        """Pull up to ``count`` items of ``it`` in this thread; each slice goes to
+                   pace: list[int], context: contextvars.Context) -> Batch:
+        """Pull up to ``count`` items of ``it`` in this thread (in ``context``); each slice goes to
         ``sink`` on the loop as soon as it is pulled, and what came before an item
         that stalls within :data:`BATCH_SECONDS` (a burst, then a wait: the rest of a
         big slice waited with it)."""
@@ -172,7 +173,7 @@ class Puller:
             done.set()
 
         self._requests.put((it, count, box, functools.partial(box.drain, sink), pace, reply,
-                            loop))
+                            loop, context))
         del it  # (this frame, cancelled after the call closed its input, was its last)
         while not outcome:
             try:

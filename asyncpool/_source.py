@@ -12,6 +12,7 @@ a chunk to fill.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import math
 import random
@@ -102,6 +103,10 @@ class Source:
         self.ended = False
         self.error: BaseException | None = None
         self.limits = list(limits)
+        #: The caller's context variables, seen by the input's own code (a generator
+        #: pulled in a thread, an async iterator by a task of the loop's), as they
+        #: would be were it iterated by the caller (and as asyncio.to_thread does).
+        self.context = contextvars.copy_context()
         self._seq: Sequence[Any] | None = None
         self._length: int | None = None
         self._it: Iterator[Any] | None = None
@@ -113,6 +118,7 @@ class Source:
         self._starts: deque[float] = deque()
         self._room: anyio.Event | None = None  # made by the feeder when it waits
         self._puller: Puller | None = None
+        self._thread_context: contextvars.Context | None = None
         self._closed = False
         #: Items per slice a thread pulls before handing them over (see pull_batch).
         self._pace = [1]
@@ -343,7 +349,11 @@ class Source:
         try:
             if self._puller is None:
                 self._puller = Puller.take()
-            return await self._puller.pull(self._it, count, sink, self._pace)
+            # A copy of its own: the thread may pull while the feeder task runs in it.
+            if self._thread_context is None:
+                self._thread_context = self.context.copy()
+            return await self._puller.pull(self._it, count, sink, self._pace,
+                                           self._thread_context)
         except RuntimeError as exc:
             if not is_transient(exc):
                 raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -66,6 +67,28 @@ async def test_concurrent_calls_each_get_their_own_results(pool: ResilientPool) 
         expected = (i + 1 if i % 3 == 0 else [x * x for x in range(i)] if i % 3 == 1
                     else [i + 1, i + 2])
         assert results[i] == expected, i
+
+
+TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="unset")
+
+
+def tenants(n: int) -> Iterator[str]:
+    for _ in range(n):
+        yield TENANT.get()
+
+
+async def async_tenants(n: int) -> AsyncIterator[str]:
+    for _ in range(n):
+        yield TENANT.get()
+
+
+async def test_an_input_sees_the_callers_context_variables(pool: ResilientPool) -> None:
+    # A generator pulled in a thread saw none of them (as a thread without
+    # asyncio.to_thread's copy would); on trio, an async generator neither.
+    TENANT.set("acme")
+    for make in (tenants, async_tenants):
+        assert await pool.map(str.upper, make(50)) == ["ACME"] * 50
+        assert [y async for y in pool.imap(str.upper, make(50))] == ["ACME"] * 50
 
 
 async def test_ordered_imap_with_uneven_items(pool: ResilientPool) -> None:
