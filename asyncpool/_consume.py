@@ -392,7 +392,8 @@ class ResultStream(Generic[T]):
     def __del__(self) -> None:
         # Left without aclose (a `break` in `async for`): finish the call, which needs
         # no await, on the loop (the garbage collector may run this on any thread).
-        if not self._closed and self._started:
+        # (Not if __init__ failed: it has no _closed.)
+        if not getattr(self, "_closed", True) and self._started:
             self._closed = True
             finish = functools.partial(_abandon, self._engine, self._call,
                                        self._feeder.task)

@@ -127,7 +127,8 @@ class Source:
         if isinstance(items, AsyncIterable):
             self._ait = items.__aiter__()
             self.fed = True
-        elif type(items) in (list, tuple, range):  # (not a subclass: its code is the caller's)
+        elif type(items) in (list, tuple) or (type(items) is range and _measurable(items)):
+            # (Not a subclass: its code is the caller's.)
             self._seq = cast("Sequence[Any]", items)
         else:
             # Any other sequence is the caller's code too (a dataset reading from
@@ -396,6 +397,15 @@ class Source:
                     await closer()
                 except Exception:
                     pass
+
+
+def _measurable(items: range) -> bool:
+    """Whether len() takes it (one past sys.maxsize items is iterated instead)."""
+    try:
+        len(items)
+    except OverflowError:
+        return False
+    return True
 
 
 def _iterate(items: Iterable[Any],

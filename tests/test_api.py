@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -89,6 +90,18 @@ async def test_an_input_sees_the_callers_context_variables(pool: ResilientPool) 
     for make in (tenants, async_tenants):
         assert await pool.map(str.upper, make(50)) == ["ACME"] * 50
         assert [y async for y in pool.imap(str.upper, make(50))] == ["ACME"] * 50
+
+
+async def test_a_range_too_long_for_len_is_iterated(pool: ResilientPool) -> None:
+    # len() of it raised OverflowError, a bare one, from the call.
+    got: list[int] = []
+    with anyio.fail_after(30):
+        async with pool.imap(tasks.square, range(3, sys.maxsize * 4, 2)) as results:
+            async for y in results:
+                got.append(y)
+                if len(got) == 5:
+                    break
+    assert got == [9, 25, 49, 81, 121]
 
 
 async def test_ordered_imap_with_uneven_items(pool: ResilientPool) -> None:
