@@ -177,8 +177,9 @@ class DeadlineExceeded(AsyncPoolError, TimeoutError):
     For ``imap`` it starts at input index ``start``, the first item not yet yielded; for ``map`` and
     ``run``, ``start`` is 0. For ``imap(..., ordered=False)`` it lists, in the order
     they finished, the results not yet yielded (no `MISSING`: which items are left is
-    not tracked), and ``start`` is how many were yielded. Raised by `run`, `map`, `starmap` and `imap` given a
-    ``timeout``, at the deadline, whatever the call was waiting for.
+    not tracked), and ``start`` is how many were yielded. Raised by `run`, `map`,
+    `starmap` and `imap` given a ``timeout``, at the deadline, whatever the call was
+    waiting for.
 
     Examples:
         ```python

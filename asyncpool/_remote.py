@@ -7,6 +7,8 @@ traceback) where not. This module imports little: worker processes load it.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
+from typing import Any
 
 from ._errors import RemoteError, RemoteTraceback, SerializationError, is_pool_made
 
@@ -86,10 +88,12 @@ def encode_error(exc: BaseException, raiser: str = "the task") -> tuple[bytes, s
     return blob, text
 
 
-def decode_error(blob: bytes, text: str) -> BaseException:
-    """In the parent: an error :func:`encode_errors` made, as faithful as it loads."""
+def decode_error(blob: bytes, text: str,
+                 loads: Callable[[bytes], Any] = pickle.loads) -> BaseException:
+    """In the parent: an error :func:`encode_errors` made, as faithful as it loads
+    (with ``loads``: in a thread, one that reads it in slices)."""
     try:
-        exc: BaseException = pickle.loads(blob)
+        exc: BaseException = loads(blob)
         if not isinstance(exc, Exception):  # its __reduce__ rebuilt something else (a
             # SystemExit or CancelledError would end or cancel the caller)
             raise TypeError(f"it unpickled as {type(exc).__qualname__}")

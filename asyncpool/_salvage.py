@@ -191,6 +191,11 @@ def load_results(parts: Sequence[Any], paced: bool = False
     raise error  # not even the exact loader could load them
 
 
+def paced_loads(data: Any) -> Any:
+    """``pickle.loads`` read in slices (see :class:`_Slices`)."""
+    return pickle.Unpickler(_Slices(data)).load()
+
+
 class _Slices:
     """A pickle as a file the C unpickler reads in slices of 128 KB (its look-ahead):
     each read is a call of Python code, where a thread that loads it lets the loop's

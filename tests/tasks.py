@@ -1033,6 +1033,11 @@ def many_records(count: int) -> list[dict[str, object]]:
     return [{"id": i, "name": str(i)} for i in range(count)]
 
 
+def raise_many_records(count: int) -> None:
+    """An error that carries many small objects (a validation error and its rows)."""
+    raise ValueError(many_records(count))
+
+
 
 def noted(args: tuple[str, str, int]) -> object:
     """Appends a dot to file ``path`` per run, then: ``"records"``: many_records(n);

@@ -296,6 +296,27 @@ async def test_a_poison_item_is_isolated_on_the_cluster(cluster: CliCluster) -> 
             i for i in range(40) if i != 13]
 
 
+async def test_a_poison_item_beside_a_call_waiting_for_resources_is_isolated(
+        cluster: CliCluster) -> None:
+    # The chunk under suspicion waited to be alone on the cluster, and a chunk waiting
+    # for a GPU no worker has was never to leave: every call of the pool waited out its
+    # deadline.
+    async with ResilientPool(max_workers=2, dask_address=cluster.address) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(pool.map, tasks.square, range(4),
+                                            resources={"GPU": 1}))
+            await wait_until(lambda: pool.statistics().chunks_in_flight >= 1, timeout=20)
+            with anyio.fail_after(30):
+                results = await pool.map(tasks.exit_on, [(i, 5) for i in range(20)],
+                                         chunk_size=4, return_exceptions=True)
+                assert await pool.map(tasks.square, range(10)) == [i * i for i in range(10)]
+            assert isinstance(results[5], WorkerCrashed) and "item 5" in str(results[5])
+            assert [r for i, r in enumerate(results) if i != 5] == [
+                i for i in range(20) if i != 5]
+            assert pool.backend == "dask"
+            tg.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("chunk_size", [1, 2])
 async def test_a_poison_item_on_a_worker_with_two_threads_takes_no_neighbour(
         chunk_size: int) -> None:

@@ -121,6 +121,34 @@ async def test_results_of_many_small_objects_load_off_the_loop(anyio_backend: st
     assert heartbeat.worst < on_loop.worst / 2, (heartbeat.worst, on_loop.worst)
 
 
+async def test_an_error_carrying_many_small_objects_loads_off_the_loop(
+        anyio_backend: str) -> None:
+    # Results were loaded off the loop, but an exception was rebuilt on it: one
+    # carrying 1.5 million small dicts (a validation error listing its rows) held the
+    # loop as long as loading them there does.
+    data = pickle.dumps(ValueError(tasks.many_records(1_500_000)), 5)
+    on_loop = Heartbeat()
+    async with on_loop.running():
+        await anyio.sleep(0.02)
+        pickle.loads(data)
+        await anyio.sleep(0.02)
+    del data
+    heartbeat = Heartbeat()
+    gc.collect()
+    gc.freeze()  # (see test_large_payloads_do_not_block_the_loop)
+    try:
+        async with ResilientPool(max_workers=1) as pool:
+            await pool.run(tasks.square, 1)
+            async with heartbeat.running():
+                with pytest.raises(ValueError) as caught:
+                    await pool.run(tasks.raise_many_records, 1_500_000)
+            assert len(caught.value.args[0]) == 1_500_000
+            del caught
+    finally:
+        gc.unfreeze()
+    assert heartbeat.worst < on_loop.worst / 2, (heartbeat.worst, on_loop.worst)
+
+
 async def test_a_death_seen_as_results_load_is_the_workers_own(
         tmp_path: Path, anyio_backend: str) -> None:
     # Its death waited for the results it sent before, but its status socket, at its

@@ -12,7 +12,7 @@ import os
 import secrets
 import socket
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Container, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .._errors import InitializerFailed
@@ -403,8 +403,11 @@ class Scattered:
         found = self._futures.get(shipped.id)
         if found is None:
             timeout = max(10.0, 2 * self.connect_timeout) + len(shipped.blob) / self.RATE
-            found = self._futures[shipped.id] = asyncio.ensure_future(self.client.scatter(
-                shipped.blob, broadcast=True, hash=False, timeout=timeout))
+            # Bounded here too: Dask's own timeout covers the wait for workers, not the
+            # copies to each (one to a worker killed meanwhile waited for good).
+            found = self._futures[shipped.id] = asyncio.ensure_future(asyncio.wait_for(
+                self.client.scatter(shipped.blob, broadcast=True, hash=False,
+                                    timeout=timeout), timeout))
             # Its failure is seen even when no chunk waits for it any more (the rung
             # given up meanwhile): "Task exception was never retrieved".
             found.add_done_callback(_seen)
@@ -425,6 +428,12 @@ class Scattered:
         if found is not None and found.done() and not found.cancelled() and (
                 not found.exception()):
             found.result().release()
+
+
+def beside(suspect: Any, relays: Iterable[Any], placed: Container[Any]) -> bool:
+    """Whether chunks other than ``suspect`` are out; a placed one (whose resources may
+    never come) does not count: the suspect waiting for it held the pool for good."""
+    return any(chunk is not suspect and chunk not in placed for chunk in relays)
 
 
 def _seen(future: asyncio.Future[Any]) -> None:

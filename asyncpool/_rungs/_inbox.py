@@ -9,13 +9,15 @@ holds it throughout a plain ``pickle.loads``); the worker's later messages wait 
 
 from __future__ import annotations
 
+import pickle
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import _wire
-from .._salvage import load_results
+from .._remote import decode_error
+from .._salvage import load_results, paced_loads
 
 #: A results pickle this big (bytes, not counting buffers sent out of band) is loaded in
 #: a thread: about 4 ms of plain small objects.
@@ -26,8 +28,28 @@ KILLED_WAIT = 5.0
 
 #: What a results message became: (results, errors by position), or what loading raised.
 Loaded = tuple[list[Any], dict[int, BaseException]] | BaseException
-#: Handles a message: (kind, parts, its results as loaded in a thread, or None).
-Handler = Callable[[int, list[Any], "Loaded | None"], None]
+
+
+class Unpacked(NamedTuple):
+    """A results message read: its meta, the errors it carries (rebuilt), and its
+    results (None when its arguments did not load)."""
+
+    meta: _wire.ResultMeta
+    errors: dict[int, BaseException]
+    loaded: Loaded | None
+
+
+#: Handles a message: (kind, parts, a results message as unpacked in a thread, or None).
+Handler = Callable[[int, list[Any], "Unpacked | None"], None]
+
+
+def unpack(parts: list[Any], paced: bool = False) -> Unpacked:
+    """A results message's parts read (``paced``: in slices, see :func:`load`)."""
+    meta = _wire.ResultMeta._make(pickle.loads(parts[0]))
+    loads = paced_loads if paced else pickle.loads
+    errors = {position: decode_error(blob, text, loads) for position, blob, text in meta.errors}
+    return Unpacked(meta, errors,
+                    None if meta.arguments_unloadable else load(parts[1:], paced))
 
 
 def load(parts: list[Any], paced: bool = False) -> Loaded:
@@ -40,11 +62,13 @@ def load(parts: list[Any], paced: bool = False) -> Loaded:
 
 
 def load_in_thread(parts: list[Any], call_soon_threadsafe: Callable[..., Any],
-                   then: Callable[[Loaded], None]) -> bool:
-    """Load ``parts`` in a thread of their own (in slices: the loop runs between them),
-    then call ``then`` with the outcome on the loop; False if no thread can start."""
+                   then: Callable[[Any], None],
+                   loader: Callable[[list[Any], bool], Any] = load) -> bool:
+    """Load ``parts`` with ``loader`` in a thread of their own (in slices: the loop runs
+    between them), then call ``then`` with the outcome on the loop; False if no thread
+    can start."""
     def run() -> None:
-        outcome = load(parts, paced=True)
+        outcome = loader(parts, True)
         try:
             call_soon_threadsafe(lambda: then(outcome))
         except RuntimeError:  # the loop is closed: nothing waits for it
@@ -127,19 +151,22 @@ class Inbox:
 
     def _take(self, kind: int, parts: list[Any]) -> deque[tuple[int, list[Any]]] | None:
         """Handle the message now, or start loading it (then: what is to wait behind)."""
-        if kind != _wire.RESULTS or len(parts) < 2 or memoryview(parts[1]).nbytes < SLOW_BYTES:
+        # Big results, or errors (a task's exception may carry megabytes too).
+        if kind != _wire.RESULTS or sum(memoryview(part).nbytes
+                                        for part in parts[:2]) < SLOW_BYTES:
             self._handle(kind, parts, None)
             return None
         waiting = self._waiting = deque()
         drops = self._drops
-        if not load_in_thread(parts[1:], self._owner.loop.call_soon_threadsafe,
-                              lambda outcome: self._loaded(drops, kind, parts, outcome)):
+        if not load_in_thread(parts, self._owner.loop.call_soon_threadsafe,
+                              lambda outcome: self._loaded(drops, kind, parts, outcome),
+                              unpack):
             self._waiting = None  # no thread to be had: here, then
             self._handle(kind, parts, None)
             return None
         return waiting
 
-    def _loaded(self, drops: int, kind: int, parts: list[Any], outcome: Loaded) -> None:
+    def _loaded(self, drops: int, kind: int, parts: list[Any], outcome: Unpacked) -> None:
         waiting = self._waiting
         if drops != self._drops or waiting is None:
             return  # dropped

@@ -24,7 +24,7 @@ from .._remote import decode_error
 from .._retry import RungUnavailable
 from .._zygote import STATUS
 from ._death import Death, ForkServerGone, ProcState, Reach, running, watch_exit
-from ._inbox import Inbox, Loaded, load
+from ._inbox import Inbox, Loaded, Unpacked, unpack
 
 if TYPE_CHECKING:
     from .._call import Chunk
@@ -213,9 +213,10 @@ class Proc:
             self._reader.read(self.sock, self.inbox.put)
         self._dead()
 
-    def _on_frame(self, kind: int, parts: list[Any], loaded: Loaded | None) -> None:
+    def _on_frame(self, kind: int, parts: list[Any], unpacked: Unpacked | None) -> None:
         if kind == _wire.RESULTS:
-            self._on_results(parts, loaded)
+            self._on_results(*(unpacked or unpack(parts)),
+                             sum(memoryview(part).nbytes for part in parts[1:]))
         elif kind == _wire.READY:
             self.ready_rss = pickle.loads(parts[0])
             if self.state is ProcState.STARTING:
@@ -240,8 +241,8 @@ class Proc:
             self.init_error = decode_error(blob, text)
             self.started.set()
 
-    def _on_results(self, parts: list[Any], loaded: Loaded | None) -> None:
-        meta = _wire.ResultMeta._make(pickle.loads(parts[0]))
+    def _on_results(self, meta: _wire.ResultMeta, errors: dict[int, BaseException],
+                    loaded: Loaded | None, size: int) -> None:
         seq, first, done = meta.seq, meta.first, meta.done
         if not self.chunks:  # pragma: no cover - a worker never answers unasked
             return
@@ -254,11 +255,8 @@ class Proc:
             if found is None:
                 return
             chunk = found
-        errors = {position: decode_error(blob, text) for position, blob, text in meta.errors}
         results: list[Any] | BaseException
-        if loaded is None:
-            loaded = ([], {}) if meta.arguments_unloadable else load(parts[1:])
-        if meta.arguments_unloadable:
+        if meta.arguments_unloadable or loaded is None:
             results = errors.pop(0)
         elif isinstance(loaded, BaseException):  # the results' own code ran: SystemExit too
             results = loaded
@@ -271,8 +269,7 @@ class Proc:
         if meta.retiring and self.state is not ProcState.DEAD:
             self.state = ProcState.RETIRING
             self.events.proc_retiring(self)
-        self.events.proc_results(self, chunk, meta, results, errors,
-                                 sum(memoryview(part).nbytes for part in parts[1:]))
+        self.events.proc_results(self, chunk, meta, results, errors, size)
 
     def _dead(self, unreaped: bool = False) -> None:
         """Gone; ``unreaped``: its exit read where the kernel keeps it."""

@@ -35,7 +35,7 @@ from .._errors import FunctionUnavailable, InitializerFailed, SerializationError
 from .._execute import run_on_cluster
 from .._remote import decode_error
 from .._retry import RungUnavailable
-from ._dask_client import (Scattered, ScatterFailed, StoppedCalls, can_serve_on,
+from ._dask_client import (Scattered, ScatterFailed, StoppedCalls, beside, can_serve_on,
                            cancel_quietly, client_space, close_later, close_quietly, connect,
                            given, in_step, lost_connection, outcome, register_initializer,
                            retrieved, unregister_initializers)
@@ -232,7 +232,7 @@ class DaskRung(Rung):
 
         future = None
         try:
-            if chunk is self._suspect and len(self._relays) > 1:
+            if chunk is self._suspect and beside(chunk, self._relays, self._placed):
                 self._alone = asyncio.Event()
                 await self._alone.wait()
             # Each function's pickle, or for a big one its data scattered to every worker.
@@ -355,7 +355,7 @@ class DaskRung(Rung):
         self._placed.discard(chunk)
         if chunk is self._suspect:
             self._suspect = None
-        elif self._alone is not None and len(self._relays) == 1:
+        elif self._alone is not None and not beside(self._suspect, self._relays, self._placed):
             self._alone.set()  # the suspect is alone now
             self._alone = None
         return True
