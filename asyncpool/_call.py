@@ -83,6 +83,15 @@ class Resend(enum.Enum):
     PICKLABLE = "picklable"
 
 
+def by_priority(ready: deque[Call]) -> None:
+    """Dask's ``priority=`` among the calls at hand too (most of a call's items wait
+    here, not on the cluster, which chooses among a few): the highest goes first."""
+    if any(call.options.priority for call in ready):
+        best = max(ready, key=lambda call: call.options.priority)
+        ready.remove(best)
+        ready.appendleft(best)
+
+
 class CallState(enum.Enum):
     ACTIVE = "active"
     FINISHED = "finished"

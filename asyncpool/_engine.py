@@ -41,7 +41,7 @@ from collections import deque
 
 import anyio
 
-from ._call import Call, CallState, Chunk, Piece
+from ._call import Call, CallState, Chunk, Piece, by_priority
 from ._config import PoolConfig
 from ._errors import PoolClosed, fresh
 from ._events import Counters, Emitter
@@ -54,8 +54,7 @@ from ._sizing import TARGET_CHUNK_BYTES, Timing, guided_cap
 
 logger = logging.getLogger("asyncpool")
 
-#: A call streams at most this many pickled bytes ahead of its caller (in flight, or
-#: finished and not yet consumed), so large items do not pile up in memory.
+#: Pickled bytes a call streams ahead of its caller at most (out, or done unconsumed).
 WINDOW_BYTES = 32 << 20
 #: The longest (s) one flush spends building and sending chunks before it lets the
 #: loop run (and continues on the next turn).
@@ -258,6 +257,8 @@ class Engine:
             # A suspect blamed with every item beside it runs with nothing else (beside
             # items of stopped calls alone: waiting for them, a hung one held the pool).
             return None if self.outcomes.busy() else self.outcomes.next_resend(limit)
+        if rung.name == "dask":
+            by_priority(self.ready)
         if self._fresh_turn:
             self._fresh_turn = False
             chunk = self._new_chunk(limit, self._lanes(rung))

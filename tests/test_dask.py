@@ -320,6 +320,26 @@ async def test_calls_waiting_for_workers_no_one_has_hold_back_no_other_call(
             tg.cancel_scope.cancel()
 
 
+async def test_a_call_of_higher_priority_goes_first_on_the_cluster(cluster: Any) -> None:
+    # Passed to Dask only, it did nothing: the pool keeps a few chunks on the cluster,
+    # and the rest of both calls waited in the pool, served in turn.
+    async with ResilientPool(max_workers=2, dask_address=cluster.scheduler_address) as pool:
+        assert pool.backend == "dask"
+        await pool.map(tasks.nap, [0.01] * 10)
+        finished: list[str] = []
+
+        async def call(name: str, priority: int) -> None:
+            await pool.map(tasks.nap, [0.02] * 150, priority=priority)
+            finished.append(name)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, "low", -100)
+                await wait_until(lambda: pool.statistics().tasks_completed > 20, timeout=20)
+                tg.start_soon(call, "high", 100)
+        assert finished == ["high", "low"]
+
+
 _LEFT_OPEN = """
 import asyncio, sys
 from asyncpool import ResilientPool
