@@ -19,6 +19,7 @@ import threading
 import time
 
 from . import _handover, _wire
+from ._baseline import Baseline
 from ._errors import SerializationError, pool_made
 from ._execute import (FORKED, Unloadable, cut_after_running, dump_results, execute,
                        leave_if_forked, loads)
@@ -372,6 +373,7 @@ def serve(sock: socket.socket, progress: Any, own: dict[str, str], wake: int = -
         worker.send(_wire.READY, [pickle.dumps(_rss() if worker.max_memory else 0, 5)])
     except OSError:
         return 0  # the parent closed us before we were ready: nothing to do
+    baseline = Baseline()
     while worker.retiring is None and not worker.closed:
         try:
             got = worker.next_frame()
@@ -385,6 +387,7 @@ def serve(sock: socket.socket, progress: Any, own: dict[str, str], wake: int = -
                 worker.run_chunk(parts)
             except OSError:
                 return 0  # the parent is gone (or closed us) mid-chunk
+            baseline.restore()
             worker.chunk_ended(_wire.CHUNK_HEAD.unpack(parts[0])[0])
         elif kind == _wire.CANCEL:
             worker.note_cancelled(parts)

@@ -12,6 +12,7 @@ import os
 import pickle
 import signal
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -511,6 +512,23 @@ def scribble_on_progress(x: int) -> int:
                 held.progress[_wire.SEQ] = 10**9
         os._exit(7)
     return x
+
+
+def meddle(how: str) -> str:
+    """Changes its worker's process state as some libraries do: ``how`` "stdio"
+    closes descriptors 0 to 2 (daemonizing), "sigchld" ignores SIGCHLD."""
+    if how == "stdio":
+        for fd in (0, 1, 2):
+            os.close(fd)
+    else:
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    return how
+
+
+def prints_and_runs_false(x: int) -> int:
+    """An innocent item: prints, and returns the exit code of `false` (1)."""
+    print("item", x, flush=True)
+    return subprocess.run(["false"]).returncode
 
 
 def _load_slowly(seconds: float) -> SlowToLoad:

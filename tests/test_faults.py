@@ -381,6 +381,17 @@ async def test_a_task_writing_over_its_progress_area_fails_alone(
         assert await pool.run(tasks.square, 3) == 9
 
 
+@pytest.mark.parametrize("how", ["stdio", "sigchld"])
+async def test_what_a_task_changes_in_its_worker_is_put_back_for_the_next(
+        how: str, anyio_backend: str) -> None:
+    # Every later item of that worker that printed failed (EBADF), or, with SIGCHLD
+    # ignored, got exit code 0 from every command it ran: silently wrong.
+    async with ResilientPool(max_workers=2) as pool:
+        assert await pool.map(tasks.meddle, [how] * 4, chunk_size=1) == [how] * 4
+        assert await pool.map(tasks.prints_and_runs_false, range(8), chunk_size=1) == [1] * 8
+        assert pool.statistics().worker_crashes == 0
+
+
 async def test_exception_that_cannot_be_rebuilt_is_a_remote_error(tmp_path: Path,
                                                                   anyio_backend: str) -> None:
     async with ResilientPool(max_workers=2) as pool:
