@@ -320,6 +320,26 @@ async def test_calls_waiting_for_workers_no_one_has_hold_back_no_other_call(
             tg.cancel_scope.cancel()
 
 
+async def test_an_initializer_on_the_cluster_leaves_cloudpickle_as_it_was(
+        cluster: Any) -> None:
+    # Its sweep of gone pools' plugins was registered to go by value, for good: from
+    # then on, every main-script function this process shipped was pickled anew on
+    # each call (and another library's pickles changed).
+    import cloudpickle
+
+    from asyncpool._functions import FunctionBook
+
+    before = set(cloudpickle.list_registry_pickle_by_value())
+    async with ResilientPool(max_workers=1, dask_address=cluster.scheduler_address,
+                             initializer=tasks.remember, initargs=("on the cluster",)) as pool:
+        assert pool.backend == "dask"
+        assert (await pool.run(tasks.recall))[0] == "on the cluster"
+    assert set(cloudpickle.list_registry_pickle_by_value()) == before
+    space: dict[str, Any] = {"__name__": "__main__"}
+    exec("def work(x):\n    return x\n", space)  # noqa: S102 - a script's function
+    assert FunctionBook().ship(space["work"]).kept
+
+
 async def test_a_call_of_higher_priority_goes_first_on_the_cluster(cluster: Any) -> None:
     # Passed to Dask only, it did nothing: the pool keeps a few chunks on the cluster,
     # and the rest of both calls waited in the pool, served in turn.

@@ -324,6 +324,9 @@ async def _unregister_gone(client: Any, timeout: float) -> None:
 
     from . import _dask_sweep
 
+    # By value while it is sent, and no longer: left registered, it made every script
+    # function's pickle in this process be made again on each call (see _functions).
+    registered = _dask_sweep.__name__ in cloudpickle.list_registry_pickle_by_value()
     cloudpickle.register_pickle_by_value(_dask_sweep)
     try:
         gone = await asyncio.wait_for(client.run_on_scheduler(
@@ -331,6 +334,9 @@ async def _unregister_gone(client: Any, timeout: float) -> None:
     except Exception as exc:  # (one that refuses pickled code, say): left there
         logger.debug("the plugins of gone pools could not be listed: %r", exc)
         return
+    finally:
+        if not registered:
+            cloudpickle.unregister_pickle_by_value(_dask_sweep)
     for name in gone:
         logger.info("the initializer of a pool whose client is gone leaves the "
                     "cluster: %s", name)
