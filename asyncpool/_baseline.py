@@ -35,12 +35,11 @@ class Baseline:
             handler = signal.getsignal(number)
             if handler is not None:  # (None: set outside Python, cannot be set back)
                 self.handlers[number] = handler
-        #: Each standard descriptor's file (device, inode), and a copy to restore it.
-        self.fds: dict[int, tuple[tuple[int, int], int]] = {}
+        #: A copy of each standard descriptor, to reopen it if a task closed it.
+        self.fds: dict[int, int] = {}
         for fd in (0, 1, 2):
             try:
-                st = os.fstat(fd)
-                self.fds[fd] = ((st.st_dev, st.st_ino), os.dup(fd))  # (not inherited)
+                self.fds[fd] = os.dup(fd)  # (not inherited)
             except OSError:
                 pass
         self.streams = {"stdout": sys.stdout, "stderr": sys.stderr}
@@ -48,25 +47,33 @@ class Baseline:
     def restore(self) -> None:
         """Put back what a task changed (nothing is done where nothing changed)."""
         for number, handler in self.handlers.items():
-            if signal.getsignal(number) is not handler:
-                try:
+            try:
+                if signal.getsignal(number) is not handler:
                     signal.signal(number, handler)
-                except (OSError, TypeError, ValueError):
-                    pass
-        for fd, (file, copy) in self.fds.items():
+            except (OSError, TypeError, ValueError):
+                pass
+        for fd, copy in self.fds.items():
             try:
-                st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) == file:
-                    continue
-            except OSError:
-                pass  # closed
-            try:
-                os.dup2(copy, fd)
-            except OSError:
-                pass  # its copy was closed too (os.closerange): left as it is
+                os.fstat(fd)
+            except OSError:  # closed (one a task opened there since is its own: kept)
+                try:
+                    os.dup2(copy, fd)
+                except OSError:
+                    pass  # its copy was closed too (os.closerange): left as it is
         for (name, stream), fd in zip(self.streams.items(), (1, 2), strict=True):
-            if getattr(sys, name) is stream and not getattr(stream, "closed", False):
-                continue
-            if stream is None or getattr(stream, "closed", False):  # closed: a new one
-                stream = self.streams[name] = open(fd, "w", buffering=1, closefd=False)
+            if stream is None or (getattr(sys, name) is stream and not _closed(stream)):
+                continue  # (none at start: its descriptor may be another file, kept)
+            if _closed(stream):  # closed or detached: a new one on the same descriptor
+                try:
+                    stream = self.streams[name] = open(fd, "w", buffering=1, closefd=False)
+                except OSError:
+                    continue
             setattr(sys, name, stream)
+
+
+def _closed(stream: Any) -> bool:
+    """Whether ``stream`` can no longer be written (a detached one raises)."""
+    try:
+        return bool(stream.closed)
+    except Exception:
+        return True

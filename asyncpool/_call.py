@@ -83,6 +83,11 @@ class Resend(enum.Enum):
     PICKLABLE = "picklable"
 
 
+#: ``partial`` lists at most this many items past those read from an input (a sequence
+#: whose length is 10**13 raised MemoryError at the deadline).
+PARTIAL_LIMIT = 1 << 24
+
+
 def by_priority(ready: deque[Call]) -> None:
     """Dask's ``priority=`` among the calls at hand too (most of a call's items wait
     here, not on the cluster, which chooses among a few): the highest goes first."""
@@ -274,7 +279,7 @@ class Call:
             return [v for values, _ in self.arrived for v in values]
         # Items read from the input and not finished stand as MISSING.
         total = self.source.total
-        if total is None:
+        if total is None or total - start > PARTIAL_LIMIT:  # (not a list of 10**13)
             total = self.pulled + self.source.buffered
         return assemble(self.segments, start=start, total=total)
 

@@ -311,7 +311,10 @@ class ResultStream(Generic[T]):
             if task != anyio.get_current_task().id:
                 # Another task sharing the stream ended it: no silent end for this one.
                 raise PoolClosed(f"this imap stream was ended by another task iterating "
-                                 f"it ({how}); its other results are lost")
+                                 f"it ({how}); its other results are lost" + (
+                                     " (a wait under asyncio.wait_for is a task of its "
+                                     "own: to bound the wait, give the call a timeout=)"
+                                     if how == CANCELLED else ""))
             if how == CANCELLED:  # nor for one whose wait was cancelled (a timeout)
                 raise PoolClosed("this imap stream ended when this task's wait for its "
                                  "next result was cancelled; its other results are lost "

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import io
 import itertools
 import os
 import pickle
@@ -516,10 +517,14 @@ def scribble_on_progress(x: int) -> int:
 
 def meddle(how: str) -> str:
     """Changes its worker's process state as some libraries do: ``how`` "stdio"
-    closes descriptors 0 to 2 (daemonizing), "sigchld" ignores SIGCHLD."""
+    closes descriptors 0 to 2 (daemonizing), "sigchld" ignores SIGCHLD, "detach"
+    re-encodes ``sys.stdout`` over its detached buffer."""
     if how == "stdio":
         for fd in (0, 1, 2):
             os.close(fd)
+    elif how == "detach":
+        sys.stdout = io.TextIOWrapper(sys.stdout.detach(), encoding="utf-8",
+                                      line_buffering=True)
     else:
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     return how

@@ -529,6 +529,45 @@ async def test_a_worker_killed_as_a_big_function_is_scattered_loses_nothing(
         assert pool.statistics().fallbacks == 0
 
 
+async def test_a_worker_killed_while_a_big_function_is_copied_loses_nothing(
+        cluster: CliCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Killed (its nanny starting another) while the scatter copied the function to
+    # every worker: the copy to it waited for good, and so did the calls. The fault is
+    # real; only its moment is arranged (just after the scatter starts).
+    import asyncio
+
+    import distributed
+    import psutil
+
+    scatter = distributed.Client._scatter
+    victims = [psutil.Process(cluster.workers[0].pid).children()[-1].pid]
+
+    async def scatter_then_a_death(self: object, *args: object, **kwargs: object) -> object:
+        if victims:
+            asyncio.get_running_loop().call_later(0.05, os.kill, victims.pop(),
+                                                  signal.SIGKILL)
+        return await scatter(self, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Client, "_scatter", scatter_then_a_death)
+    table = bytes(8 << 20)
+    done = tmp_path / "killed already"
+    done.touch()  # no item kills its worker here
+    fn = functools.partial(tasks.with_table, table)
+    async with ResilientPool(max_workers=1, dask_address=cluster.address) as pool:
+        with anyio.fail_after(90):
+            async with anyio.create_task_group() as tg:
+                results: dict[int, list[Any]] = {}
+
+                async def call(j: int) -> None:
+                    results[j] = await pool.map(fn, [(i, str(done)) for i in range(j, j + 50)])
+
+                for j in (0, 50, 100):
+                    tg.start_soon(call, j)
+        assert [results[j] for j in (0, 50, 100)] == [
+            [i * i + len(table) for i in range(j, j + 50)] for j in (0, 50, 100)]
+        assert not victims
+
+
 async def test_a_scatter_left_behind_by_a_rung_given_up_fails_unseen(
         cluster: CliCluster, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     # The scatter of a big function to a cluster whose workers are gone outlived the

@@ -381,7 +381,7 @@ async def test_a_task_writing_over_its_progress_area_fails_alone(
         assert await pool.run(tasks.square, 3) == 9
 
 
-@pytest.mark.parametrize("how", ["stdio", "sigchld"])
+@pytest.mark.parametrize("how", ["stdio", "sigchld", "detach"])
 async def test_what_a_task_changes_in_its_worker_is_put_back_for_the_next(
         how: str, anyio_backend: str) -> None:
     # Every later item of that worker that printed failed (EBADF), or, with SIGCHLD

@@ -984,6 +984,23 @@ async def test_a_sequence_of_the_callers_is_measured_off_the_loop(
     assert seen[-1] == (100, 100)
 
 
+class Endless(Dataset):
+    """A dataset of ten trillion records."""
+
+    def __len__(self) -> int:
+        return 10**13
+
+
+async def test_a_deadline_over_a_sequence_too_long_to_list_says_what_finished(
+        anyio_backend: str) -> None:
+    # .partial was sized by its length: MemoryError at the deadline.
+    async with ResilientPool(max_workers=2) as pool:
+        with pytest.raises(DeadlineExceeded) as caught:
+            await pool.map(tasks.square, Endless(), timeout=0.5)
+    partial = caught.value.partial
+    assert 0 < len(partial) < 1 << 25 and partial[:3] == [0, 1, 4]
+
+
 class SlowList(list[float]):
     """A list whose slices are read from somewhere slow (its iteration is a list's)."""
 
