@@ -49,8 +49,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("asyncpool")
 
-#: Seconds between looks at the cluster's size (it may scale up or down).
-RESIZE_EVERY = 2.0
+#: Seconds between looks at the cluster's size (it may scale up or down); at most
+#: how long a suspect waits for the chunks beside it to end before it runs anyway.
+RESIZE_EVERY, ALONE_WAIT = 2.0, 10.0
 #: A function's pickle this big is scattered once per call, not carried by each task.
 BIG_FUNCTION = 1 << 20
 
@@ -97,10 +98,8 @@ class DaskRung(Rung):
         self._sizer: asyncio.Task[None] | None = None
         #: When (loop time) a chunk last came back from the cluster, or crashed there.
         self._heard = 0.0
-        #: A chunk under suspicion (its worker died, the culprit is not known yet):
-        #: it runs alone on the cluster once the others are done, and nothing else is
-        #: sent meanwhile. On a worker with several threads, a poison item takes the
-        #: tasks beside it down too, and Dask blames them all.
+        #: A chunk under suspicion (its worker died, culprit unknown) runs alone once
+        #: the others end, nothing sent meanwhile (a poison item's neighbours are blamed).
         self._suspect: Chunk | None = None
         self._alone: asyncio.Event | None = None
 
@@ -234,7 +233,8 @@ class DaskRung(Rung):
         try:
             if chunk is self._suspect and beside(chunk, self._relays, self._placed):
                 self._alone = asyncio.Event()
-                await self._alone.wait()
+                with contextlib.suppress(TimeoutError):  # not for good: one may not end
+                    await asyncio.wait_for(self._alone.wait(), ALONE_WAIT)
             # Each function's pickle, or for a big one its data scattered to every worker.
             blobs = [s.blob if len(s.whole()) < BIG_FUNCTION else await self._scattered.get(s)
                      for s in shipped]
