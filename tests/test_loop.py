@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import itertools
 import pickle
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -64,27 +66,44 @@ async def test_large_payloads_do_not_block_the_loop(anyio_backend: str) -> None:
     assert heartbeat.worst < LAG_BOUND, f"loop blocked for {heartbeat.worst:.3f} s"
 
 
+async def held_on_the_loop(work: Callable[[], object]) -> float:
+    """How long (s) ``work``, done on the loop, holds it here and now (under load,
+    longer): what an off-the-loop path must beat."""
+    on_loop = Heartbeat()
+    async with on_loop.running():
+        await anyio.sleep(0.02)
+        work()
+        await anyio.sleep(0.02)
+    return on_loop.worst
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The cyclic collector's old objects frozen (see
+    test_large_payloads_do_not_block_the_loop): a full collection in a callback would
+    pass for the path measured."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 async def test_many_large_bytes_in_one_argument_travel_out_of_band(anyio_backend: str) -> None:
     # Only containers of at most 64 elements were looked into: 150 blobs of 1 MB in a
     # list were pickled on the loop (65 of 3 MB held it 118 ms, as long as a pickle).
     blobs = [bytes([i]) * (1 << 20) for i in range(150)]
-    on_loop = Heartbeat()
-    async with on_loop.running():
-        await anyio.sleep(0.02)
-        pickle.dumps(blobs, 5)
+    on_loop = await held_on_the_loop(lambda: pickle.dumps(blobs, 5))
     heartbeat = Heartbeat()
-    gc.collect()
-    gc.freeze()  # (see test_large_payloads_do_not_block_the_loop)
-    try:
+    with frozen_heap():
         async with ResilientPool(max_workers=1) as pool:
             await pool.run(tasks.square, 1)
             async with heartbeat.running():
                 assert await pool.run(tasks.total_size, blobs) == 150 << 20
                 assert await pool.run(tasks.total_size, tuple(blobs)) == 150 << 20
                 assert await pool.run(tasks.total_size, dict(enumerate(blobs))) == 150 << 20
-    finally:
-        gc.unfreeze()
-    assert heartbeat.worst < on_loop.worst / 2, (heartbeat.worst, on_loop.worst)
+    assert heartbeat.worst < on_loop / 2, (heartbeat.worst, on_loop)
 
 
 async def test_results_of_many_small_objects_load_off_the_loop(anyio_backend: str) -> None:
@@ -92,17 +111,10 @@ async def test_results_of_many_small_objects_load_off_the_loop(anyio_backend: st
     # 1 s in one stretch (from any thread, a plain pickle.loads holds the interpreter
     # throughout: the stdlib's pool stalls its caller's loop as long).
     # What loading them on the loop holds it for, here and now (under load, longer).
-    data = pickle.dumps(tasks.many_records(1_500_000), 5)
-    on_loop = Heartbeat()
-    async with on_loop.running():
-        await anyio.sleep(0.02)
-        pickle.loads(data)
-        await anyio.sleep(0.02)
-    del data
+    on_loop = await held_on_the_loop(functools.partial(
+        pickle.loads, pickle.dumps(tasks.many_records(1_500_000), 5)))
     heartbeat = Heartbeat()
-    gc.collect()
-    gc.freeze()  # (see test_large_payloads_do_not_block_the_loop)
-    try:
+    with frozen_heap():
         expected = tasks.many_records(200_000)
         async with ResilientPool(max_workers=1, max_tasks_per_worker=1) as pool:
             await pool.run(tasks.square, 1)
@@ -116,9 +128,7 @@ async def test_results_of_many_small_objects_load_off_the_loop(anyio_backend: st
             del records, several
             stats = pool.statistics()
             assert stats.resubmitted_chunks == 0 and stats.worker_crashes == 0, stats
-    finally:
-        gc.unfreeze()
-    assert heartbeat.worst < on_loop.worst / 2, (heartbeat.worst, on_loop.worst)
+    assert heartbeat.worst < on_loop / 2, (heartbeat.worst, on_loop)
 
 
 async def test_an_error_carrying_many_small_objects_loads_off_the_loop(
@@ -126,17 +136,10 @@ async def test_an_error_carrying_many_small_objects_loads_off_the_loop(
     # Results were loaded off the loop, but an exception was rebuilt on it: one
     # carrying 1.5 million small dicts (a validation error listing its rows) held the
     # loop as long as loading them there does.
-    data = pickle.dumps(ValueError(tasks.many_records(1_500_000)), 5)
-    on_loop = Heartbeat()
-    async with on_loop.running():
-        await anyio.sleep(0.02)
-        pickle.loads(data)
-        await anyio.sleep(0.02)
-    del data
+    on_loop = await held_on_the_loop(functools.partial(
+        pickle.loads, pickle.dumps(ValueError(tasks.many_records(1_500_000)), 5)))
     heartbeat = Heartbeat()
-    gc.collect()
-    gc.freeze()  # (see test_large_payloads_do_not_block_the_loop)
-    try:
+    with frozen_heap():
         async with ResilientPool(max_workers=1) as pool:
             await pool.run(tasks.square, 1)
             async with heartbeat.running():
@@ -144,9 +147,7 @@ async def test_an_error_carrying_many_small_objects_loads_off_the_loop(
                     await pool.run(tasks.raise_many_records, 1_500_000)
             assert len(caught.value.args[0]) == 1_500_000
             del caught
-    finally:
-        gc.unfreeze()
-    assert heartbeat.worst < on_loop.worst / 2, (heartbeat.worst, on_loop.worst)
+    assert heartbeat.worst < on_loop / 2, (heartbeat.worst, on_loop)
 
 
 async def test_a_death_seen_as_results_load_is_the_workers_own(
