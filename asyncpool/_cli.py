@@ -8,6 +8,7 @@ fast as the workers take it, so memory stays flat however big the file.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import inspect
 import json
@@ -50,14 +51,19 @@ def load_function(spec: str) -> Callable[[Any], Any]:
         module = importlib.import_module(module_name)
     except (Exception, SystemExit) as exc:  # not found, a syntax error, raising or
         # exiting as it loads (a script that parses its command line, say)
+        hint = (" (run from the module's folder, or put that folder on PYTHONPATH)"
+                if isinstance(exc, ModuleNotFoundError) and exc.name == module_name else "")
         raise UsageError(f"cannot import {module_name!r}: "
-                         f"{type(exc).__name__}: {exc}") from None
+                         f"{type(exc).__name__}: {exc}{hint}") from None
     fn: Any = module
     owner: Any = None
     for part in attr.split("."):  # MODULE:Class.method too
         owner, fn = fn, getattr(fn, part, None)
         if fn is None:
-            raise UsageError(f"{module_name} has no function {attr!r}")
+            near = difflib.get_close_matches(part, [n for n in dir(owner)
+                                                    if not n.startswith("_")], 1)
+            raise UsageError(f"{module_name} has no function {attr!r}" + (
+                f": did you mean {near[0]!r}?" if near else ""))
     if _of_instances(owner, fn, inspect.getattr_static(owner, attr.rpartition(".")[2], None)):
         raise UsageError(f"{module_name}.{attr} is a method of instances: each line would "
                          "be passed as self; make it a staticmethod or classmethod, or "
@@ -264,7 +270,8 @@ def check_files(args: argparse.Namespace) -> None:
         return
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
-        raise UsageError(f"no such folder for the output: {folder}")
+        raise UsageError(f"{folder} is not a folder: the output cannot go there" if
+                         os.path.exists(folder) else f"no such folder for the output: {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write in the output's folder: {folder}")
 

@@ -133,7 +133,9 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["map", "no_such_module:fn", "IN", "-o", "OUT"], "cannot import 'no_such_module'"),
+    (["map", "no_such_module:fn", "IN", "-o", "OUT"], "put that folder on PYTHONPATH"),
     (["map", "tests.tasks:missing", "IN", "-o", "OUT"], "has no function 'missing'"),
+    (["map", "tests.tasks:squar", "IN", "-o", "OUT"], "did you mean 'square'?"),
     (["map", "tests.tasks:Grid.nothing", "IN", "-o", "OUT"], "has no function 'Grid.nothing'"),
     # Each line was passed as self: every line failed.
     (["map", "tests.tasks:Scale.of_instances", "IN", "-o", "OUT"],
@@ -148,6 +150,7 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
     (["demo", "--workers", "two"], "not a whole number"),
     (["map", "tests.tasks:square", "IN", "-o", "IN"], "the output file is the input file"),
     (["map", "tests.tasks:square", "IN", "-o", "NOFOLDER"], "no such folder"),
+    (["map", "tests.tasks:square", "IN", "-o", "UNDERFILE"], "in.jsonl is not a folder"),
     (["map", "broken_module:fn", "IN", "-o", "OUT"], "SyntaxError"),
     (["map", "tests.tasks:square", "IN", "-o", "NOTOUT", "--resume"],
      "is not the output of a map"),
@@ -176,7 +179,7 @@ def test_bad_command_lines_are_one_line_and_exit_code_2(args: list[str], message
     (tmp_path / "exiting_module.py").write_text("import sys\nsys.exit('a script')\n")
     names = {"IN": src, "OUT": dst, "MISSING": tmp_path / "missing.jsonl",
              "NOFOLDER": tmp_path / "nowhere" / "out.jsonl", "NOTOUT": other,
-             "FOLDER": tmp_path}
+             "FOLDER": tmp_path, "UNDERFILE": src / "out.jsonl"}
     closed = "CLOSED" in args  # standard output closed (`>&-`): a traceback
     args = [str(names[a]) if a in names else a for a in args if a != "CLOSED"]
     out = _cli(*args, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}, closed=closed)
