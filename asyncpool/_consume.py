@@ -19,6 +19,7 @@ import anyio.lowlevel
 
 from ._call import Call, Mode
 from ._errors import MISSING, DeadlineExceeded, PoolClosed, RemoteError, public
+from ._functions import name_of
 from ._progress import Reporter
 from ._remote import message_of
 
@@ -245,6 +246,10 @@ class ResultStream(Generic[T]):
         #: When this stream last let the loop run: a consumer handed results that are
         #: already here never waits, so it yields once every SLICE.
         self._yielded = time.perf_counter()
+
+    def __repr__(self) -> str:
+        return (f"<ResultStream of {name_of(self._call.fn)} "
+                f"({'closed' if self._closed else 'open'})>")
 
     def __aiter__(self) -> ResultStream[T]:
         return self

@@ -16,7 +16,6 @@ import errno
 import logging
 import mmap
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -79,6 +78,8 @@ def _for_exec(command: list[str]) -> dict[str, str]:
     # most 6 MiB: the command's share first, a margin. (SC_ARG_MAX says that quarter,
     # but never less than 128 KiB: under a smaller stack, what exec takes fills it, and
     # the new interpreter crashed.)
+    import resource  # (POSIX: here, so the package imports where it is missing)
+
     stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
     most = min(6 << 20, os.sysconf("SC_ARG_MAX"), (1 << 62) if stack == resource.RLIM_INFINITY
                else stack // 4) - (8 << 10) - sum(len(os.fsencode(arg)) + 9 for arg in command)

@@ -261,16 +261,31 @@ def check_function(fn: Any) -> None:
     if is_async(fn):
         raise TypeError(f"{name_of(fn)} is an async function: the pool runs plain "
                         "functions; await it on your own loop, or pass a plain one")
+    if _is(_unwrapped(fn), "isgeneratorfunction"):  # (its generator would run on the
+        # caller's loop on the thread and inline rungs; it cannot leave a process)
+        raise TypeError(f"{name_of(fn)} is a generator function: its generator cannot "
+                        "come back from a worker; pass a function that returns a list "
+                        "of what it yields (or map over those items)")
 
 
 def is_async(fn: Any) -> bool:
     """Whether ``fn`` (through partials) is an async function or object."""
-    import inspect
+    fn = _unwrapped(fn)
+    return _is(fn, "iscoroutinefunction") or _is(fn, "isasyncgenfunction")
 
+
+def _unwrapped(fn: Any) -> Any:
     while isinstance(fn, functools.partial):
         fn = fn.func
-    return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or (
-        not inspect.isroutine(fn) and inspect.iscoroutinefunction(type(fn).__call__))
+    return fn
+
+
+def _is(fn: Any, test: str) -> bool:
+    """``inspect.<test>`` of the function, or of a callable object's ``__call__``."""
+    import inspect
+
+    check = getattr(inspect, test)
+    return bool(check(fn) or (not inspect.isroutine(fn) and check(type(fn).__call__)))
 
 
 def name_of(fn: Any) -> str:

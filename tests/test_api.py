@@ -18,7 +18,7 @@ import asyncpool
 from asyncpool import MISSING, DeadlineExceeded, PoolClosed, RemoteTraceback, ResilientPool
 
 from . import tasks
-from .helpers import alive, idle, run_script, wait_until
+from .helpers import alive, idle, run_code, run_script, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -244,6 +244,27 @@ async def test_an_async_function_is_refused_at_once(pool: ResilientPool) -> None
     assert await pool.run(tasks.square, 3) == 9
 
 
+@pytest.mark.parametrize("rungs", [("process",), ("thread",), ("inline",)])
+async def test_a_generator_function_is_refused_at_once_on_every_rung(
+        rungs: tuple[str, ...], anyio_backend: str) -> None:
+    # Its generator failed each item on the process rung (it does not pickle), and on
+    # the thread and inline rungs came back unstarted: its work then ran on the loop.
+    def squares(n: int) -> Iterator[int]:
+        yield from (i * i for i in range(n))
+
+    class Squares:
+        def __call__(self, n: int) -> Iterator[int]:
+            yield from range(n)
+
+    async with ResilientPool(max_workers=1, rungs=rungs) as pool:  # type: ignore[arg-type]
+        for fn in (squares, functools.partial(squares), Squares()):
+            with pytest.raises(TypeError, match="is a generator function.*returns a list"):
+                await pool.map(fn, [3])
+            with pytest.raises(TypeError, match="is a generator function"):
+                await pool.run(fn, 3)
+        assert await pool.run(tasks.square, 3) == 9
+
+
 async def test_threads_need_no_pickling(anyio_backend: str) -> None:
     lock = threading.Lock()
     async with ResilientPool(max_workers=2, rungs=("thread",)) as pool:
@@ -253,9 +274,11 @@ async def test_threads_need_no_pickling(anyio_backend: str) -> None:
 async def test_imap_as_a_context_closes_at_once(pool: ResilientPool) -> None:
     async with pool.imap(tasks.nap, [0.0] * 3 + [30.0] * 4, cancel_running="kill",
                          chunk_size=1) as results:
+        assert repr(results) == "<ResultStream of nap (open)>"  # (an address, it was)
         async for value in results:
             if value == 0.0:
                 break
+    assert repr(results) == "<ResultStream of nap (closed)>"
     # Leaving the block finished the call: nothing of it waits any more, and its
     # running items were killed, so the workers answer at once.
     assert pool.statistics().active_calls == 0
@@ -750,3 +773,26 @@ async def test_a_map_raises_its_first_item_s_error(anyio_backend: str) -> None:
         with pytest.raises(ValueError, match="^item 3 is odd") as info:
             await pool.run(tasks.fail_if_odd, 3)
         assert not hasattr(info.value, "__notes__")
+
+
+def test_without_posix_only_modules_the_pool_serves_on_threads() -> None:
+    # Windows has no `resource` (nor os.fork): opening a pool raised ModuleNotFoundError
+    # instead of falling back to threads, as the README says it does there.
+    code = """if True:
+        import os, socket, sys
+        for name in ("resource", "fcntl", "termios", "grp", "pwd"):
+            sys.modules[name] = None  # an import of it raises ImportError
+        del os.fork, socket.send_fds
+        import anyio
+        from asyncpool import ResilientPool
+        from tests import tasks
+
+        async def main():
+            async with ResilientPool(max_workers=2) as pool:
+                print(pool.backend, await pool.map(tasks.square, range(4)))
+
+        anyio.run(main)
+    """
+    out = run_code(code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == "thread [0, 1, 4, 9]", out.stdout
