@@ -135,6 +135,11 @@ def pid_of(_: object = None) -> int:
     return os.getpid()
 
 
+def pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def local_zone(_: object = None) -> str:
     """The name of the local time zone here."""
     return time.strftime("%Z", time.localtime(0))
@@ -376,6 +381,13 @@ def remember_unless(tag: str, refuse: str) -> None:
 
 def recall(_: object = None) -> tuple[object, object, int]:
     return STATE.get("tag"), STATE.get("runs"), os.getpid()
+
+
+def recall_across(seconds: float) -> tuple[object, object]:
+    """The tag an initializer set, as it was before and after ``seconds`` of work."""
+    before = STATE.get("tag")
+    time.sleep(seconds)
+    return before, STATE.get("tag")
 
 
 async def _remember_later(tag: str) -> None:

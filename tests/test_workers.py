@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 
 from asyncpool import (DeadlineExceeded, InitializerFailed, PoolEvent, ResilientPool,
@@ -620,6 +621,10 @@ async def test_an_initializer_that_returns_a_coroutine_fails_the_open(
 @pytest.mark.parametrize("initializer, initargs, match", [
     (tasks.exit_with, (1,), "raised on the event loop: SystemExit"),
     (tasks.nap, (0.3,), "did not return within start_timeout=0.1"),
+    # These escaped as themselves: a CancelledError of its own ended asyncio.run.
+    (tasks.raise_base, (2,), "raised on the event loop: KeyboardInterrupt"),
+    (tasks.raise_base, (3,), "raised on the event loop: GeneratorExit"),
+    (tasks.raise_base, (4,), "raised on the event loop: CancelledError"),
 ])
 async def test_the_inline_initializer_fails_the_open_as_the_others_do(
         initializer: Any, initargs: tuple[Any, ...], match: str, anyio_backend: str) -> None:
@@ -1629,3 +1634,38 @@ async def test_a_call_does_not_wait_behind_a_big_argument_still_being_sent(
                 os.kill(receiver.pid, signal.SIGCONT)
         finally:
             os.kill(receiver.pid, signal.SIGCONT)
+
+
+async def test_a_graceful_close_lets_a_stopped_idle_worker_leave_by_itself(
+        anyio_backend: str) -> None:
+    # An idle worker someone stopped (SIGSTOP: job control, a debugger let go) reads no
+    # end-of-file: a graceful close waited 5 s for it, then killed it.
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        await pool.map(tasks.square, range(20))
+        procs = list(pool._engine.ladder.serving.procs)  # type: ignore[attr-defined]
+        os.kill(procs[0].pid, signal.SIGSTOP)
+        await wait_until(lambda: psutil.Process(procs[0].pid).status()
+                         == psutil.STATUS_STOPPED)
+    assert [p._exit_status for p in procs] == [0, 0]  # each left, none was killed
+
+
+@pytest.mark.parametrize("kill_on_timeout", [False, True])
+async def test_a_request_sent_to_a_stopped_idle_worker_goes_to_another(
+        kill_on_timeout: bool, anyio_backend: str) -> None:
+    # An idle worker someone stopped (SIGSTOP) took the next request, which waited out
+    # its deadline (with kill_on_timeout too: its item had not started); the worker was
+    # never replaced, and the pool went on with one.
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        await pool.map(tasks.square, range(20))
+        stopped = pool._engine.ladder.serving.procs[0].pid  # type: ignore[attr-defined]
+        os.kill(stopped, signal.SIGSTOP)  # (the first of two idle workers takes the next)
+        try:
+            await wait_until(lambda: psutil.Process(stopped).status() == psutil.STATUS_STOPPED)
+            assert await pool.run(tasks.pid_of, timeout=20,
+                                  kill_on_timeout=kill_on_timeout) != stopped
+            await wait_until(lambda: pool.statistics().workers == 2 and not alive(stopped))
+            pids = await pool.map(tasks.pid_after, [0.05] * 20, chunk_size=1)
+            assert len(set(pids)) == 2 and stopped not in pids
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)

@@ -47,6 +47,23 @@ class Death:
         #: Whether it had started its first chunk (those behind it had not).
         self.began = False
 
+    def read(self, progress: Any, asked: bool) -> None:
+        """What its progress area says: whether it began its first chunk, and crashed
+        there, on an item or loading a function or the arguments (unless ``asked``:
+        killed, retiring, or stopped at exit)."""
+        chunks = self.chunks
+        seq, position, loading, sending = (int(progress[i]) for i in range(4))
+        on_item = bool(chunks) and 0 <= position < chunks[0].size  # else between items
+        if chunks and sending:  # pickling results: whose, known if only one (see _wire)
+            on_item, position = True, sending - 1 if sending - 1 == chunks[0].reported else -1
+        self.began = bool(chunks) and seq == chunks[0].seq
+        # Gone with its fork server: only an item it ran then is blamed (it may have
+        # killed the fork server; from outside, as any outside kill, it gets a retry).
+        if self.began and not asked and (on_item or not self.shared):
+            self.crashed = True
+            self.culprit = position if on_item and position >= 0 else None
+            self.loading = loading
+
     def blame(self, limit: int) -> None:
         """A worker that died on its own, its first chunk not begun, more than
         ``limit`` times with the same chunk next: that chunk crashed it, whatever its
@@ -220,6 +237,13 @@ class Reach:
                 if exc.errno == errno.EINVAL and flags:  # a kernel before 6.9
                     self._kill_group_by_number()
 
+    def resume(self) -> None:
+        """SIGCONT the worker: one stopped (job control, a debugger let go) and asked to
+        leave reads its end-of-file and leaves, rather than be killed seconds later."""
+        if self.fd is not None and os.getpid() == self.owner:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.fd, signal.SIGCONT)
+
     def _kill_group_by_number(self) -> None:  # pragma: no cover - a kernel before 6.9
         # While the worker is not reaped (a zombie still is), its group id is its own.
         with contextlib.suppress(OSError):
@@ -245,6 +269,14 @@ def running(pid: int) -> bool:
         return False
     except (OSError, IndexError, ValueError):
         return True
+
+
+def stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP, job control; not a tracer's stop)."""
+    try:
+        return _stat(pid)[0] == b"T"
+    except (OSError, IndexError):
+        return False
 
 
 PF_EXITING = 0x4  # in /proc/<pid>/stat's flags

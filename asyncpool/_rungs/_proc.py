@@ -23,7 +23,7 @@ from .._rebalance import Pace, has_waiting
 from .._remote import decode_error
 from .._retry import RungUnavailable
 from .._zygote import STATUS
-from ._death import Death, ForkServerGone, ProcState, Reach, running, watch_exit
+from ._death import Death, ForkServerGone, ProcState, Reach, running, stopped, watch_exit
 from ._inbox import Inbox, Loaded, Unpacked, unpack
 
 if TYPE_CHECKING:
@@ -302,19 +302,7 @@ class Proc:
         for chunk in chunks:
             self._release(chunk, ran=chunk.size)
         death = Death(chunks, exitcode, self._orphaned)
-        seq, position, loading, sending = (int(self.progress[i]) for i in range(4))
-        on_item = bool(chunks) and 0 <= position < chunks[0].size  # else between items
-        if chunks and sending:  # pickling results: whose, known if only one (see _wire)
-            on_item, position = True, sending - 1 if sending - 1 == chunks[0].reported else -1
-        death.began = bool(chunks) and seq == chunks[0].seq
-        # Gone with its fork server: only an item it ran then is blamed (it may have
-        # killed the fork server; from outside, as any outside kill, it gets a retry).
-        if chunks and not (self.killed or retiring or ForkServer.exiting) and (
-                seq == chunks[0].seq) and (on_item or not self._orphaned):
-            # On its oldest chunk: an item, or loading a function or the arguments.
-            death.crashed = True
-            death.culprit = position if on_item and position >= 0 else None
-            death.loading = loading
+        death.read(self.progress, self.killed or retiring or ForkServer.exiting)
         # Not asked, nor gone with the fork server (killed, or stopped at exit).
         death.unasked = not (self.killed or retiring or was_starting or self.asked_to_leave
                              or self._orphaned or ForkServer.exiting)
@@ -397,6 +385,16 @@ class Proc:
                     time.monotonic() >= self.doomed_since + HAND_OVER_SECONDS)):
                 self.kill()
 
+    def kill_stuck(self) -> None:
+        """kill_doomed; and kill the worker if it was stopped (SIGSTOP) before it took
+        up its next chunk: the chunks it holds go elsewhere, none of them started."""
+        self.kill_doomed()
+        if (self.state is ProcState.READY and self.chunks and self.pid and not self.killed
+                and time.monotonic() - self.heard > HAND_OVER_SECONDS
+                and int(self.progress[_wire.SEQ]) not in {c.seq for c in self.chunks}
+                and stopped(self.pid)):
+            self.kill()
+
     def retire(self) -> None:
         """Leave now, idle (its replacement is ready)."""
         if self.state is ProcState.READY and not self.chunks:
@@ -429,6 +427,8 @@ class Proc:
             self._writing = None
         with contextlib.suppress(OSError):
             self.sock.shutdown(2)
+        if self._reach is not None:  # (one stopped would not read it)
+            self._reach.resume()
         if self.pid is not None and self._stops:  # (not parked: its loop may be gone)
             self.loop.spawn(watch_exit, self)  # (it stops reading: see _on_readable)
 

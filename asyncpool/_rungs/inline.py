@@ -48,7 +48,8 @@ class InlineRung(Rung):
             started = time.monotonic()
             try:
                 initialize(config.initializer, config.initargs)
-            except (Exception, SystemExit) as exc:
+            except BaseException as exc:  # whatever it raises (a KeyboardInterrupt, a
+                # CancelledError of its own) is its failure, as on the other rungs
                 raise InitializerFailed.raised(config.initializer, exc,
                                                "on the event loop") from exc
             spent = time.monotonic() - started

@@ -30,7 +30,7 @@ from .._retry import RungUnavailable, RungUnsupported, is_transient
 from ._parking import check_directory, directory, park, take_parked, worker_settings
 from ._death import Death, ProcState, opening_done, opening_failure, opening_timed_out
 from ._frames import chunk_frame, runs_of
-from ._proc import Events, Proc
+from ._proc import HAND_OVER_SECONDS, Events, Proc
 from ._recycling import IDLE_SECONDS, Recycling
 from ._starts import Starts
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
@@ -58,8 +58,7 @@ class ProcessRung(Rung, Events):
         #: The task keeping the number of workers (see _supervise), and its wake-up.
         self._supervisor: Background | None = None
         self._nudge: Any = None
-        #: Whether the supervisor looks for stuck workers (else waiting chunks wake it).
-        self._looking = False
+        self._looking = math.inf  # how often (s) the supervisor looks for stuck workers
         self._settings, self._park_key = worker_settings(config)
         self._directory = directory()
         #: A busy worker gets a third chunk only while what it holds should take at most
@@ -200,7 +199,8 @@ class ProcessRung(Rung, Events):
         # Leaving soon (or after this chunk), it is replaced now, so no call waits for
         # it; or items wait behind others: the supervisor looks for a stuck worker.
         if self._recycling.replace_early(proc, chunk) or self._recycling.spent(proc) or (
-                not self._looking and (chunk.size > 1 or len(proc.chunks) > 1)):
+                self._looking == math.inf) or (self._looking > STUCK_SECONDS and (
+                    chunk.size > 1 or len(proc.chunks) > 1)):
             self._grow()
 
     def forget(self, fn_id: int) -> None:
@@ -376,19 +376,19 @@ class ProcessRung(Rung, Events):
             if error is None and not starts.any_started():
                 # Woken as a worker starts, leaves or will; while chunks wait behind
                 # busy workers, to look for stuck ones; while doomed calls have items
-                # in a running chunk, for one starting.
+                # in a running chunk, for one starting; while any works, for a stopped one.
                 self._nudge = self.loop.event()
-                self._looking = any(p.chunks and (p.doomed or has_waiting(p.chunks, p.progress))
-                                    for p in self.procs)
+                self._looking = STUCK_SECONDS if any(p.chunks and (
+                    p.doomed or has_waiting(p.chunks, p.progress)) for p in self.procs) else (
+                    HAND_OVER_SECONDS if any(p.chunks for p in self.procs) else math.inf)
                 with anyio.move_on_after(min(
-                        STUCK_SECONDS if self._looking else IDLE_SECONDS
-                        if self._recycling.leaving else math.inf,
+                        self._looking, IDLE_SECONDS if self._recycling.leaving else math.inf,
                         backoff if backoff > 0 else math.inf, starts.next_deadline())):
                     await self._nudge.wait()
             self._retire_idle()
             self._take_back()
             for proc in self.procs:
-                proc.kill_doomed()
+                proc.kill_stuck()
             error = starts.settle() or error
             # While a worker serves, or one starts, replacements are tried (or awaited);
             # an initializer that hung is not waited for again (as when opening), nor in
