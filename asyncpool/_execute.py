@@ -13,12 +13,12 @@ import pickle
 import sys
 import time
 
-from . import _wire
+from . import _turns, _wire
 from ._errors import FunctionUnavailable, InitializerFailed, RemoteError, pool_made
 from ._handover import Running, unwatch, watch
 from ._remote import encode_errors
 from ._retry import retry_again, task_retry_delays
-from ._share import cluster_function
+from ._share import cluster_function, run_initializer
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
@@ -303,13 +303,42 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
     ``versions`` orders the functions' pickles (see :func:`cluster_function`). Raises
     InitializerFailed if the pool's ``initializer`` (its plugin's name) failed here.
     """
-    if initializer is not None and cluster_init_failures:
+    plugin: Any = None
+    mark = initializer or "", ""
+    if initializer is not None:
         from distributed import get_worker
 
-        failed = cluster_init_failures.get((initializer, get_worker().address))
+        worker = get_worker()
+        mark = initializer, worker.address
+        failed = cluster_init_failures.get(mark)
         if failed is not None:
             raise InitializerFailed(f"the initializer raised on this Dask worker (which "
                                     f"joined or restarted): {failed}")
+        plugin = worker.plugins.get(initializer)
+    if plugin is None:
+        return _run_on_cluster(blobs, arguments, retries, space, versions)
+
+    def again() -> None:  # another pool's initializer ran in this process since
+        try:
+            run_initializer(plugin.blob, plugin.space, loads)
+        except BaseException as exc:
+            cluster_init_failures[mark] = repr(exc)
+            raise InitializerFailed(f"the initializer raised on this Dask worker, run "
+                                    f"for this pool (another pool's had run here since): "
+                                    f"{exc!r}") from exc
+
+    if not _turns.enter(plugin.blob, again):
+        raise InitializerFailed("the pool left this Dask worker while its initializer ran")
+    try:
+        return _run_on_cluster(blobs, arguments, retries, space, versions)
+    finally:
+        _turns.leave()
+
+
+def _run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, space: str,
+                    versions: Sequence[int]
+                    ) -> tuple[list[bytes | bytearray], list[tuple[int, bytes, str]],
+                               tuple[list[float], int], str | None, str | None]:
     functions = []
     for index, blob in enumerate(blobs):
         # Each task carries its function's pickle: loaded once per worker process.

@@ -53,6 +53,13 @@ def initialize(initializer: Any, initargs: tuple[Any, ...]) -> None:
                         "inside)")
 
 
+def run_initializer(blob: bytes, space: str, load: Callable[[bytes], Any]) -> None:
+    """On a Dask worker: run the initializer (and arguments) pickled as ``blob`` in pool
+    ``space``'s namespace."""
+    initializer, initargs = load(blob)
+    initialize(share_main(initializer, space), initargs)
+
+
 def pin(space: str, by: int) -> bool:
     """A worker of this process holds (``by`` 1) or let go of (-1) the initializer
     plugin of the pool whose namespace is ``space``; let go by all, the namespace goes

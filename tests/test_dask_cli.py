@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 
 from asyncpool import (
     FunctionUnavailable,
     InitializerFailed,
+    PoolEvent,
     ResilientPool,
     WorkerCrashed,
 )
@@ -433,6 +435,58 @@ async def test_an_initializer_that_hangs_on_the_cluster_fails_at_start_timeout(
     # background, it stayed when the program ended at once, and every worker that
     # joined later ran the dead pool's initializer.
     assert await _pools_plugins(cluster) == []
+
+
+async def test_a_worker_stopped_as_the_initializer_registers_is_no_initializer_failure(
+        cluster: CliCluster) -> None:
+    # A worker someone stopped (SIGSTOP) never answered the plugin's registration:
+    # the pool failed to open with InitializerFailed ("did not return within
+    # start_timeout"), blaming an initializer that had run fine on the other worker.
+    worker, = [p for p in psutil.Process(cluster.workers[0].pid).children()  # (its
+               if "spawn_main" in " ".join(p.cmdline())]  # nanny's, not its tracker)
+    worker.suspend()
+    events: list[PoolEvent] = []
+    try:
+        async with ResilientPool(max_workers=2, dask_address=cluster.address,
+                                 initializer=tasks.remember, initargs=("set",),
+                                 start_timeout=4.0, promote_after=60,
+                                 on_event=events.append) as pool:
+            assert pool.backend == "process"
+            assert {tag for tag, _, _ in await pool.map(tasks.recall, range(4))} == {"set"}
+    finally:
+        worker.resume()
+    assert any("stopped answering" in e.message for e in events
+               if e.kind == "creation_failed"), [e.message for e in events]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+async def test_pools_whose_initializers_set_one_module_global_each_read_their_own(
+        threads: int) -> None:
+    # Two pools on one worker whose initializers set the same global of an importable
+    # module (tasks.STATE): each read what the initializer that ran last had set.
+    cluster = CliCluster(workers=1, threads=threads)
+    try:
+        cluster.start_scheduler()
+        cluster.start_workers()
+        await cluster.wait_ready()
+        pools = [ResilientPool(max_workers=1, dask_address=cluster.address,
+                               initializer=tasks.remember, initargs=(tag,))
+                 for tag in ("a", "b")]
+        async with pools[0] as a, pools[1] as b:
+            assert a.backend == b.backend == "dask"
+            for pool, tag in ((a, "a"), (b, "b"), (a, "a")):
+                assert await pool.run(tasks.recall_across, 0) == (tag, tag)
+            seen: dict[str, list[tuple[object, object]]] = {}
+
+            async def mapped(pool: ResilientPool, tag: str) -> None:
+                seen[tag] = await pool.map(tasks.recall_across, [0.05] * 12, chunk_size=1)
+
+            async with anyio.create_task_group() as group:  # side by side, then
+                for pool, tag in ((a, "a"), (b, "b")):
+                    group.start_soon(mapped, pool, tag)
+            assert set(seen["a"]) == {("a", "a")} and set(seen["b"]) == {("b", "b")}, seen
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.parametrize("initializer", [tasks.fail_on_cluster,

@@ -1167,7 +1167,7 @@ async def test_initializers_left_on_a_scheduler_leave_with_the_next_that_answers
     # Left by rungs its scheduler did not answer, initializer plugins were asked to
     # leave one after another, 5 s each, with no answer coming; keyed by the address
     # as written, another spelling of it never removed them.
-    from asyncpool._rungs import _dask_client
+    from asyncpool._rungs import _dask_init
 
     class Client:
         answers = False
@@ -1181,27 +1181,27 @@ async def test_initializers_left_on_a_scheduler_leave_with_the_next_that_answers
 
     client = Client()
     for name in ("a", "b", "c"):
-        await _dask_client.unregister_initializers(client, "sched-1", name, False)
-    await _dask_client.unregister_initializers(client, "sched-1", None, True)
+        await _dask_init.unregister_initializers(client, "sched-1", name, False)
+    await _dask_init.unregister_initializers(client, "sched-1", None, True)
     assert client.asked == ["a"]  # the first gets no answer: the rest wait too
     client.answers = True
-    await _dask_client.unregister_initializers(client, "sched-2", None, True)
+    await _dask_init.unregister_initializers(client, "sched-2", None, True)
     assert client.asked == ["a"]  # another scheduler (a restarted one) has none
-    await _dask_client.unregister_initializers(client, "sched-1", "d", True)
+    await _dask_init.unregister_initializers(client, "sched-1", "d", True)
     assert client.asked == ["a", "a", "b", "c", "d"]
-    assert "sched-1" not in _dask_client._LEFT
+    assert "sched-1" not in _dask_init._LEFT
     # Two closing at once: the second found the first had removed the entry.
     client.answers = False
-    await _dask_client.unregister_initializers(client, "sched-3", "e", False)
+    await _dask_init.unregister_initializers(client, "sched-3", "e", False)
     client.answers = True
 
     async def close() -> None:
-        await _dask_client.unregister_initializers(client, "sched-3", None, True)
+        await _dask_init.unregister_initializers(client, "sched-3", None, True)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(close)
         tg.start_soon(close)
-    assert "sched-3" not in _dask_client._LEFT
+    assert "sched-3" not in _dask_init._LEFT
 
 
 def test_a_cut_charges_the_function_found_slow_and_no_other() -> None:

@@ -69,9 +69,9 @@ async def create_rung(name: str, config: PoolConfig, listener: Listener, loop: L
 
 async def clean_up_cluster(config: PoolConfig, loop: Loop) -> None:
     """After a pool's rungs closed: what they left on a cluster through the caller's
-    own client (which outlives the pool) is removed (see _dask_client._LEFT)."""
+    own client (which outlives the pool) is removed (see _dask_init._LEFT)."""
     if config.dask_client is not None and loop.name == "asyncio":  # the client's loop
-        from ._dask_client import unregister_left_with
+        from ._dask_init import unregister_left_with
 
         await unregister_left_with(config.dask_client)
 

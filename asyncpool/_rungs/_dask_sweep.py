@@ -17,3 +17,15 @@ def plugins_of_gone_clients(dask_scheduler: Any) -> list[str]:
                 parts[3] not in connected):
             gone.append(name)
     return gone
+
+
+def silent_workers(dask_scheduler: Any) -> list[str]:
+    """The workers that have not been heard from for three of their heartbeats (and
+    at least 3 s): stopped, hung or cut off."""
+    from time import time
+
+    from distributed.scheduler import heartbeat_interval
+
+    quiet = max(3.0, 3 * heartbeat_interval(len(dask_scheduler.workers)))
+    return [ws.address for ws in dask_scheduler.workers.values()
+            if time() - ws.last_seen > quiet]

@@ -37,8 +37,8 @@ from .._remote import decode_error
 from .._retry import RungUnavailable
 from ._dask_client import (Scattered, ScatterFailed, StoppedCalls, beside, can_serve_on,
                            cancel_quietly, client_space, close_later, close_quietly, connect,
-                           given, in_step, lost_connection, outcome, register_initializer,
-                           retrieved, unregister_initializers)
+                           given, in_step, lost_connection, outcome, retrieved)
+from ._dask_init import register_initializer, unregister_initializers
 from ._inbox import Loaded, load, load_apart
 from .base import ChunkUnpicklable, Listener, Rung, RungState, unpicklable_items
 
