@@ -149,6 +149,8 @@ class Call:
         #: timing serves all its calls: a call of tiny items among calls of big ones,
         #: judged by theirs, went one item a chunk).
         self.own_per_item: float | None = None
+        #: When the caller stops waiting for it (anyio's clock; set as it starts to).
+        self.deadline = math.inf
         self._make_event = event
         self._event: Any = None
 

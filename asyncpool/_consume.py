@@ -77,7 +77,8 @@ class _Feeder:
 
 def _deadline(call: Call) -> float:
     timeout = call.options.timeout
-    return math.inf if timeout is None else anyio.current_time() + timeout
+    call.deadline = math.inf if timeout is None else anyio.current_time() + timeout
+    return call.deadline
 
 
 class _Unbounded:

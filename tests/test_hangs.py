@@ -1538,3 +1538,27 @@ def test_workers_that_print_to_a_terminal_with_tostop_are_not_stopped() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "DONE" in proc.stdout and "exit 0" in proc.stdout, proc.stdout[-2000:]
     assert all(f"said {i}" in proc.stdout for i in range(6)), proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("whose", ["timeout", "caller's scope"])
+async def test_the_inline_rung_starts_no_item_after_the_deadline(
+        whose: str, anyio_backend: str) -> None:
+    # On asyncio, an item that ended after the deadline was followed by the next one
+    # (the rung took the loop back before the deadline's cancellation reached the
+    # call): the caller got its DeadlineExceeded an item late, a second here.
+    started: list[int] = []
+
+    def slow(i: int) -> int:
+        started.append(i)
+        time.sleep(0.4)
+        return i
+
+    async with ResilientPool(max_workers=1, rungs=("inline",)) as pool:
+        if whose == "timeout":
+            with pytest.raises(DeadlineExceeded):
+                await pool.map(slow, range(6), chunk_size=6, timeout=0.6)
+        else:
+            with anyio.move_on_after(0.6):
+                await pool.map(slow, range(6), chunk_size=6)
+        assert started == [0, 1]
+        assert await pool.map(slow, [7]) == [7]  # and it serves on

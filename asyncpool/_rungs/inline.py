@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 #: The inline rung gives the loop a turn at least this often (seconds).
 SLICE = 0.002
+#: Loop turns it gives at each slice.
+TURNS = 4
 
 
 class InlineRung(Rung):
@@ -80,8 +82,9 @@ class InlineRung(Rung):
         try:
             for piece in chunk.pieces:
                 fn, star, call = piece.call.fn, piece.call.star, piece.call.id
+                deadline = piece.call.deadline
                 for item in piece.items:
-                    if call in self._cancelled:
+                    if call in self._cancelled or anyio.current_time() >= deadline:
                         results.append(SKIPPED)
                     else:
                         # What the task raises, whatever it is (a KeyboardInterrupt, a
@@ -105,7 +108,10 @@ class InlineRung(Rung):
                     if time.perf_counter() - last >= SLICE:
                         self.listener.chunk_progress(chunk, first, position, results, errors)
                         results, errors, first = [], {}, position
-                        await anyio.lowlevel.checkpoint()
+                        # A few turns: a caller's cancel scope that expired meanwhile
+                        # is delivered, its call ended, before the next item starts.
+                        for _ in range(TURNS):
+                            await anyio.lowlevel.checkpoint()
                         last = time.perf_counter()
         finally:
             if position > first:
