@@ -89,9 +89,7 @@ class Engine:
 
     def __init__(self, config: PoolConfig, ladder: Ladder, outcomes: Outcomes,
                  emit: Emitter, loop: Loop) -> None:
-        self.config = config
-        self.emit = emit
-        self.loop = loop
+        self.config, self.emit, self.loop = config, emit, loop
         self.outcomes = outcomes
         self.ladder = ladder
         #: Calls that may have input to send, served in turn.
@@ -261,20 +259,20 @@ class Engine:
             by_priority(self.ready)
         if self._fresh_turn:
             self._fresh_turn = False
-            chunk = self._new_chunk(limit, self._lanes(rung))
+            chunk = self._new_chunk(limit, self._lanes(rung), rung.least_chunk_seconds)
             if chunk is not None:
                 return chunk
         chunk = self.outcomes.next_resend(limit)
         if chunk is not None:
             self._fresh_turn = True
             return chunk
-        return self._new_chunk(limit, self._lanes(rung))
+        return self._new_chunk(limit, self._lanes(rung), rung.least_chunk_seconds)
 
     def _lanes(self, rung: Rung) -> int:
         return max(1, rung.lanes or self.config.max_workers)
 
-    def _new_chunk(self, limit: int, lanes: int) -> Chunk | None:
-        target = self.config.target_chunk_seconds
+    def _new_chunk(self, limit: int, lanes: int, least: float) -> Chunk | None:
+        target = max(self.config.target_chunk_seconds, least)
         budget = target
         pieces: list[Piece] = []
         count = known = 0
@@ -392,8 +390,10 @@ class Engine:
             return fixed  # the caller's own (items of 20 ms went 24 to a chunk, not 100)
         per_chunk = self.config.max_chunk_size
         if call.per_item is not None:
-            per_chunk = max(1, min(per_chunk, int(self.config.target_chunk_seconds
-                                                  / max(call.per_item, 1e-9))))
+            serving = self.ladder.serving
+            target = max(self.config.target_chunk_seconds,
+                         0.0 if serving is None else serving.least_chunk_seconds)
+            per_chunk = max(1, min(per_chunk, int(target / max(call.per_item, 1e-9))))
         return per_chunk
 
     def _over_window(self, call: Call) -> bool:

@@ -103,6 +103,9 @@ class Rung:
 
     #: How many items run at once where this rung runs them (None: max_workers).
     lanes: int | None = None
+    #: Auto-sized chunks hold at least this many seconds of work here (beside
+    #: ``target_chunk_seconds``): where each chunk costs milliseconds to send.
+    least_chunk_seconds = 0.0
 
     def __init__(self) -> None:
         self._state = RungState.SERVING

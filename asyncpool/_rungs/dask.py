@@ -66,13 +66,13 @@ class DaskRung(Rung):
     """
 
     name = "dask"
+    least_chunk_seconds = 0.05  # a task's round trip through the scheduler takes ms
 
     def __init__(self, config: PoolConfig, listener: Listener, loop: Loop, client: Any,
                  owned: bool) -> None:
         super().__init__()
         self.config, self.listener, self.loop = config, listener, loop
-        self.client = client
-        self.owned = owned
+        self.client, self.owned = client, owned
         self.lanes: int = 1
         #: Its scheduler was found not answering (stopped, hung).
         self._silent = False
