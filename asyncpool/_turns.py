@@ -24,7 +24,7 @@ _room = threading.Condition()
 _current: bytes | None = None
 #: Chunks running under it; and the initializer running (alone), if one is.
 _inside = 0
-_switching: bytes | None = None
+_switching: tuple[bytes, object] | None = None  # (initializer, this switch)
 #: Switches so far (a turn that waited through one to its own initializer goes in).
 _generation = 0
 #: Turns waiting, by initializer.
@@ -49,7 +49,7 @@ def enter(blob: bytes, apply: Callable[[], None], wait: bool = True) -> bool:
                         _inside += 1
                         return True
                     if _current != blob and not _inside:
-                        _switching = blob
+                        _switching = mine = blob, object()
                         break
                 if not wait:
                     return False
@@ -65,10 +65,13 @@ def enter(blob: bytes, apply: Callable[[], None], wait: bool = True) -> bool:
     try:
         apply()
     except BaseException:
-        abandon(blob)
+        with _room:
+            if _switching is mine:
+                _current, _switching = None, None
+                _room.notify_all()
         raise
     with _room:
-        if _switching != blob:  # abandoned meanwhile: what it set is nobody's
+        if _switching is not mine:  # abandoned meanwhile: what it set is nobody's
             return False
         _current, _switching = blob, None
         _generation += 1
@@ -82,7 +85,7 @@ def abandon(blob: bytes) -> None:
     not hold the process from the others): the state is nobody's."""
     global _current, _switching
     with _room:
-        if _switching == blob:
+        if _switching is not None and _switching[0] == blob:
             _current, _switching = None, None
             _room.notify_all()
 

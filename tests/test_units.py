@@ -14,6 +14,7 @@ import socket
 import itertools
 import sys
 import threading
+import time
 import types
 import typing
 from types import ModuleType, SimpleNamespace
@@ -1681,3 +1682,52 @@ def test_a_container_of_large_bytes_that_holds_itself_still_does() -> None:
         assert len(parts) > 1  # (out of band)
         back = pickle.loads(parts[0], buffers=parts[1:])[0]
         assert (back["me"] if isinstance(back, dict) else back[-1]) is back
+
+
+def test_chunks_of_two_initializers_never_share_a_cluster_workers_process() -> None:
+    # Two pools' initializers set one global of an importable module on a Dask worker:
+    # a chunk of one that ran after the other's initializer had run read its state.
+    from asyncpool import _turns
+
+    state: dict[str, str | None] = {"tag": None}
+    wrong: list[tuple[str, object, object]] = []
+    applied: list[str] = []
+
+    def chunks(tag: str) -> None:
+        def apply() -> None:
+            applied.append(tag)
+            state["tag"] = tag
+
+        for _ in range(15):
+            assert _turns.enter(tag.encode(), apply)
+            try:
+                before = state["tag"]
+                time.sleep(0.001)
+                if (before, state["tag"]) != (tag, tag):
+                    wrong.append((tag, before, state["tag"]))
+            finally:
+                _turns.leave()
+
+    threads = [threading.Thread(target=chunks, args=(tag,)) for tag in "ttuuv"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)  # none waited for good
+    assert not wrong, wrong[:5]
+    assert set(applied) == {"t", "u", "v"}
+    # One that raises holds nothing; one whose pool left as it ran holds nothing after.
+    with pytest.raises(ZeroDivisionError):
+        _turns.enter(b"w", lambda: 1 / 0)  # type: ignore[func-returns-value]
+    release = threading.Event()
+    left: list[bool] = []
+    slow = threading.Thread(target=lambda: left.append(_turns.enter(b"x", release.wait)))
+    slow.start()
+    time.sleep(0.05)
+    assert not _turns.enter(b"t", lambda: None, wait=False)  # x's initializer runs
+    _turns.abandon(b"x")
+    assert _turns.enter(b"t", lambda: None, wait=False) and _turns.holds(b"t")
+    _turns.leave()
+    release.set()
+    slow.join(timeout=10)
+    assert left == [False] and _turns.holds(b"t")
