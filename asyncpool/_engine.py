@@ -271,7 +271,7 @@ class Engine:
     def _lanes(self, rung: Rung) -> int:
         return max(1, rung.lanes or self.config.max_workers)
 
-    def _new_chunk(self, limit: int, lanes: int, least: float) -> Chunk | None:
+    def _new_chunk(self, limit: int, lanes: int, least: float = 0.0) -> Chunk | None:
         target = max(self.config.target_chunk_seconds, least)
         budget = target
         pieces: list[Piece] = []
