@@ -1,8 +1,8 @@
 """Running items, wherever they run: each item with its own outcome.
 
 Threads of the thread rung call :func:`execute` directly; worker processes
-(:mod:`asyncpool._worker`) and Dask workers (:func:`run_on_cluster`) call it on what
-they unpickled. What their errors become on the way back is :mod:`asyncpool._remote`'s.
+(:mod:`asyncpool._worker`) and Dask workers (:mod:`asyncpool._cluster`) call it on
+what they unpickled. What their errors become on the way back is :mod:`asyncpool._remote`'s.
 This module imports little: worker processes load it.
 """
 
@@ -13,12 +13,10 @@ import pickle
 import sys
 import time
 
-from . import _turns, _wire
-from ._errors import FunctionUnavailable, InitializerFailed, RemoteError, pool_made
+from . import _wire
+from ._errors import FunctionUnavailable, RemoteError, pool_made
 from ._handover import Running, unwatch, watch
-from ._remote import encode_errors
 from ._retry import retry_again, task_retry_delays
-from ._share import cluster_function, run_initializer
 
 TYPE_CHECKING = False  # not typing's: worker processes import this module quickly
 if TYPE_CHECKING:
@@ -264,114 +262,6 @@ class _Skipped:
 
 #: Stands for an item that was not run because its call was cancelled.
 SKIPPED = _Skipped()
-
-
-#: Calls each client process stopped: a Dask worker's running chunks skip their items
-#: not started (Dask cannot stop a task that runs). At most 4,096 for each.
-_cluster_cancelled: dict[str, set[int]] = {}
-#: Initializers that raised on a Dask worker of this process (one that joined, or
-#: restarted), by their plugin's name and the worker's address: the pool's tasks must
-#: not run there uninitialised.
-cluster_init_failures: dict[tuple[str, str], str] = {}
-
-
-def forget_space(space: str) -> None:
-    """The pool whose client process and pool are ``space`` closed (its functions went
-    with its namespace)."""
-    _cluster_cancelled.pop(space, None)
-
-
-def cancel_on_cluster(space: str, calls: list[int]) -> None:
-    """Run on each Dask worker (``client.run``) when the client process stops calls."""
-    found = _cluster_cancelled.setdefault(space, set())
-    if len(found) + len(calls) > 4096:
-        found.clear()
-    found.update(calls)
-
-
-def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, space: str,
-                   versions: Sequence[int] = (), initializer: str | None = None
-                   ) -> tuple[list[bytes | bytearray], list[tuple[int, bytes, str]],
-                              tuple[list[float], int], str | None, str | None]:
-    """What the dask rung runs on a Dask worker: (the results' pickle and its
-    out-of-band buffers, errors, (seconds, retries), why the function could not be
-    loaded or None, why the arguments could not be or None).
-
-    ``arguments`` is the runs' pickle (function index, star, call id, items) and its
-    buffers, made by the rung: an item that does not unpickle here fails its chunk
-    (which the rung splits), not the task. ``space`` names the client process,
-    ``versions`` orders the functions' pickles (see :func:`cluster_function`). Raises
-    InitializerFailed if the pool's ``initializer`` (its plugin's name) failed here.
-    """
-    plugin: Any = None
-    mark = initializer or "", ""
-    if initializer is not None:
-        from distributed import get_worker
-
-        worker = get_worker()
-        mark = initializer, worker.address
-        failed = cluster_init_failures.get(mark)
-        if failed is not None:
-            raise InitializerFailed(f"the initializer raised on this Dask worker (which "
-                                    f"joined or restarted): {failed}")
-        plugin = worker.plugins.get(initializer)
-    if plugin is None:
-        return _run_on_cluster(blobs, arguments, retries, space, versions)
-
-    def again() -> None:  # another pool's initializer ran in this process since
-        try:
-            run_initializer(plugin.blob, plugin.space, loads)
-        except BaseException as exc:
-            cluster_init_failures[mark] = repr(exc)
-            raise InitializerFailed(f"the initializer raised on this Dask worker, run "
-                                    f"for this pool (another pool's had run here since): "
-                                    f"{exc!r}") from exc
-
-    if not _turns.enter(plugin.blob, again):
-        raise InitializerFailed("the pool left this Dask worker while its initializer ran")
-    try:
-        return _run_on_cluster(blobs, arguments, retries, space, versions)
-    finally:
-        _turns.leave()
-
-
-def _run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, space: str,
-                    versions: Sequence[int]
-                    ) -> tuple[list[bytes | bytearray], list[tuple[int, bytes, str]],
-                               tuple[list[float], int], str | None, str | None]:
-    functions = []
-    for index, blob in enumerate(blobs):
-        # Each task carries its function's pickle: loaded once per worker process.
-        try:
-            functions.append(cluster_function(
-                space, blob, versions[index] if index < len(versions) else 0, loads))
-        except BaseException as exc:
-            return [], [], ([], 0), repr(exc), None
-    try:
-        runs: list[tuple[int, bool, int, list[Any]]] = loads(arguments[0], arguments[1:])
-    except BaseException as exc:
-        return [], [], ([], 0), None, repr(exc)
-    results: list[Any] = []
-    errors: dict[int, BaseException] = {}
-    spent: list[tuple[list[float], int]] = [([], 0)]
-    cancelled = _cluster_cancelled.setdefault(space, set())
-    if len(_cluster_cancelled) > 1024:  # pools long gone (those without a plugin)
-        _cluster_cancelled.pop(list(_cluster_cancelled)[0], None)
-
-    def tick(first: int, upto: int, done: list[Any], failed: dict[int, BaseException],
-             end: tuple[list[float], int] | None) -> tuple[AbstractSet[int], bool]:
-        results.extend(done)
-        errors.update(failed)
-        if end is not None:
-            spent[0] = end
-        return cancelled, False
-
-    execute([(functions[f], star, call, items) for f, star, call, items in runs],
-            retries, tick, skip=cancelled)
-    # As the wire does: a writable buffer (a NumPy array's data) comes back writable.
-    parts = [bytes(part) if memoryview(part).readonly else bytearray(part)
-             for part in dump_results(results)]
-    return parts, encode_errors(errors), spent[0], None, None
 
 
 def dump_results(results: list[Any]) -> _wire.Parts:

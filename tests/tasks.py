@@ -383,6 +383,22 @@ def recall(_: object = None) -> tuple[object, object, int]:
     return STATE.get("tag"), STATE.get("runs"), os.getpid()
 
 
+def note_run(path: str, tag: str, hang_after: int = 0, settle: float = 0.0) -> None:
+    """An initializer: sets the tag (None for ``settle`` seconds first) and appends it
+    to the file ``path``; once this process ran it ``hang_after`` times (if not 0), it
+    hangs 30 s instead."""
+    runs = STATE.setdefault("runs_of", {})
+    assert isinstance(runs, dict)
+    runs[tag] = runs.get(tag, 0) + 1
+    if hang_after and runs[tag] > hang_after:
+        time.sleep(30)
+    STATE["tag"] = None
+    time.sleep(settle)
+    STATE["tag"] = tag
+    with open(path, "a") as f:
+        f.write(tag + "\n")
+
+
 def recall_across(seconds: float) -> tuple[object, object]:
     """The tag an initializer set, as it was before and after ``seconds`` of work."""
     before = STATE.get("tag")

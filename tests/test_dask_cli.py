@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from asyncpool import (
+    DeadlineExceeded,
     FunctionUnavailable,
     InitializerFailed,
     PoolEvent,
@@ -487,6 +488,66 @@ async def test_pools_whose_initializers_set_one_module_global_each_read_their_ow
             assert set(seen["a"]) == {("a", "a")} and set(seen["b"]) == {("b", "b")}, seen
     finally:
         cluster.stop()
+
+
+async def test_a_pools_initializer_hung_on_its_turn_holds_no_other_pool(
+        tmp_path: Path) -> None:
+    # Run again for its turn (another pool's had run since), an initializer that hung
+    # held the worker's process from every pool for good, its own closed or not; and
+    # chunks of a call that had stopped, or of a pool that had closed, ran their
+    # initializer when their turn came.
+    cluster = CliCluster(workers=1, threads=2)
+    runs = tmp_path / "runs"
+    try:
+        cluster.start_scheduler()
+        cluster.start_workers()
+        await cluster.wait_ready()
+        a = ResilientPool(max_workers=1, dask_address=cluster.address,
+                          initializer=tasks.note_run, initargs=(str(runs), "a"))
+        b = ResilientPool(max_workers=1, dask_address=cluster.address, start_timeout=2.0,
+                          initializer=tasks.note_run, initargs=(str(runs), "b", 1),
+                          promote_after=60)
+        async with a, b:
+            assert a.backend == b.backend == "dask"
+            # A call of b whose chunks wait for their turn behind a's stops: they run
+            # no initializer (the file says who ran, in order).
+            async with anyio.create_task_group() as group:
+                group.start_soon(functools.partial(a.run, tasks.nap, 1.0))
+                await anyio.sleep(0.3)
+                with pytest.raises(DeadlineExceeded):
+                    await b.map(tasks.nap, [0.1] * 3, chunk_size=1, timeout=0.3)
+            assert await a.run(tasks.recall_across, 0, timeout=20) == ("a", "a")
+            assert runs.read_text() == "a\nb\na\n"  # (a's again, for its nap)
+            with pytest.raises(InitializerFailed, match="start_timeout"):
+                await b.run(tasks.recall_across, 0, timeout=20)  # its second run hangs
+            assert await a.run(tasks.recall_across, 0, timeout=20) == ("a", "a")
+        async with a.__class__(max_workers=1, dask_address=cluster.address,
+                               initializer=tasks.note_run,
+                               initargs=(str(runs), "c")) as c:
+            assert await c.run(tasks.recall_across, 0, timeout=20) == ("c", "c")
+    finally:
+        cluster.stop()
+
+
+async def test_a_pool_opening_with_the_same_initializer_changes_nothing_mid_task(
+        cluster: CliCluster, tmp_path: Path) -> None:
+    # Its initializer (alike: same function, same arguments) ran beside a chunk of the
+    # first pool, which saw the global it sets change under it.
+    runs = str(tmp_path / "runs")
+    options: dict[str, Any] = dict(max_workers=1, dask_address=cluster.address,
+                                   initializer=tasks.note_run, initargs=(runs, "x", 0, 2.0))
+    async with ResilientPool(**options) as first:
+        async with anyio.create_task_group() as group:
+            seen: list[object] = []
+
+            async def across() -> None:
+                seen.append(await first.run(tasks.recall_across, 1.5))
+
+            group.start_soon(across)
+            await anyio.sleep(0.3)
+            async with ResilientPool(**options) as second:
+                assert await second.run(tasks.recall_across, 0) == ("x", "x")
+        assert seen == [("x", "x")]
 
 
 @pytest.mark.parametrize("initializer", [tasks.fail_on_cluster,

@@ -1699,7 +1699,7 @@ def test_chunks_of_two_initializers_never_share_a_cluster_workers_process() -> N
             state["tag"] = tag
 
         for _ in range(15):
-            assert _turns.enter(tag.encode(), apply)
+            assert _turns.enter(tag, apply)
             try:
                 before = state["tag"]
                 time.sleep(0.001)
@@ -1718,16 +1718,16 @@ def test_chunks_of_two_initializers_never_share_a_cluster_workers_process() -> N
     assert set(applied) == {"t", "u", "v"}
     # One that raises holds nothing; one whose pool left as it ran holds nothing after.
     with pytest.raises(ZeroDivisionError):
-        _turns.enter(b"w", lambda: 1 / 0)  # type: ignore[func-returns-value]
+        _turns.enter("w", lambda: 1 / 0)  # type: ignore[func-returns-value]
     release = threading.Event()
     left: list[bool] = []
-    slow = threading.Thread(target=lambda: left.append(_turns.enter(b"x", release.wait)))
+    slow = threading.Thread(target=lambda: left.append(_turns.enter("x", release.wait)))
     slow.start()
     time.sleep(0.05)
-    assert not _turns.enter(b"t", lambda: None, wait=False)  # x's initializer runs
-    _turns.abandon(b"x")
-    assert _turns.enter(b"t", lambda: None, wait=False) and _turns.holds(b"t")
+    assert not _turns.enter("t", lambda: None, timeout=0)  # x's initializer runs
+    _turns.abandon("x")
+    assert _turns.enter("t", lambda: None, timeout=0) and _turns.holds("t")
     _turns.leave()
     release.set()
     slow.join(timeout=10)
-    assert left == [False] and _turns.holds(b"t")
+    assert left == [False] and _turns.holds("t")

@@ -90,7 +90,7 @@ class StoppedCalls:
         self.calls |= calls
 
     async def _tell(self) -> None:
-        from .._execute import cancel_on_cluster
+        from .._cluster import cancel_on_cluster
 
         await asyncio.sleep(0.02)
         calls, self.calls = sorted(self.calls), set()

@@ -82,7 +82,7 @@ async def register_initializer(client: Any, config: PoolConfig, name: str, space
     await _unregister_gone(client, config.dask_connect_timeout)
     try:
         await _while_answering(client.register_plugin(
-            InitializerPlugin(blob, space, name), name=name), client, timeout,
+            InitializerPlugin(blob, space, name, timeout), name=name), client, timeout,
             config.dask_connect_timeout)
     except RungUnavailable:
         raise

@@ -32,7 +32,7 @@ import anyio
 from .. import _wire
 from .._call import CallState
 from .._errors import FunctionUnavailable, InitializerFailed, SerializationError, pool_made
-from .._execute import run_on_cluster
+from .._cluster import run_on_cluster
 from .._remote import decode_error
 from .._retry import RungUnavailable
 from ._dask_client import (Scattered, ScatterFailed, StoppedCalls, beside, can_serve_on,
@@ -318,7 +318,7 @@ class DaskRung(Rung):
     def _answered(self, chunk: Chunk, loaded: Loaded | None, blob: list[Any], errors: Any,
                   spent: tuple[list[float], int], function_error: str | None,
                   arguments_error: str | None) -> None:
-        """The task's answer (see :func:`asyncpool._execute.run_on_cluster`), its
+        """The task's answer (see :func:`asyncpool._cluster.run_on_cluster`), its
         results if loaded in a thread; the last two say why the function, or the
         chunk's items, did not load there."""
         seconds, retried = spent
