@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any, NoReturn
 
 from ._errors import AsyncPoolError
-from ._functions import is_async
+from ._functions import check_function
 from ._pool import ResilientPool
 from ._remote import message_of
 
@@ -34,6 +35,7 @@ class UsageError(Exception):
     """A mistake in the command line or its files: one line on stderr, exit code 2."""
 
 
+_ABSENT = object()
 #: What a JSON line's value may be: a method of these takes the value as its self.
 _JSON_TYPES = (dict, list, str, int, float, bool, type(None))
 
@@ -52,18 +54,25 @@ def load_function(spec: str) -> Callable[[Any], Any]:
     except (Exception, SystemExit) as exc:  # not found, a syntax error, raising or
         # exiting as it loads (a script that parses its command line, say)
         hint = (" (run from the module's folder, or put that folder on PYTHONPATH)"
-                if isinstance(exc, ModuleNotFoundError) and exc.name == module_name else "")
+                if isinstance(exc, ModuleNotFoundError) and exc.name is not None
+                and f"{module_name}.".startswith(f"{exc.name}.") else "")
         raise UsageError(f"cannot import {module_name!r}: "
                          f"{type(exc).__name__}: {exc}{hint}") from None
     fn: Any = module
     owner: Any = None
-    for part in attr.split("."):  # MODULE:Class.method too
-        owner, fn = fn, getattr(fn, part, None)
-        if fn is None:
+    parts = attr.split(".")  # MODULE:Class.method too
+    for at, part in enumerate(parts):
+        owner, fn = fn, getattr(fn, part, _ABSENT)
+        if fn is _ABSENT:
             near = difflib.get_close_matches(part, [n for n in dir(owner)
                                                     if not n.startswith("_")], 1)
+            sub = (f"{owner.__name__}.{part}" if hasattr(owner, "__path__")
+                   and at + 1 < len(parts) and importlib.util.find_spec(
+                       f"{owner.__name__}.{part}") is not None else "")  # (a package's)
             raise UsageError(f"{module_name} has no function {attr!r}" + (
-                f": did you mean {near[0]!r}?" if near else ""))
+                f": did you mean {'.'.join([*parts[:at], near[0]])!r}?" if near else
+                f" (a submodule: give it as {sub}:{'.'.join(parts[at + 1:])})" if sub
+                else ""))
     if _of_instances(owner, fn, inspect.getattr_static(owner, attr.rpartition(".")[2], None)):
         raise UsageError(f"{module_name}.{attr} is a method of instances: each line would "
                          "be passed as self; make it a staticmethod or classmethod, or "
@@ -71,8 +80,10 @@ def load_function(spec: str) -> Callable[[Any], Any]:
     if not callable(fn):
         raise UsageError(f"{module_name}.{attr} is not a function (its type is "
                          f"{type(fn).__name__})")
-    if is_async(fn):
-        raise UsageError(f"{module_name}.{attr} is an async function: give a plain one")
+    try:
+        check_function(fn)  # not async, not a generator function
+    except TypeError as exc:
+        raise UsageError(f"{module_name}.{attr}: {exc}") from None
     return fn  # type: ignore[no-any-return]
 
 
@@ -256,7 +267,7 @@ def check_files(args: argparse.Namespace) -> None:
         if sys.stdout is None:
             raise UsageError("cannot write standard output: it is closed")
         return
-    if os.path.isdir(args.output):
+    if os.path.isdir(args.output) or args.output.endswith(os.sep):
         raise UsageError(f"the output is a folder: {args.output}; give a file in it")
     if os.path.exists(args.output):
         if args.input != "-" and os.path.samefile(args.input, args.output):

@@ -12,6 +12,7 @@ import os
 import pickle
 import sys
 import time
+import types
 
 from . import _wire
 from ._errors import FunctionUnavailable, RemoteError, pool_made
@@ -60,6 +61,24 @@ def loads(data: Any, buffers: Any = ()) -> Any:
             raise
     load_site()
     return pickle.loads(data, buffers=buffers)
+
+
+#: What a task may not return: each runs only where it is iterated or awaited (on the
+#: caller's loop, from a thread), or cannot leave its worker at all.
+_LAZY = {types.GeneratorType: "a generator", types.CoroutineType: "a coroutine",
+         types.AsyncGeneratorType: "an async generator"}
+
+
+def plain(value: Any) -> None:
+    """TypeError if a task's result ``value`` is a generator or a coroutine (its
+    function is one behind a wrapper the pool cannot see through, say)."""
+    kind = _LAZY.get(type(value))
+    if kind is not None:
+        if type(value) is not types.AsyncGeneratorType:
+            value.close()  # (not "never awaited" at collection)
+        wanted = "what it awaits" if kind == "a coroutine" else "a list of what it yields"
+        raise pool_made(TypeError(f"the function returned {kind}, which nothing here "
+                                  f"iterates or awaits: pass one that returns {wanted}"))
 
 
 def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int,
@@ -195,16 +214,22 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     # must not be taken for as slow as the one beside it.
     spent: list[float] = []
     forked = FORKED
+    value = None
     try:
         for fn, star, call, items in runs:
             begun = time.perf_counter()
+            checked = False  # what a run's function returns: looked at till it is plain
             for item in items:
                 if call in skip:
                     append(SKIPPED)
                 else:
                     try:
-                        append(call_item(fn, item, star, retries, retried) if retries
-                               else fn(*item) if star else fn(item))
+                        value = (call_item(fn, item, star, retries, retried) if retries
+                                 else fn(*item) if star else fn(item))
+                        if not checked:
+                            plain(value)
+                            checked = True
+                        append(value)
                     except BaseException as exc:
                         # SystemExit and KeyboardInterrupt too: they are the item's
                         # outcome, and must not end the worker. The error goes in
@@ -233,7 +258,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
             unwatch(running)
         # A task's error holds this frame (its frame's caller) for as long as it
         # lives: not the errors (a cycle) or the results and items with them.
-        del results, append, errors, runs, running
+        del results, append, errors, runs, running, value
 
 
 def _hand(running: Running | None, tick: Tick, position: int, results: list[Any],

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -397,6 +398,15 @@ def note_run(path: str, tag: str, hang_after: int = 0, settle: float = 0.0) -> N
     STATE["tag"] = tag
     with open(path, "a") as f:
         f.write(tag + "\n")
+
+
+#: Not a function (the command line says so, not "did you mean NOTHING").
+NOTHING = None
+
+
+def count_to(n: int) -> Iterator[int]:
+    """A generator function (the pool refuses it)."""
+    yield from range(n)
 
 
 def recall_across(seconds: float) -> tuple[object, object]:

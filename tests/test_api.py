@@ -265,6 +265,38 @@ async def test_a_generator_function_is_refused_at_once_on_every_rung(
         assert await pool.run(tasks.square, 3) == 9
 
 
+@pytest.mark.parametrize("rungs", [("process",), ("thread",), ("inline",)])
+async def test_a_generator_or_coroutine_behind_a_wrapper_fails_its_items(
+        rungs: tuple[str, ...], anyio_backend: str) -> None:
+    # Behind functools.wraps or a lambda the pool cannot see the generator function: on
+    # the thread and inline rungs its generator came back unstarted (to run on the
+    # caller's loop), a coroutine never awaited; on the process rung, "cannot pickle".
+    def squares(n: int) -> Iterator[int]:
+        yield from range(n)
+
+    async def doubled(n: int) -> int:
+        return 2 * n
+
+    @functools.wraps(squares)
+    def wrapped(n: int) -> Iterator[int]:
+        return squares(n)
+
+    @functools.wraps(doubled)
+    def wrapped_coroutine(n: int) -> Any:
+        return doubled(n)
+
+    cases: list[tuple[Any, str]] = [
+        (wrapped, "a generator"), (lambda n: (i for i in range(n)), "a generator"),
+        (wrapped_coroutine, "a coroutine")]
+    async with ResilientPool(max_workers=1, rungs=rungs) as pool:  # type: ignore[arg-type]
+        for fn, kind in cases:
+            with pytest.raises(TypeError, match=f"returned {kind}, which nothing here"):
+                await pool.run(fn, 3)
+            results = await pool.map(fn, [1, 2, 3], return_exceptions=True)
+            assert all(isinstance(r, TypeError) for r in results), results
+        assert await pool.run(tasks.square, 3) == 9
+
+
 async def test_threads_need_no_pickling(anyio_backend: str) -> None:
     lock = threading.Lock()
     async with ResilientPool(max_workers=2, rungs=("thread",)) as pool:

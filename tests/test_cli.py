@@ -137,6 +137,12 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
     (["map", "tests.tasks:missing", "IN", "-o", "OUT"], "has no function 'missing'"),
     (["map", "tests.tasks:squar", "IN", "-o", "OUT"], "did you mean 'square'?"),
     (["map", "tests.tasks:Grid.nothing", "IN", "-o", "OUT"], "has no function 'Grid.nothing'"),
+    (["map", "tests.tasks:Grid.writabl", "IN", "-o", "OUT"], "did you mean 'Grid.writable'?"),
+    (["map", "tests.tasks:NOTHING", "IN", "-o", "OUT"], "not a function (its type is NoneType)"),
+    (["map", "tests.tasks:count_to", "IN", "-o", "OUT"], "is a generator function"),
+    (["map", "tests:tasks.square", "IN", "-o", "OUT"], "give it as tests.tasks:square"),
+    (["map", "no_such_package.sub:fn", "IN", "-o", "OUT"], "put that folder on PYTHONPATH"),
+    (["map", "tests.tasks:square", "IN", "-o", "SLASHED"], "the output is a folder"),
     # Each line was passed as self: every line failed.
     (["map", "tests.tasks:Scale.of_instances", "IN", "-o", "OUT"],
      "is a method of instances"),
@@ -179,7 +185,8 @@ def test_bad_command_lines_are_one_line_and_exit_code_2(args: list[str], message
     (tmp_path / "exiting_module.py").write_text("import sys\nsys.exit('a script')\n")
     names = {"IN": src, "OUT": dst, "MISSING": tmp_path / "missing.jsonl",
              "NOFOLDER": tmp_path / "nowhere" / "out.jsonl", "NOTOUT": other,
-             "FOLDER": tmp_path, "UNDERFILE": src / "out.jsonl"}
+             "FOLDER": tmp_path, "UNDERFILE": src / "out.jsonl",
+             "SLASHED": f"{tmp_path / 'nowhere'}{os.sep}"}
     closed = "CLOSED" in args  # standard output closed (`>&-`): a traceback
     args = [str(names[a]) if a in names else a for a in args if a != "CLOSED"]
     out = _cli(*args, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}, closed=closed)

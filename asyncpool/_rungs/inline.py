@@ -14,7 +14,7 @@ import anyio
 
 from .._errors import InitializerFailed
 from .._retry import retry_again, task_retry_delays
-from .._execute import SKIPPED, own_frames_dropped
+from .._execute import SKIPPED, own_frames_dropped, plain
 from .._remote import portable
 from .._loop import preload
 from .._share import initialize
@@ -91,6 +91,10 @@ class InlineRung(Rung):
                         # CancelledError of its own), is its item's error; only the
                         # waits between tries are the loop's, and cancelled with it.
                         value = await self._call(fn, item, star)
+                        try:
+                            plain(value)
+                        except TypeError as exc:
+                            value = _Raised(exc)
                         if type(value) is _Raised:
                             results.append(None)
                             # Nothing crosses: an Exception comes as it is (as on
