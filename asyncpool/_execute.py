@@ -82,24 +82,30 @@ def plain(value: Any) -> None:
 
 
 def call_item(fn: Callable[..., Any], item: Any, star: bool, retries: int,
-              retried: list[int]) -> Any:
+              retried: list[int], call: int = 0, skip: AbstractSet[int] = frozenset()
+              ) -> Any:
     """``fn(item)``, retrying transient resource errors with backoff (counted in
-    ``retried[0]``)."""
+    ``retried[0]``) while its ``call`` is not among those to ``skip`` (a live set: its
+    deadline passed, or it was cancelled, as it waited)."""
     try:
         return fn(*item) if star else fn(item)
     except Exception as exc:
         if not retry_again(exc, 0, retries):
             raise
+        last = exc
     delays = task_retry_delays()  # made only after a failure: the loop above is hot
     attempt = 1
     while True:
         time.sleep(next(delays))
+        if call in skip:
+            raise last
         retried[0] += 1
         try:
             return fn(*item) if star else fn(item)
         except Exception as exc:
             if not retry_again(exc, attempt, retries):
                 raise
+            last = exc
         attempt += 1
 
 
@@ -224,8 +230,8 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
                     append(SKIPPED)
                 else:
                     try:
-                        value = (call_item(fn, item, star, retries, retried) if retries
-                                 else fn(*item) if star else fn(item))
+                        value = (call_item(fn, item, star, retries, retried, call, skip)
+                                 if retries else fn(*item) if star else fn(item))
                         if not checked:
                             plain(value)
                             checked = True

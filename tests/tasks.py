@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import gc
 import io
@@ -238,6 +239,13 @@ def flaky_thread_start(args: tuple[int, str]) -> int:
         Path(marker).touch()
         raise RuntimeError("can't start new thread")
     return x
+
+
+def always_exhausted(path: str) -> None:
+    """Notes each try in the file ``path``, and fails like an exhausted machine."""
+    with open(path, "a") as f:
+        f.write("try\n")
+    raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
 
 
 def slow_echo(x: object) -> object:

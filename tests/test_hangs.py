@@ -1562,3 +1562,25 @@ async def test_the_inline_rung_starts_no_item_after_the_deadline(
                 await pool.map(slow, range(6), chunk_size=6)
         assert started == [0, 1]
         assert await pool.map(slow, [7]) == [7]  # and it serves on
+
+
+@pytest.mark.parametrize("rungs", [("process",), ("thread",), ("inline",)])
+@pytest.mark.parametrize("whose", ["timeout", "caller's scope"])
+async def test_no_retry_of_a_transient_error_after_the_caller_stopped_waiting(
+        rungs: tuple[str, ...], whose: str, tmp_path: Path, anyio_backend: str) -> None:
+    # An item failing with EAGAIN was tried again through its every retry (1.5 s of
+    # backoff here) after its call's deadline, or its caller's scope, had ended it;
+    # and the next call waited for them.
+    tries = tmp_path / "tries"
+    async with ResilientPool(max_workers=1, rungs=rungs,  # type: ignore[arg-type]
+                             task_retries=5) as pool:
+        if whose == "timeout":
+            with pytest.raises(DeadlineExceeded):
+                await pool.run(tasks.always_exhausted, str(tries), timeout=0.05)
+        else:
+            with anyio.move_on_after(0.05):
+                await pool.run(tasks.always_exhausted, str(tries))
+        assert await pool.run(tasks.square, 3) == 9
+        await anyio.sleep(1.5)  # (what would have been its retries)
+        made = tries.read_text().split() if tries.exists() else []  # (none, in time)
+        assert len(made) <= 2  # the try, and one as it ended

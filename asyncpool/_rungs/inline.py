@@ -90,7 +90,7 @@ class InlineRung(Rung):
                         # What the task raises, whatever it is (a KeyboardInterrupt, a
                         # CancelledError of its own), is its item's error; only the
                         # waits between tries are the loop's, and cancelled with it.
-                        value = await self._call(fn, item, star)
+                        value = await self._call(fn, item, star, piece.call)
                         try:
                             plain(value)
                         except TypeError as exc:
@@ -128,7 +128,7 @@ class InlineRung(Rung):
             # A task's error holds this frame (its caller's caller) while it lives.
             del results, errors
 
-    async def _call(self, fn: Any, item: Any, star: bool) -> Any:
+    async def _call(self, fn: Any, item: Any, star: bool, call: Any) -> Any:
         retries = self.config.task_retries
         delays = task_retry_delays()
         for attempt in range(retries + 1):
@@ -137,8 +137,10 @@ class InlineRung(Rung):
             except BaseException as exc:
                 if not retry_again(exc, attempt, retries):
                     return _Raised(exc)
+                await anyio.sleep(next(delays))
+                if call.id in self._cancelled or anyio.current_time() >= call.deadline:
+                    return _Raised(exc)  # (the caller has stopped waiting for it)
             self._retried += 1
-            await anyio.sleep(next(delays))
 
     async def aclose(self, kill: bool) -> None:
         self._move(RungState.CLOSED)
