@@ -427,9 +427,9 @@ class Engine:
         outcomes.stop(list(outcomes.in_flight) if kill else outcomes.orphans())
         try:
             if not kill:
+                self.ladder.resume()  # (a worker someone stopped would not end its items)
                 try:
-                    # The caller's own deadline (a server's shutdown timeout) or
-                    # cancellation ends this wait: what still runs is then killed.
+                    # Its caller's deadline or a cancellation ends this wait, killing.
                     await outcomes.drained(self.ladder.coming)
                 except BaseException:
                     kill = True

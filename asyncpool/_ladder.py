@@ -70,6 +70,12 @@ class Ladder:
         #: ``promote_after`` later, calls fail with it at once rather than fork again.
         self._init_failure: tuple[InitializerFailed, float] | None = None
 
+    def resume(self) -> None:
+        """Workers someone stopped (SIGSTOP) go on: a graceful close waits for what they
+        run."""
+        for rung in self.rungs():
+            rung.resume()
+
     def rungs(self) -> list[Rung]:
         return [r for r in [self.serving, *self.draining] if r is not None]
 

@@ -1651,6 +1651,33 @@ async def test_a_graceful_close_lets_a_stopped_idle_worker_leave_by_itself(
     assert [p._exit_status for p in procs] == [0, 0]  # each left, none was killed
 
 
+async def test_a_graceful_close_continues_a_worker_stopped_in_a_live_calls_item(
+        anyio_backend: str) -> None:
+    # A graceful close waits for the items of live calls: one whose worker someone had
+    # stopped (SIGSTOP) mid-item never ended, and the close waited for good.
+    pool = ResilientPool(max_workers=1, rungs=("process",))
+    await pool.__aenter__()
+    worker = pool._engine.ladder.serving.procs[0].pid  # type: ignore[attr-defined]
+    got: list[float] = []
+    try:
+        async with anyio.create_task_group() as group:
+            async def mapped() -> None:
+                got.append(await pool.run(tasks.nap, 0.3))
+
+            group.start_soon(mapped)
+            await wait_until(lambda: pool.statistics().chunks_in_flight > 0)
+            await anyio.sleep(0.1)
+            os.kill(worker, signal.SIGSTOP)
+            await wait_until(lambda: psutil.Process(worker).status() == psutil.STATUS_STOPPED)
+            with anyio.fail_after(20):
+                await pool.aclose()
+        assert got == [0.3]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
+        await pool.aclose(kill=True)
+
+
 @pytest.mark.parametrize("kill_on_timeout", [False, True])
 async def test_a_request_sent_to_a_stopped_idle_worker_goes_to_another(
         kill_on_timeout: bool, anyio_backend: str) -> None:

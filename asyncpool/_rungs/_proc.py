@@ -427,10 +427,13 @@ class Proc:
             self._writing = None
         with contextlib.suppress(OSError):
             self.sock.shutdown(2)
-        if self._reach is not None:  # (one stopped would not read it)
-            self._reach.resume()
+        self.resume()  # (one stopped would not read it)
         if self.pid is not None and self._stops:  # (not parked: its loop may be gone)
             self.loop.spawn(watch_exit, self)  # (it stops reading: see _on_readable)
+
+    def resume(self) -> None:
+        if self._reach is not None:
+            self._reach.resume()
 
     def exited(self) -> bool:
         return self.state is ProcState.DEAD

@@ -154,6 +154,9 @@ class Rung:
     def cancel(self, calls: Iterable[int]) -> None:
         """The items of these calls are no longer wanted: skip the ones not started."""
 
+    def resume(self) -> None:
+        """Its workers that someone stopped (SIGSTOP) go on (the pool closes)."""
+
     def forget(self, fn_id: int) -> None:
         """A call's function is no longer needed where this rung runs things."""
 

@@ -1,10 +1,10 @@
 """The process rung: worker processes forked by the fork server, fed over sockets.
 
-Each worker holds at most :data:`DEPTH` chunks (one running, the rest waiting in its
-socket). A worker that dies takes only its own chunks down: the item it was running is
-named by the progress area, what it had sent back stays delivered, and a replacement is
-forked (with backoff when out of processes). Workers that reach ``max_tasks_per_worker``
-or ``max_worker_memory`` retire after their chunk, replaced before they leave.
+Each worker holds at most :data:`DEPTH` chunks (one running, the rest waiting in its socket).
+A worker that dies takes only its own chunks down: the item it was running is named by the
+progress area, what it had sent back stays delivered, and a replacement is forked (with
+backoff when out of processes). Workers that reach ``max_tasks_per_worker`` or
+``max_worker_memory`` retire after their chunk, replaced before they leave.
 """
 
 from __future__ import annotations
@@ -62,8 +62,7 @@ class ProcessRung(Rung, Events):
         self._settings, self._park_key = worker_settings(config)
         self._directory = directory()
         #: A busy worker gets a third chunk only while what it holds should take at most
-        #: this (s): DEPTH target-sized chunks (behind long items, one waits there, the
-        #: next here for the first free worker; a call waited behind two 200 ms items).
+        #: this (s): DEPTH target-sized chunks (behind long items, one waits there).
         self._depth = DEPTH * config.target_chunk_seconds
         self._recycling = Recycling(config)
         #: Set when a worker dies (what closing waits for).
@@ -210,11 +209,14 @@ class ProcessRung(Rung, Events):
 
     def cancel(self, calls: Iterable[int]) -> None:
         wanted = set(calls)
-        ids = list(wanted)
         for proc in self.procs:
             if proc.state is not ProcState.DEAD and any(
                     wanted & {p.call.id for p in c.pieces} for c in proc.chunks):
-                proc.send(_wire.CANCEL, _wire.dumps(ids))
+                proc.send(_wire.CANCEL, _wire.dumps(list(wanted)))
+
+    def resume(self) -> None:
+        for proc in self.procs:
+            proc.resume()
 
     def kill(self, chunks: Iterable[Chunk], calls: set[int] | None = None) -> bool:
         for chunk in chunks:
@@ -391,9 +393,7 @@ class ProcessRung(Rung, Events):
                 proc.kill_stuck()
             error = starts.settle() or error
             # While a worker serves, or one starts, replacements are tried (or awaited);
-            # an initializer that hung is not waited for again (as when opening), nor in
-            # workers forked later (after a failed fork, their start deadlines were
-            # staggered: calls waited creation_attempts x start_timeout).
+            # an initializer that hung is not waited for again, nor in workers forked later.
             if error is not None and not self.workers and (starts.hung or (
                     not starts.starting and starts.out_of_attempts())):
                 if isinstance(error, InitializerFailed):
