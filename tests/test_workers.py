@@ -1651,6 +1651,31 @@ async def test_a_graceful_close_lets_a_stopped_idle_worker_leave_by_itself(
     assert [p._exit_status for p in procs] == [0, 0]  # each left, none was killed
 
 
+async def test_a_worker_stopped_while_it_loads_a_chunk_hands_it_to_another(
+        anyio_backend: str) -> None:
+    # Stopped (SIGSTOP) as it unpickled the chunk's argument, before any item began: the
+    # chunk counted as taken up, and the call waited out its deadline.
+    async with ResilientPool(max_workers=2, rungs=("process",)) as pool:
+        await pool.map(tasks.square, range(20))
+        receiver = pool._engine.ladder.serving.procs[0].pid  # type: ignore[attr-defined]
+        try:
+            async with anyio.create_task_group() as group:
+                got: list[int] = []
+
+                async def call() -> None:
+                    got.append(await pool.run(tasks.pid_of, tasks.SlowToLoad(1.0),
+                                              timeout=30))
+
+                group.start_soon(call)
+                await anyio.sleep(0.3)  # (it loads for a second)
+                os.kill(receiver, signal.SIGSTOP)
+            assert got and got[0] != receiver
+            await wait_until(lambda: not alive(receiver))
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(receiver, signal.SIGCONT)
+
+
 async def test_a_graceful_close_continues_a_worker_stopped_in_a_live_calls_item(
         anyio_backend: str) -> None:
     # A graceful close waits for the items of live calls: one whose worker someone had

@@ -1,8 +1,7 @@
 """One worker process as the parent sees it: its socket, its chunks, its death.
 
-Everything here runs on the event loop, in callbacks on the worker's sockets, and
-nothing blocks. A worker runs its chunks in the order they were sent, so the oldest
-chunk it holds is the one its messages are about.
+Everything here runs on the event loop, in callbacks on the worker's sockets, and nothing
+blocks. A worker runs its chunks in order: its messages are about the oldest it holds.
 """
 
 from __future__ import annotations
@@ -386,12 +385,13 @@ class Proc:
                 self.kill()
 
     def kill_stuck(self) -> None:
-        """kill_doomed; and kill the worker if it was stopped (SIGSTOP) before it took
-        up its next chunk: the chunks it holds go elsewhere, none of them started."""
+        """kill_doomed; and kill the worker if it was stopped (SIGSTOP) before it began
+        its next chunk's first item: the chunks it holds go elsewhere, none started."""
         self.kill_doomed()
         if (self.state is ProcState.READY and self.chunks and self.pid and not self.killed
                 and time.monotonic() - self.heard > HAND_OVER_SECONDS
-                and int(self.progress[_wire.SEQ]) not in {c.seq for c in self.chunks}
+                and (int(self.progress[_wire.SEQ]) not in {c.seq for c in self.chunks}
+                     or self.progress[_wire.POSITION] < 0)  # (loading it, say)
                 and stopped(self.pid)):
             self.kill()
 
