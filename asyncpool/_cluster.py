@@ -97,10 +97,14 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
     bound = [(functions[f], star, call, items) for f, star, call, items in runs]
 
     def wanted() -> bool:
-        return any(call not in cancelled for _, _, call, _ in runs)
+        """Whether an item of the chunk is still wanted (its client may be gone)."""
+        return any(call not in cancelled for _, _, call, _ in runs) and _task_wanted()
 
-    if plugin is None or not wanted():
+    everything = {call for _, _, call, _ in runs}  # (to skip, when none is wanted)
+    if plugin is None:
         return _run(bound, retries, cancelled)
+    if not wanted():
+        return _run(bound, retries, everything)
 
     ours: dict[str, Any] = vars(plugin)  # (its blob, space and timeout: see _dask_plugin)
 
@@ -114,7 +118,8 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
             _bounded(lambda: run_initializer(ours["blob"], ours["space"], loads),
                      ours["timeout"])
         except BaseException as exc:
-            cluster_init_failures[mark] = f"{exc!r} (run there again for this pool)"
+            if isinstance(exc, TimeoutError):  # (not again: each would hang a thread)
+                cluster_init_failures[mark] = f"{exc!r} (run there again for this pool)"
             raise InitializerFailed(f"the initializer raised on this Dask worker, where "
                                     f"it ran again for this pool (another pool's had "
                                     f"run there since): {exc!r}") from exc
@@ -126,11 +131,27 @@ def run_on_cluster(blobs: list[bytes], arguments: _wire.Parts, retries: int, spa
     except _NotRun as not_run:
         if not_run.args[0]:
             raise InitializerFailed("the pool left this Dask worker") from None
-        return _run(bound, retries, cancelled)  # (each item skipped)
+        return _run(bound, retries, everything)
     try:
         return _run(bound, retries, cancelled)
     finally:
         _turns.leave()
+
+
+def _task_wanted() -> bool:
+    """Whether Dask still wants the task this thread runs (not once its client is gone,
+    or it was released)."""
+    try:
+        import distributed.utils
+        from distributed import get_worker
+
+        key = getattr(vars(distributed.utils)["thread_state"], "key", None)
+        tasks: Any = get_worker().state.tasks
+    except Exception:  # pragma: no cover - another version of distributed
+        return True
+    task = tasks.get(key)
+    return key is None or (task is not None and task.state not in (
+        "cancelled", "released", "forgotten"))
 
 
 def _bounded(run: Callable[[], None], timeout: float | None) -> None:
@@ -140,6 +161,7 @@ def _bounded(run: Callable[[], None], timeout: float | None) -> None:
         run()
         return
     ended: list[BaseException | None] = []
+    given_up: list[bool] = []
 
     def target() -> None:
         try:
@@ -148,11 +170,14 @@ def _bounded(run: Callable[[], None], timeout: float | None) -> None:
             ended.append(exc)
         else:
             ended.append(None)
+        if given_up:  # (what it set since is nobody's state)
+            _turns.spoiled()
 
     thread = threading.Thread(target=target, name="asyncpool-initializer", daemon=True)
     thread.start()
     thread.join(timeout)
     if not ended:
+        given_up.append(True)
         raise TimeoutError(f"it did not return within start_timeout ({timeout} s)")
     if ended[0] is not None:
         raise ended[0]

@@ -32,6 +32,9 @@ _switching: tuple[str, object] | None = None  # (pool, this switch)
 _generation = 0
 #: Turns waiting, by pool.
 _waiting: dict[str, int] = {}
+#: Initializers given up on (their pool left, or their time was up) that then ran to
+#: their end, so far: what they set meanwhile may be anybody's state.
+_spoils = 0
 
 
 class Unchanged(Exception):
@@ -45,7 +48,7 @@ def enter(pool: str, apply: Callable[[], None], timeout: float | None = None,
     Returns False with nothing held when chunks of another pool still run after
     ``timeout`` seconds (None: no bound), or once ``apply`` returned if the turn was
     abandoned meanwhile. ``apply``'s error is raised, with nothing held."""
-    global _current, _inside, _switching, _generation
+    global _current, _inside, _switching, _generation, _spoils
     end = None if timeout is None else time.monotonic() + timeout
     with _room:
         since = None  # the switch this turn waited from
@@ -59,6 +62,7 @@ def enter(pool: str, apply: Callable[[], None], timeout: float | None = None,
                         return True
                     if (_current != pool or fresh) and not _inside:
                         _switching = mine = pool, object()
+                        spoils = _spoils
                         break
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
@@ -85,8 +89,10 @@ def enter(pool: str, apply: Callable[[], None], timeout: float | None = None,
         raise
     with _room:
         if _switching is not mine:  # abandoned meanwhile: what it set is nobody's
+            _spoiled()
             return False
-        _current, _switching = pool, None
+        # One given up on that ended meanwhile may have written over what this set.
+        _current, _switching = (pool if _spoils == spoils else None), None
         _generation += 1
         _inside += 1
         _room.notify_all()
@@ -101,6 +107,20 @@ def abandon(pool: str) -> None:
         if _switching is not None and _switching[0] == pool:
             _current, _switching = None, None
             _room.notify_all()
+
+
+def spoiled() -> None:
+    """An initializer given up on (see :func:`abandon`) ran to its end after all: the
+    state is nobody's (the next chunk of each pool runs its own again)."""
+    with _room:
+        _spoiled()
+
+
+def _spoiled() -> None:
+    global _current, _spoils
+    _spoils += 1
+    _current = None
+    _room.notify_all()
 
 
 def leave() -> None:
