@@ -187,7 +187,8 @@ def cut_after_running(runs: list[Any], progress: Any) -> int | None:
 
 def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
             skip: AbstractSet[int] = frozenset(),
-            flush: float = FLUSH_SECONDS, late: Late | None = None) -> tuple[int, float]:
+            flush: float = FLUSH_SECONDS, late: Late | None = None,
+            shared: list[Any] | None = None) -> tuple[int, float]:
     """Run every item of ``runs``; returns (where it stopped, seconds spent).
 
     ``tick(first, upto, results, errors, end)`` hands over positions [first, upto) at
@@ -196,7 +197,8 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     stop. Items of the calls in ``skip`` are not run. ``progress[POSITION]`` is set to the
     position of each item before it starts, for the parent to read after a crash.
     ``late(first, upto, results, errors)``, if given, is called from another thread
-    with what finished before an item that runs long (see :mod:`asyncpool._handover`).
+    with what finished before an item that runs long (see :mod:`asyncpool._handover`);
+    its :class:`~asyncpool._handover.Running` is then put in ``shared``, if given.
     """
     results: list[Any] = []
     append = results.append
@@ -208,6 +210,8 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     if late is not None:
         running = Running(results, errors, late)
         watch(running)
+        if shared is not None:
+            shared.append(running)
     # The last item's results go with the end, in one message: a caller that has every
     # result then never sees its chunk still in flight.
     total = sum(len(items) for _, _, _, items in runs)

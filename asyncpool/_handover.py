@@ -74,20 +74,28 @@ class Running:
             self.seen = done  # nothing waits, or items are still finishing
             return bool(waiting)
         with self.lock:
-            first = self.flushed
-            count = len(self.results)
-            if not count:
+            taken = self.take()
+            if taken is None:
                 return False
-            results = self.results[:count]
-            del self.results[:count]
-            upto = first + count
-            errors = {p: self.errors.pop(p) for p in [p for p in self.errors if p < upto]}
-            self.flushed = upto
             try:
-                self.late(first, upto, results, errors)
+                self.late(*taken)
             except BaseException:  # the other side is gone: the chunk's thread will see
                 pass
         return True
+
+    def take(self) -> tuple[int, int, list[Any], dict[int, BaseException]] | None:
+        """What finished and was not handed over: (first, upto, results, errors by
+        position), now taken. The caller holds ``lock``."""
+        first = self.flushed
+        count = len(self.results)
+        if not count:
+            return None
+        results = self.results[:count]
+        del self.results[:count]
+        upto = first + count
+        errors = {p: self.errors.pop(p) for p in [p for p in self.errors if p < upto]}
+        self.flushed = upto
+        return first, upto, results, errors
 
 
 _lock = threading.Lock()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
 import os
+import random
 import signal
 import threading
 import time
@@ -1584,3 +1586,38 @@ async def test_no_retry_of_a_transient_error_after_the_caller_stopped_waiting(
         await anyio.sleep(1.5)  # (what would have been its retries)
         made = tries.read_text().split() if tries.exists() else []  # (none, in time)
         assert len(made) <= 2  # the try, and one as it ended
+
+
+async def test_no_item_runs_twice_when_a_thread_is_left_to_a_killed_calls_item(
+        anyio_backend: str) -> None:
+    # Calls with a deadline and kill_on_timeout shared chunks with calls without one: a
+    # thread left to a killed call's item gave its chunk back with the items before it
+    # finished but not yet reported (or reported, the report not yet read), and those
+    # of calls without a deadline ran again elsewhere.
+    runs: collections.Counter[int] = collections.Counter()
+    lock = threading.Lock()
+
+    def item(arg: tuple[int, float]) -> int:
+        with lock:
+            runs[arg[0]] += 1
+        time.sleep(arg[1])
+        return 2 * arg[0]
+
+    chosen = random.Random(7)
+    plain: set[int] = set()
+    async with ResilientPool(rungs=("thread",), max_workers=2) as pool:
+        async def one(i: int) -> None:
+            if chosen.random() < 0.3:
+                with contextlib.suppress(DeadlineExceeded):
+                    await pool.run(item, (i, chosen.choice([0.01, 0.05, 0.3])),
+                                   timeout=chosen.uniform(0.01, 0.2), kill_on_timeout=True)
+            else:
+                plain.add(i)
+                assert await pool.run(item, (i, chosen.choice([0, 0.002, 0.02]))) == 2 * i
+
+        async with anyio.create_task_group() as group:
+            for i in range(800):
+                group.start_soon(one, i)
+                if i % 25 == 0:
+                    await anyio.sleep(0.01)
+    assert not [i for i in plain if runs[i] != 1]

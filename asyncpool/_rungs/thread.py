@@ -69,8 +69,12 @@ class ThreadRung(Rung):
         #: Threads that left when told to (see aclose), and the closer's wake-up.
         self._done: set[threading.Thread] = set()
         self._exits: Any = None
-        #: Their chunks: already reported lost (their slots free), never reported again.
+        #: Their chunks: their threads report nothing more; and those already reported
+        #: lost (their slots free), whose reports are dropped. Each running chunk's
+        #: hand-over (see _handover), for kill to take what finished in it.
         self._detached: set[Chunk] = set()
+        self._lost: set[Chunk] = set()
+        self._handing: dict[Chunk, list[Any]] = {}
         #: Chunks submitted and not finally reported (on the loop: its in_flight), with
         #: the calls each holds (a chunk cut short holds fewer pieces, not fewer places).
         self._open: dict[Chunk, set[int]] = {}
@@ -175,7 +179,7 @@ class ThreadRung(Rung):
             if isinstance(chunk, _Look):
                 continue
             if chunk in self._detached:  # stopped before it started (see kill)
-                self.loop.call_soon_threadsafe(functools.partial(self._detached.discard, chunk))
+                self.loop.call_soon_threadsafe(functools.partial(self._forget, chunk))
                 continue
             runs = [(p.call.fn, p.call.star, p.call.id, list(p.items)) for p in chunk.pieces]
             progress = [chunk.seq, -1, 0, time.monotonic()]
@@ -183,12 +187,15 @@ class ThreadRung(Rung):
             if self._queue.empty() and len(self._running) < self.workers:
                 self._queue.put(_LOOK)  # a thread blocked idle looks at this one
             report = functools.partial(self._tick, chunk, progress)
+            handing: list[Any] = []
+            self._handing[chunk] = handing
             try:
                 execute(runs, config.task_retries, report, progress, skip=self._cancelled,
-                        late=functools.partial(report, end=None))
+                        late=functools.partial(report, end=None), shared=handing)
             except BaseException:  # pragma: no cover - execute catches what items raise
                 logger.exception("a thread of the thread rung failed")
-            del chunk, runs, report
+            self._handing.pop(chunk, None)
+            del chunk, runs, report, handing
             self._running.pop(me, None)
             if me in self._stuck:
                 # Its stuck item ended: the thread that took its place stays.
@@ -263,7 +270,7 @@ class ThreadRung(Rung):
             if chunk in self._open and chunk not in self._detached and (
                     calls is None or all(p.call.id in calls for p in chunk.pieces)):
                 self._detached.add(chunk)
-                self._give_back(chunk)
+                self._lose(chunk)
         for thread, (chunk, _, progress) in running:
             at = progress[_wire.POSITION]
             if calls is not None and not (0 <= at < chunk.size
@@ -274,8 +281,17 @@ class ThreadRung(Rung):
                 self._stuck.add(thread)
                 # Its slot is freed and what it holds of live calls goes elsewhere;
                 # the thread stops after the item it runs, reporting nothing more.
+                # What finished before that item, and what the thread reported
+                # already, are told first (else they ran again elsewhere).
+                handing, taken = self._handing.get(chunk), None
+                if handing:
+                    with handing[0].lock:  # (the thread hands over under it too)
+                        taken = handing[0].take()
+                        self._detached.add(chunk)
                 self._detached.add(chunk)
-                self._give_back(chunk)
+                if taken is not None:
+                    self._tick_now(chunk, *taken)
+                self.loop.call_soon_threadsafe(functools.partial(self._lose, chunk))
                 try:
                     self._start()
                 except RuntimeError as exc:
@@ -293,27 +309,43 @@ class ThreadRung(Rung):
         progress[_HEARD] = time.monotonic()
         if chunk in self._detached:
             if end is not None:
-                self.loop.call_soon_threadsafe(
-                    functools.partial(self._detached.discard, chunk))
+                self.loop.call_soon_threadsafe(functools.partial(self._forget, chunk))
             return self._cancelled, True
+        self._tick_now(chunk, first, upto, results, errors, end)
+        return self._cancelled, False
+
+    def _tick_now(self, chunk: Chunk, first: int, upto: int, results: list[Any],
+                  errors: dict[int, BaseException],
+                  end: tuple[list[float], int] | None = None) -> None:
+        """Results to report on the loop, after those told before them."""
         results = list(results)
         errors = {position: portable(exc) if not isinstance(exc, Exception) else exc
                   for position, exc in errors.items()}
         self.loop.call_soon_threadsafe(
             functools.partial(self._report, chunk, first, upto, results, errors, end))
-        return self._cancelled, False
 
     def _report(self, chunk: Chunk, first: int, upto: int, results: list[Any],
                 errors: dict[int, BaseException], end: tuple[list[float], int] | None) -> None:
-        if chunk in self._detached:
-            if end is not None:  # its end, told before kill() detached it
-                self._detached.discard(chunk)
+        if chunk in self._lost:
+            if end is not None:
+                self._forget(chunk)
             return  # reported lost already (see kill)
         if upto > first:
             self.listener.chunk_progress(chunk, first, upto, results, errors)
         if end is not None:
             self._release(chunk)
+            self._forget(chunk)  # (detached as it ended: nothing more to give back)
             self.listener.chunk_done(chunk, upto, *end)
+
+    def _lose(self, chunk: Chunk) -> None:
+        """A detached chunk is given back, unless it ended (a report told before)."""
+        if chunk in self._open:
+            self._lost.add(chunk)
+            self._give_back(chunk)
+
+    def _forget(self, chunk: Chunk) -> None:
+        self._detached.discard(chunk)
+        self._lost.discard(chunk)
 
     def _give_back(self, chunk: Chunk) -> None:
         """``chunk`` leaves unfinished: its slot is freed, what is left goes elsewhere."""
