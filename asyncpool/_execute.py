@@ -188,7 +188,7 @@ def cut_after_running(runs: list[Any], progress: Any) -> int | None:
 def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
             skip: AbstractSet[int] = frozenset(),
             flush: float = FLUSH_SECONDS, late: Late | None = None,
-            shared: list[Any] | None = None) -> tuple[int, float]:
+            shared: list[Any] | None = None, each: bool = False) -> tuple[int, float]:
     """Run every item of ``runs``; returns (where it stopped, seconds spent).
 
     ``tick(first, upto, results, errors, end)`` hands over positions [first, upto) at
@@ -199,6 +199,9 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
     ``late(first, upto, results, errors)``, if given, is called from another thread
     with what finished before an item that runs long (see :mod:`asyncpool._handover`);
     its :class:`~asyncpool._handover.Running` is then put in ``shared``, if given.
+    Results that are generators or coroutines fail their items (see :func:`plain`):
+    each result is looked at with ``each`` (where none is pickled), else those of a
+    run till one is plain (where pickling fails the others).
     """
     results: list[Any] = []
     append = results.append
@@ -238,7 +241,7 @@ def execute(runs: Sequence[Run], retries: int, tick: Tick, progress: Any = None,
                                  if retries else fn(*item) if star else fn(item))
                         if not checked:
                             plain(value)
-                            checked = True
+                            checked = not each
                         append(value)
                     except BaseException as exc:
                         # SystemExit and KeyboardInterrupt too: they are the item's

@@ -15,7 +15,8 @@ import anyio
 import pytest
 
 import asyncpool
-from asyncpool import MISSING, DeadlineExceeded, PoolClosed, RemoteTraceback, ResilientPool
+from asyncpool import (MISSING, DeadlineExceeded, PoolClosed, RemoteTraceback, ResilientPool,
+                       SerializationError)
 
 from . import tasks
 from .helpers import alive, idle, run_code, run_script, wait_until
@@ -294,6 +295,13 @@ async def test_a_generator_or_coroutine_behind_a_wrapper_fails_its_items(
                 await pool.run(fn, 3)
             results = await pool.map(fn, [1, 2, 3], return_exceptions=True)
             assert all(isinstance(r, TypeError) for r in results), results
+        # One that returns a generator for some items only: on the thread rung, those
+        # after the first item of a chunk came back as generators (on the process rung,
+        # pickling them fails them, as SerializationError).
+        results = await pool.map(lambda n: [n] if n % 2 == 0 else (i for i in range(n)),
+                                 range(6), chunk_size=6, return_exceptions=True)
+        assert results[::2] == [[0], [2], [4]]
+        assert all(isinstance(r, TypeError | SerializationError) for r in results[1::2])
         assert await pool.run(tasks.square, 3) == 9
 
 

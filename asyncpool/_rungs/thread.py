@@ -191,7 +191,8 @@ class ThreadRung(Rung):
             self._handing[chunk] = handing
             try:
                 execute(runs, config.task_retries, report, progress, skip=self._cancelled,
-                        late=functools.partial(report, end=None), shared=handing)
+                        late=functools.partial(report, end=None), shared=handing,
+                        each=True)
             except BaseException:  # pragma: no cover - execute catches what items raise
                 logger.exception("a thread of the thread rung failed")
             self._handing.pop(chunk, None)
