@@ -1567,7 +1567,7 @@ async def test_the_inline_rung_starts_no_item_after_the_deadline(
 
 
 @pytest.mark.parametrize("rungs", [("process",), ("thread",), ("inline",)])
-@pytest.mark.parametrize("whose", ["timeout", "caller's scope"])
+@pytest.mark.parametrize("whose", ["timeout", "timeout, killing", "caller's scope"])
 async def test_no_retry_of_a_transient_error_after_the_caller_stopped_waiting(
         rungs: tuple[str, ...], whose: str, tmp_path: Path, anyio_backend: str) -> None:
     # An item failing with EAGAIN was tried again through its every retry (1.5 s of
@@ -1576,9 +1576,10 @@ async def test_no_retry_of_a_transient_error_after_the_caller_stopped_waiting(
     tries = tmp_path / "tries"
     async with ResilientPool(max_workers=1, rungs=rungs,  # type: ignore[arg-type]
                              task_retries=5) as pool:
-        if whose == "timeout":
+        if whose != "caller's scope":
             with pytest.raises(DeadlineExceeded):
-                await pool.run(tasks.always_exhausted, str(tries), timeout=0.05)
+                await pool.run(tasks.always_exhausted, str(tries), timeout=0.05,
+                               kill_on_timeout=whose.endswith("killing"))
         else:
             with anyio.move_on_after(0.05):
                 await pool.run(tasks.always_exhausted, str(tries))

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
@@ -186,17 +186,18 @@ class ThreadRung(Rung):
             self._running[me] = (chunk, runs, progress)
             if self._queue.empty() and len(self._running) < self.workers:
                 self._queue.put(_LOOK)  # a thread blocked idle looks at this one
-            report = functools.partial(self._tick, chunk, progress)
+            skip = _Skip(self, chunk)
+            report = functools.partial(self._tick, chunk, progress, skip)
             handing: list[Any] = []
             self._handing[chunk] = handing
             try:
-                execute(runs, config.task_retries, report, progress, skip=self._cancelled,
+                execute(runs, config.task_retries, report, progress, skip=skip,
                         late=functools.partial(report, end=None), shared=handing,
                         each=True)
             except BaseException:  # pragma: no cover - execute catches what items raise
                 logger.exception("a thread of the thread rung failed")
             self._handing.pop(chunk, None)
-            del chunk, runs, report, handing
+            del chunk, runs, report, handing, skip
             self._running.pop(me, None)
             if me in self._stuck:
                 # Its stuck item ended: the thread that took its place stays.
@@ -304,16 +305,16 @@ class ThreadRung(Rung):
                         f"start ({exc})"))
         return False
 
-    def _tick(self, chunk: Chunk, progress: list[Any], first: int, upto: int,
+    def _tick(self, chunk: Chunk, progress: list[Any], skip: _Skip, first: int, upto: int,
               results: list[Any], errors: dict[int, BaseException],
               end: tuple[list[float], int] | None) -> tuple[AbstractSet[int], bool]:
         progress[_HEARD] = time.monotonic()
         if chunk in self._detached:
             if end is not None:
                 self.loop.call_soon_threadsafe(functools.partial(self._forget, chunk))
-            return self._cancelled, True
+            return skip, True
         self._tick_now(chunk, first, upto, results, errors, end)
-        return self._cancelled, False
+        return skip, False
 
     def _tick_now(self, chunk: Chunk, first: int, upto: int, results: list[Any],
                   errors: dict[int, BaseException],
@@ -398,3 +399,23 @@ class _Ready:
         self.expected = expected
         if self.count < expected:
             await self.event.wait()
+
+
+class _Skip(AbstractSet[int]):
+    """The calls whose items a thread's chunk skips (and retries no more): those
+    cancelled, and all of them once the chunk was detached (its thread left to a
+    killed call's item, it retried that item till its backoff ran out)."""
+
+    __slots__ = ("rung", "chunk")
+
+    def __init__(self, rung: ThreadRung, chunk: Chunk) -> None:
+        self.rung, self.chunk = rung, chunk
+
+    def __contains__(self, call: object) -> bool:
+        return call in self.rung._cancelled or self.chunk in self.rung._detached
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.rung._cancelled)
+
+    def __len__(self) -> int:
+        return len(self.rung._cancelled)
