@@ -137,9 +137,14 @@ class InlineRung(Rung):
             except BaseException as exc:
                 if not retry_again(exc, attempt, retries):
                     return _Raised(exc)
-                await anyio.sleep(next(delays))
-                if call.id in self._cancelled or anyio.current_time() >= call.deadline:
-                    return _Raised(exc)  # (the caller has stopped waiting for it)
+                until = anyio.current_time() + next(delays)
+                while True:  # (the caller may stop waiting meanwhile: then, no retry)
+                    now = anyio.current_time()
+                    if call.id in self._cancelled or now >= call.deadline:
+                        return _Raised(exc)
+                    if now >= until:
+                        break
+                    await anyio.sleep(min(until - now, 0.01))
             self._retried += 1
 
     async def aclose(self, kill: bool) -> None:
