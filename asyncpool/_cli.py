@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any, NoReturn
 
 from ._errors import AsyncPoolError
+from ._execute import plain
 from ._functions import check_function
 from ._pool import ResilientPool
 from ._remote import message_of
@@ -54,8 +55,8 @@ def load_function(spec: str) -> Callable[[Any], Any]:
     except (Exception, SystemExit) as exc:  # not found, a syntax error, raising or
         # exiting as it loads (a script that parses its command line, say)
         hint = (" (run from the module's folder, or put that folder on PYTHONPATH)"
-                if isinstance(exc, ModuleNotFoundError) and exc.name is not None
-                and f"{module_name}.".startswith(f"{exc.name}.") else "")
+                if isinstance(exc, ModuleNotFoundError)
+                and exc.name == module_name.partition(".")[0] else "")
         raise UsageError(f"cannot import {module_name!r}: "
                          f"{type(exc).__name__}: {exc}{hint}") from None
     fn: Any = module
@@ -161,6 +162,7 @@ class Apply:
         except ValueError as exc:  # (a JSONDecodeError, or NaN or Infinity)
             self._bad(number, f"valid JSON ({exc})")
         result = self.fn(value)
+        plain(result)  # (a generator from behind a wrapper: said so, not "not JSON")
         try:
             return json.dumps(result, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:  # (NaN is not JSON)
@@ -267,8 +269,10 @@ def check_files(args: argparse.Namespace) -> None:
         if sys.stdout is None:
             raise UsageError("cannot write standard output: it is closed")
         return
-    if os.path.isdir(args.output) or args.output.endswith(os.sep):
+    if os.path.isdir(args.output):
         raise UsageError(f"the output is a folder: {args.output}; give a file in it")
+    if args.output.endswith(os.sep):
+        raise UsageError(f"the output names a folder: {args.output}; give a file name")
     if os.path.exists(args.output):
         if args.input != "-" and os.path.samefile(args.input, args.output):
             raise UsageError("the output file is the input file; write to another file")

@@ -142,7 +142,7 @@ def test_a_result_that_is_not_json_is_that_lines_error(tmp_path: Path) -> None:
     (["map", "tests.tasks:count_to", "IN", "-o", "OUT"], "is a generator function"),
     (["map", "tests:tasks.square", "IN", "-o", "OUT"], "give it as tests.tasks:square"),
     (["map", "no_such_package.sub:fn", "IN", "-o", "OUT"], "put that folder on PYTHONPATH"),
-    (["map", "tests.tasks:square", "IN", "-o", "SLASHED"], "the output is a folder"),
+    (["map", "tests.tasks:square", "IN", "-o", "SLASHED"], "the output names a folder"),
     # Each line was passed as self: every line failed.
     (["map", "tests.tasks:Scale.of_instances", "IN", "-o", "OUT"],
      "is a method of instances"),
@@ -539,3 +539,14 @@ def test_an_interrupted_run_says_resume_only_where_it_can(tmp_path: Path) -> Non
         else:  # and says so: resumed, it would keep that run's lines
             assert "interrupted before the first result" in err, err
             assert "left as it was: run again without --resume" in err, err
+
+
+def test_a_generator_from_behind_a_wrapper_fails_each_line_saying_so(tmp_path: Path) -> None:
+    # Each line failed as "the result is not JSON (Object of type generator ...)".
+    source = ("import functools\n\ndef count(n):\n    yield from range(n)\n\n"
+              "fn = functools.wraps(count)(lambda n: count(n))\n")
+    out = _map_own_module(tmp_path, source, "1\n2\n")
+    assert out.returncode == 1, out.stderr
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [line["line"] for line in lines] == [1, 2]
+    assert all("returned a generator" in line["error"] for line in lines), lines
