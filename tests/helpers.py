@@ -293,6 +293,23 @@ class CliCluster:
         self.scheduler, self.workers = None, []
 
 
+def unlink_orphaned_semaphores() -> None:
+    """Remove the multiprocessing semaphores in /dev/shm that no live process maps: a
+    Dask nanny SIGKILLed with its group (its resource tracker too) leaves its own
+    behind. Those of a cluster that still runs are mapped, and stay."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return
+    found = {str(p) for p in shm.glob("sem.mp-*")}
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            found -= {line.split(maxsplit=5)[-1].strip()
+                      for line in maps.read_text().splitlines() if "/dev/shm/sem." in line}
+    for path in found:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def _die_with_us() -> None:
     """In a cluster's process: it dies with the test run, were that killed (a run
     stopped by a timeout left a scheduler and a worker behind for good)."""

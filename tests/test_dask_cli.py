@@ -29,7 +29,7 @@ from asyncpool import (
 )
 
 from . import tasks
-from .helpers import ROOT, CliCluster, wait_until
+from .helpers import ROOT, CliCluster, unlink_orphaned_semaphores, wait_until
 
 pytest.importorskip("distributed", reason="the dask extra is not installed")
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.asyncio_only]
@@ -642,6 +642,7 @@ async def test_a_worker_killed_as_a_big_function_is_scattered_loses_nothing(
         assert results == [i * i + len(table) for i in range(200)]
         assert not victims and pool.backend == "dask"
         assert pool.statistics().fallbacks == 0
+    unlink_orphaned_semaphores()  # (the killed nanny's: its tracker died with it)
 
 
 async def test_a_worker_killed_while_a_big_function_is_copied_loses_nothing(
