@@ -259,26 +259,28 @@ class Engine:
             by_priority(self.ready)
         if self._fresh_turn:
             self._fresh_turn = False
-            chunk = self._new_chunk(limit, self._lanes(rung), rung.least_chunk_seconds)
+            chunk = self._new_chunk(limit, self._lanes(rung), self._target(rung))
             if chunk is not None:
                 return chunk
         chunk = self.outcomes.next_resend(limit)
         if chunk is not None:
             self._fresh_turn = True
             return chunk
-        return self._new_chunk(limit, self._lanes(rung), rung.least_chunk_seconds)
+        return self._new_chunk(limit, self._lanes(rung), self._target(rung))
 
     def _lanes(self, rung: Rung) -> int:
         return max(1, rung.lanes or self.config.max_workers)
 
-    def _new_chunk(self, limit: int, lanes: int, least: float = 0.0) -> Chunk | None:
-        target = max(self.config.target_chunk_seconds, least)
+    def _target(self, rung: Rung | None) -> float:  # (seconds of work in a chunk there)
+        return max(self.config.target_chunk_seconds, rung.least_chunk_seconds if rung else 0)
+
+    def _new_chunk(self, limit: int, lanes: int, target: float | None = None) -> Chunk | None:
+        target = self.config.target_chunk_seconds if target is None else target
         budget = target
         pieces: list[Piece] = []
         count = known = 0
         # Guided scheduling over every call whose input has a known length: as the work
-        # left shrinks, so do chunks, and the last ones finish together instead of one
-        # worker running a long chunk while the others idle.
+        # left shrinks, so do chunks, and the last ones finish together.
         cap = guided_cap(self.pending, lanes)
         unknown: set[Timing] = set()
         # Every call's items in the chunk share its bytes (pickled on the loop).
@@ -390,10 +392,8 @@ class Engine:
             return fixed  # the caller's own (items of 20 ms went 24 to a chunk, not 100)
         per_chunk = self.config.max_chunk_size
         if call.per_item is not None:
-            serving = self.ladder.serving
-            target = max(self.config.target_chunk_seconds,
-                         0.0 if serving is None else serving.least_chunk_seconds)
-            per_chunk = max(1, min(per_chunk, int(target / max(call.per_item, 1e-9))))
+            per_chunk = max(1, min(per_chunk, int(self._target(self.ladder.serving)
+                                                  / max(call.per_item, 1e-9))))
         return per_chunk
 
     def _over_window(self, call: Call) -> bool:

@@ -130,9 +130,3 @@ def leave() -> None:
         _inside -= 1
         if not _inside:
             _room.notify_all()
-
-
-def holds(pool: str) -> bool:
-    """Whether the process's state is ``pool``'s initializer's."""
-    with _room:
-        return _current == pool

@@ -1586,7 +1586,9 @@ async def test_no_retry_of_a_transient_error_after_the_caller_stopped_waiting(
         assert await pool.run(tasks.square, 3) == 9
         await anyio.sleep(1.5)  # (what would have been its retries)
         made = tries.read_text().split() if tries.exists() else []  # (none, in time)
-        assert len(made) <= 2  # the try, and one as it ended
+        # The try, one as it ended, and one before a worker process heard (its watcher
+        # reads the parent every 0.2 s at most): not the five retries of 1.5 s of backoff.
+        assert len(made) <= 3
 
 
 async def test_no_item_runs_twice_when_a_thread_is_left_to_a_killed_calls_item(

@@ -1727,12 +1727,12 @@ def test_chunks_of_two_initializers_never_share_a_cluster_workers_process() -> N
     time.sleep(0.05)
     assert not _turns.enter("t", lambda: None, timeout=0)  # x's initializer runs
     _turns.abandon("x")
-    assert _turns.enter("t", lambda: None, timeout=0) and _turns.holds("t")
+    assert _turns.enter("t", lambda: None, timeout=0) and _turns._current == "t"
     _turns.leave()
     release.set()
     slow.join(timeout=10)
     # It ran to its end after all, over t's state maybe: t's next chunk runs t's again.
-    assert left == [False] and not _turns.holds("t")
+    assert left == [False] and _turns._current is None
     again: list[str] = []
     assert _turns.enter("t", lambda: again.append("t")) and again == ["t"]
     _turns.leave()

@@ -290,7 +290,8 @@ class ThreadRung(Rung):
                     with handing[0].lock:  # (the thread hands over under it too)
                         taken = handing[0].take()
                         self._detached.add(chunk)
-                self._detached.add(chunk)
+                else:  # (it has not begun: nothing to take)
+                    self._detached.add(chunk)
                 if taken is not None:
                     self._tick_now(chunk, *taken)
                 self.loop.call_soon_threadsafe(functools.partial(self._lose, chunk))
